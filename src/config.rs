@@ -1,0 +1,244 @@
+//! Every knob of the server, with its default, its flag and its `RP_*`
+//! environment variable. Validation errors say what is wrong and how to fix it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Where papers live between sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// Redis at `--redis`: papers survive restarts; completed papers go to the stream.
+    Redis,
+    /// Process memory only: everything is lost at exit (development, tests, demos).
+    Memory,
+}
+
+/// Command line and environment of the `rollingpaper` binary.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "rollingpaper",
+    version,
+    about = "Real-time server for rolling papers: shared greeting cards edited live over WebSocket."
+)]
+pub struct Config {
+    /// Address to listen on (HTTP/1.1 and WebSocket on one port).
+    #[arg(long, env = "RP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Event loop threads; every paper lives on exactly one of them. 0 means one per core.
+    #[arg(long, env = "RP_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
+    /// Where papers are kept.
+    #[arg(long, env = "RP_STORE", value_enum, default_value_t = StoreKind::Redis)]
+    pub store: StoreKind,
+
+    /// Redis URL (with `--store redis`).
+    #[arg(long, env = "RP_REDIS", default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+
+    /// Largest WebSocket message a client may send, all fragments together (bytes); over it
+    /// the session is closed with 1009.
+    #[arg(long, env = "RP_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Largest note `data`, serialized compactly (bytes); over it, `too_large`.
+    #[arg(long, env = "RP_MAX_NOTE_BYTES", default_value_t = 16 * 1024)]
+    pub max_note_bytes: usize,
+
+    /// Live notes a paper may hold; creating one more is refused with `paper_full`.
+    #[arg(long, env = "RP_MAX_NOTES", default_value_t = 1000)]
+    pub max_notes: usize,
+
+    /// Members a paper may have on this node; one more is closed with 1013 `paper_full`.
+    #[arg(long, env = "RP_MAX_MEMBERS", default_value_t = 5000)]
+    pub max_members: usize,
+
+    /// Edits that may wait for Redis; when full, new edits are refused with `unavailable`.
+    #[arg(long, env = "RP_BACKLOG_LIMIT", default_value_t = 100_000)]
+    pub backlog_limit: usize,
+
+    /// Seconds a joiner waits for its paper to be read from Redis before 1013.
+    #[arg(long, env = "RP_LOAD_TIMEOUT", default_value_t = 10.0)]
+    pub load_timeout: f64,
+
+    /// Seconds a paper stays in memory after its last member left.
+    #[arg(long, env = "RP_PAPER_LINGER", default_value_t = 30.0)]
+    pub paper_linger: f64,
+
+    /// Seconds the notes and meta of a completed paper are kept in Redis.
+    #[arg(long, env = "RP_COMPLETED_RETENTION", default_value_t = 7 * 24 * 3600)]
+    pub completed_retention: u64,
+
+    /// Bytes that may wait in one session's output before it counts as a slow consumer
+    /// and is closed with 1013.
+    #[arg(long, env = "RP_MAX_OUTBOUND_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_outbound_bytes: usize,
+
+    /// Seconds a stopping server keeps trying to write its backlog to Redis before it
+    /// gives up (and exits with status 1, saying how many edits were lost).
+    #[arg(long, env = "RP_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "RP_LOG_LEVEL", default_value = "info")]
+    pub log_level: log::LevelFilter,
+}
+
+/// A configuration that cannot work, with the flag to change.
+#[derive(Debug)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Checks the values that clap cannot check alone and fills in `threads`.
+    ///
+    /// # Errors
+    /// A message naming the flag and a value that works.
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        let err = |msg: String| Err(ConfigError(msg));
+        if self.threads == 0 {
+            self.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        }
+        if self.threads > 1024 {
+            return err(format!("--threads {} is too many; use at most 1024 (0 means one per core)", self.threads));
+        }
+        if self.max_message_bytes < 1024 {
+            return err(format!(
+                "--max-message-bytes {} is too small for any message; use at least 1024",
+                self.max_message_bytes
+            ));
+        }
+        if self.max_note_bytes == 0 || self.max_note_bytes > self.max_message_bytes {
+            return err(format!(
+                "--max-note-bytes {} must be between 1 and --max-message-bytes ({})",
+                self.max_note_bytes, self.max_message_bytes
+            ));
+        }
+        for (flag, value) in [
+            ("--max-notes", self.max_notes),
+            ("--max-members", self.max_members),
+            ("--backlog-limit", self.backlog_limit),
+        ] {
+            if value == 0 {
+                return err(format!("{flag} must be at least 1"));
+            }
+        }
+        for (flag, value) in [
+            ("--load-timeout", self.load_timeout),
+            ("--paper-linger", self.paper_linger),
+            ("--shutdown-timeout", self.shutdown_timeout),
+        ] {
+            if !(0.0..1e9).contains(&value) {
+                return err(format!("{flag} {value} is not a number of seconds; use for example 10"));
+            }
+        }
+        if self.max_outbound_bytes < self.max_message_bytes {
+            return err(format!(
+                "--max-outbound-bytes {} must be at least --max-message-bytes ({}), or no broadcast fits",
+                self.max_outbound_bytes, self.max_message_bytes
+            ));
+        }
+        if self.store == StoreKind::Redis {
+            if let Err(e) = redis::Client::open(self.redis.as_str()) {
+                return err(format!(
+                    "--redis {:?} is not a Redis URL ({e}); use for example redis://127.0.0.1:6379",
+                    self.redis
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    pub fn load_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.load_timeout)
+    }
+
+    pub fn paper_linger(&self) -> Duration {
+        Duration::from_secs_f64(self.paper_linger)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_timeout)
+    }
+}
+
+impl fmt::Display for Config {
+    /// The one-line summary logged at start.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "listen={} threads={} store={:?} redis={} max_message_bytes={} max_note_bytes={} \
+             max_notes={} max_members={} backlog_limit={} load_timeout={}s paper_linger={}s \
+             completed_retention={}s max_outbound_bytes={} shutdown_timeout={}s log_level={}",
+            self.listen,
+            self.threads,
+            self.store,
+            redact(&self.redis),
+            self.max_message_bytes,
+            self.max_note_bytes,
+            self.max_notes,
+            self.max_members,
+            self.backlog_limit,
+            self.load_timeout,
+            self.paper_linger,
+            self.completed_retention,
+            self.max_outbound_bytes,
+            self.shutdown_timeout,
+            self.log_level,
+        )
+    }
+}
+
+/// The Redis URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["rollingpaper"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all).expect("flags parse").validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]).unwrap();
+        assert!(config.threads >= 1);
+        assert_eq!(config.max_note_bytes, 16 * 1024);
+        assert_eq!(config.load_timeout(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let e = parse(&["--max-note-bytes", "100000"]).unwrap_err().to_string();
+        assert!(e.contains("--max-note-bytes"), "{e}");
+        let e = parse(&["--redis", "http://x"]).unwrap_err().to_string();
+        assert!(e.contains("--redis"), "{e}");
+        let e = parse(&["--load-timeout", "NaN"]).unwrap_err().to_string();
+        assert!(e.contains("--load-timeout"), "{e}");
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(redact("redis://:secret@db:6379/0"), "redis://***@db:6379/0");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

@@ -1,0 +1,235 @@
+//! One TCP connection and its phase: reading the HTTP request, answering it, or
+//! speaking WebSocket. Knows sockets, HTTP and frames, never what a note is.
+
+pub mod http;
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::WebSocket;
+
+/// Output capacity kept by a connection once its queue is empty; more is freed, so
+/// a burst does not pin memory on thousands of idle connections.
+const KEEP_OUT_CAPACITY: usize = 16 * 1024;
+
+/// The socket with its outbound queue. tungstenite writes its own frames (pongs,
+/// close replies) through `Write`, which only appends, so they stay in order with
+/// the broadcast frames queued directly; the event loop flushes the queue to the
+/// socket once per turn.
+pub struct Io {
+    pub stream: TcpStream,
+    out: Vec<u8>,
+    /// Bytes of `out` already written to the socket.
+    sent: usize,
+    /// Where whole WebSocket frames start in `out`; what lies before is written or
+    /// is the HTTP head. Lets a slow consumer's queue be cut at a frame boundary.
+    frames_from: usize,
+}
+
+/// How far a flush got.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything queued is in the kernel.
+    Done,
+    /// The socket is full; the rest goes when it is writable again.
+    Blocked,
+}
+
+impl Io {
+    pub fn new(stream: TcpStream) -> Self {
+        Io { stream, out: Vec::new(), sent: 0, frames_from: 0 }
+    }
+
+    /// Queues bytes; nothing touches the socket until `flush`.
+    pub fn queue(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Queues the HTTP head that comes before the first frame.
+    pub fn queue_head(&mut self, head: &[u8]) {
+        self.queue(head);
+        self.frames_from = self.out.len();
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    /// Writes what is queued until done or the socket is full.
+    ///
+    /// # Errors
+    /// The socket failed: the peer is gone.
+    pub fn flush(&mut self) -> io::Result<Flushed> {
+        while self.sent < self.out.len() {
+            match self.stream.write(&self.out[self.sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.compact();
+                    return Ok(Flushed::Blocked);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.sent = 0;
+        self.frames_from = 0;
+        if self.out.capacity() > KEEP_OUT_CAPACITY {
+            self.out = Vec::new();
+        }
+        Ok(Flushed::Done)
+    }
+
+    /// Drops every queued frame not yet begun on the wire (a slow consumer's
+    /// backlog), keeping the one partly written so the stream stays valid.
+    pub fn drop_queued(&mut self) {
+        self.skip_sent_frames();
+        let keep = if self.sent > self.frames_from {
+            self.frames_from + frame_len(&self.out[self.frames_from..]).unwrap_or(0)
+        } else {
+            self.frames_from
+        };
+        self.out.truncate(keep.max(self.sent));
+    }
+
+    fn skip_sent_frames(&mut self) {
+        while let Some(len) = frame_len(&self.out[self.frames_from..]) {
+            if self.frames_from + len > self.sent {
+                break;
+            }
+            self.frames_from += len;
+        }
+    }
+
+    /// Frees the written part of the queue once it is large.
+    fn compact(&mut self) {
+        self.skip_sent_frames();
+        if self.frames_from >= KEEP_OUT_CAPACITY && self.frames_from * 2 >= self.out.len() {
+            self.out.drain(..self.frames_from);
+            self.sent -= self.frames_from;
+            self.frames_from = 0;
+        }
+    }
+}
+
+/// The length of the server frame at the start of `buf`, if it is all there.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    let b1 = *buf.get(1)?;
+    let (header, len) = match b1 & 0x7F {
+        126 => (4, u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize),
+        127 => (10, u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize),
+        n => (2, n as usize),
+    };
+    let total = header + if b1 & 0x80 != 0 { 4 } else { 0 } + len;
+    (buf.len() >= total).then_some(total)
+}
+
+impl Read for Io {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Io {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// tungstenite's settings for a session: frames are written to `Io` at once (it
+/// buffers them itself), and the read buffer starts small and grows only for
+/// large messages, up to the message limit.
+pub fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(2048)
+        .write_buffer_size(0)
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes))
+}
+
+pub fn server_websocket(io: Io, already_read: Vec<u8>, config: WebSocketConfig) -> WebSocket<Io> {
+    WebSocket::from_partially_read(io, already_read, Role::Server, Some(config))
+}
+
+/// Where a connection is in its life. Each phase owns what it needs.
+pub enum Phase {
+    /// Reading the HTTP request head.
+    Request { io: Io, buf: Vec<u8> },
+    /// Writing a plain HTTP reply; closed once written.
+    Reply { io: Io },
+    /// Upgraded, waiting for its paper to be read; no snapshot yet, and what the
+    /// client sends waits in the socket.
+    Joining { ws: WebSocket<Io>, paper: Arc<str>, user: Arc<str>, name: Arc<str> },
+    /// A member of `paper`: the session of PROTOCOL.md section 3.
+    Open { ws: WebSocket<Io>, paper: Arc<str>, member: Arc<str>, user: Arc<str> },
+    /// A close frame is queued or received; the socket is dropped once the output
+    /// is written and the peer closed too, or at `deadline`.
+    Closing { ws: WebSocket<Io>, deadline: Instant },
+    /// Transient, while a phase is being replaced.
+    Gone,
+}
+
+impl Phase {
+    pub fn io(&mut self) -> Option<&mut Io> {
+        match self {
+            Phase::Request { io, .. } | Phase::Reply { io } => Some(io),
+            Phase::Joining { ws, .. } | Phase::Open { ws, .. } | Phase::Closing { ws, .. } => Some(ws.get_mut()),
+            Phase::Gone => None,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Request { .. } => "request",
+            Phase::Reply { .. } => "reply",
+            Phase::Joining { .. } => "joining",
+            Phase::Open { .. } => "open",
+            Phase::Closing { .. } => "closing",
+            Phase::Gone => "gone",
+        }
+    }
+}
+
+pub struct Conn {
+    pub phase: Phase,
+    /// Unique for the process: slab keys are reused, serials are not.
+    pub serial: u64,
+    pub peer: SocketAddr,
+    /// On the loop's flush list already.
+    pub flush_queued: bool,
+    /// Readable data may be left in the socket (a read budget ran out, or the
+    /// conn was not reading while it joined).
+    pub read_pending: bool,
+}
+
+impl Conn {
+    pub fn new(io: Io, serial: u64, peer: SocketAddr) -> Self {
+        Conn { phase: Phase::Request { io, buf: Vec::new() }, serial, peer, flush_queued: false, read_pending: false }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_lengths_are_read_from_headers() {
+        assert_eq!(frame_len(&[0x81, 3, b'a', b'b', b'c']), Some(5));
+        assert_eq!(frame_len(&[0x81, 3, b'a']), None);
+        let mut medium = vec![0x81, 126, 0x01, 0x00];
+        medium.resize(4 + 256, b'x');
+        assert_eq!(frame_len(&medium), Some(260));
+        assert_eq!(frame_len(&[0x88]), None);
+    }
+}

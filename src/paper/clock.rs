@@ -1,0 +1,79 @@
+//! Note versions (PROTOCOL.md section 2): a hybrid clock per event loop.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Versions stay below 2^53 so that JavaScript clients read them exactly.
+pub const MAX_VERSION: u64 = (1 << 53) - 1;
+
+/// Hands out versions that are milliseconds since the epoch times 1024 plus a
+/// counter: they follow wall time (so a restarted server continues above what it
+/// wrote before) and strictly increase on one loop even within a millisecond or
+/// when the wall clock steps back.
+#[derive(Debug, Default)]
+pub struct VersionClock {
+    last: u64,
+}
+
+impl VersionClock {
+    pub fn new() -> Self {
+        VersionClock::default()
+    }
+
+    /// The next version, above every version this clock handed out or observed and
+    /// above `floor` (the note's current version).
+    pub fn next(&mut self, floor: u64) -> u64 {
+        self.next_at(now_ms(), floor)
+    }
+
+    /// Raises the clock above a version read from storage.
+    pub fn observe(&mut self, v: u64) {
+        self.last = self.last.max(v);
+    }
+
+    fn next_at(&mut self, now_ms: u64, floor: u64) -> u64 {
+        let v = (now_ms << 10).max(self.last + 1).max(floor + 1).min(MAX_VERSION);
+        self.last = v;
+        v
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strictly_increases_within_a_millisecond() {
+        let mut clock = VersionClock::new();
+        let a = clock.next_at(1000, 0);
+        let b = clock.next_at(1000, 0);
+        assert_eq!(a, 1000 << 10);
+        assert_eq!(b, a + 1);
+    }
+
+    #[test]
+    fn survives_the_wall_clock_stepping_back() {
+        let mut clock = VersionClock::new();
+        let a = clock.next_at(5000, 0);
+        let b = clock.next_at(4000, 0);
+        assert!(b > a);
+    }
+
+    #[test]
+    fn continues_above_stored_versions() {
+        let mut clock = VersionClock::new();
+        let stored = (9000 << 10) + 7;
+        assert_eq!(clock.next_at(1000, stored), stored + 1);
+        clock.observe(stored + 100);
+        assert_eq!(clock.next_at(1000, 0), stored + 101);
+    }
+
+    #[test]
+    fn real_versions_fit_in_a_javascript_number() {
+        let v = VersionClock::new().next(0);
+        assert!(v > 1_600_000_000_000 << 10 && v < MAX_VERSION);
+    }
+}

@@ -1,0 +1,329 @@
+//! A paper in memory: its notes with their versions, its members, whether it is
+//! completed. Decides what an edit does (PROTOCOL.md sections 2 and 3.3) but
+//! never touches a socket: members are known by an opaque key of the event loop.
+
+pub mod clock;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::protocol::{ErrorCode, MemberView, NoteView};
+pub use clock::VersionClock;
+
+/// A note; `data` is `None` once deleted (a tombstone that keeps its version, so
+/// that an older write cannot bring the note back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub author: Arc<str>,
+    pub data: Option<Arc<str>>,
+    pub v: u64,
+}
+
+/// A change to one note, decided by a paper and not yet applied: it goes to the
+/// store first, and is applied only if the store takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub id: Arc<str>,
+    pub note: Note,
+}
+
+/// A session joined to a paper.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// The session id, the `you` of its snapshot and the `from` of its messages.
+    pub id: Arc<str>,
+    pub user: Arc<str>,
+    pub name: Arc<str>,
+    /// The event loop's key for the session's connection.
+    pub key: usize,
+}
+
+impl Member {
+    pub fn view(&self) -> MemberView<'_> {
+        MemberView { id: &self.id, user: &self.user, name: &self.name }
+    }
+}
+
+/// What storage holds of a paper, as read when it is loaded.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoredPaper {
+    pub notes: Vec<(String, Note)>,
+    /// `Some(by)` once completed.
+    pub completed_by: Option<String>,
+}
+
+/// Limits that apply to every paper.
+#[derive(Debug, Clone, Copy)]
+pub struct PaperLimits {
+    pub max_notes: usize,
+    pub max_members: usize,
+}
+
+#[derive(Debug)]
+pub struct Paper {
+    pub id: Arc<str>,
+    notes: HashMap<Arc<str>, Note>,
+    /// Notes that are not deleted; `max_notes` counts these.
+    live: usize,
+    completed_by: Option<Arc<str>>,
+    members: Vec<Member>,
+    /// Edits handed to the store and not yet confirmed written. While any are,
+    /// the paper stays in memory: reading it back from storage would miss them.
+    pub unwritten: usize,
+    /// When the last member left; the registry drops the paper some time after.
+    pub empty_since: Option<Instant>,
+}
+
+impl Paper {
+    pub fn new(id: Arc<str>, stored: StoredPaper, clock: &mut VersionClock) -> Self {
+        let mut notes = HashMap::with_capacity(stored.notes.len());
+        let mut live = 0;
+        for (note_id, note) in stored.notes {
+            clock.observe(note.v);
+            live += usize::from(note.data.is_some());
+            notes.insert(Arc::from(note_id), note);
+        }
+        Paper {
+            id,
+            notes,
+            live,
+            completed_by: stored.completed_by.map(Arc::from),
+            members: Vec::new(),
+            unwritten: 0,
+            empty_since: Some(Instant::now()),
+        }
+    }
+
+    pub fn is_completed(&self) -> bool {
+        self.completed_by.is_some()
+    }
+
+    pub fn note(&self, id: &str) -> Option<&Note> {
+        self.notes.get(id)
+    }
+
+    /// Live notes, oldest version first.
+    pub fn live_notes(&self) -> impl Iterator<Item = NoteView<'_>> {
+        let mut live: Vec<(&Arc<str>, &Note)> = self.notes.iter().filter(|(_, n)| n.data.is_some()).collect();
+        live.sort_unstable_by_key(|(_, n)| n.v);
+        live.into_iter().map(|(id, n)| NoteView {
+            id,
+            author: &n.author,
+            data: n.data.as_deref().unwrap_or("{}"),
+            v: n.v,
+        })
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live
+    }
+
+    /// Decides an upsert by `user`.
+    ///
+    /// # Errors
+    /// `paper_completed` once sealed; `paper_full` for a new note at `max_notes`.
+    pub fn prepare_upsert(
+        &self,
+        id: &str,
+        data: String,
+        user: &Arc<str>,
+        clock: &mut VersionClock,
+        limits: &PaperLimits,
+    ) -> Result<Edit, ErrorCode> {
+        if self.is_completed() {
+            return Err(ErrorCode::PaperCompleted);
+        }
+        let current = self.notes.get_key_value(id);
+        let author = match current {
+            // Replacing data never changes the author.
+            Some((_, Note { author, data: Some(_), .. })) => author.clone(),
+            // A new note, or one created again after a delete.
+            _ if self.live >= limits.max_notes => return Err(ErrorCode::PaperFull),
+            _ => user.clone(),
+        };
+        let floor = current.map_or(0, |(_, n)| n.v);
+        let id = current.map_or_else(|| Arc::from(id), |(key, _)| key.clone());
+        Ok(Edit { id, note: Note { author, data: Some(Arc::from(data)), v: clock.next(floor) } })
+    }
+
+    /// Decides a delete.
+    ///
+    /// # Errors
+    /// `paper_completed` once sealed; `not_found` for a note that does not exist or
+    /// is deleted already.
+    pub fn prepare_delete(&self, id: &str, clock: &mut VersionClock) -> Result<Edit, ErrorCode> {
+        if self.is_completed() {
+            return Err(ErrorCode::PaperCompleted);
+        }
+        match self.notes.get_key_value(id) {
+            Some((key, note)) if note.data.is_some() => Ok(Edit {
+                id: key.clone(),
+                note: Note { author: note.author.clone(), data: None, v: clock.next(note.v) },
+            }),
+            _ => Err(ErrorCode::NotFound),
+        }
+    }
+
+    /// Applies an edit if it advances the note's version (last writer wins);
+    /// returns whether it did.
+    pub fn apply(&mut self, edit: Edit) -> bool {
+        let was_live = match self.notes.get(&edit.id) {
+            Some(current) if current.v >= edit.note.v => return false,
+            Some(current) => current.data.is_some(),
+            None => false,
+        };
+        let is_live = edit.note.data.is_some();
+        self.live = self.live + usize::from(is_live) - usize::from(was_live);
+        self.notes.insert(edit.id, edit.note);
+        true
+    }
+
+    /// Seals the paper.
+    ///
+    /// # Errors
+    /// `paper_completed` if it is sealed already.
+    pub fn complete(&mut self, by: &Arc<str>) -> Result<(), ErrorCode> {
+        if self.is_completed() {
+            return Err(ErrorCode::PaperCompleted);
+        }
+        self.completed_by = Some(by.clone());
+        Ok(())
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn is_full_of_members(&self, limits: &PaperLimits) -> bool {
+        self.members.len() >= limits.max_members
+    }
+
+    pub fn add_member(&mut self, member: Member) {
+        self.empty_since = None;
+        self.members.push(member);
+    }
+
+    /// Removes the member with this loop key and returns it.
+    pub fn remove_member(&mut self, key: usize) -> Option<Member> {
+        let at = self.members.iter().position(|m| m.key == key)?;
+        let member = self.members.swap_remove(at);
+        if self.members.is_empty() {
+            self.empty_since = Some(Instant::now());
+        }
+        Some(member)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: PaperLimits = PaperLimits { max_notes: 2, max_members: 2 };
+
+    fn paper() -> (Paper, VersionClock) {
+        let mut clock = VersionClock::new();
+        (Paper::new(Arc::from("p1"), StoredPaper::default(), &mut clock), clock)
+    }
+
+    fn user(name: &str) -> Arc<str> {
+        Arc::from(name)
+    }
+
+    #[test]
+    fn upsert_creates_then_replaces_keeping_the_author() {
+        let (mut p, mut clock) = paper();
+        let e1 = p.prepare_upsert("n1", "{}".into(), &user("u1"), &mut clock, &LIMITS).unwrap();
+        assert!(p.apply(e1.clone()));
+        let e2 = p.prepare_upsert("n1", r#"{"a":1}"#.into(), &user("u2"), &mut clock, &LIMITS).unwrap();
+        assert_eq!(&*e2.note.author, "u1");
+        assert!(e2.note.v > e1.note.v);
+        assert!(p.apply(e2));
+        assert_eq!(p.note("n1").unwrap().data.as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(p.live_count(), 1);
+    }
+
+    #[test]
+    fn older_versions_never_win() {
+        let (mut p, mut clock) = paper();
+        let old = p.prepare_upsert("n1", "{}".into(), &user("u1"), &mut clock, &LIMITS).unwrap();
+        let new = p.prepare_upsert("n1", r#"{"x":2}"#.into(), &user("u1"), &mut clock, &LIMITS).unwrap();
+        assert!(p.apply(new.clone()));
+        assert!(!p.apply(old));
+        assert!(!p.apply(new), "the same version twice is not a change");
+        assert_eq!(p.note("n1").unwrap().data.as_deref(), Some(r#"{"x":2}"#));
+    }
+
+    #[test]
+    fn delete_leaves_a_tombstone_that_outranks_older_writes() {
+        let (mut p, mut clock) = paper();
+        let create = p.prepare_upsert("n1", "{}".into(), &user("u1"), &mut clock, &LIMITS).unwrap();
+        p.apply(create.clone());
+        let delete = p.prepare_delete("n1", &mut clock).unwrap();
+        assert!(p.apply(delete.clone()));
+        assert_eq!(p.live_count(), 0);
+        assert!(!p.apply(create), "a late, older write cannot resurrect it");
+        assert_eq!(p.prepare_delete("n1", &mut clock), Err(ErrorCode::NotFound));
+        assert_eq!(p.prepare_delete("nope", &mut clock), Err(ErrorCode::NotFound));
+        let again = p.prepare_upsert("n1", "{}".into(), &user("u2"), &mut clock, &LIMITS).unwrap();
+        assert!(again.note.v > delete.note.v);
+        assert_eq!(&*again.note.author, "u2", "a note created again belongs to its new creator");
+        assert_eq!(p.live_notes().count(), 0);
+        p.apply(again);
+        assert_eq!(p.live_notes().count(), 1);
+    }
+
+    #[test]
+    fn max_notes_counts_live_notes_only() {
+        let (mut p, mut clock) = paper();
+        for id in ["a", "b"] {
+            let e = p.prepare_upsert(id, "{}".into(), &user("u"), &mut clock, &LIMITS).unwrap();
+            p.apply(e);
+        }
+        assert_eq!(p.prepare_upsert("c", "{}".into(), &user("u"), &mut clock, &LIMITS), Err(ErrorCode::PaperFull));
+        assert!(p.prepare_upsert("a", "{}".into(), &user("u"), &mut clock, &LIMITS).is_ok(), "replacing never hits it");
+        let d = p.prepare_delete("a", &mut clock).unwrap();
+        p.apply(d);
+        assert!(p.prepare_upsert("c", "{}".into(), &user("u"), &mut clock, &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn completed_papers_refuse_edits() {
+        let (mut p, mut clock) = paper();
+        let e = p.prepare_upsert("a", "{}".into(), &user("u"), &mut clock, &LIMITS).unwrap();
+        p.apply(e);
+        p.complete(&user("u")).unwrap();
+        assert_eq!(p.complete(&user("u")), Err(ErrorCode::PaperCompleted));
+        assert_eq!(p.prepare_upsert("a", "{}".into(), &user("u"), &mut clock, &LIMITS), Err(ErrorCode::PaperCompleted));
+        assert_eq!(p.prepare_delete("a", &mut clock), Err(ErrorCode::PaperCompleted));
+    }
+
+    #[test]
+    fn loading_continues_above_stored_versions() {
+        let mut clock = VersionClock::new();
+        let far = clock::MAX_VERSION - 10;
+        let stored = StoredPaper {
+            notes: vec![("n1".into(), Note { author: user("u"), data: None, v: far })],
+            completed_by: None,
+        };
+        let p = Paper::new(Arc::from("p1"), stored, &mut clock);
+        assert_eq!(p.live_count(), 0);
+        let e = p.prepare_upsert("n2", "{}".into(), &user("u"), &mut clock, &LIMITS).unwrap();
+        assert!(e.note.v > far);
+    }
+
+    #[test]
+    fn members_come_and_go() {
+        let (mut p, _) = paper();
+        let m = |key| Member { id: user("c"), user: user("u"), name: user("n"), key };
+        p.add_member(m(1));
+        p.add_member(m(2));
+        assert!(p.empty_since.is_none());
+        assert!(p.is_full_of_members(&LIMITS));
+        assert_eq!(p.remove_member(1).unwrap().key, 1);
+        assert!(p.remove_member(1).is_none());
+        p.remove_member(2);
+        assert!(p.empty_since.is_some());
+    }
+}

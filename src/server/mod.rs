@@ -1,0 +1,163 @@
+//! Starting and stopping: bind, spawn the event loops, the writer and the loader,
+//! wait for SIGTERM or SIGINT, then stop in order: loops close their sessions,
+//! the writer flushes the backlog, the process exits.
+
+pub mod event_loop;
+pub mod inbox;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use mio::{Poll, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::config::{Config, StoreKind};
+use crate::store::loader::Loader;
+use crate::store::writer::Writer;
+use crate::store::{Backlog, StoreHandle};
+use event_loop::{EventLoop, Settings, WAKER};
+use inbox::{InboxMsg, LoopHandle};
+
+/// A failure to start, said so that the operator knows what to change.
+#[derive(Debug)]
+pub struct StartError(String);
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// How the server ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every edit is written.
+    Clean,
+    /// Redis stayed unreachable past `--shutdown-timeout`; this many edits are lost.
+    Lost(usize),
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+///
+/// # Errors
+/// The listening address cannot be bound, or a thread cannot be started.
+pub fn run(config: Config) -> Result<Outcome, StartError> {
+    let fail = |what: &str, e: &dyn fmt::Display| StartError(format!("{what}: {e}"));
+    // Before anything starts, so that an early SIGTERM still stops the server in order.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| fail("cannot handle signals", &e))?;
+    let listener = std::net::TcpListener::bind(config.listen).map_err(|e| {
+        StartError(format!(
+            "cannot listen on {} ({e}); choose another address with --listen or RP_LISTEN",
+            config.listen
+        ))
+    })?;
+    listener.set_nonblocking(true).map_err(|e| fail("cannot make the listener non-blocking", &e))?;
+    let local: SocketAddr = listener.local_addr().map_err(|e| fail("cannot read the listening address", &e))?;
+
+    // Polls and wakers first: the writer and loader need every loop's handle.
+    let mut polls = Vec::with_capacity(config.threads);
+    let mut handles = Vec::with_capacity(config.threads);
+    let mut inboxes = Vec::with_capacity(config.threads);
+    for _ in 0..config.threads {
+        let poll = Poll::new().map_err(|e| fail("cannot create an event loop", &e))?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(|e| fail("cannot create an event loop waker", &e))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        handles.push(LoopHandle { tx, waker: Arc::new(waker) });
+        inboxes.push(rx);
+        polls.push(poll);
+    }
+    let loops: Arc<[LoopHandle]> = handles.into();
+
+    let give_up_at = Arc::new(OnceLock::new());
+    let (store, writer, loader) = match config.store {
+        StoreKind::Memory => {
+            log::warn!("--store memory: papers live in this process only and are lost when it exits; completed papers are not handed to any stream");
+            (StoreHandle::Memory, None, None)
+        }
+        StoreKind::Redis => {
+            let client = redis::Client::open(config.redis.as_str()).map_err(|e| fail("bad --redis URL", &e))?;
+            let (backlog, ops, pending) = Backlog::new(config.backlog_limit);
+            let (loads_tx, loads_rx) = crossbeam_channel::unbounded();
+            let writer = Writer::new(
+                client.clone(),
+                ops,
+                pending,
+                loops.clone(),
+                config.completed_retention,
+                give_up_at.clone(),
+            );
+            let writer = spawn("rp-writer", move || writer.run()).map_err(|e| fail("cannot start the writer", &e))?;
+            let loader = Loader::new(client, loads_rx, loops.clone());
+            let loader = spawn("rp-loader", move || loader.run()).map_err(|e| fail("cannot start the loader", &e))?;
+            (StoreHandle::Redis { backlog, loads: loads_tx }, Some(writer), Some(loader))
+        }
+    };
+
+    let settings = Arc::new(Settings::from_config(&config));
+    let serials = Arc::new(AtomicU64::new(1));
+    let mut loop_threads = Vec::with_capacity(config.threads);
+    for (index, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
+        let listener = listener.try_clone().map_err(|e| fail("cannot share the listener", &e))?;
+        let event_loop = EventLoop::new(
+            index,
+            poll,
+            mio::net::TcpListener::from_std(listener),
+            inbox,
+            loops.clone(),
+            store.clone(),
+            settings.clone(),
+            serials.clone(),
+        )
+        .map_err(|e| fail("cannot start an event loop", &e))?;
+        let thread = spawn(&format!("rp-loop-{index}"), move || event_loop.run())
+            .map_err(|e| fail("cannot start an event loop", &e))?;
+        loop_threads.push(thread);
+    }
+    drop(listener);
+    // Only the loops hold the store from here on: when they return, the writer's
+    // and loader's channels close behind the last op.
+    drop(store);
+
+    log::info!("rollingpaper listening on http://{local} (WebSocket: ws://{local}/ws/{{paper}})");
+    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    log::info!(
+        "{} received: closing sessions and flushing the backlog",
+        if signal == SIGINT { "SIGINT" } else { "SIGTERM" }
+    );
+    // A second signal means: do not wait.
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            log::warn!("second signal: exiting without waiting for the backlog");
+            std::process::exit(1);
+        }
+    });
+
+    for handle in loops.iter() {
+        handle.send(InboxMsg::Stop);
+    }
+    for thread in loop_threads {
+        let _ = thread.join();
+    }
+    let _ = give_up_at.set(Instant::now() + config.shutdown_timeout());
+    drop(loops);
+    let lost = writer.map_or(0, |w| w.join().unwrap_or(0));
+    if let Some(loader) = loader {
+        let _ = loader.join();
+    }
+    if lost > 0 {
+        return Ok(Outcome::Lost(lost));
+    }
+    log::info!("stopped; every edit is written");
+    Ok(Outcome::Clean)
+}
+
+fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<JoinHandle<T>> {
+    std::thread::Builder::new().name(name.to_string()).spawn(f)
+}

@@ -1,0 +1,127 @@
+//! Persistence behind the event loops (PROTOCOL.md section 4). Loops hand ops to
+//! the writer thread through a bounded backlog and ask the loader thread for
+//! papers; nothing here ever runs on a loop thread, and no loop ever waits on it.
+
+pub mod keys;
+pub mod loader;
+pub mod writer;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+
+use crate::paper::Note;
+
+/// Who made an edit: where the writer reports it written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub loop_index: usize,
+    /// The loop's key for the session's connection, and its serial (keys are reused).
+    pub conn: usize,
+    pub serial: u64,
+}
+
+/// One unit of work for the writer.
+#[derive(Debug)]
+pub enum Op {
+    /// Write one note (or its tombstone) if it advances the stored version.
+    Note { paper: Arc<str>, id: Arc<str>, note: Note, origin: Origin },
+    /// Seal the paper, hand its snapshot to the main backend, start its retention.
+    Complete { paper: Arc<str>, by: Arc<str>, snapshot: String, origin: Origin },
+}
+
+impl Op {
+    pub fn paper(&self) -> &Arc<str> {
+        match self {
+            Op::Note { paper, .. } | Op::Complete { paper, .. } => paper,
+        }
+    }
+
+    pub fn origin(&self) -> Origin {
+        match self {
+            Op::Note { origin, .. } | Op::Complete { origin, .. } => *origin,
+        }
+    }
+
+    /// The version a `saved` message confirms (0 for a completion).
+    pub fn version(&self) -> u64 {
+        match self {
+            Op::Note { note, .. } => note.v,
+            Op::Complete { .. } => 0,
+        }
+    }
+}
+
+/// An op now in Redis, reported back to the loop that made it.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub paper: Arc<str>,
+    pub origin: Origin,
+    pub v: u64,
+}
+
+/// The writer's bounded queue. `pending` counts every op handed over and not yet
+/// written (queued or in the writer's hands), so the limit is exact.
+#[derive(Clone)]
+pub struct Backlog {
+    tx: Sender<Op>,
+    pending: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+/// The backlog is full: the edit must be refused with `unavailable`.
+#[derive(Debug)]
+pub struct BacklogFull;
+
+impl Backlog {
+    pub fn new(limit: usize) -> (Backlog, crossbeam_channel::Receiver<Op>, Arc<AtomicUsize>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let pending = Arc::new(AtomicUsize::new(0));
+        (Backlog { tx, pending: pending.clone(), limit }, rx, pending)
+    }
+
+    /// Queues an op without blocking.
+    ///
+    /// # Errors
+    /// `BacklogFull` when `limit` ops wait already; the op is dropped and the
+    /// caller refuses the edit.
+    pub fn submit(&self, op: Op) -> Result<(), BacklogFull> {
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(BacklogFull);
+        }
+        // The writer outlives every loop, so the channel is open while loops run.
+        self.tx.send(op).map_err(|_| BacklogFull)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A loop's request to read a paper.
+#[derive(Debug)]
+pub struct LoadRequest {
+    pub paper: Arc<str>,
+    pub attempt: u64,
+    pub loop_index: usize,
+    /// The joiners are sent away at this instant; reading after it is wasted.
+    pub deadline: Instant,
+}
+
+/// What a loop holds of the store.
+#[derive(Clone)]
+pub enum StoreHandle {
+    Redis {
+        backlog: Backlog,
+        loads: Sender<LoadRequest>,
+    },
+    /// Papers live in the loops' memory only; every edit counts as written at once.
+    Memory,
+}

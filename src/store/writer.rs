@@ -1,0 +1,294 @@
+//! The Redis writer thread: drains the backlog in batches, writes each batch as
+//! one pipeline, resends the same batch after a failure (writes are idempotent
+//! by `v`), and tells the loops which edits are now in Redis.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use redis::{Connection, Script, Value};
+
+use super::{keys, Op, Written};
+use crate::protocol::stored_note;
+use crate::server::inbox::{InboxMsg, LoopHandle};
+
+/// Ops taken from the backlog for one pipeline.
+const MAX_BATCH: usize = 2048;
+/// How long one Redis call may take before the connection counts as broken.
+pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a Redis outage is reported while it lasts.
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Writes notes of one paper, each only if it advances the stored version, so
+/// that a resent batch or a late write from another node never goes back in time.
+/// The version is read from the end of the stored value (`protocol::stored_note`
+/// puts it last). ARGV: now_ms, then (id, value, v) triples.
+const WRITE_NOTES: &str = r#"
+local notes, meta = KEYS[1], KEYS[2]
+for i = 2, #ARGV, 3 do
+  local current = redis.call('HGET', notes, ARGV[i])
+  local stored_v = current and tonumber(string.match(current, '"v":(%d+)}$')) or -1
+  if stored_v < tonumber(ARGV[i + 2]) then
+    redis.call('HSET', notes, ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('HSETNX', meta, 'created_ms', ARGV[1])
+redis.call('HSETNX', meta, 'completed', '0')
+redis.call('HSET', meta, 'updated_ms', ARGV[1])
+return 0
+"#;
+
+/// Seals a paper once: marks it completed, adds its one stream entry, and starts
+/// the retention of its keys. Run again (a resent batch), it adds nothing.
+/// ARGV: paper, by, snapshot, now_ms, retention seconds.
+const COMPLETE: &str = r#"
+local notes, meta, stream = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('HGET', meta, 'completed') ~= '1' then
+  redis.call('HSET', meta, 'completed', '1', 'completed_by', ARGV[2], 'updated_ms', ARGV[4])
+  redis.call('HSETNX', meta, 'created_ms', ARGV[4])
+  redis.call('XADD', stream, '*', 'paper', ARGV[1], 'snapshot', ARGV[3])
+end
+redis.call('EXPIRE', notes, ARGV[5])
+redis.call('EXPIRE', meta, ARGV[5])
+return 0
+"#;
+
+pub struct Writer {
+    client: redis::Client,
+    conn: Option<Connection>,
+    ops: Receiver<Op>,
+    pending: Arc<AtomicUsize>,
+    loops: Arc<[LoopHandle]>,
+    retention_secs: u64,
+    /// Set when the server stops: past it, an unwritable backlog is given up.
+    give_up_at: Arc<OnceLock<Instant>>,
+    write_notes: Script,
+    complete: Script,
+    outage: Option<Outage>,
+}
+
+struct Outage {
+    since: Instant,
+    last_logged: Instant,
+}
+
+impl Writer {
+    pub fn new(
+        client: redis::Client,
+        ops: Receiver<Op>,
+        pending: Arc<AtomicUsize>,
+        loops: Arc<[LoopHandle]>,
+        retention_secs: u64,
+        give_up_at: Arc<OnceLock<Instant>>,
+    ) -> Self {
+        Writer {
+            client,
+            conn: None,
+            ops,
+            pending,
+            loops,
+            retention_secs,
+            give_up_at,
+            write_notes: Script::new(WRITE_NOTES),
+            complete: Script::new(COMPLETE),
+            outage: None,
+        }
+    }
+
+    /// Runs until every loop has stopped and the backlog is written (or given up);
+    /// returns the number of ops that could not be written.
+    pub fn run(mut self) -> usize {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            match self.ops.recv_timeout(Duration::from_secs(1)) {
+                Ok(op) => batch.push(op),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return 0,
+            }
+            while batch.len() < MAX_BATCH {
+                match self.ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            if !self.write_until_done(&batch) {
+                let lost = batch.len() + self.ops.len();
+                log::error!("stopping with Redis unreachable: {lost} edits were not written");
+                return lost;
+            }
+            self.acknowledge(&mut batch);
+        }
+    }
+
+    /// Sends the batch until Redis takes it; false when the server is stopping and
+    /// its time to flush is up.
+    fn write_until_done(&mut self, batch: &[Op]) -> bool {
+        let pipeline = self.pipeline(batch);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.try_write(&pipeline) {
+                Ok(()) => {
+                    if let Some(outage) = self.outage.take() {
+                        log::info!(
+                            "Redis is back after {:.1}s; backlog: {} edits",
+                            outage.since.elapsed().as_secs_f64(),
+                            self.pending.load(Ordering::Acquire)
+                        );
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    self.conn = None;
+                    self.report_outage(&e);
+                }
+            }
+            if self.give_up_at.get().is_some_and(|at| Instant::now() >= *at) {
+                return false;
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    fn report_outage(&mut self, e: &redis::RedisError) {
+        let now = Instant::now();
+        let backlog = self.pending.load(Ordering::Acquire);
+        match &mut self.outage {
+            None => {
+                log::warn!("cannot write to Redis ({e}); edits wait in the backlog: {backlog}");
+                self.outage = Some(Outage { since: now, last_logged: now });
+            }
+            Some(outage) if now.duration_since(outage.last_logged) >= OUTAGE_LOG_EVERY => {
+                log::warn!(
+                    "Redis unreachable for {:.0}s ({e}); backlog: {backlog} edits",
+                    now.duration_since(outage.since).as_secs_f64()
+                );
+                outage.last_logged = now;
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn try_write(&mut self, pipeline: &redis::Pipeline) -> redis::RedisResult<()> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => {
+                let mut conn = connect(&self.client)?;
+                self.write_notes.load(&mut conn)?;
+                self.complete.load(&mut conn)?;
+                self.conn.insert(conn)
+            }
+        };
+        let replies: Vec<redis::RedisResult<Value>> = pipeline.query(conn)?;
+        // A reply that is an error: transient ones (a script cache flushed, a replica
+        // that became read-only in a failover, loading) resend the whole batch; any
+        // other is a data problem that no resend fixes, and is said loudly.
+        let mut first_transient = None;
+        for reply in replies {
+            if let Err(e) = reply {
+                match e.kind() {
+                    redis::ErrorKind::Server(
+                        redis::ServerErrorKind::NoScript
+                        | redis::ServerErrorKind::ReadOnly
+                        | redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::MasterDown
+                        | redis::ServerErrorKind::TryAgain,
+                    ) => {
+                        first_transient.get_or_insert(e);
+                    }
+                    _ => log::error!("Redis refused a write, which is dropped: {e}"),
+                }
+            }
+        }
+        first_transient.map_or(Ok(()), Err)
+    }
+
+    /// One pipeline for the batch: per paper, one script call with its notes (the
+    /// last write of each note only: the earlier ones are older versions of it),
+    /// then its completion if there is one.
+    fn pipeline(&self, batch: &[Op]) -> redis::Pipeline {
+        struct PaperWrites<'a> {
+            notes: HashMap<&'a str, (String, u64)>,
+            complete: Option<(&'a str, &'a str)>,
+        }
+        let mut papers: Vec<(&str, PaperWrites)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for op in batch {
+            let at = *index.entry(op.paper()).or_insert_with(|| {
+                papers.push((op.paper(), PaperWrites { notes: HashMap::new(), complete: None }));
+                papers.len() - 1
+            });
+            let writes = &mut papers[at].1;
+            match op {
+                Op::Note { id, note, .. } => {
+                    let value = stored_note(&note.author, note.data.as_deref(), note.v);
+                    writes.notes.insert(id, (value, note.v));
+                }
+                Op::Complete { by, snapshot, .. } => writes.complete = Some((by, snapshot)),
+            }
+        }
+
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (paper, writes) in &papers {
+            if !writes.notes.is_empty() {
+                let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(2);
+                cmd.arg(keys::notes(paper)).arg(keys::meta(paper)).arg(now);
+                for (id, (value, v)) in &writes.notes {
+                    cmd.arg(*id).arg(value).arg(*v);
+                }
+            }
+            if let Some((by, snapshot)) = writes.complete {
+                pipe.cmd("EVALSHA")
+                    .arg(self.complete.get_hash())
+                    .arg(3)
+                    .arg(keys::notes(paper))
+                    .arg(keys::meta(paper))
+                    .arg(keys::COMPLETED_STREAM)
+                    .arg(*paper)
+                    .arg(by)
+                    .arg(snapshot)
+                    .arg(now)
+                    .arg(self.retention_secs);
+            }
+        }
+        pipe
+    }
+
+    /// Tells each loop which of its edits are written, and frees their backlog room.
+    fn acknowledge(&self, batch: &mut Vec<Op>) {
+        let mut per_loop: Vec<Vec<Written>> = vec![Vec::new(); self.loops.len()];
+        let count = batch.len();
+        for op in batch.drain(..) {
+            let origin = op.origin();
+            let v = op.version();
+            let paper = match op {
+                Op::Note { paper, .. } | Op::Complete { paper, .. } => paper,
+            };
+            per_loop[origin.loop_index].push(Written { paper, origin, v });
+        }
+        self.pending.fetch_sub(count, Ordering::AcqRel);
+        for (handle, written) in self.loops.iter().zip(per_loop) {
+            if !written.is_empty() {
+                handle.send(InboxMsg::Written(written));
+            }
+        }
+    }
+}
+
+/// A connection with timeouts, so that a hung Redis cannot stall the thread for
+/// longer than `IO_TIMEOUT`.
+pub(crate) fn connect(client: &redis::Client) -> redis::RedisResult<Connection> {
+    let conn = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(conn)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
