@@ -22,11 +22,12 @@ fn ws_without_upgrade_is_426_with_the_upgrade_header() {
 fn paper_ids_are_checked_as_sent() {
     let server = Server::memory(&[]);
     let upgrade = |path: &str| {
-        server.http(&format!(
-            "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        server
+            .http(&format!(
+                "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        ))
-        .0
+            ))
+            .0
     };
     assert_eq!(upgrade("/ws/p%31"), 400);
     assert_eq!(upgrade("/ws/"), 400);

@@ -51,7 +51,8 @@ fn next_change(client: &mut crate::common::Client) -> serde_json::Value {
 fn data_is_any_object_kept_as_sent() {
     let server = Server::memory(&[]);
     let mut a = server.join("p-data", "");
-    let data = json!({"kind": "text", "x": 1.5, "y": -2, "text": "héllo \"quoted\" 🎉", "nested": {"a": [1, null, true]}});
+    let data =
+        json!({"kind": "text", "x": 1.5, "y": -2, "text": "héllo \"quoted\" 🎉", "nested": {"a": [1, null, true]}});
     a.upsert("n1", data.clone());
     assert_eq!(a.next_of("upsert")["data"], data);
     let b = server.join("p-data", "");

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every test of rollingpaper: formatting, lints, unit and integration tests.
+# Installs what the tests need (redis-server, from Debian's packages) when it is
+# missing. The tests start their own redis-server processes on free loopback
+# ports with their own data directories; nothing else on the machine is touched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if ((${#missing[@]})); then
+    echo "test.sh: installing ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null 2>&1 || { echo "test.sh: cargo is missing; install Rust from https://rustup.rs" >&2; exit 1; }
+
+echo "test.sh: cargo fmt --check"
+cargo fmt --all -- --check
+echo "test.sh: cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "test.sh: cargo test"
+cargo test --all-targets
