@@ -230,3 +230,19 @@ fn stopping_with_redis_gone_says_how_many_edits_are_lost() {
     server.wait_log("3 edits could not be written");
     assert_eq!(server.wait().code(), Some(1));
 }
+
+#[test]
+fn a_server_started_without_redis_serves_and_catches_up() {
+    let mut redis = Redis::start();
+    redis.stop();
+    let server = Server::redis(&redis, &["--load-timeout", "1"]);
+    assert_eq!(server.get("/healthz").0, 200);
+    // No snapshot that may miss notes: the joiner is told to come back.
+    assert_eq!(server.connect("/ws/p-late").closed().0, 1013);
+    redis.restart();
+    let mut a = server.join("p-late", "");
+    a.upsert("n1", json!({}));
+    let v = a.next_of("upsert")["v"].as_u64().unwrap();
+    saved_up_to(&mut a, v);
+    assert!(redis.note("p-late", "n1").is_some());
+}

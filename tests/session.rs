@@ -127,6 +127,51 @@ fn join_and_leave_reach_the_others() {
 }
 
 #[test]
+fn a_close_from_the_client_is_echoed_with_1000() {
+    let server = Server::memory(&[]);
+    let mut a = server.join("p-bye", "");
+    let mut b = server.join("p-bye", "");
+    let normal = tungstenite::protocol::CloseFrame { code: 1000.into(), reason: "bye".into() };
+    a.ws.close(Some(normal)).unwrap();
+    assert_eq!(a.closed().0, 1000);
+    assert_eq!(b.next_of("leave")["member"], a.you.as_str());
+}
+
+#[test]
+fn frames_sent_with_the_upgrade_request_are_read() {
+    use std::io::{Read, Write};
+    let server = Server::memory(&["--threads", "3"]);
+    // Several papers, so that some are owned by a loop other than the one that
+    // read the request and the early bytes travel with the hand-off.
+    for paper in ["early-a", "early-b", "early-c", "early-d"] {
+        let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+        stream.set_read_timeout(Some(crate::common::PATIENCE)).unwrap();
+        let mut bytes = format!(
+            "GET /ws/{paper} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .into_bytes();
+        let payload = br#"{"type":"ping"}"#;
+        let mask = [1u8, 2, 3, 4];
+        bytes.extend_from_slice(&[0x81, 0x80 | payload.len() as u8]);
+        bytes.extend_from_slice(&mask);
+        bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        stream.write_all(&bytes).unwrap();
+
+        let mut received = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&received).contains(r#"{"type":"pong"}"#) {
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed before the pong: {}", String::from_utf8_lossy(&received));
+            received.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&received);
+        assert!(text.starts_with("HTTP/1.1 101 "));
+        assert!(text.find(r#""type":"snapshot""#).unwrap() < text.find(r#"{"type":"pong"}"#).unwrap());
+    }
+}
+
+#[test]
 fn ping_is_answered_with_pong() {
     let server = Server::memory(&[]);
     let mut a = server.join("p-ping", "");

@@ -580,9 +580,7 @@ impl EventLoop {
         if reason == CloseReason::SlowConsumer {
             ws.get_mut().drop_queued();
         }
-        if reason != CloseReason::Normal {
-            log::debug!("closing session {} with {}", member_id(conn.serial), u16::from(reason.code()));
-        }
+        log::debug!("session {} closes with {} {}", member_id(conn.serial), u16::from(reason.code()), reason.text());
         // After a close from the peer this queues tungstenite's echo of it; otherwise
         // our close frame. Either way the frame lands in `Io`, which cannot fail.
         let frame = CloseFrame { code: reason.code(), reason: reason.text().into() };
@@ -594,6 +592,11 @@ impl EventLoop {
 
     /// The peer is gone without a close handshake: leave and drop at once.
     fn drop_session(&mut self, key: usize) {
+        if let Some(conn) = self.sessions.conns.get(key) {
+            if matches!(conn.phase, Phase::Joining { .. } | Phase::Open { .. }) {
+                log::debug!("session {} lost its connection", member_id(conn.serial));
+            }
+        }
         self.leave_paper(key);
         self.remove(key);
     }
