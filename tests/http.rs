@@ -44,7 +44,7 @@ fn paper_ids_are_checked_as_sent() {
 #[test]
 fn everything_else_is_404() {
     let server = Server::memory(&[]);
-    for path in ["/", "/ws/p1/extra", "/ws", "/healthz/x", "/papersx"] {
+    for path in ["/ws/p1/extra", "/ws", "/healthz/x", "/papersx"] {
         assert_eq!(server.get(path).0, 404, "{path}");
     }
     let (status, _, _) = server.http("POST /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");

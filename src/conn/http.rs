@@ -8,6 +8,8 @@ use crate::protocol::is_valid_id;
 
 /// Largest request head a client may send before the upgrade.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// The rolling-paper page served at `/`: the reference client, in one file.
+const PAGE: &str = include_str!("../web/index.html");
 /// Headers a request may carry.
 const MAX_HEADERS: usize = 48;
 /// Longest `user` or `name` kept from the query; longer ones are cut.
@@ -98,6 +100,12 @@ fn route(req: &httparse::Request) -> Route {
     let get = req.method == Some("GET");
     match path {
         "/healthz" if get => Route::Reply(Reply::text(200, "ok")),
+        "/" if get => Route::Reply(Reply {
+            status: 200,
+            extra_headers: "",
+            content_type: "text/html; charset=utf-8",
+            body: PAGE.to_string(),
+        }),
         _ if get && path.starts_with("/ws/") && !path[4..].contains('/') => upgrade(req, &path[4..], query),
         _ => Route::Reply(Reply::text(404, "not found")),
     }
