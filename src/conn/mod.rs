@@ -17,17 +17,26 @@ use tungstenite::WebSocket;
 const KEEP_OUT_CAPACITY: usize = 16 * 1024;
 
 /// The socket with its outbound queue. tungstenite writes its own frames (pongs,
-/// close replies) through `Write`, which only appends, so they stay in order with
-/// the broadcast frames queued directly; the event loop flushes the queue to the
-/// socket once per turn.
+/// close replies) through `Write`, which only appends to the queue, so they stay
+/// in order with the broadcast frames queued directly; the event loop flushes the
+/// queue to the socket once per turn.
 pub struct Io {
     pub stream: TcpStream,
-    out: Vec<u8>,
-    /// Bytes of `out` already written to the socket.
-    sent: usize,
-    /// Where whole WebSocket frames start in `out`; what lies before is written or
-    /// is the HTTP head. Lets a slow consumer's queue be cut at a frame boundary.
-    frames_from: usize,
+    pub out: Outbox,
+}
+
+impl Io {
+    pub fn new(stream: TcpStream) -> Self {
+        Io { stream, out: Outbox::default() }
+    }
+
+    /// Writes what is queued until done or the socket is full.
+    ///
+    /// # Errors
+    /// The socket failed: the peer is gone.
+    pub fn flush(&mut self) -> io::Result<Flushed> {
+        self.out.write_to(&mut self.stream)
+    }
 }
 
 /// How far a flush got.
@@ -39,34 +48,41 @@ pub enum Flushed {
     Blocked,
 }
 
-impl Io {
-    pub fn new(stream: TcpStream) -> Self {
-        Io { stream, out: Vec::new(), sent: 0, frames_from: 0 }
-    }
+/// One connection's outbound bytes: queued by the loop, written once per turn.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already written to the socket.
+    sent: usize,
+    /// Where whole WebSocket frames start in `buf`; what lies before is written or
+    /// is the HTTP head. Lets a slow consumer's queue be cut at a frame boundary.
+    frames_from: usize,
+}
 
-    /// Queues bytes; nothing touches the socket until `flush`.
+impl Outbox {
+    /// Queues bytes; nothing touches the socket until `write_to`.
     pub fn queue(&mut self, bytes: &[u8]) {
-        self.out.extend_from_slice(bytes);
+        self.buf.extend_from_slice(bytes);
     }
 
     /// Queues the HTTP head that comes before the first frame.
     pub fn queue_head(&mut self, head: &[u8]) {
         self.queue(head);
-        self.frames_from = self.out.len();
+        self.frames_from = self.buf.len();
     }
 
     /// Bytes queued and not yet written.
     pub fn pending(&self) -> usize {
-        self.out.len() - self.sent
+        self.buf.len() - self.sent
     }
 
-    /// Writes what is queued until done or the socket is full.
+    /// Writes what is queued until done or `sink` would block.
     ///
     /// # Errors
-    /// The socket failed: the peer is gone.
-    pub fn flush(&mut self) -> io::Result<Flushed> {
-        while self.sent < self.out.len() {
-            match self.stream.write(&self.out[self.sent..]) {
+    /// The sink failed.
+    pub fn write_to(&mut self, sink: &mut impl Write) -> io::Result<Flushed> {
+        while self.sent < self.buf.len() {
+            match sink.write(&self.buf[self.sent..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -77,11 +93,11 @@ impl Io {
                 Err(e) => return Err(e),
             }
         }
-        self.out.clear();
+        self.buf.clear();
         self.sent = 0;
         self.frames_from = 0;
-        if self.out.capacity() > KEEP_OUT_CAPACITY {
-            self.out = Vec::new();
+        if self.buf.capacity() > KEEP_OUT_CAPACITY {
+            self.buf = Vec::new();
         }
         Ok(Flushed::Done)
     }
@@ -91,15 +107,15 @@ impl Io {
     pub fn drop_queued(&mut self) {
         self.skip_sent_frames();
         let keep = if self.sent > self.frames_from {
-            self.frames_from + frame_len(&self.out[self.frames_from..]).unwrap_or(0)
+            self.frames_from + frame_len(&self.buf[self.frames_from..]).unwrap_or(0)
         } else {
             self.frames_from
         };
-        self.out.truncate(keep.max(self.sent));
+        self.buf.truncate(keep.max(self.sent));
     }
 
     fn skip_sent_frames(&mut self) {
-        while let Some(len) = frame_len(&self.out[self.frames_from..]) {
+        while let Some(len) = frame_len(&self.buf[self.frames_from..]) {
             if self.frames_from + len > self.sent {
                 break;
             }
@@ -110,8 +126,8 @@ impl Io {
     /// Frees the written part of the queue once it is large.
     fn compact(&mut self) {
         self.skip_sent_frames();
-        if self.frames_from >= KEEP_OUT_CAPACITY && self.frames_from * 2 >= self.out.len() {
-            self.out.drain(..self.frames_from);
+        if self.frames_from >= KEEP_OUT_CAPACITY && self.frames_from * 2 >= self.buf.len() {
+            self.buf.drain(..self.frames_from);
             self.sent -= self.frames_from;
             self.frames_from = 0;
         }
@@ -138,7 +154,7 @@ impl Read for Io {
 
 impl Write for Io {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.extend_from_slice(buf);
+        self.out.queue(buf);
         Ok(buf.len())
     }
 
@@ -231,5 +247,55 @@ mod tests {
         medium.resize(4 + 256, b'x');
         assert_eq!(frame_len(&medium), Some(260));
         assert_eq!(frame_len(&[0x88]), None);
+    }
+
+    /// A sink that takes `room` bytes, then would block.
+    struct Tight {
+        got: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Tight {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_slow_consumers_queue_is_cut_after_the_frame_on_the_wire() {
+        let mut out = Outbox::default();
+        let head = b"HTTP/1.1 101\r\n\r\n".len();
+        out.queue_head(b"HTTP/1.1 101\r\n\r\n");
+        let frame = [0x81, 3, b'a', b'b', b'c'];
+        for _ in 0..4 {
+            out.queue(&frame);
+        }
+        let mut sink = Tight { got: Vec::new(), room: head + 5 + 2 };
+        assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Blocked);
+        out.drop_queued();
+        // The second frame is on the wire already: it is finished, the rest dropped.
+        assert_eq!(out.pending(), 3);
+        sink.room = 100;
+        assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Done);
+        assert_eq!(sink.got.len(), head + 10);
+        assert_eq!(out.pending(), 0);
+    }
+
+    #[test]
+    fn a_queue_not_yet_begun_is_dropped_whole() {
+        let mut out = Outbox::default();
+        out.queue(&[0x81, 1, b'x']);
+        out.drop_queued();
+        assert_eq!(out.pending(), 0);
     }
 }

@@ -81,8 +81,8 @@ impl Sessions {
     fn send(&mut self, key: usize, bytes: &[u8]) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         let Some(io) = conn.phase.io() else { return };
-        io.queue(bytes);
-        if io.pending() > self.max_outbound_bytes {
+        io.out.queue(bytes);
+        if io.out.pending() > self.max_outbound_bytes {
             self.slow_list.push(key);
         }
         if !conn.flush_queued {
@@ -366,7 +366,7 @@ impl EventLoop {
     fn start_session(&mut self, key: usize, upgrade: Upgrade, rest: Vec<u8>) {
         let Some(conn) = self.sessions.conns.get_mut(key) else { return };
         let Phase::Request { mut io, .. } = std::mem::replace(&mut conn.phase, Phase::Gone) else { return };
-        io.queue_head(&http::switching_protocols(&upgrade.key));
+        io.out.queue_head(&http::switching_protocols(&upgrade.key));
         let ws = conn::server_websocket(io, rest, self.settings.ws_config);
         let member_id = member_id(conn.serial);
         let user: Arc<str> = upgrade.user.map_or_else(|| Arc::from(member_id.as_str()), Arc::from);
@@ -443,7 +443,7 @@ impl EventLoop {
             // Pongs that tungstenite queued while reading move to the output now.
             if let Phase::Open { ws, .. } = &mut conn.phase {
                 let _ = ws.flush();
-                if ws.get_ref().pending() > 0 {
+                if ws.get_ref().out.pending() > 0 {
                     self.sessions.queue_flush(key);
                 }
             }
@@ -578,7 +578,7 @@ impl EventLoop {
         };
         let mut ws: WebSocket<Io> = ws;
         if reason == CloseReason::SlowConsumer {
-            ws.get_mut().drop_queued();
+            ws.get_mut().out.drop_queued();
         }
         log::debug!("session {} closes with {} {}", member_id(conn.serial), u16::from(reason.code()), reason.text());
         // After a close from the peer this queues tungstenite's echo of it; otherwise
@@ -621,7 +621,7 @@ impl EventLoop {
         while let Some(key) = self.sessions.slow_list.pop() {
             let slow = self.sessions.conns.get_mut(key).is_some_and(|c| {
                 matches!(c.phase, Phase::Open { .. } | Phase::Joining { .. })
-                    && c.phase.io().is_some_and(|io| io.pending() > self.sessions.max_outbound_bytes)
+                    && c.phase.io().is_some_and(|io| io.out.pending() > self.sessions.max_outbound_bytes)
             });
             if slow {
                 log::debug!("closing a slow consumer");
@@ -640,7 +640,7 @@ impl EventLoop {
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     // Closed by both sides, or failed: nothing more will be read.
-                    if ws.get_ref().pending() == 0 {
+                    if ws.get_ref().out.pending() == 0 {
                         return self.remove(key);
                     }
                     break;
