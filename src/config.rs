@@ -83,6 +83,44 @@ pub struct Config {
     #[arg(long, env = "RP_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
 
+    /// Secret of the HS256 tokens the main backend issues. Set, it turns auth on:
+    /// `/ws/{paper}` needs `?token=`, `/papers/{paper}` a Bearer token.
+    #[arg(long, env = "RP_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Origins allowed to open sessions, comma-separated (e.g. https://paper.example).
+    /// Unset, every origin is; a request without `Origin` is not a browser and passes.
+    #[arg(long, env = "RP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Messages a second a session may send, on average (every type counts).
+    #[arg(long, env = "RP_RATE", default_value_t = 50.0)]
+    pub rate: f64,
+
+    /// Messages a session may send at once above its rate.
+    #[arg(long, env = "RP_BURST", default_value_t = 200)]
+    pub burst: u32,
+
+    /// Connections this node holds at most; past it, upgrades get 503.
+    #[arg(long, env = "RP_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Connections one client address may hold at most; 0 for no limit.
+    #[arg(long, env = "RP_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 0)]
+    pub max_connections_per_address: usize,
+
+    /// Seconds a client may take to send its request head.
+    #[arg(long, env = "RP_HANDSHAKE_TIMEOUT", default_value_t = 10.0)]
+    pub handshake_timeout: f64,
+
+    /// Seconds between the server's pings to each session.
+    #[arg(long, env = "RP_PING_INTERVAL", default_value_t = 30.0)]
+    pub ping_interval: f64,
+
+    /// Seconds of silence (no message, no pong) after which a session is closed.
+    #[arg(long, env = "RP_IDLE_TIMEOUT", default_value_t = 75.0)]
+    pub idle_timeout: f64,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "RP_LOG_LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -138,10 +176,29 @@ impl Config {
             ("--load-timeout", self.load_timeout),
             ("--paper-linger", self.paper_linger),
             ("--shutdown-timeout", self.shutdown_timeout),
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--ping-interval", self.ping_interval),
+            ("--idle-timeout", self.idle_timeout),
         ] {
             if !(0.0..1e9).contains(&value) {
                 return err(format!("{flag} {value} is not a number of seconds; use for example 10"));
             }
+        }
+        if !(self.rate.is_finite() && self.rate > 0.0) || self.burst == 0 {
+            return err(format!("--rate {} and --burst {} must both be above 0", self.rate, self.burst));
+        }
+        if self.ping_interval <= 0.0 || self.idle_timeout <= self.ping_interval {
+            return err(format!(
+                "--idle-timeout {} must be longer than --ping-interval {} (above 0), or live sessions are closed",
+                self.idle_timeout, self.ping_interval
+            ));
+        }
+        if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return err("--jwt-secret is shorter than 16 bytes; use a long random secret".to_string());
+        }
+        self.allowed_origins.retain(|o| !o.trim().is_empty());
+        for origin in &mut self.allowed_origins {
+            *origin = origin.trim().trim_end_matches('/').to_string();
         }
         if self.max_outbound_bytes < self.max_message_bytes {
             return err(format!(
@@ -171,6 +228,18 @@ impl Config {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_timeout)
     }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.handshake_timeout)
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.ping_interval)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.idle_timeout)
+    }
 }
 
 impl fmt::Display for Config {
@@ -180,7 +249,9 @@ impl fmt::Display for Config {
             f,
             "listen={} threads={} store={:?} redis={} max_message_bytes={} max_note_bytes={} \
              max_notes={} max_members={} backlog_limit={} load_timeout={}s paper_linger={}s \
-             completed_retention={}s max_outbound_bytes={} shutdown_timeout={}s log_level={}",
+             completed_retention={}s max_outbound_bytes={} shutdown_timeout={}s auth={} allowed_origins={} \
+             rate={}/s burst={} max_connections={} max_connections_per_address={} handshake_timeout={}s \
+             ping_interval={}s idle_timeout={}s log_level={}",
             self.listen,
             self.threads,
             self.store,
@@ -195,6 +266,15 @@ impl fmt::Display for Config {
             self.completed_retention,
             self.max_outbound_bytes,
             self.shutdown_timeout,
+            if self.jwt_secret.is_some() { "on" } else { "off" },
+            if self.allowed_origins.is_empty() { "any".to_string() } else { self.allowed_origins.join(",") },
+            self.rate,
+            self.burst,
+            self.max_connections,
+            self.max_connections_per_address,
+            self.handshake_timeout,
+            self.ping_interval,
+            self.idle_timeout,
             self.log_level,
         )
     }

@@ -33,6 +33,19 @@ pub enum ClientMsg {
     Ping,
 }
 
+impl ClientMsg {
+    /// The message's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMsg::Upsert { .. } => "upsert",
+            ClientMsg::Delete { .. } => "delete",
+            ClientMsg::Cursor { .. } => "cursor",
+            ClientMsg::Complete => "complete",
+            ClientMsg::Ping => "ping",
+        }
+    }
+}
+
 /// The refusal codes of PROTOCOL.md 3.3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -111,10 +124,16 @@ pub enum CloseReason {
     Normal,
     /// 1001: the server is shutting down.
     ShuttingDown,
+    /// 1001: the session was silent past the idle timeout.
+    Idle,
     /// 1002: the client broke RFC 6455.
     ProtocolError,
     /// 1007: a text frame that is not UTF-8.
     InvalidUtf8,
+    /// 1008: the session's token expired.
+    TokenExpired,
+    /// 1008: the session went on flooding after repeated `rate_limited`.
+    Abuse,
     /// 1009: a message over `max_message_bytes`.
     MessageTooBig,
     /// 1011: the server failed.
@@ -131,7 +150,8 @@ impl CloseReason {
     pub fn code(self) -> CloseCode {
         match self {
             CloseReason::Normal => CloseCode::Normal,
-            CloseReason::ShuttingDown => CloseCode::Away,
+            CloseReason::ShuttingDown | CloseReason::Idle => CloseCode::Away,
+            CloseReason::TokenExpired | CloseReason::Abuse => CloseCode::Policy,
             CloseReason::ProtocolError => CloseCode::Protocol,
             CloseReason::InvalidUtf8 => CloseCode::Invalid,
             CloseReason::MessageTooBig => CloseCode::Size,
@@ -145,6 +165,9 @@ impl CloseReason {
         match self {
             CloseReason::Normal => "",
             CloseReason::ShuttingDown => "server shutting down",
+            CloseReason::Idle => "idle",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::Abuse => "rate_limited",
             CloseReason::ProtocolError => "protocol error",
             CloseReason::InvalidUtf8 => "invalid utf-8",
             CloseReason::MessageTooBig => "message too big",
@@ -425,13 +448,14 @@ impl Frame {
     }
 }
 
-/// The JSON document a completed paper is handed over as (PROTOCOL.md 4):
-/// `{"paper","completed":true,"notes"}`.
-pub fn completed_snapshot<'a>(paper: &str, notes: impl Iterator<Item = NoteView<'a>>) -> String {
+/// A paper as one JSON document, `{"paper","completed","notes"}`: the body of
+/// `GET /papers/{paper}` and the snapshot a completed paper is handed over as
+/// (PROTOCOL.md 1 and 4).
+pub fn paper_document<'a>(paper: &str, completed: bool, notes: impl Iterator<Item = NoteView<'a>>) -> String {
     let mut b = Vec::new();
     b.extend_from_slice(br#"{"paper":"#);
     string(&mut b, paper);
-    b.extend_from_slice(br#","completed":true,"notes":"#);
+    b.extend_from_slice(if completed { br#","completed":true,"notes":"# } else { br#","completed":false,"notes":"# });
     notes_array(&mut b, notes);
     b.push(b'}');
     String::from_utf8(b).expect("JSON is UTF-8")
@@ -659,7 +683,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<Value>(&stored).unwrap(), json!({"author":"u1","data":{"v":1},"v":77}));
         assert!(stored.ends_with(r#","v":77}"#));
         assert_eq!(stored_note("u1", None, 78), r#"{"deleted":true,"v":78}"#);
-        let done = completed_snapshot("p1", [NoteView { id: "n", author: "a", data: "{}", v: 3 }].into_iter());
+        let done = paper_document("p1", true, [NoteView { id: "n", author: "a", data: "{}", v: 3 }].into_iter());
         assert_eq!(
             serde_json::from_str::<Value>(&done).unwrap(),
             json!({"paper":"p1","completed":true,"notes":[{"id":"n","author":"a","data":{},"v":3}]})

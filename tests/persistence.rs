@@ -72,7 +72,8 @@ fn a_restarted_server_keeps_notes_and_continues_above_their_versions() {
 #[test]
 fn sigterm_right_after_a_burst_of_2000_edits_leaves_all_in_redis() {
     let redis = Redis::start();
-    let server = Server::redis(&redis, &["--max-notes", "5000"]);
+    // Far above the default rate limit: this burst is the point.
+    let server = Server::redis(&redis, &["--max-notes", "5000", "--rate", "100000", "--burst", "5000"]);
     let mut a = server.join("p-burst", "");
     write_notes(&mut a, 0, 2000);
     server.signal("TERM");

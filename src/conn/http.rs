@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 
+use crate::auth::{Denied, Role, Verifier};
 use crate::protocol::is_valid_id;
 
 /// Largest request head a client may send before the upgrade.
@@ -15,12 +16,27 @@ const MAX_HEADERS: usize = 48;
 /// Longest `user` or `name` kept from the query; longer ones are cut.
 const MAX_NAME_CHARS: usize = 128;
 
+/// What the server checks before it answers: tokens and origins.
+#[derive(Default)]
+pub struct Policy {
+    /// Set when auth is on (`--jwt-secret`).
+    pub verifier: Option<Verifier>,
+    /// Origins allowed to open sessions; empty allows all.
+    pub allowed_origins: Vec<String>,
+}
+
 /// What a request asks for, once its head is complete.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
-    /// A WebSocket session on a paper.
+    /// A WebSocket session on a paper, past every check but the node's capacity.
     Upgrade(Upgrade),
-    /// Everything answered right away on this connection.
+    /// `GET /papers/{paper}`, authorized: the snapshot as JSON.
+    ReadPaper(String),
+    /// `GET /readyz`.
+    Ready,
+    /// `GET /metrics`.
+    Metrics,
+    /// Everything answered right away, from the request alone.
     Reply(Reply),
 }
 
@@ -30,9 +46,13 @@ pub struct Upgrade {
     pub paper: String,
     /// `Sec-WebSocket-Key`, for the accept header.
     pub key: String,
-    /// `user` and `name` from the query (auth off).
+    /// Who the client is: the token's `sub` with auth on, else `user` from the
+    /// query (`None`: the session id).
     pub user: Option<String>,
     pub name: Option<String>,
+    pub role: Role,
+    /// The token's expiry (seconds since the epoch), with auth on.
+    pub expires: Option<u64>,
 }
 
 /// A plain HTTP answer; the connection closes after it.
@@ -80,11 +100,11 @@ pub enum Parsed {
 ///
 /// # Errors
 /// The reply for a request that cannot be read (400) or is too large (431).
-pub fn parse(buf: &[u8]) -> Result<Parsed, Reply> {
+pub fn parse(buf: &[u8], policy: &Policy) -> Result<Parsed, Reply> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => Ok(Parsed::Complete { len, route: route(&req) }),
+        Ok(httparse::Status::Complete(len)) => Ok(Parsed::Complete { len, route: route(&req, policy) }),
         Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_BYTES => {
             Err(Reply::text(431, "request head too large"))
         }
@@ -94,33 +114,70 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, Reply> {
     }
 }
 
-fn route(req: &httparse::Request) -> Route {
+fn route(req: &httparse::Request, policy: &Policy) -> Route {
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let get = req.method == Some("GET");
     match path {
         "/healthz" if get => Route::Reply(Reply::text(200, "ok")),
+        "/readyz" if get => Route::Ready,
+        "/metrics" if get => Route::Metrics,
         "/" if get => Route::Reply(Reply {
             status: 200,
             extra_headers: "",
             content_type: "text/html; charset=utf-8",
             body: PAGE.to_string(),
         }),
-        _ if get && path.starts_with("/ws/") && !path[4..].contains('/') => upgrade(req, &path[4..], query),
+        _ if get && path.starts_with("/ws/") && !path[4..].contains('/') => upgrade(req, &path[4..], query, policy),
+        _ if get && path.starts_with("/papers/") && !path[8..].contains('/') => read_paper(req, &path[8..], policy),
         _ => Route::Reply(Reply::text(404, "not found")),
     }
 }
 
+fn header<'a>(req: &'a httparse::Request, name: &str) -> Option<&'a str> {
+    req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(h.value).ok())
+}
+
+fn bad_paper_id() -> Route {
+    Route::Reply(Reply::text(400, "paper id must match ^[A-Za-z0-9_-]{1,64}$"))
+}
+
+fn denied(denied: Denied) -> Route {
+    Route::Reply(match denied {
+        Denied::Unauthorized => Reply::text(401, "missing, invalid or expired token"),
+        Denied::Forbidden => Reply::text(403, "this token does not grant that"),
+    })
+}
+
+/// `GET /papers/{paper}`: a Bearer token of role owner or service with auth on.
+fn read_paper(req: &httparse::Request, paper: &str, policy: &Policy) -> Route {
+    if !is_valid_id(paper) {
+        return bad_paper_id();
+    }
+    if let Some(verifier) = &policy.verifier {
+        if let Err(e) = verifier.reader(header(req, "authorization"), paper) {
+            return denied(e);
+        }
+    }
+    Route::ReadPaper(paper.to_string())
+}
+
 /// Checks an upgrade request in the order of PROTOCOL.md section 1.
-fn upgrade(req: &httparse::Request, paper: &str, query: &str) -> Route {
+fn upgrade(req: &httparse::Request, paper: &str, query: &str, policy: &Policy) -> Route {
     // The path is matched as sent: `%` is not an id character, so an encoded id
     // is refused rather than decoded.
     if !is_valid_id(paper) {
-        return Route::Reply(Reply::text(400, "paper id must match ^[A-Za-z0-9_-]{1,64}$"));
+        return bad_paper_id();
     }
-    let header = |name: &str| {
-        req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(h.value).ok())
-    };
+    // Cross-site WebSocket hijacking: a browser always says where the page came from.
+    if let Some(origin) = header(req, "origin") {
+        let origin = origin.trim().trim_end_matches('/');
+        if !policy.allowed_origins.is_empty() && !policy.allowed_origins.iter().any(|o| o.eq_ignore_ascii_case(origin))
+        {
+            return Route::Reply(Reply::text(403, "origin not allowed"));
+        }
+    }
+    let header = |name: &str| header(req, name);
     let has_token = |name: &str, token: &str| {
         req.headers
             .iter()
@@ -148,14 +205,31 @@ fn upgrade(req: &httparse::Request, paper: &str, query: &str) -> Route {
     };
     let mut user = None;
     let mut name = None;
+    let mut token = None;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match k.as_ref() {
             "user" if !v.is_empty() => user = Some(cut(&v)),
             "name" if !v.is_empty() => name = Some(cut(&v)),
+            "token" => token = Some(v.into_owned()),
             _ => {}
         }
     }
-    Route::Upgrade(Upgrade { paper: paper.to_string(), key, user, name })
+    let paper = paper.to_string();
+    match &policy.verifier {
+        // Auth off: the client says who it is and may do everything.
+        None => Route::Upgrade(Upgrade { paper, key, user, name, role: Role::Owner, expires: None }),
+        Some(verifier) => match verifier.session(token.as_deref(), &paper) {
+            Ok(grant) => Route::Upgrade(Upgrade {
+                paper,
+                key,
+                name: grant.name.map(|n| cut(&n)),
+                user: Some(grant.sub),
+                role: grant.role,
+                expires: Some(grant.exp),
+            }),
+            Err(e) => denied(e),
+        },
+    }
 }
 
 fn cut(s: &str) -> String {
@@ -192,7 +266,7 @@ mod tests {
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
     fn get(path: &str, headers: &str) -> Result<Parsed, Reply> {
-        parse(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes())
+        parse(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes(), &Policy::default())
     }
 
     fn ws(path: &str) -> Result<Parsed, Reply> {
@@ -206,6 +280,7 @@ mod tests {
         match parsed {
             Ok(Parsed::Complete { route: Route::Reply(reply), .. }) => reply.status,
             Ok(Parsed::Complete { route: Route::Upgrade(_), .. }) => 101,
+            Ok(Parsed::Complete { .. }) => 200,
             Ok(Parsed::Partial) => 0,
             Err(reply) => reply.status,
         }
@@ -230,7 +305,7 @@ mod tests {
             status(get("/ws/p1", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n")),
             400
         );
-        assert_eq!(status(parse(b"POST /healthz HTTP/1.1\r\n\r\n")), 404);
+        assert_eq!(status(parse(b"POST /healthz HTTP/1.1\r\n\r\n", &Policy::default())), 404);
     }
 
     #[test]
@@ -255,10 +330,61 @@ mod tests {
 
     #[test]
     fn partial_and_oversized_heads() {
-        assert_eq!(parse(b"GET /healthz HTTP/1.1\r\nHost"), Ok(Parsed::Partial));
+        let open = Policy::default();
+        assert_eq!(parse(b"GET /healthz HTTP/1.1\r\nHost", &open), Ok(Parsed::Partial));
         let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_REQUEST_BYTES));
-        assert_eq!(status(parse(huge.as_bytes())), 431);
-        assert_eq!(status(parse(b"\x00\x01garbage\r\n\r\n")), 400);
+        assert_eq!(status(parse(huge.as_bytes(), &open)), 431);
+        assert_eq!(status(parse(b"\x00\x01garbage\r\n\r\n", &open)), 400);
+    }
+
+    #[test]
+    fn origins_and_tokens_are_checked_in_order() {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let policy = Policy {
+            verifier: Some(Verifier::new("0123456789abcdef")),
+            allowed_origins: vec!["https://paper.example".into()],
+        };
+        let exp = crate::auth::tests::now() + 60;
+        let claims = serde_json::json!({"sub": "u9", "paper": "p1", "role": "viewer", "exp": exp, "name": "Vi"});
+        let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(b"0123456789abcdef")).unwrap();
+        let ws_headers = format!(
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n"
+        );
+        let request = |path: &str, extra: &str| {
+            let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
+            match parse(head.as_bytes(), &policy) {
+                Ok(Parsed::Complete { route, .. }) => route,
+                other => panic!("{other:?}"),
+            }
+        };
+        let code = |route: Route| match route {
+            Route::Reply(reply) => reply.status,
+            Route::Upgrade(_) => 101,
+            _ => 200,
+        };
+        let with_token = format!("/ws/p1?token={token}");
+        let Route::Upgrade(up) = request(&with_token, &ws_headers) else { panic!() };
+        assert_eq!(
+            (up.user.as_deref(), up.name.as_deref(), up.role, up.expires),
+            (Some("u9"), Some("Vi"), Role::Viewer, Some(exp))
+        );
+        assert_eq!(code(request("/ws/p1", &ws_headers)), 401);
+        assert_eq!(code(request("/ws/p2?token=x", &ws_headers)), 401);
+        assert_eq!(code(request(&format!("/ws/p2?token={token}"), &ws_headers)), 403);
+        let allowed = format!("{ws_headers}Origin: https://paper.example\r\n");
+        assert_eq!(code(request(&with_token, &allowed)), 101);
+        let evil = format!("{ws_headers}Origin: https://evil.example\r\n");
+        assert_eq!(code(request(&with_token, &evil)), 403);
+        // Origin comes before the upgrade and the token; the paper id before the origin.
+        assert_eq!(code(request("/ws/p1", "Origin: https://evil.example\r\n")), 403);
+        assert_eq!(code(request("/ws/p%31", "Origin: https://evil.example\r\n")), 400);
+        assert_eq!(code(request("/ws/p1", "Origin: https://paper.example\r\n")), 426);
+        // The papers API wants a Bearer token of an owner or the service.
+        assert_eq!(code(request("/papers/p1", "")), 401);
+        assert_eq!(code(request("/papers/p1", &format!("Authorization: Bearer {token}\r\n"))), 403);
+        assert_eq!(code(request("/papers/p%31", "")), 400);
+        assert_eq!(request("/readyz", ""), Route::Ready);
+        assert_eq!(request("/metrics", ""), Route::Metrics);
     }
 
     #[test]

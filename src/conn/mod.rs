@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
-use tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::auth::Role;
+use crate::rate::TokenBucket;
+use tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tungstenite::WebSocket;
 
 /// Output capacity kept by a connection once its queue is empty; more is freed, so
@@ -23,11 +26,13 @@ const KEEP_OUT_CAPACITY: usize = 16 * 1024;
 pub struct Io {
     pub stream: TcpStream,
     pub out: Outbox,
+    /// Bytes read since the loop last collected them for its metrics.
+    pub bytes_in: u64,
 }
 
 impl Io {
     pub fn new(stream: TcpStream) -> Self {
-        Io { stream, out: Outbox::default() }
+        Io { stream, out: Outbox::default(), bytes_in: 0 }
     }
 
     /// Writes what is queued until done or the socket is full.
@@ -148,7 +153,9 @@ fn frame_len(buf: &[u8]) -> Option<usize> {
 
 impl Read for Io {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf)
+        let n = self.stream.read(buf)?;
+        self.bytes_in += n as u64;
+        Ok(n)
     }
 }
 
@@ -175,7 +182,25 @@ pub fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
 }
 
 pub fn server_websocket(io: Io, already_read: Vec<u8>, config: WebSocketConfig) -> WebSocket<Io> {
-    WebSocket::from_partially_read(io, already_read, Role::Server, Some(config))
+    WebSocket::from_partially_read(io, already_read, WsRole::Server, Some(config))
+}
+
+/// Who an upgraded client is, before it joins its paper.
+pub struct Visitor {
+    pub paper: Arc<str>,
+    pub user: Arc<str>,
+    pub name: Arc<str>,
+    pub role: Role,
+}
+
+/// A member's side of its session.
+pub struct Session {
+    pub paper: Arc<str>,
+    /// The member id (`you`, `from`).
+    pub member: Arc<str>,
+    pub user: Arc<str>,
+    pub role: Role,
+    pub bucket: TokenBucket,
 }
 
 /// Where a connection is in its life. Each phase owns what it needs.
@@ -184,11 +209,13 @@ pub enum Phase {
     Request { io: Io, buf: Vec<u8> },
     /// Writing a plain HTTP reply; closed once written.
     Reply { io: Io },
+    /// `GET /papers/{paper}` waiting for the paper to be read.
+    Reading { io: Io, paper: Arc<str> },
     /// Upgraded, waiting for its paper to be read; no snapshot yet, and what the
     /// client sends waits in the socket.
-    Joining { ws: WebSocket<Io>, paper: Arc<str>, user: Arc<str>, name: Arc<str> },
-    /// A member of `paper`: the session of PROTOCOL.md section 3.
-    Open { ws: WebSocket<Io>, paper: Arc<str>, member: Arc<str>, user: Arc<str> },
+    Joining { ws: WebSocket<Io>, visitor: Visitor },
+    /// A member: the session of PROTOCOL.md section 3.
+    Open { ws: WebSocket<Io>, session: Session },
     /// A close frame is queued or received; the socket is dropped once the output
     /// is written and the peer closed too, or at `deadline`.
     Closing { ws: WebSocket<Io>, deadline: Instant },
@@ -199,7 +226,7 @@ pub enum Phase {
 impl Phase {
     pub fn io(&mut self) -> Option<&mut Io> {
         match self {
-            Phase::Request { io, .. } | Phase::Reply { io } => Some(io),
+            Phase::Request { io, .. } | Phase::Reply { io } | Phase::Reading { io, .. } => Some(io),
             Phase::Joining { ws, .. } | Phase::Open { ws, .. } | Phase::Closing { ws, .. } => Some(ws.get_mut()),
             Phase::Gone => None,
         }
@@ -209,6 +236,7 @@ impl Phase {
         match self {
             Phase::Request { .. } => "request",
             Phase::Reply { .. } => "reply",
+            Phase::Reading { .. } => "reading",
             Phase::Joining { .. } => "joining",
             Phase::Open { .. } => "open",
             Phase::Closing { .. } => "closing",
@@ -227,11 +255,23 @@ pub struct Conn {
     /// Readable data may be left in the socket (a read budget ran out, or the
     /// conn was not reading while it joined).
     pub read_pending: bool,
+    /// Holds one of the node's session slots (`--max-connections`).
+    pub counted: bool,
+    /// When the client last sent anything (idle timeout).
+    pub last_seen: Instant,
 }
 
 impl Conn {
     pub fn new(io: Io, serial: u64, peer: SocketAddr) -> Self {
-        Conn { phase: Phase::Request { io, buf: Vec::new() }, serial, peer, flush_queued: false, read_pending: false }
+        Conn {
+            phase: Phase::Request { io, buf: Vec::new() },
+            serial,
+            peer,
+            flush_queued: false,
+            read_pending: false,
+            counted: false,
+            last_seen: Instant::now(),
+        }
     }
 }
 

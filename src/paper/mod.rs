@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::auth::Role;
 use crate::protocol::{ErrorCode, MemberView, NoteView};
 pub use clock::VersionClock;
 
@@ -120,23 +121,30 @@ impl Paper {
         self.live
     }
 
-    /// Decides an upsert by `user`.
+    /// Decides an upsert by `user` acting as `role`.
     ///
     /// # Errors
+    /// `forbidden` for a viewer, or a writer replacing someone else's note;
     /// `paper_completed` once sealed; `paper_full` for a new note at `max_notes`.
     pub fn prepare_upsert(
         &self,
         id: &str,
         data: String,
-        user: &Arc<str>,
+        (user, role): (&Arc<str>, Role),
         clock: &mut VersionClock,
         limits: &PaperLimits,
     ) -> Result<Edit, ErrorCode> {
+        if !role.may_write() {
+            return Err(ErrorCode::Forbidden);
+        }
         if self.is_completed() {
             return Err(ErrorCode::PaperCompleted);
         }
         let current = self.notes.get_key_value(id);
         let author = match current {
+            Some((_, Note { author, data: Some(_), .. })) if author != user && !role.may_moderate() => {
+                return Err(ErrorCode::Forbidden)
+            }
             // Replacing data never changes the author.
             Some((_, Note { author, data: Some(_), .. })) => author.clone(),
             // A new note, or one created again after a delete.
@@ -148,16 +156,28 @@ impl Paper {
         Ok(Edit { id, note: Note { author, data: Some(Arc::from(data)), v: clock.next(floor) } })
     }
 
-    /// Decides a delete.
+    /// Decides a delete by `user` acting as `role`.
     ///
     /// # Errors
-    /// `paper_completed` once sealed; `not_found` for a note that does not exist or
-    /// is deleted already.
-    pub fn prepare_delete(&self, id: &str, clock: &mut VersionClock) -> Result<Edit, ErrorCode> {
+    /// `forbidden` for a viewer, or a writer deleting someone else's note;
+    /// `paper_completed` once sealed; `not_found` for a note that does not exist
+    /// or is deleted already.
+    pub fn prepare_delete(
+        &self,
+        id: &str,
+        (user, role): (&Arc<str>, Role),
+        clock: &mut VersionClock,
+    ) -> Result<Edit, ErrorCode> {
+        if !role.may_write() {
+            return Err(ErrorCode::Forbidden);
+        }
         if self.is_completed() {
             return Err(ErrorCode::PaperCompleted);
         }
         match self.notes.get_key_value(id) {
+            Some((_, note)) if note.data.is_some() && note.author != *user && !role.may_moderate() => {
+                Err(ErrorCode::Forbidden)
+            }
             Some((key, note)) if note.data.is_some() => Ok(Edit {
                 id: key.clone(),
                 note: Note { author: note.author.clone(), data: None, v: clock.next(note.v) },
@@ -178,6 +198,20 @@ impl Paper {
         self.live = self.live + usize::from(is_live) - usize::from(was_live);
         self.notes.insert(edit.id, edit.note);
         true
+    }
+
+    /// Decides whether `role` may seal the paper now.
+    ///
+    /// # Errors
+    /// `forbidden` for any role but owner; `paper_completed` if it is sealed already.
+    pub fn check_complete(&self, role: Role) -> Result<(), ErrorCode> {
+        if !role.may_complete() {
+            return Err(ErrorCode::Forbidden);
+        }
+        if self.is_completed() {
+            return Err(ErrorCode::PaperCompleted);
+        }
+        Ok(())
     }
 
     /// Seals the paper.
@@ -234,9 +268,9 @@ mod tests {
     #[test]
     fn upsert_creates_then_replaces_keeping_the_author() {
         let (mut p, mut clock) = paper();
-        let e1 = p.prepare_upsert("n1", "{}".into(), &user("u1"), &mut clock, &LIMITS).unwrap();
+        let e1 = p.prepare_upsert("n1", "{}".into(), (&user("u1"), Role::Owner), &mut clock, &LIMITS).unwrap();
         assert!(p.apply(e1.clone()));
-        let e2 = p.prepare_upsert("n1", r#"{"a":1}"#.into(), &user("u2"), &mut clock, &LIMITS).unwrap();
+        let e2 = p.prepare_upsert("n1", r#"{"a":1}"#.into(), (&user("u2"), Role::Owner), &mut clock, &LIMITS).unwrap();
         assert_eq!(&*e2.note.author, "u1");
         assert!(e2.note.v > e1.note.v);
         assert!(p.apply(e2));
@@ -247,8 +281,8 @@ mod tests {
     #[test]
     fn older_versions_never_win() {
         let (mut p, mut clock) = paper();
-        let old = p.prepare_upsert("n1", "{}".into(), &user("u1"), &mut clock, &LIMITS).unwrap();
-        let new = p.prepare_upsert("n1", r#"{"x":2}"#.into(), &user("u1"), &mut clock, &LIMITS).unwrap();
+        let old = p.prepare_upsert("n1", "{}".into(), (&user("u1"), Role::Owner), &mut clock, &LIMITS).unwrap();
+        let new = p.prepare_upsert("n1", r#"{"x":2}"#.into(), (&user("u1"), Role::Owner), &mut clock, &LIMITS).unwrap();
         assert!(p.apply(new.clone()));
         assert!(!p.apply(old));
         assert!(!p.apply(new), "the same version twice is not a change");
@@ -258,15 +292,15 @@ mod tests {
     #[test]
     fn delete_leaves_a_tombstone_that_outranks_older_writes() {
         let (mut p, mut clock) = paper();
-        let create = p.prepare_upsert("n1", "{}".into(), &user("u1"), &mut clock, &LIMITS).unwrap();
+        let create = p.prepare_upsert("n1", "{}".into(), (&user("u1"), Role::Owner), &mut clock, &LIMITS).unwrap();
         p.apply(create.clone());
-        let delete = p.prepare_delete("n1", &mut clock).unwrap();
+        let delete = p.prepare_delete("n1", (&user("u1"), Role::Owner), &mut clock).unwrap();
         assert!(p.apply(delete.clone()));
         assert_eq!(p.live_count(), 0);
         assert!(!p.apply(create), "a late, older write cannot resurrect it");
-        assert_eq!(p.prepare_delete("n1", &mut clock), Err(ErrorCode::NotFound));
-        assert_eq!(p.prepare_delete("nope", &mut clock), Err(ErrorCode::NotFound));
-        let again = p.prepare_upsert("n1", "{}".into(), &user("u2"), &mut clock, &LIMITS).unwrap();
+        assert_eq!(p.prepare_delete("n1", (&user("u1"), Role::Owner), &mut clock), Err(ErrorCode::NotFound));
+        assert_eq!(p.prepare_delete("nope", (&user("u1"), Role::Owner), &mut clock), Err(ErrorCode::NotFound));
+        let again = p.prepare_upsert("n1", "{}".into(), (&user("u2"), Role::Owner), &mut clock, &LIMITS).unwrap();
         assert!(again.note.v > delete.note.v);
         assert_eq!(&*again.note.author, "u2", "a note created again belongs to its new creator");
         assert_eq!(p.live_notes().count(), 0);
@@ -278,25 +312,59 @@ mod tests {
     fn max_notes_counts_live_notes_only() {
         let (mut p, mut clock) = paper();
         for id in ["a", "b"] {
-            let e = p.prepare_upsert(id, "{}".into(), &user("u"), &mut clock, &LIMITS).unwrap();
+            let e = p.prepare_upsert(id, "{}".into(), (&user("u"), Role::Owner), &mut clock, &LIMITS).unwrap();
             p.apply(e);
         }
-        assert_eq!(p.prepare_upsert("c", "{}".into(), &user("u"), &mut clock, &LIMITS), Err(ErrorCode::PaperFull));
-        assert!(p.prepare_upsert("a", "{}".into(), &user("u"), &mut clock, &LIMITS).is_ok(), "replacing never hits it");
-        let d = p.prepare_delete("a", &mut clock).unwrap();
+        assert_eq!(
+            p.prepare_upsert("c", "{}".into(), (&user("u"), Role::Owner), &mut clock, &LIMITS),
+            Err(ErrorCode::PaperFull)
+        );
+        assert!(
+            p.prepare_upsert("a", "{}".into(), (&user("u"), Role::Owner), &mut clock, &LIMITS).is_ok(),
+            "replacing never hits it"
+        );
+        let d = p.prepare_delete("a", (&user("u"), Role::Owner), &mut clock).unwrap();
         p.apply(d);
-        assert!(p.prepare_upsert("c", "{}".into(), &user("u"), &mut clock, &LIMITS).is_ok());
+        assert!(p.prepare_upsert("c", "{}".into(), (&user("u"), Role::Owner), &mut clock, &LIMITS).is_ok());
     }
 
     #[test]
     fn completed_papers_refuse_edits() {
         let (mut p, mut clock) = paper();
-        let e = p.prepare_upsert("a", "{}".into(), &user("u"), &mut clock, &LIMITS).unwrap();
+        let e = p.prepare_upsert("a", "{}".into(), (&user("u"), Role::Owner), &mut clock, &LIMITS).unwrap();
         p.apply(e);
         p.complete(&user("u")).unwrap();
         assert_eq!(p.complete(&user("u")), Err(ErrorCode::PaperCompleted));
-        assert_eq!(p.prepare_upsert("a", "{}".into(), &user("u"), &mut clock, &LIMITS), Err(ErrorCode::PaperCompleted));
-        assert_eq!(p.prepare_delete("a", &mut clock), Err(ErrorCode::PaperCompleted));
+        assert_eq!(
+            p.prepare_upsert("a", "{}".into(), (&user("u"), Role::Owner), &mut clock, &LIMITS),
+            Err(ErrorCode::PaperCompleted)
+        );
+        assert_eq!(p.prepare_delete("a", (&user("u"), Role::Owner), &mut clock), Err(ErrorCode::PaperCompleted));
+    }
+
+    #[test]
+    fn roles_decide_who_may_change_what() {
+        let (mut p, mut clock) = paper();
+        let (ann, bob) = (user("ann"), user("bob"));
+        let viewer = (&ann, Role::Viewer);
+        assert_eq!(p.prepare_upsert("n", "{}".into(), viewer, &mut clock, &LIMITS), Err(ErrorCode::Forbidden));
+        let e = p.prepare_upsert("n", "{}".into(), (&ann, Role::Writer), &mut clock, &LIMITS).unwrap();
+        p.apply(e);
+        // A writer edits and deletes only its own notes.
+        assert!(p.prepare_upsert("n", "{}".into(), (&ann, Role::Writer), &mut clock, &LIMITS).is_ok());
+        let bob_writes = (&bob, Role::Writer);
+        assert_eq!(p.prepare_upsert("n", "{}".into(), bob_writes, &mut clock, &LIMITS), Err(ErrorCode::Forbidden));
+        assert_eq!(p.prepare_delete("n", bob_writes, &mut clock), Err(ErrorCode::Forbidden));
+        assert_eq!(p.prepare_delete("n", viewer, &mut clock), Err(ErrorCode::Forbidden));
+        // An owner moderates any note; the author stays.
+        let moderated = p.prepare_upsert("n", "{}".into(), (&bob, Role::Owner), &mut clock, &LIMITS).unwrap();
+        assert_eq!(&*moderated.note.author, "ann");
+        assert!(p.prepare_delete("n", (&bob, Role::Owner), &mut clock).is_ok());
+        // Only an owner completes.
+        assert_eq!(p.check_complete(Role::Writer), Err(ErrorCode::Forbidden));
+        assert_eq!(p.check_complete(Role::Owner), Ok(()));
+        p.complete(&bob).unwrap();
+        assert_eq!(p.check_complete(Role::Owner), Err(ErrorCode::PaperCompleted));
     }
 
     #[test]
@@ -309,7 +377,7 @@ mod tests {
         };
         let p = Paper::new(Arc::from("p1"), stored, &mut clock);
         assert_eq!(p.live_count(), 0);
-        let e = p.prepare_upsert("n2", "{}".into(), &user("u"), &mut clock, &LIMITS).unwrap();
+        let e = p.prepare_upsert("n2", "{}".into(), (&user("u"), Role::Owner), &mut clock, &LIMITS).unwrap();
         assert!(e.note.v > far);
     }
 

@@ -3,28 +3,30 @@
 //! left over by a budget, runs timers, flushes every connection with output once,
 //! and drops the closed ones. Nothing here blocks.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
-use super::inbox::{InboxMsg, LoopHandle};
-use crate::config::{Config, StoreKind};
+use super::inbox::{Handoff, InboxMsg, LoopHandle};
+use super::node::Node;
 use crate::conn::http::{self, Parsed, Reply, Route, Upgrade};
-use crate::conn::{self, Conn, Flushed, Io, Phase};
+use crate::conn::{self, Conn, Flushed, Io, Phase, Session, Visitor};
+use crate::metrics::{bump, LoopMetrics};
 use crate::paper::registry::{Lookup, Registry};
-use crate::paper::{Edit, Member, PaperLimits, VersionClock};
+use crate::paper::{Edit, Member, VersionClock};
 use crate::protocol::{self, ClientMsg, CloseReason, ErrorCode, Frame, Refusal};
+use crate::rate::{TokenBucket, Verdict};
 use crate::store::{LoadRequest, Op, Origin, StoreHandle, Written};
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
@@ -32,38 +34,14 @@ pub const WAKER: Token = Token(usize::MAX);
 
 /// Messages read from one connection before others get their turn.
 const MAX_MESSAGES_PER_READ: usize = 64;
-/// How long a client may take to send its request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing session may take to answer the close frame and drain.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest sleep of a loop with nothing to do; timers run at this resolution.
 const TICK: Duration = Duration::from_millis(100);
 /// How often idle papers are looked for.
 const EVICT_EVERY: Duration = Duration::from_secs(1);
-
-/// What every loop needs to know of the configuration.
-pub struct Settings {
-    pub limits: PaperLimits,
-    pub max_note_bytes: usize,
-    pub max_outbound_bytes: usize,
-    pub load_timeout: Duration,
-    /// `None`: papers stay in memory for good (the memory store).
-    pub paper_linger: Option<Duration>,
-    pub ws_config: WebSocketConfig,
-}
-
-impl Settings {
-    pub fn from_config(config: &Config) -> Self {
-        Settings {
-            limits: PaperLimits { max_notes: config.max_notes, max_members: config.max_members },
-            max_note_bytes: config.max_note_bytes,
-            max_outbound_bytes: config.max_outbound_bytes,
-            load_timeout: config.load_timeout(),
-            paper_linger: (config.store == StoreKind::Redis).then(|| config.paper_linger()),
-            ws_config: conn::websocket_config(config.max_message_bytes),
-        }
-    }
-}
+/// A WebSocket ping frame without payload: the server's keep-alive.
+const PING_FRAME: [u8; 2] = [0x89, 0x00];
 
 /// The connections of a loop and their pending output. Separate from the papers
 /// so that a broadcast can borrow a paper's members and the connections at once.
@@ -92,13 +70,16 @@ impl Sessions {
     }
 
     /// Queues the same encoded frame for every member but `except`: one copy each,
-    /// no allocation once the output buffers have grown.
-    fn broadcast(&mut self, members: &[Member], except: Option<usize>, bytes: &[u8]) {
+    /// no allocation once the output buffers have grown. Returns the recipients.
+    fn broadcast(&mut self, members: &[Member], except: Option<usize>, bytes: &[u8]) -> u64 {
+        let mut recipients = 0;
         for member in members {
             if Some(member.key) != except {
                 self.send(member.key, bytes);
+                recipients += 1;
             }
         }
+        recipients
     }
 
     fn queue_flush(&mut self, key: usize) {
@@ -130,7 +111,7 @@ pub struct EventLoop {
     inbox: Receiver<InboxMsg>,
     loops: Arc<[LoopHandle]>,
     store: StoreHandle,
-    settings: Arc<Settings>,
+    node: Arc<Node>,
     clock: VersionClock,
     /// Scratch for encoding one server message at a time.
     frame: Frame,
@@ -139,9 +120,13 @@ pub struct EventLoop {
     /// Deadlines in the order they were set, with the serial they were set for.
     request_deadlines: VecDeque<(Instant, usize, u64)>,
     close_deadlines: VecDeque<(Instant, usize, u64)>,
-    serials: Arc<AtomicU64>,
+    /// Token expiries (seconds since the epoch), soonest first.
+    expiries: BinaryHeap<Reverse<(u64, usize, u64)>>,
+    /// Sessions joined or waiting on this loop.
+    session_count: u64,
     stopping: Option<Instant>,
     next_eviction: Instant,
+    next_ping: Instant,
 }
 
 impl EventLoop {
@@ -153,10 +138,10 @@ impl EventLoop {
         inbox: Receiver<InboxMsg>,
         loops: Arc<[LoopHandle]>,
         store: StoreHandle,
-        settings: Arc<Settings>,
-        serials: Arc<AtomicU64>,
+        node: Arc<Node>,
     ) -> io::Result<Self> {
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let now = Instant::now();
         Ok(EventLoop {
             index,
             poll,
@@ -165,22 +150,28 @@ impl EventLoop {
                 conns: Slab::with_capacity(1024),
                 flush_list: Vec::new(),
                 slow_list: Vec::new(),
-                max_outbound_bytes: settings.max_outbound_bytes,
+                max_outbound_bytes: node.settings.max_outbound_bytes,
             },
             papers: Registry::new(),
             inbox,
             loops,
             store,
-            settings,
             clock: VersionClock::new(),
             frame: Frame::new(),
             read_list: Vec::new(),
             request_deadlines: VecDeque::new(),
             close_deadlines: VecDeque::new(),
-            serials,
+            expiries: BinaryHeap::new(),
+            session_count: 0,
             stopping: None,
-            next_eviction: Instant::now() + EVICT_EVERY,
+            next_eviction: now + EVICT_EVERY,
+            next_ping: now + node.settings.ping_interval,
+            node,
         })
+    }
+
+    fn metrics(&self) -> &LoopMetrics {
+        &self.node.loop_metrics[self.index]
     }
 
     /// Runs until stopped and every session is closed.
@@ -230,9 +221,11 @@ impl EventLoop {
             let Some(listener) = &self.listener else { return };
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    let serial = self.serials.fetch_add(1, Ordering::Relaxed);
+                    bump(&self.metrics().connections_accepted, 1);
+                    let serial = self.node.serials.fetch_add(1, Ordering::Relaxed);
                     if let Some(key) = self.register(stream, peer, serial) {
-                        self.request_deadlines.push_back((Instant::now() + REQUEST_TIMEOUT, key, serial));
+                        let deadline = Instant::now() + self.node.settings.handshake_timeout;
+                        self.request_deadlines.push_back((deadline, key, serial));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -273,7 +266,7 @@ impl EventLoop {
         let Some(conn) = self.sessions.conns.get_mut(key) else { return };
         match conn.phase {
             Phase::Request { .. } => self.read_request(key),
-            Phase::Reply { .. } => self.discard_input(key),
+            Phase::Reply { .. } | Phase::Reading { .. } => self.discard_input(key),
             Phase::Joining { .. } => conn.read_pending = true,
             Phase::Open { .. } => self.read_messages(key),
             Phase::Closing { .. } => self.read_closing(key),
@@ -299,19 +292,51 @@ impl EventLoop {
                 Err(_) => return self.remove(key),
             }
         }
-        match http::parse(buf) {
+        bump(&self.node.loop_metrics[self.index].bytes_in, buf.len() as u64);
+        match http::parse(buf, &self.node.policy) {
             Ok(Parsed::Partial) => {}
             Ok(Parsed::Complete { route: Route::Reply(reply), .. }) | Err(reply) => self.reply(key, &reply),
+            Ok(Parsed::Complete { route: Route::Ready, .. }) => {
+                let reply = match self.node.unready_reason() {
+                    None => Reply::text(200, "ready"),
+                    Some(reason) => Reply::text(503, &format!("not ready: {reason}")),
+                };
+                self.reply(key, &reply);
+            }
+            Ok(Parsed::Complete { route: Route::Metrics, .. }) => {
+                let reply = Reply {
+                    status: 200,
+                    extra_headers: "",
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: self.node.render_metrics(),
+                };
+                self.reply(key, &reply);
+            }
+            Ok(Parsed::Complete { route: Route::ReadPaper(paper), .. }) => {
+                self.route(key, Handoff::ReadPaper { paper: Arc::from(paper) })
+            }
             Ok(Parsed::Complete { len, route: Route::Upgrade(upgrade) }) => {
+                let peer = conn.peer.ip();
+                // The last check of PROTOCOL.md's order: the node's capacity.
+                if !self.node.admit(peer) {
+                    return self.reply(key, &Reply::text(503, "this node is at its connection limit; retry later"));
+                }
+                conn.counted = true;
                 let rest = buf.split_off(len);
-                self.route_upgrade(key, upgrade, rest);
+                self.route(key, Handoff::Upgrade { upgrade, rest });
             }
         }
     }
 
     fn reply(&mut self, key: usize, reply: &Reply) {
         let Some(conn) = self.sessions.conns.get_mut(key) else { return };
-        let Phase::Request { io, .. } = std::mem::replace(&mut conn.phase, Phase::Gone) else { return };
+        let io = match std::mem::replace(&mut conn.phase, Phase::Gone) {
+            Phase::Request { io, .. } | Phase::Reading { io, .. } => io,
+            other => {
+                conn.phase = other;
+                return;
+            }
+        };
         conn.phase = Phase::Reply { io };
         self.sessions.send(key, &reply.to_bytes());
     }
@@ -330,63 +355,62 @@ impl EventLoop {
         }
     }
 
-    /// Sends an upgrade to the loop that owns its paper, or starts it here.
-    fn route_upgrade(&mut self, key: usize, upgrade: Upgrade, rest: Vec<u8>) {
-        let owner = self.owner_of(&upgrade.paper);
+    /// Sends a request about a paper to the loop that owns the paper, or serves it here.
+    fn route(&mut self, key: usize, handoff: Handoff) {
+        let owner = self.owner_of(handoff.paper());
         if owner == self.index || self.stopping.is_some() {
-            return self.start_session(key, upgrade, rest);
+            return self.start(key, handoff);
         }
         let conn = self.sessions.conns.remove(key);
         let Phase::Request { mut io, .. } = conn.phase else { return };
         if let Err(e) = self.poll.registry().deregister(&mut io.stream) {
             log::warn!("cannot hand over a connection from {}: {e}", conn.peer);
+            if conn.counted {
+                self.node.release(conn.peer.ip());
+            }
             return;
         }
-        self.loops[owner].send(InboxMsg::Adopt {
-            stream: io.stream,
-            peer: conn.peer,
-            serial: conn.serial,
-            upgrade,
-            rest,
-        });
+        let msg =
+            InboxMsg::Adopt { stream: io.stream, peer: conn.peer, serial: conn.serial, counted: conn.counted, handoff };
+        self.loops[owner].send(msg);
     }
 
-    fn adopt(&mut self, stream: TcpStream, peer: SocketAddr, serial: u64, upgrade: Upgrade, rest: Vec<u8>) {
-        if self.stopping.is_some() {
-            return; // dropped: the client retries elsewhere
-        }
-        if let Some(key) = self.register(stream, peer, serial) {
-            self.start_session(key, upgrade, rest);
+    fn adopt(&mut self, stream: TcpStream, peer: SocketAddr, serial: u64, counted: bool, handoff: Handoff) {
+        match self.register(stream, peer, serial) {
+            Some(key) => {
+                self.sessions.conns[key].counted = counted;
+                if self.stopping.is_some() {
+                    return self.remove(key); // the client retries elsewhere
+                }
+                self.start(key, handoff);
+            }
+            None if counted => self.node.release(peer.ip()),
+            None => {}
         }
     }
 
-    // ---- sessions ----------------------------------------------------------------
-
-    /// Answers 101 and joins the paper, or waits for it to be read.
-    fn start_session(&mut self, key: usize, upgrade: Upgrade, rest: Vec<u8>) {
-        let Some(conn) = self.sessions.conns.get_mut(key) else { return };
-        let Phase::Request { mut io, .. } = std::mem::replace(&mut conn.phase, Phase::Gone) else { return };
-        io.out.queue_head(&http::switching_protocols(&upgrade.key));
-        let ws = conn::server_websocket(io, rest, self.settings.ws_config);
-        let member_id = member_id(conn.serial);
-        let user: Arc<str> = upgrade.user.map_or_else(|| Arc::from(member_id.as_str()), Arc::from);
-        let name: Arc<str> = upgrade.name.map_or_else(|| user.clone(), Arc::from);
-        let paper: Arc<str> = Arc::from(upgrade.paper);
-        conn.phase = Phase::Joining { ws, paper: paper.clone(), user, name };
-        // Bytes that came with the request head are read once the session is open.
-        conn.read_pending = true;
-        log::debug!("session {member_id} from {} opens paper {paper}", conn.peer);
-        self.sessions.queue_flush(key);
-        if self.stopping.is_some() {
-            return self.end_session(key, CloseReason::ShuttingDown);
+    /// Starts what a request asked for, on the loop that owns its paper.
+    fn start(&mut self, key: usize, handoff: Handoff) {
+        match handoff {
+            Handoff::Upgrade { upgrade, rest } => self.start_session(key, upgrade, rest),
+            Handoff::ReadPaper { paper } => {
+                let Some(conn) = self.sessions.conns.get_mut(key) else { return };
+                let Phase::Request { io, .. } = std::mem::replace(&mut conn.phase, Phase::Gone) else { return };
+                conn.phase = Phase::Reading { io, paper: paper.clone() };
+                self.find_paper(key, paper);
+            }
         }
+    }
 
+    /// Finds a paper for a joiner or a reader: at once if it is in memory, else
+    /// once it has been read.
+    fn find_paper(&mut self, key: usize, paper: Arc<str>) {
         if matches!(self.store, StoreHandle::Memory) {
             self.papers.insert_empty(&paper, &mut self.clock);
         }
-        let deadline = Instant::now() + self.settings.load_timeout;
+        let deadline = Instant::now() + self.node.settings.load_timeout;
         match self.papers.lookup(&paper, key, deadline) {
-            Lookup::Ready => self.join(key),
+            Lookup::Ready => self.paper_ready(key),
             Lookup::Waiting => {}
             Lookup::StartLoad(attempt) => {
                 if let StoreHandle::Redis { loads, .. } = &self.store {
@@ -399,23 +423,82 @@ impl EventLoop {
         }
     }
 
+    /// The paper a connection waited for is in memory.
+    fn paper_ready(&mut self, key: usize) {
+        match self.sessions.conns.get(key).map(|c| &c.phase) {
+            Some(Phase::Joining { .. }) => self.join(key),
+            Some(Phase::Reading { paper, .. }) => {
+                let body = match self.papers.paper(paper) {
+                    Some(p) => protocol::paper_document(&p.id, p.is_completed(), p.live_notes()),
+                    None => return,
+                };
+                let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
+                self.reply(key, &reply);
+            }
+            _ => {}
+        }
+    }
+
+    /// The paper a connection waited for could not be read in time.
+    fn paper_unavailable(&mut self, key: usize) {
+        match self.sessions.conns.get(key).map(|c| &c.phase) {
+            Some(Phase::Joining { .. }) => self.end_session(key, CloseReason::PaperUnavailable),
+            Some(Phase::Reading { .. }) => {
+                self.reply(key, &Reply::text(503, "the paper cannot be read from Redis now; retry later"))
+            }
+            _ => {}
+        }
+    }
+
+    // ---- sessions ----------------------------------------------------------------
+
+    /// Answers 101 and joins the paper, or waits for it to be read.
+    fn start_session(&mut self, key: usize, upgrade: Upgrade, rest: Vec<u8>) {
+        let Some(conn) = self.sessions.conns.get_mut(key) else { return };
+        let Phase::Request { mut io, .. } = std::mem::replace(&mut conn.phase, Phase::Gone) else { return };
+        io.out.queue_head(&http::switching_protocols(&upgrade.key));
+        let ws = conn::server_websocket(io, rest, self.node.settings.ws_config);
+        let member_id = member_id(conn.serial);
+        let user: Arc<str> = upgrade.user.map_or_else(|| Arc::from(member_id.as_str()), Arc::from);
+        let name: Arc<str> = upgrade.name.map_or_else(|| user.clone(), Arc::from);
+        let paper: Arc<str> = Arc::from(upgrade.paper);
+        log::debug!("session {member_id} from {} opens paper {paper} as {user}", conn.peer);
+        conn.phase = Phase::Joining { ws, visitor: Visitor { paper: paper.clone(), user, name, role: upgrade.role } };
+        // Bytes that came with the request head are read once the session is open.
+        conn.read_pending = true;
+        conn.last_seen = Instant::now();
+        if let Some(exp) = upgrade.expires {
+            self.expiries.push(Reverse((exp, key, conn.serial)));
+        }
+        self.session_count += 1;
+        self.sessions.queue_flush(key);
+        if self.stopping.is_some() {
+            return self.end_session(key, CloseReason::ShuttingDown);
+        }
+        self.find_paper(key, paper);
+    }
+
     /// Makes a waiting session a member: snapshot to it, `join` to the others.
     fn join(&mut self, key: usize) {
         let Some(conn) = self.sessions.conns.get_mut(key) else { return };
-        let Phase::Joining { paper: paper_id, .. } = &conn.phase else { return };
-        let Some(paper) = self.papers.paper_mut(paper_id) else { return };
-        if paper.is_full_of_members(&self.settings.limits) {
+        let Phase::Joining { visitor, .. } = &conn.phase else { return };
+        let Some(paper) = self.papers.paper_mut(&visitor.paper) else { return };
+        if paper.is_full_of_members(&self.node.settings.limits) {
             return self.end_session(key, CloseReason::PaperFull);
         }
-        let Phase::Joining { ws, paper: paper_id, user, name } = std::mem::replace(&mut conn.phase, Phase::Gone) else {
-            return;
-        };
-        let member = Member { id: Arc::from(member_id(conn.serial)), user: user.clone(), name, key };
+        let Phase::Joining { ws, visitor } = std::mem::replace(&mut conn.phase, Phase::Gone) else { return };
+        let member =
+            Member { id: Arc::from(member_id(conn.serial)), user: visitor.user.clone(), name: visitor.name, key };
         let read_pending = conn.read_pending;
-        conn.phase = Phase::Open { ws, paper: paper_id, member: member.id.clone(), user };
+        let bucket = TokenBucket::new(self.node.settings.burst, Instant::now());
+        let session =
+            Session { paper: visitor.paper, member: member.id.clone(), user: visitor.user, role: visitor.role, bucket };
+        conn.phase = Phase::Open { ws, session };
 
+        let metrics = &self.node.loop_metrics[self.index];
         let join = self.frame.join(&member.view());
-        self.sessions.broadcast(paper.members(), None, join);
+        let recipients = self.sessions.broadcast(paper.members(), None, join);
+        metrics.message_out("join", recipients);
         paper.add_member(member);
         let you = &paper.members().last().expect("just added").id;
         let snapshot = self.frame.snapshot(
@@ -426,6 +509,7 @@ impl EventLoop {
             paper.members().iter().map(Member::view),
         );
         self.sessions.send(key, snapshot);
+        metrics.message_out("snapshot", 1);
         if read_pending {
             self.read_list.push(key);
         }
@@ -440,8 +524,9 @@ impl EventLoop {
         }
         if let Some(conn) = self.sessions.conns.get_mut(key) {
             conn.read_pending = matches!(end, ReadEnd::Budget);
-            // Pongs that tungstenite queued while reading move to the output now.
             if let Phase::Open { ws, .. } = &mut conn.phase {
+                bump(&self.node.loop_metrics[self.index].bytes_in, std::mem::take(&mut ws.get_mut().bytes_in));
+                // Pongs that tungstenite queued while reading move to the output now.
                 let _ = ws.flush();
                 if ws.get_ref().out.pending() > 0 {
                     self.sessions.queue_flush(key);
@@ -451,12 +536,32 @@ impl EventLoop {
     }
 
     fn read_budget(&mut self, key: usize) -> ReadEnd {
+        let now = Instant::now();
         for _ in 0..MAX_MESSAGES_PER_READ {
             let Some(conn) = self.sessions.conns.get_mut(key) else { return ReadEnd::Ended };
-            let Phase::Open { ws, .. } = &mut conn.phase else { return ReadEnd::Ended };
-            match ws.read() {
+            let Phase::Open { ws, session } = &mut conn.phase else { return ReadEnd::Ended };
+            let message = ws.read();
+            if !matches!(&message, Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock) {
+                conn.last_seen = now;
+            }
+            if let Ok(Message::Text(_) | Message::Binary(_)) = &message {
+                let settings = &self.node.settings;
+                match session.bucket.take(settings.rate, settings.burst, now) {
+                    Verdict::Pass => {}
+                    Verdict::Refuse => {
+                        self.refuse(key, &ErrorCode::RateLimited.into());
+                        continue;
+                    }
+                    Verdict::Abuse => {
+                        self.end_session(key, CloseReason::Abuse);
+                        return ReadEnd::Ended;
+                    }
+                }
+            }
+            match message {
                 Ok(Message::Text(text)) => self.on_text(key, &text),
                 Ok(Message::Binary(_)) => {
+                    self.metrics().message_in("invalid");
                     let refusal =
                         Refusal::new(ErrorCode::InvalidMessage, "binary frames are not accepted; send JSON text");
                     self.refuse(key, &refusal);
@@ -484,50 +589,63 @@ impl EventLoop {
             Error::Capacity(_) => CloseReason::MessageTooBig,
             Error::Utf8(_) => CloseReason::InvalidUtf8,
             Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
-                return self.drop_session(key)
+                return self.remove(key)
             }
             Error::Protocol(_) => CloseReason::ProtocolError,
-            _ => return self.drop_session(key),
+            _ => return self.remove(key),
         };
         log::debug!("closing a session: {e}");
         self.end_session(key, reason);
     }
 
     fn on_text(&mut self, key: usize, text: &str) {
-        match protocol::parse_client_msg(text, self.settings.max_note_bytes) {
+        match protocol::parse_client_msg(text, self.node.settings.max_note_bytes) {
             Ok(msg) => self.on_message(key, msg),
-            Err(refusal) => self.refuse(key, &refusal),
+            Err(refusal) => {
+                self.metrics().message_in("invalid");
+                self.refuse(key, &refusal);
+            }
         }
     }
 
     fn refuse(&mut self, key: usize, refusal: &Refusal) {
+        let metrics = &self.node.loop_metrics[self.index];
+        metrics.refusal(refusal.code);
+        metrics.message_out("error", 1);
         let bytes = self.frame.error(refusal);
         self.sessions.send(key, bytes);
     }
 
     fn on_message(&mut self, key: usize, msg: ClientMsg) {
         let Some(conn) = self.sessions.conns.get(key) else { return };
-        let Phase::Open { paper, member, user, .. } = &conn.phase else { return };
-        let (paper_id, member_id, user) = (paper.clone(), member.clone(), user.clone());
+        let Phase::Open { session, .. } = &conn.phase else { return };
+        let (paper_id, member_id, user, role) =
+            (session.paper.clone(), session.member.clone(), session.user.clone(), session.role);
         let origin = Origin { loop_index: self.index, conn: key, serial: conn.serial };
         let Some(paper) = self.papers.paper_mut(&paper_id) else { return };
-        let limits = self.settings.limits;
+        let limits = self.node.settings.limits;
+        let metrics = &self.node.loop_metrics[self.index];
+        metrics.message_in(msg.kind());
 
         let (edit, reference) = match msg {
             ClientMsg::Ping => {
+                metrics.message_out("pong", 1);
                 let pong = self.frame.pong();
                 return self.sessions.send(key, pong);
             }
             ClientMsg::Cursor { data } => {
                 let cursor = self.frame.cursor(&member_id, &data);
-                self.sessions.broadcast(paper.members(), Some(key), cursor);
+                let recipients = self.sessions.broadcast(paper.members(), Some(key), cursor);
+                metrics.message_out("cursor", recipients);
+                bump(&metrics.broadcasts, 1);
+                bump(&metrics.broadcast_recipients, recipients);
                 return self.close_slow_consumers();
             }
             ClientMsg::Complete => {
-                if paper.is_completed() {
-                    return self.refuse(key, &ErrorCode::PaperCompleted.into());
+                if let Err(code) = paper.check_complete(role) {
+                    return self.refuse(key, &code.into());
                 }
-                let snapshot = protocol::completed_snapshot(&paper_id, paper.live_notes());
+                let snapshot = protocol::paper_document(&paper_id, true, paper.live_notes());
                 let op = Op::Complete { paper: paper_id.clone(), by: user.clone(), snapshot, origin };
                 if !submit(&self.store, op, &mut paper.unwritten) {
                     return self.refuse(key, &ErrorCode::Unavailable.into());
@@ -535,13 +653,16 @@ impl EventLoop {
                 paper.complete(&user).expect("checked above");
                 log::info!("paper {paper_id} completed by {user}");
                 let completed = self.frame.completed(&user);
-                self.sessions.broadcast(paper.members(), None, completed);
+                let recipients = self.sessions.broadcast(paper.members(), None, completed);
+                metrics.message_out("completed", recipients);
                 return self.close_slow_consumers();
             }
             ClientMsg::Upsert { id, data, reference } => {
-                (paper.prepare_upsert(&id, data, &user, &mut self.clock, &limits), reference)
+                (paper.prepare_upsert(&id, data, (&user, role), &mut self.clock, &limits), reference)
             }
-            ClientMsg::Delete { id, reference } => (paper.prepare_delete(&id, &mut self.clock), reference),
+            ClientMsg::Delete { id, reference } => {
+                (paper.prepare_delete(&id, (&user, role), &mut self.clock), reference)
+            }
         };
         let edit: Edit = match edit {
             Ok(edit) => edit,
@@ -552,13 +673,19 @@ impl EventLoop {
             return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference));
         }
         let v = edit.note.v;
-        let bytes = match &edit.note.data {
-            Some(data) => self.frame.upsert(&edit.id, &edit.note.author, data, v, &member_id, reference.as_deref()),
-            None => self.frame.delete(&edit.id, v, &member_id, reference.as_deref()),
+        let (kind, bytes) = match &edit.note.data {
+            Some(data) => {
+                ("upsert", self.frame.upsert(&edit.id, &edit.note.author, data, v, &member_id, reference.as_deref()))
+            }
+            None => ("delete", self.frame.delete(&edit.id, v, &member_id, reference.as_deref())),
         };
         paper.apply(edit);
-        self.sessions.broadcast(paper.members(), None, bytes);
+        let recipients = self.sessions.broadcast(paper.members(), None, bytes);
+        metrics.message_out(kind, recipients);
+        bump(&metrics.broadcasts, 1);
+        bump(&metrics.broadcast_recipients, recipients);
         if matches!(self.store, StoreHandle::Memory) {
+            metrics.message_out("saved", 1);
             let saved = self.frame.saved(v);
             self.sessions.send(key, saved);
         }
@@ -569,15 +696,15 @@ impl EventLoop {
     fn end_session(&mut self, key: usize, reason: CloseReason) {
         self.leave_paper(key);
         let Some(conn) = self.sessions.conns.get_mut(key) else { return };
-        let ws = match std::mem::replace(&mut conn.phase, Phase::Gone) {
+        let mut ws: WebSocket<Io> = match std::mem::replace(&mut conn.phase, Phase::Gone) {
             Phase::Joining { ws, .. } | Phase::Open { ws, .. } => ws,
             other => {
                 conn.phase = other;
                 return;
             }
         };
-        let mut ws: WebSocket<Io> = ws;
         if reason == CloseReason::SlowConsumer {
+            bump(&self.node.loop_metrics[self.index].slow_consumers, 1);
             ws.get_mut().out.drop_queued();
         }
         log::debug!("session {} closes with {} {}", member_id(conn.serial), u16::from(reason.code()), reason.text());
@@ -590,27 +717,20 @@ impl EventLoop {
         self.sessions.queue_flush(key);
     }
 
-    /// The peer is gone without a close handshake: leave and drop at once.
-    fn drop_session(&mut self, key: usize) {
-        if let Some(conn) = self.sessions.conns.get(key) {
-            if matches!(conn.phase, Phase::Joining { .. } | Phase::Open { .. }) {
-                log::debug!("session {} lost its connection", member_id(conn.serial));
-            }
-        }
-        self.leave_paper(key);
-        self.remove(key);
-    }
-
+    /// Takes a connection out of its paper: a member leaves (the others hear it), a
+    /// waiter stops waiting.
     fn leave_paper(&mut self, key: usize) {
         let Some(conn) = self.sessions.conns.get(key) else { return };
         match &conn.phase {
-            Phase::Joining { paper, .. } => self.papers.forget_waiter(paper, key),
-            Phase::Open { paper, .. } => {
-                let Some(paper) = self.papers.paper_mut(paper) else { return };
+            Phase::Joining { visitor, .. } => self.papers.forget_waiter(&visitor.paper, key),
+            Phase::Reading { paper, .. } => self.papers.forget_waiter(paper, key),
+            Phase::Open { session, .. } => {
+                let Some(paper) = self.papers.paper_mut(&session.paper) else { return };
                 let Some(member) = paper.remove_member(key) else { return };
                 log::debug!("session {} left paper {}", member.id, paper.id);
                 let leave = self.frame.leave(&member.id);
-                self.sessions.broadcast(paper.members(), None, leave);
+                let recipients = self.sessions.broadcast(paper.members(), None, leave);
+                self.node.loop_metrics[self.index].message_out("leave", recipients);
                 self.close_slow_consumers();
             }
             _ => {}
@@ -655,13 +775,13 @@ impl EventLoop {
     fn drain_inbox(&mut self) {
         while let Ok(msg) = self.inbox.try_recv() {
             match msg {
-                InboxMsg::Adopt { stream, peer, serial, upgrade, rest } => {
-                    self.adopt(stream, peer, serial, upgrade, rest)
+                InboxMsg::Adopt { stream, peer, serial, counted, handoff } => {
+                    self.adopt(stream, peer, serial, counted, handoff)
                 }
                 InboxMsg::Loaded { paper, attempt, stored } => {
                     if let Some(waiters) = self.papers.finish_load(&paper, attempt, stored, &mut self.clock) {
                         for key in waiters {
-                            self.join(key);
+                            self.paper_ready(key);
                         }
                     }
                 }
@@ -679,7 +799,7 @@ impl EventLoop {
                 paper.unwritten = paper.unwritten.saturating_sub(1);
             }
         }
-        written.sort_unstable_by_key(|w| (w.origin.conn, w.origin.serial, std::cmp::Reverse(w.v)));
+        written.sort_unstable_by_key(|w| (w.origin.conn, w.origin.serial, Reverse(w.v)));
         written.dedup_by_key(|w| (w.origin.conn, w.origin.serial));
         for w in written {
             let still_here = self
@@ -688,6 +808,7 @@ impl EventLoop {
                 .get(w.origin.conn)
                 .is_some_and(|c| c.serial == w.origin.serial && matches!(c.phase, Phase::Open { .. }));
             if still_here && w.v > 0 {
+                self.node.loop_metrics[self.index].message_out("saved", 1);
                 let saved = self.frame.saved(w.v);
                 self.sessions.send(w.origin.conn, saved);
             }
@@ -706,7 +827,7 @@ impl EventLoop {
         let keys: Vec<usize> = self.sessions.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
             match self.sessions.conns[key].phase {
-                Phase::Request { .. } | Phase::Reply { .. } => self.remove(key),
+                Phase::Request { .. } | Phase::Reply { .. } | Phase::Reading { .. } => self.remove(key),
                 Phase::Joining { .. } | Phase::Open { .. } => self.end_session(key, CloseReason::ShuttingDown),
                 Phase::Closing { .. } | Phase::Gone => {}
             }
@@ -743,16 +864,55 @@ impl EventLoop {
                 self.remove(key);
             }
         }
+        let now_secs = unix_secs();
+        while let Some(&Reverse((exp, key, serial))) = self.expiries.peek() {
+            if exp > now_secs {
+                break;
+            }
+            self.expiries.pop();
+            if self.is_phase(key, serial, |p| matches!(p, Phase::Joining { .. } | Phase::Open { .. })) {
+                self.end_session(key, CloseReason::TokenExpired);
+            }
+        }
         for key in self.papers.expire_loads(now) {
-            self.end_session(key, CloseReason::PaperUnavailable);
+            self.paper_unavailable(key);
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + self.node.settings.ping_interval;
+            self.ping_or_close_idle(now);
         }
         if now >= self.next_eviction {
             self.next_eviction = now + EVICT_EVERY;
-            if let Some(linger) = self.settings.paper_linger {
+            if let Some(linger) = self.node.settings.paper_linger {
                 for paper in self.papers.evict_idle(now, linger) {
                     log::debug!("paper {paper} left memory");
                 }
             }
+            let metrics = &self.node.loop_metrics[self.index];
+            metrics.papers.store(self.papers.len() as u64, Ordering::Relaxed);
+            metrics.sessions.store(self.session_count, Ordering::Relaxed);
+        }
+    }
+
+    /// Pings every member, and closes the ones silent past the idle timeout (a
+    /// browser answers pings by itself, so only a dead peer stays silent).
+    fn ping_or_close_idle(&mut self, now: Instant) {
+        let idle_timeout = self.node.settings.idle_timeout;
+        let mut idle = Vec::new();
+        for (key, conn) in &mut self.sessions.conns {
+            let Phase::Open { ws, .. } = &mut conn.phase else { continue };
+            if now.duration_since(conn.last_seen) >= idle_timeout {
+                idle.push(key);
+            } else {
+                ws.get_mut().out.queue(&PING_FRAME);
+                if !conn.flush_queued {
+                    conn.flush_queued = true;
+                    self.sessions.flush_list.push(key);
+                }
+            }
+        }
+        for key in idle {
+            self.end_session(key, CloseReason::Idle);
         }
     }
 
@@ -762,24 +922,41 @@ impl EventLoop {
 
     /// Writes every queued output once; drops what is done or broken.
     fn flush(&mut self) {
+        let mut written = 0;
         while let Some(key) = self.sessions.flush_list.pop() {
             let Some(conn) = self.sessions.conns.get_mut(key) else { continue };
             conn.flush_queued = false;
             let Some(io) = conn.phase.io() else { continue };
-            match io.flush() {
+            let before = io.out.pending();
+            let result = io.flush();
+            written += (before - io.out.pending()) as u64;
+            match result {
                 Ok(Flushed::Blocked) => {}
                 Ok(Flushed::Done) => match &conn.phase {
                     Phase::Reply { .. } => self.remove(key),
                     Phase::Closing { ws, .. } if !ws.can_read() => self.remove(key),
                     _ => {}
                 },
-                Err(_) => self.drop_session(key),
+                Err(_) => self.remove(key),
             }
         }
+        bump(&self.node.loop_metrics[self.index].bytes_out, written);
     }
 
+    /// Drops a connection: a member leaves its paper first, and its session slot
+    /// goes back to the node.
     fn remove(&mut self, key: usize) {
+        if let Some(conn) = self.sessions.conns.get(key) {
+            if matches!(conn.phase, Phase::Joining { .. } | Phase::Open { .. }) {
+                log::debug!("session {} lost its connection", member_id(conn.serial));
+            }
+        }
+        self.leave_paper(key);
         let Some(mut conn) = self.sessions.conns.try_remove(key) else { return };
+        if conn.counted {
+            self.node.release(conn.peer.ip());
+            self.session_count = self.session_count.saturating_sub(1);
+        }
         if let Some(io) = conn.phase.io() {
             let _ = self.poll.registry().deregister(&mut io.stream);
         }
@@ -803,4 +980,8 @@ fn submit(store: &StoreHandle, op: Op, unwritten: &mut usize) -> bool {
 /// A session's id: short, unique for the process.
 fn member_id(serial: u64) -> String {
     format!("c{serial}")
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -12,10 +12,31 @@ use crate::conn::http::Upgrade;
 use crate::paper::StoredPaper;
 use crate::store::Written;
 
+/// A request read by one loop about a paper another loop owns.
+pub enum Handoff {
+    /// `rest` holds any bytes the client sent after the request head.
+    Upgrade {
+        upgrade: Upgrade,
+        rest: Vec<u8>,
+    },
+    ReadPaper {
+        paper: Arc<str>,
+    },
+}
+
+impl Handoff {
+    pub fn paper(&self) -> &str {
+        match self {
+            Handoff::Upgrade { upgrade, .. } => &upgrade.paper,
+            Handoff::ReadPaper { paper } => paper,
+        }
+    }
+}
+
 pub enum InboxMsg {
-    /// An upgrade request read by another loop, for a paper this loop owns; `rest`
-    /// holds any bytes the client sent after the request head.
-    Adopt { stream: TcpStream, peer: SocketAddr, serial: u64, upgrade: Upgrade, rest: Vec<u8> },
+    /// A connection for a paper this loop owns; `counted` when it holds a session
+    /// slot of the node.
+    Adopt { stream: TcpStream, peer: SocketAddr, serial: u64, counted: bool, handoff: Handoff },
     /// A paper read from storage, for the joiners of read `attempt`.
     Loaded { paper: Arc<str>, attempt: u64, stored: StoredPaper },
     /// Edits of this loop's sessions that are now in Redis.

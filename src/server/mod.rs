@@ -4,10 +4,10 @@
 
 pub mod event_loop;
 pub mod inbox;
+pub mod node;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -17,11 +17,13 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::{Config, StoreKind};
+use crate::metrics::WriterMetrics;
 use crate::store::loader::Loader;
 use crate::store::writer::Writer;
 use crate::store::{Backlog, StoreHandle};
-use event_loop::{EventLoop, Settings, WAKER};
+use event_loop::{EventLoop, WAKER};
 use inbox::{InboxMsg, LoopHandle};
+use node::{Node, StoreStatus};
 
 /// A failure to start, said so that the operator knows what to change.
 #[derive(Debug)]
@@ -76,19 +78,23 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
     let loops: Arc<[LoopHandle]> = handles.into();
 
     let give_up_at = Arc::new(OnceLock::new());
-    let (store, writer, loader) = match config.store {
+    let (store, status, writer, loader) = match config.store {
         StoreKind::Memory => {
             log::warn!("--store memory: papers live in this process only and are lost when it exits; completed papers are not handed to any stream");
-            (StoreHandle::Memory, None, None)
+            (StoreHandle::Memory, None, None, None)
         }
         StoreKind::Redis => {
             let client = redis::Client::open(config.redis.as_str()).map_err(|e| fail("bad --redis URL", &e))?;
             let (backlog, ops, pending) = Backlog::new(config.backlog_limit);
             let (loads_tx, loads_rx) = crossbeam_channel::unbounded();
+            let metrics = Arc::new(WriterMetrics::default());
+            let status =
+                StoreStatus { writer: metrics.clone(), backlog: pending.clone(), backlog_limit: config.backlog_limit };
             let writer = Writer::new(
                 client.clone(),
                 ops,
                 pending,
+                metrics,
                 loops.clone(),
                 config.completed_retention,
                 give_up_at.clone(),
@@ -96,12 +102,11 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             let writer = spawn("rp-writer", move || writer.run()).map_err(|e| fail("cannot start the writer", &e))?;
             let loader = Loader::new(client, loads_rx, loops.clone());
             let loader = spawn("rp-loader", move || loader.run()).map_err(|e| fail("cannot start the loader", &e))?;
-            (StoreHandle::Redis { backlog, loads: loads_tx }, Some(writer), Some(loader))
+            (StoreHandle::Redis { backlog, loads: loads_tx }, Some(status), Some(writer), Some(loader))
         }
     };
 
-    let settings = Arc::new(Settings::from_config(&config));
-    let serials = Arc::new(AtomicU64::new(1));
+    let node = Arc::new(Node::new(&config, status));
     let mut loop_threads = Vec::with_capacity(config.threads);
     for (index, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
         let listener = listener.try_clone().map_err(|e| fail("cannot share the listener", &e))?;
@@ -112,8 +117,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             inbox,
             loops.clone(),
             store.clone(),
-            settings.clone(),
-            serials.clone(),
+            node.clone(),
         )
         .map_err(|e| fail("cannot start an event loop", &e))?;
         let thread = spawn(&format!("rp-loop-{index}"), move || event_loop.run())

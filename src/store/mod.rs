@@ -62,11 +62,18 @@ pub struct Written {
     pub v: u64,
 }
 
+/// An op in the backlog, with when it was accepted (for the write-behind latency).
+#[derive(Debug)]
+pub struct Queued {
+    pub op: Op,
+    pub at: Instant,
+}
+
 /// The writer's bounded queue. `pending` counts every op handed over and not yet
 /// written (queued or in the writer's hands), so the limit is exact.
 #[derive(Clone)]
 pub struct Backlog {
-    tx: Sender<Op>,
+    tx: Sender<Queued>,
     pending: Arc<AtomicUsize>,
     limit: usize,
 }
@@ -76,7 +83,7 @@ pub struct Backlog {
 pub struct BacklogFull;
 
 impl Backlog {
-    pub fn new(limit: usize) -> (Backlog, crossbeam_channel::Receiver<Op>, Arc<AtomicUsize>) {
+    pub fn new(limit: usize) -> (Backlog, crossbeam_channel::Receiver<Queued>, Arc<AtomicUsize>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let pending = Arc::new(AtomicUsize::new(0));
         (Backlog { tx, pending: pending.clone(), limit }, rx, pending)
@@ -93,7 +100,7 @@ impl Backlog {
             return Err(BacklogFull);
         }
         // The writer outlives every loop, so the channel is open while loops run.
-        self.tx.send(op).map_err(|_| BacklogFull)
+        self.tx.send(Queued { op, at: Instant::now() }).map_err(|_| BacklogFull)
     }
 
     pub fn len(&self) -> usize {
@@ -102,6 +109,10 @@ impl Backlog {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 }
 

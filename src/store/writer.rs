@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::{Connection, Script, Value};
 
-use super::{keys, Op, Written};
+use super::{keys, Op, Queued, Written};
+use crate::metrics::{bump, WriterMetrics};
 use crate::protocol::stored_note;
 use crate::server::inbox::{InboxMsg, LoopHandle};
 
@@ -59,8 +60,9 @@ return 0
 pub struct Writer {
     client: redis::Client,
     conn: Option<Connection>,
-    ops: Receiver<Op>,
+    ops: Receiver<Queued>,
     pending: Arc<AtomicUsize>,
+    metrics: Arc<WriterMetrics>,
     loops: Arc<[LoopHandle]>,
     retention_secs: u64,
     /// Set when the server stops: past it, an unwritable backlog is given up.
@@ -78,8 +80,9 @@ struct Outage {
 impl Writer {
     pub fn new(
         client: redis::Client,
-        ops: Receiver<Op>,
+        ops: Receiver<Queued>,
         pending: Arc<AtomicUsize>,
+        metrics: Arc<WriterMetrics>,
         loops: Arc<[LoopHandle]>,
         retention_secs: u64,
         give_up_at: Arc<OnceLock<Instant>>,
@@ -89,6 +92,7 @@ impl Writer {
             conn: None,
             ops,
             pending,
+            metrics,
             loops,
             retention_secs,
             give_up_at,
@@ -102,10 +106,14 @@ impl Writer {
     /// returns the number of ops that could not be written.
     pub fn run(mut self) -> usize {
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        self.check_redis();
         loop {
             match self.ops.recv_timeout(Duration::from_secs(1)) {
                 Ok(op) => batch.push(op),
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.check_redis();
+                    continue;
+                }
                 Err(RecvTimeoutError::Disconnected) => return 0,
             }
             while batch.len() < MAX_BATCH {
@@ -123,14 +131,52 @@ impl Writer {
         }
     }
 
+    /// While idle, keeps `redis_up` (and so `/readyz`) true to the facts.
+    fn check_redis(&mut self) {
+        let result = match self.connection() {
+            Ok(conn) => redis::cmd("PING").query::<String>(conn).map(drop),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                self.metrics.redis_up.store(true, Ordering::Relaxed);
+                if let Some(outage) = self.outage.take() {
+                    log::info!("Redis is back after {:.1}s", outage.since.elapsed().as_secs_f64());
+                }
+            }
+            Err(e) => {
+                self.conn = None;
+                self.metrics.redis_up.store(false, Ordering::Relaxed);
+                self.report_outage(&e);
+            }
+        }
+    }
+
+    /// The connection, opened (with the scripts loaded) if there is none.
+    fn connection(&mut self) -> redis::RedisResult<&mut Connection> {
+        if self.conn.is_none() {
+            let mut conn = connect(&self.client)?;
+            self.write_notes.load(&mut conn)?;
+            self.complete.load(&mut conn)?;
+            bump(&self.metrics.reconnects, 1);
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("just set"))
+    }
+
     /// Sends the batch until Redis takes it; false when the server is stopping and
     /// its time to flush is up.
-    fn write_until_done(&mut self, batch: &[Op]) -> bool {
-        let pipeline = self.pipeline(batch);
+    fn write_until_done(&mut self, batch: &[Queued]) -> bool {
+        let (pipeline, commands) = self.pipeline(batch);
         let mut backoff = Duration::from_millis(50);
         loop {
+            let oldest = batch.first().map_or(Duration::ZERO, |q| q.at.elapsed());
+            self.metrics.oldest_age_ms.store(oldest.as_millis() as u64, Ordering::Relaxed);
             match self.try_write(&pipeline) {
                 Ok(()) => {
+                    self.metrics.redis_up.store(true, Ordering::Relaxed);
+                    bump(&self.metrics.batches, 1);
+                    bump(&self.metrics.commands, commands);
                     if let Some(outage) = self.outage.take() {
                         log::info!(
                             "Redis is back after {:.1}s; backlog: {} edits",
@@ -142,6 +188,8 @@ impl Writer {
                 }
                 Err(e) => {
                     self.conn = None;
+                    self.metrics.redis_up.store(false, Ordering::Relaxed);
+                    bump(&self.metrics.errors, 1);
                     self.report_outage(&e);
                 }
             }
@@ -173,15 +221,7 @@ impl Writer {
     }
 
     fn try_write(&mut self, pipeline: &redis::Pipeline) -> redis::RedisResult<()> {
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => {
-                let mut conn = connect(&self.client)?;
-                self.write_notes.load(&mut conn)?;
-                self.complete.load(&mut conn)?;
-                self.conn.insert(conn)
-            }
-        };
+        let conn = self.connection()?;
         let replies: Vec<redis::RedisResult<Value>> = pipeline.query(conn)?;
         // A reply that is an error: transient ones (a script cache flushed, a replica
         // that became read-only in a failover, loading) resend the whole batch; any
@@ -209,14 +249,14 @@ impl Writer {
     /// One pipeline for the batch: per paper, one script call with its notes (the
     /// last write of each note only: the earlier ones are older versions of it),
     /// then its completion if there is one.
-    fn pipeline(&self, batch: &[Op]) -> redis::Pipeline {
+    fn pipeline(&self, batch: &[Queued]) -> (redis::Pipeline, u64) {
         struct PaperWrites<'a> {
             notes: HashMap<&'a str, (String, u64)>,
             complete: Option<(&'a str, &'a str)>,
         }
         let mut papers: Vec<(&str, PaperWrites)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
-        for op in batch {
+        for Queued { op, .. } in batch {
             let at = *index.entry(op.paper()).or_insert_with(|| {
                 papers.push((op.paper(), PaperWrites { notes: HashMap::new(), complete: None }));
                 papers.len() - 1
@@ -233,9 +273,11 @@ impl Writer {
 
         let now = now_ms();
         let mut pipe = redis::pipe();
+        let mut commands = 0;
         pipe.ignore_errors();
         for (paper, writes) in &papers {
             if !writes.notes.is_empty() {
+                commands += 1;
                 let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(2);
                 cmd.arg(keys::notes(paper)).arg(keys::meta(paper)).arg(now);
                 for (id, (value, v)) in &writes.notes {
@@ -243,6 +285,7 @@ impl Writer {
                 }
             }
             if let Some((by, snapshot)) = writes.complete {
+                commands += 1;
                 pipe.cmd("EVALSHA")
                     .arg(self.complete.get_hash())
                     .arg(3)
@@ -256,14 +299,15 @@ impl Writer {
                     .arg(self.retention_secs);
             }
         }
-        pipe
+        (pipe, commands)
     }
 
     /// Tells each loop which of its edits are written, and frees their backlog room.
-    fn acknowledge(&self, batch: &mut Vec<Op>) {
+    fn acknowledge(&self, batch: &mut Vec<Queued>) {
         let mut per_loop: Vec<Vec<Written>> = vec![Vec::new(); self.loops.len()];
         let count = batch.len();
-        for op in batch.drain(..) {
+        for Queued { op, at } in batch.drain(..) {
+            self.metrics.write_latency(at.elapsed());
             let origin = op.origin();
             let v = op.version();
             let paper = match op {
@@ -272,6 +316,8 @@ impl Writer {
             per_loop[origin.loop_index].push(Written { paper, origin, v });
         }
         self.pending.fetch_sub(count, Ordering::AcqRel);
+        bump(&self.metrics.ops_written, count as u64);
+        self.metrics.oldest_age_ms.store(0, Ordering::Relaxed);
         for (handle, written) in self.loops.iter().zip(per_loop) {
             if !written.is_empty() {
                 handle.send(InboxMsg::Written(written));

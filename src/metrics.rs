@@ -1,0 +1,240 @@
+//! Counters and gauges, and their Prometheus text exposition. Each event loop
+//! owns its counters (only its thread writes them, so an update is a plain load
+//! and store, no locked instruction); a scrape sums them on whichever loop
+//! answers `/metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::protocol::ErrorCode;
+
+/// Adds to a counter that only the calling thread writes.
+pub fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Client message types, as counted.
+pub const IN_TYPES: [&str; 6] = ["upsert", "delete", "cursor", "complete", "ping", "invalid"];
+/// Server message types, as counted (one per recipient).
+pub const OUT_TYPES: [&str; 10] =
+    ["snapshot", "upsert", "delete", "cursor", "join", "leave", "completed", "saved", "pong", "error"];
+const CODES: [ErrorCode; 9] = [
+    ErrorCode::InvalidJson,
+    ErrorCode::InvalidMessage,
+    ErrorCode::TooLarge,
+    ErrorCode::Forbidden,
+    ErrorCode::PaperCompleted,
+    ErrorCode::NotFound,
+    ErrorCode::PaperFull,
+    ErrorCode::RateLimited,
+    ErrorCode::Unavailable,
+];
+
+/// One event loop's counters.
+#[derive(Default)]
+pub struct LoopMetrics {
+    pub sessions: AtomicU64,
+    pub papers: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub messages_in: [AtomicU64; IN_TYPES.len()],
+    pub messages_out: [AtomicU64; OUT_TYPES.len()],
+    pub refusals: [AtomicU64; CODES.len()],
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub broadcasts: AtomicU64,
+    pub broadcast_recipients: AtomicU64,
+    pub slow_consumers: AtomicU64,
+}
+
+impl LoopMetrics {
+    pub fn message_in(&self, kind: &str) {
+        if let Some(i) = IN_TYPES.iter().position(|t| *t == kind) {
+            bump(&self.messages_in[i], 1);
+        }
+    }
+
+    pub fn message_out(&self, kind: &str, recipients: u64) {
+        if let Some(i) = OUT_TYPES.iter().position(|t| *t == kind) {
+            bump(&self.messages_out[i], recipients);
+        }
+    }
+
+    pub fn refusal(&self, code: ErrorCode) {
+        if let Some(i) = CODES.iter().position(|c| *c == code) {
+            bump(&self.refusals[i], 1);
+        }
+    }
+}
+
+/// Upper bounds of the write-behind latency histogram, in seconds.
+const LATENCY_BOUNDS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
+
+/// The writer thread's counters (only it writes them).
+#[derive(Default)]
+pub struct WriterMetrics {
+    pub batches: AtomicU64,
+    pub ops_written: AtomicU64,
+    pub commands: AtomicU64,
+    pub errors: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// Age in milliseconds of the oldest op not yet written.
+    pub oldest_age_ms: AtomicU64,
+    pub redis_up: AtomicBool,
+    latency_buckets: [AtomicU64; LATENCY_BOUNDS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+}
+
+impl WriterMetrics {
+    /// Records the time from an edit's acceptance to its write in Redis.
+    pub fn write_latency(&self, latency: Duration) {
+        let secs = latency.as_secs_f64();
+        for (bound, bucket) in LATENCY_BOUNDS.iter().zip(&self.latency_buckets) {
+            if secs <= *bound {
+                bump(bucket, 1);
+            }
+        }
+        bump(&self.latency_count, 1);
+        bump(&self.latency_sum_us, latency.as_micros() as u64);
+    }
+}
+
+/// What the store side reports at a scrape.
+pub struct StoreView<'a> {
+    pub writer: &'a WriterMetrics,
+    pub backlog: usize,
+    pub backlog_limit: usize,
+}
+
+/// The Prometheus text exposition of every counter.
+pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usize) -> String {
+    let mut out = String::with_capacity(4096);
+    let sum = |f: &dyn Fn(&LoopMetrics) -> u64| loops.iter().map(f).sum::<u64>();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP rollingpaper_{name} {help}\n# TYPE rollingpaper_{name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "rollingpaper_{name}{labels} {value}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+
+    metric("connections", "gauge", "Open connections of this node.", &one(connections as u64));
+    metric("sessions", "gauge", "Sessions open (joining or member).", &one(sum(&|l| get(&l.sessions))));
+    let per_loop: Vec<_> =
+        loops.iter().enumerate().map(|(i, l)| (format!("{{loop=\"{i}\"}}"), get(&l.sessions))).collect();
+    metric("loop_sessions", "gauge", "Sessions open per event loop.", &per_loop);
+    metric("papers", "gauge", "Papers in memory.", &one(sum(&|l| get(&l.papers))));
+    metric(
+        "connections_accepted_total",
+        "counter",
+        "TCP connections accepted.",
+        &one(sum(&|l| get(&l.connections_accepted))),
+    );
+    let rows: Vec<_> = IN_TYPES
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("{{type=\"{t}\"}}"), sum(&|l| get(&l.messages_in[i]))))
+        .collect();
+    metric("messages_in_total", "counter", "Client messages received, by type.", &rows);
+    let rows: Vec<_> = OUT_TYPES
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("{{type=\"{t}\"}}"), sum(&|l| get(&l.messages_out[i]))))
+        .collect();
+    metric("messages_out_total", "counter", "Server messages queued, one per recipient, by type.", &rows);
+    let rows: Vec<_> = CODES
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("{{code=\"{}\"}}", c.as_str()), sum(&|l| get(&l.refusals[i]))))
+        .collect();
+    metric("refusals_total", "counter", "Client messages refused, by error code.", &rows);
+    metric("bytes_in_total", "counter", "Bytes read from clients.", &one(sum(&|l| get(&l.bytes_in))));
+    metric("bytes_out_total", "counter", "Bytes written to clients.", &one(sum(&|l| get(&l.bytes_out))));
+    metric("broadcasts_total", "counter", "Messages sent to a paper's members.", &one(sum(&|l| get(&l.broadcasts))));
+    metric(
+        "broadcast_recipients_total",
+        "counter",
+        "Recipients of broadcasts (fan-out = this / broadcasts_total).",
+        &one(sum(&|l| get(&l.broadcast_recipients))),
+    );
+    metric(
+        "slow_consumers_total",
+        "counter",
+        "Sessions closed for not keeping up with their output.",
+        &one(sum(&|l| get(&l.slow_consumers))),
+    );
+
+    if let Some(store) = store {
+        let w = store.writer;
+        metric("backlog", "gauge", "Edits waiting to be written to Redis.", &one(store.backlog as u64));
+        metric("backlog_limit", "gauge", "Edits the backlog holds at most.", &one(store.backlog_limit as u64));
+        let _ = writeln!(
+            out,
+            "# HELP rollingpaper_backlog_oldest_age_seconds Age of the oldest edit not yet written.\n\
+             # TYPE rollingpaper_backlog_oldest_age_seconds gauge\n\
+             rollingpaper_backlog_oldest_age_seconds {}",
+            get(&w.oldest_age_ms) as f64 / 1000.0
+        );
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP rollingpaper_{name} {help}\n# TYPE rollingpaper_{name} {kind}\nrollingpaper_{name} {value}"
+            );
+        };
+        metric("redis_up", "gauge", "1 while the writer reaches Redis.", u64::from(w.redis_up.load(Ordering::Relaxed)));
+        metric("redis_batches_total", "counter", "Pipelines written to Redis.", get(&w.batches));
+        metric("redis_commands_total", "counter", "Redis commands sent in written pipelines.", get(&w.commands));
+        metric("redis_ops_written_total", "counter", "Edits written to Redis.", get(&w.ops_written));
+        metric("redis_errors_total", "counter", "Failed Redis writes (each batch is sent again).", get(&w.errors));
+        metric("redis_reconnects_total", "counter", "Connections the writer opened to Redis.", get(&w.reconnects));
+        let _ = writeln!(
+            out,
+            "# HELP rollingpaper_write_behind_seconds Time from an edit's acceptance to its write in Redis.\n\
+             # TYPE rollingpaper_write_behind_seconds histogram"
+        );
+        for (bound, bucket) in LATENCY_BOUNDS.iter().zip(&w.latency_buckets) {
+            let _ = writeln!(out, "rollingpaper_write_behind_seconds_bucket{{le=\"{bound}\"}} {}", get(bucket));
+        }
+        let count = get(&w.latency_count);
+        let _ = writeln!(out, "rollingpaper_write_behind_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "rollingpaper_write_behind_seconds_sum {}", get(&w.latency_sum_us) as f64 / 1e6);
+        let _ = writeln!(out, "rollingpaper_write_behind_seconds_count {count}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_text_format_with_sums_over_loops() {
+        let loops = [LoopMetrics::default(), LoopMetrics::default()];
+        loops[0].message_in("upsert");
+        loops[1].message_in("upsert");
+        loops[1].refusal(ErrorCode::RateLimited);
+        bump(&loops[0].sessions, 3);
+        let writer = WriterMetrics::default();
+        writer.write_latency(Duration::from_millis(3));
+        writer.oldest_age_ms.store(1500, Ordering::Relaxed);
+        let text = render(&loops, Some(StoreView { writer: &writer, backlog: 7, backlog_limit: 10 }), 4);
+        assert!(text.contains("rollingpaper_messages_in_total{type=\"upsert\"} 2\n"), "{text}");
+        assert!(text.contains("rollingpaper_refusals_total{code=\"rate_limited\"} 1\n"));
+        assert!(text.contains("rollingpaper_loop_sessions{loop=\"0\"} 3\n"));
+        assert!(text.contains("rollingpaper_backlog 7\n"));
+        assert!(text.contains("rollingpaper_backlog_oldest_age_seconds 1.5\n"));
+        assert!(text.contains("rollingpaper_write_behind_seconds_bucket{le=\"0.0025\"} 0\n"));
+        assert!(text.contains("rollingpaper_write_behind_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("rollingpaper_write_behind_seconds_count 1\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("rollingpaper_"), "{line}");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! What every event loop of this node shares: settings, the HTTP policy, the
+//! session cap, metrics and the store's health. Read on every loop; written with
+//! atomics (the per-address table, touched once per session, takes a lock).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tungstenite::protocol::WebSocketConfig;
+
+use crate::auth::Verifier;
+use crate::config::{Config, StoreKind};
+use crate::conn::{self, http::Policy};
+use crate::metrics::{self, LoopMetrics, StoreView, WriterMetrics};
+use crate::paper::PaperLimits;
+
+/// What every loop needs to know of the configuration.
+pub struct Settings {
+    pub limits: PaperLimits,
+    pub max_note_bytes: usize,
+    pub max_outbound_bytes: usize,
+    pub load_timeout: Duration,
+    /// `None`: papers stay in memory for good (the memory store).
+    pub paper_linger: Option<Duration>,
+    pub ws_config: WebSocketConfig,
+    pub rate: f64,
+    pub burst: u32,
+    pub handshake_timeout: Duration,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Settings {
+    pub fn from_config(config: &Config) -> Self {
+        Settings {
+            limits: PaperLimits { max_notes: config.max_notes, max_members: config.max_members },
+            max_note_bytes: config.max_note_bytes,
+            max_outbound_bytes: config.max_outbound_bytes,
+            load_timeout: config.load_timeout(),
+            paper_linger: (config.store == StoreKind::Redis).then(|| config.paper_linger()),
+            ws_config: conn::websocket_config(config.max_message_bytes),
+            rate: config.rate,
+            burst: config.burst,
+            handshake_timeout: config.handshake_timeout(),
+            ping_interval: config.ping_interval(),
+            idle_timeout: config.idle_timeout(),
+        }
+    }
+}
+
+/// The store as `/readyz` and `/metrics` see it.
+pub struct StoreStatus {
+    pub writer: Arc<WriterMetrics>,
+    pub backlog: Arc<AtomicUsize>,
+    pub backlog_limit: usize,
+}
+
+pub struct Node {
+    pub settings: Settings,
+    pub policy: Policy,
+    /// Connection serials: unique for the process, also the member ids.
+    pub serials: AtomicU64,
+    /// Per loop, indexed by the loop's index.
+    pub loop_metrics: Box<[LoopMetrics]>,
+    /// `None` with the memory store.
+    pub store: Option<StoreStatus>,
+    sessions: AtomicUsize,
+    max_sessions: usize,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    max_per_address: usize,
+}
+
+impl Node {
+    pub fn new(config: &Config, store: Option<StoreStatus>) -> Self {
+        Node {
+            settings: Settings::from_config(config),
+            policy: Policy {
+                verifier: config.jwt_secret.as_deref().map(Verifier::new),
+                allowed_origins: config.allowed_origins.clone(),
+            },
+            serials: AtomicU64::new(1),
+            loop_metrics: (0..config.threads).map(|_| LoopMetrics::default()).collect(),
+            store,
+            sessions: AtomicUsize::new(0),
+            max_sessions: config.max_connections,
+            per_address: Mutex::new(HashMap::new()),
+            max_per_address: config.max_connections_per_address,
+        }
+    }
+
+    /// Takes a session slot for a client, or says the node (or that address) is full.
+    pub fn admit(&self, address: IpAddr) -> bool {
+        if self.sessions.fetch_add(1, Ordering::AcqRel) >= self.max_sessions {
+            self.sessions.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        if self.max_per_address > 0 {
+            let mut table = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
+            let count = table.entry(address).or_insert(0);
+            if *count >= self.max_per_address {
+                drop(table);
+                self.sessions.fetch_sub(1, Ordering::AcqRel);
+                return false;
+            }
+            *count += 1;
+        }
+        true
+    }
+
+    /// Gives back a slot taken by `admit`.
+    pub fn release(&self, address: IpAddr) {
+        self.sessions.fetch_sub(1, Ordering::AcqRel);
+        if self.max_per_address > 0 {
+            let mut table = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = table.get_mut(&address) {
+                *count -= 1;
+                if *count == 0 {
+                    table.remove(&address);
+                }
+            }
+        }
+    }
+
+    /// `GET /readyz`: `None` when ready, else why not.
+    pub fn unready_reason(&self) -> Option<&'static str> {
+        let store = self.store.as_ref()?;
+        if !store.writer.redis_up.load(Ordering::Relaxed) {
+            return Some("redis unreachable");
+        }
+        if store.backlog.load(Ordering::Relaxed) >= store.backlog_limit {
+            return Some("write backlog full");
+        }
+        None
+    }
+
+    /// `GET /metrics`.
+    pub fn render_metrics(&self) -> String {
+        let store = self.store.as_ref().map(|s| StoreView {
+            writer: &s.writer,
+            backlog: s.backlog.load(Ordering::Relaxed),
+            backlog_limit: s.backlog_limit,
+        });
+        metrics::render(&self.loop_metrics, store, self.sessions.load(Ordering::Relaxed))
+    }
+}
