@@ -252,6 +252,13 @@ pub fn parse_client_msg(text: &str, max_note_bytes: usize) -> Result<ClientMsg, 
     }
 }
 
+/// The `ref` of a message refused before it is read whole (over the rate), so
+/// that its `error` still names it.
+pub fn reference_of(text: &str) -> Option<String> {
+    let envelope: Envelope = serde_json::from_str(text).ok()?;
+    envelope.reference.filter(|raw| raw.get().starts_with('"')).map(|raw| raw.get().to_owned())
+}
+
 fn as_string(raw: &RawValue) -> Option<Cow<'_, str>> {
     serde_json::from_str::<Cow<str>>(raw.get()).ok()
 }

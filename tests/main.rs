@@ -3,7 +3,10 @@
 
 mod common;
 
+mod auth; // 5. tokens and roles
 mod http; // 1. HTTP surface
+mod limits; // abuse: rate, caps, origins, slow and silent peers
 mod notes; // 2. notes and versions
+mod operations; // 1. papers API, readiness, metrics
 mod persistence; // 4. Redis
 mod session; // 3. the WebSocket session

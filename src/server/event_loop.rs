@@ -49,20 +49,16 @@ struct Sessions {
     conns: Slab<Conn>,
     /// Connections with output to write this turn, each once.
     flush_list: Vec<usize>,
-    /// Connections whose output went over `max_outbound_bytes`.
-    slow_list: Vec<usize>,
-    max_outbound_bytes: usize,
 }
 
 impl Sessions {
-    /// Queues an encoded frame for one connection.
+    /// Queues an encoded frame for one connection. Whether it keeps up is judged
+    /// when its output is written, not here: one turn may queue a burst that a
+    /// healthy reader takes at once.
     fn send(&mut self, key: usize, bytes: &[u8]) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         let Some(io) = conn.phase.io() else { return };
         io.out.queue(bytes);
-        if io.out.pending() > self.max_outbound_bytes {
-            self.slow_list.push(key);
-        }
         if !conn.flush_queued {
             conn.flush_queued = true;
             self.flush_list.push(key);
@@ -146,12 +142,7 @@ impl EventLoop {
             index,
             poll,
             listener: Some(listener),
-            sessions: Sessions {
-                conns: Slab::with_capacity(1024),
-                flush_list: Vec::new(),
-                slow_list: Vec::new(),
-                max_outbound_bytes: node.settings.max_outbound_bytes,
-            },
+            sessions: Sessions { conns: Slab::with_capacity(1024), flush_list: Vec::new() },
             papers: Registry::new(),
             inbox,
             loops,
@@ -172,6 +163,13 @@ impl EventLoop {
 
     fn metrics(&self) -> &LoopMetrics {
         &self.node.loop_metrics[self.index]
+    }
+
+    /// Publishes this loop's gauges; cheap enough to call at every change.
+    fn publish_gauges(&self) {
+        let metrics = self.metrics();
+        metrics.papers.store(self.papers.len() as u64, Ordering::Relaxed);
+        metrics.sessions.store(self.session_count, Ordering::Relaxed);
     }
 
     /// Runs until stopped and every session is closed.
@@ -409,7 +407,9 @@ impl EventLoop {
             self.papers.insert_empty(&paper, &mut self.clock);
         }
         let deadline = Instant::now() + self.node.settings.load_timeout;
-        match self.papers.lookup(&paper, key, deadline) {
+        let lookup = self.papers.lookup(&paper, key, deadline);
+        self.publish_gauges();
+        match lookup {
             Lookup::Ready => self.paper_ready(key),
             Lookup::Waiting => {}
             Lookup::StartLoad(attempt) => {
@@ -471,6 +471,7 @@ impl EventLoop {
             self.expiries.push(Reverse((exp, key, conn.serial)));
         }
         self.session_count += 1;
+        self.publish_gauges();
         self.sessions.queue_flush(key);
         if self.stopping.is_some() {
             return self.end_session(key, CloseReason::ShuttingDown);
@@ -513,7 +514,6 @@ impl EventLoop {
         if read_pending {
             self.read_list.push(key);
         }
-        self.close_slow_consumers();
     }
 
     /// Reads and handles messages until the socket is drained or the budget is spent.
@@ -549,7 +549,11 @@ impl EventLoop {
                 match session.bucket.take(settings.rate, settings.burst, now) {
                     Verdict::Pass => {}
                     Verdict::Refuse => {
-                        self.refuse(key, &ErrorCode::RateLimited.into());
+                        let reference = match &message {
+                            Ok(Message::Text(text)) => protocol::reference_of(text),
+                            _ => None,
+                        };
+                        self.refuse(key, &Refusal::from(ErrorCode::RateLimited).with_ref(reference));
                         continue;
                     }
                     Verdict::Abuse => {
@@ -639,7 +643,7 @@ impl EventLoop {
                 metrics.message_out("cursor", recipients);
                 bump(&metrics.broadcasts, 1);
                 bump(&metrics.broadcast_recipients, recipients);
-                return self.close_slow_consumers();
+                return;
             }
             ClientMsg::Complete => {
                 if let Err(code) = paper.check_complete(role) {
@@ -655,7 +659,7 @@ impl EventLoop {
                 let completed = self.frame.completed(&user);
                 let recipients = self.sessions.broadcast(paper.members(), None, completed);
                 metrics.message_out("completed", recipients);
-                return self.close_slow_consumers();
+                return;
             }
             ClientMsg::Upsert { id, data, reference } => {
                 (paper.prepare_upsert(&id, data, (&user, role), &mut self.clock, &limits), reference)
@@ -689,7 +693,6 @@ impl EventLoop {
             let saved = self.frame.saved(v);
             self.sessions.send(key, saved);
         }
-        self.close_slow_consumers();
     }
 
     /// Leaves the paper (telling the others) and starts the close handshake.
@@ -731,22 +734,8 @@ impl EventLoop {
                 let leave = self.frame.leave(&member.id);
                 let recipients = self.sessions.broadcast(paper.members(), None, leave);
                 self.node.loop_metrics[self.index].message_out("leave", recipients);
-                self.close_slow_consumers();
             }
             _ => {}
-        }
-    }
-
-    fn close_slow_consumers(&mut self) {
-        while let Some(key) = self.sessions.slow_list.pop() {
-            let slow = self.sessions.conns.get_mut(key).is_some_and(|c| {
-                matches!(c.phase, Phase::Open { .. } | Phase::Joining { .. })
-                    && c.phase.io().is_some_and(|io| io.out.pending() > self.sessions.max_outbound_bytes)
-            });
-            if slow {
-                log::debug!("closing a slow consumer");
-                self.end_session(key, CloseReason::SlowConsumer);
-            }
         }
     }
 
@@ -813,7 +802,6 @@ impl EventLoop {
                 self.sessions.send(w.origin.conn, saved);
             }
         }
-        self.close_slow_consumers();
     }
 
     fn stop(&mut self) {
@@ -888,9 +876,7 @@ impl EventLoop {
                     log::debug!("paper {paper} left memory");
                 }
             }
-            let metrics = &self.node.loop_metrics[self.index];
-            metrics.papers.store(self.papers.len() as u64, Ordering::Relaxed);
-            metrics.sessions.store(self.session_count, Ordering::Relaxed);
+            self.publish_gauges();
         }
     }
 
@@ -931,7 +917,14 @@ impl EventLoop {
             let result = io.flush();
             written += (before - io.out.pending()) as u64;
             match result {
-                Ok(Flushed::Blocked) => {}
+                Ok(Flushed::Blocked) => {
+                    // The socket is full and more than the allowance still waits: this
+                    // reader cannot keep up, and holding more for it would grow without end.
+                    let slow = io.out.pending() > self.node.settings.max_outbound_bytes;
+                    if slow && matches!(conn.phase, Phase::Open { .. } | Phase::Joining { .. }) {
+                        self.end_session(key, CloseReason::SlowConsumer);
+                    }
+                }
                 Ok(Flushed::Done) => match &conn.phase {
                     Phase::Reply { .. } => self.remove(key),
                     Phase::Closing { ws, .. } if !ws.can_read() => self.remove(key),
@@ -956,6 +949,7 @@ impl EventLoop {
         if conn.counted {
             self.node.release(conn.peer.ip());
             self.session_count = self.session_count.saturating_sub(1);
+            self.publish_gauges();
         }
         if let Some(io) = conn.phase.io() {
             let _ = self.poll.registry().deregister(&mut io.stream);

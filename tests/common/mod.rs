@@ -387,3 +387,48 @@ impl Client {
 pub fn project_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
+
+// ---- tokens -------------------------------------------------------------------------
+
+/// The secret the auth tests run the server with.
+pub const SECRET: &str = "test-secret-0123456789";
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// An HS256 token as the main backend issues it.
+pub fn token(sub: &str, paper: &str, role: &str, exp: u64) -> String {
+    let claims = json!({"sub": sub, "paper": paper, "role": role, "exp": exp, "name": format!("{sub} name")});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A raw upgrade request for `path`, with extra header lines.
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+}
+
+impl Server {
+    /// The status line's code of a raw request (the connection is dropped after
+    /// the head: a 101 is not followed).
+    pub fn status_of(&self, request: &str) -> u16 {
+        let mut stream = TcpStream::connect(self.addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n") {
+            assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed before a status line");
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
