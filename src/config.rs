@@ -121,6 +121,11 @@ pub struct Config {
     #[arg(long, env = "RP_IDLE_TIMEOUT", default_value_t = 75.0)]
     pub idle_timeout: f64,
 
+    /// Adds `/echo`, a WebSocket echo endpoint on the same I/O path, for
+    /// conformance tests. Never on in production.
+    #[arg(long, env = "RP_ECHO")]
+    pub echo: bool,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "RP_LOG_LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,

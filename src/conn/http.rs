@@ -23,6 +23,8 @@ pub struct Policy {
     pub verifier: Option<Verifier>,
     /// Origins allowed to open sessions; empty allows all.
     pub allowed_origins: Vec<String>,
+    /// Serve `/echo` (`--echo`).
+    pub echo: bool,
 }
 
 /// What a request asks for, once its head is complete.
@@ -36,6 +38,9 @@ pub enum Route {
     Ready,
     /// `GET /metrics`.
     Metrics,
+    /// `GET /echo` with `--echo`: a WebSocket that sends back what it receives;
+    /// carries the `Sec-WebSocket-Key`.
+    Echo(String),
     /// Everything answered right away, from the request alone.
     Reply(Reply),
 }
@@ -122,6 +127,10 @@ fn route(req: &httparse::Request, policy: &Policy) -> Route {
         "/healthz" if get => Route::Reply(Reply::text(200, "ok")),
         "/readyz" if get => Route::Ready,
         "/metrics" if get => Route::Metrics,
+        "/echo" if get && policy.echo => match websocket_key(req) {
+            Ok(key) => Route::Echo(key),
+            Err(refusal) => refusal,
+        },
         "/" if get => Route::Reply(Reply {
             status: 200,
             extra_headers: "",
@@ -177,31 +186,9 @@ fn upgrade(req: &httparse::Request, paper: &str, query: &str, policy: &Policy) -
             return Route::Reply(Reply::text(403, "origin not allowed"));
         }
     }
-    let header = |name: &str| header(req, name);
-    let has_token = |name: &str, token: &str| {
-        req.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
-        return Route::Reply(Reply {
-            extra_headers: "Upgrade: websocket\r\n",
-            ..Reply::text(426, "this endpoint speaks WebSocket only: send an Upgrade: websocket request")
-        });
-    }
-    if header("sec-websocket-version").map(str::trim) != Some("13") {
-        return Route::Reply(Reply {
-            extra_headers: "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
-            ..Reply::text(426, "unsupported WebSocket version; use 13")
-        });
-    }
-    let key = match header("sec-websocket-key").map(str::trim) {
-        // 16 random bytes in base64.
-        Some(key) if key.len() == 24 && key.ends_with("==") => key.to_string(),
-        _ => return Route::Reply(Reply::text(400, "missing or malformed Sec-WebSocket-Key")),
+    let key = match websocket_key(req) {
+        Ok(key) => key,
+        Err(refusal) => return refusal,
     };
     let mut user = None;
     let mut name = None;
@@ -229,6 +216,35 @@ fn upgrade(req: &httparse::Request, paper: &str, query: &str, policy: &Policy) -
             }),
             Err(e) => denied(e),
         },
+    }
+}
+
+/// Checks the upgrade headers (RFC 6455 4.2.1) and returns the client's key.
+fn websocket_key(req: &httparse::Request) -> Result<String, Route> {
+    let has_token = |name: &str, token: &str| {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return Err(Route::Reply(Reply {
+            extra_headers: "Upgrade: websocket\r\n",
+            ..Reply::text(426, "this endpoint speaks WebSocket only: send an Upgrade: websocket request")
+        }));
+    }
+    if header(req, "sec-websocket-version").map(str::trim) != Some("13") {
+        return Err(Route::Reply(Reply {
+            extra_headers: "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+            ..Reply::text(426, "unsupported WebSocket version; use 13")
+        }));
+    }
+    match header(req, "sec-websocket-key").map(str::trim) {
+        // 16 random bytes in base64.
+        Some(key) if key.len() == 24 && key.ends_with("==") => Ok(key.to_string()),
+        _ => Err(Route::Reply(Reply::text(400, "missing or malformed Sec-WebSocket-Key"))),
     }
 }
 
@@ -343,6 +359,7 @@ mod tests {
         let policy = Policy {
             verifier: Some(Verifier::new("0123456789abcdef")),
             allowed_origins: vec!["https://paper.example".into()],
+            echo: false,
         };
         let exp = crate::auth::tests::now() + 60;
         let claims = serde_json::json!({"sub": "u9", "paper": "p1", "role": "viewer", "exp": exp, "name": "Vi"});

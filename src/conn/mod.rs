@@ -216,6 +216,8 @@ pub enum Phase {
     Joining { ws: WebSocket<Io>, visitor: Visitor },
     /// A member: the session of PROTOCOL.md section 3.
     Open { ws: WebSocket<Io>, session: Session },
+    /// `/echo` (`--echo`): every message comes back as it was sent.
+    Echo { ws: WebSocket<Io> },
     /// A close frame is queued or received; the socket is dropped once the output
     /// is written and the peer closed too, or at `deadline`.
     Closing { ws: WebSocket<Io>, deadline: Instant },
@@ -227,7 +229,9 @@ impl Phase {
     pub fn io(&mut self) -> Option<&mut Io> {
         match self {
             Phase::Request { io, .. } | Phase::Reply { io } | Phase::Reading { io, .. } => Some(io),
-            Phase::Joining { ws, .. } | Phase::Open { ws, .. } | Phase::Closing { ws, .. } => Some(ws.get_mut()),
+            Phase::Joining { ws, .. } | Phase::Open { ws, .. } | Phase::Echo { ws } | Phase::Closing { ws, .. } => {
+                Some(ws.get_mut())
+            }
             Phase::Gone => None,
         }
     }
@@ -239,6 +243,7 @@ impl Phase {
             Phase::Reading { .. } => "reading",
             Phase::Joining { .. } => "joining",
             Phase::Open { .. } => "open",
+            Phase::Echo { .. } => "echo",
             Phase::Closing { .. } => "closing",
             Phase::Gone => "gone",
         }

@@ -267,6 +267,7 @@ impl EventLoop {
             Phase::Reply { .. } | Phase::Reading { .. } => self.discard_input(key),
             Phase::Joining { .. } => conn.read_pending = true,
             Phase::Open { .. } => self.read_messages(key),
+            Phase::Echo { .. } => self.read_echo(key),
             Phase::Closing { .. } => self.read_closing(key),
             Phase::Gone => {}
         }
@@ -309,6 +310,15 @@ impl EventLoop {
                     body: self.node.render_metrics(),
                 };
                 self.reply(key, &reply);
+            }
+            Ok(Parsed::Complete { len, route: Route::Echo(ws_key) }) => {
+                let rest = buf.split_off(len);
+                let Phase::Request { mut io, .. } = std::mem::replace(&mut conn.phase, Phase::Gone) else { return };
+                io.out.queue_head(&http::switching_protocols(&ws_key));
+                conn.phase = Phase::Echo { ws: conn::server_websocket(io, rest, self.node.settings.ws_config) };
+                conn.read_pending = true;
+                self.read_list.push(key);
+                self.sessions.queue_flush(key);
             }
             Ok(Parsed::Complete { route: Route::ReadPaper(paper), .. }) => {
                 self.route(key, Handoff::ReadPaper { paper: Arc::from(paper) })
@@ -585,6 +595,31 @@ impl EventLoop {
         ReadEnd::Budget
     }
 
+    /// `/echo`: sends every message back, through the same framing and output path
+    /// as sessions.
+    fn read_echo(&mut self, key: usize) {
+        for _ in 0..MAX_MESSAGES_PER_READ {
+            let Some(Conn { phase: Phase::Echo { ws }, .. }) = self.sessions.conns.get_mut(key) else { return };
+            match ws.read() {
+                Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
+                    let _ = ws.write(message);
+                }
+                Ok(Message::Close(_)) => return self.end_session(key, CloseReason::Normal),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let _ = ws.flush();
+                    self.sessions.conns[key].read_pending = false;
+                    self.sessions.queue_flush(key);
+                    return;
+                }
+                Err(e) => return self.on_ws_error(key, e),
+            }
+        }
+        self.sessions.conns[key].read_pending = true;
+        self.read_list.push(key);
+        self.sessions.queue_flush(key);
+    }
+
     /// A failed read: a broken rule of RFC 6455 gets its close code, a vanished peer
     /// is dropped.
     fn on_ws_error(&mut self, key: usize, e: tungstenite::Error) {
@@ -700,7 +735,7 @@ impl EventLoop {
         self.leave_paper(key);
         let Some(conn) = self.sessions.conns.get_mut(key) else { return };
         let mut ws: WebSocket<Io> = match std::mem::replace(&mut conn.phase, Phase::Gone) {
-            Phase::Joining { ws, .. } | Phase::Open { ws, .. } => ws,
+            Phase::Joining { ws, .. } | Phase::Open { ws, .. } | Phase::Echo { ws } => ws,
             other => {
                 conn.phase = other;
                 return;
@@ -816,7 +851,9 @@ impl EventLoop {
         for key in keys {
             match self.sessions.conns[key].phase {
                 Phase::Request { .. } | Phase::Reply { .. } | Phase::Reading { .. } => self.remove(key),
-                Phase::Joining { .. } | Phase::Open { .. } => self.end_session(key, CloseReason::ShuttingDown),
+                Phase::Joining { .. } | Phase::Open { .. } | Phase::Echo { .. } => {
+                    self.end_session(key, CloseReason::ShuttingDown)
+                }
                 Phase::Closing { .. } | Phase::Gone => {}
             }
         }

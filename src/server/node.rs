@@ -79,6 +79,7 @@ impl Node {
             policy: Policy {
                 verifier: config.jwt_secret.as_deref().map(Verifier::new),
                 allowed_origins: config.allowed_origins.clone(),
+                echo: config.echo,
             },
             serials: AtomicU64::new(1),
             loop_metrics: (0..config.threads).map(|_| LoopMetrics::default()).collect(),
