@@ -134,7 +134,7 @@ impl Raw {
 
     /// After the close handshake the server closes the TCP connection.
     fn expect_eof(&mut self) {
-        while let Some(frame) = self.frame() {
+        if let Some(frame) = self.frame() {
             panic!("a frame after the close: {frame:?}");
         }
     }
