@@ -23,3 +23,5 @@ echo "test.sh: cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "test.sh: cargo test"
 cargo test --all-targets
+echo "test.sh: third-party clients (Python websockets, Node ws)"
+bash scripts/interop.sh

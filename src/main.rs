@@ -18,6 +18,14 @@ fn main() -> ExitCode {
         eprintln!("rollingpaper: cannot start logging: {e}");
         return ExitCode::from(2);
     }
+    // A thread that panics leaves its sessions or the backlog behind: rather than
+    // serve on half-alive, the process stops and its supervisor starts it again.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        log::error!("fatal: {info}");
+        default_hook(info);
+        std::process::abort();
+    }));
     log::info!("starting: {config}");
     match server::run(config) {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,

@@ -340,3 +340,21 @@ fn echo_is_off_unless_asked_for() {
     let server = Server::memory(&[]);
     assert_eq!(server.status_of(&upgrade_request("/echo", "")), 404);
 }
+
+#[test]
+fn the_rest_of_an_oversized_message_is_dropped_and_the_loop_serves_on() {
+    // One loop, so that the session after it lives where the refused one did.
+    let server = Server::memory(&["--threads", "1", "--max-message-bytes", "2048", "--max-note-bytes", "1024"]);
+    let mut c = Raw::open(&server, "/ws/p-big");
+    c.frame().unwrap();
+    let payload = vec![b'x'; 70_000];
+    c.send(true, 0, TEXT, &payload, true);
+    // More frames behind it, as a client that has not seen the close yet sends them.
+    for _ in 0..20 {
+        c.text(br#"{"type":"ping"}"#);
+    }
+    assert_eq!(c.close_code(), 1009);
+    c.expect_eof();
+    let mut other = server.join("p-big", "");
+    assert!(other.drain().is_empty());
+}

@@ -219,8 +219,10 @@ pub enum Phase {
     /// `/echo` (`--echo`): every message comes back as it was sent.
     Echo { ws: WebSocket<Io> },
     /// A close frame is queued or received; the socket is dropped once the output
-    /// is written and the peer closed too, or at `deadline`.
-    Closing { ws: WebSocket<Io>, deadline: Instant },
+    /// is written and the peer closed too, or at the loop's close deadline. With
+    /// `discard`, the peer broke the framing: what it sends now is read and
+    /// dropped unparsed, and our side is shut once the close frame is out.
+    Closing { ws: WebSocket<Io>, discard: bool },
     /// Transient, while a phase is being replaced.
     Gone,
 }

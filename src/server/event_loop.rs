@@ -750,7 +750,10 @@ impl EventLoop {
         // our close frame. Either way the frame lands in `Io`, which cannot fail.
         let frame = CloseFrame { code: reason.code(), reason: reason.text().into() };
         let _ = if reason == CloseReason::Normal { ws.flush() } else { ws.close(Some(frame)) };
-        conn.phase = Phase::Closing { ws, deadline: Instant::now() + CLOSE_TIMEOUT };
+        // After a framing error the rest of the input cannot be parsed: it is dropped.
+        let discard =
+            matches!(reason, CloseReason::MessageTooBig | CloseReason::ProtocolError | CloseReason::InvalidUtf8);
+        conn.phase = Phase::Closing { ws, discard };
         self.close_deadlines.push_back((Instant::now() + CLOSE_TIMEOUT, key, conn.serial));
         self.sessions.queue_flush(key);
     }
@@ -777,7 +780,19 @@ impl EventLoop {
     /// Reads a closing session until its peer's close frame or EOF.
     fn read_closing(&mut self, key: usize) {
         let Some(conn) = self.sessions.conns.get_mut(key) else { return };
-        let Phase::Closing { ws, .. } = &mut conn.phase else { return };
+        let Phase::Closing { ws, discard } = &mut conn.phase else { return };
+        if *discard {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match ws.get_mut().stream.read(&mut chunk) {
+                    Ok(0) => return self.remove(key),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(_) => return self.remove(key),
+                }
+            }
+        }
         loop {
             match ws.read() {
                 Ok(_) => {}
@@ -964,6 +979,12 @@ impl EventLoop {
                 }
                 Ok(Flushed::Done) => match &conn.phase {
                     Phase::Reply { .. } => self.remove(key),
+                    Phase::Closing { ws, discard: true } => {
+                        // Our close frame is out: say so with a FIN, then read until the
+                        // peer's EOF, so that unread input never turns into a reset that
+                        // could destroy the close frame in flight.
+                        let _ = ws.get_ref().stream.shutdown(std::net::Shutdown::Write);
+                    }
                     Phase::Closing { ws, .. } if !ws.can_read() => self.remove(key),
                     _ => {}
                 },
