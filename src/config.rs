@@ -78,6 +78,11 @@ pub struct Config {
     #[arg(long, env = "RP_MAX_OUTBOUND_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_outbound_bytes: usize,
 
+    /// Seconds over which a stopping server closes its sessions (with 1001), so that
+    /// thousands of clients do not reconnect elsewhere in the same instant.
+    #[arg(long, env = "RP_DRAIN_SECONDS", default_value_t = 0.0)]
+    pub drain_seconds: f64,
+
     /// Seconds a stopping server keeps trying to write its backlog to Redis before it
     /// gives up (and exits with status 1, saying how many edits were lost).
     #[arg(long, env = "RP_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
@@ -181,6 +186,7 @@ impl Config {
             ("--load-timeout", self.load_timeout),
             ("--paper-linger", self.paper_linger),
             ("--shutdown-timeout", self.shutdown_timeout),
+            ("--drain-seconds", self.drain_seconds),
             ("--handshake-timeout", self.handshake_timeout),
             ("--ping-interval", self.ping_interval),
             ("--idle-timeout", self.idle_timeout),
@@ -234,6 +240,10 @@ impl Config {
         Duration::from_secs_f64(self.shutdown_timeout)
     }
 
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_seconds)
+    }
+
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.handshake_timeout)
     }
@@ -254,7 +264,7 @@ impl fmt::Display for Config {
             f,
             "listen={} threads={} store={:?} redis={} max_message_bytes={} max_note_bytes={} \
              max_notes={} max_members={} backlog_limit={} load_timeout={}s paper_linger={}s \
-             completed_retention={}s max_outbound_bytes={} shutdown_timeout={}s auth={} allowed_origins={} \
+             completed_retention={}s max_outbound_bytes={} drain_seconds={}s shutdown_timeout={}s auth={} allowed_origins={} \
              rate={}/s burst={} max_connections={} max_connections_per_address={} handshake_timeout={}s \
              ping_interval={}s idle_timeout={}s log_level={}",
             self.listen,
@@ -270,6 +280,7 @@ impl fmt::Display for Config {
             self.paper_linger,
             self.completed_retention,
             self.max_outbound_bytes,
+            self.drain_seconds,
             self.shutdown_timeout,
             if self.jwt_secret.is_some() { "on" } else { "off" },
             if self.allowed_origins.is_empty() { "any".to_string() } else { self.allowed_origins.join(",") },

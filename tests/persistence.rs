@@ -247,3 +247,29 @@ fn a_server_started_without_redis_serves_and_catches_up() {
     saved_up_to(&mut a, v);
     assert!(redis.note("p-late", "n1").is_some());
 }
+
+#[test]
+fn drain_seconds_spreads_the_closes_and_still_writes_everything() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--drain-seconds", "2"]);
+    let mut clients: Vec<Client> = (0..6).map(|_| server.join("p-drain", "")).collect();
+    let v = write_notes(&mut clients[0], 0, 3);
+    server.signal("TERM");
+    // Each client waits for its close on a thread of its own, noting when it came.
+    let waiters: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            std::thread::spawn(move || {
+                assert_eq!(client.closed().0, 1001);
+                std::time::Instant::now()
+            })
+        })
+        .collect();
+    let closed_at: Vec<_> = waiters.into_iter().map(|w| w.join().unwrap()).collect();
+    let spread = closed_at.iter().max().unwrap().duration_since(*closed_at.iter().min().unwrap());
+    assert!(spread >= std::time::Duration::from_millis(1000), "closed within {spread:?}");
+    let mut server = server;
+    assert!(server.wait().success());
+    let stored = redis.note("p-drain", "n2").expect("written");
+    assert_eq!(stored["v"].as_u64(), Some(v));
+}

@@ -121,6 +121,9 @@ pub struct EventLoop {
     /// Sessions joined or waiting on this loop.
     session_count: u64,
     stopping: Option<Instant>,
+    /// Sessions still to close while stopping, and how many there were.
+    draining: VecDeque<(usize, u64)>,
+    drain_total: usize,
     next_eviction: Instant,
     next_ping: Instant,
 }
@@ -155,6 +158,8 @@ impl EventLoop {
             expiries: BinaryHeap::new(),
             session_count: 0,
             stopping: None,
+            draining: VecDeque::new(),
+            drain_total: 0,
             next_eviction: now + EVICT_EVERY,
             next_ping: now + node.settings.ping_interval,
             node,
@@ -209,7 +214,10 @@ impl EventLoop {
     }
 
     fn finished(&self) -> bool {
-        self.stopping.is_some_and(|since| self.sessions.conns.is_empty() || since.elapsed() > CLOSE_TIMEOUT * 2)
+        self.stopping.is_some_and(|since| {
+            self.draining.is_empty()
+                && (self.sessions.conns.is_empty() || since.elapsed() > self.node.settings.drain + CLOSE_TIMEOUT * 2)
+        })
     }
 
     // ---- accepting and routing -------------------------------------------------
@@ -862,14 +870,33 @@ impl EventLoop {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        let keys: Vec<usize> = self.sessions.conns.iter().map(|(key, _)| key).collect();
-        for key in keys {
+        let keys: Vec<(usize, u64)> = self.sessions.conns.iter().map(|(key, c)| (key, c.serial)).collect();
+        for (key, serial) in keys {
             match self.sessions.conns[key].phase {
                 Phase::Request { .. } | Phase::Reply { .. } | Phase::Reading { .. } => self.remove(key),
                 Phase::Joining { .. } | Phase::Open { .. } | Phase::Echo { .. } => {
-                    self.end_session(key, CloseReason::ShuttingDown)
+                    self.draining.push_back((key, serial))
                 }
                 Phase::Closing { .. } | Phase::Gone => {}
+            }
+        }
+        self.drain_total = self.draining.len();
+        self.drain(Instant::now());
+    }
+
+    /// Closes the share of the sessions due by now: all at once without
+    /// `--drain-seconds`, else evenly over that time.
+    fn drain(&mut self, now: Instant) {
+        let Some(since) = self.stopping else { return };
+        let spread = self.node.settings.drain.as_secs_f64();
+        let share = if spread > 0.0 { (now.duration_since(since).as_secs_f64() / spread).min(1.0) } else { 1.0 };
+        let due = (self.drain_total as f64 * share).ceil() as usize;
+        while self.drain_total - self.draining.len() < due {
+            let Some((key, serial)) = self.draining.pop_front() else { break };
+            if self
+                .is_phase(key, serial, |p| matches!(p, Phase::Joining { .. } | Phase::Open { .. } | Phase::Echo { .. }))
+            {
+                self.end_session(key, CloseReason::ShuttingDown);
             }
         }
     }
@@ -913,6 +940,9 @@ impl EventLoop {
             if self.is_phase(key, serial, |p| matches!(p, Phase::Joining { .. } | Phase::Open { .. })) {
                 self.end_session(key, CloseReason::TokenExpired);
             }
+        }
+        if self.stopping.is_some() {
+            self.drain(now);
         }
         for key in self.papers.expire_loads(now) {
             self.paper_unavailable(key);

@@ -30,6 +30,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    /// Time over which a stopping loop closes its sessions.
+    pub drain: Duration,
 }
 
 impl Settings {
@@ -46,6 +48,7 @@ impl Settings {
             handshake_timeout: config.handshake_timeout(),
             ping_interval: config.ping_interval(),
             idle_timeout: config.idle_timeout(),
+            drain: config.drain(),
         }
     }
 }
