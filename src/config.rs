@@ -114,6 +114,11 @@ pub struct Config {
     #[arg(long, env = "RP_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 0)]
     pub max_connections_per_address: usize,
 
+    /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For`
+    /// names the client, for logs and the per-address limit. Others' is ignored.
+    #[arg(long, env = "RP_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
     /// Seconds a client may take to send its request head.
     #[arg(long, env = "RP_HANDSHAKE_TIMEOUT", default_value_t = 10.0)]
     pub handshake_timeout: f64,
@@ -207,6 +212,13 @@ impl Config {
         if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
             return err("--jwt-secret is shorter than 16 bytes; use a long random secret".to_string());
         }
+        for proxy in &self.trusted_proxies {
+            if parse_cidr(proxy).is_none() {
+                return err(format!(
+                    "--trusted-proxies: {proxy:?} is not an address or CIDR block; use for example 10.0.0.5 or 10.0.0.0/8"
+                ));
+            }
+        }
         self.allowed_origins.retain(|o| !o.trim().is_empty());
         for origin in &mut self.allowed_origins {
             *origin = origin.trim().trim_end_matches('/').to_string();
@@ -296,6 +308,16 @@ impl fmt::Display for Config {
     }
 }
 
+/// `10.0.0.5` or `10.0.0.0/8` (IPv6 too) as an address and a prefix length.
+pub fn parse_cidr(text: &str) -> Option<(std::net::IpAddr, u8)> {
+    let text = text.trim();
+    let (addr, prefix) = text.split_once('/').unwrap_or((text, ""));
+    let addr: std::net::IpAddr = addr.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = if prefix.is_empty() { max } else { prefix.parse().ok()? };
+    (prefix <= max).then_some((addr, prefix))
+}
+
 /// The Redis URL without its password, for logs.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -330,6 +352,14 @@ mod tests {
         assert!(e.contains("--redis"), "{e}");
         let e = parse(&["--load-timeout", "NaN"]).unwrap_err().to_string();
         assert!(e.contains("--load-timeout"), "{e}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_blocks() {
+        assert!(parse(&["--trusted-proxies", "127.0.0.1,10.0.0.0/8,::1"]).is_ok());
+        let e = parse(&["--trusted-proxies", "10.0.0.0/33"]).unwrap_err().to_string();
+        assert!(e.contains("--trusted-proxies"), "{e}");
+        assert!(parse(&["--trusted-proxies", "nginx"]).is_err());
     }
 
     #[test]

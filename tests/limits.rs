@@ -180,3 +180,29 @@ fn a_request_trickled_too_slowly_is_dropped() {
     assert_eq!(stream.read(&mut byte).unwrap_or(0), 0, "closed without an answer");
     assert!(started.elapsed() < PATIENCE);
 }
+
+#[test]
+fn behind_a_trusted_proxy_the_limit_is_per_forwarded_client() {
+    let xff = |addr: &str| format!("X-Forwarded-For: {addr}\r\n");
+    let trusting = Server::memory(&["--max-connections-per-address", "1", "--trusted-proxies", "127.0.0.1"]);
+    let mut open = Vec::new();
+    for client in ["203.0.113.1", "203.0.113.2"] {
+        let mut stream = TcpStream::connect(trusting.addr).unwrap();
+        stream.write_all(upgrade_request("/ws/p-proxy", &xff(client)).as_bytes()).unwrap();
+        open.push(stream);
+    }
+    // Each session holds its client's one slot once its upgrade is answered.
+    for stream in &mut open {
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101");
+    }
+    assert_eq!(trusting.status_of(&upgrade_request("/ws/p-proxy", &xff("203.0.113.1"))), 503);
+    assert_eq!(trusting.status_of(&upgrade_request("/ws/p-proxy", &xff("203.0.113.3"))), 101);
+
+    // Without the flag the header is the client's word, and not believed.
+    let wary = Server::memory(&["--max-connections-per-address", "1"]);
+    let _a = wary.join("p-proxy", "");
+    assert_eq!(wary.status_of(&upgrade_request("/ws/p-proxy", &xff("203.0.113.9"))), 503);
+}

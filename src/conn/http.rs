@@ -58,6 +58,8 @@ pub struct Upgrade {
     pub role: Role,
     /// The token's expiry (seconds since the epoch), with auth on.
     pub expires: Option<u64>,
+    /// `X-Forwarded-For`, believed only from a trusted proxy.
+    pub forwarded_for: Option<String>,
 }
 
 /// A plain HTTP answer; the connection closes after it.
@@ -202,9 +204,10 @@ fn upgrade(req: &httparse::Request, paper: &str, query: &str, policy: &Policy) -
         }
     }
     let paper = paper.to_string();
+    let forwarded_for = header(req, "x-forwarded-for").map(str::to_string);
     match &policy.verifier {
         // Auth off: the client says who it is and may do everything.
-        None => Route::Upgrade(Upgrade { paper, key, user, name, role: Role::Owner, expires: None }),
+        None => Route::Upgrade(Upgrade { paper, key, user, name, role: Role::Owner, expires: None, forwarded_for }),
         Some(verifier) => match verifier.session(token.as_deref(), &paper) {
             Ok(grant) => Route::Upgrade(Upgrade {
                 paper,
@@ -213,6 +216,7 @@ fn upgrade(req: &httparse::Request, paper: &str, query: &str, policy: &Policy) -
                 user: Some(grant.sub),
                 role: grant.role,
                 expires: Some(grant.exp),
+                forwarded_for,
             }),
             Err(e) => denied(e),
         },

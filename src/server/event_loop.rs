@@ -332,7 +332,9 @@ impl EventLoop {
                 self.route(key, Handoff::ReadPaper { paper: Arc::from(paper) })
             }
             Ok(Parsed::Complete { len, route: Route::Upgrade(upgrade) }) => {
-                let peer = conn.peer.ip();
+                // Behind a trusted proxy, the client is who the proxy says it is.
+                let peer = self.node.client_address(conn.peer.ip(), upgrade.forwarded_for.as_deref());
+                conn.peer = SocketAddr::new(peer, conn.peer.port());
                 // The last check of PROTOCOL.md's order: the node's capacity.
                 if !self.node.admit(peer) {
                     return self.reply(key, &Reply::text(503, "this node is at its connection limit; retry later"));

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::Verifier;
-use crate::config::{Config, StoreKind};
+use crate::config::{parse_cidr, Config, StoreKind};
 use crate::conn::{self, http::Policy};
 use crate::metrics::{self, LoopMetrics, StoreView, WriterMetrics};
 use crate::paper::PaperLimits;
@@ -73,6 +73,7 @@ pub struct Node {
     max_sessions: usize,
     per_address: Mutex<HashMap<IpAddr, usize>>,
     max_per_address: usize,
+    trusted_proxies: Vec<(IpAddr, u8)>,
 }
 
 impl Node {
@@ -91,7 +92,29 @@ impl Node {
             max_sessions: config.max_connections,
             per_address: Mutex::new(HashMap::new()),
             max_per_address: config.max_connections_per_address,
+            trusted_proxies: config.trusted_proxies.iter().filter_map(|p| parse_cidr(p)).collect(),
         }
+    }
+
+    /// The client's address: the peer's, or, when the peer is a trusted proxy, the
+    /// last address in `X-Forwarded-For` that is not itself a trusted proxy.
+    pub fn client_address(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let Some(chain) = forwarded_for else { return peer };
+        for hop in chain.rsplit(',') {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(addr) if self.is_trusted(addr) => continue,
+                Ok(addr) => return addr,
+                Err(_) => return peer,
+            }
+        }
+        peer
+    }
+
+    fn is_trusted(&self, addr: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|&(net, prefix)| in_block(addr, net, prefix))
     }
 
     /// Takes a session slot for a client, or says the node (or that address) is full.
@@ -147,5 +170,56 @@ impl Node {
             backlog_limit: s.backlog_limit,
         });
         metrics::render(&self.loop_metrics, store, self.sessions.load(Ordering::Relaxed))
+    }
+}
+
+fn in_block(addr: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (addr, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn node(args: &[&str]) -> Node {
+        let mut all = vec!["rollingpaper", "--store", "memory"];
+        all.extend_from_slice(args);
+        Node::new(&Config::try_parse_from(all).unwrap().validate().unwrap(), None)
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_from_trusted_proxies() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let n = node(&["--trusted-proxies", "10.0.0.0/8,127.0.0.1"]);
+        assert_eq!(n.client_address(ip("10.1.2.3"), Some("203.0.113.9")), ip("203.0.113.9"));
+        // A client may prepend anything; the proxies' own entries are on the right.
+        assert_eq!(n.client_address(ip("127.0.0.1"), Some("1.1.1.1, 203.0.113.9, 10.0.0.7")), ip("203.0.113.9"));
+        assert_eq!(n.client_address(ip("192.0.2.1"), Some("203.0.113.9")), ip("192.0.2.1"), "not a trusted peer");
+        assert_eq!(n.client_address(ip("10.1.2.3"), None), ip("10.1.2.3"));
+        assert_eq!(n.client_address(ip("10.1.2.3"), Some("garbage")), ip("10.1.2.3"));
+        assert_eq!(node(&[]).client_address(ip("127.0.0.1"), Some("203.0.113.9")), ip("127.0.0.1"));
+    }
+
+    #[test]
+    fn the_session_cap_counts_per_address() {
+        let n = node(&["--max-connections", "3", "--max-connections-per-address", "2"]);
+        let (a, b) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert!(n.admit(a) && n.admit(a));
+        assert!(!n.admit(a));
+        assert!(n.admit(b));
+        assert!(!n.admit(b), "the node is full");
+        n.release(a);
+        assert!(n.admit(b));
     }
 }
