@@ -131,7 +131,7 @@ fn route(req: &httparse::Request, policy: &Policy) -> Route {
         "/metrics" if get => Route::Metrics,
         "/echo" if get && policy.echo => match websocket_key(req) {
             Ok(key) => Route::Echo(key),
-            Err(refusal) => refusal,
+            Err(reply) => Route::Reply(reply),
         },
         "/" if get => Route::Reply(Reply {
             status: 200,
@@ -190,7 +190,7 @@ fn upgrade(req: &httparse::Request, paper: &str, query: &str, policy: &Policy) -
     }
     let key = match websocket_key(req) {
         Ok(key) => key,
-        Err(refusal) => return refusal,
+        Err(reply) => return Route::Reply(reply),
     };
     let mut user = None;
     let mut name = None;
@@ -224,7 +224,7 @@ fn upgrade(req: &httparse::Request, paper: &str, query: &str, policy: &Policy) -
 }
 
 /// Checks the upgrade headers (RFC 6455 4.2.1) and returns the client's key.
-fn websocket_key(req: &httparse::Request) -> Result<String, Route> {
+fn websocket_key(req: &httparse::Request) -> Result<String, Reply> {
     let has_token = |name: &str, token: &str| {
         req.headers
             .iter()
@@ -234,21 +234,21 @@ fn websocket_key(req: &httparse::Request) -> Result<String, Route> {
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
     if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
-        return Err(Route::Reply(Reply {
+        return Err(Reply {
             extra_headers: "Upgrade: websocket\r\n",
             ..Reply::text(426, "this endpoint speaks WebSocket only: send an Upgrade: websocket request")
-        }));
+        });
     }
     if header(req, "sec-websocket-version").map(str::trim) != Some("13") {
-        return Err(Route::Reply(Reply {
+        return Err(Reply {
             extra_headers: "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
             ..Reply::text(426, "unsupported WebSocket version; use 13")
-        }));
+        });
     }
     match header(req, "sec-websocket-key").map(str::trim) {
         // 16 random bytes in base64.
         Some(key) if key.len() == 24 && key.ends_with("==") => Ok(key.to_string()),
-        _ => Err(Route::Reply(Reply::text(400, "missing or malformed Sec-WebSocket-Key"))),
+        _ => Err(Reply::text(400, "missing or malformed Sec-WebSocket-Key")),
     }
 }
 
