@@ -29,3 +29,5 @@ echo "test.sh: cargo test"
 cargo test --all-targets
 echo "test.sh: third-party clients (Python websockets, Node ws)"
 bash scripts/interop.sh
+echo "test.sh: wss:// through nginx to two nodes"
+bash scripts/tls-test.sh

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# End to end behind a TLS terminator: a throw-away self-signed certificate, two
+# nodes sharing one redis-server, nginx in front of them with scripts/nginx.conf,
+# and real wss:// clients (Python websockets) on the same paper seeing each
+# other's edits. Everything runs on free loopback ports and is stopped on exit.
+# Installs nginx and openssl if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if ((${#missing[@]})); then
+    echo "tls-test.sh: installing ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+nginx=$(command -v nginx || echo /usr/sbin/nginx)
+venv=target/interop-venv
+if ! "$venv/bin/python" -c 'import websockets' 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'websockets==17.*'
+fi
+cargo build --quiet --bin rollingpaper
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# A certificate for 127.0.0.1, valid for a day.
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=127.0.0.1" \
+    -addext "subjectAltName=IP:127.0.0.1" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+
+redis_port=$(free_port)
+mkdir -p "$work/redis"
+redis-server --bind 127.0.0.1 --port "$redis_port" --dir "$work/redis" --appendonly yes --save "" >/dev/null &
+pids+=($!)
+for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+
+# Starts a node and sets $addr to where it listens (no subshell: its pid must
+# reach the cleanup list).
+start_node() {
+    local log=$1
+    addr=""
+    ./target/debug/rollingpaper --listen 127.0.0.1:0 --threads 2 --redis "redis://127.0.0.1:$redis_port" \
+        --trusted-proxies 127.0.0.1 2>"$log" &
+    pids+=($!)
+    for _ in $(seq 200); do
+        addr=$(sed -n 's|.*listening on http://\([0-9.:]*\).*|\1|p' "$log")
+        [ -n "$addr" ] && return 0
+        sleep 0.1
+    done
+    echo "tls-test.sh: a node did not start:" >&2; cat "$log" >&2; return 1
+}
+start_node "$work/a.log"
+node_a=$addr
+start_node "$work/b.log"
+node_b=$addr
+
+https_port=$(free_port)
+sed -e "s|@NODE_A@|$node_a|" -e "s|@NODE_B@|$node_b|" -e "s|@LISTEN@|127.0.0.1:$https_port|" \
+    -e "s|@SERVER_NAME@|127.0.0.1|" -e "s|@CERT@|$work/cert.pem|" -e "s|@KEY@|$work/key.pem|" \
+    scripts/nginx.conf > "$work/site.conf"
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path $work/body;
+    proxy_temp_path $work/proxy;
+    fastcgi_temp_path $work/fastcgi;
+    uwsgi_temp_path $work/uwsgi;
+    scgi_temp_path $work/scgi;
+    include $work/site.conf;
+}
+CONF
+"$nginx" -p "$work" -c "$work/nginx.conf" -t -q
+"$nginx" -p "$work" -c "$work/nginx.conf"
+for _ in $(seq 100); do
+    curl -s --cacert "$work/cert.pem" "https://127.0.0.1:$https_port/healthz" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+
+status=0
+timeout 60 "$venv/bin/python" scripts/interop/wss_client.py "wss://127.0.0.1:$https_port" "$work/cert.pem" || status=1
+health=$(curl -s --cacert "$work/cert.pem" "https://127.0.0.1:$https_port/healthz" || true)
+[ "$health" = "ok" ] || { echo "tls-test.sh: /healthz over https said: $health" >&2; status=1; }
+if [ "$status" -ne 0 ]; then
+    echo "--- nginx" >&2; cat "$work/nginx-error.log" >&2 || true
+    echo "--- node a" >&2; tail -20 "$work/a.log" >&2
+    echo "--- node b" >&2; tail -20 "$work/b.log" >&2
+fi
+echo "tls-test: $((1 - status)) passed, $status failed"
+exit "$status"
