@@ -88,6 +88,16 @@ pub struct Config {
     #[arg(long, env = "RP_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
 
+    /// Relay every change, join, leave and cursor through Redis pub/sub, so that
+    /// members of one paper may sit on different nodes (PROTOCOL.md 6).
+    #[arg(long, env = "RP_CLUSTER")]
+    pub cluster: bool,
+
+    /// This node's id in relayed messages and note versions (`[A-Za-z0-9_-]`, at
+    /// most 32). Default: random at start.
+    #[arg(long, env = "RP_NODE_ID")]
+    pub node_id: Option<String>,
+
     /// Secret of the HS256 tokens the main backend issues. Set, it turns auth on:
     /// `/ws/{paper}` needs `?token=`, `/papers/{paper}` a Bearer token.
     #[arg(long, env = "RP_JWT_SECRET", hide_env_values = true)]
@@ -212,6 +222,16 @@ impl Config {
         if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
             return err("--jwt-secret is shorter than 16 bytes; use a long random secret".to_string());
         }
+        match &self.node_id {
+            Some(id) if !(id.len() <= 32 && crate::protocol::is_valid_id(id)) => {
+                return err(format!("--node-id {id:?} must match ^[A-Za-z0-9_-]{{1,32}}$"));
+            }
+            Some(_) => {}
+            None => self.node_id = Some(random_node_id()),
+        }
+        if self.cluster && self.store == StoreKind::Memory {
+            return err("--cluster relays through Redis: it needs --store redis".to_string());
+        }
         for proxy in &self.trusted_proxies {
             if parse_cidr(proxy).is_none() {
                 return err(format!(
@@ -274,7 +294,7 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "listen={} threads={} store={:?} redis={} max_message_bytes={} max_note_bytes={} \
+            "listen={} threads={} store={:?} cluster={} node_id={} redis={} max_message_bytes={} max_note_bytes={} \
              max_notes={} max_members={} backlog_limit={} load_timeout={}s paper_linger={}s \
              completed_retention={}s max_outbound_bytes={} drain_seconds={}s shutdown_timeout={}s auth={} allowed_origins={} \
              rate={}/s burst={} max_connections={} max_connections_per_address={} handshake_timeout={}s \
@@ -282,6 +302,8 @@ impl fmt::Display for Config {
             self.listen,
             self.threads,
             self.store,
+            self.cluster,
+            self.node_id.as_deref().unwrap_or(""),
             redact(&self.redis),
             self.max_message_bytes,
             self.max_note_bytes,
@@ -306,6 +328,15 @@ impl fmt::Display for Config {
             self.log_level,
         )
     }
+}
+
+/// Eight hex digits from the standard library's random hasher keys.
+fn random_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    hasher.write_u32(std::process::id());
+    format!("{:08x}", hasher.finish() as u32)
 }
 
 /// `10.0.0.5` or `10.0.0.0/8` (IPv6 too) as an address and a prefix length.

@@ -1,6 +1,13 @@
 //! Note versions (PROTOCOL.md section 2): a hybrid clock per event loop.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Whether version `a` (with its node) wins over version `b`: last writer wins by
+/// `v`, ties go to the greater node id.
+pub fn newer(a: (u64, &str), b: (u64, &str)) -> bool {
+    a.0 > b.0 || (a.0 == b.0 && a.1 > b.1)
+}
 
 /// Versions stay below 2^53 so that JavaScript clients read them exactly.
 pub const MAX_VERSION: u64 = (1 << 53) - 1;
@@ -9,14 +16,24 @@ pub const MAX_VERSION: u64 = (1 << 53) - 1;
 /// counter: they follow wall time (so a restarted server continues above what it
 /// wrote before) and strictly increase on one loop even within a millisecond or
 /// when the wall clock steps back.
+///
+/// A version is stamped with the node that made it: two nodes may pick the same
+/// `v` for one note, and then the greater node id wins (PROTOCOL.md 2).
 #[derive(Debug, Default)]
 pub struct VersionClock {
     last: u64,
+    node: Arc<str>,
 }
 
 impl VersionClock {
-    pub fn new() -> Self {
-        VersionClock::default()
+    /// A clock for the node `node` (empty on a single node).
+    pub fn new(node: Arc<str>) -> Self {
+        VersionClock { last: 0, node }
+    }
+
+    /// The node id stamped on this clock's versions.
+    pub fn node(&self) -> &Arc<str> {
+        &self.node
     }
 
     /// The next version, above every version this clock handed out or observed and
@@ -47,7 +64,7 @@ mod tests {
 
     #[test]
     fn strictly_increases_within_a_millisecond() {
-        let mut clock = VersionClock::new();
+        let mut clock = VersionClock::default();
         let a = clock.next_at(1000, 0);
         let b = clock.next_at(1000, 0);
         assert_eq!(a, 1000 << 10);
@@ -56,7 +73,7 @@ mod tests {
 
     #[test]
     fn survives_the_wall_clock_stepping_back() {
-        let mut clock = VersionClock::new();
+        let mut clock = VersionClock::default();
         let a = clock.next_at(5000, 0);
         let b = clock.next_at(4000, 0);
         assert!(b > a);
@@ -64,7 +81,7 @@ mod tests {
 
     #[test]
     fn continues_above_stored_versions() {
-        let mut clock = VersionClock::new();
+        let mut clock = VersionClock::default();
         let stored = (9000 << 10) + 7;
         assert_eq!(clock.next_at(1000, stored), stored + 1);
         clock.observe(stored + 100);
@@ -72,8 +89,16 @@ mod tests {
     }
 
     #[test]
+    fn ties_go_to_the_greater_node() {
+        assert!(newer((2, "a"), (1, "z")));
+        assert!(newer((2, "b"), (2, "a")));
+        assert!(!newer((2, "a"), (2, "a")));
+        assert!(!newer((1, "z"), (2, "a")));
+    }
+
+    #[test]
     fn real_versions_fit_in_a_javascript_number() {
-        let v = VersionClock::new().next(0);
+        let v = VersionClock::default().next(0);
         assert!(v > 1_600_000_000_000 << 10 && v < MAX_VERSION);
     }
 }

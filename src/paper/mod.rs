@@ -20,6 +20,8 @@ pub struct Note {
     pub author: Arc<str>,
     pub data: Option<Arc<str>>,
     pub v: u64,
+    /// The node that wrote this version (breaks ties between nodes).
+    pub node: Arc<str>,
 }
 
 /// A change to one note, decided by a paper and not yet applied: it goes to the
@@ -153,7 +155,8 @@ impl Paper {
         };
         let floor = current.map_or(0, |(_, n)| n.v);
         let id = current.map_or_else(|| Arc::from(id), |(key, _)| key.clone());
-        Ok(Edit { id, note: Note { author, data: Some(Arc::from(data)), v: clock.next(floor) } })
+        let v = clock.next(floor);
+        Ok(Edit { id, note: Note { author, data: Some(Arc::from(data)), v, node: clock.node().clone() } })
     }
 
     /// Decides a delete by `user` acting as `role`.
@@ -180,17 +183,22 @@ impl Paper {
             }
             Some((key, note)) if note.data.is_some() => Ok(Edit {
                 id: key.clone(),
-                note: Note { author: note.author.clone(), data: None, v: clock.next(note.v) },
+                note: Note {
+                    author: note.author.clone(),
+                    data: None,
+                    v: clock.next(note.v),
+                    node: clock.node().clone(),
+                },
             }),
             _ => Err(ErrorCode::NotFound),
         }
     }
 
-    /// Applies an edit if it advances the note's version (last writer wins);
-    /// returns whether it did.
+    /// Applies an edit if it advances the note's version (last writer wins, ties
+    /// to the greater node); returns whether it did.
     pub fn apply(&mut self, edit: Edit) -> bool {
         let was_live = match self.notes.get(&edit.id) {
-            Some(current) if current.v >= edit.note.v => return false,
+            Some(current) if !clock::newer((edit.note.v, &edit.note.node), (current.v, &current.node)) => return false,
             Some(current) => current.data.is_some(),
             None => false,
         };
@@ -257,7 +265,7 @@ mod tests {
     const LIMITS: PaperLimits = PaperLimits { max_notes: 2, max_members: 2 };
 
     fn paper() -> (Paper, VersionClock) {
-        let mut clock = VersionClock::new();
+        let mut clock = VersionClock::default();
         (Paper::new(Arc::from("p1"), StoredPaper::default(), &mut clock), clock)
     }
 
@@ -369,10 +377,10 @@ mod tests {
 
     #[test]
     fn loading_continues_above_stored_versions() {
-        let mut clock = VersionClock::new();
+        let mut clock = VersionClock::default();
         let far = clock::MAX_VERSION - 10;
         let stored = StoredPaper {
-            notes: vec![("n1".into(), Note { author: user("u"), data: None, v: far })],
+            notes: vec![("n1".into(), Note { author: user("u"), data: None, v: far, node: user("") })],
             completed_by: None,
         };
         let p = Paper::new(Arc::from("p1"), stored, &mut clock);

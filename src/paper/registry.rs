@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn joiners_wait_for_one_read() {
         let mut r = Registry::new();
-        let mut clock = VersionClock::new();
+        let mut clock = VersionClock::default();
         let id: Arc<str> = Arc::from("p1");
         let deadline = Instant::now() + Duration::from_secs(10);
         assert_eq!(r.lookup(&id, 1, deadline), Lookup::StartLoad(1));
@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn a_late_read_after_a_timeout_is_ignored() {
         let mut r = Registry::new();
-        let mut clock = VersionClock::new();
+        let mut clock = VersionClock::default();
         let id: Arc<str> = Arc::from("p1");
         let now = Instant::now();
         assert_eq!(r.lookup(&id, 1, now), Lookup::StartLoad(1));
@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn papers_with_unwritten_edits_stay() {
         let mut r = Registry::new();
-        let mut clock = VersionClock::new();
+        let mut clock = VersionClock::default();
         let id: Arc<str> = Arc::from("p1");
         r.insert_empty(&id, &mut clock);
         r.paper_mut(&id).unwrap().unwritten = 1;

@@ -150,7 +150,7 @@ impl EventLoop {
             inbox,
             loops,
             store,
-            clock: VersionClock::new(),
+            clock: VersionClock::new(node.node_id.clone()),
             frame: Frame::new(),
             read_list: Vec::new(),
             request_deadlines: VecDeque::new(),

@@ -61,6 +61,10 @@ pub struct StoreStatus {
 }
 
 pub struct Node {
+    /// Stamped on versions and relayed messages; empty on a single node, so that
+    /// stored notes keep the plain `{"author","data","v"}` layout.
+    pub node_id: Arc<str>,
+    pub cluster: bool,
     pub settings: Settings,
     pub policy: Policy,
     /// Connection serials: unique for the process, also the member ids.
@@ -79,6 +83,8 @@ pub struct Node {
 impl Node {
     pub fn new(config: &Config, store: Option<StoreStatus>) -> Self {
         Node {
+            node_id: Arc::from(if config.cluster { config.node_id.as_deref().unwrap_or_default() } else { "" }),
+            cluster: config.cluster,
             settings: Settings::from_config(config),
             policy: Policy {
                 verifier: config.jwt_secret.as_deref().map(Verifier::new),

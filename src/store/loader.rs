@@ -81,6 +81,8 @@ struct StoredNote<'a> {
     data: Option<&'a RawValue>,
     #[serde(default)]
     deleted: bool,
+    #[serde(default)]
+    node: String,
     v: u64,
 }
 
@@ -90,11 +92,12 @@ pub fn parse_paper(paper: &str, notes: Hash, meta: Hash) -> StoredPaper {
     let mut stored = StoredPaper::default();
     for (id, value) in notes {
         match serde_json::from_str::<StoredNote>(&value) {
-            Ok(note) if note.deleted => {
-                stored.notes.push((id, Note { author: Arc::from(note.author), data: None, v: note.v }))
-            }
-            Ok(StoredNote { author, data: Some(data), v, .. }) if data.get().starts_with('{') => {
-                stored.notes.push((id, Note { author: Arc::from(author), data: Some(Arc::from(data.get())), v }))
+            Ok(note) if note.deleted => stored
+                .notes
+                .push((id, Note { author: Arc::from(note.author), data: None, v: note.v, node: Arc::from(note.node) })),
+            Ok(StoredNote { author, data: Some(data), v, node, .. }) if data.get().starts_with('{') => {
+                let data = Some(Arc::from(data.get()));
+                stored.notes.push((id, Note { author: Arc::from(author), data, v, node: Arc::from(node) }))
             }
             _ => log::error!("skipping note {id} of paper {paper}: unreadable stored value {value:?}"),
         }
@@ -114,8 +117,8 @@ mod tests {
     #[test]
     fn reads_back_what_the_writer_stores() {
         let notes = vec![
-            ("n1".to_string(), stored_note("u1", Some(r#"{"text":"hi"}"#), 7)),
-            ("n2".to_string(), stored_note("u2", None, 9)),
+            ("n1".to_string(), stored_note("u1", Some(r#"{"text":"hi"}"#), "", 7)),
+            ("n2".to_string(), stored_note("u2", None, "b", 9)),
             ("bad".to_string(), "not json".to_string()),
         ];
         let meta = vec![("completed".to_string(), "1".to_string()), ("completed_by".to_string(), "u1".to_string())];
@@ -124,6 +127,7 @@ mod tests {
         assert_eq!(stored.notes[0].1.data.as_deref(), Some(r#"{"text":"hi"}"#));
         assert_eq!(stored.notes[0].1.v, 7);
         assert_eq!(stored.notes[1].1.data, None);
+        assert_eq!(&*stored.notes[1].1.node, "b");
         assert_eq!(stored.completed_by.as_deref(), Some("u1"));
     }
 }

@@ -23,16 +23,23 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a Redis outage is reported while it lasts.
 const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Writes notes of one paper, each only if it advances the stored version, so
-/// that a resent batch or a late write from another node never goes back in time.
-/// The version is read from the end of the stored value (`protocol::stored_note`
-/// puts it last). ARGV: now_ms, then (id, value, v) triples.
+/// Writes notes of one paper, each only if it advances the stored version (ties
+/// to the greater node id), so that a resent batch or a late write from another
+/// node never goes back in time. The version and node are read from the end of
+/// the stored value (`protocol::stored_note` puts them last; node ids are
+/// `[A-Za-z0-9_-]`). ARGV: now_ms, then (id, value, v, node) quadruples.
 const WRITE_NOTES: &str = r#"
 local notes, meta = KEYS[1], KEYS[2]
-for i = 2, #ARGV, 3 do
+for i = 2, #ARGV, 4 do
   local current = redis.call('HGET', notes, ARGV[i])
-  local stored_v = current and tonumber(string.match(current, '"v":(%d+)}$')) or -1
-  if stored_v < tonumber(ARGV[i + 2]) then
+  local v, node = tonumber(ARGV[i + 2]), ARGV[i + 3]
+  local newer = true
+  if current then
+    local stored_v = tonumber(string.match(current, '"v":(%d+)}$')) or -1
+    local stored_node = string.match(current, '"node":"([%w_%-]*)","v":%d+}$') or ''
+    newer = stored_v < v or (stored_v == v and stored_node < node)
+  end
+  if newer then
     redis.call('HSET', notes, ARGV[i], ARGV[i + 1])
   end
 end
@@ -251,7 +258,7 @@ impl Writer {
     /// then its completion if there is one.
     fn pipeline(&self, batch: &[Queued]) -> (redis::Pipeline, u64) {
         struct PaperWrites<'a> {
-            notes: HashMap<&'a str, (String, u64)>,
+            notes: HashMap<&'a str, (String, u64, &'a str)>,
             complete: Option<(&'a str, &'a str)>,
         }
         let mut papers: Vec<(&str, PaperWrites)> = Vec::new();
@@ -264,8 +271,8 @@ impl Writer {
             let writes = &mut papers[at].1;
             match op {
                 Op::Note { id, note, .. } => {
-                    let value = stored_note(&note.author, note.data.as_deref(), note.v);
-                    writes.notes.insert(id, (value, note.v));
+                    let value = stored_note(&note.author, note.data.as_deref(), &note.node, note.v);
+                    writes.notes.insert(id, (value, note.v, &*note.node));
                 }
                 Op::Complete { by, snapshot, .. } => writes.complete = Some((by, snapshot)),
             }
@@ -280,8 +287,8 @@ impl Writer {
                 commands += 1;
                 let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(2);
                 cmd.arg(keys::notes(paper)).arg(keys::meta(paper)).arg(now);
-                for (id, (value, v)) in &writes.notes {
-                    cmd.arg(*id).arg(value).arg(*v);
+                for (id, (value, v, node)) in &writes.notes {
+                    cmd.arg(*id).arg(value).arg(*v).arg(*node);
                 }
             }
             if let Some((by, snapshot)) = writes.complete {
