@@ -274,6 +274,65 @@ fn compact_object(raw: Option<&RawValue>) -> Option<String> {
     serde_json::to_string(&object).ok()
 }
 
+/// A message another node relayed (PROTOCOL.md 6): the JSON its members were
+/// sent, read back for what this node must apply before passing it on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Relayed {
+    Upsert { id: String, author: String, data: String, v: u64 },
+    Delete { id: String, v: u64 },
+    Completed { by: String },
+    Join { id: String, user: String, name: String },
+    Leave { id: String },
+    Cursor,
+}
+
+#[derive(Deserialize)]
+struct RelayedEnvelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    author: Option<String>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    v: Option<u64>,
+    #[serde(default)]
+    by: Option<String>,
+    #[serde(default, borrow)]
+    member: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RelayedMember {
+    id: String,
+    user: String,
+    name: String,
+}
+
+/// Reads a relayed message; `None` for anything this server would not have sent.
+pub fn parse_relayed(message: &str) -> Option<Relayed> {
+    let e: RelayedEnvelope = serde_json::from_str(message).ok()?;
+    Some(match e.kind.as_ref() {
+        "upsert" => Relayed::Upsert {
+            id: e.id.filter(|id| is_valid_id(id))?,
+            author: e.author?,
+            data: e.data.filter(|d| d.get().starts_with('{'))?.get().to_string(),
+            v: e.v?,
+        },
+        "delete" => Relayed::Delete { id: e.id.filter(|id| is_valid_id(id))?, v: e.v? },
+        "completed" => Relayed::Completed { by: e.by? },
+        "join" => {
+            let m: RelayedMember = serde_json::from_str(e.member?.get()).ok()?;
+            Relayed::Join { id: m.id, user: m.user, name: m.name }
+        }
+        "leave" => Relayed::Leave { id: serde_json::from_str(e.member?.get()).ok()? },
+        "cursor" => Relayed::Cursor,
+        _ => return None,
+    })
+}
+
 /// A member as listed in snapshots and `join` messages.
 pub struct MemberView<'a> {
     pub id: &'a str,
@@ -432,6 +491,12 @@ impl Frame {
         b.extend_from_slice(br#"{"type":"saved","v":"#);
         number(b, v);
         b.push(b'}');
+        self.finish()
+    }
+
+    /// A message already encoded as JSON elsewhere (relayed by another node).
+    pub fn raw(&mut self, json: &str) -> &[u8] {
+        self.begin().extend_from_slice(json.as_bytes());
         self.finish()
     }
 
@@ -668,6 +733,30 @@ mod tests {
                    "notes":[{"id":"n1","author":"u1","data":{},"v":1}],
                    "members":[{"id":"c7","user":"u1","name":"Kim"}]})
         );
+    }
+
+    #[test]
+    fn relayed_messages_read_back_what_was_sent() {
+        let mut f = Frame::new();
+        let text = |f: &Frame| std::str::from_utf8(f.payload()).unwrap().to_string();
+        f.upsert("n1", "u1", r#"{"t":1}"#, 42, "c7", Some(r#""r""#));
+        let expected = Relayed::Upsert { id: "n1".into(), author: "u1".into(), data: r#"{"t":1}"#.into(), v: 42 };
+        assert_eq!(parse_relayed(&text(&f)), Some(expected));
+        f.delete("n1", 43, "c7", None);
+        assert_eq!(parse_relayed(&text(&f)), Some(Relayed::Delete { id: "n1".into(), v: 43 }));
+        f.join(&MemberView { id: "c7", user: "u", name: "N" });
+        let join = Relayed::Join { id: "c7".into(), user: "u".into(), name: "N".into() };
+        assert_eq!(parse_relayed(&text(&f)), Some(join));
+        f.leave("c7");
+        assert_eq!(parse_relayed(&text(&f)), Some(Relayed::Leave { id: "c7".into() }));
+        f.completed("u");
+        assert_eq!(parse_relayed(&text(&f)), Some(Relayed::Completed { by: "u".into() }));
+        f.cursor("c7", "{}");
+        assert_eq!(parse_relayed(&text(&f)), Some(Relayed::Cursor));
+        assert_eq!(parse_relayed(r#"{"type":"upsert","id":"bad id","author":"a","data":{},"v":1}"#), None);
+        assert_eq!(parse_relayed("nonsense"), None);
+        f.raw(r#"{"type":"pong"}"#);
+        assert_eq!(f.payload(), br#"{"type":"pong"}"#);
     }
 
     #[test]

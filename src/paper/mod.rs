@@ -49,12 +49,29 @@ impl Member {
     }
 }
 
+/// A member of the paper on another node (`--cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteMember {
+    pub id: Arc<str>,
+    pub user: Arc<str>,
+    pub name: Arc<str>,
+    pub node: Arc<str>,
+}
+
+impl RemoteMember {
+    pub fn view(&self) -> MemberView<'_> {
+        MemberView { id: &self.id, user: &self.user, name: &self.name }
+    }
+}
+
 /// What storage holds of a paper, as read when it is loaded.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StoredPaper {
     pub notes: Vec<(String, Note)>,
     /// `Some(by)` once completed.
     pub completed_by: Option<String>,
+    /// Members on other live nodes (`--cluster`).
+    pub remote_members: Vec<RemoteMember>,
 }
 
 /// Limits that apply to every paper.
@@ -72,6 +89,8 @@ pub struct Paper {
     live: usize,
     completed_by: Option<Arc<str>>,
     members: Vec<Member>,
+    /// Members on other nodes, for snapshots (`--cluster`).
+    remote: Vec<RemoteMember>,
     /// Edits handed to the store and not yet confirmed written. While any are,
     /// the paper stays in memory: reading it back from storage would miss them.
     pub unwritten: usize,
@@ -94,6 +113,7 @@ impl Paper {
             live,
             completed_by: stored.completed_by.map(Arc::from),
             members: Vec::new(),
+            remote: stored.remote_members,
             unwritten: 0,
             empty_since: Some(Instant::now()),
         }
@@ -234,8 +254,38 @@ impl Paper {
         Ok(())
     }
 
+    /// The members on this node: the recipients of its broadcasts.
     pub fn members(&self) -> &[Member] {
         &self.members
+    }
+
+    /// Every member, on this node and the others, as a snapshot lists them.
+    pub fn all_members(&self) -> impl Iterator<Item = MemberView<'_>> {
+        self.members.iter().map(Member::view).chain(self.remote.iter().map(RemoteMember::view))
+    }
+
+    /// A member joined on another node; false if it was known already.
+    pub fn add_remote(&mut self, member: RemoteMember) -> bool {
+        if self.remote.iter().any(|m| m.id == member.id) {
+            return false;
+        }
+        self.remote.push(member);
+        true
+    }
+
+    /// A member left another node; false if it was not known.
+    pub fn remove_remote(&mut self, id: &str) -> bool {
+        let before = self.remote.len();
+        self.remote.retain(|m| &*m.id != id);
+        self.remote.len() != before
+    }
+
+    /// A node is gone: its members leave; returns their ids.
+    pub fn remove_node(&mut self, node: &str) -> Vec<Arc<str>> {
+        let (gone, kept): (Vec<RemoteMember>, Vec<RemoteMember>) =
+            std::mem::take(&mut self.remote).into_iter().partition(|m| &*m.node == node);
+        self.remote = kept;
+        gone.into_iter().map(|m| m.id).collect()
     }
 
     pub fn is_full_of_members(&self, limits: &PaperLimits) -> bool {
@@ -382,6 +432,7 @@ mod tests {
         let stored = StoredPaper {
             notes: vec![("n1".into(), Note { author: user("u"), data: None, v: far, node: user("") })],
             completed_by: None,
+            remote_members: Vec::new(),
         };
         let p = Paper::new(Arc::from("p1"), stored, &mut clock);
         assert_eq!(p.live_count(), 0);

@@ -7,12 +7,19 @@ use std::time::{Duration, Instant};
 
 use super::{Paper, StoredPaper, VersionClock};
 
+/// A message relayed by another node (the node, the JSON), kept while the paper
+/// is read.
+pub type Relayed = (Arc<str>, String);
+
 pub enum Slot {
-    /// Being read from storage; `waiters` are the loop keys of the joiners.
+    /// Being read from storage; `waiters` are the loop keys of the joiners, and
+    /// `relayed` what other nodes published meanwhile (`--cluster`), applied once
+    /// the paper is read.
     Loading {
         waiters: Vec<usize>,
         deadline: Instant,
         attempt: u64,
+        relayed: Vec<Relayed>,
     },
     Ready(Paper),
 }
@@ -73,7 +80,10 @@ impl Registry {
             None => {
                 self.attempts += 1;
                 let attempt = self.attempts;
-                self.slots.insert(id.clone(), Slot::Loading { waiters: vec![joiner], deadline, attempt });
+                self.slots.insert(
+                    id.clone(),
+                    Slot::Loading { waiters: vec![joiner], deadline, attempt, relayed: Vec::new() },
+                );
                 Lookup::StartLoad(attempt)
             }
         }
@@ -86,23 +96,43 @@ impl Registry {
             .or_insert_with(|| Slot::Ready(Paper::new(id.clone(), StoredPaper::default(), clock)));
     }
 
-    /// Makes a read paper ready and returns its waiters, or `None` when this read
-    /// is stale (it timed out and its joiners were sent away).
+    /// Makes a read paper ready and returns its waiters and what was relayed while
+    /// it was read, or `None` when this read is stale (it timed out and its
+    /// joiners were sent away).
     pub fn finish_load(
         &mut self,
         id: &Arc<str>,
         attempt: u64,
         stored: StoredPaper,
         clock: &mut VersionClock,
-    ) -> Option<Vec<usize>> {
+    ) -> Option<(Vec<usize>, Vec<Relayed>)> {
         match self.slots.get_mut(id) {
-            Some(Slot::Loading { attempt: current, waiters, .. }) if *current == attempt => {
-                let waiters = std::mem::take(waiters);
+            Some(Slot::Loading { attempt: current, waiters, relayed, .. }) if *current == attempt => {
+                let done = (std::mem::take(waiters), std::mem::take(relayed));
                 self.slots.insert(id.clone(), Slot::Ready(Paper::new(id.clone(), stored, clock)));
-                Some(waiters)
+                Some(done)
             }
             _ => None,
         }
+    }
+
+    /// Keeps a relayed message for a paper being read; false if the paper is not.
+    pub fn hold_relayed(&mut self, id: &str, node: &Arc<str>, message: &str) -> bool {
+        match self.slots.get_mut(id) {
+            Some(Slot::Loading { relayed, .. }) => {
+                relayed.push((node.clone(), message.to_string()));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every paper in memory.
+    pub fn papers_mut(&mut self) -> impl Iterator<Item = &mut Paper> {
+        self.slots.values_mut().filter_map(|slot| match slot {
+            Slot::Ready(paper) => Some(paper),
+            Slot::Loading { .. } => None,
+        })
     }
 
     /// Forgets a joiner that left while it waited.
@@ -156,7 +186,7 @@ mod tests {
         assert_eq!(r.lookup(&id, 1, deadline), Lookup::StartLoad(1));
         assert_eq!(r.lookup(&id, 2, deadline), Lookup::Waiting);
         r.forget_waiter(&id, 1);
-        assert_eq!(r.finish_load(&id, 1, StoredPaper::default(), &mut clock), Some(vec![2]));
+        assert_eq!(r.finish_load(&id, 1, StoredPaper::default(), &mut clock), Some((vec![2], vec![])));
         assert_eq!(r.lookup(&id, 3, deadline), Lookup::Ready);
         assert!(r.paper(&id).is_some());
     }
@@ -171,7 +201,7 @@ mod tests {
         assert_eq!(r.expire_loads(now), vec![1]);
         assert_eq!(r.lookup(&id, 2, now + Duration::from_secs(1)), Lookup::StartLoad(2));
         assert_eq!(r.finish_load(&id, 1, StoredPaper::default(), &mut clock), None);
-        assert_eq!(r.finish_load(&id, 2, StoredPaper::default(), &mut clock), Some(vec![2]));
+        assert_eq!(r.finish_load(&id, 2, StoredPaper::default(), &mut clock), Some((vec![2], vec![])));
     }
 
     #[test]

@@ -18,16 +18,17 @@ use slab::Slab;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::{Message, WebSocket};
 
-use super::inbox::{Handoff, InboxMsg, LoopHandle};
+use super::inbox::{owner_loop, Handoff, InboxMsg, LoopHandle};
 use super::node::Node;
 use crate::conn::http::{self, Parsed, Reply, Route, Upgrade};
 use crate::conn::{self, Conn, Flushed, Io, Phase, Session, Visitor};
 use crate::metrics::{bump, LoopMetrics};
 use crate::paper::registry::{Lookup, Registry};
-use crate::paper::{Edit, Member, VersionClock};
+use crate::paper::RemoteMember;
+use crate::paper::{Edit, Member, Note, VersionClock};
 use crate::protocol::{self, ClientMsg, CloseReason, ErrorCode, Frame, Refusal};
 use crate::rate::{TokenBucket, Verdict};
-use crate::store::{LoadRequest, Op, Origin, StoreHandle, Written};
+use crate::store::{LoadRequest, Op, Origin, Presence, StoreHandle, Written};
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX);
@@ -260,12 +261,21 @@ impl EventLoop {
         Some(key)
     }
 
-    /// The loop that owns a paper: every session of one paper lives there.
+    /// Publishes what was just encoded (a join, leave or cursor) to the other nodes.
+    fn relay_frame(&self, paper: &Arc<str>, presence: Option<Presence>, transient: bool) {
+        let (Some(relay), StoreHandle::Redis { backlog, .. }) = (relay_of(&self.node, &self.frame), &self.store) else {
+            return;
+        };
+        let op = Op::Relay { paper: paper.clone(), presence, relay };
+        if transient {
+            backlog.submit_transient(op);
+        } else if backlog.submit(op).is_err() {
+            log::warn!("backlog full: presence on paper {paper} is not relayed");
+        }
+    }
+
     fn owner_of(&self, paper: &str) -> usize {
-        // FNV-1a: stable and cheap; the spread only needs to be fair.
-        let hash =
-            paper.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        (hash % self.loops.len() as u64) as usize
+        owner_loop(paper, self.loops.len())
     }
 
     fn on_readable(&mut self, key: usize) {
@@ -434,10 +444,7 @@ impl EventLoop {
             Lookup::Waiting => {}
             Lookup::StartLoad(attempt) => {
                 if let StoreHandle::Redis { loads, .. } = &self.store {
-                    let request = LoadRequest { paper, attempt, loop_index: self.index, deadline };
-                    if loads.send(request).is_err() {
-                        log::error!("the loader thread is gone");
-                    }
+                    loads.load(LoadRequest { paper, attempt, loop_index: self.index, deadline });
                 }
             }
         }
@@ -478,7 +485,7 @@ impl EventLoop {
         let Phase::Request { mut io, .. } = std::mem::replace(&mut conn.phase, Phase::Gone) else { return };
         io.out.queue_head(&http::switching_protocols(&upgrade.key));
         let ws = conn::server_websocket(io, rest, self.node.settings.ws_config);
-        let member_id = member_id(conn.serial);
+        let member_id = member_id(&self.node, conn.serial);
         let user: Arc<str> = upgrade.user.map_or_else(|| Arc::from(member_id.as_str()), Arc::from);
         let name: Arc<str> = upgrade.name.map_or_else(|| user.clone(), Arc::from);
         let paper: Arc<str> = Arc::from(upgrade.paper);
@@ -508,8 +515,12 @@ impl EventLoop {
             return self.end_session(key, CloseReason::PaperFull);
         }
         let Phase::Joining { ws, visitor } = std::mem::replace(&mut conn.phase, Phase::Gone) else { return };
-        let member =
-            Member { id: Arc::from(member_id(conn.serial)), user: visitor.user.clone(), name: visitor.name, key };
+        let member = Member {
+            id: Arc::from(member_id(&self.node, conn.serial)),
+            user: visitor.user.clone(),
+            name: visitor.name,
+            key,
+        };
         let read_pending = conn.read_pending;
         let bucket = TokenBucket::new(self.node.settings.burst, Instant::now());
         let session =
@@ -520,17 +531,22 @@ impl EventLoop {
         let join = self.frame.join(&member.view());
         let recipients = self.sessions.broadcast(paper.members(), None, join);
         metrics.message_out("join", recipients);
+        let presence = self.node.cluster.then(|| Presence {
+            member: member.id.clone(),
+            entry: Some(
+                serde_json::json!({"user": &*member.user, "name": &*member.name, "node": &*self.node.node_id})
+                    .to_string(),
+            ),
+        });
+        let paper_id = paper.id.clone();
         paper.add_member(member);
+        self.relay_frame(&paper_id, presence, false);
+        let Some(paper) = self.papers.paper(&paper_id) else { return };
         let you = &paper.members().last().expect("just added").id;
-        let snapshot = self.frame.snapshot(
-            &paper.id,
-            you,
-            paper.is_completed(),
-            paper.live_notes(),
-            paper.members().iter().map(Member::view),
-        );
+        let snapshot =
+            self.frame.snapshot(&paper.id, you, paper.is_completed(), paper.live_notes(), paper.all_members());
         self.sessions.send(key, snapshot);
-        metrics.message_out("snapshot", 1);
+        self.node.loop_metrics[self.index].message_out("snapshot", 1);
         if read_pending {
             self.read_list.push(key);
         }
@@ -688,14 +704,16 @@ impl EventLoop {
                 metrics.message_out("cursor", recipients);
                 bump(&metrics.broadcasts, 1);
                 bump(&metrics.broadcast_recipients, recipients);
-                return;
+                return self.relay_frame(&paper_id, None, true);
             }
             ClientMsg::Complete => {
                 if let Err(code) = paper.check_complete(role) {
                     return self.refuse(key, &code.into());
                 }
                 let snapshot = protocol::paper_document(&paper_id, true, paper.live_notes());
-                let op = Op::Complete { paper: paper_id.clone(), by: user.clone(), snapshot, origin };
+                self.frame.completed(&user);
+                let relay = relay_of(&self.node, &self.frame);
+                let op = Op::Complete { paper: paper_id.clone(), by: user.clone(), snapshot, origin, relay };
                 if !submit(&self.store, op, &mut paper.unwritten) {
                     return self.refuse(key, &ErrorCode::Unavailable.into());
                 }
@@ -717,17 +735,24 @@ impl EventLoop {
             Ok(edit) => edit,
             Err(code) => return self.refuse(key, &Refusal::from(code).with_ref(reference)),
         };
-        let op = Op::Note { paper: paper_id, id: edit.id.clone(), note: edit.note.clone(), origin };
+        // Encoded before it is queued: with `--cluster` the same JSON is relayed.
+        let v = edit.note.v;
+        let kind = match &edit.note.data {
+            Some(data) => {
+                self.frame.upsert(&edit.id, &edit.note.author, data, v, &member_id, reference.as_deref());
+                "upsert"
+            }
+            None => {
+                self.frame.delete(&edit.id, v, &member_id, reference.as_deref());
+                "delete"
+            }
+        };
+        let relay = relay_of(&self.node, &self.frame);
+        let op = Op::Note { paper: paper_id, id: edit.id.clone(), note: edit.note.clone(), origin, relay };
         if !submit(&self.store, op, &mut paper.unwritten) {
             return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference));
         }
-        let v = edit.note.v;
-        let (kind, bytes) = match &edit.note.data {
-            Some(data) => {
-                ("upsert", self.frame.upsert(&edit.id, &edit.note.author, data, v, &member_id, reference.as_deref()))
-            }
-            None => ("delete", self.frame.delete(&edit.id, v, &member_id, reference.as_deref())),
-        };
+        let bytes = self.frame.bytes();
         paper.apply(edit);
         let recipients = self.sessions.broadcast(paper.members(), None, bytes);
         metrics.message_out(kind, recipients);
@@ -755,7 +780,12 @@ impl EventLoop {
             bump(&self.node.loop_metrics[self.index].slow_consumers, 1);
             ws.get_mut().out.drop_queued();
         }
-        log::debug!("session {} closes with {} {}", member_id(conn.serial), u16::from(reason.code()), reason.text());
+        log::debug!(
+            "session {} closes with {} {}",
+            member_id(&self.node, conn.serial),
+            u16::from(reason.code()),
+            reason.text()
+        );
         // After a close from the peer this queues tungstenite's echo of it; otherwise
         // our close frame. Either way the frame lands in `Io`, which cannot fail.
         let frame = CloseFrame { code: reason.code(), reason: reason.text().into() };
@@ -782,6 +812,9 @@ impl EventLoop {
                 let leave = self.frame.leave(&member.id);
                 let recipients = self.sessions.broadcast(paper.members(), None, leave);
                 self.node.loop_metrics[self.index].message_out("leave", recipients);
+                let paper_id = paper.id.clone();
+                let presence = self.node.cluster.then(|| Presence { member: member.id.clone(), entry: None });
+                self.relay_frame(&paper_id, presence, false);
             }
             _ => {}
         }
@@ -828,14 +861,72 @@ impl EventLoop {
                     self.adopt(stream, peer, serial, counted, handoff)
                 }
                 InboxMsg::Loaded { paper, attempt, stored } => {
-                    if let Some(waiters) = self.papers.finish_load(&paper, attempt, stored, &mut self.clock) {
+                    if let Some((waiters, relayed)) = self.papers.finish_load(&paper, attempt, stored, &mut self.clock)
+                    {
+                        // What other nodes sent while the paper was read, then the joiners:
+                        // their snapshots hold it all.
+                        for (node, message) in relayed {
+                            self.apply_relayed(&paper, node, &message);
+                        }
                         for key in waiters {
                             self.paper_ready(key);
                         }
                     }
                 }
+                InboxMsg::Relayed { paper, node, message } => {
+                    if !self.papers.hold_relayed(&paper, &node, &message) {
+                        self.apply_relayed(&paper, node, &message);
+                    }
+                }
+                InboxMsg::NodeGone(node) => self.node_gone(&node),
                 InboxMsg::Written(written) => self.on_written(written),
                 InboxMsg::Stop => self.stop(),
+            }
+        }
+    }
+
+    /// A message from another node: an edit applies only if it advances the note's
+    /// version (so every node converges whatever the order of arrival); presence
+    /// and cursors pass on. What applies goes to this node's members unchanged.
+    fn apply_relayed(&mut self, paper_id: &Arc<str>, node: Arc<str>, message: &str) {
+        let Some(paper) = self.papers.paper_mut(paper_id) else { return };
+        let Some(relayed) = protocol::parse_relayed(message) else {
+            log::warn!("ignoring a relayed message from node {node} that this server cannot read");
+            return;
+        };
+        let (kind, pass_on) = match relayed {
+            protocol::Relayed::Upsert { id, author, data, v } => {
+                self.clock.observe(v);
+                let note = Note { author: Arc::from(author), data: Some(Arc::from(data)), v, node };
+                ("upsert", paper.apply(Edit { id: Arc::from(id), note }))
+            }
+            protocol::Relayed::Delete { id, v } => {
+                self.clock.observe(v);
+                let author = paper.note(&id).map_or_else(|| Arc::from(""), |n| n.author.clone());
+                ("delete", paper.apply(Edit { id: Arc::from(id), note: Note { author, data: None, v, node } }))
+            }
+            protocol::Relayed::Completed { by } => ("completed", paper.complete(&Arc::from(by)).is_ok()),
+            protocol::Relayed::Join { id, user, name } => {
+                let member = RemoteMember { id: Arc::from(id), user: Arc::from(user), name: Arc::from(name), node };
+                ("join", paper.add_remote(member))
+            }
+            protocol::Relayed::Leave { id } => ("leave", paper.remove_remote(&id)),
+            protocol::Relayed::Cursor => ("cursor", true),
+        };
+        if pass_on {
+            let bytes = self.frame.raw(message);
+            let recipients = self.sessions.broadcast(paper.members(), None, bytes);
+            self.node.loop_metrics[self.index].message_out(kind, recipients);
+        }
+    }
+
+    /// Another node stopped: its members leave every paper here.
+    fn node_gone(&mut self, node: &str) {
+        for paper in self.papers.papers_mut() {
+            for id in paper.remove_node(node) {
+                let leave = self.frame.leave(&id);
+                let recipients = self.sessions.broadcast(paper.members(), None, leave);
+                self.node.loop_metrics[self.index].message_out("leave", recipients);
             }
         }
     }
@@ -958,6 +1049,9 @@ impl EventLoop {
             if let Some(linger) = self.node.settings.paper_linger {
                 for paper in self.papers.evict_idle(now, linger) {
                     log::debug!("paper {paper} left memory");
+                    if let StoreHandle::Redis { loads, .. } = &self.store {
+                        loads.forget(paper);
+                    }
                 }
             }
             self.publish_gauges();
@@ -1031,7 +1125,7 @@ impl EventLoop {
     fn remove(&mut self, key: usize) {
         if let Some(conn) = self.sessions.conns.get(key) {
             if matches!(conn.phase, Phase::Joining { .. } | Phase::Open { .. }) {
-                log::debug!("session {} lost its connection", member_id(conn.serial));
+                log::debug!("session {} lost its connection", member_id(&self.node, conn.serial));
             }
         }
         self.leave_paper(key);
@@ -1061,11 +1155,25 @@ fn submit(store: &StoreHandle, op: Op, unwritten: &mut usize) -> bool {
     }
 }
 
-/// A session's id: short, unique for the process.
-fn member_id(serial: u64) -> String {
-    format!("c{serial}")
-}
-
 fn unix_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A session's id: short, unique for the process, and with `--cluster` among the
+/// nodes too.
+fn member_id(node: &Node, serial: u64) -> String {
+    if node.cluster {
+        format!("c{serial}-{}", node.node_id)
+    } else {
+        format!("c{serial}")
+    }
+}
+
+/// With `--cluster`, the message for other nodes: this node's id, a newline, and
+/// the JSON just encoded for this node's members.
+fn relay_of(node: &Node, frame: &Frame) -> Option<Box<str>> {
+    node.cluster.then(|| {
+        let json = std::str::from_utf8(frame.payload()).expect("frames are JSON text");
+        format!("{}\n{json}", node.node_id).into_boxed_str()
+    })
 }

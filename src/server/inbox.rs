@@ -41,8 +41,20 @@ pub enum InboxMsg {
     Loaded { paper: Arc<str>, attempt: u64, stored: StoredPaper },
     /// Edits of this loop's sessions that are now in Redis.
     Written(Vec<Written>),
+    /// A message another node published on a paper this loop owns: the JSON its
+    /// members were sent.
+    Relayed { paper: Arc<str>, node: Arc<str>, message: String },
+    /// A node stopped announcing itself: its members leave every paper.
+    NodeGone(Arc<str>),
     /// Stop accepting, close every session with 1001, then return.
     Stop,
+}
+
+/// The loop that owns a paper: every session of one paper lives there, whichever
+/// loop accepted it. FNV-1a: stable and cheap; the spread only needs to be fair.
+pub fn owner_loop(paper: &str, loops: usize) -> usize {
+    let hash = paper.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    (hash % loops as u64) as usize
 }
 
 #[derive(Clone)]

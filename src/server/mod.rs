@@ -8,6 +8,7 @@ pub mod node;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -19,8 +20,9 @@ use signal_hook::iterator::Signals;
 use crate::config::{Config, StoreKind};
 use crate::metrics::WriterMetrics;
 use crate::store::loader::Loader;
+use crate::store::relay::Relay;
 use crate::store::writer::Writer;
-use crate::store::{Backlog, StoreHandle};
+use crate::store::{Backlog, Loads, StoreHandle};
 use event_loop::{EventLoop, WAKER};
 use inbox::{InboxMsg, LoopHandle};
 use node::{Node, StoreStatus};
@@ -78,6 +80,8 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
     let loops: Arc<[LoopHandle]> = handles.into();
 
     let give_up_at = Arc::new(OnceLock::new());
+    let node_id = config.node_id.clone().unwrap_or_default();
+    let mut relay_thread = None;
     let (store, status, writer, loader) = match config.store {
         StoreKind::Memory => {
             log::warn!("--store memory: papers live in this process only and are lost when it exits; completed papers are not handed to any stream");
@@ -88,9 +92,14 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             let (backlog, ops, pending) = Backlog::new(config.backlog_limit);
             let (loads_tx, loads_rx) = crossbeam_channel::unbounded();
             let metrics = Arc::new(WriterMetrics::default());
-            let status =
-                StoreStatus { writer: metrics.clone(), backlog: pending.clone(), backlog_limit: config.backlog_limit };
-            let writer = Writer::new(
+            let relay_healthy = config.cluster.then(|| Arc::new(AtomicBool::new(false)));
+            let status = StoreStatus {
+                writer: metrics.clone(),
+                backlog: pending.clone(),
+                backlog_limit: config.backlog_limit,
+                relay_healthy: relay_healthy.clone(),
+            };
+            let mut writer = Writer::new(
                 client.clone(),
                 ops,
                 pending,
@@ -99,10 +108,22 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
                 config.completed_retention,
                 give_up_at.clone(),
             );
+            let mut loader = Loader::new(client.clone(), loads_rx, loops.clone());
+            let loads = match relay_healthy {
+                Some(healthy) => {
+                    writer = writer.announcing(&node_id);
+                    loader = loader.with_presence(&node_id);
+                    let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
+                    let relay = Relay::new(client, &node_id, relay_rx, loads_tx, loops.clone(), healthy);
+                    relay_thread =
+                        Some(spawn("rp-relay", move || relay.run()).map_err(|e| fail("cannot start the relay", &e))?);
+                    Loads::Subscribed(relay_tx)
+                }
+                None => Loads::Direct(loads_tx),
+            };
             let writer = spawn("rp-writer", move || writer.run()).map_err(|e| fail("cannot start the writer", &e))?;
-            let loader = Loader::new(client, loads_rx, loops.clone());
             let loader = spawn("rp-loader", move || loader.run()).map_err(|e| fail("cannot start the loader", &e))?;
-            (StoreHandle::Redis { backlog, loads: loads_tx }, Some(status), Some(writer), Some(loader))
+            (StoreHandle::Redis { backlog, loads }, Some(status), Some(writer), Some(loader))
         }
     };
 
@@ -152,6 +173,9 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
     let _ = give_up_at.set(Instant::now() + config.shutdown_timeout());
     drop(loops);
     let lost = writer.map_or(0, |w| w.join().unwrap_or(0));
+    if let Some(relay) = relay_thread {
+        let _ = relay.join();
+    }
     if let Some(loader) = loader {
         let _ = loader.join();
     }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,8 @@ pub struct StoreStatus {
     pub writer: Arc<WriterMetrics>,
     pub backlog: Arc<AtomicUsize>,
     pub backlog_limit: usize,
+    /// With `--cluster`: the relay's canary came back in time.
+    pub relay_healthy: Option<Arc<AtomicBool>>,
 }
 
 pub struct Node {
@@ -164,6 +166,9 @@ impl Node {
         }
         if store.backlog.load(Ordering::Relaxed) >= store.backlog_limit {
             return Some("write backlog full");
+        }
+        if store.relay_healthy.as_ref().is_some_and(|h| !h.load(Ordering::Relaxed)) {
+            return Some("relay canary not received");
         }
         None
     }

@@ -11,6 +11,31 @@ pub fn meta(paper: &str) -> String {
     format!("rp:paper:{{{paper}}}:meta")
 }
 
+/// Hash (with `--cluster`): member id -> `{"user","name","node"}` of the members
+/// on every node, read by a node that loads the paper.
+pub fn members(paper: &str) -> String {
+    format!("rp:paper:{{{paper}}}:members")
+}
+
+/// Pub/sub channel of one paper's relayed messages.
+pub fn channel(paper: &str) -> String {
+    format!("rp:paper:{{{paper}}}")
+}
+
+/// The paper of a channel name, if it is one.
+pub fn paper_of_channel(channel: &str) -> Option<&str> {
+    channel.strip_prefix("rp:paper:{")?.strip_suffix('}')
+}
+
+/// Pub/sub channel where every node says it is alive (every few seconds); a node
+/// hearing its own message knows its subscription works.
+pub const NODES_CHANNEL: &str = "rp:nodes";
+
+/// String key with an expiry, refreshed by each live node.
+pub fn node_alive(node: &str) -> String {
+    format!("rp:node:{node}")
+}
+
 /// Stream: one entry (`paper`, `snapshot`) per completed paper, for the main backend.
 pub const COMPLETED_STREAM: &str = "rp:papers:completed";
 
@@ -20,5 +45,8 @@ mod tests {
     fn keys_use_the_paper_as_hash_tag() {
         assert_eq!(super::notes("p1"), "rp:paper:{p1}:notes");
         assert_eq!(super::meta("p1"), "rp:paper:{p1}:meta");
+        assert_eq!(super::channel("p1"), "rp:paper:{p1}");
+        assert_eq!(super::paper_of_channel("rp:paper:{p1}"), Some("p1"));
+        assert_eq!(super::paper_of_channel("rp:nodes"), None);
     }
 }

@@ -11,13 +11,15 @@ use serde_json::value::RawValue;
 
 use super::writer::connect;
 use super::{keys, LoadRequest};
-use crate::paper::{Note, StoredPaper};
+use crate::paper::{Note, RemoteMember, StoredPaper};
 use crate::server::inbox::{InboxMsg, LoopHandle};
 
 /// A Redis hash as its field/value pairs.
 type Hash = Vec<(String, String)>;
 
 pub struct Loader {
+    /// With `--cluster`: this node, whose own entries in presence hashes are stale.
+    presence_of_others: Option<String>,
     client: redis::Client,
     conn: Option<Connection>,
     requests: Receiver<LoadRequest>,
@@ -26,7 +28,13 @@ pub struct Loader {
 
 impl Loader {
     pub fn new(client: redis::Client, requests: Receiver<LoadRequest>, loops: Arc<[LoopHandle]>) -> Self {
-        Loader { client, conn: None, requests, loops }
+        Loader { presence_of_others: None, client, conn: None, requests, loops }
+    }
+
+    /// With `--cluster`: also read who is on the paper on other live nodes.
+    pub fn with_presence(mut self, node: &str) -> Self {
+        self.presence_of_others = Some(node.to_string());
+        self
     }
 
     /// Serves requests until every loop has stopped.
@@ -69,8 +77,50 @@ impl Loader {
         };
         let (notes, meta): (Hash, Hash) =
             redis::pipe().cmd("HGETALL").arg(keys::notes(paper)).cmd("HGETALL").arg(keys::meta(paper)).query(conn)?;
-        Ok(parse_paper(paper, notes, meta))
+        let mut stored = parse_paper(paper, notes, meta);
+        if let Some(own) = &self.presence_of_others {
+            let entries: Hash = redis::cmd("HGETALL").arg(keys::members(paper)).query(conn)?;
+            stored.remote_members = live_members(conn, own, entries)?;
+        }
+        Ok(stored)
     }
+}
+
+#[derive(Deserialize)]
+struct PresenceEntry {
+    user: String,
+    name: String,
+    node: String,
+}
+
+/// The presence entries of nodes that are alive (their `rp:node:{id}` key exists)
+/// and not this one.
+fn live_members(conn: &mut Connection, own: &str, entries: Hash) -> redis::RedisResult<Vec<RemoteMember>> {
+    let parsed: Vec<(String, PresenceEntry)> = entries
+        .into_iter()
+        .filter_map(|(id, json)| Some((id, serde_json::from_str::<PresenceEntry>(&json).ok()?)))
+        .filter(|(_, e)| e.node != own)
+        .collect();
+    let mut nodes: Vec<&str> = parsed.iter().map(|(_, e)| e.node.as_str()).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let mut alive = Vec::new();
+    for node in nodes {
+        let exists: bool = redis::cmd("EXISTS").arg(keys::node_alive(node)).query(conn)?;
+        if exists {
+            alive.push(node.to_string());
+        }
+    }
+    Ok(parsed
+        .into_iter()
+        .filter(|(_, e)| alive.contains(&e.node))
+        .map(|(id, e)| RemoteMember {
+            id: Arc::from(id),
+            user: Arc::from(e.user),
+            name: Arc::from(e.name),
+            node: Arc::from(e.node),
+        })
+        .collect())
 }
 
 #[derive(Deserialize)]

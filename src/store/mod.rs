@@ -4,6 +4,7 @@
 
 pub mod keys;
 pub mod loader;
+pub mod relay;
 pub mod writer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,33 +24,50 @@ pub struct Origin {
     pub serial: u64,
 }
 
-/// One unit of work for the writer.
+/// One unit of work for the writer. `relay`, with `--cluster`, is the message
+/// to publish to the paper's channel (the node id, a newline, the JSON every
+/// member is sent), in the same pipeline as the write.
 #[derive(Debug)]
 pub enum Op {
     /// Write one note (or its tombstone) if it advances the stored version.
-    Note { paper: Arc<str>, id: Arc<str>, note: Note, origin: Origin },
+    Note { paper: Arc<str>, id: Arc<str>, note: Note, origin: Origin, relay: Option<Box<str>> },
     /// Seal the paper, hand its snapshot to the main backend, start its retention.
-    Complete { paper: Arc<str>, by: Arc<str>, snapshot: String, origin: Origin },
+    Complete { paper: Arc<str>, by: Arc<str>, snapshot: String, origin: Origin, relay: Option<Box<str>> },
+    /// Only relayed: a join or leave (with the paper's presence entry to set or
+    /// remove) or a cursor. Never acknowledged.
+    Relay { paper: Arc<str>, presence: Option<Presence>, relay: Box<str> },
+}
+
+/// A member in the paper's presence hash, so that nodes loading the paper later
+/// know who is on the others.
+#[derive(Debug)]
+pub struct Presence {
+    pub member: Arc<str>,
+    /// The JSON entry `{"user","name","node"}`, or `None` to remove it.
+    pub entry: Option<String>,
 }
 
 impl Op {
     pub fn paper(&self) -> &Arc<str> {
         match self {
-            Op::Note { paper, .. } | Op::Complete { paper, .. } => paper,
+            Op::Note { paper, .. } | Op::Complete { paper, .. } | Op::Relay { paper, .. } => paper,
         }
     }
 
-    pub fn origin(&self) -> Origin {
+    pub fn relay(&self) -> Option<&str> {
         match self {
-            Op::Note { origin, .. } | Op::Complete { origin, .. } => *origin,
+            Op::Note { relay, .. } | Op::Complete { relay, .. } => relay.as_deref(),
+            Op::Relay { relay, .. } => Some(relay),
         }
     }
 
-    /// The version a `saved` message confirms (0 for a completion).
-    pub fn version(&self) -> u64 {
+    /// Who to tell once it is written, and the version a `saved` confirms (0 for
+    /// a completion); `None` for what is only relayed.
+    pub fn written(&self) -> Option<(Origin, u64)> {
         match self {
-            Op::Note { note, .. } => note.v,
-            Op::Complete { .. } => 0,
+            Op::Note { origin, note, .. } => Some((*origin, note.v)),
+            Op::Complete { origin, .. } => Some((*origin, 0)),
+            Op::Relay { .. } => None,
         }
     }
 }
@@ -103,6 +121,14 @@ impl Backlog {
         self.tx.send(Queued { op, at: Instant::now() }).map_err(|_| BacklogFull)
     }
 
+    /// Queues an op that may be lost without harm (a cursor), unless the backlog is
+    /// half full: transient state must not crowd out edits.
+    pub fn submit_transient(&self, op: Op) {
+        if self.len() < self.limit / 2 {
+            let _ = self.submit(op);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.pending.load(Ordering::Acquire)
     }
@@ -126,12 +152,40 @@ pub struct LoadRequest {
     pub deadline: Instant,
 }
 
+/// Where a loop sends a paper to be read: straight to the loader, or with
+/// `--cluster` through the relay thread, which subscribes to the paper's channel
+/// first so that no change falls between the read and the subscription.
+#[derive(Clone)]
+pub enum Loads {
+    Direct(Sender<LoadRequest>),
+    Subscribed(Sender<relay::RelayCmd>),
+}
+
+impl Loads {
+    pub fn load(&self, request: LoadRequest) {
+        let sent = match self {
+            Loads::Direct(loader) => loader.send(request).is_ok(),
+            Loads::Subscribed(relay) => relay.send(relay::RelayCmd::Subscribe(request)).is_ok(),
+        };
+        if !sent {
+            log::error!("the loader thread is gone");
+        }
+    }
+
+    /// The paper left memory: stop listening to its channel.
+    pub fn forget(&self, paper: Arc<str>) {
+        if let Loads::Subscribed(relay) = self {
+            let _ = relay.send(relay::RelayCmd::Unsubscribe(paper));
+        }
+    }
+}
+
 /// What a loop holds of the store.
 #[derive(Clone)]
 pub enum StoreHandle {
     Redis {
         backlog: Backlog,
-        loads: Sender<LoadRequest>,
+        loads: Loads,
     },
     /// Papers live in the loops' memory only; every edit counts as written at once.
     Memory,

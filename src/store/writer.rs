@@ -77,7 +77,14 @@ pub struct Writer {
     write_notes: Script,
     complete: Script,
     outage: Option<Outage>,
+    /// With `--cluster`: this node's id, announced every `HEARTBEAT_EVERY`.
+    node: Option<String>,
+    next_heartbeat: Instant,
 }
+
+/// How often a node says it is alive; `NODE_TTL` later without it, it counts as gone.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+pub const NODE_TTL: Duration = Duration::from_secs(8);
 
 struct Outage {
     since: Instant,
@@ -106,6 +113,42 @@ impl Writer {
             write_notes: Script::new(WRITE_NOTES),
             complete: Script::new(COMPLETE),
             outage: None,
+            node: None,
+            next_heartbeat: Instant::now(),
+        }
+    }
+
+    /// With `--cluster`, announces the node on `rp:nodes` and keeps its
+    /// `rp:node:{id}` key alive.
+    pub fn announcing(mut self, node: &str) -> Self {
+        self.node = Some(node.to_string());
+        self
+    }
+
+    fn heartbeat(&mut self) {
+        let Some(node) = self.node.clone() else { return };
+        if Instant::now() < self.next_heartbeat {
+            return;
+        }
+        self.next_heartbeat = Instant::now() + HEARTBEAT_EVERY;
+        let result = self.connection().and_then(|conn| {
+            redis::pipe()
+                .cmd("SET")
+                .arg(keys::node_alive(&node))
+                .arg(1)
+                .arg("PX")
+                .arg(NODE_TTL.as_millis() as u64)
+                .ignore()
+                .cmd("PUBLISH")
+                .arg(keys::NODES_CHANNEL)
+                .arg(&node)
+                .ignore()
+                .query::<()>(conn)
+        });
+        if let Err(e) = result {
+            self.conn = None;
+            self.metrics.redis_up.store(false, Ordering::Relaxed);
+            self.report_outage(&e);
         }
     }
 
@@ -115,10 +158,11 @@ impl Writer {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         self.check_redis();
         loop {
-            match self.ops.recv_timeout(Duration::from_secs(1)) {
+            match self.ops.recv_timeout(HEARTBEAT_EVERY / 2) {
                 Ok(op) => batch.push(op),
                 Err(RecvTimeoutError::Timeout) => {
                     self.check_redis();
+                    self.heartbeat();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return 0,
@@ -135,6 +179,7 @@ impl Writer {
                 return lost;
             }
             self.acknowledge(&mut batch);
+            self.heartbeat();
         }
     }
 
@@ -275,6 +320,7 @@ impl Writer {
                     writes.notes.insert(id, (value, note.v, &*note.node));
                 }
                 Op::Complete { by, snapshot, .. } => writes.complete = Some((by, snapshot)),
+                Op::Relay { .. } => {}
             }
         }
 
@@ -306,6 +352,21 @@ impl Writer {
                     .arg(self.retention_secs);
             }
         }
+        // Relayed messages go out in the order they were accepted, after the writes
+        // of this batch, so a node reading the paper on receipt finds them there.
+        for Queued { op, .. } in batch {
+            if let Op::Relay { paper, presence: Some(presence), .. } = op {
+                commands += 1;
+                match &presence.entry {
+                    Some(entry) => pipe.cmd("HSET").arg(keys::members(paper)).arg(&*presence.member).arg(entry),
+                    None => pipe.cmd("HDEL").arg(keys::members(paper)).arg(&*presence.member),
+                };
+            }
+            if let Some(relay) = op.relay() {
+                commands += 1;
+                pipe.cmd("PUBLISH").arg(keys::channel(op.paper())).arg(relay);
+            }
+        }
         (pipe, commands)
     }
 
@@ -315,10 +376,9 @@ impl Writer {
         let count = batch.len();
         for Queued { op, at } in batch.drain(..) {
             self.metrics.write_latency(at.elapsed());
-            let origin = op.origin();
-            let v = op.version();
+            let Some((origin, v)) = op.written() else { continue };
             let paper = match op {
-                Op::Note { paper, .. } | Op::Complete { paper, .. } => paper,
+                Op::Note { paper, .. } | Op::Complete { paper, .. } | Op::Relay { paper, .. } => paper,
             };
             per_loop[origin.loop_index].push(Written { paper, origin, v });
         }

@@ -1,0 +1,193 @@
+//! The relay thread (`--cluster`, PROTOCOL.md 6): one subscriber connection to
+//! Redis, subscribed to the channels of exactly the papers this node holds, plus
+//! `rp:nodes`. Changes published by other nodes go to the loop that owns their
+//! paper; nodes that stop announcing themselves are reported gone; this node's own
+//! announcement coming back is the canary that proves the subscription works.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use redis::Connection;
+
+use super::writer::{CONNECT_TIMEOUT, HEARTBEAT_EVERY, NODE_TTL};
+use super::{keys, LoadRequest};
+use crate::server::inbox::{owner_loop, InboxMsg, LoopHandle};
+
+/// How long a wait for a message lasts before commands from the loops are looked at.
+const POLL: Duration = Duration::from_millis(20);
+
+pub enum RelayCmd {
+    /// Subscribe to the paper's channel, then have it read.
+    Subscribe(LoadRequest),
+    Unsubscribe(Arc<str>),
+}
+
+pub struct Relay {
+    client: redis::Client,
+    node: String,
+    commands: Receiver<RelayCmd>,
+    loads: Sender<LoadRequest>,
+    loops: Arc<[LoopHandle]>,
+    /// Papers subscribed to (again after a reconnection).
+    papers: HashSet<Arc<str>>,
+    /// Other nodes, when last heard.
+    nodes: HashMap<String, Instant>,
+    /// When this node last heard itself.
+    heard_self: Option<Instant>,
+    /// `/readyz` reads it: the canary came back in time.
+    healthy: Arc<AtomicBool>,
+}
+
+impl Relay {
+    pub fn new(
+        client: redis::Client,
+        node: &str,
+        commands: Receiver<RelayCmd>,
+        loads: Sender<LoadRequest>,
+        loops: Arc<[LoopHandle]>,
+        healthy: Arc<AtomicBool>,
+    ) -> Self {
+        Relay {
+            client,
+            node: node.to_string(),
+            commands,
+            loads,
+            loops,
+            papers: HashSet::new(),
+            nodes: HashMap::new(),
+            heard_self: None,
+            healthy,
+        }
+    }
+
+    /// Runs until every loop has stopped.
+    pub fn run(mut self) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.client.get_connection_with_timeout(CONNECT_TIMEOUT) {
+                Ok(mut conn) => {
+                    match self.serve(&mut conn) {
+                        Ok(()) => return,
+                        Err(e) => log::warn!("relay subscription lost ({e}); subscribing again"),
+                    }
+                    backoff = Duration::from_millis(50);
+                }
+                Err(e) => log::warn!("relay cannot reach Redis: {e}"),
+            }
+            self.healthy.store(false, Ordering::Relaxed);
+            // While Redis is away, loads still have to fail in time: hand them on.
+            if !self.forward_commands_for(backoff) {
+                return;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Without a subscription, waits `pause` taking commands (loads are passed to
+    /// the loader, which fails them by their deadline); false once the loops are gone.
+    fn forward_commands_for(&mut self, pause: Duration) -> bool {
+        let until = Instant::now() + pause;
+        loop {
+            match self.commands.recv_deadline(until) {
+                Ok(RelayCmd::Subscribe(load)) => {
+                    self.papers.insert(load.paper.clone());
+                    let _ = self.loads.send(load);
+                }
+                Ok(RelayCmd::Unsubscribe(paper)) => {
+                    self.papers.remove(&paper);
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return true,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn serve(&mut self, conn: &mut Connection) -> redis::RedisResult<()> {
+        conn.set_read_timeout(Some(POLL))?;
+        let mut pubsub = conn.as_pubsub();
+        pubsub.subscribe(keys::NODES_CHANNEL)?;
+        for paper in &self.papers {
+            pubsub.subscribe(keys::channel(paper))?;
+        }
+        let connected = Instant::now();
+        self.heard_self = None;
+        loop {
+            loop {
+                match self.commands.try_recv() {
+                    Ok(RelayCmd::Subscribe(load)) => {
+                        // Subscribed (confirmed) before the read: nothing falls between.
+                        pubsub.subscribe(keys::channel(&load.paper))?;
+                        self.papers.insert(load.paper.clone());
+                        let _ = self.loads.send(load);
+                    }
+                    Ok(RelayCmd::Unsubscribe(paper)) => {
+                        pubsub.unsubscribe(keys::channel(&paper))?;
+                        self.papers.remove(&paper);
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            match pubsub.get_message() {
+                Ok(msg) => self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
+                Err(e) if e.is_timeout() => {}
+                Err(e) => return Err(e),
+            }
+            self.check_nodes(connected)?;
+        }
+    }
+
+    fn dispatch(&mut self, channel: &str, payload: &[u8]) {
+        let Ok(payload) = std::str::from_utf8(payload) else { return };
+        if channel == keys::NODES_CHANNEL {
+            if payload == self.node {
+                self.heard_self = Some(Instant::now());
+                self.healthy.store(true, Ordering::Relaxed);
+            } else {
+                self.nodes.insert(payload.to_string(), Instant::now());
+            }
+            return;
+        }
+        let Some(paper) = keys::paper_of_channel(channel) else { return };
+        let Some((node, message)) = payload.split_once('\n') else { return };
+        if node == self.node {
+            return; // our own publication: its members have it already
+        }
+        self.nodes.insert(node.to_string(), Instant::now());
+        let owner = owner_loop(paper, self.loops.len());
+        self.loops[owner].send(InboxMsg::Relayed {
+            paper: Arc::from(paper),
+            node: Arc::from(node),
+            message: message.to_string(),
+        });
+    }
+
+    /// Reports nodes not heard for `NODE_TTL` as gone, and fails the canary (which
+    /// rebuilds the subscription) when this node has not heard itself.
+    fn check_nodes(&mut self, connected: Instant) -> redis::RedisResult<()> {
+        let now = Instant::now();
+        let gone: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, seen)| now.duration_since(**seen) > NODE_TTL)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in gone {
+            self.nodes.remove(&node);
+            log::info!("node {node} is gone: its members leave");
+            let node: Arc<str> = Arc::from(node);
+            for handle in self.loops.iter() {
+                handle.send(InboxMsg::NodeGone(node.clone()));
+            }
+        }
+        let last = self.heard_self.unwrap_or(connected);
+        if now.duration_since(last) > HEARTBEAT_EVERY * 3 {
+            self.healthy.store(false, Ordering::Relaxed);
+            return Err(redis::RedisError::from((redis::ErrorKind::Io, "the relay canary did not come back")));
+        }
+        Ok(())
+    }
+}
