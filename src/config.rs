@@ -36,9 +36,15 @@ pub struct Config {
     #[arg(long, env = "RP_STORE", value_enum, default_value_t = StoreKind::Redis)]
     pub store: StoreKind,
 
-    /// Redis URL (with `--store redis`).
+    /// Redis URL (with `--store redis`): redis://host:port/db, or
+    /// redis+sentinel://host:port,host:port/mastername to follow a Sentinel-watched master.
     #[arg(long, env = "RP_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
+
+    /// With N >= 1, an edit counts as written (and `saved`) only once N replicas
+    /// have it (Redis `WAIT`).
+    #[arg(long, env = "RP_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: usize,
 
     /// Largest WebSocket message a client may send, all fragments together (bytes); over it
     /// the session is closed with 1009.
@@ -250,10 +256,11 @@ impl Config {
             ));
         }
         if self.store == StoreKind::Redis {
-            if let Err(e) = redis::Client::open(self.redis.as_str()) {
+            if let Err(e) = crate::store::endpoint::Target::parse(&self.redis) {
                 return err(format!(
-                    "--redis {:?} is not a Redis URL ({e}); use for example redis://127.0.0.1:6379",
-                    self.redis
+                    "--redis {:?} is not a Redis URL ({e}); use for example redis://127.0.0.1:6379 \
+                     or redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster",
+                    redact(&self.redis)
                 ));
             }
         }
@@ -294,7 +301,7 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "listen={} threads={} store={:?} cluster={} node_id={} redis={} max_message_bytes={} max_note_bytes={} \
+            "listen={} threads={} store={:?} cluster={} node_id={} redis={} redis_wait_replicas={} max_message_bytes={} max_note_bytes={} \
              max_notes={} max_members={} backlog_limit={} load_timeout={}s paper_linger={}s \
              completed_retention={}s max_outbound_bytes={} drain_seconds={}s shutdown_timeout={}s auth={} allowed_origins={} \
              rate={}/s burst={} max_connections={} max_connections_per_address={} handshake_timeout={}s \
@@ -305,6 +312,7 @@ impl fmt::Display for Config {
             self.cluster,
             self.node_id.as_deref().unwrap_or(""),
             redact(&self.redis),
+            self.redis_wait_replicas,
             self.max_message_bytes,
             self.max_note_bytes,
             self.max_notes,

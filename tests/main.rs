@@ -11,4 +11,5 @@ mod limits; // abuse: rate, caps, origins, slow and silent peers
 mod notes; // 2. notes and versions
 mod operations; // 1. papers API, readiness, metrics
 mod persistence; // 4. Redis
+mod sentinel; // 4. failover under Sentinel
 mod session; // 3. the WebSocket session

@@ -19,6 +19,7 @@ use signal_hook::iterator::Signals;
 
 use crate::config::{Config, StoreKind};
 use crate::metrics::WriterMetrics;
+use crate::store::endpoint::Target;
 use crate::store::loader::Loader;
 use crate::store::relay::Relay;
 use crate::store::writer::Writer;
@@ -88,7 +89,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             (StoreHandle::Memory, None, None, None)
         }
         StoreKind::Redis => {
-            let client = redis::Client::open(config.redis.as_str()).map_err(|e| fail("bad --redis URL", &e))?;
+            let target = Target::parse(&config.redis).map_err(|e| fail("bad --redis URL", &e))?;
             let (backlog, ops, pending) = Backlog::new(config.backlog_limit);
             let (loads_tx, loads_rx) = crossbeam_channel::unbounded();
             let metrics = Arc::new(WriterMetrics::default());
@@ -100,7 +101,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
                 relay_healthy: relay_healthy.clone(),
             };
             let mut writer = Writer::new(
-                client.clone(),
+                target.endpoint(),
                 ops,
                 pending,
                 metrics,
@@ -108,13 +109,14 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
                 config.completed_retention,
                 give_up_at.clone(),
             );
-            let mut loader = Loader::new(client.clone(), loads_rx, loops.clone());
+            writer = writer.waiting_for_replicas(config.redis_wait_replicas);
+            let mut loader = Loader::new(target.endpoint(), loads_rx, loops.clone());
             let loads = match relay_healthy {
                 Some(healthy) => {
                     writer = writer.announcing(&node_id);
                     loader = loader.with_presence(&node_id);
                     let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
-                    let relay = Relay::new(client, &node_id, relay_rx, loads_tx, loops.clone(), healthy);
+                    let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, loops.clone(), healthy);
                     relay_thread =
                         Some(spawn("rp-relay", move || relay.run()).map_err(|e| fail("cannot start the relay", &e))?);
                     Loads::Subscribed(relay_tx)

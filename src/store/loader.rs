@@ -9,7 +9,7 @@ use redis::Connection;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::writer::connect;
+use super::endpoint::Endpoint;
 use super::{keys, LoadRequest};
 use crate::paper::{Note, RemoteMember, StoredPaper};
 use crate::server::inbox::{InboxMsg, LoopHandle};
@@ -20,15 +20,15 @@ type Hash = Vec<(String, String)>;
 pub struct Loader {
     /// With `--cluster`: this node, whose own entries in presence hashes are stale.
     presence_of_others: Option<String>,
-    client: redis::Client,
+    endpoint: Endpoint,
     conn: Option<Connection>,
     requests: Receiver<LoadRequest>,
     loops: Arc<[LoopHandle]>,
 }
 
 impl Loader {
-    pub fn new(client: redis::Client, requests: Receiver<LoadRequest>, loops: Arc<[LoopHandle]>) -> Self {
-        Loader { presence_of_others: None, client, conn: None, requests, loops }
+    pub fn new(endpoint: Endpoint, requests: Receiver<LoadRequest>, loops: Arc<[LoopHandle]>) -> Self {
+        Loader { presence_of_others: None, endpoint, conn: None, requests, loops }
     }
 
     /// With `--cluster`: also read who is on the paper on other live nodes.
@@ -73,7 +73,7 @@ impl Loader {
     fn read(&mut self, paper: &str) -> redis::RedisResult<StoredPaper> {
         let conn = match &mut self.conn {
             Some(conn) => conn,
-            None => self.conn.insert(connect(&self.client)?),
+            None => self.conn.insert(self.endpoint.connect()?),
         };
         let (notes, meta): (Hash, Hash) =
             redis::pipe().cmd("HGETALL").arg(keys::notes(paper)).cmd("HGETALL").arg(keys::meta(paper)).query(conn)?;

@@ -2,6 +2,7 @@
 //! the writer thread through a bounded backlog and ask the loader thread for
 //! papers; nothing here ever runs on a loop thread, and no loop ever waits on it.
 
+pub mod endpoint;
 pub mod keys;
 pub mod loader;
 pub mod relay;

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use redis::Connection;
 
-use super::writer::{CONNECT_TIMEOUT, HEARTBEAT_EVERY, NODE_TTL};
+use super::endpoint::Endpoint;
+use super::writer::{HEARTBEAT_EVERY, NODE_TTL};
 use super::{keys, LoadRequest};
 use crate::server::inbox::{owner_loop, InboxMsg, LoopHandle};
 
@@ -26,7 +27,7 @@ pub enum RelayCmd {
 }
 
 pub struct Relay {
-    client: redis::Client,
+    endpoint: Endpoint,
     node: String,
     commands: Receiver<RelayCmd>,
     loads: Sender<LoadRequest>,
@@ -43,7 +44,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(
-        client: redis::Client,
+        endpoint: Endpoint,
         node: &str,
         commands: Receiver<RelayCmd>,
         loads: Sender<LoadRequest>,
@@ -51,7 +52,7 @@ impl Relay {
         healthy: Arc<AtomicBool>,
     ) -> Self {
         Relay {
-            client,
+            endpoint,
             node: node.to_string(),
             commands,
             loads,
@@ -67,7 +68,7 @@ impl Relay {
     pub fn run(mut self) {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.client.get_connection_with_timeout(CONNECT_TIMEOUT) {
+            match self.endpoint.connect() {
                 Ok(mut conn) => {
                     match self.serve(&mut conn) {
                         Ok(()) => return,

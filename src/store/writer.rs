@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::{Connection, Script, Value};
 
+use super::endpoint::Endpoint;
 use super::{keys, Op, Queued, Written};
 use crate::metrics::{bump, WriterMetrics};
 use crate::protocol::stored_note;
@@ -17,9 +18,6 @@ use crate::server::inbox::{InboxMsg, LoopHandle};
 
 /// Ops taken from the backlog for one pipeline.
 const MAX_BATCH: usize = 2048;
-/// How long one Redis call may take before the connection counts as broken.
-pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(5);
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a Redis outage is reported while it lasts.
 const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -65,8 +63,10 @@ return 0
 "#;
 
 pub struct Writer {
-    client: redis::Client,
+    endpoint: Endpoint,
     conn: Option<Connection>,
+    /// `--redis-wait-replicas`: a batch counts as written once this many replicas have it.
+    wait_replicas: usize,
     ops: Receiver<Queued>,
     pending: Arc<AtomicUsize>,
     metrics: Arc<WriterMetrics>,
@@ -82,6 +82,9 @@ pub struct Writer {
     next_heartbeat: Instant,
 }
 
+/// How long `WAIT` may wait for replicas before the batch is sent again.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How often a node says it is alive; `NODE_TTL` later without it, it counts as gone.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 pub const NODE_TTL: Duration = Duration::from_secs(8);
@@ -93,7 +96,7 @@ struct Outage {
 
 impl Writer {
     pub fn new(
-        client: redis::Client,
+        endpoint: Endpoint,
         ops: Receiver<Queued>,
         pending: Arc<AtomicUsize>,
         metrics: Arc<WriterMetrics>,
@@ -102,8 +105,9 @@ impl Writer {
         give_up_at: Arc<OnceLock<Instant>>,
     ) -> Self {
         Writer {
-            client,
+            endpoint,
             conn: None,
+            wait_replicas: 0,
             ops,
             pending,
             metrics,
@@ -116,6 +120,13 @@ impl Writer {
             node: None,
             next_heartbeat: Instant::now(),
         }
+    }
+
+    /// With `--redis-wait-replicas N` (N >= 1), a batch counts as written only once
+    /// `WAIT` says N replicas have it.
+    pub fn waiting_for_replicas(mut self, replicas: usize) -> Self {
+        self.wait_replicas = replicas;
+        self
     }
 
     /// With `--cluster`, announces the node on `rp:nodes` and keeps its
@@ -207,7 +218,7 @@ impl Writer {
     /// The connection, opened (with the scripts loaded) if there is none.
     fn connection(&mut self) -> redis::RedisResult<&mut Connection> {
         if self.conn.is_none() {
-            let mut conn = connect(&self.client)?;
+            let mut conn = self.endpoint.connect()?;
             self.write_notes.load(&mut conn)?;
             self.complete.load(&mut conn)?;
             bump(&self.metrics.reconnects, 1);
@@ -274,7 +285,18 @@ impl Writer {
 
     fn try_write(&mut self, pipeline: &redis::Pipeline) -> redis::RedisResult<()> {
         let conn = self.connection()?;
-        let replies: Vec<redis::RedisResult<Value>> = pipeline.query(conn)?;
+        let mut replies: Vec<redis::RedisResult<Value>> = pipeline.query(conn)?;
+        if self.wait_replicas > 0 {
+            // The pipeline ends with WAIT: the batch is written once enough replicas have it.
+            let acked = match replies.pop() {
+                Some(Ok(Value::Int(n))) => n,
+                _ => 0,
+            };
+            if acked < self.wait_replicas as i64 {
+                let detail = format!("WAIT: {acked} of {} replicas have the batch", self.wait_replicas);
+                return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
+            }
+        }
         // A reply that is an error: transient ones (a script cache flushed, a replica
         // that became read-only in a failover, loading) resend the whole batch; any
         // other is a data problem that no resend fixes, and is said loudly.
@@ -367,6 +389,10 @@ impl Writer {
                 pipe.cmd("PUBLISH").arg(keys::channel(op.paper())).arg(relay);
             }
         }
+        if self.wait_replicas > 0 {
+            commands += 1;
+            pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
+        }
         (pipe, commands)
     }
 
@@ -391,15 +417,6 @@ impl Writer {
             }
         }
     }
-}
-
-/// A connection with timeouts, so that a hung Redis cannot stall the thread for
-/// longer than `IO_TIMEOUT`.
-pub(crate) fn connect(client: &redis::Client) -> redis::RedisResult<Connection> {
-    let conn = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    conn.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(conn)
 }
 
 fn now_ms() -> u64 {

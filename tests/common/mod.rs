@@ -69,12 +69,19 @@ pub struct Redis {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl Redis {
     /// Starts `redis-server` with append-only persistence, as in production.
     pub fn start() -> Redis {
-        let mut redis = Redis { port: free_port(), dir: TempDir::new("redis"), child: None };
+        Redis::start_with(&[])
+    }
+
+    /// Starts `redis-server` with more arguments (`--replicaof ...`).
+    pub fn start_with(extra: &[&str]) -> Redis {
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut redis = Redis { port: free_port(), dir: TempDir::new("redis"), child: None, extra };
         redis.spawn();
         redis
     }
@@ -88,6 +95,7 @@ impl Redis {
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--dir", self.dir.0.to_str().unwrap()])
             .args(["--appendonly", "yes", "--save", "", "--protected-mode", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -128,6 +136,57 @@ impl Redis {
     /// A note as stored, parsed.
     pub fn note(&self, paper: &str, id: &str) -> Option<Value> {
         self.hget(&format!("rp:paper:{{{paper}}}:notes"), id).map(|s| serde_json::from_str(&s).unwrap())
+    }
+}
+
+/// A `redis-sentinel` (the `redis-server` binary in sentinel mode) watching a master.
+pub struct Sentinel {
+    pub port: u16,
+    _dir: TempDir,
+    child: Child,
+}
+
+impl Sentinel {
+    pub fn start(master_name: &str, master_port: u16) -> Sentinel {
+        let port = free_port();
+        let dir = TempDir::new("sentinel");
+        let conf = dir.0.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {master_name} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {master_name} 1000\nsentinel failover-timeout {master_name} 5000\n\
+                 sentinel parallel-syncs {master_name} 1\n",
+                dir.0.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let sentinel = Sentinel { port, _dir: dir, child };
+        eventually("the sentinel to answer", || sentinel.master_port(master_name).map(|_| ()));
+        sentinel
+    }
+
+    /// The port of the master this sentinel currently names.
+    pub fn master_port(&self, master_name: &str) -> Option<u16> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).ok()?;
+        let mut conn = client.get_connection().ok()?;
+        let addr: Vec<String> =
+            redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(master_name).query(&mut conn).ok()?;
+        addr.get(1)?.parse().ok()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
