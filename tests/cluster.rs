@@ -165,3 +165,26 @@ fn a_clustered_node_is_ready_once_it_hears_itself() {
     let a_node = node(&redis, "a");
     eventually("the relay canary", || (a_node.get("/readyz").0 == 200).then_some(()));
 }
+
+#[test]
+fn a_lost_subscription_is_rebuilt_and_the_relay_goes_on() {
+    let redis = Redis::start();
+    let (a_node, b_node) = (node(&redis, "a"), node(&redis, "b"));
+    let mut a = a_node.join("p-resub", "");
+    let mut b = b_node.join("p-resub", "");
+    // Redis drops every subscriber connection, as in a failover.
+    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query(&mut redis.conn()).unwrap();
+    assert!(killed >= 2);
+    // Both nodes subscribe again (to the papers they hold) and their canaries return.
+    eventually("both nodes ready again", || {
+        (a_node.get("/readyz").0 == 200 && b_node.get("/readyz").0 == 200).then_some(())
+    });
+    // A node subscribes to its papers before its canary can come back: the edit crosses.
+    a.upsert("n", json!({"t": 1}));
+    loop {
+        let m = b.next();
+        if m["type"] == "upsert" && m["from"] == a.you.as_str() {
+            break;
+        }
+    }
+}
