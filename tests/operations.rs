@@ -100,3 +100,14 @@ fn metrics_count_what_happened() {
     assert!(metric(&text, "rollingpaper_write_behind_seconds_count") >= 3.0);
     assert_eq!(metric(&text, "rollingpaper_backlog"), 0.0);
 }
+
+#[test]
+fn papers_api_with_the_memory_store() {
+    let server = Server::memory(&[]);
+    assert_eq!(paper(&server, "p-mem"), (200, json!({"paper": "p-mem", "completed": false, "notes": []})));
+    let mut a = server.join("p-mem", "user=u1");
+    a.upsert("n1", json!({"t": 1}));
+    let v = a.next_of("upsert")["v"].as_u64().unwrap();
+    let expected = json!({"paper": "p-mem", "completed": false, "notes": [{"id": "n1", "author": "u1", "data": {"t": 1}, "v": v}]});
+    assert_eq!(paper(&server, "p-mem"), (200, expected));
+}

@@ -299,6 +299,7 @@ impl EventLoop {
             match io.stream.read(&mut chunk) {
                 Ok(0) => return self.remove(key),
                 Ok(n) => {
+                    bump(&self.node.loop_metrics[self.index].bytes_in, n as u64);
                     buf.extend_from_slice(&chunk[..n]);
                     if buf.len() >= http::MAX_REQUEST_BYTES {
                         break;
@@ -309,7 +310,6 @@ impl EventLoop {
                 Err(_) => return self.remove(key),
             }
         }
-        bump(&self.node.loop_metrics[self.index].bytes_in, buf.len() as u64);
         match http::parse(buf, &self.node.policy) {
             Ok(Parsed::Partial) => {}
             Ok(Parsed::Complete { route: Route::Reply(reply), .. }) | Err(reply) => self.reply(key, &reply),
@@ -386,7 +386,15 @@ impl EventLoop {
     /// Sends a request about a paper to the loop that owns the paper, or serves it here.
     fn route(&mut self, key: usize, handoff: Handoff) {
         let owner = self.owner_of(handoff.paper());
-        if owner == self.index || self.stopping.is_some() {
+        if self.stopping.is_some() {
+            // Not handed to another loop that may have stopped already: a session is
+            // closed with 1001 at once, a read is told to come back.
+            return match handoff {
+                Handoff::Upgrade { .. } => self.start(key, handoff),
+                Handoff::ReadPaper { .. } => self.reply(key, &Reply::text(503, "shutting down; retry")),
+            };
+        }
+        if owner == self.index {
             return self.start(key, handoff);
         }
         let conn = self.sessions.conns.remove(key);
@@ -433,7 +441,14 @@ impl EventLoop {
     /// Finds a paper for a joiner or a reader: at once if it is in memory, else
     /// once it has been read.
     fn find_paper(&mut self, key: usize, paper: Arc<str>) {
-        if matches!(self.store, StoreHandle::Memory) {
+        if matches!(self.store, StoreHandle::Memory) && self.papers.paper(&paper).is_none() {
+            // Reading a paper nobody opened answers it empty without keeping it: the
+            // memory store never forgets a paper it holds.
+            if self.sessions.conns.get(key).is_some_and(|c| matches!(c.phase, Phase::Reading { .. })) {
+                let body = protocol::paper_document(&paper, false, std::iter::empty());
+                let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
+                return self.reply(key, &reply);
+            }
             self.papers.insert_empty(&paper, &mut self.clock);
         }
         let deadline = Instant::now() + self.node.settings.load_timeout;
