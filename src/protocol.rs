@@ -29,7 +29,9 @@ pub enum ClientMsg {
     Cursor {
         data: String,
     },
-    Complete,
+    Complete {
+        reference: Option<String>,
+    },
     Ping,
 }
 
@@ -40,7 +42,7 @@ impl ClientMsg {
             ClientMsg::Upsert { .. } => "upsert",
             ClientMsg::Delete { .. } => "delete",
             ClientMsg::Cursor { .. } => "cursor",
-            ClientMsg::Complete => "complete",
+            ClientMsg::Complete { .. } => "complete",
             ClientMsg::Ping => "ping",
         }
     }
@@ -246,7 +248,7 @@ pub fn parse_client_msg(text: &str, max_note_bytes: usize) -> Result<ClientMsg, 
             }
             Ok(ClientMsg::Cursor { data })
         }
-        "complete" => Ok(ClientMsg::Complete),
+        "complete" => Ok(ClientMsg::Complete { reference }),
         "ping" => Ok(ClientMsg::Ping),
         _ => Err(invalid("unknown type")),
     }
@@ -646,7 +648,7 @@ mod tests {
             parse(r#"{"type":"cursor","data":{"x":1}}"#).unwrap(),
             ClientMsg::Cursor { data: r#"{"x":1}"#.into() }
         );
-        assert_eq!(parse(r#"{"type":"complete"}"#).unwrap(), ClientMsg::Complete);
+        assert_eq!(parse(r#"{"type":"complete"}"#).unwrap(), ClientMsg::Complete { reference: None });
         assert_eq!(parse(r#"{"type":"ping"}"#).unwrap(), ClientMsg::Ping);
     }
 

@@ -6,7 +6,7 @@ use crate::common::Server;
 fn healthz_answers_ok() {
     let server = Server::memory(&[]);
     let (status, _, body) = server.get("/healthz");
-    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    assert_eq!((status, body.as_str()), (200, "ok"));
 }
 
 #[test]

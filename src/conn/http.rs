@@ -126,7 +126,8 @@ fn route(req: &httparse::Request, policy: &Policy) -> Route {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let get = req.method == Some("GET");
     match path {
-        "/healthz" if get => Route::Reply(Reply::text(200, "ok")),
+        // The body is exactly `ok` (PROTOCOL.md 1), for probes that compare it.
+        "/healthz" if get => Route::Reply(Reply { body: "ok".to_string(), ..Reply::text(200, "") }),
         "/readyz" if get => Route::Ready,
         "/metrics" if get => Route::Metrics,
         "/echo" if get && policy.echo => match websocket_key(req) {

@@ -17,7 +17,9 @@ use tungstenite::WebSocket;
 
 /// Output capacity kept by a connection once its queue is empty; more is freed, so
 /// a burst does not pin memory on thousands of idle connections.
-const KEEP_OUT_CAPACITY: usize = 16 * 1024;
+/// Above the largest note (16 KiB by default) with its message around it, so that
+/// a paper of large notes does not free and allocate again for every message.
+const KEEP_OUT_CAPACITY: usize = 32 * 1024;
 
 /// The socket with its outbound queue. tungstenite writes its own frames (pongs,
 /// close replies) through `Write`, which only appends to the queue, so they stay

@@ -721,16 +721,16 @@ impl EventLoop {
                 bump(&metrics.broadcast_recipients, recipients);
                 return self.relay_frame(&paper_id, None, true);
             }
-            ClientMsg::Complete => {
+            ClientMsg::Complete { reference } => {
                 if let Err(code) = paper.check_complete(role) {
-                    return self.refuse(key, &code.into());
+                    return self.refuse(key, &Refusal::from(code).with_ref(reference));
                 }
                 let snapshot = protocol::paper_document(&paper_id, true, paper.live_notes());
                 self.frame.completed(&user);
                 let relay = relay_of(&self.node, &self.frame);
                 let op = Op::Complete { paper: paper_id.clone(), by: user.clone(), snapshot, origin, relay };
                 if !submit(&self.store, op, &mut paper.unwritten) {
-                    return self.refuse(key, &ErrorCode::Unavailable.into());
+                    return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference));
                 }
                 paper.complete(&user).expect("checked above");
                 log::info!("paper {paper_id} completed by {user}");
@@ -909,7 +909,11 @@ impl EventLoop {
             log::warn!("ignoring a relayed message from node {node} that this server cannot read");
             return;
         };
+        let sealed = paper.is_completed();
         let (kind, pass_on) = match relayed {
+            // Once sealed here, nothing changes the notes: an edit another node took
+            // before it heard of the completion is not shown (nor written: see WRITE_NOTES).
+            protocol::Relayed::Upsert { .. } | protocol::Relayed::Delete { .. } if sealed => ("upsert", false),
             protocol::Relayed::Upsert { id, author, data, v } => {
                 self.clock.observe(v);
                 let note = Note { author: Arc::from(author), data: Some(Arc::from(data)), v, node };

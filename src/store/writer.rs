@@ -28,6 +28,8 @@ const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// `[A-Za-z0-9_-]`). ARGV: now_ms, then (id, value, v, node) quadruples.
 const WRITE_NOTES: &str = r#"
 local notes, meta = KEYS[1], KEYS[2]
+-- A sealed paper's notes are what its stream entry says: late writes stay out.
+if redis.call('HGET', meta, 'completed') == '1' then return 0 end
 for i = 2, #ARGV, 4 do
   local current = redis.call('HGET', notes, ARGV[i])
   local v, node = tonumber(ARGV[i + 2]), ARGV[i + 3]
@@ -297,27 +299,15 @@ impl Writer {
                 return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
             }
         }
-        // A reply that is an error: transient ones (a script cache flushed, a replica
-        // that became read-only in a failover, loading) resend the whole batch; any
-        // other is a data problem that no resend fixes, and is said loudly.
-        let mut first_transient = None;
-        for reply in replies {
-            if let Err(e) = reply {
-                match e.kind() {
-                    redis::ErrorKind::Server(
-                        redis::ServerErrorKind::NoScript
-                        | redis::ServerErrorKind::ReadOnly
-                        | redis::ServerErrorKind::BusyLoading
-                        | redis::ServerErrorKind::MasterDown
-                        | redis::ServerErrorKind::TryAgain,
-                    ) => {
-                        first_transient.get_or_insert(e);
-                    }
-                    _ => log::error!("Redis refused a write, which is dropped: {e}"),
-                }
-            }
+        // Any reply that is an error fails the whole batch, which is sent again
+        // (every write in it is idempotent by version): a script cache flushed, a
+        // replica made read-only by a failover, OOM, MISCONF... Nothing counts as
+        // written, or is confirmed `saved`, before Redis took all of it; an error
+        // that lasts fills the backlog, and new edits are refused with `unavailable`.
+        match replies.into_iter().find_map(Result::err) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        first_transient.map_or(Ok(()), Err)
     }
 
     /// One pipeline for the batch: per paper, one script call with its notes (the

@@ -24,7 +24,7 @@ fuzz_target!(|bytes: &[u8]| {
         }
         Ok(ClientMsg::Delete { id, .. }) => assert!(is_valid_id(&id)),
         Ok(ClientMsg::Cursor { data }) => assert!(data.len() <= MAX_CURSOR_BYTES && is_compact_object(&data)),
-        Ok(ClientMsg::Complete | ClientMsg::Ping) => {}
+        Ok(ClientMsg::Complete { .. } | ClientMsg::Ping) => {}
         Err(refusal) => {
             if let Some(reference) = refusal.reference {
                 assert!(serde_json::from_str::<String>(&reference).is_ok());
