@@ -266,6 +266,9 @@ pub struct Conn {
     pub read_pending: bool,
     /// Holds one of the node's session slots (`--max-connections`).
     pub counted: bool,
+    /// Output allowed beyond `--max-outbound-bytes` until the queue first empties:
+    /// the snapshot, which may be large, is not a sign of a slow reader.
+    pub grace: usize,
     /// When the client last sent anything (idle timeout).
     pub last_seen: Instant,
 }
@@ -279,6 +282,7 @@ impl Conn {
             flush_queued: false,
             read_pending: false,
             counted: false,
+            grace: 0,
             last_seen: Instant::now(),
         }
     }

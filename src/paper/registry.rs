@@ -142,17 +142,19 @@ impl Registry {
         }
     }
 
-    /// Gives up the reads past their deadline; returns their waiters.
-    pub fn expire_loads(&mut self, now: Instant) -> Vec<usize> {
+    /// Gives up the reads past their deadline; returns those papers and their waiters.
+    pub fn expire_loads(&mut self, now: Instant) -> (Vec<Arc<str>>, Vec<usize>) {
+        let mut papers = Vec::new();
         let mut sent_away = Vec::new();
-        self.slots.retain(|_, slot| match slot {
+        self.slots.retain(|id, slot| match slot {
             Slot::Loading { deadline, waiters, .. } if *deadline <= now => {
+                papers.push(id.clone());
                 sent_away.append(waiters);
                 false
             }
             _ => true,
         });
-        sent_away
+        (papers, sent_away)
     }
 
     /// Drops the papers nobody has been on for `linger`, once all their edits are
@@ -198,7 +200,7 @@ mod tests {
         let id: Arc<str> = Arc::from("p1");
         let now = Instant::now();
         assert_eq!(r.lookup(&id, 1, now), Lookup::StartLoad(1));
-        assert_eq!(r.expire_loads(now), vec![1]);
+        assert_eq!(r.expire_loads(now), (vec![id.clone()], vec![1]));
         assert_eq!(r.lookup(&id, 2, now + Duration::from_secs(1)), Lookup::StartLoad(2));
         assert_eq!(r.finish_load(&id, 1, StoredPaper::default(), &mut clock), None);
         assert_eq!(r.finish_load(&id, 2, StoredPaper::default(), &mut clock), Some((vec![2], vec![])));

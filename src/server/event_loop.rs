@@ -560,7 +560,11 @@ impl EventLoop {
         let you = &paper.members().last().expect("just added").id;
         let snapshot =
             self.frame.snapshot(&paper.id, you, paper.is_completed(), paper.live_notes(), paper.all_members());
+        let snapshot_len = snapshot.len();
         self.sessions.send(key, snapshot);
+        if let Some(conn) = self.sessions.conns.get_mut(key) {
+            conn.grace = snapshot_len;
+        }
         self.node.loop_metrics[self.index].message_out("snapshot", 1);
         if read_pending {
             self.read_list.push(key);
@@ -1056,8 +1060,14 @@ impl EventLoop {
         if self.stopping.is_some() {
             self.drain(now);
         }
-        for key in self.papers.expire_loads(now) {
+        let (papers, waiters) = self.papers.expire_loads(now);
+        for key in waiters {
             self.paper_unavailable(key);
+        }
+        if let StoreHandle::Redis { loads, .. } = &self.store {
+            for paper in papers {
+                loads.forget(paper);
+            }
         }
         if now >= self.next_ping {
             self.next_ping = now + self.node.settings.ping_interval;
@@ -1117,22 +1127,25 @@ impl EventLoop {
                 Ok(Flushed::Blocked) => {
                     // The socket is full and more than the allowance still waits: this
                     // reader cannot keep up, and holding more for it would grow without end.
-                    let slow = io.out.pending() > self.node.settings.max_outbound_bytes;
+                    let slow = io.out.pending() > self.node.settings.max_outbound_bytes + conn.grace;
                     if slow && matches!(conn.phase, Phase::Open { .. } | Phase::Joining { .. }) {
                         self.end_session(key, CloseReason::SlowConsumer);
                     }
                 }
-                Ok(Flushed::Done) => match &conn.phase {
-                    Phase::Reply { .. } => self.remove(key),
-                    Phase::Closing { ws, discard: true } => {
-                        // Our close frame is out: say so with a FIN, then read until the
-                        // peer's EOF, so that unread input never turns into a reset that
-                        // could destroy the close frame in flight.
-                        let _ = ws.get_ref().stream.shutdown(std::net::Shutdown::Write);
+                Ok(Flushed::Done) => {
+                    conn.grace = 0;
+                    match &conn.phase {
+                        Phase::Reply { .. } => self.remove(key),
+                        Phase::Closing { ws, discard: true } => {
+                            // Our close frame is out: say so with a FIN, then read until the
+                            // peer's EOF, so that unread input never turns into a reset that
+                            // could destroy the close frame in flight.
+                            let _ = ws.get_ref().stream.shutdown(std::net::Shutdown::Write);
+                        }
+                        Phase::Closing { ws, .. } if !ws.can_read() => self.remove(key),
+                        _ => {}
                     }
-                    Phase::Closing { ws, .. } if !ws.can_read() => self.remove(key),
-                    _ => {}
-                },
+                }
                 Err(_) => self.remove(key),
             }
         }
