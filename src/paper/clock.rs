@@ -17,18 +17,33 @@ pub const MAX_VERSION: u64 = (1 << 53) - 1;
 /// wrote before) and strictly increase on one loop even within a millisecond or
 /// when the wall clock steps back.
 ///
-/// A version is stamped with the node that made it: two nodes may pick the same
-/// `v` for one note, and then the greater node id wins (PROTOCOL.md 2).
+/// A version is stamped with the node that made it, and ties go to the greater
+/// node id (PROTOCOL.md 2). Ties would also show a client the same `v` twice, so
+/// with several nodes each one takes versions of its own residue modulo `STRIDE`
+/// (from a hash of its id): two nodes collide only if their ids hash alike.
 #[derive(Debug, Default)]
 pub struct VersionClock {
     last: u64,
     node: Arc<str>,
+    /// 1 on a single node, else `STRIDE`.
+    stride: u64,
+    residue: u64,
 }
+
+/// Versions per millisecond tick shared out among nodes.
+const STRIDE: u64 = 64;
 
 impl VersionClock {
     /// A clock for the node `node` (empty on a single node).
     pub fn new(node: Arc<str>) -> Self {
-        VersionClock { last: 0, node }
+        let (stride, residue) = if node.is_empty() {
+            (1, 0)
+        } else {
+            let hash =
+                node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            (STRIDE, hash % STRIDE)
+        };
+        VersionClock { last: 0, node, stride, residue }
     }
 
     /// The node id stamped on this clock's versions.
@@ -48,7 +63,9 @@ impl VersionClock {
     }
 
     fn next_at(&mut self, now_ms: u64, floor: u64) -> u64 {
-        let v = (now_ms << 10).max(self.last + 1).max(floor + 1).min(MAX_VERSION);
+        let stride = self.stride.max(1);
+        let at_least = (now_ms << 10).max(self.last + 1).max(floor + 1);
+        let v = (at_least + (self.residue + stride - at_least % stride) % stride).min(MAX_VERSION);
         self.last = v;
         v
     }
@@ -86,6 +103,26 @@ mod tests {
         assert_eq!(clock.next_at(1000, stored), stored + 1);
         clock.observe(stored + 100);
         assert_eq!(clock.next_at(1000, 0), stored + 101);
+    }
+
+    #[test]
+    fn nodes_never_pick_the_same_version() {
+        let (mut a, mut b) = (VersionClock::new(Arc::from("node-a")), VersionClock::new(Arc::from("node-b")));
+        let mut seen = std::collections::HashSet::new();
+        let mut last_a = 0;
+        for now in [1000, 1000, 1000, 1001, 999] {
+            let (va, vb) = (a.next_at(now, 0), b.next_at(now, 0));
+            assert!(va > last_a);
+            last_a = va;
+            assert!(seen.insert(va) && seen.insert(vb), "{va} {vb}");
+        }
+        // A floor from the other node is passed, still on this node's own residue.
+        let v = a.next_at(0, vb_floor(&mut b));
+        assert_eq!(v % STRIDE, a.residue);
+    }
+
+    fn vb_floor(b: &mut VersionClock) -> u64 {
+        b.next_at(5000, 0)
     }
 
     #[test]
