@@ -879,6 +879,9 @@ impl EventLoop {
                 InboxMsg::Adopt { stream, peer, serial, counted, handoff } => {
                     self.adopt(stream, peer, serial, counted, handoff)
                 }
+                // Read again after the relay's subscription was rebuilt (attempt 0 is
+                // never a load's): merge what was missed.
+                InboxMsg::Loaded { paper, attempt: 0, stored } => self.merge_stored(&paper, stored),
                 InboxMsg::Loaded { paper, attempt, stored } => {
                     if let Some((waiters, relayed)) = self.papers.finish_load(&paper, attempt, stored, &mut self.clock)
                     {
@@ -940,6 +943,34 @@ impl EventLoop {
             let bytes = self.frame.raw(message);
             let recipients = self.sessions.broadcast(paper.members(), None, bytes);
             self.node.loop_metrics[self.index].message_out(kind, recipients);
+        }
+    }
+
+    /// Merges a paper read again from Redis: notes that advance are applied and
+    /// sent to the members (with an empty `from`: no session of this node sent them).
+    fn merge_stored(&mut self, paper_id: &Arc<str>, stored: crate::paper::StoredPaper) {
+        let Some(paper) = self.papers.paper_mut(paper_id) else { return };
+        for (id, note) in stored.notes {
+            self.clock.observe(note.v);
+            let edit = Edit { id: Arc::from(id), note };
+            let (v, data, author) = (edit.note.v, edit.note.data.clone(), edit.note.author.clone());
+            let id = edit.id.clone();
+            if !paper.apply(edit) {
+                continue;
+            }
+            let (kind, bytes) = match &data {
+                Some(data) => ("upsert", self.frame.upsert(&id, &author, data, v, "", None)),
+                None => ("delete", self.frame.delete(&id, v, "", None)),
+            };
+            let recipients = self.sessions.broadcast(paper.members(), None, bytes);
+            self.node.loop_metrics[self.index].message_out(kind, recipients);
+        }
+        if let Some(by) = stored.completed_by {
+            let by: Arc<str> = Arc::from(by);
+            if paper.complete(&by).is_ok() {
+                let bytes = self.frame.completed(&by);
+                self.sessions.broadcast(paper.members(), None, bytes);
+            }
         }
     }
 

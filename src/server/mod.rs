@@ -113,7 +113,6 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             let mut loader = Loader::new(target.endpoint(), loads_rx, loops.clone());
             let loads = match relay_healthy {
                 Some(healthy) => {
-                    writer = writer.announcing(&node_id);
                     loader = loader.with_presence(&node_id);
                     let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
                     let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, loops.clone(), healthy);

@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use redis::Connection;
 
-use super::endpoint::Endpoint;
-use super::writer::{HEARTBEAT_EVERY, NODE_TTL};
+use super::endpoint::{Endpoint, IO_TIMEOUT};
 use super::{keys, LoadRequest};
 use crate::server::inbox::{owner_loop, InboxMsg, LoopHandle};
 
 /// How long a wait for a message lasts before commands from the loops are looked at.
 const POLL: Duration = Duration::from_millis(20);
+/// How often a node says it is alive; `NODE_TTL` later without it, it counts as gone.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+pub const NODE_TTL: Duration = Duration::from_secs(8);
 
 pub enum RelayCmd {
     /// Subscribe to the paper's channel, then have it read.
@@ -40,6 +42,12 @@ pub struct Relay {
     heard_self: Option<Instant>,
     /// `/readyz` reads it: the canary came back in time.
     healthy: Arc<AtomicBool>,
+    /// A plain connection for the heartbeat: announced from this thread, not the
+    /// writer's, so that a writer retrying a batch does not make the node look dead.
+    announcer: Option<Connection>,
+    next_heartbeat: Instant,
+    /// Subscriptions made so far; after the first, a reconnection re-reads the papers.
+    sessions: u64,
 }
 
 impl Relay {
@@ -61,6 +69,37 @@ impl Relay {
             nodes: HashMap::new(),
             heard_self: None,
             healthy,
+            announcer: None,
+            next_heartbeat: Instant::now(),
+            sessions: 0,
+        }
+    }
+
+    /// Says this node is alive: on `rp:nodes` (the others' liveness check and this
+    /// node's canary) and in `rp:node:{id}` (for nodes loading a paper later).
+    fn heartbeat(&mut self) {
+        if Instant::now() < self.next_heartbeat {
+            return;
+        }
+        self.next_heartbeat = Instant::now() + HEARTBEAT_EVERY;
+        if self.announcer.is_none() {
+            self.announcer = self.endpoint.connect().ok();
+        }
+        let Some(conn) = &mut self.announcer else { return };
+        let result = redis::pipe()
+            .cmd("SET")
+            .arg(keys::node_alive(&self.node))
+            .arg(1)
+            .arg("PX")
+            .arg(NODE_TTL.as_millis() as u64)
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(keys::NODES_CHANNEL)
+            .arg(&self.node)
+            .ignore()
+            .query::<()>(conn);
+        if result.is_err() {
+            self.announcer = None;
         }
     }
 
@@ -79,6 +118,7 @@ impl Relay {
                 Err(e) => log::warn!("relay cannot reach Redis: {e}"),
             }
             self.healthy.store(false, Ordering::Relaxed);
+            self.heartbeat();
             // While Redis is away, loads still have to fail in time: hand them on.
             if !self.forward_commands_for(backoff) {
                 return;
@@ -107,11 +147,22 @@ impl Relay {
     }
 
     fn serve(&mut self, conn: &mut Connection) -> redis::RedisResult<()> {
-        conn.set_read_timeout(Some(POLL))?;
         let mut pubsub = conn.as_pubsub();
+        // Replies to (un)subscribing may take a while; only the wait for messages is short.
+        pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
         pubsub.subscribe(keys::NODES_CHANNEL)?;
         for paper in &self.papers {
             pubsub.subscribe(keys::channel(paper))?;
+        }
+        self.sessions += 1;
+        if self.sessions > 1 {
+            // Whatever was published while the subscription was down is in Redis:
+            // every paper held is read again and merged (PROTOCOL.md 2: by version).
+            for paper in &self.papers {
+                let owner = owner_loop(paper, self.loops.len());
+                let deadline = Instant::now() + IO_TIMEOUT;
+                let _ = self.loads.send(LoadRequest { paper: paper.clone(), attempt: 0, loop_index: owner, deadline });
+            }
         }
         let connected = Instant::now();
         self.heard_self = None;
@@ -119,20 +170,27 @@ impl Relay {
             loop {
                 match self.commands.try_recv() {
                     Ok(RelayCmd::Subscribe(load)) => {
-                        // Subscribed (confirmed) before the read: nothing falls between.
-                        pubsub.subscribe(keys::channel(&load.paper))?;
+                        // Subscribed (confirmed) before the read: nothing falls between. On
+                        // failure the read still goes ahead (its joiners would otherwise wait
+                        // in vain), and the reconnection re-reads the paper.
                         self.papers.insert(load.paper.clone());
+                        let subscribed = pubsub.subscribe(keys::channel(&load.paper));
                         let _ = self.loads.send(load);
+                        subscribed?;
                     }
                     Ok(RelayCmd::Unsubscribe(paper)) => {
-                        pubsub.unsubscribe(keys::channel(&paper))?;
                         self.papers.remove(&paper);
+                        pubsub.unsubscribe(keys::channel(&paper))?;
                     }
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
                 }
             }
-            match pubsub.get_message() {
+            self.heartbeat();
+            pubsub.set_read_timeout(Some(POLL))?;
+            let message = pubsub.get_message();
+            pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
+            match message {
                 Ok(msg) => self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
                 Err(e) if e.is_timeout() => {}
                 Err(e) => return Err(e),

@@ -79,17 +79,10 @@ pub struct Writer {
     write_notes: Script,
     complete: Script,
     outage: Option<Outage>,
-    /// With `--cluster`: this node's id, announced every `HEARTBEAT_EVERY`.
-    node: Option<String>,
-    next_heartbeat: Instant,
 }
 
 /// How long `WAIT` may wait for replicas before the batch is sent again.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How often a node says it is alive; `NODE_TTL` later without it, it counts as gone.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
-pub const NODE_TTL: Duration = Duration::from_secs(8);
 
 struct Outage {
     since: Instant,
@@ -119,8 +112,6 @@ impl Writer {
             write_notes: Script::new(WRITE_NOTES),
             complete: Script::new(COMPLETE),
             outage: None,
-            node: None,
-            next_heartbeat: Instant::now(),
         }
     }
 
@@ -131,51 +122,16 @@ impl Writer {
         self
     }
 
-    /// With `--cluster`, announces the node on `rp:nodes` and keeps its
-    /// `rp:node:{id}` key alive.
-    pub fn announcing(mut self, node: &str) -> Self {
-        self.node = Some(node.to_string());
-        self
-    }
-
-    fn heartbeat(&mut self) {
-        let Some(node) = self.node.clone() else { return };
-        if Instant::now() < self.next_heartbeat {
-            return;
-        }
-        self.next_heartbeat = Instant::now() + HEARTBEAT_EVERY;
-        let result = self.connection().and_then(|conn| {
-            redis::pipe()
-                .cmd("SET")
-                .arg(keys::node_alive(&node))
-                .arg(1)
-                .arg("PX")
-                .arg(NODE_TTL.as_millis() as u64)
-                .ignore()
-                .cmd("PUBLISH")
-                .arg(keys::NODES_CHANNEL)
-                .arg(&node)
-                .ignore()
-                .query::<()>(conn)
-        });
-        if let Err(e) = result {
-            self.conn = None;
-            self.metrics.redis_up.store(false, Ordering::Relaxed);
-            self.report_outage(&e);
-        }
-    }
-
     /// Runs until every loop has stopped and the backlog is written (or given up);
     /// returns the number of ops that could not be written.
     pub fn run(mut self) -> usize {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         self.check_redis();
         loop {
-            match self.ops.recv_timeout(HEARTBEAT_EVERY / 2) {
+            match self.ops.recv_timeout(Duration::from_secs(1)) {
                 Ok(op) => batch.push(op),
                 Err(RecvTimeoutError::Timeout) => {
                     self.check_redis();
-                    self.heartbeat();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return 0,
@@ -192,7 +148,6 @@ impl Writer {
                 return lost;
             }
             self.acknowledge(&mut batch);
-            self.heartbeat();
         }
     }
 
