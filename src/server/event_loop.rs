@@ -415,10 +415,13 @@ impl EventLoop {
         match self.register(stream, peer, serial) {
             Some(key) => {
                 self.sessions.conns[key].counted = counted;
-                if self.stopping.is_some() {
-                    return self.remove(key); // the client retries elsewhere
+                // While stopping, `start` closes a session with 1001 and answers a read 503.
+                match handoff {
+                    Handoff::ReadPaper { .. } if self.stopping.is_some() => {
+                        self.reply(key, &Reply::text(503, "shutting down; retry"))
+                    }
+                    handoff => self.start(key, handoff),
                 }
-                self.start(key, handoff);
             }
             None if counted => self.node.release(peer.ip()),
             None => {}
