@@ -297,6 +297,12 @@ async function completingSealsThePaper({ browser, problems, shots }) {
     add: !document.querySelector('[data-testid=add-note]').disabled,
   }), id);
   if (editable.text || editable.add) throw new Error(`a completed paper is still editable: ${JSON.stringify(editable)}`);
+
+  // A refusal is shown to the person: an edit forced past the disabled controls.
+  await ann.evaluate((id) => state.ws.send(JSON.stringify({ type: 'upsert', id, data: { text: 'late' }, ref: 'late' })), id);
+  await waitUntil(ann, 'the paper_completed refusal to show', () =>
+    [...document.querySelectorAll('[data-testid=toast]')].some((t) => t.textContent.includes('paper_completed')));
+  await waitNoteText(ben, id, 'Congratulations on the new job!');
   shots.push(await screenshot(ann, '5-ann-completed'));
   await ann.context().close();
   await ben.context().close();
