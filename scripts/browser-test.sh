@@ -94,6 +94,8 @@ start_redis() {
 }
 
 install_system_packages
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+((node_major >= 20)) || die "playwright-core needs Node.js 20 or later; this is $(node --version)"
 install_node_packages
 command -v cargo >/dev/null 2>&1 || die "cargo is missing; install Rust from https://rustup.rs"
 say "building the server (cargo build)"

@@ -230,9 +230,10 @@ async function twoPeopleWriteTogether({ browser, server, problems, shots }) {
   await waitNoteAt(ben, id, moved);
 
   // Ben writes too, and a note Ann deletes disappears at Ben's.
-  const benText = 'Have a wonderful year ahead!';
+  const benText = 'Have a wonderful year ahead! <b>Cheers</b>';
   const benNote = await addNote(ben, benText);
   await waitNoteText(ann, benNote, benText);
+  if (await ann.locator(`[data-note-id="${benNote}"] b`).count() !== 0) throw new Error('note text was rendered as HTML');
   const scrap = await addNote(ann, 'oops, wrong paper');
   await waitNoteText(ben, scrap, 'oops, wrong paper');
   await ann.locator(`[data-note-id="${scrap}"] [data-testid=note-delete]`).click();
