@@ -309,6 +309,32 @@ async function completingSealsThePaper({ browser, problems, shots }) {
   await ben.context().close();
 }
 
+async function typingAndDraggingAtOnceConverge({ browser, problems }) {
+  const paper = `e2e-race-${Date.now().toString(36)}`;
+  const ann = await openPage(browser, 'Ann', problems);
+  const ben = await openPage(browser, 'Ben', problems);
+  await ann.goto(`${base}/?paper=${paper}`);
+  await ben.goto(`${base}/?paper=${paper}`);
+  await waitOnline(ann);
+  await waitOnline(ben);
+  const id = await addNote(ann, 'Dear Kim,');
+  await waitNoteText(ben, id, 'Dear Kim,');
+
+  // Ben moves Ann's note while she writes: each upsert carries the whole data,
+  // so Ben's carry older text and Ann's older positions. Neither may win over
+  // the other's part for good, and Ann's typing must never be undone under her.
+  const more = ' we will miss you at the office. Come back and visit us soon!';
+  await Promise.all([ann.keyboard.type(more, { delay: 20 }), dragNote(ben, id, -180, 120)]);
+  const typed = await ann.locator(`[data-note-id="${id}"] textarea`).inputValue();
+  if (typed !== 'Dear Kim,' + more) throw new Error(`Ann's typing was changed under her: ${JSON.stringify(typed)}`);
+  const moved = await notePosition(ben, id);
+  await waitNoteText(ben, id, typed);
+  await waitNoteAt(ann, id, moved);
+  await waitNoteAt(ben, id, moved);
+  await ann.context().close();
+  await ben.context().close();
+}
+
 // ---- Runner ------------------------------------------------------------------------
 
 /** What every page looked like when a scenario failed; then closes them for the next one. */
@@ -332,6 +358,7 @@ async function main() {
     browser = await chromium.launch({ executablePath: config.chromium, headless: true, args: CHROMIUM_ARGS });
     const scenarios = [
       ['two people write, drag and delete together, and survive a server restart', twoPeopleWriteTogether],
+      ['typing and dragging one note at once converge', typingAndDraggingAtOnceConverge],
       ['completing a paper seals it for everyone', completingSealsThePaper],
     ];
     for (const [name, run] of scenarios) {
