@@ -19,9 +19,14 @@ RUN_TIMEOUT_SECONDS=${RP_BROWSER_TEST_TIMEOUT:-300}
 screenshots=${RP_SCREENSHOTS:-$root/target/browser-screenshots}
 chromium_bin=${CHROMIUM:-/usr/bin/chromium}
 
+work=""
 say() { echo "browser-test: $*"; }
 die() {
     echo "browser-test: $*" >&2
+    if [ -n "$work" ] && [ -s "$work/server.log" ]; then
+        echo "browser-test: last lines of the server's log:" >&2
+        tail -n 30 "$work/server.log" >&2 || true
+    fi
     echo "browser test: 0 passed, 1 failed"
     exit 1
 }
@@ -57,7 +62,6 @@ free_port() {
     node -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})"
 }
 
-work=""
 redis_pid=""
 cleanup() {
     local status=$?
@@ -68,10 +72,6 @@ cleanup() {
     if [ -n "$redis_pid" ]; then
         kill "$redis_pid" 2>/dev/null || true
         wait "$redis_pid" 2>/dev/null || true
-    fi
-    if [ "$status" -ne 0 ] && [ -n "$work" ] && [ -f "$work/server.log" ]; then
-        echo "browser-test: last lines of the server's log:" >&2
-        tail -n 30 "$work/server.log" >&2 || true
     fi
     [ -z "$work" ] || rm -rf "$work"
     exit "$status"

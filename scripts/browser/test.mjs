@@ -11,7 +11,7 @@
 // go), CHROMIUM (default /usr/bin/chromium).
 
 import { spawn } from 'node:child_process';
-import { openSync, writeFileSync, mkdirSync } from 'node:fs';
+import { openSync, readFileSync, writeFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -345,17 +345,29 @@ async function screenshotFailure(shots) {
   }
 }
 
+const server = new Server();
+let browser;
+// Set once the run is being cut short; what fails after that is its echo, not news.
+let aborting = false;
+
+/** The first lines of an error: Playwright appends the browser's whole log. */
+function summary(err) {
+  return err.message.split('\n').slice(0, 8).join('\n  ');
+}
+
 async function main() {
   mkdirSync(config.screenshots, { recursive: true });
-  const server = new Server();
   const problems = [];
   const shots = [];
   let passed = 0;
   let failed = 0;
-  let browser;
   try {
     await server.start();
-    browser = await chromium.launch({ executablePath: config.chromium, headless: true, args: CHROMIUM_ARGS });
+    // Signals are this script's to handle (abort below), not Playwright's.
+    browser = await chromium.launch({
+      executablePath: config.chromium, headless: true, args: CHROMIUM_ARGS,
+      handleSIGINT: false, handleSIGTERM: false, handleSIGHUP: false,
+    });
     const scenarios = [
       ['two people write, drag and delete together, and survive a server restart', twoPeopleWriteTogether],
       ['typing and dragging one note at once converge', typingAndDraggingAtOnceConverge],
@@ -370,32 +382,57 @@ async function main() {
         passed += 1;
         console.log(`browser test: ok   ${name} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
       } catch (err) {
+        if (aborting) break;
         failed += 1;
-        console.error(`browser test: FAIL ${name}\n  ${err.message}`);
+        console.error(`browser test: FAIL ${name}\n  ${summary(err)}`);
         await screenshotFailure(shots);
         if (!server.child) await server.start().catch(() => {});
       }
     }
   } catch (err) {
     failed += 1;
-    console.error(`browser test: FAIL setting up\n  ${err.message}`);
+    console.error(`browser test: FAIL setting up\n  ${summary(err)}`);
   } finally {
     await browser?.close().catch(() => {});
     await server.stop().catch(() => server.kill());
   }
+  if (aborting) return 1;
+  if (failed > 0) printServerLog();
   console.log(`browser test: screenshots in ${config.screenshots}`);
   for (const shot of shots) console.log(`  ${shot}`);
   console.log(`browser test: ${passed} passed, ${failed} failed`);
   return failed === 0 ? 0 : 1;
 }
 
-const watchdog = setTimeout(() => {
-  console.error(`browser test: FAIL the whole run took over ${GLOBAL_TIMEOUT_MS / 1000} s`);
-  console.log('browser test: 0 passed, 1 failed');
+function printServerLog() {
+  try {
+    const lines = readFileSync(join(config.work, 'server.log'), 'utf8').trimEnd().split('\n');
+    console.error(`browser test: last lines of the server's log:\n${lines.slice(-30).join('\n')}`);
+  } catch { /* no log yet */ }
+}
+
+/**
+ * Ends the run at once: the browser and the server go with it. Stopped by a
+ * signal, the caller (scripts/browser-test.sh's timeout) has the last word.
+ */
+async function abort(why, { signalled = false } = {}) {
+  if (aborting) return;
+  aborting = true;
+  console.error(`browser test: FAIL ${why}`);
+  server.kill();
+  await withDeadline(browser?.close() ?? Promise.resolve(), 5000, 'the browser to close').catch(() => {});
+  if (!signalled) {
+    printServerLog();
+    console.log('browser test: 0 passed, 1 failed');
+  }
   process.exit(1);
-}, GLOBAL_TIMEOUT_MS);
+}
+
+const watchdog = setTimeout(() => abort(`the whole run took over ${GLOBAL_TIMEOUT_MS / 1000} s`), GLOBAL_TIMEOUT_MS);
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.on(signal, () => abort(`stopped by ${signal}`, { signalled: true }));
 
 main().then((code) => {
+  if (aborting) return;
   clearTimeout(watchdog);
   process.exit(code);
 });
