@@ -1,0 +1,438 @@
+// End-to-end test of the page served at `/`, in headless Chromium driven by
+// playwright-core. Two people open the same paper in two browser contexts; what
+// one writes, drags or deletes appears at the other; after a server restart both
+// pages come back by themselves with every note. The server process is started
+// and restarted here (scripts/browser-test.sh starts Redis and passes its URL).
+//
+// Every wait is a condition with a deadline; nothing sleeps to synchronise.
+//
+// Environment: RP_BIN (server binary), RP_REDIS (redis URL), RP_PORT (port for
+// the server), RP_WORK (a scratch directory), RP_SCREENSHOTS (where screenshots
+// go), CHROMIUM (default /usr/bin/chromium).
+
+import { spawn } from 'node:child_process';
+import { openSync, readFileSync, writeFileSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const GLOBAL_TIMEOUT_MS = 240_000;
+const STEP_TIMEOUT_MS = 15_000;
+// Pages back off up to 10 s between attempts while the server is away.
+const RECONNECT_TIMEOUT_MS = 30_000;
+const SERVER_EXIT_TIMEOUT_MS = 20_000;
+const CHROMIUM_ARGS = [
+  '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  // Without these Chromium keeps calling home, which a closed network punishes.
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+];
+
+const env = (name, fallback) => {
+  const value = process.env[name] ?? fallback;
+  if (value === undefined) throw new Error(`${name} is not set; run scripts/browser-test.sh`);
+  return value;
+};
+const config = {
+  bin: env('RP_BIN'),
+  redis: env('RP_REDIS'),
+  port: Number(env('RP_PORT')),
+  work: env('RP_WORK'),
+  screenshots: env('RP_SCREENSHOTS'),
+  chromium: env('CHROMIUM', '/usr/bin/chromium'),
+};
+const base = `http://127.0.0.1:${config.port}`;
+
+// ---- The server under test ---------------------------------------------------
+
+class Server {
+  constructor() {
+    this.child = null;
+    this.exited = null;
+    this.log = openSync(join(config.work, 'server.log'), 'a');
+  }
+
+  async start() {
+    const child = spawn(config.bin, [
+      '--listen', `127.0.0.1:${config.port}`, '--store', 'redis', '--redis', config.redis, '--log-level', 'info',
+    ], { stdio: ['ignore', this.log, this.log] });
+    this.child = child;
+    // The shell script kills this pid on exit, should this process die first.
+    writeFileSync(join(config.work, 'server.pid'), String(child.pid));
+    this.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+    await waitForHealthy(this.exited);
+  }
+
+  /** SIGTERM, then waits for the process to be gone (it flushes its backlog first). */
+  async stop() {
+    if (!this.child || this.child.exitCode !== null || this.child.signalCode !== null) return null;
+    this.child.kill('SIGTERM');
+    const outcome = await withDeadline(this.exited, SERVER_EXIT_TIMEOUT_MS, 'the server to exit after SIGTERM');
+    this.child = null;
+    return outcome;
+  }
+
+  kill() {
+    if (this.child && this.child.exitCode === null) this.child.kill('SIGKILL');
+  }
+}
+
+async function waitForHealthy(exited) {
+  const deadline = Date.now() + STEP_TIMEOUT_MS;
+  let gone = null;
+  exited.then((how) => { gone = how; });
+  while (Date.now() < deadline) {
+    if (gone) throw new Error(`the server exited at start (${JSON.stringify(gone)}); see server.log`);
+    try {
+      const res = await fetch(`${base}/healthz`);
+      if (res.ok) return;
+    } catch { /* not listening yet */ }
+    await new Promise((r) => setTimeout(r, 50)); // poll interval of a condition with a deadline
+  }
+  throw new Error(`the server did not answer /healthz within ${STEP_TIMEOUT_MS} ms`);
+}
+
+function withDeadline(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+// ---- Page helpers ----------------------------------------------------------------
+
+/** Waits until `predicate(arg)` holds in the page; the error names what was awaited. */
+async function waitUntil(page, what, predicate, arg, timeout = STEP_TIMEOUT_MS) {
+  try {
+    await page.waitForFunction(predicate, arg, { timeout, polling: 'raf' });
+  } catch (err) {
+    throw new Error(`${page.label}: timed out waiting for ${what} (${timeout} ms)`, { cause: err });
+  }
+}
+
+async function waitOnline(page, timeout = STEP_TIMEOUT_MS) {
+  await waitUntil(page, 'the connection to be live',
+    () => document.querySelector('[data-testid=connection]')?.dataset.state === 'online', null, timeout);
+}
+
+async function waitNoteText(page, id, text, timeout = STEP_TIMEOUT_MS) {
+  await waitUntil(page, `note ${id} to read ${JSON.stringify(text)}`, ([id, text]) => {
+    const body = document.querySelector(`[data-note-id="${id}"] [data-testid=note-text]`);
+    return body !== null && (body.value ?? body.textContent) === text;
+  }, [id, text], timeout);
+}
+
+async function notePosition(page, id) {
+  return page.evaluate((id) => {
+    const card = document.querySelector(`[data-note-id="${id}"]`);
+    return card && { x: parseFloat(card.style.left), y: parseFloat(card.style.top) };
+  }, id);
+}
+
+async function waitNoteAt(page, id, at, timeout = STEP_TIMEOUT_MS) {
+  await waitUntil(page, `note ${id} at (${at.x}, ${at.y})`, ([id, at]) => {
+    const card = document.querySelector(`[data-note-id="${id}"]`);
+    return card !== null && parseFloat(card.style.left) === at.x && parseFloat(card.style.top) === at.y;
+  }, [id, at], timeout);
+}
+
+async function waitMember(page, name) {
+  await waitUntil(page, `member ${name} in the list`, (name) =>
+    [...document.querySelectorAll('[data-testid=member-name]')].some((m) => m.textContent === name), name);
+}
+
+async function screenshot(page, name) {
+  const path = join(config.screenshots, `${name}.png`);
+  await page.screenshot({ path });
+  return path;
+}
+
+/** Opens a page that records uncaught errors and any request leaving the server under test. */
+const openPages = new Set();
+
+async function openPage(browser, label, problems) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await context.newPage();
+  openPages.add(page);
+  page.on('close', () => openPages.delete(page));
+  page.label = label;
+  page.on('pageerror', (err) => problems.push(`${label}: uncaught error in the page: ${err.message}`));
+  page.on('request', (req) => {
+    const url = req.url();
+    if (!url.startsWith(base) && !url.startsWith(`ws://127.0.0.1:${config.port}/`) && !url.startsWith('data:')) {
+      problems.push(`${label}: the page requested ${url}, outside the server`);
+    }
+  });
+  return page;
+}
+
+async function addNote(page, text) {
+  const before = await page.locator('[data-testid=note]').evaluateAll((cards) => cards.map((c) => c.dataset.noteId));
+  await page.getByTestId('add-note').click();
+  await waitUntil(page, 'a new note to take focus', () => document.activeElement?.closest('[data-testid=note]') != null);
+  const id = await page.evaluate(() => document.activeElement.closest('[data-testid=note]').dataset.noteId);
+  if (before.includes(id)) throw new Error(`${page.label}: the focused note ${id} is not a new one`);
+  // Typed key by key, so that the live updates of typing are what is tested.
+  await page.keyboard.type(text, { delay: 15 });
+  return id;
+}
+
+async function dragNote(page, id, dx, dy) {
+  const box = await page.locator(`[data-note-id="${id}"] [data-testid=note-handle]`).boundingBox();
+  const from = { x: box.x + 30, y: box.y + box.height / 2 };
+  await page.mouse.move(from.x, from.y);
+  await page.mouse.down();
+  await page.mouse.move(from.x + dx, from.y + dy, { steps: 12 });
+  await page.mouse.up();
+}
+
+// ---- Scenarios -------------------------------------------------------------------
+
+async function twoPeopleWriteTogether({ browser, server, problems, shots }) {
+  const paper = `e2e-${Date.now().toString(36)}`;
+  const ann = await openPage(browser, 'Ann', problems);
+  const ben = await openPage(browser, 'Ben', problems);
+
+  // Ann picks a paper from the form; Ben follows the shared link and names himself.
+  await ann.goto(`${base}/`);
+  await ann.getByTestId('paper-input').fill(paper);
+  await ann.getByTestId('landing-name').fill('Ann');
+  await ann.getByTestId('open-paper').click();
+  await waitOnline(ann);
+  const shared = ann.url();
+  if (!shared.includes(`paper=${paper}`)) throw new Error(`the address ${shared} does not name the paper`);
+  await ben.goto(shared);
+  await waitOnline(ben);
+  await ben.getByTestId('name-input').fill('Ben');
+  await ben.getByTestId('name-input').press('Enter');
+  await waitMember(ann, 'Ben');
+  await waitMember(ben, 'Ann');
+  await waitOnline(ben);
+
+  // A note typed by Ann appears, with its text, at Ben's; Ben cannot edit it.
+  const text = 'Happy birthday, Kim! Thank you for every Friday cake.';
+  const id = await addNote(ann, text);
+  await waitNoteText(ben, id, text);
+  if (await ben.locator(`[data-note-id="${id}"] textarea`).count() !== 0) {
+    throw new Error('Ben may edit the text of a note Ann wrote');
+  }
+
+  // Ann's pointer shows at Ben's, with her name.
+  const board = await ann.getByTestId('board').boundingBox();
+  await ann.mouse.move(board.x + 700, board.y + 120, { steps: 5 });
+  await waitUntil(ben, "Ann's cursor", () =>
+    [...document.querySelectorAll('[data-testid=cursor]')].some((c) => c.textContent === 'Ann'));
+
+  // A drag at Ann's moves the note at Ben's.
+  const start = await notePosition(ben, id);
+  await dragNote(ann, id, 260, 140);
+  const moved = await notePosition(ann, id);
+  if (moved.x === start.x && moved.y === start.y) throw new Error('the drag did not move the note at Ann\'s');
+  await waitNoteAt(ben, id, moved);
+
+  // Ben writes too, and a note Ann deletes disappears at Ben's.
+  const benText = 'Have a wonderful year ahead! <b>Cheers</b>';
+  const benNote = await addNote(ben, benText);
+  await waitNoteText(ann, benNote, benText);
+  if (await ann.locator(`[data-note-id="${benNote}"] b`).count() !== 0) throw new Error('note text was rendered as HTML');
+  const scrap = await addNote(ann, 'oops, wrong paper');
+  await waitNoteText(ben, scrap, 'oops, wrong paper');
+  await ann.locator(`[data-note-id="${scrap}"] [data-testid=note-delete]`).click();
+  await waitUntil(ben, `note ${scrap} to disappear`, (id) => !document.querySelector(`[data-note-id="${id}"]`), scrap);
+
+  // Everything Ann and Ben wrote is in Redis before the restart.
+  for (const page of [ann, ben]) {
+    await waitUntil(page, 'all changes saved',
+      () => document.querySelector('[data-testid=saved]')?.dataset.state === 'saved');
+  }
+  await ann.mouse.move(board.x + 900, board.y + 400, { steps: 3 });
+  shots.push(await screenshot(ann, '1-ann-board'), await screenshot(ben, '2-ben-board'));
+
+  // The server restarts: both pages say they are offline, then come back alone.
+  const exit = await server.stop();
+  if (exit.code !== 0) throw new Error(`the server exited with ${JSON.stringify(exit)} after SIGTERM`);
+  for (const page of [ann, ben]) {
+    await waitUntil(page, 'the offline banner', () => {
+      const banner = document.querySelector('[data-testid=offline-banner]');
+      return banner !== null && !banner.hidden && banner.offsetHeight > 0
+        && document.querySelector('[data-testid=connection]').dataset.state !== 'online';
+    });
+  }
+  shots.push(await screenshot(ben, '3-ben-offline'));
+  await server.start();
+  for (const page of [ann, ben]) {
+    await waitOnline(page, RECONNECT_TIMEOUT_MS);
+    await waitUntil(page, 'the offline banner to go', () => document.querySelector('[data-testid=offline-banner]').hidden);
+    await waitNoteText(page, id, text);
+    await waitNoteText(page, benNote, benText);
+    await waitNoteAt(page, id, moved);
+    if (await page.locator(`[data-note-id="${scrap}"]`).count() !== 0) throw new Error(`${page.label}: a deleted note came back`);
+  }
+  await waitMember(ann, 'Ben');
+  await waitMember(ben, 'Ann');
+  shots.push(await screenshot(ann, '4-ann-after-restart'));
+  await ann.context().close();
+  await ben.context().close();
+}
+
+async function completingSealsThePaper({ browser, problems, shots }) {
+  const paper = `e2e-done-${Date.now().toString(36)}`;
+  const ann = await openPage(browser, 'Ann', problems);
+  const ben = await openPage(browser, 'Ben', problems);
+  await ann.goto(`${base}/?paper=${paper}`);
+  await waitOnline(ann);
+  await ben.goto(`${base}/#${paper}`);
+  await waitOnline(ben);
+  const id = await addNote(ann, 'Congratulations on the new job!');
+  await waitNoteText(ben, id, 'Congratulations on the new job!');
+
+  await ben.getByTestId('complete').click();
+  await ben.getByTestId('complete-yes').click();
+  for (const page of [ann, ben]) {
+    await waitUntil(page, 'the completed banner', () => {
+      const banner = document.querySelector('[data-testid=completed-banner]');
+      return banner !== null && !banner.hidden && /sealed/.test(banner.textContent);
+    });
+  }
+  const editable = await ann.evaluate((id) => ({
+    text: !document.querySelector(`[data-note-id="${id}"] textarea`).readOnly,
+    add: !document.querySelector('[data-testid=add-note]').disabled,
+  }), id);
+  if (editable.text || editable.add) throw new Error(`a completed paper is still editable: ${JSON.stringify(editable)}`);
+
+  // A refusal is shown to the person: an edit forced past the disabled controls.
+  await ann.evaluate((id) => state.ws.send(JSON.stringify({ type: 'upsert', id, data: { text: 'late' }, ref: 'late' })), id);
+  await waitUntil(ann, 'the paper_completed refusal to show', () =>
+    [...document.querySelectorAll('[data-testid=toast]')].some((t) => t.textContent.includes('paper_completed')));
+  await waitNoteText(ben, id, 'Congratulations on the new job!');
+  shots.push(await screenshot(ann, '5-ann-completed'));
+  await ann.context().close();
+  await ben.context().close();
+}
+
+async function typingAndDraggingAtOnceConverge({ browser, problems }) {
+  const paper = `e2e-race-${Date.now().toString(36)}`;
+  const ann = await openPage(browser, 'Ann', problems);
+  const ben = await openPage(browser, 'Ben', problems);
+  await ann.goto(`${base}/?paper=${paper}`);
+  await ben.goto(`${base}/?paper=${paper}`);
+  await waitOnline(ann);
+  await waitOnline(ben);
+  const id = await addNote(ann, 'Dear Kim,');
+  await waitNoteText(ben, id, 'Dear Kim,');
+
+  // Ben moves Ann's note while she writes: each upsert carries the whole data,
+  // so Ben's carry older text and Ann's older positions. Neither may win over
+  // the other's part for good, and Ann's typing must never be undone under her.
+  const more = ' we will miss you at the office. Come back and visit us soon!';
+  await Promise.all([ann.keyboard.type(more, { delay: 20 }), dragNote(ben, id, -180, 120)]);
+  const typed = await ann.locator(`[data-note-id="${id}"] textarea`).inputValue();
+  if (typed !== 'Dear Kim,' + more) throw new Error(`Ann's typing was changed under her: ${JSON.stringify(typed)}`);
+  const moved = await notePosition(ben, id);
+  await waitNoteText(ben, id, typed);
+  await waitNoteAt(ann, id, moved);
+  await waitNoteAt(ben, id, moved);
+  await ann.context().close();
+  await ben.context().close();
+}
+
+// ---- Runner ------------------------------------------------------------------------
+
+/** What every page looked like when a scenario failed; then closes them for the next one. */
+async function screenshotFailure(shots) {
+  for (const page of [...openPages]) {
+    shots.push(await screenshot(page, `failed-${page.label.toLowerCase()}`).catch(() => `(no screenshot of ${page.label})`));
+    await page.context().close().catch(() => {});
+  }
+}
+
+const server = new Server();
+let browser;
+// Set once the run is being cut short; what fails after that is its echo, not news.
+let aborting = false;
+
+/** The first lines of an error: Playwright appends the browser's whole log. */
+function summary(err) {
+  return err.message.split('\n').slice(0, 8).join('\n  ');
+}
+
+async function main() {
+  mkdirSync(config.screenshots, { recursive: true });
+  const problems = [];
+  const shots = [];
+  let passed = 0;
+  let failed = 0;
+  try {
+    await server.start();
+    // Signals are this script's to handle (abort below), not Playwright's.
+    browser = await chromium.launch({
+      executablePath: config.chromium, headless: true, args: CHROMIUM_ARGS,
+      handleSIGINT: false, handleSIGTERM: false, handleSIGHUP: false,
+    });
+    const scenarios = [
+      ['two people write, drag and delete together, and survive a server restart', twoPeopleWriteTogether],
+      ['typing and dragging one note at once converge', typingAndDraggingAtOnceConverge],
+      ['completing a paper seals it for everyone', completingSealsThePaper],
+    ];
+    for (const [name, run] of scenarios) {
+      const started = Date.now();
+      const before = problems.length;
+      try {
+        await run({ browser, server, problems, shots });
+        if (problems.length > before) throw new Error(problems.slice(before).join('\n'));
+        passed += 1;
+        console.log(`browser test: ok   ${name} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
+      } catch (err) {
+        if (aborting) break;
+        failed += 1;
+        console.error(`browser test: FAIL ${name}\n  ${summary(err)}`);
+        await screenshotFailure(shots);
+        if (!server.child) await server.start().catch(() => {});
+      }
+    }
+  } catch (err) {
+    failed += 1;
+    console.error(`browser test: FAIL setting up\n  ${summary(err)}`);
+  } finally {
+    await browser?.close().catch(() => {});
+    await server.stop().catch(() => server.kill());
+  }
+  if (aborting) return 1;
+  if (failed > 0) printServerLog();
+  console.log(`browser test: screenshots in ${config.screenshots}`);
+  for (const shot of shots) console.log(`  ${shot}`);
+  console.log(`browser test: ${passed} passed, ${failed} failed`);
+  return failed === 0 ? 0 : 1;
+}
+
+function printServerLog() {
+  try {
+    const lines = readFileSync(join(config.work, 'server.log'), 'utf8').trimEnd().split('\n');
+    console.error(`browser test: last lines of the server's log:\n${lines.slice(-30).join('\n')}`);
+  } catch { /* no log yet */ }
+}
+
+/**
+ * Ends the run at once: the browser and the server go with it. Stopped by a
+ * signal, the caller (scripts/browser-test.sh's timeout) has the last word.
+ */
+async function abort(why, { signalled = false } = {}) {
+  if (aborting) return;
+  aborting = true;
+  console.error(`browser test: FAIL ${why}`);
+  server.kill();
+  await withDeadline(browser?.close() ?? Promise.resolve(), 5000, 'the browser to close').catch(() => {});
+  if (!signalled) {
+    printServerLog();
+    console.log('browser test: 0 passed, 1 failed');
+  }
+  process.exit(1);
+}
+
+const watchdog = setTimeout(() => abort(`the whole run took over ${GLOBAL_TIMEOUT_MS / 1000} s`), GLOBAL_TIMEOUT_MS);
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.on(signal, () => abort(`stopped by ${signal}`, { signalled: true }));
+
+main().then((code) => {
+  if (aborting) return;
+  clearTimeout(watchdog);
+  process.exit(code);
+});
