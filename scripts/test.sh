@@ -31,3 +31,5 @@ echo "test.sh: third-party clients (Python websockets, Node ws)"
 bash scripts/interop.sh
 echo "test.sh: wss:// through nginx to two nodes"
 bash scripts/tls-test.sh
+echo "test.sh: the page in a real browser (Chromium)"
+bash scripts/browser-test.sh
