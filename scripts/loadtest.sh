@@ -12,7 +12,8 @@
 # port, pins the server (and Redis) and the load generator to different cores
 # when there are at least two, prints one table, and stops everything it
 # started. JSON reports stay in $LOADTEST_OUT (default: a temporary directory,
-# printed at the end). LOADTEST_QUICK=1 shortens every window (for a check of
+# printed at the end). LOADTEST_SECONDS sets the measured window (default 20;
+# compare uses half of it, sweep steps a quarter). LOADTEST_QUICK=1 shortens every window (for a check of
 # the script itself, not for numbers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,8 @@ done
 quick="${LOADTEST_QUICK:-0}"
 # Seconds: warm-up, measured window, drain (shortened by LOADTEST_QUICK=1).
 if [ "$quick" = 1 ]; then W=1 D=3 R=2; else W=5 D=20 R=5; fi
+# LOADTEST_SECONDS sets the measured window (sweep steps take a quarter of it).
+D="${LOADTEST_SECONDS:-$D}"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/rp-loadtest.XXXXXX")"
 out="${LOADTEST_OUT:-$work/reports}"
