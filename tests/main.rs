@@ -8,6 +8,7 @@ mod cluster; // 6. several nodes
 mod conformance; // RFC 6455 over raw sockets
 mod http; // 1. HTTP surface
 mod limits; // abuse: rate, caps, origins, slow and silent peers
+mod load; // the load generator's smoke run
 mod notes; // 2. notes and versions
 mod operations; // 1. papers API, readiness, metrics
 mod persistence; // 4. Redis
