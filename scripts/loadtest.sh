@@ -6,7 +6,7 @@
 #   scripts/loadtest.sh compare              rollingpaper and the naive baseline
 #                                            (examples/baseline.rs) side by side
 #
-# Scenarios: classroom, hot-paper, fanout-max, idle, typing-writes, compare.
+# Scenarios: classroom, hot-paper, fanout-max, idle, typing-writes, relay, compare.
 # Builds in release mode, starts its own redis-server (append-only, free port,
 # data in a temporary directory) and a fresh server per scenario on a free
 # port, pins the server (and Redis) and the load generator to different cores
@@ -18,12 +18,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(classroom hot-paper fanout-max idle typing-writes)
+all=(classroom hot-paper fanout-max idle typing-writes relay)
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${all[@]}")
 for s in "${scenarios[@]}"; do
     case "$s" in
-        classroom|hot-paper|fanout-max|idle|typing-writes|compare) ;;
+        classroom|hot-paper|fanout-max|idle|typing-writes|relay|compare) ;;
         *) echo "loadtest.sh: unknown scenario $s (known: ${all[*]} compare)" >&2; exit 2 ;;
     esac
 done
@@ -279,6 +279,27 @@ typing_writes() {
 
 # The original design against rollingpaper: same generator, same shape, papers
 # of 10, 50 and 200 notes; one run, side by side.
+relay() {
+    # The same load on one --cluster node, then on two with each paper's members
+    # split between them (every edit crosses through Redis pub/sub).
+    local shape=(--papers 10 --members 50 --senders 10 --rate 10 --note-bytes 200 --warmup "$W" --duration "$D" --drain "$R")
+    rollingpaper --cluster --node-id solo
+    load relay-one-node "${shape[@]}"
+    stop_server
+    row relay-one-node "one --cluster node"
+    rollingpaper --cluster --node-id a
+    local a_addr="$server_addr" a_pid="$server_pid"
+    rollingpaper --cluster --node-id b
+    local b_addr="$server_addr" b_pid="$server_pid"
+    server_addr="$a_addr,$b_addr"
+    server_pid="$a_pid"
+    load relay-two-nodes "${shape[@]}"
+    stop_server
+    server_pid="$b_pid"
+    stop_server
+    row relay-two-nodes "two --cluster nodes, members split; server columns are node a's alone"
+}
+
 compare() {
     local notes server
     for notes in 10 50 200; do
@@ -304,6 +325,7 @@ for s in "${scenarios[@]}"; do
         fanout-max) fanout_max ;;
         idle) idle ;;
         typing-writes) typing_writes ;;
+        relay) relay ;;
         compare) compare ;;
     esac
 done

@@ -27,9 +27,11 @@ use worker::{Command, Progress, Report, Setup, StepPlan, StepReport, Worker};
 #[derive(Parser, Debug)]
 #[command(name = "rollingpaper-load", version)]
 struct Args {
-    /// Server address (127.0.0.0/8 or [::1] only).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    target: String,
+    /// Server address (127.0.0.0/8 or [::1] only). Several (comma-separated or
+    /// repeated): connections go round-robin, so each paper's members are split
+    /// across the nodes (a relay benchmark of `--cluster` nodes).
+    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',')]
+    target: Vec<String>,
     /// Papers to open.
     #[arg(long, default_value_t = 10)]
     papers: usize,
@@ -167,7 +169,8 @@ fn raise_nofile() -> u64 {
 
 fn run(args: &Args) -> Result<ExitCode, String> {
     check(args)?;
-    let target = loopback_target(&args.target)?;
+    let targets: Vec<SocketAddr> = args.target.iter().map(|t| loopback_target(t)).collect::<Result<_, _>>()?;
+    let target = targets[0];
     let connections = args.papers * args.members;
     let nofile = raise_nofile();
     if connections as u64 + 64 > nofile {
@@ -204,7 +207,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             senders: args.senders,
             notes,
             note_bytes: args.note_bytes,
-            target,
+            targets: targets.clone(),
             host: target.to_string(),
             sources: sources.clone(),
             concurrency: (args.connect_concurrency / threads).max(1),
@@ -329,7 +332,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         _ => None,
     };
     let out = json!({
-        "target": target.to_string(),
+        "target": targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         "papers": args.papers,
         "members": args.members,
         "senders": args.senders,
@@ -356,8 +359,12 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
     } else {
         println!(
-            "target {target}: {} papers x {} members, {} senders each, {} B notes",
-            args.papers, args.members, args.senders, args.note_bytes
+            "target {}: {} papers x {} members, {} senders each, {} B notes",
+            args.target.join(","),
+            args.papers,
+            args.members,
+            args.senders,
+            args.note_bytes
         );
         println!("connections: {ok} ok, {failed} failed of {connections} in {connect_seconds:.1} s");
         if let Some(e) = &first_error {

@@ -43,7 +43,8 @@ pub struct Setup {
     pub senders: usize,
     pub notes: usize,
     pub note_bytes: usize,
-    pub target: SocketAddr,
+    /// Servers to connect to, round-robin by connection.
+    pub targets: Vec<SocketAddr>,
     pub host: String,
     pub sources: Vec<IpAddr>,
     pub concurrency: usize,
@@ -362,7 +363,7 @@ impl Worker {
 
     fn start_connect(&mut self, key: usize, now: u64) -> io::Result<()> {
         use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-        let target = self.setup.target;
+        let target = self.setup.targets[key % self.setup.targets.len()];
         let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
