@@ -13,6 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 # Bounds the browser part; building and installing are bounded by their tools.
 RUN_TIMEOUT_SECONDS=${RP_BROWSER_TEST_TIMEOUT:-300}
@@ -38,12 +40,7 @@ install_system_packages() {
     command -v npm >/dev/null 2>&1 || missing+=(npm)
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
-    ((${#missing[@]})) || return 0
-    say "installing ${missing[*]}"
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    install_packages "${missing[@]}"
     [ -x "$chromium_bin" ] || die "chromium is still missing at $chromium_bin"
 }
 

@@ -17,6 +17,8 @@
 # the script itself, not for numbers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 all=(classroom hot-paper fanout-max idle typing-writes relay)
 scenarios=("$@")
@@ -31,13 +33,7 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v jq >/dev/null || missing+=(jq)
-if ((${#missing[@]})); then
-    echo "loadtest.sh: installing ${missing[*]}"
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+install_packages "${missing[@]}"
 command -v cargo >/dev/null || { echo "loadtest.sh: cargo is needed (https://rustup.rs)" >&2; exit 2; }
 
 quick="${LOADTEST_QUICK:-0}"

@@ -5,6 +5,8 @@
 # (see `scripts/run.sh --help`); RP_* environment variables work too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 redis_url="${RP_REDIS:-redis://127.0.0.1:6379}"
 store="${RP_STORE:-redis}"
@@ -16,13 +18,7 @@ for arg in "$@"; do
 done
 
 if [ "$store" = redis ]; then
-    if ! command -v redis-server >/dev/null 2>&1; then
-        echo "run.sh: installing redis-server"
-        sudo=""
-        [ "$(id -u)" -eq 0 ] || sudo="sudo"
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null
-    fi
+    command -v redis-server >/dev/null 2>&1 || install_packages redis-server
     if redis-cli -u "$redis_url" ping >/dev/null 2>&1; then
         echo "run.sh: using the Redis at $redis_url"
     else
