@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # End to end behind a TLS terminator: a throw-away self-signed certificate, two
 # nodes sharing one redis-server, nginx in front of them with scripts/nginx.conf,
-# and real wss:// clients (Python websockets) on the same paper seeing each
+# and real wss:// clients (Node's ws) on the same paper seeing each
 # other's edits. Everything runs on free loopback ports and is stopped on exit.
-# Installs nginx and openssl if missing.
+# Installs nginx, openssl and Node if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -13,12 +13,12 @@ missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 install_packages "${missing[@]}"
 nginx=$(command -v nginx || echo /usr/sbin/nginx)
-venv=target/interop-venv
-if ! "$venv/bin/python" -c 'import websockets' 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check 'websockets==17.*'
+if [ ! -d scripts/interop/node_modules/ws ]; then
+    npm ci --prefix scripts/interop --no-audit --no-fund --silent
 fi
 cargo build --quiet --bin rollingpaper
 
@@ -93,7 +93,7 @@ for _ in $(seq 100); do
 done
 
 status=0
-timeout 60 "$venv/bin/python" scripts/interop/wss_client.py "wss://127.0.0.1:$https_port" "$work/cert.pem" || status=1
+timeout 60 node scripts/interop/wss_client.mjs "wss://127.0.0.1:$https_port" "$work/cert.pem" || status=1
 health=$(curl -s --cacert "$work/cert.pem" "https://127.0.0.1:$https_port/healthz" || true)
 [ "$health" = "ok" ] || { echo "tls-test.sh: /healthz over https said: $health" >&2; status=1; }
 if [ "$status" -ne 0 ]; then
