@@ -2,47 +2,7 @@
 // Usage: node client.mjs ws://127.0.0.1:PORT
 // Exits non-zero with a message on the first thing that differs from PROTOCOL.md.
 
-import WebSocket from "ws";
-
-const TIMEOUT_MS = 20000;
-
-/** A connection whose messages are awaited one at a time. */
-function open(url) {
-  const ws = new WebSocket(url);
-  const queue = [];
-  const waiters = [];
-  const deliver = (item) => (waiters.length ? waiters.shift()(item) : queue.push(item));
-  ws.on("message", (data, isBinary) => deliver({ msg: JSON.parse(data.toString()), isBinary }));
-  ws.on("close", (code) => deliver({ closed: code }));
-  ws.on("error", (err) => deliver({ error: err }));
-  const next = () =>
-    new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error("timed out waiting for a message")), TIMEOUT_MS);
-      const take = (item) => {
-        clearTimeout(timer);
-        resolve(item);
-      };
-      queue.length ? take(queue.shift()) : waiters.push(take);
-    });
-  const opened = new Promise((resolve, reject) => {
-    ws.once("open", resolve);
-    ws.once("error", reject);
-  });
-  return { ws, next, opened };
-}
-
-async function nextOf(conn, type) {
-  for (let i = 0; i < 100; i++) {
-    const item = await conn.next();
-    if (item.closed !== undefined || item.error) throw new Error(`closed while waiting for ${type}: ${JSON.stringify(item)}`);
-    if (item.msg.type === type) return item.msg;
-  }
-  throw new Error(`no ${type} message`);
-}
-
-function check(condition, what) {
-  if (!condition) throw new Error(what);
-}
+import { check, nextOf, open } from "./session.mjs";
 
 async function main(base) {
   const paper = `${base}/ws/interop-node`;
