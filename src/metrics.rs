@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::protocol::ErrorCode;
+use crate::protocol::{ClientMsg, ErrorCode};
 
 /// Adds to a counter that only the calling thread writes.
 pub fn bump(counter: &AtomicU64, n: u64) {
@@ -18,11 +18,87 @@ fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
-/// Client message types, as counted.
-pub const IN_TYPES: [&str; 6] = ["upsert", "delete", "cursor", "complete", "ping", "invalid"];
-/// Server message types, as counted (one per recipient).
-pub const OUT_TYPES: [&str; 10] =
-    ["snapshot", "upsert", "delete", "cursor", "join", "leave", "completed", "saved", "pong", "error"];
+/// Client messages, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum In {
+    Upsert,
+    Delete,
+    Cursor,
+    Complete,
+    Ping,
+    /// Refused before its type was known to be valid.
+    Invalid,
+}
+
+impl In {
+    const ALL: [In; 6] = [In::Upsert, In::Delete, In::Cursor, In::Complete, In::Ping, In::Invalid];
+
+    pub fn of(msg: &ClientMsg) -> In {
+        match msg {
+            ClientMsg::Upsert { .. } => In::Upsert,
+            ClientMsg::Delete { .. } => In::Delete,
+            ClientMsg::Cursor { .. } => In::Cursor,
+            ClientMsg::Complete { .. } => In::Complete,
+            ClientMsg::Ping => In::Ping,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            In::Upsert => "upsert",
+            In::Delete => "delete",
+            In::Cursor => "cursor",
+            In::Complete => "complete",
+            In::Ping => "ping",
+            In::Invalid => "invalid",
+        }
+    }
+}
+
+/// Server messages, as counted (one per recipient).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Out {
+    Snapshot,
+    Upsert,
+    Delete,
+    Cursor,
+    Join,
+    Leave,
+    Completed,
+    Saved,
+    Pong,
+    Error,
+}
+
+impl Out {
+    const ALL: [Out; 10] = [
+        Out::Snapshot,
+        Out::Upsert,
+        Out::Delete,
+        Out::Cursor,
+        Out::Join,
+        Out::Leave,
+        Out::Completed,
+        Out::Saved,
+        Out::Pong,
+        Out::Error,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Out::Snapshot => "snapshot",
+            Out::Upsert => "upsert",
+            Out::Delete => "delete",
+            Out::Cursor => "cursor",
+            Out::Join => "join",
+            Out::Leave => "leave",
+            Out::Completed => "completed",
+            Out::Saved => "saved",
+            Out::Pong => "pong",
+            Out::Error => "error",
+        }
+    }
+}
 const CODES: [ErrorCode; 9] = [
     ErrorCode::InvalidJson,
     ErrorCode::InvalidMessage,
@@ -41,8 +117,8 @@ pub struct LoopMetrics {
     pub sessions: AtomicU64,
     pub papers: AtomicU64,
     pub connections_accepted: AtomicU64,
-    pub messages_in: [AtomicU64; IN_TYPES.len()],
-    pub messages_out: [AtomicU64; OUT_TYPES.len()],
+    pub messages_in: [AtomicU64; In::ALL.len()],
+    pub messages_out: [AtomicU64; Out::ALL.len()],
     pub refusals: [AtomicU64; CODES.len()],
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -52,16 +128,12 @@ pub struct LoopMetrics {
 }
 
 impl LoopMetrics {
-    pub fn message_in(&self, kind: &str) {
-        if let Some(i) = IN_TYPES.iter().position(|t| *t == kind) {
-            bump(&self.messages_in[i], 1);
-        }
+    pub fn message_in(&self, kind: In) {
+        bump(&self.messages_in[kind as usize], 1);
     }
 
-    pub fn message_out(&self, kind: &str, recipients: u64) {
-        if let Some(i) = OUT_TYPES.iter().position(|t| *t == kind) {
-            bump(&self.messages_out[i], recipients);
-        }
+    pub fn message_out(&self, kind: Out, recipients: u64) {
+        bump(&self.messages_out[kind as usize], recipients);
     }
 
     pub fn refusal(&self, code: ErrorCode) {
@@ -123,8 +195,13 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
     };
     let one = |v: u64| vec![(String::new(), v)];
 
-    metric("connections", "gauge", "Open connections of this node.", &one(connections as u64));
-    metric("sessions", "gauge", "Sessions open (joining or member).", &one(sum(&|l| get(&l.sessions))));
+    metric(
+        "connections",
+        "gauge",
+        "WebSocket sessions admitted by this node (each holds a slot of --max-connections).",
+        &one(connections as u64),
+    );
+    metric("sessions", "gauge", "WebSocket sessions open (joining or member).", &one(sum(&|l| get(&l.sessions))));
     let per_loop: Vec<_> =
         loops.iter().enumerate().map(|(i, l)| (format!("{{loop=\"{i}\"}}"), get(&l.sessions))).collect();
     metric("loop_sessions", "gauge", "Sessions open per event loop.", &per_loop);
@@ -135,16 +212,14 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
         "TCP connections accepted.",
         &one(sum(&|l| get(&l.connections_accepted))),
     );
-    let rows: Vec<_> = IN_TYPES
+    let rows: Vec<_> = In::ALL
         .iter()
-        .enumerate()
-        .map(|(i, t)| (format!("{{type=\"{t}\"}}"), sum(&|l| get(&l.messages_in[i]))))
+        .map(|&t| (format!("{{type=\"{}\"}}", t.name()), sum(&|l| get(&l.messages_in[t as usize]))))
         .collect();
     metric("messages_in_total", "counter", "Client messages received, by type.", &rows);
-    let rows: Vec<_> = OUT_TYPES
+    let rows: Vec<_> = Out::ALL
         .iter()
-        .enumerate()
-        .map(|(i, t)| (format!("{{type=\"{t}\"}}"), sum(&|l| get(&l.messages_out[i]))))
+        .map(|&t| (format!("{{type=\"{}\"}}", t.name()), sum(&|l| get(&l.messages_out[t as usize]))))
         .collect();
     metric("messages_out_total", "counter", "Server messages queued, one per recipient, by type.", &rows);
     let rows: Vec<_> = CODES
@@ -155,7 +230,12 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
     metric("refusals_total", "counter", "Client messages refused, by error code.", &rows);
     metric("bytes_in_total", "counter", "Bytes read from clients.", &one(sum(&|l| get(&l.bytes_in))));
     metric("bytes_out_total", "counter", "Bytes written to clients.", &one(sum(&|l| get(&l.bytes_out))));
-    metric("broadcasts_total", "counter", "Messages sent to a paper's members.", &one(sum(&|l| get(&l.broadcasts))));
+    metric(
+        "broadcasts_total",
+        "counter",
+        "Messages fanned out to a paper's members (each counted once, whatever the recipients).",
+        &one(sum(&|l| get(&l.broadcasts))),
+    );
     metric(
         "broadcast_recipients_total",
         "counter",
@@ -171,8 +251,13 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
 
     if let Some(store) = store {
         let w = store.writer;
-        metric("backlog", "gauge", "Edits waiting to be written to Redis.", &one(store.backlog as u64));
-        metric("backlog_limit", "gauge", "Edits the backlog holds at most.", &one(store.backlog_limit as u64));
+        metric(
+            "backlog",
+            "gauge",
+            "Ops waiting for the Redis writer (edits, completions, presence, relayed messages).",
+            &one(store.backlog as u64),
+        );
+        metric("backlog_limit", "gauge", "Ops the backlog holds at most.", &one(store.backlog_limit as u64));
         let _ = writeln!(
             out,
             "# HELP rollingpaper_backlog_oldest_age_seconds Age of the oldest edit not yet written.\n\
@@ -189,7 +274,7 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
         metric("redis_up", "gauge", "1 while the writer reaches Redis.", u64::from(w.redis_up.load(Ordering::Relaxed)));
         metric("redis_batches_total", "counter", "Pipelines written to Redis.", get(&w.batches));
         metric("redis_commands_total", "counter", "Redis commands sent in written pipelines.", get(&w.commands));
-        metric("redis_ops_written_total", "counter", "Edits written to Redis.", get(&w.ops_written));
+        metric("redis_ops_written_total", "counter", "Ops written to Redis.", get(&w.ops_written));
         metric("redis_errors_total", "counter", "Failed Redis writes (each batch is sent again).", get(&w.errors));
         metric("redis_reconnects_total", "counter", "Connections the writer opened to Redis.", get(&w.reconnects));
         let _ = writeln!(
@@ -215,8 +300,8 @@ mod tests {
     #[test]
     fn renders_the_text_format_with_sums_over_loops() {
         let loops = [LoopMetrics::default(), LoopMetrics::default()];
-        loops[0].message_in("upsert");
-        loops[1].message_in("upsert");
+        loops[0].message_in(In::Upsert);
+        loops[1].message_in(In::Upsert);
         loops[1].refusal(ErrorCode::RateLimited);
         bump(&loops[0].sessions, 3);
         let writer = WriterMetrics::default();

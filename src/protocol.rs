@@ -433,7 +433,6 @@ impl Frame {
         self.finish()
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn upsert(&mut self, id: &str, author: &str, data: &str, v: u64, from: &str, reference: Option<&str>) -> &[u8] {
         let b = self.begin();
         b.extend_from_slice(br#"{"type":"upsert","id":"#);
@@ -531,31 +530,6 @@ pub fn paper_document<'a>(paper: &str, completed: bool, notes: impl Iterator<Ite
     string(&mut b, paper);
     b.extend_from_slice(if completed { br#","completed":true,"notes":"# } else { br#","completed":false,"notes":"# });
     notes_array(&mut b, notes);
-    b.push(b'}');
-    String::from_utf8(b).expect("JSON is UTF-8")
-}
-
-/// The value of a note in Redis (PROTOCOL.md 4): `{"author","data","v"}`, or
-/// `{"deleted":true,"v"}` for a deleted one; with several nodes, `"node"` (the
-/// writer, for ties) comes just before `v`. `v` comes last on purpose: the
-/// conditional write script reads both from the end of the value.
-pub fn stored_note(author: &str, data: Option<&str>, node: &str, v: u64) -> String {
-    let mut b = Vec::with_capacity(32 + author.len() + data.map_or(0, str::len));
-    match data {
-        Some(data) => {
-            b.extend_from_slice(br#"{"author":"#);
-            string(&mut b, author);
-            b.extend_from_slice(br#","data":"#);
-            b.extend_from_slice(data.as_bytes());
-        }
-        None => b.extend_from_slice(br#"{"deleted":true"#),
-    }
-    if !node.is_empty() {
-        b.extend_from_slice(br#","node":"#);
-        string(&mut b, node);
-    }
-    b.extend_from_slice(br#","v":"#);
-    number(&mut b, v);
     b.push(b'}');
     String::from_utf8(b).expect("JSON is UTF-8")
 }
@@ -781,12 +755,7 @@ mod tests {
     }
 
     #[test]
-    fn stored_values_end_with_v() {
-        let stored = stored_note("u1", Some(r#"{"v":1}"#), "", 77);
-        assert_eq!(serde_json::from_str::<Value>(&stored).unwrap(), json!({"author":"u1","data":{"v":1},"v":77}));
-        assert!(stored.ends_with(r#","v":77}"#));
-        assert_eq!(stored_note("u1", None, "", 78), r#"{"deleted":true,"v":78}"#);
-        assert_eq!(stored_note("u1", None, "n2", 78), r#"{"deleted":true,"node":"n2","v":78}"#);
+    fn paper_documents_list_live_notes() {
         let done = paper_document("p1", true, [NoteView { id: "n", author: "a", data: "{}", v: 3 }].into_iter());
         assert_eq!(
             serde_json::from_str::<Value>(&done).unwrap(),

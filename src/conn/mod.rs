@@ -1,176 +1,29 @@
-//! One TCP connection and its phase: reading the HTTP request, answering it, or
-//! speaking WebSocket. Knows sockets, HTTP and frames, never what a note is.
+//! One TCP connection and its lifecycle: reading the HTTP request, answering it,
+//! or speaking WebSocket, then closing. Every move between phases happens here,
+//! taking the old phase by value, so no phase is ever half set; each step tells
+//! the event loop what to do next with a `Next`. Knows sockets, HTTP and frames,
+//! never what a note is.
 
 pub mod http;
+pub mod io;
 
-use std::io::{self, Read, Write};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use mio::net::TcpStream;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::{Role as WsRole, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
 
 use crate::auth::Role;
+use crate::protocol::CloseReason;
 use crate::rate::TokenBucket;
-use tungstenite::protocol::{Role as WsRole, WebSocketConfig};
-use tungstenite::WebSocket;
+pub use io::{Drained, Flushed, Io, Outbox};
 
-/// Output capacity kept by a connection once its queue is empty; more is freed, so
-/// a burst does not pin memory on thousands of idle connections.
-/// Above the largest note (16 KiB by default) with its message around it, so that
-/// a paper of large notes does not free and allocate again for every message.
-const KEEP_OUT_CAPACITY: usize = 32 * 1024;
-
-/// The socket with its outbound queue. tungstenite writes its own frames (pongs,
-/// close replies) through `Write`, which only appends to the queue, so they stay
-/// in order with the broadcast frames queued directly; the event loop flushes the
-/// queue to the socket once per turn.
-pub struct Io {
-    pub stream: TcpStream,
-    pub out: Outbox,
-    /// Bytes read since the loop last collected them for its metrics.
-    pub bytes_in: u64,
-}
-
-impl Io {
-    pub fn new(stream: TcpStream) -> Self {
-        Io { stream, out: Outbox::default(), bytes_in: 0 }
-    }
-
-    /// Writes what is queued until done or the socket is full.
-    ///
-    /// # Errors
-    /// The socket failed: the peer is gone.
-    pub fn flush(&mut self) -> io::Result<Flushed> {
-        self.out.write_to(&mut self.stream)
-    }
-}
-
-/// How far a flush got.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Flushed {
-    /// Everything queued is in the kernel.
-    Done,
-    /// The socket is full; the rest goes when it is writable again.
-    Blocked,
-}
-
-/// One connection's outbound bytes: queued by the loop, written once per turn.
-#[derive(Debug, Default)]
-pub struct Outbox {
-    buf: Vec<u8>,
-    /// Bytes of `buf` already written to the socket.
-    sent: usize,
-    /// Where whole WebSocket frames start in `buf`; what lies before is written or
-    /// is the HTTP head. Lets a slow consumer's queue be cut at a frame boundary.
-    frames_from: usize,
-}
-
-impl Outbox {
-    /// Queues bytes; nothing touches the socket until `write_to`.
-    pub fn queue(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// Queues the HTTP head that comes before the first frame.
-    pub fn queue_head(&mut self, head: &[u8]) {
-        self.queue(head);
-        self.frames_from = self.buf.len();
-    }
-
-    /// Bytes queued and not yet written.
-    pub fn pending(&self) -> usize {
-        self.buf.len() - self.sent
-    }
-
-    /// Writes what is queued until done or `sink` would block.
-    ///
-    /// # Errors
-    /// The sink failed.
-    pub fn write_to(&mut self, sink: &mut impl Write) -> io::Result<Flushed> {
-        while self.sent < self.buf.len() {
-            match sink.write(&self.buf[self.sent..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.compact();
-                    return Ok(Flushed::Blocked);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.buf.clear();
-        self.sent = 0;
-        self.frames_from = 0;
-        if self.buf.capacity() > KEEP_OUT_CAPACITY {
-            self.buf = Vec::new();
-        }
-        Ok(Flushed::Done)
-    }
-
-    /// Drops every queued frame not yet begun on the wire (a slow consumer's
-    /// backlog), keeping the one partly written so the stream stays valid.
-    pub fn drop_queued(&mut self) {
-        self.skip_sent_frames();
-        let keep = if self.sent > self.frames_from {
-            self.frames_from + frame_len(&self.buf[self.frames_from..]).unwrap_or(0)
-        } else {
-            self.frames_from
-        };
-        self.buf.truncate(keep.max(self.sent));
-    }
-
-    fn skip_sent_frames(&mut self) {
-        while let Some(len) = frame_len(&self.buf[self.frames_from..]) {
-            if self.frames_from + len > self.sent {
-                break;
-            }
-            self.frames_from += len;
-        }
-    }
-
-    /// Frees the written part of the queue once it is large.
-    fn compact(&mut self) {
-        self.skip_sent_frames();
-        if self.frames_from >= KEEP_OUT_CAPACITY && self.frames_from * 2 >= self.buf.len() {
-            self.buf.drain(..self.frames_from);
-            self.sent -= self.frames_from;
-            self.frames_from = 0;
-        }
-    }
-}
-
-/// The length of the server frame at the start of `buf`, if it is all there.
-fn frame_len(buf: &[u8]) -> Option<usize> {
-    let b1 = *buf.get(1)?;
-    let (header, len) = match b1 & 0x7F {
-        126 => (4, u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize),
-        127 => (10, u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize),
-        n => (2, n as usize),
-    };
-    let total = header + if b1 & 0x80 != 0 { 4 } else { 0 } + len;
-    (buf.len() >= total).then_some(total)
-}
-
-impl Read for Io {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.stream.read(buf)?;
-        self.bytes_in += n as u64;
-        Ok(n)
-    }
-}
-
-impl Write for Io {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.queue(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+/// Messages read from one connection before others get their turn.
+pub const MAX_MESSAGES_PER_READ: usize = 64;
+/// Bytes read and dropped from one connection per turn (input after a close, or
+/// after a plain reply), so that a flood on one socket never stalls the others.
+const DISCARD_BUDGET: usize = 64 * 1024;
 
 /// tungstenite's settings for a session: frames are written to `Io` at once (it
 /// buffers them itself), and the read buffer starts at 1 KiB, which most client
@@ -184,11 +37,26 @@ pub fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_message_bytes))
 }
 
-pub fn server_websocket(io: Io, already_read: Vec<u8>, config: WebSocketConfig) -> WebSocket<Io> {
+fn server_websocket(mut io: Io, head: &[u8], already_read: Vec<u8>, config: WebSocketConfig) -> WebSocket<Io> {
+    io.out.queue_head(head);
     WebSocket::from_partially_read(io, already_read, WsRole::Server, Some(config))
 }
 
+/// What the event loop does with a connection after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing more now.
+    Continue,
+    /// The read budget is spent with input left: read again next turn.
+    ReadAgain,
+    /// End the session with this close code (PROTOCOL.md 3.3).
+    Close(CloseReason),
+    /// Drop the connection at the end of the turn.
+    Drop,
+}
+
 /// Who an upgraded client is, before it joins its paper.
+#[derive(Clone)]
 pub struct Visitor {
     pub paper: Arc<str>,
     pub user: Arc<str>,
@@ -196,8 +64,8 @@ pub struct Visitor {
     pub role: Role,
 }
 
-/// A member's side of its session.
-pub struct Session {
+/// A member's side of its session: PROTOCOL.md's session, once joined.
+pub struct Membership {
     pub paper: Arc<str>,
     /// The member id (`you`, `from`).
     pub member: Arc<str>,
@@ -206,11 +74,21 @@ pub struct Session {
     pub bucket: TokenBucket,
 }
 
+/// What a closing connection still reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterClose {
+    /// Frames, until the peer's close frame or EOF.
+    Frames,
+    /// Raw bytes, dropped unparsed: the peer broke the framing. Our side is shut
+    /// once the close frame is out.
+    Discard,
+}
+
 /// Where a connection is in its life. Each phase owns what it needs.
 pub enum Phase {
     /// Reading the HTTP request head.
     Request { io: Io, buf: Vec<u8> },
-    /// Writing a plain HTTP reply; closed once written.
+    /// Writing a plain HTTP reply; dropped once written.
     Reply { io: Io },
     /// `GET /papers/{paper}` waiting for the paper to be read.
     Reading { io: Io, paper: Arc<str> },
@@ -218,16 +96,14 @@ pub enum Phase {
     /// client sends waits in the socket.
     Joining { ws: WebSocket<Io>, visitor: Visitor },
     /// A member: the session of PROTOCOL.md section 3.
-    Open { ws: WebSocket<Io>, session: Session },
+    Open { ws: WebSocket<Io>, membership: Membership },
     /// `/echo` (`--echo`): every message comes back as it was sent.
     Echo { ws: WebSocket<Io> },
     /// A close frame is queued or received; the socket is dropped once the output
-    /// is written and the peer closed too, or at the loop's close deadline. With
-    /// `discard`, the peer broke the framing: what it sends now is read and
-    /// dropped unparsed, and our side is shut once the close frame is out.
-    Closing { ws: WebSocket<Io>, discard: bool },
-    /// Transient, while a phase is being replaced.
-    Gone,
+    /// is written and the peer closed too, or at the close deadline.
+    Closing { ws: WebSocket<Io>, after: AfterClose },
+    /// Only inside `Conn::morph`, while a phase is being replaced.
+    Detached,
 }
 
 impl Phase {
@@ -237,29 +113,43 @@ impl Phase {
             Phase::Joining { ws, .. } | Phase::Open { ws, .. } | Phase::Echo { ws } | Phase::Closing { ws, .. } => {
                 Some(ws.get_mut())
             }
-            Phase::Gone => None,
+            Phase::Detached => None,
         }
     }
 
-    pub fn name(&self) -> &'static str {
-        match self {
-            Phase::Request { .. } => "request",
-            Phase::Reply { .. } => "reply",
-            Phase::Reading { .. } => "reading",
-            Phase::Joining { .. } => "joining",
-            Phase::Open { .. } => "open",
-            Phase::Echo { .. } => "echo",
-            Phase::Closing { .. } => "closing",
-            Phase::Gone => "gone",
-        }
+    /// A WebSocket session that has not begun to close.
+    pub fn is_session(&self) -> bool {
+        matches!(self, Phase::Joining { .. } | Phase::Open { .. } | Phase::Echo { .. })
     }
+}
+
+/// What reading a request head gave.
+pub enum RequestStep {
+    /// The head is not complete yet.
+    Wait,
+    /// The client went away, or the socket failed.
+    Drop,
+    /// The head is read: answer it (a reply) or route it.
+    Parsed(Result<http::Parsed, http::Reply>),
+}
+
+/// The next thing an open session read.
+pub enum Incoming {
+    Message(Message),
+    /// Nothing more for now.
+    Dry,
+    /// The read failed; what to do about it.
+    Failed(Next),
 }
 
 pub struct Conn {
     pub phase: Phase,
     /// Unique for the process: slab keys are reused, serials are not.
     pub serial: u64,
-    pub peer: SocketAddr,
+    pub peer: std::net::SocketAddr,
+    /// When this phase must be over; `None` only for sessions, which the loop's
+    /// pings and idle timeout watch instead.
+    pub deadline: Option<Instant>,
     /// On the loop's flush list already.
     pub flush_queued: bool,
     /// Readable data may be left in the socket (a read budget ran out, or the
@@ -272,84 +162,259 @@ pub struct Conn {
     pub grace: usize,
     /// When the client last sent anything (idle timeout).
     pub last_seen: Instant,
+    /// On the loop's reap list: nothing more is done with it this turn.
+    pub doomed: bool,
 }
 
 impl Conn {
-    pub fn new(io: Io, serial: u64, peer: SocketAddr) -> Self {
+    pub fn new(io: Io, serial: u64, peer: std::net::SocketAddr, deadline: Instant) -> Self {
         Conn {
             phase: Phase::Request { io, buf: Vec::new() },
             serial,
             peer,
+            deadline: Some(deadline),
             flush_queued: false,
             read_pending: false,
             counted: false,
             grace: 0,
             last_seen: Instant::now(),
+            doomed: false,
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frame_lengths_are_read_from_headers() {
-        assert_eq!(frame_len(&[0x81, 3, b'a', b'b', b'c']), Some(5));
-        assert_eq!(frame_len(&[0x81, 3, b'a']), None);
-        let mut medium = vec![0x81, 126, 0x01, 0x00];
-        medium.resize(4 + 256, b'x');
-        assert_eq!(frame_len(&medium), Some(260));
-        assert_eq!(frame_len(&[0x88]), None);
+    /// Replaces the phase by value. `f` always hands back a phase, so the
+    /// connection can never be left detached from its socket.
+    fn morph<T>(&mut self, f: impl FnOnce(Phase) -> (Phase, T)) -> T {
+        let (phase, out) = f(std::mem::replace(&mut self.phase, Phase::Detached));
+        self.phase = phase;
+        out
     }
 
-    /// A sink that takes `room` bytes, then would block.
-    struct Tight {
-        got: Vec<u8>,
-        room: usize,
+    /// The socket, for a hand-over to another loop; only while reading the request.
+    pub fn into_io(self) -> Option<Io> {
+        match self.phase {
+            Phase::Request { io, .. } => Some(io),
+            _ => None,
+        }
     }
 
-    impl Write for Tight {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            if self.room == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
+    /// Reads the request head (at most `http::MAX_REQUEST_BYTES` of it) and
+    /// parses it.
+    pub fn read_request(&mut self, policy: &http::Policy, bytes_in: &mut u64) -> RequestStep {
+        let Phase::Request { io, buf } = &mut self.phase else { return RequestStep::Wait };
+        let budget = http::MAX_REQUEST_BYTES.saturating_sub(buf.len()).max(1);
+        match io::read_dry(&mut io.stream, budget, |chunk| {
+            *bytes_in += chunk.len() as u64;
+            buf.extend_from_slice(chunk);
+        }) {
+            Drained::Eof | Drained::Failed => RequestStep::Drop,
+            Drained::Dry | Drained::Budget => match http::parse(buf, policy) {
+                Ok(http::Parsed::Partial) => RequestStep::Wait,
+                parsed => RequestStep::Parsed(parsed),
+            },
+        }
+    }
+
+    /// Request or Reading -> Reply: queues the whole answer. The deadline stays:
+    /// a reply must be read within the time a request may take.
+    pub fn reply(&mut self, bytes: &[u8]) -> bool {
+        self.morph(|phase| match phase {
+            Phase::Request { mut io, .. } | Phase::Reading { mut io, .. } => {
+                io.out.queue(bytes);
+                (Phase::Reply { io }, true)
             }
-            let n = buf.len().min(self.room);
-            self.room -= n;
-            self.got.extend_from_slice(&buf[..n]);
-            Ok(n)
-        }
+            other => (other, false),
+        })
+    }
 
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
+    /// Request -> Reading: a `GET /papers` waits for its paper.
+    pub fn wait_for_paper(&mut self, paper: Arc<str>) -> bool {
+        self.morph(|phase| match phase {
+            Phase::Request { io, .. } => (Phase::Reading { io, paper }, true),
+            other => (other, false),
+        })
+    }
+
+    /// Request -> Joining: answers 101; the head took `head_len` bytes, and what
+    /// followed it belongs to the session.
+    pub fn upgrade(&mut self, head_len: usize, ws_key: &str, config: WebSocketConfig, visitor: Visitor) -> bool {
+        let upgraded = self.morph(|phase| match phase {
+            Phase::Request { io, mut buf } => {
+                let rest = buf.split_off(head_len.min(buf.len()));
+                let ws = server_websocket(io, &http::switching_protocols(ws_key), rest, config);
+                (Phase::Joining { ws, visitor }, true)
+            }
+            other => (other, false),
+        });
+        if upgraded {
+            // Bytes that came with the request head are read once the session is open.
+            self.read_pending = true;
+            self.last_seen = Instant::now();
+        }
+        upgraded
+    }
+
+    /// Request -> Echo (`--echo`).
+    pub fn open_echo(&mut self, head_len: usize, ws_key: &str, config: WebSocketConfig) -> bool {
+        let opened = self.morph(|phase| match phase {
+            Phase::Request { io, mut buf } => {
+                let rest = buf.split_off(head_len.min(buf.len()));
+                (Phase::Echo { ws: server_websocket(io, &http::switching_protocols(ws_key), rest, config) }, true)
+            }
+            other => (other, false),
+        });
+        if opened {
+            self.deadline = None;
+            self.read_pending = true;
+            self.last_seen = Instant::now();
+        }
+        opened
+    }
+
+    /// Joining -> Open: returns who joined.
+    pub fn join(&mut self, member: Arc<str>, bucket: TokenBucket) -> Option<Visitor> {
+        let joined = self.morph(|phase| match phase {
+            Phase::Joining { ws, visitor } => {
+                let membership = Membership {
+                    paper: visitor.paper.clone(),
+                    member,
+                    user: visitor.user.clone(),
+                    role: visitor.role,
+                    bucket,
+                };
+                (Phase::Open { ws, membership }, Some(visitor))
+            }
+            other => (other, None),
+        });
+        if joined.is_some() {
+            self.deadline = None;
+        }
+        joined
+    }
+
+    /// A session (Joining, Open, Echo) -> Closing: queues the close frame (or,
+    /// after the peer's close, tungstenite's echo of it). A slow consumer's
+    /// queue is dropped first, so that the close frame is what it reads next.
+    pub fn close(&mut self, reason: CloseReason, deadline: Instant) -> bool {
+        let closed = self.morph(|phase| match phase {
+            Phase::Joining { mut ws, .. } | Phase::Open { mut ws, .. } | Phase::Echo { mut ws } => {
+                if reason == CloseReason::SlowConsumer {
+                    ws.get_mut().out.drop_queued();
+                }
+                let frame = CloseFrame { code: reason.code(), reason: reason.text().into() };
+                // Either way the frame lands in `Io`, which cannot fail.
+                let _ = if reason == CloseReason::Normal { ws.flush() } else { ws.close(Some(frame)) };
+                // After a framing error the rest of the input cannot be parsed.
+                let after = match reason {
+                    CloseReason::MessageTooBig | CloseReason::ProtocolError | CloseReason::InvalidUtf8 => {
+                        AfterClose::Discard
+                    }
+                    _ => AfterClose::Frames,
+                };
+                (Phase::Closing { ws, after }, true)
+            }
+            other => (other, false),
+        });
+        if closed {
+            self.deadline = Some(deadline);
+        }
+        closed
+    }
+
+    /// The next message of an open session, or why there is none.
+    pub fn next_message(&mut self) -> Incoming {
+        let Phase::Open { ws, .. } = &mut self.phase else { return Incoming::Failed(Next::Continue) };
+        match ws.read() {
+            Ok(message) => Incoming::Message(message),
+            Err(e) if io::would_block(&e) => Incoming::Dry,
+            Err(e) => Incoming::Failed(io::after_read_error(&e)),
         }
     }
 
-    #[test]
-    fn a_slow_consumers_queue_is_cut_after_the_frame_on_the_wire() {
-        let mut out = Outbox::default();
-        let head = b"HTTP/1.1 101\r\n\r\n".len();
-        out.queue_head(b"HTTP/1.1 101\r\n\r\n");
-        let frame = [0x81, 3, b'a', b'b', b'c'];
-        for _ in 0..4 {
-            out.queue(&frame);
+    /// `/echo`: sends every message back, through the same output path as sessions.
+    pub fn read_echo(&mut self) -> Next {
+        let Phase::Echo { ws } = &mut self.phase else { return Next::Continue };
+        for _ in 0..MAX_MESSAGES_PER_READ {
+            match ws.read() {
+                Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
+                    let _ = ws.write(message);
+                }
+                Ok(Message::Close(_)) => return Next::Close(CloseReason::Normal),
+                Ok(_) => {}
+                Err(e) if io::would_block(&e) => {
+                    let _ = ws.flush();
+                    return Next::Continue;
+                }
+                Err(e) => return io::after_read_error(&e),
+            }
         }
-        let mut sink = Tight { got: Vec::new(), room: head + 5 + 2 };
-        assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Blocked);
-        out.drop_queued();
-        // The second frame is on the wire already: it is finished, the rest dropped.
-        assert_eq!(out.pending(), 3);
-        sink.room = 100;
-        assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Done);
-        assert_eq!(sink.got.len(), head + 10);
-        assert_eq!(out.pending(), 0);
+        Next::ReadAgain
     }
 
-    #[test]
-    fn a_queue_not_yet_begun_is_dropped_whole() {
-        let mut out = Outbox::default();
-        out.queue(&[0x81, 1, b'x']);
-        out.drop_queued();
-        assert_eq!(out.pending(), 0);
+    /// Reads what a connection that expects nothing more sends: after a plain
+    /// reply, while a read waits, or while closing.
+    pub fn read_leftovers(&mut self) -> Next {
+        match &mut self.phase {
+            Phase::Reply { io } | Phase::Reading { io, .. } => {
+                match io::read_dry(&mut io.stream, DISCARD_BUDGET, |_| {}) {
+                    Drained::Dry | Drained::Eof => Next::Continue,
+                    Drained::Budget => Next::ReadAgain,
+                    Drained::Failed => Next::Drop,
+                }
+            }
+            Phase::Closing { ws, after: AfterClose::Discard } => {
+                match io::read_dry(&mut ws.get_mut().stream, DISCARD_BUDGET, |_| {}) {
+                    Drained::Dry => Next::Continue,
+                    Drained::Budget => Next::ReadAgain,
+                    Drained::Eof | Drained::Failed => Next::Drop,
+                }
+            }
+            Phase::Closing { ws, after: AfterClose::Frames } => {
+                for _ in 0..MAX_MESSAGES_PER_READ {
+                    match ws.read() {
+                        Ok(_) => {}
+                        Err(e) if io::would_block(&e) => return Next::Continue,
+                        // Closed by both sides, or failed: nothing more will be read.
+                        Err(_) if ws.get_ref().out.pending() == 0 => return Next::Drop,
+                        Err(_) => return Next::Continue,
+                    }
+                }
+                Next::ReadAgain
+            }
+            _ => Next::Continue,
+        }
+    }
+
+    /// What the outcome of a flush means: a finished reply or close is dropped, a
+    /// session whose unread output passed `max_outbound` (plus the snapshot's
+    /// grace) is a slow consumer.
+    pub fn after_flush(&mut self, flushed: std::io::Result<Flushed>, max_outbound: usize) -> Next {
+        match flushed {
+            Err(_) => Next::Drop,
+            Ok(Flushed::Blocked) => {
+                let pending = self.phase.io().map_or(0, |io| io.out.pending());
+                let slow = pending > max_outbound + self.grace;
+                if slow && matches!(self.phase, Phase::Open { .. } | Phase::Joining { .. }) {
+                    Next::Close(CloseReason::SlowConsumer)
+                } else {
+                    Next::Continue
+                }
+            }
+            Ok(Flushed::Done) => {
+                self.grace = 0;
+                match &self.phase {
+                    Phase::Reply { .. } => Next::Drop,
+                    Phase::Closing { ws, after: AfterClose::Discard } => {
+                        // Our close frame is out: say so with a FIN, then read until the
+                        // peer's EOF, so that unread input never turns into a reset that
+                        // could destroy the close frame in flight.
+                        let _ = ws.get_ref().stream.shutdown(std::net::Shutdown::Write);
+                        Next::Continue
+                    }
+                    Phase::Closing { ws, .. } if !ws.can_read() => Next::Drop,
+                    _ => Next::Continue,
+                }
+            }
+        }
     }
 }

@@ -3,21 +3,22 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use mio::net::TcpStream;
 use mio::Waker;
 
 use crate::conn::http::Upgrade;
-use crate::paper::StoredPaper;
-use crate::store::Written;
+use crate::store::{Loops, StoreEvent};
 
 /// A request read by one loop about a paper another loop owns.
 pub enum Handoff {
-    /// `rest` holds any bytes the client sent after the request head.
+    /// The head took `head_len` bytes of `buf`; what follows belongs to the session.
     Upgrade {
         upgrade: Upgrade,
-        rest: Vec<u8>,
+        buf: Vec<u8>,
+        head_len: usize,
     },
     ReadPaper {
         paper: Arc<str>,
@@ -33,19 +34,21 @@ impl Handoff {
     }
 }
 
+/// A connection handed to the loop that owns its paper. It keeps the deadline
+/// it had where it was accepted, and its session slot if it took one.
+pub struct Adopted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub serial: u64,
+    pub counted: bool,
+    pub deadline: Instant,
+    pub handoff: Handoff,
+}
+
 pub enum InboxMsg {
-    /// A connection for a paper this loop owns; `counted` when it holds a session
-    /// slot of the node.
-    Adopt { stream: TcpStream, peer: SocketAddr, serial: u64, counted: bool, handoff: Handoff },
-    /// A paper read from storage, for the joiners of read `attempt`.
-    Loaded { paper: Arc<str>, attempt: u64, stored: StoredPaper },
-    /// Edits of this loop's sessions that are now in Redis.
-    Written(Vec<Written>),
-    /// A message another node published on a paper this loop owns: the JSON its
-    /// members were sent.
-    Relayed { paper: Arc<str>, node: Arc<str>, message: String },
-    /// A node stopped announcing itself: its members leave every paper.
-    NodeGone(Arc<str>),
+    Adopt(Adopted),
+    /// From the store threads: writes, loads, relayed messages, nodes gone.
+    Store(StoreEvent),
     /// Stop accepting, close every session with 1001, then return.
     Stop,
 }
@@ -72,5 +75,22 @@ impl LoopHandle {
                 log::error!("cannot wake an event loop: {e}");
             }
         }
+    }
+}
+
+/// Every loop's handle, as the store threads see them.
+pub struct LoopHandles(pub Arc<[LoopHandle]>);
+
+impl Loops for LoopHandles {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    fn owner_of(&self, paper: &str) -> usize {
+        owner_loop(paper, self.0.len())
+    }
+
+    fn report(&self, loop_index: usize, event: StoreEvent) {
+        self.0[loop_index].send(InboxMsg::Store(event));
     }
 }

@@ -2,9 +2,15 @@
 //! wait for SIGTERM or SIGINT, then stop in order: loops close their sessions,
 //! the writer flushes the backlog, the process exits.
 
+mod admission;
+mod cluster;
+mod conns;
+mod edits;
 pub mod event_loop;
 pub mod inbox;
 pub mod node;
+mod session;
+mod timers;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -23,9 +29,9 @@ use crate::store::endpoint::Target;
 use crate::store::loader::Loader;
 use crate::store::relay::Relay;
 use crate::store::writer::Writer;
-use crate::store::{Backlog, Loads, StoreHandle};
+use crate::store::{Backlog, Loads, Loops, StoreHandle};
 use event_loop::{EventLoop, WAKER};
-use inbox::{InboxMsg, LoopHandle};
+use inbox::{InboxMsg, LoopHandle, LoopHandles};
 use node::{Node, StoreStatus};
 
 /// A failure to start, said so that the operator knows what to change.
@@ -79,6 +85,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
         polls.push(poll);
     }
     let loops: Arc<[LoopHandle]> = handles.into();
+    let reports: Arc<dyn Loops> = Arc::new(LoopHandles(loops.clone()));
 
     let give_up_at = Arc::new(OnceLock::new());
     let node_id = config.node_id.clone().unwrap_or_default();
@@ -105,17 +112,17 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
                 ops,
                 pending,
                 metrics,
-                loops.clone(),
+                reports.clone(),
                 config.completed_retention,
                 give_up_at.clone(),
             );
             writer = writer.waiting_for_replicas(config.redis_wait_replicas);
-            let mut loader = Loader::new(target.endpoint(), loads_rx, loops.clone());
+            let mut loader = Loader::new(target.endpoint(), loads_rx, reports.clone());
             let loads = match relay_healthy {
                 Some(healthy) => {
                     loader = loader.with_presence(&node_id);
                     let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
-                    let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, loops.clone(), healthy);
+                    let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, reports.clone(), healthy);
                     relay_thread =
                         Some(spawn("rp-relay", move || relay.run()).map_err(|e| fail("cannot start the relay", &e))?);
                     Loads::Subscribed(relay_tx)
@@ -173,6 +180,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
     }
     let _ = give_up_at.set(Instant::now() + config.shutdown_timeout());
     drop(loops);
+    drop(reports);
     let lost = writer.map_or(0, |w| w.join().unwrap_or(0));
     if let Some(relay) = relay_thread {
         let _ = relay.join();

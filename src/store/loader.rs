@@ -7,15 +7,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use redis::Connection;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
+use super::codec::{parse_paper, Hash};
 use super::endpoint::Endpoint;
-use super::{keys, LoadRequest};
-use crate::paper::{Note, RemoteMember, StoredPaper};
-use crate::server::inbox::{InboxMsg, LoopHandle};
-
-/// A Redis hash as its field/value pairs.
-type Hash = Vec<(String, String)>;
+use super::{keys, LoadRequest, Loops, PresenceMember, StoreEvent, StoredPaper};
 
 pub struct Loader {
     /// With `--cluster`: this node, whose own entries in presence hashes are stale.
@@ -23,11 +18,11 @@ pub struct Loader {
     endpoint: Endpoint,
     conn: Option<Connection>,
     requests: Receiver<LoadRequest>,
-    loops: Arc<[LoopHandle]>,
+    loops: Arc<dyn Loops>,
 }
 
 impl Loader {
-    pub fn new(endpoint: Endpoint, requests: Receiver<LoadRequest>, loops: Arc<[LoopHandle]>) -> Self {
+    pub fn new(endpoint: Endpoint, requests: Receiver<LoadRequest>, loops: Arc<dyn Loops>) -> Self {
         Loader { presence_of_others: None, endpoint, conn: None, requests, loops }
     }
 
@@ -41,11 +36,8 @@ impl Loader {
     pub fn run(mut self) {
         while let Ok(request) = self.requests.recv() {
             if let Some(stored) = self.read_until(&request.paper, request.deadline) {
-                self.loops[request.loop_index].send(InboxMsg::Loaded {
-                    paper: request.paper,
-                    attempt: request.attempt,
-                    stored,
-                });
+                let event = StoreEvent::Loaded { paper: request.paper, attempt: request.attempt, stored };
+                self.loops.report(request.loop_index, event);
             }
         }
     }
@@ -95,7 +87,7 @@ struct PresenceEntry {
 
 /// The presence entries of nodes that are alive (their `rp:node:{id}` key exists)
 /// and not this one.
-fn live_members(conn: &mut Connection, own: &str, entries: Hash) -> redis::RedisResult<Vec<RemoteMember>> {
+fn live_members(conn: &mut Connection, own: &str, entries: Hash) -> redis::RedisResult<Vec<PresenceMember>> {
     let parsed: Vec<(String, PresenceEntry)> = entries
         .into_iter()
         .filter_map(|(id, json)| Some((id, serde_json::from_str::<PresenceEntry>(&json).ok()?)))
@@ -114,70 +106,11 @@ fn live_members(conn: &mut Connection, own: &str, entries: Hash) -> redis::Redis
     Ok(parsed
         .into_iter()
         .filter(|(_, e)| alive.contains(&e.node))
-        .map(|(id, e)| RemoteMember {
+        .map(|(id, e)| PresenceMember {
             id: Arc::from(id),
             user: Arc::from(e.user),
             name: Arc::from(e.name),
             node: Arc::from(e.node),
         })
         .collect())
-}
-
-#[derive(Deserialize)]
-struct StoredNote<'a> {
-    #[serde(default)]
-    author: String,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
-    #[serde(default)]
-    deleted: bool,
-    #[serde(default)]
-    node: String,
-    v: u64,
-}
-
-/// Builds a paper from its two hashes. A value this server cannot have written is
-/// skipped with an error, rather than stopping every session of the paper.
-pub fn parse_paper(paper: &str, notes: Hash, meta: Hash) -> StoredPaper {
-    let mut stored = StoredPaper::default();
-    for (id, value) in notes {
-        match serde_json::from_str::<StoredNote>(&value) {
-            Ok(note) if note.deleted => stored
-                .notes
-                .push((id, Note { author: Arc::from(note.author), data: None, v: note.v, node: Arc::from(note.node) })),
-            Ok(StoredNote { author, data: Some(data), v, node, .. }) if data.get().starts_with('{') => {
-                let data = Some(Arc::from(data.get()));
-                stored.notes.push((id, Note { author: Arc::from(author), data, v, node: Arc::from(node) }))
-            }
-            _ => log::error!("skipping note {id} of paper {paper}: unreadable stored value {value:?}"),
-        }
-    }
-    let field = |name: &str| meta.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    if field("completed") == Some("1") {
-        stored.completed_by = Some(field("completed_by").unwrap_or_default().to_string());
-    }
-    stored
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::stored_note;
-
-    #[test]
-    fn reads_back_what_the_writer_stores() {
-        let notes = vec![
-            ("n1".to_string(), stored_note("u1", Some(r#"{"text":"hi"}"#), "", 7)),
-            ("n2".to_string(), stored_note("u2", None, "b", 9)),
-            ("bad".to_string(), "not json".to_string()),
-        ];
-        let meta = vec![("completed".to_string(), "1".to_string()), ("completed_by".to_string(), "u1".to_string())];
-        let stored = parse_paper("p1", notes, meta);
-        assert_eq!(stored.notes.len(), 2);
-        assert_eq!(stored.notes[0].1.data.as_deref(), Some(r#"{"text":"hi"}"#));
-        assert_eq!(stored.notes[0].1.v, 7);
-        assert_eq!(stored.notes[1].1.data, None);
-        assert_eq!(&*stored.notes[1].1.node, "b");
-        assert_eq!(stored.completed_by.as_deref(), Some("u1"));
-    }
 }

@@ -2,6 +2,7 @@
 //! the writer thread through a bounded backlog and ask the loader thread for
 //! papers; nothing here ever runs on a loop thread, and no loop ever waits on it.
 
+pub mod codec;
 pub mod endpoint;
 pub mod keys;
 pub mod loader;
@@ -14,7 +15,59 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
-use crate::paper::Note;
+/// A note as the store writes and reads it; `data` is `None` for a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoteValue {
+    pub author: Arc<str>,
+    pub data: Option<Arc<str>>,
+    pub v: u64,
+    /// The node that wrote this version (ties go to the greater node id).
+    pub node: Arc<str>,
+}
+
+/// A member on another node, as the paper's presence hash lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceMember {
+    pub id: Arc<str>,
+    pub user: Arc<str>,
+    pub name: Arc<str>,
+    pub node: Arc<str>,
+}
+
+/// What Redis holds of a paper, as read when it is loaded.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoredPaper {
+    pub notes: Vec<(String, NoteValue)>,
+    /// `Some(by)` once completed.
+    pub completed_by: Option<String>,
+    /// Members on other live nodes (`--cluster`).
+    pub remote_members: Vec<PresenceMember>,
+}
+
+/// What the store threads report to an event loop.
+#[derive(Debug)]
+pub enum StoreEvent {
+    /// Edits of the loop's sessions that are now in Redis.
+    Written(Vec<Written>),
+    /// A paper read from Redis, for the joiners of read `attempt` (0: read again
+    /// after the relay's subscription was rebuilt, to merge what was missed).
+    Loaded { paper: Arc<str>, attempt: u64, stored: StoredPaper },
+    /// A message another node published on a paper the loop owns: the JSON its
+    /// members were sent.
+    Relayed { paper: Arc<str>, node: Arc<str>, message: String },
+    /// A node stopped announcing itself: its members leave every paper.
+    NodeGone(Arc<str>),
+}
+
+/// How the store threads reach the event loops; the server implements it.
+pub trait Loops: Send + Sync {
+    /// How many loops there are.
+    fn count(&self) -> usize;
+    /// The loop that owns a paper.
+    fn owner_of(&self, paper: &str) -> usize;
+    /// Hands an event to a loop and wakes it.
+    fn report(&self, loop_index: usize, event: StoreEvent);
+}
 
 /// Who made an edit: where the writer reports it written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +84,7 @@ pub struct Origin {
 #[derive(Debug)]
 pub enum Op {
     /// Write one note (or its tombstone) if it advances the stored version.
-    Note { paper: Arc<str>, id: Arc<str>, note: Note, origin: Origin, relay: Option<Box<str>> },
+    Note { paper: Arc<str>, id: Arc<str>, note: NoteValue, origin: Origin, relay: Option<Box<str>> },
     /// Seal the paper, hand its snapshot to the main backend, start its retention.
     Complete { paper: Arc<str>, by: Arc<str>, snapshot: String, origin: Origin, relay: Option<Box<str>> },
     /// Only relayed: a join or leave (with the paper's presence entry to set or
@@ -181,6 +234,17 @@ impl Loads {
     }
 }
 
+/// What became of an op handed to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    /// In the backlog; the loop hears when it is written.
+    Queued,
+    /// Nothing to wait for: the memory store holds it already.
+    Written,
+    /// The backlog is full: refuse the edit with `unavailable`.
+    Full,
+}
+
 /// What a loop holds of the store.
 #[derive(Clone)]
 pub enum StoreHandle {
@@ -190,4 +254,44 @@ pub enum StoreHandle {
     },
     /// Papers live in the loops' memory only; every edit counts as written at once.
     Memory,
+}
+
+impl StoreHandle {
+    /// Hands an op over without blocking.
+    pub fn submit(&self, op: Op) -> Submitted {
+        match self {
+            StoreHandle::Redis { backlog, .. } => match backlog.submit(op) {
+                Ok(()) => Submitted::Queued,
+                Err(BacklogFull) => Submitted::Full,
+            },
+            StoreHandle::Memory => Submitted::Written,
+        }
+    }
+
+    /// Hands over an op that may be lost without harm (a cursor).
+    pub fn submit_transient(&self, op: Op) {
+        if let StoreHandle::Redis { backlog, .. } = self {
+            backlog.submit_transient(op);
+        }
+    }
+
+    /// Asks for a paper to be read: `Some` when the answer is known at once (the
+    /// memory store holds nothing the loop does not), else it arrives as
+    /// `StoreEvent::Loaded`.
+    pub fn load(&self, request: LoadRequest) -> Option<StoredPaper> {
+        match self {
+            StoreHandle::Redis { loads, .. } => {
+                loads.load(request);
+                None
+            }
+            StoreHandle::Memory => Some(StoredPaper::default()),
+        }
+    }
+
+    /// The paper left memory: stop listening to its channel.
+    pub fn forget(&self, paper: Arc<str>) {
+        if let StoreHandle::Redis { loads, .. } = self {
+            loads.forget(paper);
+        }
+    }
 }

@@ -13,8 +13,7 @@ use crossbeam_channel::{Receiver, Sender};
 use redis::Connection;
 
 use super::endpoint::{Endpoint, IO_TIMEOUT};
-use super::{keys, LoadRequest};
-use crate::server::inbox::{owner_loop, InboxMsg, LoopHandle};
+use super::{keys, LoadRequest, Loops, StoreEvent};
 
 /// How long a wait for a message lasts before commands from the loops are looked at.
 const POLL: Duration = Duration::from_millis(20);
@@ -33,7 +32,7 @@ pub struct Relay {
     node: String,
     commands: Receiver<RelayCmd>,
     loads: Sender<LoadRequest>,
-    loops: Arc<[LoopHandle]>,
+    loops: Arc<dyn Loops>,
     /// Papers subscribed to (again after a reconnection).
     papers: HashSet<Arc<str>>,
     /// Other nodes, when last heard.
@@ -56,7 +55,7 @@ impl Relay {
         node: &str,
         commands: Receiver<RelayCmd>,
         loads: Sender<LoadRequest>,
-        loops: Arc<[LoopHandle]>,
+        loops: Arc<dyn Loops>,
         healthy: Arc<AtomicBool>,
     ) -> Self {
         Relay {
@@ -159,7 +158,7 @@ impl Relay {
             // Whatever was published while the subscription was down is in Redis:
             // every paper held is read again and merged (PROTOCOL.md 2: by version).
             for paper in &self.papers {
-                let owner = owner_loop(paper, self.loops.len());
+                let owner = self.loops.owner_of(paper);
                 let deadline = Instant::now() + IO_TIMEOUT;
                 let _ = self.loads.send(LoadRequest { paper: paper.clone(), attempt: 0, loop_index: owner, deadline });
             }
@@ -216,12 +215,9 @@ impl Relay {
             return; // our own publication: its members have it already
         }
         self.nodes.insert(node.to_string(), Instant::now());
-        let owner = owner_loop(paper, self.loops.len());
-        self.loops[owner].send(InboxMsg::Relayed {
-            paper: Arc::from(paper),
-            node: Arc::from(node),
-            message: message.to_string(),
-        });
+        let event =
+            StoreEvent::Relayed { paper: Arc::from(paper), node: Arc::from(node), message: message.to_string() };
+        self.loops.report(self.loops.owner_of(paper), event);
     }
 
     /// Reports nodes not heard for `NODE_TTL` as gone, and fails the canary (which
@@ -238,8 +234,8 @@ impl Relay {
             self.nodes.remove(&node);
             log::info!("node {node} is gone: its members leave");
             let node: Arc<str> = Arc::from(node);
-            for handle in self.loops.iter() {
-                handle.send(InboxMsg::NodeGone(node.clone()));
+            for index in 0..self.loops.count() {
+                self.loops.report(index, StoreEvent::NodeGone(node.clone()));
             }
         }
         let last = self.heard_self.unwrap_or(connected);

@@ -10,11 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::{Connection, Script, Value};
 
+use super::codec::encode_note;
 use super::endpoint::Endpoint;
-use super::{keys, Op, Queued, Written};
+use super::{keys, Loops, Op, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
-use crate::protocol::stored_note;
-use crate::server::inbox::{InboxMsg, LoopHandle};
 
 /// Ops taken from the backlog for one pipeline.
 const MAX_BATCH: usize = 2048;
@@ -24,7 +23,7 @@ const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Writes notes of one paper, each only if it advances the stored version (ties
 /// to the greater node id), so that a resent batch or a late write from another
 /// node never goes back in time. The version and node are read from the end of
-/// the stored value (`protocol::stored_note` puts them last; node ids are
+/// the stored value (`codec::encode_note` puts them last; node ids are
 /// `[A-Za-z0-9_-]`). ARGV: now_ms, then (id, value, v, node) quadruples.
 const WRITE_NOTES: &str = r#"
 local notes, meta = KEYS[1], KEYS[2]
@@ -72,7 +71,7 @@ pub struct Writer {
     ops: Receiver<Queued>,
     pending: Arc<AtomicUsize>,
     metrics: Arc<WriterMetrics>,
-    loops: Arc<[LoopHandle]>,
+    loops: Arc<dyn Loops>,
     retention_secs: u64,
     /// Set when the server stops: past it, an unwritable backlog is given up.
     give_up_at: Arc<OnceLock<Instant>>,
@@ -95,7 +94,7 @@ impl Writer {
         ops: Receiver<Queued>,
         pending: Arc<AtomicUsize>,
         metrics: Arc<WriterMetrics>,
-        loops: Arc<[LoopHandle]>,
+        loops: Arc<dyn Loops>,
         retention_secs: u64,
         give_up_at: Arc<OnceLock<Instant>>,
     ) -> Self {
@@ -283,7 +282,7 @@ impl Writer {
             let writes = &mut papers[at].1;
             match op {
                 Op::Note { id, note, .. } => {
-                    let value = stored_note(&note.author, note.data.as_deref(), &note.node, note.v);
+                    let value = encode_note(&note.author, note.data.as_deref(), &note.node, note.v);
                     writes.notes.insert(id, (value, note.v, &*note.node));
                 }
                 Op::Complete { by, snapshot, .. } => writes.complete = Some((by, snapshot)),
@@ -343,7 +342,7 @@ impl Writer {
 
     /// Tells each loop which of its edits are written, and frees their backlog room.
     fn acknowledge(&self, batch: &mut Vec<Queued>) {
-        let mut per_loop: Vec<Vec<Written>> = vec![Vec::new(); self.loops.len()];
+        let mut per_loop: Vec<Vec<Written>> = vec![Vec::new(); self.loops.count()];
         let count = batch.len();
         for Queued { op, at } in batch.drain(..) {
             self.metrics.write_latency(at.elapsed());
@@ -356,9 +355,9 @@ impl Writer {
         self.pending.fetch_sub(count, Ordering::AcqRel);
         bump(&self.metrics.ops_written, count as u64);
         self.metrics.oldest_age_ms.store(0, Ordering::Relaxed);
-        for (handle, written) in self.loops.iter().zip(per_loop) {
+        for (index, written) in per_loop.into_iter().enumerate() {
             if !written.is_empty() {
-                handle.send(InboxMsg::Written(written));
+                self.loops.report(index, StoreEvent::Written(written));
             }
         }
     }

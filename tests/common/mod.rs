@@ -2,11 +2,9 @@
 //! with its own data directory, the `rollingpaper` binary, and WebSocket clients.
 //! Every wait has a deadline; nothing sleeps to synchronise.
 
-#![allow(dead_code)]
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -441,10 +439,6 @@ impl Client {
             }
         }
     }
-}
-
-pub fn project_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 // ---- tokens -------------------------------------------------------------------------

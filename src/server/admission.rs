@@ -1,0 +1,189 @@
+//! Letting connections in: accepting sockets, reading and routing the request
+//! head (PROTOCOL.md section 1), the node's capacity check, plain replies, and
+//! the hand-over of a request to the loop that owns its paper.
+
+use std::cmp::Reverse;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+
+use super::event_loop::EventLoop;
+use super::inbox::{Adopted, Handoff, InboxMsg};
+use crate::conn::http::{Parsed, Reply, Route};
+use crate::conn::{Conn, Io, Next, Phase, RequestStep};
+use crate::metrics::bump;
+
+impl EventLoop {
+    pub(super) fn accept(&mut self) {
+        loop {
+            let Some(listener) = &self.listener else { return };
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    bump(&self.metrics().connections_accepted, 1);
+                    let serial = self.node.serials.fetch_add(1, Ordering::Relaxed);
+                    let deadline = Instant::now() + self.node.settings.handshake_timeout;
+                    self.register(stream, peer, serial, deadline);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of descriptors, most likely: the connection stays in the
+                    // kernel's queue and is tried again at the next accept event.
+                    log::warn!("cannot accept a connection: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Puts a socket in the slab, reading its request head until `deadline`.
+    fn register(&mut self, mut stream: TcpStream, peer: SocketAddr, serial: u64, deadline: Instant) -> Option<usize> {
+        let entry = self.conns.slab.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
+        {
+            log::warn!("cannot register a connection from {peer}: {e}");
+            return None;
+        }
+        // Small frames go out at once; the loop already batches a turn's output.
+        let _ = stream.set_nodelay(true);
+        entry.insert(Conn::new(Io::new(stream), serial, peer, deadline));
+        self.deadlines.push(Reverse((deadline, key, serial)));
+        Some(key)
+    }
+
+    /// Sets a new deadline for a connection's current phase.
+    pub(super) fn set_deadline(&mut self, key: usize, at: Instant) {
+        if let Some(conn) = self.conns.slab.get_mut(key) {
+            conn.deadline = Some(at);
+            self.deadlines.push(Reverse((at, key, conn.serial)));
+        }
+    }
+
+    pub(super) fn read_request(&mut self, key: usize) {
+        let Some(conn) = self.conns.slab.get_mut(key) else { return };
+        let mut bytes_in = 0;
+        let step = conn.read_request(&self.node.policy, &mut bytes_in);
+        bump(&self.node.loop_metrics[self.index].bytes_in, bytes_in);
+        let parsed = match step {
+            RequestStep::Wait => return,
+            RequestStep::Drop => return self.conns.doom(key),
+            RequestStep::Parsed(parsed) => parsed,
+        };
+        match parsed {
+            Ok(Parsed::Partial) => {}
+            Ok(Parsed::Complete { route: Route::Reply(reply), .. }) | Err(reply) => self.reply(key, &reply),
+            Ok(Parsed::Complete { route: Route::Ready, .. }) => {
+                let reply = match self.node.unready_reason() {
+                    None => Reply::text(200, "ready"),
+                    Some(reason) => Reply::text(503, &format!("not ready: {reason}")),
+                };
+                self.reply(key, &reply);
+            }
+            Ok(Parsed::Complete { route: Route::Metrics, .. }) => {
+                let reply = Reply {
+                    status: 200,
+                    extra_headers: "",
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: self.node.render_metrics(),
+                };
+                self.reply(key, &reply);
+            }
+            Ok(Parsed::Complete { len, route: Route::Echo(ws_key) }) => {
+                conn.open_echo(len, &ws_key, self.node.settings.ws_config);
+                self.act(key, Next::ReadAgain);
+                self.conns.queue_flush(key);
+            }
+            Ok(Parsed::Complete { route: Route::ReadPaper(paper), .. }) => {
+                self.route(key, Handoff::ReadPaper { paper: Arc::from(paper) })
+            }
+            Ok(Parsed::Complete { len, route: Route::Upgrade(upgrade) }) => {
+                // Behind a trusted proxy, the client is who the proxy says it is.
+                let peer = self.node.client_address(conn.peer.ip(), upgrade.forwarded_for.as_deref());
+                conn.peer = SocketAddr::new(peer, conn.peer.port());
+                // The last check of PROTOCOL.md's order: the node's capacity.
+                if !self.node.admit(peer) {
+                    return self.reply(key, &Reply::text(503, "this node is at its connection limit; retry later"));
+                }
+                conn.counted = true;
+                let Phase::Request { buf, .. } = &mut conn.phase else { return };
+                // The head and what followed it go with the request to its loop.
+                let buf = std::mem::take(buf);
+                self.route(key, Handoff::Upgrade { upgrade, buf, head_len: len });
+            }
+        }
+    }
+
+    /// Answers with a plain reply; the connection goes once it is written.
+    pub(super) fn reply(&mut self, key: usize, reply: &Reply) {
+        if let Some(conn) = self.conns.slab.get_mut(key) {
+            if conn.reply(&reply.to_bytes()) {
+                self.conns.queue_flush(key);
+            }
+        }
+    }
+
+    /// Sends a request about a paper to the loop that owns the paper, or serves it here.
+    fn route(&mut self, key: usize, handoff: Handoff) {
+        let owner = self.owner_of(handoff.paper());
+        // While stopping, nothing is handed to a loop that may have stopped already.
+        if owner == self.index || self.stopping.is_some() {
+            return self.start(key, handoff);
+        }
+        let conn = self.conns.slab.remove(key);
+        let (peer, serial, counted, deadline) =
+            (conn.peer, conn.serial, conn.counted, conn.deadline.unwrap_or_else(Instant::now));
+        let Some(mut io) = conn.into_io() else { return };
+        if let Err(e) = self.poll.registry().deregister(&mut io.stream) {
+            log::warn!("cannot hand over a connection from {peer}: {e}");
+            if counted {
+                self.node.release(peer.ip());
+            }
+            return;
+        }
+        let adopted = Adopted { stream: io.stream, peer, serial, counted, deadline, handoff };
+        self.loops[owner].send(InboxMsg::Adopt(adopted));
+    }
+
+    /// A connection handed over by another loop: it keeps its deadline.
+    pub(super) fn adopt(&mut self, adopted: Adopted) {
+        let Adopted { stream, peer, serial, counted, deadline, handoff } = adopted;
+        match self.register(stream, peer, serial, deadline) {
+            Some(key) => {
+                self.conns.slab[key].counted = counted;
+                self.start(key, handoff);
+            }
+            None if counted => self.node.release(peer.ip()),
+            None => {}
+        }
+    }
+
+    /// Starts what a request asked for, on the loop that owns its paper. While
+    /// stopping, a session is closed with 1001 at once and a read told to retry.
+    fn start(&mut self, key: usize, handoff: Handoff) {
+        match handoff {
+            Handoff::Upgrade { upgrade, buf, head_len } => {
+                if let Some(Phase::Request { buf: conn_buf, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase) {
+                    *conn_buf = buf;
+                }
+                self.start_session(key, upgrade, head_len)
+            }
+            Handoff::ReadPaper { .. } if self.stopping.is_some() => {
+                self.reply(key, &Reply::text(503, "shutting down; retry"))
+            }
+            Handoff::ReadPaper { paper } => {
+                let Some(conn) = self.conns.slab.get_mut(key) else { return };
+                if conn.wait_for_paper(paper.clone()) {
+                    let settings = &self.node.settings;
+                    let deadline = Instant::now() + settings.load_timeout + settings.handshake_timeout;
+                    self.set_deadline(key, deadline);
+                    self.find_paper(key, paper);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Several nodes on one Redis (PROTOCOL.md section 6), as one loop sees them:
+//! what this loop publishes for the others, what they published (applied only
+//! when it advances a note, so that every node converges whatever the order of
+//! arrival), a paper read again after the relay was away, and nodes gone.
+
+use std::sync::Arc;
+
+use super::event_loop::EventLoop;
+use super::node::Node;
+use super::session::Relaying;
+use crate::metrics::Out;
+use crate::paper::{Edit, Note, RemoteMember, StoredPaper};
+use crate::protocol::{self, Frame, Relayed};
+use crate::store::{Op, Presence, Submitted};
+
+impl EventLoop {
+    /// Publishes what was just encoded (a join, leave or cursor) to the other nodes.
+    pub(super) fn relay_frame(&self, paper: &Arc<str>, presence: Option<Presence>, relaying: Relaying) {
+        let Some(relay) = relay_of(&self.node, &self.frame) else { return };
+        let op = Op::Relay { paper: paper.clone(), presence, relay };
+        match relaying {
+            Relaying::Transient => self.store.submit_transient(op),
+            Relaying::Kept => {
+                if self.store.submit(op) == Submitted::Full {
+                    log::warn!("backlog full: presence on paper {paper} is not relayed");
+                }
+            }
+        }
+    }
+
+    /// A message another node published: applied now, or kept until the paper is read.
+    pub(super) fn on_relayed(&mut self, paper: &Arc<str>, node: Arc<str>, message: String) {
+        if !self.papers.hold_relayed(paper, &node, &message) {
+            self.apply_relayed(paper, node, &message);
+        }
+    }
+
+    /// An edit applies only if it advances the note's version; presence and
+    /// cursors pass on. What applies goes to this node's members unchanged.
+    pub(super) fn apply_relayed(&mut self, paper_id: &Arc<str>, node: Arc<str>, message: &str) {
+        let Some(paper) = self.papers.paper_mut(paper_id) else { return };
+        let Some(relayed) = protocol::parse_relayed(message) else {
+            log::warn!("ignoring a relayed message from node {node} that this server cannot read");
+            return;
+        };
+        let sealed = paper.is_completed();
+        let (kind, pass_on) = match relayed {
+            // Once sealed here, nothing changes the notes: an edit another node took
+            // before it heard of the completion is not shown (nor written).
+            Relayed::Upsert { .. } | Relayed::Delete { .. } if sealed => (Out::Upsert, false),
+            Relayed::Upsert { id, author, data, v } => {
+                self.clock.observe(v);
+                let note = Note { author: Arc::from(author), data: Some(Arc::from(data)), v, node };
+                (Out::Upsert, paper.apply(Edit { id: Arc::from(id), note }))
+            }
+            Relayed::Delete { id, v } => {
+                self.clock.observe(v);
+                let author = paper.note(&id).map_or_else(|| Arc::from(""), |n| n.author.clone());
+                (Out::Delete, paper.apply(Edit { id: Arc::from(id), note: Note { author, data: None, v, node } }))
+            }
+            Relayed::Completed { by } => (Out::Completed, paper.complete(&Arc::from(by)).is_ok()),
+            Relayed::Join { id, user, name } => {
+                let member = RemoteMember { id: Arc::from(id), user: Arc::from(user), name: Arc::from(name), node };
+                (Out::Join, paper.add_remote(member))
+            }
+            Relayed::Leave { id } => (Out::Leave, paper.remove_remote(&id)),
+            Relayed::Cursor => (Out::Cursor, true),
+        };
+        if pass_on {
+            let bytes = self.frame.raw(message);
+            self.conns.fanout(paper.members(), None, bytes, kind, &self.node.loop_metrics[self.index]);
+        }
+    }
+
+    /// Merges a paper read again from Redis: notes that advance are applied and
+    /// sent to the members (with an empty `from`: no session of this node sent them).
+    pub(super) fn merge_stored(&mut self, paper_id: &Arc<str>, stored: StoredPaper) {
+        let Some(paper) = self.papers.paper_mut(paper_id) else { return };
+        let metrics = &self.node.loop_metrics[self.index];
+        for (id, note) in stored.notes {
+            self.clock.observe(note.v);
+            let edit = Edit { id: Arc::from(id), note };
+            let (v, data, author) = (edit.note.v, edit.note.data.clone(), edit.note.author.clone());
+            let id = edit.id.clone();
+            if !paper.apply(edit) {
+                continue;
+            }
+            let (kind, bytes) = match &data {
+                Some(data) => (Out::Upsert, self.frame.upsert(&id, &author, data, v, "", None)),
+                None => (Out::Delete, self.frame.delete(&id, v, "", None)),
+            };
+            self.conns.fanout(paper.members(), None, bytes, kind, metrics);
+        }
+        if let Some(by) = stored.completed_by {
+            let by: Arc<str> = Arc::from(by);
+            if paper.complete(&by).is_ok() {
+                let bytes = self.frame.completed(&by);
+                self.conns.fanout(paper.members(), None, bytes, Out::Completed, metrics);
+            }
+        }
+    }
+
+    /// Another node stopped: its members leave every paper here.
+    pub(super) fn node_gone(&mut self, node: &str) {
+        let metrics = &self.node.loop_metrics[self.index];
+        for paper in self.papers.papers_mut() {
+            for id in paper.remove_node(node) {
+                let leave = self.frame.leave(&id);
+                self.conns.fanout(paper.members(), None, leave, Out::Leave, metrics);
+            }
+        }
+    }
+}
+
+/// With `--cluster`, the message for other nodes: this node's id, a newline, and
+/// the JSON just encoded for this node's members.
+pub(super) fn relay_of(node: &Node, frame: &Frame) -> Option<Box<str>> {
+    node.cluster.then(|| {
+        let json = std::str::from_utf8(frame.payload()).expect("frames are JSON text");
+        format!("{}\n{json}", node.node_id).into_boxed_str()
+    })
+}

@@ -1,0 +1,292 @@
+//! A WebSocket session's life on its paper's loop (PROTOCOL.md section 3): the
+//! upgrade, waiting for the paper, joining (snapshot to the joiner, `join` to
+//! the others), reading messages under the rate limit, leaving and closing.
+
+use std::cmp::Reverse;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tungstenite::Message;
+
+use super::event_loop::EventLoop;
+use crate::conn::http::{Reply, Upgrade};
+use crate::conn::{Incoming, Next, Phase, Visitor, MAX_MESSAGES_PER_READ};
+use crate::metrics::{bump, In, Out};
+use crate::paper::registry::Lookup;
+use crate::paper::{Member, StoredPaper};
+use crate::protocol::{self, CloseReason, ErrorCode, Refusal};
+use crate::rate::{TokenBucket, Verdict};
+use crate::store::{self, LoadRequest, Presence};
+
+/// How long a closing session may take to answer the close frame and drain.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Past the load timeout, how long a joiner may still wait before it is closed:
+/// a safety net, the load's own timeout comes first.
+const JOIN_GRACE: Duration = Duration::from_secs(1);
+
+impl EventLoop {
+    /// Answers 101 and joins the paper, or waits for it to be read.
+    pub(super) fn start_session(&mut self, key: usize, upgrade: Upgrade, head_len: usize) {
+        let Some(conn) = self.conns.slab.get(key) else { return };
+        let (serial, peer) = (conn.serial, conn.peer);
+        let member_id = self.member_id(serial);
+        let user: Arc<str> = upgrade.user.map_or_else(|| Arc::from(member_id.as_str()), Arc::from);
+        let name: Arc<str> = upgrade.name.map_or_else(|| user.clone(), Arc::from);
+        let paper: Arc<str> = Arc::from(upgrade.paper);
+        log::debug!("session {member_id} from {peer} opens paper {paper} as {user}");
+        let visitor = Visitor { paper: paper.clone(), user, name, role: upgrade.role };
+        let settings = &self.node.settings;
+        let (ws_config, deadline) = (settings.ws_config, Instant::now() + settings.load_timeout + JOIN_GRACE);
+        let Some(conn) = self.conns.slab.get_mut(key) else { return };
+        if !conn.upgrade(head_len, &upgrade.key, ws_config, visitor) {
+            return;
+        }
+        self.set_deadline(key, deadline);
+        if let Some(exp) = upgrade.expires {
+            self.expiries.push(Reverse((exp, key, serial)));
+        }
+        self.session_count += 1;
+        self.publish_gauges();
+        self.conns.queue_flush(key);
+        if self.stopping.is_some() {
+            return self.end_session(key, CloseReason::ShuttingDown);
+        }
+        self.find_paper(key, paper);
+    }
+
+    /// Finds a paper for a joiner or a reader: at once if it is in memory, else
+    /// once it has been read.
+    pub(super) fn find_paper(&mut self, key: usize, paper: Arc<str>) {
+        let keeps_every_paper = self.node.settings.paper_linger.is_none();
+        let reading = self.conns.slab.get(key).is_some_and(|c| matches!(c.phase, Phase::Reading { .. }));
+        if keeps_every_paper && reading && self.papers.paper(&paper).is_none() {
+            // Reading a paper nobody opened answers it empty without keeping it: a
+            // store that never forgets a paper would keep it for good.
+            let body = protocol::paper_document(&paper, false, std::iter::empty());
+            let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
+            return self.reply(key, &reply);
+        }
+        let deadline = Instant::now() + self.node.settings.load_timeout;
+        let lookup = self.papers.lookup(&paper, key, deadline);
+        self.publish_gauges();
+        match lookup {
+            Lookup::Ready => self.paper_ready(key),
+            Lookup::Waiting => {}
+            Lookup::StartLoad(attempt) => {
+                let request = LoadRequest { paper: paper.clone(), attempt, loop_index: self.index, deadline };
+                if let Some(stored) = self.store.load(request) {
+                    self.on_loaded(&paper, attempt, stored);
+                }
+            }
+        }
+    }
+
+    /// A paper read from storage: the joiners it was read for join, or (attempt
+    /// 0) what another node changed while the relay was away is merged.
+    pub(super) fn on_loaded(&mut self, paper: &Arc<str>, attempt: u64, stored: store::StoredPaper) {
+        let stored = paper_from_store(stored);
+        if attempt == 0 {
+            return self.merge_stored(paper, stored);
+        }
+        let Some((waiters, relayed)) = self.papers.finish_load(paper, attempt, stored, &mut self.clock) else {
+            return;
+        };
+        // What other nodes sent while the paper was read, then the joiners: their
+        // snapshots hold it all.
+        for (node, message) in relayed {
+            self.apply_relayed(paper, node, &message);
+        }
+        for key in waiters {
+            self.paper_ready(key);
+        }
+    }
+
+    /// The paper a connection waited for is in memory.
+    fn paper_ready(&mut self, key: usize) {
+        match self.conns.slab.get(key).map(|c| &c.phase) {
+            Some(Phase::Joining { .. }) => self.join(key),
+            Some(Phase::Reading { paper, .. }) => {
+                let body = match self.papers.paper(paper) {
+                    Some(p) => protocol::paper_document(&p.id, p.is_completed(), p.live_notes()),
+                    None => return,
+                };
+                let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
+                self.reply(key, &reply);
+            }
+            _ => {}
+        }
+    }
+
+    /// The paper a connection waited for could not be read in time.
+    pub(super) fn paper_unavailable(&mut self, key: usize) {
+        match self.conns.slab.get(key).map(|c| &c.phase) {
+            Some(Phase::Joining { .. }) => self.end_session(key, CloseReason::PaperUnavailable),
+            Some(Phase::Reading { .. }) => {
+                self.reply(key, &Reply::text(503, "the paper cannot be read from Redis now; retry later"))
+            }
+            _ => {}
+        }
+    }
+
+    /// Makes a waiting session a member: snapshot to it, `join` to the others.
+    fn join(&mut self, key: usize) {
+        let Some(conn) = self.conns.slab.get(key) else { return };
+        let Phase::Joining { visitor, .. } = &conn.phase else { return };
+        let Some(paper) = self.papers.paper(&visitor.paper) else { return };
+        if paper.is_full_of_members(&self.node.settings.limits) {
+            return self.end_session(key, CloseReason::PaperFull);
+        }
+        let member_id: Arc<str> = Arc::from(self.member_id(conn.serial));
+        let bucket = TokenBucket::new(self.node.settings.burst, Instant::now());
+        let conn = &mut self.conns.slab[key];
+        let Some(visitor) = conn.join(member_id.clone(), bucket) else { return };
+        let read_pending = conn.read_pending;
+        let member = Member { id: member_id, user: visitor.user, name: visitor.name, key };
+
+        let metrics = &self.node.loop_metrics[self.index];
+        let Some(paper) = self.papers.paper_mut(&visitor.paper) else { return };
+        let join = self.frame.join(&member.view());
+        self.conns.fanout(paper.members(), None, join, Out::Join, metrics);
+        let presence = self.node.cluster.then(|| Presence {
+            member: member.id.clone(),
+            entry: Some(
+                serde_json::json!({"user": &*member.user, "name": &*member.name, "node": &*self.node.node_id})
+                    .to_string(),
+            ),
+        });
+        paper.add_member(member);
+        self.relay_frame(&visitor.paper, presence, Relaying::Kept);
+        let Some(paper) = self.papers.paper(&visitor.paper) else { return };
+        let you = &paper.members().last().expect("just added").id;
+        let snapshot =
+            self.frame.snapshot(&paper.id, you, paper.is_completed(), paper.live_notes(), paper.all_members());
+        let snapshot_len = snapshot.len();
+        self.conns.send(key, snapshot);
+        self.conns.slab[key].grace = snapshot_len;
+        self.metrics().message_out(Out::Snapshot, 1);
+        if read_pending {
+            self.read_list.push(key);
+        }
+    }
+
+    /// Reads and handles messages until the socket is drained or the budget is spent.
+    pub(super) fn read_messages(&mut self, key: usize) {
+        let next = self.read_budget(key);
+        let Some(conn) = self.conns.slab.get_mut(key) else { return };
+        if let Phase::Open { ws, .. } = &mut conn.phase {
+            bump(&self.node.loop_metrics[self.index].bytes_in, std::mem::take(&mut ws.get_mut().bytes_in));
+            // Pongs that tungstenite queued while reading move to the output now.
+            let _ = ws.flush();
+            if ws.get_ref().out.pending() > 0 {
+                self.conns.queue_flush(key);
+            }
+        }
+        self.act(key, next);
+    }
+
+    fn read_budget(&mut self, key: usize) -> Next {
+        let now = Instant::now();
+        for _ in 0..MAX_MESSAGES_PER_READ {
+            let Some(conn) = self.conns.slab.get_mut(key) else { return Next::Continue };
+            if conn.doomed || !matches!(conn.phase, Phase::Open { .. }) {
+                return Next::Continue;
+            }
+            let message = match conn.next_message() {
+                Incoming::Message(message) => message,
+                Incoming::Dry => return Next::Continue,
+                Incoming::Failed(next) => return next,
+            };
+            conn.last_seen = now;
+            let Phase::Open { membership, .. } = &mut conn.phase else { return Next::Continue };
+            if let Message::Text(_) | Message::Binary(_) = &message {
+                let settings = &self.node.settings;
+                match membership.bucket.take(settings.rate, settings.burst, now) {
+                    Verdict::Pass => {}
+                    Verdict::Refuse => {
+                        let reference = match &message {
+                            Message::Text(text) => protocol::reference_of(text),
+                            _ => None,
+                        };
+                        self.refuse(key, &Refusal::from(ErrorCode::RateLimited).with_ref(reference));
+                        continue;
+                    }
+                    Verdict::Abuse => return Next::Close(CloseReason::Abuse),
+                }
+            }
+            match message {
+                Message::Text(text) => self.on_text(key, &text),
+                Message::Binary(_) => {
+                    self.metrics().message_in(In::Invalid);
+                    let refusal =
+                        Refusal::new(ErrorCode::InvalidMessage, "binary frames are not accepted; send JSON text");
+                    self.refuse(key, &refusal);
+                }
+                Message::Close(_) => return Next::Close(CloseReason::Normal),
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+        Next::ReadAgain
+    }
+
+    /// Leaves the paper (telling the others) and starts the close handshake.
+    pub(super) fn end_session(&mut self, key: usize, reason: CloseReason) {
+        if !self.conns.slab.get(key).is_some_and(|c| c.phase.is_session() && !c.doomed) {
+            return;
+        }
+        self.leave_paper(key);
+        let conn = &mut self.conns.slab[key];
+        let serial = conn.serial;
+        if !conn.close(reason, Instant::now() + CLOSE_TIMEOUT) {
+            return;
+        }
+        if reason == CloseReason::SlowConsumer {
+            bump(&self.metrics().slow_consumers, 1);
+        }
+        log::debug!("session {} closes with {} {}", self.member_id(serial), u16::from(reason.code()), reason.text());
+        self.set_deadline(key, Instant::now() + CLOSE_TIMEOUT);
+        self.conns.queue_flush(key);
+    }
+
+    /// Takes a connection out of its paper: a member leaves (the others hear it), a
+    /// waiter stops waiting.
+    pub(super) fn leave_paper(&mut self, key: usize) {
+        let Some(conn) = self.conns.slab.get(key) else { return };
+        match &conn.phase {
+            Phase::Joining { visitor, .. } => self.papers.forget_waiter(&visitor.paper, key),
+            Phase::Reading { paper, .. } => self.papers.forget_waiter(paper, key),
+            Phase::Open { membership, .. } => {
+                let Some(paper) = self.papers.paper_mut(&membership.paper) else { return };
+                let Some(member) = paper.remove_member(key) else { return };
+                log::debug!("session {} left paper {}", member.id, paper.id);
+                let leave = self.frame.leave(&member.id);
+                self.conns.fanout(paper.members(), None, leave, Out::Leave, &self.node.loop_metrics[self.index]);
+                let paper_id = paper.id.clone();
+                let presence = self.node.cluster.then(|| Presence { member: member.id.clone(), entry: None });
+                self.relay_frame(&paper_id, presence, Relaying::Kept);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// How a relayed message may be treated when the backlog is busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relaying {
+    /// Presence: kept unless the backlog is full.
+    Kept,
+    /// A cursor: dropped first, while the backlog is half full.
+    Transient,
+}
+
+/// A paper as the store read it, in the paper module's terms.
+fn paper_from_store(stored: store::StoredPaper) -> StoredPaper {
+    StoredPaper {
+        notes: stored.notes.into_iter().map(|(id, n)| (id, super::edits::note_from_store(n))).collect(),
+        completed_by: stored.completed_by,
+        remote_members: stored
+            .remote_members
+            .into_iter()
+            .map(|m| crate::paper::RemoteMember { id: m.id, user: m.user, name: m.name, node: m.node })
+            .collect(),
+    }
+}

@@ -1,0 +1,180 @@
+//! Everything a loop does by the clock: connection deadlines, token expiries,
+//! loads that take too long, pings and the idle timeout, dropping idle papers
+//! from memory, and the ordered stop (sessions closed over `--drain-seconds`).
+
+use std::cmp::Reverse;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::event_loop::EventLoop;
+use super::session::CLOSE_TIMEOUT;
+use crate::conn::Phase;
+use crate::protocol::CloseReason;
+
+/// How often idle papers are looked for.
+pub const EVICT_EVERY: Duration = Duration::from_secs(1);
+/// A WebSocket ping frame without payload: the server's keep-alive.
+const PING_FRAME: [u8; 2] = [0x89, 0x00];
+
+/// A loop that was told to stop: its sessions still to close, and how many
+/// there were.
+pub struct Stopping {
+    since: Instant,
+    draining: VecDeque<(usize, u64)>,
+    total: usize,
+}
+
+impl EventLoop {
+    pub(super) fn run_timers(&mut self) {
+        let now = Instant::now();
+        self.expire_deadlines(now);
+        self.expire_tokens();
+        if self.stopping.is_some() {
+            self.drain(now);
+        }
+        self.expire_loads(now);
+        if now >= self.next_ping {
+            self.next_ping = now + self.node.settings.ping_interval;
+            self.ping_or_close_idle(now);
+        }
+        if now >= self.next_eviction {
+            self.next_eviction = now + EVICT_EVERY;
+            self.evict_idle_papers(now);
+            self.publish_gauges();
+        }
+    }
+
+    /// Connections whose phase outlived its deadline: a joiner is told the paper
+    /// is unavailable, anything else is dropped.
+    fn expire_deadlines(&mut self, now: Instant) {
+        while let Some(&Reverse((at, key, serial))) = self.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(conn) = self.conns.live(key, serial) else { continue };
+            if conn.deadline.is_none_or(|d| d > now) {
+                continue; // moved on to a phase with another deadline, or none
+            }
+            match conn.phase {
+                Phase::Joining { .. } => self.end_session(key, CloseReason::PaperUnavailable),
+                _ => self.conns.doom(key),
+            }
+        }
+    }
+
+    fn expire_tokens(&mut self) {
+        let now_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        while let Some(&Reverse((exp, key, serial))) = self.expiries.peek() {
+            if exp > now_secs {
+                break;
+            }
+            self.expiries.pop();
+            let is_session = self
+                .conns
+                .live(key, serial)
+                .is_some_and(|c| matches!(c.phase, Phase::Joining { .. } | Phase::Open { .. }));
+            if is_session {
+                self.end_session(key, CloseReason::TokenExpired);
+            }
+        }
+    }
+
+    fn expire_loads(&mut self, now: Instant) {
+        let (papers, waiters) = self.papers.expire_loads(now);
+        for key in waiters {
+            self.paper_unavailable(key);
+        }
+        for paper in papers {
+            self.store.forget(paper);
+        }
+    }
+
+    fn evict_idle_papers(&mut self, now: Instant) {
+        let Some(linger) = self.node.settings.paper_linger else { return };
+        for paper in self.papers.evict_idle(now, linger) {
+            log::debug!("paper {paper} left memory");
+            self.store.forget(paper);
+        }
+    }
+
+    /// Pings every member, and closes the ones silent past the idle timeout (a
+    /// browser answers pings by itself, so only a dead peer stays silent). An
+    /// `/echo` connection silent that long is closed too.
+    fn ping_or_close_idle(&mut self, now: Instant) {
+        let idle_timeout = self.node.settings.idle_timeout;
+        let mut idle = Vec::new();
+        let mut pinged = Vec::new();
+        for (key, conn) in &mut self.conns.slab {
+            if conn.doomed || !matches!(conn.phase, Phase::Open { .. } | Phase::Echo { .. }) {
+                continue;
+            }
+            if now.duration_since(conn.last_seen) >= idle_timeout {
+                idle.push(key);
+            } else if let Phase::Open { ws, .. } = &mut conn.phase {
+                ws.get_mut().out.queue(&PING_FRAME);
+                pinged.push(key);
+            }
+        }
+        for key in pinged {
+            self.conns.queue_flush(key);
+        }
+        for key in idle {
+            self.end_session(key, CloseReason::Idle);
+        }
+    }
+
+    pub(super) fn stop(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let mut draining = VecDeque::new();
+        let mut not_begun = Vec::new();
+        for (key, conn) in &self.conns.slab {
+            match conn.phase {
+                Phase::Request { .. } | Phase::Reply { .. } | Phase::Reading { .. } => not_begun.push(key),
+                Phase::Joining { .. } | Phase::Open { .. } | Phase::Echo { .. } => {
+                    draining.push_back((key, conn.serial))
+                }
+                Phase::Closing { .. } | Phase::Detached => {}
+            }
+        }
+        for key in not_begun {
+            self.conns.doom(key);
+        }
+        let total = draining.len();
+        self.stopping = Some(Stopping { since: Instant::now(), draining, total });
+        self.drain(Instant::now());
+    }
+
+    /// Closes the share of the sessions due by now: all at once without
+    /// `--drain-seconds`, else evenly over that time.
+    fn drain(&mut self, now: Instant) {
+        let Some(stopping) = &mut self.stopping else { return };
+        let spread = self.node.settings.drain.as_secs_f64();
+        let share =
+            if spread > 0.0 { (now.duration_since(stopping.since).as_secs_f64() / spread).min(1.0) } else { 1.0 };
+        let due = (stopping.total as f64 * share).ceil() as usize;
+        let mut closing = Vec::new();
+        while stopping.total - stopping.draining.len() < due {
+            let Some(entry) = stopping.draining.pop_front() else { break };
+            closing.push(entry);
+        }
+        for (key, serial) in closing {
+            if self.conns.live(key, serial).is_some_and(|c| c.phase.is_session()) {
+                self.end_session(key, CloseReason::ShuttingDown);
+            }
+        }
+    }
+
+    /// Stopped, with every session closed (or given up on past its close time).
+    pub(super) fn finished(&self) -> bool {
+        self.stopping.as_ref().is_some_and(|s| {
+            s.draining.is_empty()
+                && (self.conns.slab.is_empty() || s.since.elapsed() > self.node.settings.drain + CLOSE_TIMEOUT * 2)
+        })
+    }
+}
