@@ -8,6 +8,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 /// Where papers live between sessions.
+/// The longest `--completed-retention`: 100 years, in seconds.
+pub const MAX_RETENTION_SECS: u64 = 100 * 365 * 24 * 3600;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StoreKind {
     /// Redis at `--redis`: papers survive restarts; completed papers go to the stream.
@@ -215,6 +218,15 @@ impl Config {
             if !(0.0..1e9).contains(&value) {
                 return err(format!("{flag} {value} is not a number of seconds; use for example 10"));
             }
+        }
+        // Redis refuses an EXPIRE whose time in milliseconds overflows; a century
+        // is far inside that and far beyond any retention anyone means.
+        if !(1..=MAX_RETENTION_SECS).contains(&self.completed_retention) {
+            return err(format!(
+                "--completed-retention {} must be between 1 and {MAX_RETENTION_SECS} seconds (100 years); \
+                 the default is 604800 (7 days)",
+                self.completed_retention
+            ));
         }
         if !(self.rate.is_finite() && self.rate > 0.0) || self.burst == 0 {
             return err(format!("--rate {} and --burst {} must both be above 0", self.rate, self.burst));

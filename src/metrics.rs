@@ -99,7 +99,7 @@ impl Out {
         }
     }
 }
-const CODES: [ErrorCode; 9] = [
+const CODES: [ErrorCode; 10] = [
     ErrorCode::InvalidJson,
     ErrorCode::InvalidMessage,
     ErrorCode::TooLarge,
@@ -109,6 +109,7 @@ const CODES: [ErrorCode; 9] = [
     ErrorCode::PaperFull,
     ErrorCode::RateLimited,
     ErrorCode::Unavailable,
+    ErrorCode::WriteFailed,
 ];
 
 /// One event loop's counters.
@@ -125,6 +126,8 @@ pub struct LoopMetrics {
     pub broadcasts: AtomicU64,
     pub broadcast_recipients: AtomicU64,
     pub slow_consumers: AtomicU64,
+    /// Relayed messages skipped as unreadable (a version out of range, ...).
+    pub corrupt_relayed: AtomicU64,
 }
 
 impl LoopMetrics {
@@ -157,6 +160,10 @@ pub struct WriterMetrics {
     /// Age in milliseconds of the oldest op not yet written.
     pub oldest_age_ms: AtomicU64,
     pub redis_up: AtomicBool,
+    /// Ops Redis refused for good (their senders got `write_failed`).
+    pub failed_ops: AtomicU64,
+    /// Stored values skipped as unreadable by the loader (any thread adds).
+    pub corrupt_values: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BOUNDS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -249,6 +256,18 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
         &one(sum(&|l| get(&l.slow_consumers))),
     );
 
+    let stored = store.as_ref().map_or(0, |s| get(&s.writer.corrupt_values));
+    let rows = [
+        ("{source=\"redis\"}".to_string(), stored),
+        ("{source=\"relay\"}".to_string(), sum(&|l| get(&l.corrupt_relayed))),
+    ];
+    metric(
+        "corrupt_values_total",
+        "counter",
+        "Notes skipped as unreadable (PROTOCOL.md 2), by where they came from.",
+        &rows,
+    );
+
     if let Some(store) = store {
         let w = store.writer;
         metric(
@@ -277,6 +296,13 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
         metric("redis_ops_written_total", "counter", "Ops written to Redis.", get(&w.ops_written));
         metric("redis_errors_total", "counter", "Failed Redis writes (each batch is sent again).", get(&w.errors));
         metric("redis_reconnects_total", "counter", "Connections the writer opened to Redis.", get(&w.reconnects));
+        let _ = writeln!(
+            out,
+            "# HELP rollingpaper_failed_ops_total Ops Redis refused for good, by reason (their senders got write_failed).\n\
+             # TYPE rollingpaper_failed_ops_total counter\n\
+             rollingpaper_failed_ops_total{{reason=\"refused\"}} {}",
+            get(&w.failed_ops)
+        );
         let _ = writeln!(
             out,
             "# HELP rollingpaper_write_behind_seconds Time from an edit's acceptance to its write in Redis.\n\

@@ -9,6 +9,10 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::CloseCode;
 
+/// The greatest version a note may have: versions stay below 2^53 so that
+/// JavaScript clients read them exactly (PROTOCOL.md 2).
+pub const MAX_VERSION: u64 = (1 << 53) - 1;
+
 /// Largest `cursor` data, serialized compactly (PROTOCOL.md 3.2).
 pub const MAX_CURSOR_BYTES: usize = 1024;
 
@@ -60,6 +64,7 @@ pub enum ErrorCode {
     PaperFull,
     RateLimited,
     Unavailable,
+    WriteFailed,
 }
 
 impl ErrorCode {
@@ -74,6 +79,7 @@ impl ErrorCode {
             ErrorCode::PaperFull => "paper_full",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::WriteFailed => "write_failed",
         }
     }
 
@@ -89,6 +95,7 @@ impl ErrorCode {
             ErrorCode::PaperFull => "the paper holds its maximum of notes",
             ErrorCode::RateLimited => "too many messages; slow down",
             ErrorCode::Unavailable => "storage is unavailable; retry later",
+            ErrorCode::WriteFailed => "Redis refused to store this edit; it is not saved",
         }
     }
 }
@@ -280,11 +287,29 @@ fn compact_object(raw: Option<&RawValue>) -> Option<String> {
 /// sent, read back for what this node must apply before passing it on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Relayed {
-    Upsert { id: String, author: String, data: String, v: u64 },
-    Delete { id: String, v: u64 },
-    Completed { by: String },
-    Join { id: String, user: String, name: String },
-    Leave { id: String },
+    Upsert {
+        id: String,
+        author: String,
+        data: String,
+        v: u64,
+    },
+    Delete {
+        id: String,
+        v: u64,
+    },
+    /// `notes`: the sealed notes as a raw JSON array (1.1; absent from older nodes).
+    Completed {
+        by: String,
+        notes: Option<String>,
+    },
+    Join {
+        id: String,
+        user: String,
+        name: String,
+    },
+    Leave {
+        id: String,
+    },
     Cursor,
 }
 
@@ -303,6 +328,8 @@ struct RelayedEnvelope<'a> {
     #[serde(default)]
     by: Option<String>,
     #[serde(default, borrow)]
+    notes: Option<&'a RawValue>,
+    #[serde(default, borrow)]
     member: Option<&'a RawValue>,
 }
 
@@ -313,18 +340,26 @@ struct RelayedMember {
     name: String,
 }
 
-/// Reads a relayed message; `None` for anything this server would not have sent.
+/// Reads a relayed message; `None` for anything this server would not have sent,
+/// a version outside [1, 2^53) included (PROTOCOL.md 2, 1.1).
 pub fn parse_relayed(message: &str) -> Option<Relayed> {
     let e: RelayedEnvelope = serde_json::from_str(message).ok()?;
+    let v = e.v.filter(|v| (1..=MAX_VERSION).contains(v));
     Some(match e.kind.as_ref() {
         "upsert" => Relayed::Upsert {
             id: e.id.filter(|id| is_valid_id(id))?,
             author: e.author?,
             data: e.data.filter(|d| d.get().starts_with('{'))?.get().to_string(),
-            v: e.v?,
+            v: v?,
         },
-        "delete" => Relayed::Delete { id: e.id.filter(|id| is_valid_id(id))?, v: e.v? },
-        "completed" => Relayed::Completed { by: e.by? },
+        "delete" => Relayed::Delete { id: e.id.filter(|id| is_valid_id(id))?, v: v? },
+        "completed" => Relayed::Completed {
+            by: e.by?,
+            notes: match e.notes {
+                None => None,
+                Some(notes) => Some(parse_notes(notes.get()).map(|_| notes.get().to_string())?),
+            },
+        },
         "join" => {
             let m: RelayedMember = serde_json::from_str(e.member?.get()).ok()?;
             Relayed::Join { id: m.id, user: m.user, name: m.name }
@@ -479,10 +514,13 @@ impl Frame {
         self.finish()
     }
 
-    pub fn completed(&mut self, by: &str) -> &[u8] {
+    /// `notes`: the sealed notes, a JSON array as `notes_json` writes it.
+    pub fn completed(&mut self, by: &str, notes: &str) -> &[u8] {
         let b = self.begin();
         b.extend_from_slice(br#"{"type":"completed","by":"#);
         string(b, by);
+        b.extend_from_slice(br#","notes":"#);
+        b.extend_from_slice(notes.as_bytes());
         b.push(b'}');
         self.finish()
     }
@@ -519,6 +557,34 @@ impl Frame {
         b.push(b'}');
         self.finish()
     }
+}
+
+/// Notes as a JSON array, as snapshots list them.
+pub fn notes_json<'a>(notes: impl Iterator<Item = NoteView<'a>>) -> String {
+    let mut b = Vec::new();
+    notes_array(&mut b, notes);
+    String::from_utf8(b).expect("JSON is UTF-8")
+}
+
+/// A note of a sealed paper, as `completed` lists it.
+#[derive(Debug, Deserialize)]
+pub struct SealedNote<'a> {
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub author: Cow<'a, str>,
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+    pub v: u64,
+}
+
+/// Reads the notes of a sealed paper (a `completed` message's `notes`); `None`
+/// when one of them is not a note this server would have sent.
+pub fn parse_notes(json: &str) -> Option<Vec<SealedNote<'_>>> {
+    let notes: Vec<SealedNote> = serde_json::from_str(json).ok()?;
+    let valid =
+        |n: &SealedNote| is_valid_id(&n.id) && (1..=MAX_VERSION).contains(&n.v) && n.data.get().starts_with('{');
+    notes.iter().all(valid).then_some(notes)
 }
 
 /// A paper as one JSON document, `{"paper","completed","notes"}`: the body of
@@ -691,8 +757,11 @@ mod tests {
         assert_eq!(payload_json(&f), json!({"type":"join","member":{"id":"c7","user":"u1","name":"Kim"}}));
         f.leave("c7");
         assert_eq!(payload_json(&f), json!({"type":"leave","member":"c7"}));
-        f.completed("u1");
-        assert_eq!(payload_json(&f), json!({"type":"completed","by":"u1"}));
+        f.completed("u1", r#"[{"id":"n1","author":"u1","data":{},"v":4}]"#);
+        assert_eq!(
+            payload_json(&f),
+            json!({"type":"completed","by":"u1","notes":[{"id":"n1","author":"u1","data":{},"v":4}]})
+        );
         f.saved(9);
         assert_eq!(payload_json(&f), json!({"type":"saved","v":9}));
         f.pong();
@@ -725,8 +794,12 @@ mod tests {
         assert_eq!(parse_relayed(&text(&f)), Some(join));
         f.leave("c7");
         assert_eq!(parse_relayed(&text(&f)), Some(Relayed::Leave { id: "c7".into() }));
-        f.completed("u");
-        assert_eq!(parse_relayed(&text(&f)), Some(Relayed::Completed { by: "u".into() }));
+        f.completed("u", "[]");
+        assert_eq!(parse_relayed(&text(&f)), Some(Relayed::Completed { by: "u".into(), notes: Some("[]".into()) }));
+        let far = r#"{"type":"upsert","id":"n1","author":"a","data":{},"v":18446744073709551615}"#;
+        assert_eq!(parse_relayed(far), None, "a version past 2^53 is corrupt");
+        let at_limit = r#"{"type":"delete","id":"n1","v":9007199254740992}"#;
+        assert_eq!(parse_relayed(at_limit), None);
         f.cursor("c7", "{}");
         assert_eq!(parse_relayed(&text(&f)), Some(Relayed::Cursor));
         assert_eq!(parse_relayed(r#"{"type":"upsert","id":"bad id","author":"a","data":{},"v":1}"#), None);

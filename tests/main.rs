@@ -7,6 +7,7 @@ mod auth; // 5. tokens and roles
 mod cluster; // 6. several nodes
 mod conformance; // RFC 6455 over raw sockets
 mod http; // 1. HTTP surface
+mod integrity; // 3.1 and 4 (1.1): saved is a promise, foreign versions, the seal
 mod lifecycle; // conn lifecycle: no leak, a deadline in every waiting phase
 mod limits; // abuse: rate, caps, origins, slow and silent peers
 mod load; // the load generator's smoke run

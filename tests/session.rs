@@ -259,9 +259,11 @@ fn completion_seals_the_paper_for_everyone() {
     let mut a = server.join("p-done", "user=owner");
     let mut b = server.join("p-done", "");
     a.upsert("n1", json!({"t": 1}));
-    b.next_of("upsert");
+    let n1 = b.next_of("upsert");
     b.send(json!({"type": "complete"}));
-    assert_eq!(a.next_of("completed"), json!({"type": "completed", "by": b.you}));
+    // 1.1: `completed` carries the paper exactly as sealed.
+    let sealed = json!([{"id": "n1", "author": "owner", "data": {"t": 1}, "v": n1["v"]}]);
+    assert_eq!(a.next_of("completed"), json!({"type": "completed", "by": b.you, "notes": sealed}));
     assert_eq!(b.next_of("completed")["by"], b.you.as_str());
 
     let error = refusal(&mut a, json!({"type": "upsert", "id": "n1", "data": {}, "ref": "late"}));

@@ -72,6 +72,12 @@ pub struct Membership {
     pub user: Arc<str>,
     pub role: Role,
     pub bucket: TokenBucket,
+    /// Versions of this member's edits handed to the store and not yet
+    /// reported on, in the order they were made.
+    pub unresolved: std::collections::VecDeque<u64>,
+    /// The greatest version reported written and not yet confirmed `saved`: it
+    /// waits while an earlier-made edit with a lower version is unresolved.
+    pub confirmable: u64,
 }
 
 /// What a closing connection still reads.
@@ -281,6 +287,8 @@ impl Conn {
                     user: visitor.user.clone(),
                     role: visitor.role,
                     bucket,
+                    unresolved: std::collections::VecDeque::new(),
+                    confirmable: 0,
                 };
                 (Phase::Open { ws, membership }, Some(visitor))
             }

@@ -9,8 +9,7 @@ pub fn newer(a: (u64, &str), b: (u64, &str)) -> bool {
     a.0 > b.0 || (a.0 == b.0 && a.1 > b.1)
 }
 
-/// Versions stay below 2^53 so that JavaScript clients read them exactly.
-pub const MAX_VERSION: u64 = (1 << 53) - 1;
+pub use crate::protocol::MAX_VERSION;
 
 /// Hands out versions that are milliseconds since the epoch times 1024 plus a
 /// counter: they follow wall time (so a restarted server continues above what it
@@ -29,6 +28,10 @@ pub struct VersionClock {
     stride: u64,
     residue: u64,
 }
+
+/// How far ahead of the wall clock an observed version may pull the clock: an
+/// hour of versions (clocks of other nodes may run a little ahead).
+const MAX_LEAD: u64 = 3_600_000 << 10;
 
 /// Versions per millisecond tick shared out among nodes.
 const STRIDE: u64 = 64;
@@ -52,22 +55,38 @@ impl VersionClock {
     }
 
     /// The next version, above every version this clock handed out or observed and
-    /// above `floor` (the note's current version).
-    pub fn next(&mut self, floor: u64) -> u64 {
+    /// above `floor` (the note's current version); `None` when the note cannot
+    /// advance any more (its version is at the top of the range).
+    pub fn next(&mut self, floor: u64) -> Option<u64> {
         self.next_at(now_ms(), floor)
     }
 
-    /// Raises the clock above a version read from storage.
+    /// Raises the clock above a version read from storage or relayed, unless that
+    /// version lies far in the future: one note's version never limits what can
+    /// be done to another (PROTOCOL.md 2, 1.1); its own floor keeps it in order.
     pub fn observe(&mut self, v: u64) {
-        self.last = self.last.max(v);
+        self.observe_at(now_ms(), v);
     }
 
-    fn next_at(&mut self, now_ms: u64, floor: u64) -> u64 {
+    fn observe_at(&mut self, now_ms: u64, v: u64) {
+        if v <= (now_ms << 10).saturating_add(MAX_LEAD) {
+            self.last = self.last.max(v);
+        }
+    }
+
+    fn next_at(&mut self, now_ms: u64, floor: u64) -> Option<u64> {
         let stride = self.stride.max(1);
-        let at_least = (now_ms << 10).max(self.last + 1).max(floor + 1);
-        let v = (at_least + (self.residue + stride - at_least % stride) % stride).min(MAX_VERSION);
-        self.last = v;
-        v
+        let at_least = (now_ms << 10).max(self.last.saturating_add(1)).max(floor.saturating_add(1));
+        let v = at_least.checked_add((self.residue + stride - at_least % stride) % stride)?;
+        if v > MAX_VERSION {
+            return None;
+        }
+        // A note far ahead of the clock moves on from its own version without
+        // dragging the clock (and every other note) along.
+        if v <= (now_ms << 10).saturating_add(MAX_LEAD) || floor < self.last {
+            self.last = self.last.max(v);
+        }
+        Some(v)
     }
 }
 
@@ -82,8 +101,8 @@ mod tests {
     #[test]
     fn strictly_increases_within_a_millisecond() {
         let mut clock = VersionClock::default();
-        let a = clock.next_at(1000, 0);
-        let b = clock.next_at(1000, 0);
+        let a = clock.next_at(1000, 0).unwrap();
+        let b = clock.next_at(1000, 0).unwrap();
         assert_eq!(a, 1000 << 10);
         assert_eq!(b, a + 1);
     }
@@ -91,8 +110,8 @@ mod tests {
     #[test]
     fn survives_the_wall_clock_stepping_back() {
         let mut clock = VersionClock::default();
-        let a = clock.next_at(5000, 0);
-        let b = clock.next_at(4000, 0);
+        let a = clock.next_at(5000, 0).unwrap();
+        let b = clock.next_at(4000, 0).unwrap();
         assert!(b > a);
     }
 
@@ -100,9 +119,23 @@ mod tests {
     fn continues_above_stored_versions() {
         let mut clock = VersionClock::default();
         let stored = (9000 << 10) + 7;
-        assert_eq!(clock.next_at(1000, stored), stored + 1);
-        clock.observe(stored + 100);
-        assert_eq!(clock.next_at(1000, 0), stored + 101);
+        assert_eq!(clock.next_at(1000, stored), Some(stored + 1));
+        clock.observe_at(9000, stored + 100);
+        assert_eq!(clock.next_at(1000, 0), Some(stored + 101));
+    }
+
+    #[test]
+    fn a_version_far_ahead_limits_only_its_own_note() {
+        let mut clock = VersionClock::default();
+        let now = 1_800_000_000_000;
+        clock.observe_at(now, MAX_VERSION);
+        let other = clock.next_at(now, 0).unwrap();
+        assert_eq!(other, now << 10, "another note keeps the wall clock's versions");
+        assert_eq!(clock.next_at(now, MAX_VERSION), None, "the note at the top refuses");
+        assert_eq!(clock.next_at(now, u64::MAX), None, "nothing wraps");
+        let near_top = clock.next_at(now, MAX_VERSION - 5).unwrap();
+        assert_eq!(near_top, MAX_VERSION - 4);
+        assert_eq!(clock.next_at(now, 0), Some(other + 1), "and the clock stayed where it was");
     }
 
     #[test]
@@ -111,18 +144,18 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         let mut last_a = 0;
         for now in [1000, 1000, 1000, 1001, 999] {
-            let (va, vb) = (a.next_at(now, 0), b.next_at(now, 0));
+            let (va, vb) = (a.next_at(now, 0).unwrap(), b.next_at(now, 0).unwrap());
             assert!(va > last_a);
             last_a = va;
             assert!(seen.insert(va) && seen.insert(vb), "{va} {vb}");
         }
         // A floor from the other node is passed, still on this node's own residue.
-        let v = a.next_at(0, vb_floor(&mut b));
+        let v = a.next_at(0, vb_floor(&mut b)).unwrap();
         assert_eq!(v % STRIDE, a.residue);
     }
 
     fn vb_floor(b: &mut VersionClock) -> u64 {
-        b.next_at(5000, 0)
+        b.next_at(5000, 0).unwrap()
     }
 
     #[test]
@@ -135,7 +168,7 @@ mod tests {
 
     #[test]
     fn real_versions_fit_in_a_javascript_number() {
-        let v = VersionClock::default().next(0);
+        let v = VersionClock::default().next(0).unwrap();
         assert!(v > 1_600_000_000_000 << 10 && v < MAX_VERSION);
     }
 }

@@ -96,6 +96,19 @@ pub struct Paper {
     pub unwritten: usize,
     /// When the last member left; the registry drops the paper some time after.
     pub empty_since: Option<Instant>,
+    /// Where the paper stands with Redis.
+    pub health: Health,
+}
+
+/// Whether a paper takes edits, as far as Redis is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Writable,
+    /// Its completion is on its way to Redis: edits now would lose the race.
+    Sealing,
+    /// Redis refused its writes for good (its error); edits are refused with
+    /// `unavailable` until the paper is read back from Redis.
+    Failed(String),
 }
 
 impl Paper {
@@ -116,7 +129,47 @@ impl Paper {
             remote: stored.remote_members,
             unwritten: 0,
             empty_since: Some(Instant::now()),
+            health: Health::Writable,
         }
+    }
+
+    /// Refuses an edit the paper cannot take now, before anything else is checked
+    /// but the role.
+    fn check_writable(&self) -> Result<(), ErrorCode> {
+        match self.health {
+            _ if self.is_completed() => Err(ErrorCode::PaperCompleted),
+            Health::Sealing => Err(ErrorCode::PaperCompleted),
+            Health::Failed(_) => Err(ErrorCode::Unavailable),
+            Health::Writable => Ok(()),
+        }
+    }
+
+    /// Replaces the notes and the completion with what Redis holds (a paper read
+    /// back after Redis refused its writes); members stay.
+    pub fn replace(&mut self, stored: StoredPaper, clock: &mut VersionClock) {
+        let fresh = Paper::new(self.id.clone(), StoredPaper { remote_members: Vec::new(), ..stored }, clock);
+        self.notes = fresh.notes;
+        self.live = fresh.live;
+        self.completed_by = fresh.completed_by;
+        self.health = Health::Writable;
+    }
+
+    /// Seals the paper with exactly these notes (as Redis sealed them); false if it
+    /// was sealed already.
+    pub fn seal(&mut self, by: &Arc<str>, notes: Vec<(Arc<str>, Note)>) -> bool {
+        if self.is_completed() {
+            return false;
+        }
+        self.live = notes.iter().filter(|(_, n)| n.data.is_some()).count();
+        self.notes = notes.into_iter().collect();
+        self.completed_by = Some(by.clone());
+        self.health = Health::Writable;
+        true
+    }
+
+    /// Whether `apply` would take this edit.
+    pub fn can_apply(&self, edit: &Edit) -> bool {
+        self.notes.get(&edit.id).is_none_or(|c| clock::newer((edit.note.v, &edit.note.node), (c.v, &c.node)))
     }
 
     pub fn is_completed(&self) -> bool {
@@ -159,9 +212,7 @@ impl Paper {
         if !role.may_write() {
             return Err(ErrorCode::Forbidden);
         }
-        if self.is_completed() {
-            return Err(ErrorCode::PaperCompleted);
-        }
+        self.check_writable()?;
         let current = self.notes.get_key_value(id);
         let author = match current {
             Some((_, Note { author, data: Some(_), .. })) if author != user && !role.may_moderate() => {
@@ -175,7 +226,7 @@ impl Paper {
         };
         let floor = current.map_or(0, |(_, n)| n.v);
         let id = current.map_or_else(|| Arc::from(id), |(key, _)| key.clone());
-        let v = clock.next(floor);
+        let v = clock.next(floor).ok_or(ErrorCode::Unavailable)?;
         Ok(Edit { id, note: Note { author, data: Some(Arc::from(data)), v, node: clock.node().clone() } })
     }
 
@@ -194,9 +245,7 @@ impl Paper {
         if !role.may_write() {
             return Err(ErrorCode::Forbidden);
         }
-        if self.is_completed() {
-            return Err(ErrorCode::PaperCompleted);
-        }
+        self.check_writable()?;
         match self.notes.get_key_value(id) {
             Some((_, note)) if note.data.is_some() && note.author != *user && !role.may_moderate() => {
                 Err(ErrorCode::Forbidden)
@@ -206,7 +255,7 @@ impl Paper {
                 note: Note {
                     author: note.author.clone(),
                     data: None,
-                    v: clock.next(note.v),
+                    v: clock.next(note.v).ok_or(ErrorCode::Unavailable)?,
                     node: clock.node().clone(),
                 },
             }),
@@ -236,10 +285,7 @@ impl Paper {
         if !role.may_complete() {
             return Err(ErrorCode::Forbidden);
         }
-        if self.is_completed() {
-            return Err(ErrorCode::PaperCompleted);
-        }
-        Ok(())
+        self.check_writable()
     }
 
     /// Seals the paper.
@@ -426,18 +472,22 @@ mod tests {
     }
 
     #[test]
-    fn loading_continues_above_stored_versions() {
+    fn a_note_at_the_top_of_the_range_refuses_alone() {
         let mut clock = VersionClock::default();
-        let far = clock::MAX_VERSION - 10;
+        let top = clock::MAX_VERSION;
         let stored = StoredPaper {
-            notes: vec![("n1".into(), Note { author: user("u"), data: None, v: far, node: user("") })],
+            notes: vec![("n1".into(), Note { author: user("u"), data: Some(Arc::from("{}")), v: top, node: user("") })],
             completed_by: None,
             remote_members: Vec::new(),
         };
         let p = Paper::new(Arc::from("p1"), stored, &mut clock);
-        assert_eq!(p.live_count(), 0);
-        let e = p.prepare_upsert("n2", "{}".into(), (&user("u"), Role::Owner), &mut clock, &LIMITS).unwrap();
-        assert!(e.note.v > far);
+        let edit = |id: &str, clock: &mut VersionClock| {
+            p.prepare_upsert(id, "{}".into(), (&user("u"), Role::Owner), clock, &LIMITS)
+        };
+        assert_eq!(edit("n1", &mut clock), Err(ErrorCode::Unavailable));
+        assert_eq!(p.prepare_delete("n1", (&user("u"), Role::Owner), &mut clock), Err(ErrorCode::Unavailable));
+        let other = edit("n2", &mut clock).unwrap();
+        assert!(other.note.v < top / 2, "another note keeps normal versions: {}", other.note.v);
     }
 
     #[test]

@@ -78,9 +78,10 @@ impl EventLoop {
             Ok(Parsed::Partial) => {}
             Ok(Parsed::Complete { route: Route::Reply(reply), .. }) | Err(reply) => self.reply(key, &reply),
             Ok(Parsed::Complete { route: Route::Ready, .. }) => {
+                let failing = self.node.failing_papers();
                 let reply = match self.node.unready_reason() {
-                    None => Reply::text(200, "ready"),
-                    Some(reason) => Reply::text(503, &format!("not ready: {reason}")),
+                    None => Reply::text(200, &format!("ready{failing}")),
+                    Some(reason) => Reply::text(503, &format!("not ready: {reason}{failing}")),
                 };
                 self.reply(key, &reply);
             }

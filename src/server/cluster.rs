@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::event_loop::EventLoop;
 use super::node::Node;
 use super::session::Relaying;
-use crate::metrics::Out;
+use crate::metrics::{bump, Out};
 use crate::paper::{Edit, Note, RemoteMember, StoredPaper};
 use crate::protocol::{self, Frame, Relayed};
 use crate::store::{Op, Presence, Submitted};
@@ -40,7 +40,8 @@ impl EventLoop {
     pub(super) fn apply_relayed(&mut self, paper_id: &Arc<str>, node: Arc<str>, message: &str) {
         let Some(paper) = self.papers.paper_mut(paper_id) else { return };
         let Some(relayed) = protocol::parse_relayed(message) else {
-            log::warn!("ignoring a relayed message from node {node} that this server cannot read");
+            log::warn!("skipping a relayed message from node {node} that this server cannot read: {message:.200}");
+            bump(&self.node.loop_metrics[self.index].corrupt_relayed, 1);
             return;
         };
         let sealed = paper.is_completed();
@@ -58,7 +59,12 @@ impl EventLoop {
                 let author = paper.note(&id).map_or_else(|| Arc::from(""), |n| n.author.clone());
                 (Out::Delete, paper.apply(Edit { id: Arc::from(id), note: Note { author, data: None, v, node } }))
             }
-            Relayed::Completed { by } => (Out::Completed, paper.complete(&Arc::from(by)).is_ok()),
+            Relayed::Completed { by, notes: Some(notes) } => {
+                // The paper exactly as sealed: members replace their view with it.
+                let _ = paper;
+                return self.on_sealed(paper_id, &by, &notes, false);
+            }
+            Relayed::Completed { by, notes: None } => (Out::Completed, paper.complete(&Arc::from(by)).is_ok()),
             Relayed::Join { id, user, name } => {
                 let member = RemoteMember { id: Arc::from(id), user: Arc::from(user), name: Arc::from(name), node };
                 (Out::Join, paper.add_remote(member))
@@ -93,8 +99,9 @@ impl EventLoop {
         }
         if let Some(by) = stored.completed_by {
             let by: Arc<str> = Arc::from(by);
+            let notes = protocol::notes_json(paper.live_notes());
             if paper.complete(&by).is_ok() {
-                let bytes = self.frame.completed(&by);
+                let bytes = self.frame.completed(&by, &notes);
                 self.conns.fanout(paper.members(), None, bytes, Out::Completed, metrics);
             }
         }

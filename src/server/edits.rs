@@ -3,16 +3,17 @@
 //! applied and fanned out once, and `saved` follows when the store reports the
 //! write.
 
-use std::cmp::Reverse;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::cluster::relay_of;
 use super::event_loop::EventLoop;
 use super::session::Relaying;
 use crate::conn::Phase;
 use crate::metrics::{In, Out};
-use crate::paper::{Edit, Note};
+use crate::paper::{Edit, Health, Note, StoredPaper};
 use crate::protocol::{self, ClientMsg, ErrorCode, Refusal};
-use crate::store::{NoteValue, Op, Origin, Submitted, Written};
+use crate::store::{LoadPurpose, LoadRequest, NoteValue, Op, Origin, Outcome, Submitted, Written};
 
 impl EventLoop {
     pub(super) fn on_text(&mut self, key: usize, text: &str) {
@@ -59,21 +60,27 @@ impl EventLoop {
                 if let Err(code) = paper.check_complete(role) {
                     return self.refuse(key, &Refusal::from(code).with_ref(reference));
                 }
-                let snapshot = protocol::paper_document(&paper_id, true, paper.live_notes());
-                self.frame.completed(&user);
-                let relay = relay_of(&self.node, &self.frame);
-                let op = Op::Complete { paper: paper_id.clone(), by: user.clone(), snapshot, origin, relay };
+                let reference = reference.map(String::into_boxed_str);
+                let op =
+                    Op::Complete { paper: paper_id.clone(), by: user.clone(), origin, reference: reference.clone() };
                 match self.store.submit(op) {
                     Submitted::Full => {
-                        return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference))
+                        let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
+                        return self.refuse(key, &refusal);
                     }
-                    Submitted::Queued => paper.unwritten += 1,
-                    Submitted::Written => {}
+                    // Sealed once Redis has sealed it: edits from now on would lose the race.
+                    Submitted::Queued => {
+                        paper.unwritten += 1;
+                        paper.health = Health::Sealing;
+                    }
+                    Submitted::Written => {
+                        let notes = protocol::notes_json(paper.live_notes());
+                        paper.complete(&user).expect("checked above");
+                        log::info!("paper {paper_id} completed by {user}");
+                        let completed = self.frame.completed(&user, &notes);
+                        self.conns.fanout(paper.members(), None, completed, Out::Completed, metrics);
+                    }
                 }
-                paper.complete(&user).expect("checked above");
-                log::info!("paper {paper_id} completed by {user}");
-                let completed = self.frame.completed(&user);
-                self.conns.fanout(paper.members(), None, completed, Out::Completed, metrics);
                 return;
             }
             ClientMsg::Upsert { id, data, reference } => {
@@ -84,7 +91,9 @@ impl EventLoop {
             }
         };
         let edit: Edit = match edit {
-            Ok(edit) => edit,
+            // What `apply` would not take is neither sent to the store nor broadcast.
+            Ok(edit) if paper.can_apply(&edit) => edit,
+            Ok(_) => return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference)),
             Err(code) => return self.refuse(key, &Refusal::from(code).with_ref(reference)),
         };
         // Encoded before it is queued: with `--cluster` the same JSON is relayed.
@@ -100,11 +109,18 @@ impl EventLoop {
             }
         };
         let relay = relay_of(&self.node, &self.frame);
-        let op = Op::Note { paper: paper_id, id: edit.id.clone(), note: note_to_store(&edit.note), origin, relay };
+        let note = note_to_store(&edit.note);
+        let op_ref = reference.as_deref().map(Box::from);
+        let op = Op::Note { paper: paper_id, id: edit.id.clone(), note, origin, reference: op_ref, relay };
         let submitted = self.store.submit(op);
         match submitted {
             Submitted::Full => return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference)),
-            Submitted::Queued => paper.unwritten += 1,
+            Submitted::Queued => {
+                paper.unwritten += 1;
+                if let Some(Phase::Open { membership, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase) {
+                    membership.unresolved.push_back(v);
+                }
+            }
             Submitted::Written => {}
         }
         paper.apply(edit);
@@ -116,27 +132,152 @@ impl EventLoop {
         }
     }
 
-    /// Edits now in Redis: the papers may be dropped from memory later, and each
-    /// session hears `saved` once for the highest version of its own.
-    pub(super) fn on_written(&mut self, mut written: Vec<Written>) {
-        for w in &written {
+    /// What became of ops, in the order they were made: `saved` for what Redis
+    /// holds (PROTOCOL.md 3.1, 1.1: once every earlier-made edit with a lower
+    /// version is resolved too), `paper_completed` for an edit the seal beat,
+    /// `write_failed` for what Redis refused for good, each with the edit's `ref`.
+    pub(super) fn on_written(&mut self, written: Vec<Written>) {
+        let mut touched = Vec::new();
+        for w in written {
             if let Some(paper) = self.papers.paper_mut(&w.paper) {
                 paper.unwritten = paper.unwritten.saturating_sub(1);
             }
-        }
-        written.sort_unstable_by_key(|w| (w.origin.conn, w.origin.serial, Reverse(w.v)));
-        written.dedup_by_key(|w| (w.origin.conn, w.origin.serial));
-        for w in written {
-            let still_here =
-                self.conns.live(w.origin.conn, w.origin.serial).is_some_and(|c| matches!(c.phase, Phase::Open { .. }));
-            if still_here && w.v > 0 {
-                self.metrics().message_out(Out::Saved, 1);
-                let saved = self.frame.saved(w.v);
-                self.conns.send(w.origin.conn, saved);
+            let (key, serial) = (w.origin.conn, w.origin.serial);
+            let Some(conn) = self.conns.slab.get_mut(key).filter(|c| c.serial == serial && !c.doomed) else {
+                continue;
+            };
+            let Phase::Open { membership, .. } = &mut conn.phase else { continue };
+            if w.v > 0 {
+                if let Some(at) = membership.unresolved.iter().position(|&u| u == w.v) {
+                    membership.unresolved.remove(at);
+                }
             }
+            let reference = w.reference.map(String::from);
+            match w.outcome {
+                Outcome::Saved if w.v > 0 => {
+                    membership.confirmable = membership.confirmable.max(w.v);
+                    if !touched.contains(&key) {
+                        touched.push(key);
+                    }
+                }
+                Outcome::Saved => {}
+                Outcome::Sealed => self.refuse(key, &Refusal::from(ErrorCode::PaperCompleted).with_ref(reference)),
+                Outcome::Failed => self.refuse(key, &Refusal::from(ErrorCode::WriteFailed).with_ref(reference)),
+            }
+        }
+        for key in touched {
+            let Some(Phase::Open { membership, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase) else {
+                continue;
+            };
+            let v = membership.confirmable;
+            if v == 0 || membership.unresolved.iter().any(|&u| u <= v) {
+                continue; // an earlier-made edit below it is not written yet
+            }
+            membership.confirmable = 0;
+            self.metrics().message_out(Out::Saved, 1);
+            let saved = self.frame.saved(v);
+            self.conns.send(key, saved);
+        }
+    }
+
+    /// Redis sealed a paper: every member's view is replaced by the sealed notes.
+    pub(super) fn on_sealed(&mut self, paper_id: &Arc<str>, by: &str, notes: &str, mine: bool) {
+        let Some(paper) = self.papers.paper_mut(paper_id) else { return };
+        if mine {
+            paper.unwritten = paper.unwritten.saturating_sub(1);
+        }
+        let Some(sealed) = protocol::parse_notes(notes) else {
+            log::error!("paper {paper_id} was sealed with notes this server cannot read");
+            return;
+        };
+        let sealed = sealed
+            .into_iter()
+            .map(|n| {
+                let note = Note {
+                    author: Arc::from(&*n.author),
+                    data: Some(Arc::from(n.data.get())),
+                    v: n.v,
+                    node: Arc::from(""),
+                };
+                (Arc::from(&*n.id), note)
+            })
+            .collect();
+        let by: Arc<str> = Arc::from(by);
+        if !paper.seal(&by, sealed) {
+            return;
+        }
+        log::info!("paper {paper_id} completed by {by}");
+        let completed = self.frame.completed(&by, notes);
+        self.conns.fanout(paper.members(), None, completed, Out::Completed, &self.node.loop_metrics[self.index]);
+    }
+
+    /// Redis refused a paper's writes for good: it takes no edits until it can
+    /// be read back (probed with backoff), and `/readyz` names it.
+    pub(super) fn on_failed(&mut self, paper_id: &Arc<str>, error: String) {
+        let Some(paper) = self.papers.paper_mut(paper_id) else { return };
+        log::error!("paper {paper_id} cannot be written ({error}); its edits are refused until Redis takes them again");
+        if !matches!(paper.health, Health::Failed(_)) {
+            self.probes.push((Instant::now() + PROBE_FIRST, PROBE_FIRST, paper_id.clone()));
+        }
+        self.node.paper_failing(paper_id, Some(&error));
+        paper.health = Health::Failed(error);
+    }
+
+    /// A failed paper read back from Redis: it takes edits again, and every member
+    /// is sent the paper as Redis holds it (a full snapshot replaces its view).
+    pub(super) fn on_probed(&mut self, paper_id: &Arc<str>, stored: StoredPaper) {
+        let Some(paper) = self.papers.paper_mut(paper_id) else { return };
+        if !matches!(paper.health, Health::Failed(_)) {
+            return;
+        }
+        paper.replace(stored, &mut self.clock);
+        self.node.paper_failing(paper_id, None);
+        log::info!("paper {paper_id} is readable again; its members are sent it as Redis holds it");
+        let members: Vec<(usize, Arc<str>)> = paper.members().iter().map(|m| (m.key, m.id.clone())).collect();
+        for (key, you) in members {
+            let Some(paper) = self.papers.paper(paper_id) else { return };
+            let snapshot =
+                self.frame.snapshot(&paper.id, &you, paper.is_completed(), paper.live_notes(), paper.all_members());
+            self.conns.send(key, snapshot);
+            self.metrics().message_out(Out::Snapshot, 1);
+        }
+    }
+
+    /// Reads failed papers again once their backoff is over.
+    pub(super) fn run_probes(&mut self, now: Instant) {
+        let due: Vec<(Duration, Arc<str>)> = {
+            let mut due = Vec::new();
+            self.probes.retain(|(at, backoff, paper)| {
+                if *at <= now {
+                    due.push((*backoff, paper.clone()));
+                    false
+                } else {
+                    true
+                }
+            });
+            due
+        };
+        for (backoff, paper_id) in due {
+            let failed = self.papers.paper(&paper_id).is_some_and(|p| matches!(p.health, Health::Failed(_)));
+            if !failed {
+                continue;
+            }
+            // A short read: the loader is shared, and the next probe comes anyway.
+            let deadline = now + self.node.settings.load_timeout.min(Duration::from_secs(1));
+            let request =
+                LoadRequest { paper: paper_id.clone(), purpose: LoadPurpose::Probe, loop_index: self.index, deadline };
+            if let Some(stored) = self.store.load(request) {
+                self.on_probed(&paper_id, super::session::paper_from_store(stored));
+            }
+            let next = (backoff * 2).min(PROBE_MAX);
+            self.probes.push((now + backoff, next, paper_id));
         }
     }
 }
+
+/// The first wait before a failed paper is read again, and the longest.
+const PROBE_FIRST: Duration = Duration::from_millis(500);
+const PROBE_MAX: Duration = Duration::from_secs(30);
 
 /// A note as the store writes it.
 pub fn note_to_store(note: &Note) -> NoteValue {

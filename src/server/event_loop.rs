@@ -63,6 +63,8 @@ pub struct EventLoop {
     pub(super) stopping: Option<Stopping>,
     pub(super) next_eviction: Instant,
     pub(super) next_ping: Instant,
+    /// Papers Redis refused to write: when to read each again, and the wait after.
+    pub(super) probes: Vec<(Instant, Duration, Arc<str>)>,
 }
 
 impl EventLoop {
@@ -95,6 +97,7 @@ impl EventLoop {
             stopping: None,
             next_eviction: now + super::timers::EVICT_EVERY,
             next_ping: now + node.settings.ping_interval,
+            probes: Vec::new(),
             node,
         })
     }
@@ -198,9 +201,13 @@ impl EventLoop {
             match msg {
                 InboxMsg::Adopt(adopted) => self.adopt(adopted),
                 InboxMsg::Store(StoreEvent::Written(written)) => self.on_written(written),
-                InboxMsg::Store(StoreEvent::Loaded { paper, attempt, stored }) => {
-                    self.on_loaded(&paper, attempt, stored)
+                InboxMsg::Store(StoreEvent::Loaded { paper, purpose, stored }) => {
+                    self.on_loaded(&paper, purpose, stored)
                 }
+                InboxMsg::Store(StoreEvent::Sealed { paper, by, notes, origin }) => {
+                    self.on_sealed(&paper, &by, &notes, origin.is_some())
+                }
+                InboxMsg::Store(StoreEvent::Failed { paper, error }) => self.on_failed(&paper, error),
                 InboxMsg::Store(StoreEvent::Relayed { paper, node, message }) => self.on_relayed(&paper, node, message),
                 InboxMsg::Store(StoreEvent::NodeGone(node)) => self.node_gone(&node),
                 InboxMsg::Stop => self.stop(),

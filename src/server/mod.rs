@@ -100,6 +100,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             let (backlog, ops, pending) = Backlog::new(config.backlog_limit);
             let (loads_tx, loads_rx) = crossbeam_channel::unbounded();
             let metrics = Arc::new(WriterMetrics::default());
+            let metrics_for_loader = metrics.clone();
             let relay_healthy = config.cluster.then(|| Arc::new(AtomicBool::new(false)));
             let status = StoreStatus {
                 writer: metrics.clone(),
@@ -117,10 +118,11 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
                 give_up_at.clone(),
             );
             writer = writer.waiting_for_replicas(config.redis_wait_replicas);
-            let mut loader = Loader::new(target.endpoint(), loads_rx, reports.clone());
+            let mut loader = Loader::new(target.endpoint(), loads_rx, reports.clone(), metrics_for_loader);
             let loads = match relay_healthy {
                 Some(healthy) => {
                     loader = loader.with_presence(&node_id);
+                    writer = writer.relaying_as(&node_id);
                     let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
                     let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, reports.clone(), healthy);
                     relay_thread =

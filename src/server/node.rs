@@ -80,6 +80,8 @@ pub struct Node {
     per_address: Mutex<HashMap<IpAddr, usize>>,
     max_per_address: usize,
     trusted_proxies: Vec<(IpAddr, u8)>,
+    /// Papers Redis refuses to write, with its error (for `/readyz` and the log).
+    failing: Mutex<std::collections::BTreeMap<Arc<str>, String>>,
 }
 
 impl Node {
@@ -101,6 +103,7 @@ impl Node {
             per_address: Mutex::new(HashMap::new()),
             max_per_address: config.max_connections_per_address,
             trusted_proxies: config.trusted_proxies.iter().filter_map(|p| parse_cidr(p)).collect(),
+            failing: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -158,6 +161,15 @@ impl Node {
         }
     }
 
+    /// A paper Redis refuses to write (`Some(error)`), or that it takes again.
+    pub fn paper_failing(&self, paper: &Arc<str>, error: Option<&str>) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            Some(error) => failing.insert(paper.clone(), error.to_string()),
+            None => failing.remove(paper),
+        };
+    }
+
     /// `GET /readyz`: `None` when ready, else why not.
     pub fn unready_reason(&self) -> Option<&'static str> {
         let store = self.store.as_ref()?;
@@ -171,6 +183,13 @@ impl Node {
             return Some("relay canary not received");
         }
         None
+    }
+
+    /// What `/readyz` adds while the node serves: papers Redis refuses to write.
+    /// They do not make the node unready (Redis answers, other papers go on).
+    pub fn failing_papers(&self) -> String {
+        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        failing.iter().map(|(paper, error)| format!("; paper {paper} cannot be written: {error}")).collect()
     }
 
     /// `GET /metrics`.

@@ -16,7 +16,7 @@ use crate::paper::registry::Lookup;
 use crate::paper::{Member, StoredPaper};
 use crate::protocol::{self, CloseReason, ErrorCode, Refusal};
 use crate::rate::{TokenBucket, Verdict};
-use crate::store::{self, LoadRequest, Presence};
+use crate::store::{self, LoadPurpose, LoadRequest, Presence};
 
 /// How long a closing session may take to answer the close frame and drain.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -73,21 +73,25 @@ impl EventLoop {
             Lookup::Ready => self.paper_ready(key),
             Lookup::Waiting => {}
             Lookup::StartLoad(attempt) => {
-                let request = LoadRequest { paper: paper.clone(), attempt, loop_index: self.index, deadline };
+                let purpose = LoadPurpose::Join(attempt);
+                let request = LoadRequest { paper: paper.clone(), purpose, loop_index: self.index, deadline };
                 if let Some(stored) = self.store.load(request) {
-                    self.on_loaded(&paper, attempt, stored);
+                    self.on_loaded(&paper, purpose, stored);
                 }
             }
         }
     }
 
-    /// A paper read from storage: the joiners it was read for join, or (attempt
-    /// 0) what another node changed while the relay was away is merged.
-    pub(super) fn on_loaded(&mut self, paper: &Arc<str>, attempt: u64, stored: store::StoredPaper) {
+    /// A paper read from storage: the joiners it was read for join, what another
+    /// node changed while the relay was away is merged, or a paper Redis refused
+    /// to write is taken back.
+    pub(super) fn on_loaded(&mut self, paper: &Arc<str>, purpose: LoadPurpose, stored: store::StoredPaper) {
         let stored = paper_from_store(stored);
-        if attempt == 0 {
-            return self.merge_stored(paper, stored);
-        }
+        let attempt = match purpose {
+            LoadPurpose::Join(attempt) => attempt,
+            LoadPurpose::Merge => return self.merge_stored(paper, stored),
+            LoadPurpose::Probe => return self.on_probed(paper, stored),
+        };
         let Some((waiters, relayed)) = self.papers.finish_load(paper, attempt, stored, &mut self.clock) else {
             return;
         };
@@ -279,7 +283,7 @@ pub enum Relaying {
 }
 
 /// A paper as the store read it, in the paper module's terms.
-fn paper_from_store(stored: store::StoredPaper) -> StoredPaper {
+pub(super) fn paper_from_store(stored: store::StoredPaper) -> StoredPaper {
     StoredPaper {
         notes: stored.notes.into_iter().map(|(id, n)| (id, super::edits::note_from_store(n))).collect(),
         completed_by: stored.completed_by,

@@ -33,6 +33,9 @@ impl EventLoop {
             self.drain(now);
         }
         self.expire_loads(now);
+        if !self.probes.is_empty() {
+            self.run_probes(now);
+        }
         if now >= self.next_ping {
             self.next_ping = now + self.node.settings.ping_interval;
             self.ping_or_close_idle(now);

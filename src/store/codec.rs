@@ -9,9 +9,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{NoteValue, StoredPaper};
+use crate::protocol::{is_valid_id, MAX_VERSION};
 
-/// A Redis hash as its field/value pairs.
-pub type Hash = Vec<(String, String)>;
+/// A Redis hash as its field/value pairs, as bytes: a value that is not UTF-8
+/// must cost one note, not the whole paper.
+pub type Hash = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The value of a note in Redis: `{"author","data","v"}`, or `{"deleted":true,"v"}`
 /// for a deleted one; with several nodes, `"node"` (the writer, for ties) comes
@@ -53,28 +55,47 @@ struct StoredNote<'a> {
     v: u64,
 }
 
-/// Builds a paper from its two hashes. A value this server cannot have written is
-/// skipped with an error, rather than stopping every session of the paper.
-pub fn parse_paper(paper: &str, notes: Hash, meta: Hash) -> StoredPaper {
+/// Builds a paper from its two hashes. A value this server cannot have written
+/// (not UTF-8, not a JSON note, a version outside [1, 2^53)) is skipped with a
+/// warning and counted, rather than stopping every session of the paper; the
+/// write script treats the same values as absent (PROTOCOL.md 2, 1.1).
+/// Returns the paper and how many values were skipped.
+pub fn parse_paper(paper: &str, notes: Hash, meta: Hash) -> (StoredPaper, u64) {
     let mut stored = StoredPaper::default();
+    let mut skipped = 0;
     for (id, value) in notes {
-        match serde_json::from_str::<StoredNote>(&value) {
-            Ok(note) if note.deleted => stored.notes.push((
-                id,
-                NoteValue { author: Arc::from(note.author), data: None, v: note.v, node: Arc::from(note.node) },
-            )),
-            Ok(StoredNote { author, data: Some(data), v, node, .. }) if data.get().starts_with('{') => {
-                let data = Some(Arc::from(data.get()));
-                stored.notes.push((id, NoteValue { author: Arc::from(author), data, v, node: Arc::from(node) }))
+        match (String::from_utf8(id), read_note(&value)) {
+            (Ok(id), Some(note)) if is_valid_id(&id) => stored.notes.push((id, note)),
+            (id, _) => {
+                skipped += 1;
+                let id = id.unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                log::warn!(
+                    "skipping note {id:?} of paper {paper}: unreadable stored value {:?}",
+                    String::from_utf8_lossy(&value)
+                );
             }
-            _ => log::error!("skipping note {id} of paper {paper}: unreadable stored value {value:?}"),
         }
     }
-    let field = |name: &str| meta.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    if field("completed") == Some("1") {
-        stored.completed_by = Some(field("completed_by").unwrap_or_default().to_string());
+    let field = |name: &str| meta.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice());
+    if field("completed") == Some(b"1") {
+        stored.completed_by = Some(String::from_utf8_lossy(field("completed_by").unwrap_or_default()).into_owned());
     }
-    stored
+    (stored, skipped)
+}
+
+/// A stored note value, if it is one this server can read.
+pub fn read_note(value: &[u8]) -> Option<NoteValue> {
+    let value = std::str::from_utf8(value).ok()?;
+    let note: StoredNote = serde_json::from_str(value).ok()?;
+    if !(1..=MAX_VERSION).contains(&note.v) {
+        return None;
+    }
+    let data = match note.data {
+        _ if note.deleted => None,
+        Some(data) if data.get().starts_with('{') => Some(Arc::from(data.get())),
+        _ => return None,
+    };
+    Some(NoteValue { author: Arc::from(note.author), data, v: note.v, node: Arc::from(note.node) })
 }
 
 #[cfg(test)]
@@ -98,13 +119,35 @@ mod tests {
             ("n2".to_string(), encode_note("u2", None, "b", 9)),
             ("bad".to_string(), "not json".to_string()),
         ];
-        let meta = vec![("completed".to_string(), "1".to_string()), ("completed_by".to_string(), "u1".to_string())];
-        let stored = parse_paper("p1", notes, meta);
+        let notes = notes.into_iter().map(|(k, v)| (k.into_bytes(), v.into_bytes())).collect();
+        let meta = vec![(b"completed".to_vec(), b"1".to_vec()), (b"completed_by".to_vec(), b"u1".to_vec())];
+        let (stored, skipped) = parse_paper("p1", notes, meta);
+        assert_eq!(skipped, 1);
         assert_eq!(stored.notes.len(), 2);
         assert_eq!(stored.notes[0].1.data.as_deref(), Some(r#"{"text":"hi"}"#));
         assert_eq!(stored.notes[0].1.v, 7);
         assert_eq!(stored.notes[1].1.data, None);
         assert_eq!(&*stored.notes[1].1.node, "b");
         assert_eq!(stored.completed_by.as_deref(), Some("u1"));
+    }
+
+    #[test]
+    fn foreign_values_are_skipped_by_the_rules_of_protocol_2() {
+        let read = |s: &[u8]| read_note(s).map(|n| n.v);
+        assert_eq!(read(br#"{"author":"a","data":{},"v":9007199254740991}"#), Some(MAX_VERSION));
+        for bad in [
+            &br#"{"author":"a","data":{},"v":9007199254740992}"#[..],
+            br#"{"author":"a","data":{},"v":18446744073709551615}"#,
+            br#"{"author":"a","data":{},"v":0}"#,
+            br#"{"author":"a","data":{},"v":-1}"#,
+            br#"{"author":"a","data":{},"v":1.5}"#,
+            br#"{"author":"a","data":{},"v":"x"}"#,
+            br#"{"author":"a","data":[1],"v":5}"#,
+            b"{\"author\":\"a\",\"data\":{\"t\":\"\xff\"},\"v\":5}",
+            b"not json",
+        ] {
+            assert_eq!(read(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(read(br#"{"deleted":true,"node":"b","v":3}"#), Some(3));
     }
 }

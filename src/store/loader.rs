@@ -1,6 +1,7 @@
 //! The loader thread: reads papers from Redis for the loops that asked, retrying
 //! until the joiners' deadline, so that a loop never waits on Redis.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,8 +12,10 @@ use serde::Deserialize;
 use super::codec::{parse_paper, Hash};
 use super::endpoint::Endpoint;
 use super::{keys, LoadRequest, Loops, PresenceMember, StoreEvent, StoredPaper};
+use crate::metrics::WriterMetrics;
 
 pub struct Loader {
+    metrics: Arc<WriterMetrics>,
     /// With `--cluster`: this node, whose own entries in presence hashes are stale.
     presence_of_others: Option<String>,
     endpoint: Endpoint,
@@ -22,8 +25,13 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(endpoint: Endpoint, requests: Receiver<LoadRequest>, loops: Arc<dyn Loops>) -> Self {
-        Loader { presence_of_others: None, endpoint, conn: None, requests, loops }
+    pub fn new(
+        endpoint: Endpoint,
+        requests: Receiver<LoadRequest>,
+        loops: Arc<dyn Loops>,
+        metrics: Arc<WriterMetrics>,
+    ) -> Self {
+        Loader { metrics, presence_of_others: None, endpoint, conn: None, requests, loops }
     }
 
     /// With `--cluster`: also read who is on the paper on other live nodes.
@@ -36,7 +44,7 @@ impl Loader {
     pub fn run(mut self) {
         while let Ok(request) = self.requests.recv() {
             if let Some(stored) = self.read_until(&request.paper, request.deadline) {
-                let event = StoreEvent::Loaded { paper: request.paper, attempt: request.attempt, stored };
+                let event = StoreEvent::Loaded { paper: request.paper, purpose: request.purpose, stored };
                 self.loops.report(request.loop_index, event);
             }
         }
@@ -52,9 +60,15 @@ impl Loader {
             }
             match self.read(paper) {
                 Ok(stored) => return Some(stored),
-                Err(e) => {
+                Err(e) if super::is_transient(&e) => {
                     self.conn = None;
                     log::warn!("cannot read paper {paper} from Redis: {e}");
+                }
+                // Retrying cannot cure it (a key of the wrong type): the joiners are
+                // sent away at their deadline, and the loader serves other papers.
+                Err(e) => {
+                    log::warn!("cannot read paper {paper} from Redis: {e}");
+                    return None;
                 }
             }
             std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
@@ -65,11 +79,16 @@ impl Loader {
     fn read(&mut self, paper: &str) -> redis::RedisResult<StoredPaper> {
         let conn = match &mut self.conn {
             Some(conn) => conn,
-            None => self.conn.insert(self.endpoint.connect()?),
+            None => {
+                let mut conn = self.endpoint.connect()?;
+                redis::cmd("CLIENT").arg("SETNAME").arg("rp-loader").exec(&mut conn)?;
+                self.conn.insert(conn)
+            }
         };
         let (notes, meta): (Hash, Hash) =
             redis::pipe().cmd("HGETALL").arg(keys::notes(paper)).cmd("HGETALL").arg(keys::meta(paper)).query(conn)?;
-        let mut stored = parse_paper(paper, notes, meta);
+        let (mut stored, skipped) = parse_paper(paper, notes, meta);
+        self.metrics.corrupt_values.fetch_add(skipped, Ordering::Relaxed);
         if let Some(own) = &self.presence_of_others {
             let entries: Hash = redis::cmd("HGETALL").arg(keys::members(paper)).query(conn)?;
             stored.remote_members = live_members(conn, own, entries)?;
@@ -90,7 +109,9 @@ struct PresenceEntry {
 fn live_members(conn: &mut Connection, own: &str, entries: Hash) -> redis::RedisResult<Vec<PresenceMember>> {
     let parsed: Vec<(String, PresenceEntry)> = entries
         .into_iter()
-        .filter_map(|(id, json)| Some((id, serde_json::from_str::<PresenceEntry>(&json).ok()?)))
+        .filter_map(|(id, json)| {
+            Some((String::from_utf8(id).ok()?, serde_json::from_slice::<PresenceEntry>(&json).ok()?))
+        })
         .filter(|(_, e)| e.node != own)
         .collect();
     let mut nodes: Vec<&str> = parsed.iter().map(|(_, e)| e.node.as_str()).collect();

@@ -44,14 +44,47 @@ pub struct StoredPaper {
     pub remote_members: Vec<PresenceMember>,
 }
 
+/// Whether retrying can cure a failed write: the connection, a server loading
+/// or busy, a failover in progress, memory, a flushed script cache. Anything
+/// else (a key of the wrong type, a script error) fails only that paper.
+pub fn is_transient(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.code(),
+            Some(
+                "LOADING"
+                    | "BUSY"
+                    | "READONLY"
+                    | "MASTERDOWN"
+                    | "TRYAGAIN"
+                    | "CLUSTERDOWN"
+                    | "OOM"
+                    | "NOSCRIPT"
+                    | "MISCONF"
+                    | "NOREPLICAS"
+                    | "MOVED"
+                    | "ASK"
+            )
+        )
+}
+
 /// What the store threads report to an event loop.
 #[derive(Debug)]
 pub enum StoreEvent {
-    /// Edits of the loop's sessions that are now in Redis.
+    /// What became of ops of the loop's sessions, in the order they were made.
     Written(Vec<Written>),
-    /// A paper read from Redis, for the joiners of read `attempt` (0: read again
-    /// after the relay's subscription was rebuilt, to merge what was missed).
-    Loaded { paper: Arc<str>, attempt: u64, stored: StoredPaper },
+    /// A paper read from Redis, for the purpose it was asked for.
+    Loaded { paper: Arc<str>, purpose: LoadPurpose, stored: StoredPaper },
+    /// A paper is sealed in Redis: `notes` is the JSON array of its notes exactly
+    /// as handed to the main backend. `origin` is the completer, when it is on
+    /// this node and the seal is its own.
+    Sealed { paper: Arc<str>, by: String, notes: String, origin: Option<Origin> },
+    /// Redis refused a paper's writes for good (an error that retrying cannot
+    /// cure); the error as Redis said it.
+    Failed { paper: Arc<str>, error: String },
     /// A message another node published on a paper the loop owns: the JSON its
     /// members were sent.
     Relayed { paper: Arc<str>, node: Arc<str>, message: String },
@@ -84,9 +117,17 @@ pub struct Origin {
 #[derive(Debug)]
 pub enum Op {
     /// Write one note (or its tombstone) if it advances the stored version.
-    Note { paper: Arc<str>, id: Arc<str>, note: NoteValue, origin: Origin, relay: Option<Box<str>> },
-    /// Seal the paper, hand its snapshot to the main backend, start its retention.
-    Complete { paper: Arc<str>, by: Arc<str>, snapshot: String, origin: Origin, relay: Option<Box<str>> },
+    Note {
+        paper: Arc<str>,
+        id: Arc<str>,
+        note: NoteValue,
+        origin: Origin,
+        reference: Option<Box<str>>,
+        relay: Option<Box<str>>,
+    },
+    /// Seal the paper as Redis holds it, hand that snapshot to the main backend
+    /// and (with `--cluster`) to the other nodes, start its retention.
+    Complete { paper: Arc<str>, by: Arc<str>, origin: Origin, reference: Option<Box<str>> },
     /// Only relayed: a join or leave (with the paper's presence entry to set or
     /// remove) or a cursor. Never acknowledged.
     Relay { paper: Arc<str>, presence: Option<Presence>, relay: Box<str> },
@@ -110,28 +151,44 @@ impl Op {
 
     pub fn relay(&self) -> Option<&str> {
         match self {
-            Op::Note { relay, .. } | Op::Complete { relay, .. } => relay.as_deref(),
+            Op::Note { relay, .. } => relay.as_deref(),
+            Op::Complete { .. } => None,
             Op::Relay { relay, .. } => Some(relay),
         }
     }
 
-    /// Who to tell once it is written, and the version a `saved` confirms (0 for
-    /// a completion); `None` for what is only relayed.
-    pub fn written(&self) -> Option<(Origin, u64)> {
-        match self {
-            Op::Note { origin, note, .. } => Some((*origin, note.v)),
-            Op::Complete { origin, .. } => Some((*origin, 0)),
-            Op::Relay { .. } => None,
-        }
+    /// The report of this op's outcome; `None` for what is only relayed.
+    pub fn report(&self, outcome: Outcome) -> Option<Written> {
+        let (paper, origin, v, reference) = match self {
+            Op::Note { paper, origin, note, reference, .. } => (paper, origin, note.v, reference),
+            Op::Complete { paper, origin, reference, .. } => (paper, origin, 0, reference),
+            Op::Relay { .. } => return None,
+        };
+        Some(Written { paper: paper.clone(), origin: *origin, v, reference: reference.clone(), outcome })
     }
 }
 
-/// An op now in Redis, reported back to the loop that made it.
+/// What Redis did with an op (PROTOCOL.md 3.1, 1.1: what `saved` means).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied, or Redis holds a later version of the same note: `saved`.
+    Saved,
+    /// The paper was sealed first: `paper_completed`.
+    Sealed,
+    /// Refused for good: `write_failed`.
+    Failed,
+}
+
+/// An op's outcome, reported back to the loop that made it.
 #[derive(Debug, Clone)]
 pub struct Written {
     pub paper: Arc<str>,
     pub origin: Origin,
+    /// The version a `saved` confirms (0 for a completion).
     pub v: u64,
+    /// The raw JSON string of the edit's `ref`, for an error.
+    pub reference: Option<Box<str>>,
+    pub outcome: Outcome,
 }
 
 /// An op in the backlog, with when it was accepted (for the write-behind latency).
@@ -196,11 +253,22 @@ impl Backlog {
     }
 }
 
+/// Why a paper is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPurpose {
+    /// For the joiners (and readers) of this read attempt.
+    Join(u64),
+    /// Again, after the relay's subscription was rebuilt: merge what was missed.
+    Merge,
+    /// To see whether a paper Redis refused to write is readable again.
+    Probe,
+}
+
 /// A loop's request to read a paper.
 #[derive(Debug)]
 pub struct LoadRequest {
     pub paper: Arc<str>,
-    pub attempt: u64,
+    pub purpose: LoadPurpose,
     pub loop_index: usize,
     /// The joiners are sent away at this instant; reading after it is wasted.
     pub deadline: Instant,

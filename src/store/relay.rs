@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, Sender};
 use redis::Connection;
 
 use super::endpoint::{Endpoint, IO_TIMEOUT};
-use super::{keys, LoadRequest, Loops, StoreEvent};
+use super::{keys, LoadPurpose, LoadRequest, Loops, StoreEvent};
 
 /// How long a wait for a message lasts before commands from the loops are looked at.
 const POLL: Duration = Duration::from_millis(20);
@@ -160,7 +160,9 @@ impl Relay {
             for paper in &self.papers {
                 let owner = self.loops.owner_of(paper);
                 let deadline = Instant::now() + IO_TIMEOUT;
-                let _ = self.loads.send(LoadRequest { paper: paper.clone(), attempt: 0, loop_index: owner, deadline });
+                let request =
+                    LoadRequest { paper: paper.clone(), purpose: LoadPurpose::Merge, loop_index: owner, deadline };
+                let _ = self.loads.send(request);
             }
         }
         let connected = Instant::now();

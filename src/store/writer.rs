@@ -12,7 +12,7 @@ use redis::{Connection, Script, Value};
 
 use super::codec::encode_note;
 use super::endpoint::Endpoint;
-use super::{keys, Loops, Op, Queued, StoreEvent, Written};
+use super::{is_transient, keys, Loops, Op, Outcome, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
 
 /// Ops taken from the backlog for one pipeline.
@@ -20,47 +20,143 @@ const MAX_BATCH: usize = 2048;
 /// How often a Redis outage is reported while it lasts.
 const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Lua shared by the scripts: whether a stored value is one the loader reads
+/// (`codec::read_note`: UTF-8, a JSON note, `v` in [1, 2^53), `data` an object),
+/// and its version and node. A value the loader skips counts as absent, so that
+/// a new write replaces it instead of being swallowed by it.
+const READABLE: &str = r#"
+local function valid_utf8(s)
+  if not string.find(s, '[\128-\255]') then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    if c < 0x80 then
+      i = i + 1
+    else
+      local len, lo, hi = 0, 0x80, 0xBF
+      if c >= 0xC2 and c <= 0xDF then len = 2
+      elseif c >= 0xE0 and c <= 0xEF then
+        len = 3
+        if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
+      elseif c >= 0xF0 and c <= 0xF4 then
+        len = 4
+        if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+      else return false end
+      if i + len - 1 > n then return false end
+      local second = string.byte(s, i + 1)
+      if second < lo or second > hi then return false end
+      for j = i + 2, i + len - 1 do
+        local cc = string.byte(s, j)
+        if cc < 0x80 or cc > 0xBF then return false end
+      end
+      i = i + len
+    end
+  end
+  return true
+end
+
+local function readable(value)
+  local v = tonumber(string.match(value, '"v":(%d+)}$'))
+  if not v or v < 1 or v > 9007199254740991 then return nil end
+  local ok, note = pcall(cjson.decode, value)
+  if not ok or type(note) ~= 'table' or note.v ~= v then return nil end
+  if note.deleted ~= nil and type(note.deleted) ~= 'boolean' then return nil end
+  if note.author ~= nil and type(note.author) ~= 'string' then return nil end
+  if note.deleted ~= true then
+    local data = note.data
+    if type(data) ~= 'table' then return nil end
+    if next(data) == nil then
+      if not string.find(value, '"data":{}', 1, true) then return nil end
+    elseif data[1] ~= nil then
+      return nil
+    end
+  end
+  if not valid_utf8(value) then return nil end
+  return v, string.match(value, '"node":"([%w_%-]*)","v":%d+}$') or ''
+end
+"#;
+
 /// Writes notes of one paper, each only if it advances the stored version (ties
 /// to the greater node id), so that a resent batch or a late write from another
-/// node never goes back in time. The version and node are read from the end of
-/// the stored value (`codec::encode_note` puts them last; node ids are
-/// `[A-Za-z0-9_-]`). ARGV: now_ms, then (id, value, v, node) quadruples.
+/// node never goes back in time; what it applies it publishes to the other
+/// nodes (so that they never show an edit Redis refused). ARGV: now_ms, the
+/// channel (empty without `--cluster`), then (id, value, v, node, relay)
+/// quintuples. Returns one code per note: 1 applied, 2 superseded (Redis holds
+/// a later version, or this one), 3 refused because the paper is sealed.
 const WRITE_NOTES: &str = r#"
 local notes, meta = KEYS[1], KEYS[2]
+local out = {}
 -- A sealed paper's notes are what its stream entry says: late writes stay out.
-if redis.call('HGET', meta, 'completed') == '1' then return 0 end
-for i = 2, #ARGV, 4 do
-  local current = redis.call('HGET', notes, ARGV[i])
-  local v, node = tonumber(ARGV[i + 2]), ARGV[i + 3]
-  local newer = true
+if redis.call('HGET', meta, 'completed') == '1' then
+  for i = 3, #ARGV, 5 do out[#out + 1] = 3 end
+  return out
+end
+local channel = ARGV[2]
+for i = 3, #ARGV, 5 do
+  local id, v, node = ARGV[i], tonumber(ARGV[i + 2]), ARGV[i + 3]
+  local code = 1
+  local current = redis.call('HGET', notes, id)
   if current then
-    local stored_v = tonumber(string.match(current, '"v":(%d+)}$')) or -1
-    local stored_node = string.match(current, '"node":"([%w_%-]*)","v":%d+}$') or ''
-    newer = stored_v < v or (stored_v == v and stored_node < node)
+    -- The end of the value says which is newer; only a stored value that looks
+    -- newer is read whole, to check that it counts.
+    local tail_v = tonumber(string.match(current, '"v":(%d+)}$'))
+    local tail_node = string.match(current, '"node":"([%w_%-]*)","v":%d+}$') or ''
+    if tail_v and (tail_v > v or (tail_v == v and tail_node >= node)) then
+      local stored_v, stored_node = readable(current)
+      if stored_v and (stored_v > v or (stored_v == v and stored_node >= node)) then code = 2 end
+    end
   end
-  if newer then
-    redis.call('HSET', notes, ARGV[i], ARGV[i + 1])
+  if code == 1 then
+    redis.call('HSET', notes, id, ARGV[i + 1])
+    if channel ~= '' and ARGV[i + 4] ~= '' then redis.call('PUBLISH', channel, ARGV[i + 4]) end
   end
+  out[#out + 1] = code
 end
 redis.call('HSETNX', meta, 'created_ms', ARGV[1])
 redis.call('HSETNX', meta, 'completed', '0')
 redis.call('HSET', meta, 'updated_ms', ARGV[1])
-return 0
+return out
 "#;
 
-/// Seals a paper once: marks it completed, adds its one stream entry, and starts
-/// the retention of its keys. Run again (a resent batch), it adds nothing.
-/// ARGV: paper, by, snapshot, now_ms, retention seconds.
+/// Seals a paper once, as Redis holds it: the snapshot is built here from the
+/// notes hash, so that the stream entry and the hash never disagree. Marks it
+/// completed, adds its one stream entry, publishes `completed` with the notes
+/// to the other nodes (when a channel is given), and starts the retention of its
+/// keys. Run again (a resent batch, or a paper sealed by another node), it adds
+/// nothing. ARGV: paper, by, now_ms, retention seconds, channel (or empty), relay
+/// prefix. Returns the notes JSON array and who completed the paper.
 const COMPLETE: &str = r#"
 local notes, meta, stream = KEYS[1], KEYS[2], KEYS[3]
-if redis.call('HGET', meta, 'completed') ~= '1' then
-  redis.call('HSET', meta, 'completed', '1', 'completed_by', ARGV[2], 'updated_ms', ARGV[4])
-  redis.call('HSETNX', meta, 'created_ms', ARGV[4])
-  redis.call('XADD', stream, '*', 'paper', ARGV[1], 'snapshot', ARGV[3])
+local paper, by, now, retention, channel, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local live = {}
+local all = redis.call('HGETALL', notes)
+for i = 1, #all, 2 do
+  local id, value = all[i], all[i + 1]
+  if #id <= 64 and string.match(id, '^[%w_%-]+$') and readable(value) then
+    local author, data, v = string.match(value, '^{"author":(".-"),"data":(.*),"node":"[%w_%-]*","v":(%d+)}$')
+    if not author then author, data, v = string.match(value, '^{"author":(".-"),"data":(.*),"v":(%d+)}$') end
+    if author then
+      live[#live + 1] = {tonumber(v), '{"id":"' .. id .. '","author":' .. author .. ',"data":' .. data .. ',"v":' .. v .. '}'}
+    end
+  end
 end
-redis.call('EXPIRE', notes, ARGV[5])
-redis.call('EXPIRE', meta, ARGV[5])
-return 0
+table.sort(live, function(a, b) return a[1] < b[1] end)
+local parts = {}
+for i = 1, #live do parts[i] = live[i][2] end
+local list = '[' .. table.concat(parts, ',') .. ']'
+if redis.call('HGET', meta, 'completed') ~= '1' then
+  redis.call('HSET', meta, 'completed', '1', 'completed_by', by, 'updated_ms', now)
+  redis.call('HSETNX', meta, 'created_ms', now)
+  redis.call('XADD', stream, '*', 'paper', paper, 'snapshot', '{"paper":"' .. paper .. '","completed":true,"notes":' .. list .. '}')
+  if channel ~= '' then
+    redis.call('PUBLISH', channel, prefix .. '{"type":"completed","by":' .. cjson.encode(by) .. ',"notes":' .. list .. '}')
+  end
+else
+  by = redis.call('HGET', meta, 'completed_by') or by
+end
+redis.call('EXPIRE', notes, retention)
+redis.call('EXPIRE', meta, retention)
+return {list, by}
 "#;
 
 pub struct Writer {
@@ -78,6 +174,8 @@ pub struct Writer {
     write_notes: Script,
     complete: Script,
     outage: Option<Outage>,
+    /// With `--cluster`: this node's id, which prefixes what it relays.
+    node: Option<String>,
 }
 
 /// How long `WAIT` may wait for replicas before the batch is sent again.
@@ -108,10 +206,17 @@ impl Writer {
             loops,
             retention_secs,
             give_up_at,
-            write_notes: Script::new(WRITE_NOTES),
-            complete: Script::new(COMPLETE),
+            write_notes: Script::new(&format!("{READABLE}{WRITE_NOTES}")),
+            complete: Script::new(&format!("{READABLE}{COMPLETE}")),
             outage: None,
+            node: None,
         }
+    }
+
+    /// With `--cluster`: what the writer applies, it publishes to the other nodes.
+    pub fn relaying_as(mut self, node: &str) -> Self {
+        self.node = Some(node.to_string());
+        self
     }
 
     /// With `--redis-wait-replicas N` (N >= 1), a batch counts as written only once
@@ -141,12 +246,12 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if !self.write_until_done(&batch) {
+            let Some(outcomes) = self.write_until_done(&batch) else {
                 let lost = batch.len() + self.ops.len();
-                log::error!("stopping with Redis unreachable: {lost} edits were not written");
+                log::error!("stopping with Redis unreachable: {lost} ops were not written");
                 return lost;
-            }
-            self.acknowledge(&mut batch);
+            };
+            self.acknowledge(&mut batch, outcomes);
         }
     }
 
@@ -157,24 +262,33 @@ impl Writer {
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => {
-                self.metrics.redis_up.store(true, Ordering::Relaxed);
-                if let Some(outage) = self.outage.take() {
-                    log::info!("Redis is back after {:.1}s", outage.since.elapsed().as_secs_f64());
-                }
-            }
-            Err(e) => {
-                self.conn = None;
-                self.metrics.redis_up.store(false, Ordering::Relaxed);
-                self.report_outage(&e);
-            }
+            Ok(()) => self.redis_is_up(),
+            Err(e) => self.redis_is_down(&e),
         }
+    }
+
+    fn redis_is_up(&mut self) {
+        self.metrics.redis_up.store(true, Ordering::Relaxed);
+        if let Some(outage) = self.outage.take() {
+            log::info!(
+                "Redis is back after {:.1}s; backlog: {} ops",
+                outage.since.elapsed().as_secs_f64(),
+                self.pending.load(Ordering::Acquire)
+            );
+        }
+    }
+
+    fn redis_is_down(&mut self, e: &redis::RedisError) {
+        self.conn = None;
+        self.metrics.redis_up.store(false, Ordering::Relaxed);
+        self.report_outage(e);
     }
 
     /// The connection, opened (with the scripts loaded) if there is none.
     fn connection(&mut self) -> redis::RedisResult<&mut Connection> {
         if self.conn.is_none() {
             let mut conn = self.endpoint.connect()?;
+            redis::cmd("CLIENT").arg("SETNAME").arg("rp-writer").exec(&mut conn)?;
             self.write_notes.load(&mut conn)?;
             self.complete.load(&mut conn)?;
             bump(&self.metrics.reconnects, 1);
@@ -183,37 +297,31 @@ impl Writer {
         Ok(self.conn.as_mut().expect("just set"))
     }
 
-    /// Sends the batch until Redis takes it; false when the server is stopping and
-    /// its time to flush is up.
-    fn write_until_done(&mut self, batch: &[Queued]) -> bool {
-        let (pipeline, commands) = self.pipeline(batch);
+    /// Sends the batch until every op has an outcome: a paper whose writes Redis
+    /// refuses for good fails alone, at once; what failed for a reason retrying
+    /// can cure is sent again (writes are idempotent by version). `None` when the
+    /// server is stopping and its time to flush is up.
+    fn write_until_done(&mut self, batch: &[Queued]) -> Option<Vec<Reported>> {
+        let mut outcomes: Vec<Option<Reported>> = vec![None; batch.len()];
         let mut backoff = Duration::from_millis(50);
         loop {
             let oldest = batch.first().map_or(Duration::ZERO, |q| q.at.elapsed());
             self.metrics.oldest_age_ms.store(oldest.as_millis() as u64, Ordering::Relaxed);
-            match self.try_write(&pipeline) {
-                Ok(()) => {
-                    self.metrics.redis_up.store(true, Ordering::Relaxed);
+            match self.try_write(batch, &mut outcomes) {
+                Ok(()) if outcomes.iter().all(Option::is_some) => {
+                    self.redis_is_up();
                     bump(&self.metrics.batches, 1);
-                    bump(&self.metrics.commands, commands);
-                    if let Some(outage) = self.outage.take() {
-                        log::info!(
-                            "Redis is back after {:.1}s; backlog: {} edits",
-                            outage.since.elapsed().as_secs_f64(),
-                            self.pending.load(Ordering::Acquire)
-                        );
-                    }
-                    return true;
+                    return Some(outcomes.into_iter().map(|o| o.expect("checked")).collect());
                 }
+                // Some papers must be sent again; Redis itself answers.
+                Ok(()) => bump(&self.metrics.errors, 1),
                 Err(e) => {
-                    self.conn = None;
-                    self.metrics.redis_up.store(false, Ordering::Relaxed);
                     bump(&self.metrics.errors, 1);
-                    self.report_outage(&e);
+                    self.redis_is_down(&e);
                 }
             }
             if self.give_up_at.get().is_some_and(|at| Instant::now() >= *at) {
-                return false;
+                return None;
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -225,12 +333,12 @@ impl Writer {
         let backlog = self.pending.load(Ordering::Acquire);
         match &mut self.outage {
             None => {
-                log::warn!("cannot write to Redis ({e}); edits wait in the backlog: {backlog}");
+                log::warn!("cannot write to Redis ({e}); ops wait in the backlog: {backlog}");
                 self.outage = Some(Outage { since: now, last_logged: now });
             }
             Some(outage) if now.duration_since(outage.last_logged) >= OUTAGE_LOG_EVERY => {
                 log::warn!(
-                    "Redis unreachable for {:.0}s ({e}); backlog: {backlog} edits",
+                    "Redis unreachable for {:.0}s ({e}); backlog: {backlog} ops",
                     now.duration_since(outage.since).as_secs_f64()
                 );
                 outage.last_logged = now;
@@ -239,54 +347,65 @@ impl Writer {
         }
     }
 
-    fn try_write(&mut self, pipeline: &redis::Pipeline) -> redis::RedisResult<()> {
-        let conn = self.connection()?;
-        let mut replies: Vec<redis::RedisResult<Value>> = pipeline.query(conn)?;
-        if self.wait_replicas > 0 {
-            // The pipeline ends with WAIT: the batch is written once enough replicas have it.
-            let acked = match replies.pop() {
-                Some(Ok(Value::Int(n))) => n,
-                _ => 0,
-            };
-            if acked < self.wait_replicas as i64 {
-                let detail = format!("WAIT: {acked} of {} replicas have the batch", self.wait_replicas);
-                return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
-            }
-        }
-        // Any reply that is an error fails the whole batch, which is sent again
-        // (every write in it is idempotent by version): a script cache flushed, a
-        // replica made read-only by a failover, OOM, MISCONF... Nothing counts as
-        // written, or is confirmed `saved`, before Redis took all of it; an error
-        // that lasts fills the backlog, and new edits are refused with `unavailable`.
-        match replies.into_iter().find_map(Result::err) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// One pipeline for the batch: per paper, one script call with its notes (the
-    /// last write of each note only: the earlier ones are older versions of it),
-    /// then its completion if there is one.
-    fn pipeline(&self, batch: &[Queued]) -> (redis::Pipeline, u64) {
+    /// One pipeline for the ops of `batch` still without an outcome: per paper,
+    /// one script call with its notes (the last write of each note only: the
+    /// earlier ones are older versions of it), then its completion if there is
+    /// one; then presence and relayed messages, in the order they were accepted,
+    /// so that a node reading the paper on receipt finds the writes there.
+    ///
+    /// # Errors
+    /// The connection failed, or the replicas did not take the batch: nothing
+    /// of it counts as written.
+    fn try_write(&mut self, batch: &[Queued], outcomes: &mut [Option<Reported>]) -> redis::RedisResult<()> {
         struct PaperWrites<'a> {
-            notes: HashMap<&'a str, (String, u64, &'a str)>,
-            complete: Option<(&'a str, &'a str)>,
+            paper: &'a str,
+            /// Note id -> index in `notes`.
+            index: HashMap<&'a str, usize>,
+            notes: Vec<NoteWrite<'a>>,
+            complete: Option<(usize, &'a str)>,
         }
-        let mut papers: Vec<(&str, PaperWrites)> = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::new();
-        for Queued { op, .. } in batch {
-            let at = *index.entry(op.paper()).or_insert_with(|| {
-                papers.push((op.paper(), PaperWrites { notes: HashMap::new(), complete: None }));
+        let mut papers: Vec<PaperWrites> = Vec::new();
+        let mut by_paper: HashMap<&str, usize> = HashMap::new();
+        let mut relays = Vec::new();
+        for (i, Queued { op, .. }) in batch.iter().enumerate() {
+            if outcomes[i].is_some() {
+                continue;
+            }
+            let at = *by_paper.entry(op.paper()).or_insert_with(|| {
+                papers.push(PaperWrites {
+                    paper: op.paper(),
+                    index: HashMap::new(),
+                    notes: Vec::new(),
+                    complete: None,
+                });
                 papers.len() - 1
             });
-            let writes = &mut papers[at].1;
+            let writes = &mut papers[at];
             match op {
-                Op::Note { id, note, .. } => {
+                Op::Note { id, note, relay, .. } => {
                     let value = encode_note(&note.author, note.data.as_deref(), &note.node, note.v);
-                    writes.notes.insert(id, (value, note.v, &*note.node));
+                    let relay = relay.as_deref().unwrap_or_default();
+                    match writes.index.get(&**id) {
+                        Some(&slot) => {
+                            let entry = &mut writes.notes[slot];
+                            (entry.value, entry.v, entry.node, entry.relay) = (value, note.v, &note.node, relay);
+                            entry.ops.push(i);
+                        }
+                        None => {
+                            writes.index.insert(id, writes.notes.len());
+                            writes.notes.push(NoteWrite {
+                                id,
+                                value,
+                                v: note.v,
+                                node: &note.node,
+                                relay,
+                                ops: vec![i],
+                            });
+                        }
+                    }
                 }
-                Op::Complete { by, snapshot, .. } => writes.complete = Some((by, snapshot)),
-                Op::Relay { .. } => {}
+                Op::Complete { by, .. } => writes.complete = Some((i, by)),
+                Op::Relay { .. } => relays.push(i),
             }
         }
 
@@ -294,33 +413,38 @@ impl Writer {
         let mut pipe = redis::pipe();
         let mut commands = 0;
         pipe.ignore_errors();
-        for (paper, writes) in &papers {
+        for writes in &papers {
             if !writes.notes.is_empty() {
                 commands += 1;
+                let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
                 let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(2);
-                cmd.arg(keys::notes(paper)).arg(keys::meta(paper)).arg(now);
-                for (id, (value, v, node)) in &writes.notes {
-                    cmd.arg(*id).arg(value).arg(*v).arg(*node);
+                cmd.arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper)).arg(now).arg(channel);
+                for note in &writes.notes {
+                    cmd.arg(note.id).arg(&note.value).arg(note.v).arg(note.node).arg(note.relay);
                 }
             }
-            if let Some((by, snapshot)) = writes.complete {
+            if let Some((_, by)) = writes.complete {
                 commands += 1;
+                let (channel, prefix) = match &self.node {
+                    Some(node) => (keys::channel(writes.paper), format!("{node}\n")),
+                    None => (String::new(), String::new()),
+                };
                 pipe.cmd("EVALSHA")
                     .arg(self.complete.get_hash())
                     .arg(3)
-                    .arg(keys::notes(paper))
-                    .arg(keys::meta(paper))
+                    .arg(keys::notes(writes.paper))
+                    .arg(keys::meta(writes.paper))
                     .arg(keys::COMPLETED_STREAM)
-                    .arg(*paper)
+                    .arg(writes.paper)
                     .arg(by)
-                    .arg(snapshot)
                     .arg(now)
-                    .arg(self.retention_secs);
+                    .arg(self.retention_secs)
+                    .arg(channel)
+                    .arg(prefix);
             }
         }
-        // Relayed messages go out in the order they were accepted, after the writes
-        // of this batch, so a node reading the paper on receipt finds them there.
-        for Queued { op, .. } in batch {
+        for &i in &relays {
+            let op = &batch[i].op;
             if let Op::Relay { paper, presence: Some(presence), .. } = op {
                 commands += 1;
                 match &presence.entry {
@@ -337,30 +461,175 @@ impl Writer {
             commands += 1;
             pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
         }
-        (pipe, commands)
+
+        let conn = self.connection()?;
+        let mut replies: std::vec::IntoIter<redis::RedisResult<Value>> =
+            pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter();
+        bump(&self.metrics.commands, commands);
+        if self.wait_replicas > 0 {
+            // The pipeline ends with WAIT: the batch is written once enough replicas have it.
+            let acked = match replies.as_slice().last() {
+                Some(Ok(Value::Int(n))) => *n,
+                _ => 0,
+            };
+            if acked < self.wait_replicas as i64 {
+                let detail = format!("WAIT: {acked} of {} replicas have the batch", self.wait_replicas);
+                return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
+            }
+        }
+        let mut transient = None;
+        for writes in &papers {
+            let mut failure = None;
+            if !writes.notes.is_empty() {
+                match replies.next() {
+                    Some(Ok(Value::Array(codes))) if codes.len() == writes.notes.len() => {
+                        for (NoteWrite { ops, .. }, code) in writes.notes.iter().zip(codes) {
+                            let outcome = match code {
+                                Value::Int(3) => Outcome::Sealed,
+                                _ => Outcome::Saved,
+                            };
+                            for &i in ops {
+                                outcomes[i] = Some(Reported::Op(outcome));
+                            }
+                        }
+                    }
+                    Some(Err(e)) => failure = Some(e),
+                    other => failure = Some(unexpected(other)),
+                }
+            }
+            if let Some((i, _)) = writes.complete {
+                match replies.next() {
+                    Some(Ok(Value::Array(reply))) => match (reply.first(), reply.get(1)) {
+                        (Some(Value::BulkString(notes)), Some(Value::BulkString(by))) => {
+                            let notes = String::from_utf8_lossy(notes).into_owned();
+                            let by = String::from_utf8_lossy(by).into_owned();
+                            outcomes[i] = Some(Reported::Sealed { notes, by });
+                        }
+                        _ => failure = failure.or(Some(unexpected(Some(Ok(Value::Array(reply)))))),
+                    },
+                    Some(Err(e)) => failure = failure.or(Some(e)),
+                    other => failure = failure.or(Some(unexpected(other))),
+                }
+            }
+            let Some(e) = failure else { continue };
+            if is_transient(&e) {
+                if e.code() == Some("NOSCRIPT") {
+                    // The script cache was flushed: load the scripts again.
+                    self.conn = None;
+                }
+                // Nothing of this paper counts yet; it goes again with the next try.
+                for slot in writes.notes.iter().flat_map(|n| &n.ops).chain(writes.complete.iter().map(|(i, _)| i)) {
+                    outcomes[*slot] = None;
+                }
+                transient.get_or_insert(e);
+                continue;
+            }
+            log::error!("Redis refuses the writes of paper {}: {e}", writes.paper);
+            for &slot in writes.notes.iter().flat_map(|n| &n.ops).chain(writes.complete.iter().map(|(i, _)| i)) {
+                outcomes[slot] = Some(Reported::Failed(e.to_string()));
+            }
+        }
+        for &i in &relays {
+            let op = &batch[i].op;
+            let mut failure = None;
+            if let Op::Relay { presence: Some(_), .. } = op {
+                if let Some(Err(e)) = replies.next() {
+                    failure = Some(e);
+                }
+            }
+            if let Some(Err(e)) = replies.next() {
+                failure = failure.or(Some(e));
+            }
+            match failure {
+                // Sent again with the next try (presence is idempotent).
+                Some(e) if is_transient(&e) => {
+                    transient.get_or_insert(e);
+                }
+                Some(e) => {
+                    log::warn!("cannot relay a message on paper {}: {e}", op.paper());
+                    outcomes[i] = Some(Reported::Op(Outcome::Saved));
+                }
+                None => outcomes[i] = Some(Reported::Op(Outcome::Saved)),
+            }
+        }
+        if let Some(e) = transient {
+            self.report_outage(&e);
+        }
+        Ok(())
     }
 
-    /// Tells each loop which of its edits are written, and frees their backlog room.
-    fn acknowledge(&self, batch: &mut Vec<Queued>) {
+    /// Tells each loop what became of its ops, and frees their backlog room.
+    fn acknowledge(&self, batch: &mut Vec<Queued>, outcomes: Vec<Reported>) {
         let mut per_loop: Vec<Vec<Written>> = vec![Vec::new(); self.loops.count()];
+        let mut failed_papers: Vec<(Arc<str>, usize, String)> = Vec::new();
         let count = batch.len();
-        for Queued { op, at } in batch.drain(..) {
+        for (Queued { op, at }, reported) in batch.drain(..).zip(outcomes) {
             self.metrics.write_latency(at.elapsed());
-            let Some((origin, v)) = op.written() else { continue };
-            let paper = match op {
-                Op::Note { paper, .. } | Op::Complete { paper, .. } | Op::Relay { paper, .. } => paper,
+            let outcome = match reported {
+                Reported::Op(outcome) => outcome,
+                Reported::Sealed { notes, by } => {
+                    if let Op::Complete { paper, origin, .. } = &op {
+                        let event = StoreEvent::Sealed { paper: paper.clone(), by, notes, origin: Some(*origin) };
+                        self.loops.report(origin.loop_index, event);
+                    }
+                    continue;
+                }
+                Reported::Failed(error) => {
+                    bump(&self.metrics.failed_ops, 1);
+                    if let Some(w) = op.report(Outcome::Failed) {
+                        if !failed_papers.iter().any(|(p, ..)| *p == w.paper) {
+                            failed_papers.push((w.paper.clone(), w.origin.loop_index, error));
+                        }
+                    }
+                    Outcome::Failed
+                }
             };
-            per_loop[origin.loop_index].push(Written { paper, origin, v });
+            if let Some(written) = op.report(outcome) {
+                per_loop[written.origin.loop_index].push(written);
+            }
         }
         self.pending.fetch_sub(count, Ordering::AcqRel);
         bump(&self.metrics.ops_written, count as u64);
         self.metrics.oldest_age_ms.store(0, Ordering::Relaxed);
+        for (paper, index, error) in failed_papers {
+            self.loops.report(index, StoreEvent::Failed { paper, error });
+        }
         for (index, written) in per_loop.into_iter().enumerate() {
             if !written.is_empty() {
                 self.loops.report(index, StoreEvent::Written(written));
             }
         }
     }
+}
+
+/// The last write of one note in a batch (the earlier ones are older versions
+/// of it), and every op of that note.
+struct NoteWrite<'a> {
+    id: &'a str,
+    value: String,
+    v: u64,
+    node: &'a str,
+    /// The message relayed to the other nodes if Redis applies it ("" without).
+    relay: &'a str,
+    ops: Vec<usize>,
+}
+
+/// What the writer learnt of one op.
+#[derive(Debug, Clone)]
+enum Reported {
+    Op(Outcome),
+    /// A completion: the paper as sealed.
+    Sealed {
+        notes: String,
+        by: String,
+    },
+    /// Refused for good, with Redis's error.
+    Failed(String),
+}
+
+fn unexpected(reply: Option<redis::RedisResult<Value>>) -> redis::RedisError {
+    let detail = format!("unexpected reply {reply:?}");
+    redis::RedisError::from((redis::ErrorKind::Io, "unexpected reply", detail))
 }
 
 fn now_ms() -> u64 {
