@@ -8,9 +8,11 @@ mod cluster; // 6. several nodes
 mod conformance; // RFC 6455 over raw sockets
 mod http; // 1. HTTP surface
 mod limits; // abuse: rate, caps, origins, slow and silent peers
+#[cfg(feature = "load")]
 mod load; // the load generator's smoke run
 mod notes; // 2. notes and versions
 mod operations; // 1. papers API, readiness, metrics
+mod operators; // run.sh, configuration, fail-fast Redis checks, deploy files, the load tool
 mod persistence; // 4. Redis
 mod sentinel; // 4. failover under Sentinel
 mod session; // 3. the WebSocket session
