@@ -258,7 +258,7 @@ fn environment_booleans_read_as_people_write_them() {
 
 #[test]
 fn listen_takes_localhost_or_just_a_port() {
-    let mut local = Running::start(&["--store", "memory"], &[("RP_LISTEN", "localhost:0")]);
+    let local = Running::start(&["--store", "memory"], &[("RP_LISTEN", "localhost:0")]);
     assert!(local.addr.ip().is_loopback(), "{}", local.addr);
     assert_eq!(local.get("/healthz"), 200);
     let mut every = Running::start(&["--store", "memory", "--listen", ":0"], &[]);
