@@ -90,7 +90,7 @@ fi
 # ---- build ---------------------------------------------------------------------------
 
 echo "loadtest.sh: building in release mode"
-cargo build --release --quiet --bin rollingpaper --bin rollingpaper-load
+cargo build --release --quiet --features load --bin rollingpaper --bin rollingpaper-load
 if printf '%s\n' "${scenarios[@]}" | grep -qx compare; then
     cargo build --release --quiet --example baseline
 fi

@@ -419,3 +419,46 @@ fn run_sh_stops_the_redis_it_started_when_the_server_fails() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err().then_some(())
     });
 }
+
+// ---- the load tool --------------------------------------------------------------------
+
+/// A short run of the load generator against `server`: exit code, JSON report, stderr.
+#[cfg(feature = "load")]
+fn load(server: &Server, args: &[&str]) -> (Option<i32>, Value, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_rollingpaper-load"))
+        .args(["--quiet", "--json", "--connect-deadline", "20", "--target", &server.addr.to_string()])
+        .args(["--papers", "2", "--members", "3", "--senders", "1", "--rate", "10"])
+        .args(["--warmup", "0.5", "--duration", "1", "--drain", "2"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    (output.status.code(), report, stderr)
+}
+
+#[cfg(feature = "load")]
+#[test]
+fn the_load_tool_signs_tokens_and_fails_on_missed_thresholds() {
+    let server = Server::memory(&["--jwt-secret", SECRET, "--jwt-audience", "rollingpaper"]);
+    let auth = ["--token-secret", SECRET, "--token-audience", "rollingpaper"];
+    let mut args = auth.to_vec();
+    args.extend(["--min-delivered", "0.999", "--max-p99-ms", "5000"]);
+    let (code, report, stderr) = load(&server, &args);
+    assert_eq!(code, Some(0), "{stderr}\n{report}");
+    assert_eq!(report["connections"]["ok"], 6, "{report}");
+    assert_eq!(report["result"]["delivery_ratio"], 1.0, "{report}");
+    assert_eq!(report["thresholds"]["passed"], true, "{report}");
+
+    let mut args = auth.to_vec();
+    args.extend(["--max-p99-ms", "0.0001"]);
+    let (code, report, stderr) = load(&server, &args);
+    assert_eq!(code, Some(3), "{stderr}\n{report}");
+    assert_eq!(report["thresholds"]["passed"], false, "{report}");
+    assert!(stderr.contains("threshold missed: p99"), "{stderr}");
+
+    // Without tokens, auth refuses every member: nothing connects.
+    let (code, report, _) = load(&server, &["--min-delivered", "0.999"]);
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(report["connections"]["ok"], 0, "{report}");
+}
