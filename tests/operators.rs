@@ -462,3 +462,13 @@ fn the_load_tool_signs_tokens_and_fails_on_missed_thresholds() {
     assert_eq!(code, Some(1), "{report}");
     assert_eq!(report["connections"]["ok"], 0, "{report}");
 }
+
+#[test]
+fn loadtest_sh_help_lists_scenarios_and_knobs() {
+    let output = Command::new("bash").arg(project_root().join("scripts/loadtest.sh")).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for word in ["classroom", "fanout-max", "compare", "LOADTEST_SECONDS", "LOADTEST_QUICK", "--min-delivered"] {
+        assert!(help.contains(word), "no {word} in:\n{help}");
+    }
+}
