@@ -20,13 +20,47 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
+usage() {
+    cat <<'USAGE'
+Usage: scripts/loadtest.sh [SCENARIO...]
+
+Load tests of rollingpaper over loopback: builds in release mode (with the
+`load` feature, for rollingpaper-load), starts its own redis-server and a fresh
+server per scenario on free ports, prints one table, stops all it started.
+
+Scenarios (default: all but compare):
+  classroom      1,000 papers x 30 members, 2 senders each at 5 edits/s, 200 B notes
+  hot-paper      1 paper x 1,000 members, 1 sender at 20 edits/s
+  fanout-max     10 papers x 50 members, 10 senders: 131,000 deliveries/s, then a sweep
+                 up to the rate where p99 passes 50 ms or deliveries are lost
+  idle           50,000 connections, one member per paper, nothing sent (memory per connection)
+  typing-writes  classroom without warm-up: Redis commands per edit
+  relay          10 x 50 on one --cluster node, then on two with members split
+  compare        rollingpaper and the naive baseline (examples/baseline.rs) side by side
+
+Environment:
+  LOADTEST_SECONDS  measured window in seconds (default 20; compare uses half of it,
+                    sweep steps a quarter)
+  LOADTEST_QUICK=1  short windows (1 s warm-up, 3 s measured, 2 s drain): a check of
+                    the script itself, not numbers to quote
+  LOADTEST_OUT      directory for the JSON reports and commands.txt (default: a
+                    temporary directory, printed at the end)
+
+Connections are scaled down to the open-file limit (ulimit -n) when it is lower,
+and the table says so. For one run with pass/fail thresholds or auth, call the
+generator directly: target/release/rollingpaper-load --help (--min-delivered,
+--max-p99-ms, --token-secret).
+USAGE
+}
+
 all=(classroom hot-paper fanout-max idle typing-writes relay)
+case "${1:-}" in -h|--help|help) usage; exit 0 ;; esac
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${all[@]}")
 for s in "${scenarios[@]}"; do
     case "$s" in
         classroom|hot-paper|fanout-max|idle|typing-writes|relay|compare) ;;
-        *) echo "loadtest.sh: unknown scenario $s (known: ${all[*]} compare)" >&2; exit 2 ;;
+        *) echo "loadtest.sh: unknown scenario $s (known: ${all[*]} compare; see --help)" >&2; exit 2 ;;
     esac
 done
 missing=()
@@ -90,7 +124,7 @@ fi
 # ---- build ---------------------------------------------------------------------------
 
 echo "loadtest.sh: building in release mode"
-cargo build --release --quiet --bin rollingpaper --bin rollingpaper-load
+cargo build --release --quiet --features load --bin rollingpaper --bin rollingpaper-load
 if printf '%s\n' "${scenarios[@]}" | grep -qx compare; then
     cargo build --release --quiet --example baseline
 fi

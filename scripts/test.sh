@@ -19,10 +19,14 @@ command -v cargo >/dev/null 2>&1 || { echo "test.sh: cargo is missing; install R
 
 echo "test.sh: cargo fmt --check"
 cargo fmt --all -- --check
+# `--features load` builds the load generator, which tests/load.rs and
+# tests/operators.rs run; the server itself never links its dependencies.
 echo "test.sh: cargo clippy"
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --all-targets --features load --quiet -- -D warnings
 echo "test.sh: cargo test"
-cargo test --all-targets
+cargo test --all-targets --features load
+echo "test.sh: the systemd unit's hardening"
+bash scripts/unit-test.sh
 echo "test.sh: third-party clients (Python websockets, Node ws)"
 bash scripts/interop.sh
 echo "test.sh: wss:// through nginx to two nodes"

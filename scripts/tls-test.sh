@@ -2,7 +2,10 @@
 # End to end behind a TLS terminator: a throw-away self-signed certificate, two
 # nodes sharing one redis-server, nginx in front of them with scripts/nginx.conf,
 # and real wss:// clients (Node's ws) on the same paper seeing each
-# other's edits. Everything runs on free loopback ports and is stopped on exit.
+# other's edits; then what the file promises operators: /metrics, /readyz and
+# /papers refused publicly and served internally, http redirected to https,
+# HSTS, and no token in the access log. Everything runs on free loopback ports
+# and is stopped on exit.
 # Installs nginx, openssl and Node if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,9 +70,20 @@ start_node "$work/b.log"
 node_b=$addr
 
 https_port=$(free_port)
-sed -e "s|@NODE_A@|$node_a|" -e "s|@NODE_B@|$node_b|" -e "s|@LISTEN@|127.0.0.1:$https_port|" \
-    -e "s|@SERVER_NAME@|127.0.0.1|" -e "s|@CERT@|$work/cert.pem|" -e "s|@KEY@|$work/key.pem|" \
+http_port=$(free_port)
+internal_port=$(free_port)
+# The lines nginx.conf marks CHANGE, with this test's values.
+sed -e "s|server 127.0.0.1:8081;|server $node_a;|" -e "s|server 127.0.0.1:8082;|server $node_b;|" \
+    -e "s|listen 443 ssl;|listen 127.0.0.1:$https_port ssl;|" -e "s|listen 80;|listen 127.0.0.1:$http_port;|" \
+    -e "s|listen 127.0.0.1:9180;|listen 127.0.0.1:$internal_port;|" \
+    -e "s|server_name paper.example;|server_name 127.0.0.1;|" \
+    -e "s|/etc/letsencrypt/live/paper.example/fullchain.pem|$work/cert.pem|" \
+    -e "s|/etc/letsencrypt/live/paper.example/privkey.pem|$work/key.pem|" \
+    -e "s|/var/log/nginx/rollingpaper.access.log|$work/access.log|" \
     scripts/nginx.conf > "$work/site.conf"
+if grep -n 'CHANGE' "$work/site.conf" | grep -E '8081|8082|paper\.example|/etc/letsencrypt|/var/log|listen (80|443 )'; then
+    echo "tls-test.sh: a CHANGE line of nginx.conf was not replaced (above)" >&2; exit 1
+fi
 cat > "$work/nginx.conf" <<CONF
 worker_processes 1;
 pid $work/nginx.pid;
@@ -96,6 +110,34 @@ status=0
 timeout 60 node scripts/interop/wss_client.mjs "wss://127.0.0.1:$https_port" "$work/cert.pem" || status=1
 health=$(curl -s --cacert "$work/cert.pem" "https://127.0.0.1:$https_port/healthz" || true)
 [ "$health" = "ok" ] || { echo "tls-test.sh: /healthz over https said: $health" >&2; status=1; }
+
+# check WHAT EXPECTED ACTUAL: one line per failed expectation.
+check() {
+    if [ "$2" != "$3" ]; then echo "tls-test.sh: $1: expected $2, got $3" >&2; status=1; fi
+}
+code() { curl -s -o /dev/null -w '%{http_code}' --cacert "$work/cert.pem" "$@" || true; }
+# Internal endpoints are refused publicly and served on the internal listener.
+for path in /metrics /readyz /papers/p1; do
+    check "public $path" 404 "$(code "https://127.0.0.1:$https_port$path")"
+done
+check "internal /metrics" 200 "$(code "http://127.0.0.1:$internal_port/metrics")"
+check "internal /papers/p1" 200 "$(code "http://127.0.0.1:$internal_port/papers/p1")"
+# Plain http only redirects, to https.
+check "http redirect" 301 "$(code "http://127.0.0.1:$http_port/ws/p1")"
+location=$(curl -s -o /dev/null -w '%{redirect_url}' "http://127.0.0.1:$http_port/ws/p1?x=1" || true)
+case "$location" in https://*/ws/p1\?x=1) ;; *) check "redirect target" "https://.../ws/p1?x=1" "$location" ;; esac
+hsts=$(curl -s -D - -o /dev/null --cacert "$work/cert.pem" "https://127.0.0.1:$https_port/healthz" | tr -d '\r' \
+    | sed -n 's/^[Ss]trict-[Tt]ransport-[Ss]ecurity: //p')
+check "HSTS header" "max-age=63072000" "$hsts"
+# A token in the query string never reaches the access log.
+secret_token="tls-test-token-$RANDOM$RANDOM"
+code "https://127.0.0.1:$https_port/ws/p1?token=$secret_token" >/dev/null
+code "http://127.0.0.1:$http_port/ws/p1?token=$secret_token" >/dev/null
+for _ in $(seq 50); do grep -q ' /ws/p1 ' "$work/access.log" 2>/dev/null && break; sleep 0.1; done
+grep -q ' /ws/p1 ' "$work/access.log" || { echo "tls-test.sh: the access log has no /ws/p1 line" >&2; status=1; }
+if grep -q "$secret_token" "$work/access.log"; then
+    echo "tls-test.sh: the access log holds the token:" >&2; grep "$secret_token" "$work/access.log" >&2; status=1
+fi
 if [ "$status" -ne 0 ]; then
     echo "--- nginx" >&2; cat "$work/nginx-error.log" >&2 || true
     echo "--- node a" >&2; tail -20 "$work/a.log" >&2

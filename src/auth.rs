@@ -5,8 +5,35 @@
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-/// Seconds a token is still accepted after its `exp`.
+/// Seconds a token is still accepted after its `exp`, and already before its `nbf`.
 pub const LEEWAY_SECS: u64 = 5;
+
+/// What tokens are checked against: the main backend's secret and, when the
+/// operator names one, the audience (`aud`) they must be issued for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key {
+    pub secret: String,
+    pub audience: Option<String>,
+}
+
+impl From<&str> for Key {
+    fn from(secret: &str) -> Self {
+        Key { secret: secret.to_string(), audience: None }
+    }
+}
+
+impl From<&Key> for Key {
+    fn from(key: &Key) -> Self {
+        key.clone()
+    }
+}
+
+/// The secret never reaches a log line, even through `{:?}`.
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key").field("secret", &"***").field("audience", &self.audience).finish()
+    }
+}
 
 /// What a member may do (PROTOCOL.md 5). With auth off every member is `Owner`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -70,12 +97,28 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn new(secret: &str) -> Self {
+    /// A verifier for a secret alone (`&str`) or a secret and an audience (`&Key`).
+    pub fn new(key: impl Into<Key>) -> Self {
+        let key = key.into();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        Verifier { key: DecodingKey::from_secret(secret.as_bytes()), validation }
+        validation.validate_nbf = true;
+        match &key.audience {
+            // A token without `aud` could have been issued for any service sharing
+            // the secret, so with an audience configured it is required.
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+            }
+            // PROTOCOL.md 5: `aud` is checked only when an audience is configured;
+            // jsonwebtoken would otherwise refuse every token that carries one.
+            None => {
+                validation.validate_aud = false;
+                validation.set_required_spec_claims(&["exp", "sub"]);
+            }
+        }
+        Verifier { key: DecodingKey::from_secret(key.secret.as_bytes()), validation }
     }
 
     /// Checks a token's signature, algorithm, claims and expiry.
@@ -182,6 +225,43 @@ pub mod tests {
         assert_eq!(v.reader(Some(&bearer("owner")), "p2"), Err(Denied::Forbidden));
         assert_eq!(v.reader(None, "p1"), Err(Denied::Unauthorized));
         assert_eq!(v.reader(Some("Basic abc"), "p1"), Err(Denied::Unauthorized));
+    }
+
+    #[test]
+    fn not_before_is_checked_with_the_same_leeway() {
+        let v = Verifier::new("s3cret");
+        let claims = |nbf: u64| json!({"sub": "u1", "paper": "p1", "role": "owner", "exp": now() + 600, "nbf": nbf});
+        let early = token(claims(now() + LEEWAY_SECS + 60), "s3cret", Algorithm::HS256);
+        assert_eq!(v.session(Some(&early), "p1"), Err(Denied::Unauthorized));
+        let within_leeway = token(claims(now() + 2), "s3cret", Algorithm::HS256);
+        assert!(v.session(Some(&within_leeway), "p1").is_ok());
+        let past = token(claims(now() - 60), "s3cret", Algorithm::HS256);
+        assert!(v.session(Some(&past), "p1").is_ok());
+    }
+
+    #[test]
+    fn audience_is_checked_only_when_configured() {
+        let with_aud = |aud: &str| {
+            token(
+                json!({"sub": "u1", "paper": "p1", "role": "owner", "exp": now() + 60, "aud": aud}),
+                "s3cret",
+                Algorithm::HS256,
+            )
+        };
+        let without_aud = good("owner", now() + 60);
+        let open = Verifier::new("s3cret");
+        assert!(open.session(Some(&with_aud("anything")), "p1").is_ok());
+        assert!(open.session(Some(&without_aud), "p1").is_ok());
+        let strict = Verifier::new(&Key { secret: "s3cret".into(), audience: Some("rollingpaper".into()) });
+        assert!(strict.session(Some(&with_aud("rollingpaper")), "p1").is_ok());
+        assert_eq!(strict.session(Some(&with_aud("billing")), "p1"), Err(Denied::Unauthorized));
+        assert_eq!(strict.session(Some(&without_aud), "p1"), Err(Denied::Unauthorized));
+    }
+
+    #[test]
+    fn the_secret_stays_out_of_debug_output() {
+        let key = Key { secret: "hunter2hunter2hunter2".into(), audience: None };
+        assert!(!format!("{key:?}").contains("hunter2"));
     }
 
     fn base64_url(bytes: &[u8]) -> String {

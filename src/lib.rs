@@ -4,6 +4,7 @@
 pub mod auth; // tokens and roles
 pub mod config; // every knob, its default, its flag and environment variable
 pub mod conn; // one TCP connection: HTTP request, reply or WebSocket, and its output
+pub mod logging; // the logger: text or JSON lines, a level per module
 pub mod metrics; // counters and the Prometheus text
 pub mod paper; // notes, members and versions of one paper; no sockets
 pub mod protocol; // client messages parsed, server messages encoded, codes

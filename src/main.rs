@@ -1,21 +1,31 @@
-//! The `rollingpaper` binary: configuration, logging, run, exit status.
+//! The `rollingpaper` binary: configuration, logging, a first look at Redis,
+//! run, exit status (0 clean, 1 edits lost at shutdown, 2 configuration).
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use rollingpaper::config::Config;
+use rollingpaper::config::{self, Config, StoreKind};
+use rollingpaper::logging::Logger;
 use rollingpaper::server::{self, Outcome};
+use rollingpaper::store::endpoint::{Target, Unusable};
 
 fn main() -> ExitCode {
-    let config = match Config::parse().validate() {
+    let config = match Config::from_args(std::env::args_os()) {
+        Ok(config) => config,
+        // `--help` and `--version` exit 0 through here; bad flags exit 2.
+        Err(e) => e.exit(),
+    };
+    let config = match config.validate() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("rollingpaper: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = simple_logger::SimpleLogger::new().with_utc_timestamps().with_level(config.log_level).init() {
-        eprintln!("rollingpaper: cannot start logging: {e}");
+    let installed = config.log_filter().map_err(|e| e.to_string()).and_then(|filter| {
+        Logger::install(filter, config.log_format).map_err(|e| format!("cannot start logging: {e}"))
+    });
+    if let Err(e) = installed {
+        eprintln!("rollingpaper: {e}");
         return ExitCode::from(2);
     }
     // A thread that panics leaves its sessions or the backlog behind: rather than
@@ -26,7 +36,18 @@ fn main() -> ExitCode {
         default_hook(info);
         std::process::abort();
     }));
-    log::info!("starting: {config}");
+    log::info!("rollingpaper {} starting: {config}", env!("CARGO_PKG_VERSION"));
+    if config.listen.ip().is_unspecified() {
+        log::info!("--listen {} is every interface of this machine", config.listen);
+    }
+    if config.jwt_secret.is_none() {
+        log::warn!(
+            "auth is off (no --jwt-secret): clients name themselves with ?user=; set RP_JWT_SECRET in production"
+        );
+    }
+    if config.store == StoreKind::Redis && !redis_may_work(&config) {
+        return ExitCode::from(2);
+    }
     match server::run(config) {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
         Ok(Outcome::Lost(n)) => {
@@ -38,4 +59,24 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Looks at Redis once: a configuration that can never work stops the start
+/// (a supervisor restarting it would only repeat the error); a Redis that is
+/// merely down does not, since it may come up and the server waits for it.
+fn redis_may_work(config: &Config) -> bool {
+    let url = config::redact(&config.redis);
+    let target = Target::parse(&config.redis).expect("checked by validate");
+    match target.check() {
+        Ok(()) => log::info!("Redis at {url} answers"),
+        Err(Unusable::Down(why)) => log::warn!(
+            "Redis at {url} does not answer yet ({why}); serving anyway: edits wait in the backlog \
+             and /readyz answers 503 until it does"
+        ),
+        Err(Unusable::Misconfigured(why)) => {
+            log::error!("--redis {url}: {why}");
+            return false;
+        }
+    }
+    true
 }

@@ -10,9 +10,11 @@ mod http; // 1. HTTP surface
 mod integrity; // 3.1 and 4 (1.1): saved is a promise, foreign versions, the seal
 mod lifecycle; // conn lifecycle: no leak, a deadline in every waiting phase
 mod limits; // abuse: rate, caps, origins, slow and silent peers
+#[cfg(feature = "load")]
 mod load; // the load generator's smoke run
 mod notes; // 2. notes and versions
 mod operations; // 1. papers API, readiness, metrics
+mod operators; // run.sh, configuration, fail-fast Redis checks, deploy files, the load tool
 mod persistence; // 4. Redis
 mod sentinel; // 4. failover under Sentinel
 mod session; // 3. the WebSocket session

@@ -24,6 +24,9 @@ use report::{CpuSample, StepResult};
 use worker::{Command, Progress, Report, Setup, StepPlan, StepReport, Worker};
 
 /// Load generator for rollingpaper (PROTOCOL.md). Loopback targets only.
+///
+/// Exit status: 0 the run passed its thresholds (none by default), 1 no
+/// connection succeeded, 2 bad arguments, 3 a threshold was missed.
 #[derive(Parser, Debug)]
 #[command(name = "rollingpaper-load", version)]
 struct Args {
@@ -91,12 +94,72 @@ struct Args {
     /// Prefix of the paper ids (default: one unique to this run).
     #[arg(long)]
     paper_prefix: Option<String>,
+    /// Pass/fail: the least share of deliveries that must arrive (0 to 1, e.g.
+    /// 0.999) in the result (the last step, or a sweep's last good one); below it,
+    /// exit 3.
+    #[arg(long)]
+    min_delivered: Option<f64>,
+    /// Pass/fail: the greatest p99 latency allowed in the result, ms; over it, exit 3.
+    #[arg(long)]
+    max_p99_ms: Option<f64>,
+    /// Sign a token per member with this HS256 secret (the server's --jwt-secret),
+    /// so that runs work with auth on. Each member's `sub` is its user id.
+    #[arg(long, env = "LOAD_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
+    /// Role in the minted tokens: writer or owner (senders need to write).
+    #[arg(long, default_value = "writer", value_parser = ["writer", "owner"])]
+    token_role: String,
+    /// `aud` of the minted tokens (the server's --jwt-audience).
+    #[arg(long)]
+    token_audience: Option<String>,
     /// Print the report as JSON on standard output.
     #[arg(long)]
     json: bool,
     /// No progress line on standard error.
     #[arg(long)]
     quiet: bool,
+}
+
+/// Mints the members' tokens, as the main backend would.
+pub struct Tokens {
+    key: jsonwebtoken::EncodingKey,
+    role: String,
+    audience: Option<String>,
+    /// Expiry of every token: after the whole run, so no session is closed with 1008.
+    exp: u64,
+}
+
+impl Tokens {
+    pub fn mint(&self, user: &str, paper: &str) -> String {
+        let mut claims = json!({"sub": user, "paper": paper, "role": self.role, "exp": self.exp, "name": user});
+        if let Some(aud) = &self.audience {
+            claims["aud"] = json!(aud);
+        }
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &self.key).expect("HS256 signs any claims")
+    }
+}
+
+/// The run's verdict against `--min-delivered` and `--max-p99-ms`: what was missed.
+fn missed_thresholds(args: &Args, result: Option<&StepResult>) -> Vec<String> {
+    let mut missed = Vec::new();
+    if args.min_delivered.is_none() && args.max_p99_ms.is_none() {
+        return missed;
+    }
+    let Some(result) = result else {
+        missed.push("no step completed, so nothing can pass".to_string());
+        return missed;
+    };
+    if let Some(min) = args.min_delivered {
+        if result.ratio() < min {
+            missed.push(format!("delivered {:.4} of deliveries, below --min-delivered {min}", result.ratio()));
+        }
+    }
+    if let Some(max) = args.max_p99_ms {
+        if result.p99_ms() > max {
+            missed.push(format!("p99 {:.3} ms, over --max-p99-ms {max}", result.p99_ms()));
+        }
+    }
+    missed
 }
 
 fn main() -> ExitCode {
@@ -146,6 +209,15 @@ fn check(args: &Args) -> Result<(), String> {
     if args.sweep_steps == 0 || args.sweep_steps > 50 {
         return Err("--sweep-steps must be 1 to 50".into());
     }
+    if args.min_delivered.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
+        return Err("--min-delivered is a share between 0 and 1, for example 0.999".into());
+    }
+    if args.max_p99_ms.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
+        return Err("--max-p99-ms must be above 0, for example 50".into());
+    }
+    if args.token_secret.as_deref().is_some_and(str::is_empty) {
+        return Err("--token-secret is empty; give the server's --jwt-secret".into());
+    }
     Ok(())
 }
 
@@ -191,6 +263,19 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         _ => Vec::new(),
     };
 
+    let run_seconds = args.connect_deadline
+        + args.warmup
+        + args.duration * if args.sweep { args.sweep_steps as f64 } else { 1.0 }
+        + args.drain * 2.0
+        + 600.0;
+    let tokens = args.token_secret.as_ref().map(|secret| Tokens {
+        key: jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        role: args.token_role.clone(),
+        audience: args.token_audience.clone(),
+        exp: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) + run_seconds as u64,
+    });
+    let tokens = tokens.map(Arc::new);
+
     let base = Instant::now();
     let connect_deadline = base + Duration::from_secs_f64(args.connect_deadline);
     let threads = args.threads.min(args.papers);
@@ -209,6 +294,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             note_bytes: args.note_bytes,
             targets: targets.clone(),
             host: target.to_string(),
+            tokens: tokens.clone(),
             sources: sources.clone(),
             concurrency: (args.connect_concurrency / threads).max(1),
             connect_timeout: Duration::from_secs_f64(args.connect_timeout),
@@ -327,6 +413,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     } else {
         steps.last()
     };
+    let missed = missed_thresholds(args, last_good);
     let per_conn = match (rss_before, rss_connected) {
         (Some(b), Some(a)) if ok > 0 => Some(report::round(a.saturating_sub(b) as f64 / ok as f64, 3)),
         _ => None,
@@ -354,6 +441,12 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             "last_good_rate": last_good.map(|s| s.rate),
             "stopped_because": stopped,
         })),
+        "thresholds": {
+            "min_delivered": args.min_delivered,
+            "max_p99_ms": args.max_p99_ms,
+            "passed": missed.is_empty(),
+            "missed": missed,
+        },
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
@@ -383,7 +476,16 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             println!("sweep stopped: {why}");
         }
     }
-    Ok(if ok == 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    for why in &missed {
+        eprintln!("rollingpaper-load: threshold missed: {why}");
+    }
+    Ok(if ok == 0 {
+        ExitCode::from(1)
+    } else if !missed.is_empty() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Runs one step on every thread and sums it up; `None` when a thread did not

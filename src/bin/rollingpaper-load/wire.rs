@@ -11,10 +11,12 @@ pub const KEY: &str = "cm9sbGluZ3BhcGVybG9hZA==";
 /// The marker's opening, as it appears in any JSON the server sends back.
 const MARKER: &[u8] = br#""lg":""#;
 
-/// The upgrade request for one member of `paper`.
-pub fn upgrade_request(host: &str, paper: &str, user: &str) -> Vec<u8> {
+/// The upgrade request for one member of `paper`; with a token (auth on), the
+/// server takes the user from it and ignores `user`.
+pub fn upgrade_request(host: &str, paper: &str, user: &str, token: Option<&str>) -> Vec<u8> {
+    let token = token.map_or(String::new(), |t| format!("token={t}&"));
     format!(
-        "GET /ws/{paper}?user={user} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET /ws/{paper}?{token}user={user} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     .into_bytes()

@@ -46,6 +46,8 @@ pub struct Setup {
     /// Servers to connect to, round-robin by connection.
     pub targets: Vec<SocketAddr>,
     pub host: String,
+    /// Signs a token per member (`--token-secret`), for servers with auth on.
+    pub tokens: Option<std::sync::Arc<crate::Tokens>>,
     pub sources: Vec<IpAddr>,
     pub concurrency: usize,
     pub connect_timeout: Duration,
@@ -382,7 +384,8 @@ impl Worker {
         let conn = &mut self.conns[key];
         let paper = &self.setup.papers[conn.paper as usize];
         let user = format!("lg{}", key);
-        conn.out = wire::upgrade_request(&self.setup.host, paper, &user);
+        let token = self.setup.tokens.as_ref().map(|t| t.mint(&user, paper));
+        conn.out = wire::upgrade_request(&self.setup.host, paper, &user, token.as_deref());
         conn.written = 0;
         conn.stream = Some(stream);
         conn.phase = Phase::Connecting { since_us: now };
