@@ -485,3 +485,7 @@ impl Server {
         String::from_utf8(head).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 }
+
+pub fn project_root() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+}
