@@ -43,6 +43,8 @@ Environment:
                     sweep steps a quarter)
   LOADTEST_QUICK=1  short windows (1 s warm-up, 3 s measured, 2 s drain): a check of
                     the script itself, not numbers to quote
+  LOADTEST_SERVER   the server binary to measure (default: this tree's release build), to
+                    compare two builds with the same generator
   LOADTEST_OUT      directory for the JSON reports and commands.txt (default: a
                     temporary directory, printed at the end)
 
@@ -191,7 +193,7 @@ stop_server() {
 # The per-session rate limit (50/s by default) is an abuse control; the sweeps
 # go past it on purpose, so it is raised for the measured server.
 rollingpaper() {
-    start_server "$bin/rollingpaper" --threads "$server_threads" --rate 1000000 --burst 1000000 "$@"
+    start_server "${LOADTEST_SERVER:-$bin/rollingpaper}" --threads "$server_threads" --rate 1000000 --burst 1000000 "$@"
 }
 
 # load NAME ARGS...: runs the generator against the running server; the report is $out/NAME.json.

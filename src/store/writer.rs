@@ -238,7 +238,16 @@ impl Writer {
                     self.check_redis();
                     continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => return 0,
+                Err(RecvTimeoutError::Disconnected) => {
+                    let refused = self.metrics.failed_ops.load(Ordering::Relaxed);
+                    if refused > 0 {
+                        log::warn!(
+                            "{refused} ops were refused by Redis for good while running (their senders got \
+                             write_failed; the log names each paper); every other op is written"
+                        );
+                    }
+                    return 0;
+                }
             }
             while batch.len() < MAX_BATCH {
                 match self.ops.try_recv() {
