@@ -78,6 +78,8 @@ pub struct Writer {
     write_notes: Script,
     complete: Script,
     outage: Option<Outage>,
+    /// TTL set on a presence hash at each change (its holders' relays refresh it).
+    presence_ttl_ms: u64,
 }
 
 /// How long `WAIT` may wait for replicas before the batch is sent again.
@@ -111,7 +113,14 @@ impl Writer {
             write_notes: Script::new(WRITE_NOTES),
             complete: Script::new(COMPLETE),
             outage: None,
+            presence_ttl_ms: 60_000,
         }
+    }
+
+    /// Presence hashes expire after `ttl` unless a live node refreshes them.
+    pub fn with_presence_ttl(mut self, ttl: Duration) -> Self {
+        self.presence_ttl_ms = ttl.as_millis() as u64;
+        self
     }
 
     /// With `--redis-wait-replicas N` (N >= 1), a batch counts as written only once
@@ -327,6 +336,9 @@ impl Writer {
                     Some(entry) => pipe.cmd("HSET").arg(keys::members(paper)).arg(&*presence.member).arg(entry),
                     None => pipe.cmd("HDEL").arg(keys::members(paper)).arg(&*presence.member),
                 };
+                // A node killed holding the paper never removes its entries.
+                commands += 1;
+                pipe.cmd("PEXPIRE").arg(keys::members(paper)).arg(self.presence_ttl_ms);
             }
             if let Some(relay) = op.relay() {
                 commands += 1;
