@@ -164,7 +164,7 @@ pub struct Config {
     /// holds the paper (live nodes refresh it), so that members of a killed node
     /// never stay in Redis for good.
     #[arg(long, env = "RP_PRESENCE_TTL", default_value_t = 60)]
-    pub presence_ttl_secs: u64,
+    pub presence_ttl: u64,
 
     /// Adds `/echo`, a WebSocket echo endpoint on the same I/O path, for
     /// conformance tests. Never on in production.

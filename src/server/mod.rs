@@ -118,14 +118,14 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             );
             writer = writer
                 .waiting_for_replicas(config.redis_wait_replicas)
-                .with_presence_ttl(Duration::from_secs(config.presence_ttl_secs.max(1)));
+                .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)));
             let mut loader = Loader::new(target.endpoint(), loads_rx, reports.clone());
             let loads = match relay_healthy {
                 Some(healthy) => {
                     loader = loader.with_presence(&node_id);
                     let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
                     let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, reports.clone(), healthy)
-                        .with_presence_ttl(Duration::from_secs(config.presence_ttl_secs.max(1)));
+                        .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)));
                     relay_thread =
                         Some(spawn("rp-relay", move || relay.run()).map_err(|e| fail("cannot start the relay", &e))?);
                     Loads::Subscribed(relay_tx)

@@ -51,7 +51,7 @@ impl Settings {
             ping_interval: config.ping_interval(),
             idle_timeout: config.idle_timeout(),
             drain: config.drain(),
-            presence_ttl: Duration::from_secs(config.presence_ttl_secs.max(1)),
+            presence_ttl: Duration::from_secs(config.presence_ttl.max(1)),
         }
     }
 }

@@ -275,14 +275,21 @@ impl EventLoop {
             return;
         }
         self.leave_paper(key);
-        // A slow consumer's close frame waits behind what the kernel holds for it:
-        // it may resume reading up to the idle timeout and still get it (3.3, 1.1).
-        let wait = if reason == CloseReason::SlowConsumer { self.node.settings.idle_timeout } else { CLOSE_TIMEOUT };
         let conn = &mut self.conns.slab[key];
         let serial = conn.serial;
-        if !conn.close(reason, Instant::now() + wait) {
+        if !conn.close(reason, Instant::now() + CLOSE_TIMEOUT) {
             return;
         }
+        // A slow consumer's close frame waits behind what the kernel holds for it:
+        // it may resume reading up to the idle timeout and still get it (3.3, 1.1).
+        // Unless the frame it was being sent is huge (a snapshot begun and never
+        // read): that cannot be cut, and would pin the whole paper that long.
+        let pending = conn.phase.io().map_or(0, |io| io.out.pending());
+        let wait = if reason == CloseReason::SlowConsumer && pending <= self.node.settings.max_outbound_bytes {
+            self.node.settings.idle_timeout
+        } else {
+            CLOSE_TIMEOUT
+        };
         if reason == CloseReason::SlowConsumer {
             bump(&self.metrics().slow_consumers, 1);
         }
