@@ -169,6 +169,25 @@ pub struct Config {
     #[arg(long, env = "RP_IDLE_TIMEOUT", default_value_t = 75.0)]
     pub idle_timeout: f64,
 
+    // Bounds under hostile clients (sockets, presence); read by `server::node`.
+    /// Sockets this node holds at most, whatever their phase (a request head still
+    /// being sent counts too); past it, new connections wait in the kernel's queue
+    /// until one is released. 0: the descriptor limit (`ulimit -n`) minus
+    /// `--descriptor-reserve`.
+    #[arg(long, env = "RP_MAX_SOCKETS", default_value_t = 0)]
+    pub max_sockets: usize,
+
+    /// Descriptors kept out of the default `--max-sockets` for Redis connections,
+    /// the listener, the loops' own descriptors and logs.
+    #[arg(long, env = "RP_DESCRIPTOR_RESERVE", default_value_t = 64)]
+    pub descriptor_reserve: usize,
+
+    /// Seconds a paper's presence hash (`--cluster`) outlives the last node that
+    /// holds the paper (live nodes refresh it), so that members of a killed node
+    /// never stay in Redis for good.
+    #[arg(long, env = "RP_PRESENCE_TTL", default_value_t = 60)]
+    pub presence_ttl: u64,
+
     /// Adds `/echo`, a WebSocket echo endpoint on the same I/O path, for
     /// conformance tests. Never on in production.
     #[arg(long, env = "RP_ECHO", value_parser = EnvBool("RP_ECHO"))]

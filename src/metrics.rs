@@ -128,6 +128,10 @@ pub struct LoopMetrics {
     pub slow_consumers: AtomicU64,
     /// Relayed messages skipped as unreadable (a version out of range, ...).
     pub corrupt_relayed: AtomicU64,
+    /// WebSocket ping frames past the rate limit, dropped without a pong.
+    pub ping_frames_refused: AtomicU64,
+    /// Entries of the loop's deadline and token-expiry heaps.
+    pub timer_entries: AtomicU64,
 }
 
 impl LoopMetrics {
@@ -191,7 +195,7 @@ pub struct StoreView<'a> {
 }
 
 /// The Prometheus text exposition of every counter.
-pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usize) -> String {
+pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usize, sockets: usize) -> String {
     let mut out = String::with_capacity(4096);
     let sum = |f: &dyn Fn(&LoopMetrics) -> u64| loops.iter().map(f).sum::<u64>();
     let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
@@ -213,6 +217,19 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
         loops.iter().enumerate().map(|(i, l)| (format!("{{loop=\"{i}\"}}"), get(&l.sessions))).collect();
     metric("loop_sessions", "gauge", "Sessions open per event loop.", &per_loop);
     metric("papers", "gauge", "Papers in memory.", &one(sum(&|l| get(&l.papers))));
+    metric("sockets", "gauge", "Sockets open in any phase (each holds a slot of --max-sockets).", &one(sockets as u64));
+    metric(
+        "ping_frames_refused_total",
+        "counter",
+        "WebSocket ping frames over the rate limit, dropped without a pong.",
+        &one(sum(&|l| get(&l.ping_frames_refused))),
+    );
+    metric(
+        "timer_entries",
+        "gauge",
+        "Entries in the loops' deadline and token-expiry heaps.",
+        &one(sum(&|l| get(&l.timer_entries))),
+    );
     metric(
         "connections_accepted_total",
         "counter",
@@ -333,7 +350,7 @@ mod tests {
         let writer = WriterMetrics::default();
         writer.write_latency(Duration::from_millis(3));
         writer.oldest_age_ms.store(1500, Ordering::Relaxed);
-        let text = render(&loops, Some(StoreView { writer: &writer, backlog: 7, backlog_limit: 10 }), 4);
+        let text = render(&loops, Some(StoreView { writer: &writer, backlog: 7, backlog_limit: 10 }), 4, 5);
         assert!(text.contains("rollingpaper_messages_in_total{type=\"upsert\"} 2\n"), "{text}");
         assert!(text.contains("rollingpaper_refusals_total{code=\"rate_limited\"} 1\n"));
         assert!(text.contains("rollingpaper_loop_sessions{loop=\"0\"} 3\n"));

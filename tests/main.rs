@@ -4,6 +4,7 @@
 mod common;
 
 mod auth; // 5. tokens and roles
+mod bounds; // every buffer, table and wait bounded under hostile clients
 mod cluster; // 6. several nodes
 mod conformance; // RFC 6455 over raw sockets
 mod http; // 1. HTTP surface

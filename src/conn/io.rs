@@ -72,6 +72,19 @@ impl Outbox {
         self.frames_from = self.buf.len();
     }
 
+    /// Where the queue ends now; `truncate_to` takes it back there.
+    pub fn mark(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Drops what was queued after `mark` (nothing of it can be on the wire yet:
+    /// the socket is written only by `write_to`).
+    pub fn truncate_to(&mut self, mark: usize) {
+        if mark >= self.sent && mark <= self.buf.len() {
+            self.buf.truncate(mark);
+        }
+    }
+
     /// Bytes queued and not yet written.
     pub fn pending(&self) -> usize {
         self.buf.len() - self.sent

@@ -153,8 +153,9 @@ pub struct Conn {
     /// Unique for the process: slab keys are reused, serials are not.
     pub serial: u64,
     pub peer: std::net::SocketAddr,
-    /// When this phase must be over; `None` only for sessions, which the loop's
-    /// pings and idle timeout watch instead.
+    /// When this phase must be over (a new member: when its snapshot must be
+    /// written); `None` only for sessions, which the loop's pings and idle timeout
+    /// watch instead.
     pub deadline: Option<Instant>,
     /// On the loop's flush list already.
     pub flush_queued: bool,
@@ -164,7 +165,8 @@ pub struct Conn {
     /// Holds one of the node's session slots (`--max-connections`).
     pub counted: bool,
     /// Output allowed beyond `--max-outbound-bytes` until the queue first empties:
-    /// the snapshot, which may be large, is not a sign of a slow reader.
+    /// the snapshot, which may be large, is not a sign of a slow reader. It must be
+    /// written by the member's first deadline, or the member is a slow consumer.
     pub grace: usize,
     /// When the client last sent anything (idle timeout).
     pub last_seen: Instant,
@@ -339,6 +341,17 @@ impl Conn {
         }
     }
 
+    /// Takes back the pong tungstenite queued for the ping it just returned: a ping
+    /// past the rate limit is refused without an answer (PROTOCOL.md 3.3).
+    pub fn drop_pong(&mut self) {
+        let Phase::Open { ws, .. } = &mut self.phase else { return };
+        let mark = ws.get_ref().out.mark();
+        // tungstenite keeps the pong until its next write or flush; the flush puts
+        // it in `Io` (which cannot fail), right after `mark`.
+        let _ = ws.flush();
+        ws.get_mut().out.truncate_to(mark);
+    }
+
     /// `/echo`: sends every message back, through the same output path as sessions.
     pub fn read_echo(&mut self) -> Next {
         let Phase::Echo { ws } = &mut self.phase else { return Next::Continue };
@@ -410,6 +423,10 @@ impl Conn {
             }
             Ok(Flushed::Done) => {
                 self.grace = 0;
+                if let Phase::Open { .. } = self.phase {
+                    // The snapshot is out: the member's pings and idle timeout take over.
+                    self.deadline = None;
+                }
                 match &self.phase {
                     Phase::Reply { .. } => Next::Drop,
                     Phase::Closing { ws, after: AfterClose::Discard } => {

@@ -18,22 +18,41 @@ use crate::conn::{Conn, Io, Next, Phase, RequestStep};
 use crate::metrics::bump;
 
 impl EventLoop {
+    /// Accepts while the node has socket slots. Out of slots or descriptors, the
+    /// rest stays in the kernel's queue and `accept_retry` has the loop try again
+    /// next turn: the listener is edge-triggered, so no new event would come for
+    /// connections already queued.
     pub(super) fn accept(&mut self) {
         loop {
             let Some(listener) = &self.listener else { return };
+            if !self.node.take_socket() {
+                self.accept_retry = true;
+                return;
+            }
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    self.accept_retry = false;
                     bump(&self.metrics().connections_accepted, 1);
                     let serial = self.node.serials.fetch_add(1, Ordering::Relaxed);
                     let deadline = Instant::now() + self.node.settings.handshake_timeout;
-                    self.register(stream, peer, serial, deadline);
+                    if self.register(stream, peer, serial, deadline).is_none() {
+                        self.node.release_socket();
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.node.release_socket();
+                    self.accept_retry = false;
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => self.node.release_socket(),
                 Err(e) => {
-                    // Out of descriptors, most likely: the connection stays in the
-                    // kernel's queue and is tried again at the next accept event.
-                    log::warn!("cannot accept a connection: {e}");
+                    // Out of descriptors (EMFILE, ENFILE) or kernel memory: the connection
+                    // stays queued and is tried again next turn, once some may be free.
+                    self.node.release_socket();
+                    if !self.accept_retry {
+                        log::warn!("cannot accept a connection ({e}); retrying every turn");
+                    }
+                    self.accept_retry = true;
                     return;
                 }
             }
@@ -141,6 +160,7 @@ impl EventLoop {
         let Some(mut io) = conn.into_io() else { return };
         if let Err(e) = self.poll.registry().deregister(&mut io.stream) {
             log::warn!("cannot hand over a connection from {peer}: {e}");
+            self.node.release_socket();
             if counted {
                 self.node.release(peer.ip());
             }
@@ -158,8 +178,12 @@ impl EventLoop {
                 self.conns.slab[key].counted = counted;
                 self.start(key, handoff);
             }
-            None if counted => self.node.release(peer.ip()),
-            None => {}
+            None => {
+                self.node.release_socket();
+                if counted {
+                    self.node.release(peer.ip());
+                }
+            }
         }
     }
 

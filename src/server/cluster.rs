@@ -20,6 +20,7 @@ impl EventLoop {
         let op = Op::Relay { paper: paper.clone(), presence, relay };
         match relaying {
             Relaying::Transient => self.store.submit_transient(op),
+            Relaying::Leave => self.store.submit_always(op),
             Relaying::Kept => {
                 if self.store.submit(op) == Submitted::Full {
                     log::warn!("backlog full: presence on paper {paper} is not relayed");

@@ -10,7 +10,7 @@
 //! `timers` (deadlines, pings, eviction, shutdown).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use mio::{Events, Interest, Poll, Token};
 use super::conns::Conns;
 use super::inbox::{owner_loop, InboxMsg, LoopHandle};
 use super::node::Node;
+use super::session::CLOSE_TIMEOUT;
 use super::timers::Stopping;
 use crate::conn::{Next, Phase};
 use crate::metrics::{bump, LoopMetrics};
@@ -42,6 +43,9 @@ pub struct EventLoop {
     pub(super) poll: Poll,
     /// `None` once stopping.
     pub(super) listener: Option<TcpListener>,
+    /// The last accept stopped at the socket cap or the descriptor limit, with
+    /// connections possibly left in the queue: accept again next turn.
+    pub(super) accept_retry: bool,
     pub(super) conns: Conns,
     pub(super) papers: Registry,
     inbox: Receiver<InboxMsg>,
@@ -56,8 +60,12 @@ pub struct EventLoop {
     /// Connection deadlines, soonest first, with the serial they were set for;
     /// an entry whose connection moved on (another deadline, or none) is skipped.
     pub(super) deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    /// Token expiries (seconds since the epoch), soonest first.
+    /// Token expiries (seconds since the epoch), soonest first; entries of
+    /// sessions gone are skipped, and compacted away when they pile up.
     pub(super) expiries: BinaryHeap<Reverse<(u64, usize, u64)>>,
+    /// `GET /papers` reads that keep nothing, by load attempt: the reader's key and serial.
+    pub(super) reads: HashMap<u64, (usize, u64)>,
+    pub(super) reads_made: u64,
     /// WebSocket sessions on this loop, joining or joined.
     pub(super) session_count: u64,
     pub(super) stopping: Option<Stopping>,
@@ -83,6 +91,7 @@ impl EventLoop {
             index,
             poll,
             listener: Some(listener),
+            accept_retry: false,
             conns: Conns::new(),
             papers: Registry::new(),
             inbox,
@@ -93,6 +102,8 @@ impl EventLoop {
             read_list: Vec::new(),
             deadlines: BinaryHeap::new(),
             expiries: BinaryHeap::new(),
+            reads: HashMap::new(),
+            reads_made: 0,
             session_count: 0,
             stopping: None,
             next_eviction: now + super::timers::EVICT_EVERY,
@@ -116,6 +127,9 @@ impl EventLoop {
             self.run_timers();
             self.flush();
             self.reap();
+            if self.accept_retry {
+                self.accept();
+            }
             if self.finished() {
                 return;
             }
@@ -210,6 +224,7 @@ impl EventLoop {
                 InboxMsg::Store(StoreEvent::Failed { paper, error }) => self.on_failed(&paper, error),
                 InboxMsg::Store(StoreEvent::Relayed { paper, node, message }) => self.on_relayed(&paper, node, message),
                 InboxMsg::Store(StoreEvent::NodeGone(node)) => self.node_gone(&node),
+                InboxMsg::Store(StoreEvent::Reannounce) => self.reannounce(),
                 InboxMsg::Stop => self.stop(),
             }
         }
@@ -238,6 +253,14 @@ impl EventLoop {
             let flushed = io.flush();
             written += before.saturating_sub(io.out.pending()) as u64;
             let next = conn.after_flush(flushed, max_outbound);
+            if matches!(conn.phase, Phase::Closing { .. }) && conn.phase.io().is_some_and(|io| io.out.pending() == 0) {
+                // The close frame is out (a slow consumer's may have waited long for
+                // room): from here the usual close handshake time applies.
+                let soon = Instant::now() + CLOSE_TIMEOUT;
+                if conn.deadline.is_some_and(|d| d > soon) {
+                    self.set_deadline(key, soon);
+                }
+            }
             // A slow consumer's close frame is queued here and written in this
             // same pass: its key is back on the flush list.
             self.act(key, next);
@@ -258,9 +281,13 @@ impl EventLoop {
     fn remove(&mut self, key: usize) {
         self.leave_paper(key);
         let Some(conn) = self.conns.slab.try_remove(key) else { return };
+        self.node.release_socket();
         if conn.counted {
             self.node.release(conn.peer.ip());
             self.session_count = self.session_count.saturating_sub(1);
+        }
+        self.compact_timers();
+        if conn.counted {
             self.publish_gauges();
         }
         let mut phase = conn.phase;
@@ -278,6 +305,7 @@ impl EventLoop {
         let metrics = self.metrics();
         metrics.papers.store(self.papers.len() as u64, Ordering::Relaxed);
         metrics.sessions.store(self.session_count, Ordering::Relaxed);
+        metrics.timer_entries.store((self.deadlines.len() + self.expiries.len()) as u64, Ordering::Relaxed);
     }
 
     pub(super) fn owner_of(&self, paper: &str) -> usize {

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::{Poll, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -117,14 +117,17 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
                 config.completed_retention,
                 give_up_at.clone(),
             );
-            writer = writer.waiting_for_replicas(config.redis_wait_replicas);
+            writer = writer
+                .waiting_for_replicas(config.redis_wait_replicas)
+                .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)));
             let mut loader = Loader::new(target.endpoint(), loads_rx, reports.clone(), metrics_for_loader);
             let loads = match relay_healthy {
                 Some(healthy) => {
                     loader = loader.with_presence(&node_id);
                     writer = writer.relaying_as(&node_id);
                     let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
-                    let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, reports.clone(), healthy);
+                    let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, reports.clone(), healthy)
+                        .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)));
                     relay_thread =
                         Some(spawn("rp-relay", move || relay.run()).map_err(|e| fail("cannot start the relay", &e))?);
                     Loads::Subscribed(relay_tx)

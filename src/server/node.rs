@@ -32,6 +32,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Time over which a stopping loop closes its sessions.
     pub drain: Duration,
+    /// How long a presence hash lives unless refreshed (`--presence-ttl`).
+    pub presence_ttl: Duration,
 }
 
 impl Settings {
@@ -49,6 +51,7 @@ impl Settings {
             ping_interval: config.ping_interval(),
             idle_timeout: config.idle_timeout(),
             drain: config.drain(),
+            presence_ttl: Duration::from_secs(config.presence_ttl.max(1)),
         }
     }
 }
@@ -77,6 +80,9 @@ pub struct Node {
     pub store: Option<StoreStatus>,
     sessions: AtomicUsize,
     max_sessions: usize,
+    /// Every socket accepted and not yet closed, in any phase, on every loop.
+    sockets: AtomicUsize,
+    pub max_sockets: usize,
     per_address: Mutex<HashMap<IpAddr, usize>>,
     max_per_address: usize,
     trusted_proxies: Vec<(IpAddr, u8)>,
@@ -100,6 +106,12 @@ impl Node {
             store,
             sessions: AtomicUsize::new(0),
             max_sessions: config.max_connections,
+            sockets: AtomicUsize::new(0),
+            max_sockets: if config.max_sockets > 0 {
+                config.max_sockets
+            } else {
+                descriptor_limit().saturating_sub(config.descriptor_reserve).max(1)
+            },
             per_address: Mutex::new(HashMap::new()),
             max_per_address: config.max_connections_per_address,
             trusted_proxies: config.trusted_proxies.iter().filter_map(|p| parse_cidr(p)).collect(),
@@ -145,6 +157,25 @@ impl Node {
             *count += 1;
         }
         true
+    }
+
+    /// Takes a socket slot before `accept`; false when the node holds
+    /// `--max-sockets` already (the connection waits in the kernel's queue).
+    pub fn take_socket(&self) -> bool {
+        if self.sockets.fetch_add(1, Ordering::AcqRel) >= self.max_sockets {
+            self.sockets.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back a slot taken by `take_socket` (the socket is closed, or was never accepted).
+    pub fn release_socket(&self) {
+        self.sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn open_sockets(&self) -> usize {
+        self.sockets.load(Ordering::Relaxed)
     }
 
     /// Gives back a slot taken by `admit`.
@@ -199,7 +230,22 @@ impl Node {
             backlog: s.backlog.load(Ordering::Relaxed),
             backlog_limit: s.backlog_limit,
         });
-        metrics::render(&self.loop_metrics, store, self.sessions.load(Ordering::Relaxed))
+        metrics::render(&self.loop_metrics, store, self.sessions.load(Ordering::Relaxed), self.open_sockets())
+    }
+}
+
+/// The process's descriptor limit (the soft `RLIMIT_NOFILE`); a modest guess if
+/// it cannot be read.
+fn descriptor_limit() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    if ok && limit.rlim_cur != libc::RLIM_INFINITY {
+        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+    } else if ok {
+        usize::MAX
+    } else {
+        1024
     }
 }
 

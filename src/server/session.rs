@@ -67,6 +67,9 @@ impl EventLoop {
             return self.reply(key, &reply);
         }
         let deadline = Instant::now() + self.node.settings.load_timeout;
+        if reading && self.papers.paper(&paper).is_none() {
+            return self.read_once(key, paper, deadline);
+        }
         let lookup = self.papers.lookup(&paper, key, deadline);
         self.publish_gauges();
         match lookup {
@@ -82,15 +85,48 @@ impl EventLoop {
         }
     }
 
-    /// A paper read from storage: the joiners it was read for join, what another
-    /// node changed while the relay was away is merged, or a paper Redis refused
-    /// to write is taken back.
+    /// `GET /papers` of a paper not in memory: read for this request only, neither
+    /// kept nor subscribed to, so that reads of many papers nobody holds cost nothing
+    /// once answered.
+    fn read_once(&mut self, key: usize, paper: Arc<str>, deadline: Instant) {
+        let Some(serial) = self.conns.slab.get(key).map(|c| c.serial) else { return };
+        self.reads_made += 1;
+        let read = self.reads_made;
+        self.reads.insert(read, (key, serial));
+        // Unanswered by then (Redis unreachable), the reader gets 503.
+        self.set_deadline(key, deadline + JOIN_GRACE);
+        let purpose = LoadPurpose::Read(read);
+        let request = LoadRequest { paper: paper.clone(), purpose, loop_index: self.index, deadline };
+        if let Some(stored) = self.store.read_once(request) {
+            self.on_loaded(&paper, purpose, stored);
+        }
+    }
+
+    /// A paper read for one `GET /papers`: answered, then forgotten.
+    fn answer_read(&mut self, paper: &Arc<str>, read: u64, stored: store::StoredPaper) {
+        let Some((key, serial)) = self.reads.remove(&read) else { return };
+        if !self.conns.live(key, serial).is_some_and(|c| matches!(c.phase, Phase::Reading { .. })) {
+            return;
+        }
+        let read = crate::paper::Paper::new(paper.clone(), paper_from_store(stored), &mut self.clock);
+        let body = protocol::paper_document(&read.id, read.is_completed(), read.live_notes());
+        let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
+        self.reply(key, &reply);
+    }
+
+    /// A paper read from storage: the joiners it was read for join, a read that
+    /// keeps nothing is answered, what another node changed while the relay was
+    /// away is merged, or a paper Redis refused to write is taken back.
     pub(super) fn on_loaded(&mut self, paper: &Arc<str>, purpose: LoadPurpose, stored: store::StoredPaper) {
+        if let LoadPurpose::Read(read) = purpose {
+            return self.answer_read(paper, read, stored);
+        }
         let stored = paper_from_store(stored);
         let attempt = match purpose {
             LoadPurpose::Join(attempt) => attempt,
             LoadPurpose::Merge => return self.merge_stored(paper, stored),
             LoadPurpose::Probe => return self.on_probed(paper, stored),
+            LoadPurpose::Read(_) => return,
         };
         let Some((waiters, relayed)) = self.papers.finish_load(paper, attempt, stored, &mut self.clock) else {
             return;
@@ -151,13 +187,7 @@ impl EventLoop {
         let Some(paper) = self.papers.paper_mut(&visitor.paper) else { return };
         let join = self.frame.join(&member.view());
         self.conns.fanout(paper.members(), None, join, Out::Join, metrics);
-        let presence = self.node.cluster.then(|| Presence {
-            member: member.id.clone(),
-            entry: Some(
-                serde_json::json!({"user": &*member.user, "name": &*member.name, "node": &*self.node.node_id})
-                    .to_string(),
-            ),
-        });
+        let presence = self.node.cluster.then(|| presence_entry(&self.node.node_id, &member));
         paper.add_member(member);
         self.relay_frame(&visitor.paper, presence, Relaying::Kept);
         let Some(paper) = self.papers.paper(&visitor.paper) else { return };
@@ -167,6 +197,9 @@ impl EventLoop {
         let snapshot_len = snapshot.len();
         self.conns.send(key, snapshot);
         self.conns.slab[key].grace = snapshot_len;
+        // A member that never reads must not pin its snapshot (the whole paper)
+        // until the idle timeout: unwritten by then, it is a slow consumer.
+        self.set_deadline(key, Instant::now() + self.node.settings.handshake_timeout);
         self.metrics().message_out(Out::Snapshot, 1);
         if read_pending {
             self.read_list.push(key);
@@ -202,10 +235,17 @@ impl EventLoop {
             };
             conn.last_seen = now;
             let Phase::Open { membership, .. } = &mut conn.phase else { return Next::Continue };
-            if let Message::Text(_) | Message::Binary(_) = &message {
+            // Ping frames count too (PROTOCOL.md 3.3): tungstenite answers them itself.
+            if let Message::Text(_) | Message::Binary(_) | Message::Ping(_) = &message {
                 let settings = &self.node.settings;
                 match membership.bucket.take(settings.rate, settings.burst, now) {
                     Verdict::Pass => {}
+                    Verdict::Refuse if matches!(message, Message::Ping(_)) => {
+                        // Refused without an answer: an error per ping would be output too.
+                        conn.drop_pong();
+                        bump(&self.metrics().ping_frames_refused, 1);
+                        continue;
+                    }
                     Verdict::Refuse => {
                         let reference = match &message {
                             Message::Text(text) => protocol::reference_of(text),
@@ -243,11 +283,21 @@ impl EventLoop {
         if !conn.close(reason, Instant::now() + CLOSE_TIMEOUT) {
             return;
         }
+        // A slow consumer's close frame waits behind what the kernel holds for it:
+        // it may resume reading up to the idle timeout and still get it (3.3, 1.1).
+        // Unless the frame it was being sent is huge (a snapshot begun and never
+        // read): that cannot be cut, and would pin the whole paper that long.
+        let pending = conn.phase.io().map_or(0, |io| io.out.pending());
+        let wait = if reason == CloseReason::SlowConsumer && pending <= self.node.settings.max_outbound_bytes {
+            self.node.settings.idle_timeout
+        } else {
+            CLOSE_TIMEOUT
+        };
         if reason == CloseReason::SlowConsumer {
             bump(&self.metrics().slow_consumers, 1);
         }
         log::debug!("session {} closes with {} {}", self.member_id(serial), u16::from(reason.code()), reason.text());
-        self.set_deadline(key, Instant::now() + CLOSE_TIMEOUT);
+        self.set_deadline(key, Instant::now() + wait);
         self.conns.queue_flush(key);
     }
 
@@ -257,7 +307,10 @@ impl EventLoop {
         let Some(conn) = self.conns.slab.get(key) else { return };
         match &conn.phase {
             Phase::Joining { visitor, .. } => self.papers.forget_waiter(&visitor.paper, key),
-            Phase::Reading { paper, .. } => self.papers.forget_waiter(paper, key),
+            Phase::Reading { paper, .. } => {
+                self.papers.forget_waiter(paper, key);
+                self.reads.retain(|_, (k, _)| *k != key);
+            }
             Phase::Open { membership, .. } => {
                 let Some(paper) = self.papers.paper_mut(&membership.paper) else { return };
                 let Some(member) = paper.remove_member(key) else { return };
@@ -266,18 +319,51 @@ impl EventLoop {
                 self.conns.fanout(paper.members(), None, leave, Out::Leave, &self.node.loop_metrics[self.index]);
                 let paper_id = paper.id.clone();
                 let presence = self.node.cluster.then(|| Presence { member: member.id.clone(), entry: None });
-                self.relay_frame(&paper_id, presence, Relaying::Kept);
+                self.relay_frame(&paper_id, presence, Relaying::Leave);
             }
             _ => {}
         }
     }
+
+    /// Announces every member of this loop again (a `join` each, and its presence
+    /// entry): other nodes may have declared this one gone and dropped them, or the
+    /// relay was away while they joined.
+    pub(super) fn reannounce(&mut self) {
+        if !self.node.cluster {
+            return;
+        }
+        let mut announced = 0;
+        let papers: Vec<(Arc<str>, Vec<Member>)> =
+            self.papers.papers_mut().map(|p| (p.id.clone(), p.members().to_vec())).collect();
+        for (paper, members) in papers {
+            for member in members {
+                let presence = presence_entry(&self.node.node_id, &member);
+                self.frame.join(&member.view());
+                self.relay_frame(&paper, Some(presence), Relaying::Kept);
+                announced += 1;
+            }
+        }
+        if announced > 0 {
+            log::info!("announced {announced} members again to the other nodes");
+        }
+    }
+}
+
+/// A member's presence entry (`rp:paper:{P}:members`), as this node writes it.
+fn presence_entry(node_id: &str, member: &Member) -> Presence {
+    let entry = serde_json::json!({"user": &*member.user, "name": &*member.name, "node": node_id});
+    Presence { member: member.id.clone(), entry: Some(entry.to_string()) }
 }
 
 /// How a relayed message may be treated when the backlog is busy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relaying {
-    /// Presence: kept unless the backlog is full.
+    /// A join: kept unless the backlog is full (a lost one is mended when the
+    /// node announces its members again).
     Kept,
+    /// A leave: always kept, whatever the backlog holds, or other nodes would show
+    /// a member that is gone for as long as the paper lives. Bounded by the joins.
+    Leave,
     /// A cursor: dropped first, while the backlog is half full.
     Transient,
 }

@@ -61,8 +61,33 @@ impl EventLoop {
             }
             match conn.phase {
                 Phase::Joining { .. } => self.end_session(key, CloseReason::PaperUnavailable),
+                // Its snapshot is not written yet: it does not read.
+                Phase::Open { .. } => self.end_session(key, CloseReason::SlowConsumer),
+                Phase::Reading { .. } => {
+                    self.paper_unavailable(key);
+                    self.set_deadline(key, now + self.node.settings.handshake_timeout);
+                }
                 _ => self.conns.doom(key),
             }
+        }
+    }
+
+    /// Drops heap entries of connections gone or moved on, once they outnumber the
+    /// connections by far: a stale entry is skipped when due, but a token may be
+    /// valid for days, and thousands of short sessions would each leave one.
+    pub(super) fn compact_timers(&mut self) {
+        let bound = 2 * self.conns.slab.len() + 64;
+        if self.expiries.len() > bound {
+            let conns = &self.conns;
+            self.expiries.retain(|Reverse((_, key, serial))| {
+                conns.live(*key, *serial).is_some_and(|c| matches!(c.phase, Phase::Joining { .. } | Phase::Open { .. }))
+            });
+        }
+        if self.deadlines.len() > bound {
+            let conns = &self.conns;
+            self.deadlines.retain(|Reverse((at, key, serial))| {
+                conns.live(*key, *serial).is_some_and(|c| c.deadline == Some(*at))
+            });
         }
     }
 

@@ -90,6 +90,9 @@ pub enum StoreEvent {
     Relayed { paper: Arc<str>, node: Arc<str>, message: String },
     /// A node stopped announcing itself: its members leave every paper.
     NodeGone(Arc<str>),
+    /// Other nodes may have lost this node's members (this node's relay was away,
+    /// or a node it had declared gone is back): announce them all again.
+    Reannounce,
 }
 
 /// How the store threads reach the event loops; the server implements it.
@@ -232,6 +235,15 @@ impl Backlog {
         self.tx.send(Queued { op, at: Instant::now() }).map_err(|_| BacklogFull)
     }
 
+    /// Queues an op whatever the limit (a presence leave, which must never be lost).
+    /// The caller bounds them: each leave follows one accepted join.
+    pub fn submit_always(&self, op: Op) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(Queued { op, at: Instant::now() }).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// Queues an op that may be lost without harm (a cursor), unless the backlog is
     /// half full: transient state must not crowd out edits.
     pub fn submit_transient(&self, op: Op) {
@@ -262,6 +274,8 @@ pub enum LoadPurpose {
     Merge,
     /// To see whether a paper Redis refused to write is readable again.
     Probe,
+    /// For one `GET /papers` of a paper nobody holds: answered, not kept.
+    Read(u64),
 }
 
 /// A loop's request to read a paper.
@@ -288,6 +302,17 @@ impl Loads {
         let sent = match self {
             Loads::Direct(loader) => loader.send(request).is_ok(),
             Loads::Subscribed(relay) => relay.send(relay::RelayCmd::Subscribe(request)).is_ok(),
+        };
+        if !sent {
+            log::error!("the loader thread is gone");
+        }
+    }
+
+    /// Reads a paper for one request, without subscribing to its channel.
+    pub fn read_once(&self, request: LoadRequest) {
+        let sent = match self {
+            Loads::Direct(loader) => loader.send(request).is_ok(),
+            Loads::Subscribed(relay) => relay.send(relay::RelayCmd::Read(request)).is_ok(),
         };
         if !sent {
             log::error!("the loader thread is gone");
@@ -336,6 +361,13 @@ impl StoreHandle {
         }
     }
 
+    /// Hands over an op that must not be lost (a presence leave), even past the limit.
+    pub fn submit_always(&self, op: Op) {
+        if let StoreHandle::Redis { backlog, .. } = self {
+            backlog.submit_always(op);
+        }
+    }
+
     /// Hands over an op that may be lost without harm (a cursor).
     pub fn submit_transient(&self, op: Op) {
         if let StoreHandle::Redis { backlog, .. } = self {
@@ -350,6 +382,18 @@ impl StoreHandle {
         match self {
             StoreHandle::Redis { loads, .. } => {
                 loads.load(request);
+                None
+            }
+            StoreHandle::Memory => Some(StoredPaper::default()),
+        }
+    }
+
+    /// Reads a paper for one request, keeping nothing: `Some` at once with the
+    /// memory store, else it arrives as `StoreEvent::Loaded` with this attempt.
+    pub fn read_once(&self, request: LoadRequest) -> Option<StoredPaper> {
+        match self {
+            StoreHandle::Redis { loads, .. } => {
+                loads.read_once(request);
                 None
             }
             StoreHandle::Memory => Some(StoredPaper::default()),

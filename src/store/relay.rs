@@ -25,7 +25,13 @@ pub enum RelayCmd {
     /// Subscribe to the paper's channel, then have it read.
     Subscribe(LoadRequest),
     Unsubscribe(Arc<str>),
+    /// Have the paper read for one request, without subscribing.
+    Read(LoadRequest),
 }
+
+/// Nodes remembered as declared gone, to notice one coming back; past it the
+/// oldest memory is dropped (a node back after that long is not mended).
+const MAX_GONE_REMEMBERED: usize = 1024;
 
 pub struct Relay {
     endpoint: Endpoint,
@@ -47,6 +53,11 @@ pub struct Relay {
     next_heartbeat: Instant,
     /// Subscriptions made so far; after the first, a reconnection re-reads the papers.
     sessions: u64,
+    /// Nodes this one declared gone (their members left): hearing one again means
+    /// it may have dropped this node's members too.
+    declared_gone: HashSet<String>,
+    /// How long a presence hash lives unless a node holding the paper refreshes it.
+    presence_ttl: Duration,
 }
 
 impl Relay {
@@ -71,7 +82,15 @@ impl Relay {
             announcer: None,
             next_heartbeat: Instant::now(),
             sessions: 0,
+            declared_gone: HashSet::new(),
+            presence_ttl: Duration::from_secs(60),
         }
+    }
+
+    /// Presence hashes of the papers held are refreshed to live this long.
+    pub fn with_presence_ttl(mut self, ttl: Duration) -> Self {
+        self.presence_ttl = ttl;
+        self
     }
 
     /// Says this node is alive: on `rp:nodes` (the others' liveness check and this
@@ -85,7 +104,13 @@ impl Relay {
             self.announcer = self.endpoint.connect().ok();
         }
         let Some(conn) = &mut self.announcer else { return };
-        let result = redis::pipe()
+        let mut pipe = redis::pipe();
+        // The presence hashes of the papers held live while this node does; a
+        // paper nobody holds any more has its hash expire (`--presence-ttl`).
+        for paper in &self.papers {
+            pipe.cmd("PEXPIRE").arg(keys::members(paper)).arg(self.presence_ttl.as_millis() as u64).ignore();
+        }
+        let result = pipe
             .cmd("SET")
             .arg(keys::node_alive(&self.node))
             .arg(1)
@@ -139,6 +164,9 @@ impl Relay {
                 Ok(RelayCmd::Unsubscribe(paper)) => {
                     self.papers.remove(&paper);
                 }
+                Ok(RelayCmd::Read(load)) => {
+                    let _ = self.loads.send(load);
+                }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => return true,
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return false,
             }
@@ -164,6 +192,8 @@ impl Relay {
                     LoadRequest { paper: paper.clone(), purpose: LoadPurpose::Merge, loop_index: owner, deadline };
                 let _ = self.loads.send(request);
             }
+            // Others may have declared this node gone meanwhile, and dropped its members.
+            self.report_all(&StoreEvent::Reannounce);
         }
         let connected = Instant::now();
         self.heard_self = None;
@@ -182,6 +212,9 @@ impl Relay {
                     Ok(RelayCmd::Unsubscribe(paper)) => {
                         self.papers.remove(&paper);
                         pubsub.unsubscribe(keys::channel(&paper))?;
+                    }
+                    Ok(RelayCmd::Read(load)) => {
+                        let _ = self.loads.send(load);
                     }
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
@@ -207,7 +240,7 @@ impl Relay {
                 self.heard_self = Some(Instant::now());
                 self.healthy.store(true, Ordering::Relaxed);
             } else {
-                self.nodes.insert(payload.to_string(), Instant::now());
+                self.heard(payload);
             }
             return;
         }
@@ -216,10 +249,58 @@ impl Relay {
         if node == self.node {
             return; // our own publication: its members have it already
         }
-        self.nodes.insert(node.to_string(), Instant::now());
+        self.heard(node);
         let event =
             StoreEvent::Relayed { paper: Arc::from(paper), node: Arc::from(node), message: message.to_string() };
         self.loops.report(self.loops.owner_of(paper), event);
+    }
+
+    /// Notes that a node is alive. One declared gone and heard again has likely
+    /// declared this one gone too (a partition, a pause): this node's members are
+    /// announced again so that it sees them.
+    fn heard(&mut self, node: &str) {
+        if self.nodes.insert(node.to_string(), Instant::now()).is_none() && self.declared_gone.remove(node) {
+            log::info!("node {node} is back: announcing this node's members again");
+            self.report_all(&StoreEvent::Reannounce);
+        }
+    }
+
+    fn report_all(&self, event: &StoreEvent) {
+        for index in 0..self.loops.count() {
+            let event = match event {
+                StoreEvent::NodeGone(node) => StoreEvent::NodeGone(node.clone()),
+                _ => StoreEvent::Reannounce,
+            };
+            self.loops.report(index, event);
+        }
+    }
+
+    /// Removes a gone node's entries from the presence hashes of the papers held
+    /// here: nobody else would, and the hashes live as long as a node holds them.
+    fn forget_presence_of(&mut self, node: &str) {
+        let Some(conn) = &mut self.announcer else { return };
+        let papers: Vec<&Arc<str>> = self.papers.iter().collect();
+        let mut read = redis::pipe();
+        for paper in &papers {
+            read.cmd("HGETALL").arg(keys::members(paper));
+        }
+        let Ok(hashes) = read.query::<Vec<Vec<(String, String)>>>(conn) else {
+            self.announcer = None;
+            return;
+        };
+        let mut remove = redis::pipe();
+        for (paper, entries) in papers.iter().zip(hashes) {
+            for (member, entry) in entries {
+                let of_node = serde_json::from_str::<serde_json::Value>(&entry)
+                    .is_ok_and(|e| e.get("node").and_then(|n| n.as_str()) == Some(node));
+                if of_node {
+                    remove.cmd("HDEL").arg(keys::members(paper)).arg(member).ignore();
+                }
+            }
+        }
+        if remove.query::<()>(conn).is_err() {
+            self.announcer = None;
+        }
     }
 
     /// Reports nodes not heard for `NODE_TTL` as gone, and fails the canary (which
@@ -235,10 +316,12 @@ impl Relay {
         for node in gone {
             self.nodes.remove(&node);
             log::info!("node {node} is gone: its members leave");
-            let node: Arc<str> = Arc::from(node);
-            for index in 0..self.loops.count() {
-                self.loops.report(index, StoreEvent::NodeGone(node.clone()));
+            self.forget_presence_of(&node);
+            if self.declared_gone.len() >= MAX_GONE_REMEMBERED {
+                self.declared_gone.clear();
             }
+            self.declared_gone.insert(node.clone());
+            self.report_all(&StoreEvent::NodeGone(Arc::from(node)));
         }
         let last = self.heard_self.unwrap_or(connected);
         if now.duration_since(last) > HEARTBEAT_EVERY * 3 {

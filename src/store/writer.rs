@@ -176,6 +176,8 @@ pub struct Writer {
     outage: Option<Outage>,
     /// With `--cluster`: this node's id, which prefixes what it relays.
     node: Option<String>,
+    /// TTL set on a presence hash at each change (its holders' relays refresh it).
+    presence_ttl_ms: u64,
 }
 
 /// How long `WAIT` may wait for replicas before the batch is sent again.
@@ -210,12 +212,19 @@ impl Writer {
             complete: Script::new(&format!("{READABLE}{COMPLETE}")),
             outage: None,
             node: None,
+            presence_ttl_ms: 60_000,
         }
     }
 
     /// With `--cluster`: what the writer applies, it publishes to the other nodes.
     pub fn relaying_as(mut self, node: &str) -> Self {
         self.node = Some(node.to_string());
+        self
+    }
+
+    /// Presence hashes expire after `ttl` unless a live node refreshes them.
+    pub fn with_presence_ttl(mut self, ttl: Duration) -> Self {
+        self.presence_ttl_ms = ttl.as_millis() as u64;
         self
     }
 
@@ -460,6 +469,9 @@ impl Writer {
                     Some(entry) => pipe.cmd("HSET").arg(keys::members(paper)).arg(&*presence.member).arg(entry),
                     None => pipe.cmd("HDEL").arg(keys::members(paper)).arg(&*presence.member),
                 };
+                // A node killed holding the paper never removes its entries.
+                commands += 1;
+                pipe.cmd("PEXPIRE").arg(keys::members(paper)).arg(self.presence_ttl_ms);
             }
             if let Some(relay) = op.relay() {
                 commands += 1;

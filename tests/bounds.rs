@@ -1,0 +1,355 @@
+//! Bounded under hostile clients: every buffer, table and wait has a limit.
+//! Each test plays one hostile (or unlucky) client against the real binary and
+//! watches what the server holds: its descriptors, its gauges, Redis's keys,
+//! and what the other clients receive. `soak` runs them all at once for minutes
+//! and checks that memory, descriptors, papers and Redis stay flat.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+use crate::common::{
+    deadline, eventually, token, unix_now, upgrade_request, Client, Event, Redis, Server, PATIENCE, SECRET,
+};
+
+/// Descriptors the server process holds open.
+fn open_descriptors(server: &Server) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", server.pid())).map_or(0, |dir| dir.count())
+}
+
+/// A gauge or counter of `/metrics` without labels.
+fn metric(server: &Server, name: &str) -> u64 {
+    let (_, _, body) = server.get("/metrics");
+    let prefix = format!("rollingpaper_{name} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no metric {name} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn connect_raw(server: &Server, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.write_all(bytes).unwrap();
+    stream
+}
+
+/// Fills a paper with `count` notes of `size` bytes through `writer`.
+fn fill(writer: &mut Client, count: usize, size: usize) {
+    let text = "x".repeat(size);
+    for batch in 0..count / 50 {
+        for i in 0..50 {
+            writer.upsert(&format!("n{batch}-{i}"), json!({"t": text}));
+        }
+        for _ in 0..50 {
+            writer.next_of("upsert");
+        }
+    }
+}
+
+/// Members listed in a paper's presence hash, by member id, with their node.
+fn presence(redis: &Redis, paper: &str) -> Vec<(String, String)> {
+    redis
+        .hgetall(&format!("rp:paper:{{{paper}}}:members"))
+        .into_iter()
+        .map(|(id, entry)| {
+            let entry: Value = serde_json::from_str(&entry).unwrap();
+            (id, entry["node"].as_str().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+fn pttl(redis: &Redis, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query(&mut redis.conn()).unwrap()
+}
+
+#[test]
+fn a_snapshot_never_read_is_given_up_at_its_deadline() {
+    let server = Server::memory(&["--handshake-timeout", "1", "--rate", "100000", "--burst", "100000"]);
+    let mut writer = server.join("big-snapshot", "");
+    // About 15 MB: more than the socket buffers take for a member that never reads.
+    fill(&mut writer, 1000, 15_000);
+    let mut never_reads = connect_raw(&server, upgrade_request("/ws/big-snapshot", "").as_bytes());
+    let joined = writer.next_of("join");
+    let id = joined["member"]["id"].as_str().unwrap().to_string();
+    // Without a deadline the snapshot stays pinned until the idle timeout (75 s).
+    let left = writer.next_of("leave");
+    assert_eq!(left["member"], id.as_str());
+    // What it finally reads ends with the slow consumer's close frame.
+    never_reads.set_read_timeout(Some(PATIENCE)).unwrap();
+    let close = [0x88, 0x0f, 0x03, 0xf5]; // close, 15 bytes: 1013 "slow_consumer"
+    let mut tail = Vec::new();
+    let mut chunk = [0u8; 65536];
+    while !tail.windows(4).any(|w| w == close) {
+        let n = never_reads.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed without the 1013 close frame");
+        tail.drain(..tail.len().saturating_sub(3));
+        tail.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn a_slow_consumer_that_reads_again_within_the_idle_timeout_gets_its_close_frame() {
+    let server = Server::memory(&[
+        "--max-message-bytes",
+        "4096",
+        "--max-note-bytes",
+        "4096",
+        "--max-outbound-bytes",
+        "65536",
+        "--rate",
+        "1000000",
+        "--burst",
+        "1000000",
+    ]);
+    let mut writer = server.join("p-late", "");
+    let mut slow = server.join("p-late", "");
+    writer.next_of("join");
+    let slow_id = slow.you.clone();
+    let text = "x".repeat(3000);
+    let mut left = false;
+    for round in 0..400 {
+        for i in 0..50 {
+            writer.upsert(&format!("n{}", i % 10), json!({"t": text, "round": round}));
+        }
+        let mut echoes = 0;
+        while echoes < 50 {
+            let m = writer.next();
+            match m["type"].as_str() {
+                Some("upsert") => echoes += 1,
+                Some("leave") if m["member"] == slow_id.as_str() => left = true,
+                _ => {}
+            }
+        }
+        if left {
+            break;
+        }
+    }
+    assert!(left, "the slow member was never closed");
+    // Longer than the close handshake's 3 s, well within the idle timeout: the
+    // time passing is what is tested.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(slow.closed(), (1013, "slow_consumer".to_string()));
+}
+
+#[test]
+fn ping_frames_count_toward_the_rate_limit() {
+    let server = Server::memory(&["--rate", "2", "--burst", "5"]);
+    let mut flooder = server.join("p-pings", "");
+    for _ in 0..300 {
+        flooder.ws.send(Message::Ping(Vec::new().into())).unwrap();
+    }
+    let until = deadline();
+    let mut pongs = 0;
+    let code = loop {
+        assert!(Instant::now() < until, "the ping flood was never closed");
+        match flooder.ws.read() {
+            Ok(Message::Pong(_)) => pongs += 1,
+            Ok(Message::Close(frame)) => break frame.map(|f| u16::from(f.code)),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("session failed: {e}"),
+        }
+    };
+    assert_eq!(code, Some(1008), "a ping flood is sustained abuse");
+    // The burst, and what the rate refilled while the flood was read.
+    assert!(pongs <= 10, "{pongs} pongs answered past the allowance");
+    assert!(metric(&server, "ping_frames_refused_total") > 0);
+}
+
+#[test]
+fn sockets_still_sending_their_request_hold_a_slot() {
+    let server = Server::memory(&["--max-sockets", "8", "--threads", "1"]);
+    let baseline = open_descriptors(&server);
+    let mut holders: Vec<TcpStream> = (0..8).map(|_| connect_raw(&server, b"GET /ws/p HTTP/1.1\r\n")).collect();
+    eventually("the holders to be accepted", || (open_descriptors(&server) >= baseline + 8).then_some(()));
+    // More wait in the kernel's queue, not in the server.
+    let mut queued: Vec<TcpStream> = (0..8).map(|_| connect_raw(&server, b"GET /ws/p HTTP/1.1\r\n")).collect();
+    let mut late = connect_raw(&server, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    late.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(late.read(&mut byte).is_err(), "answered past --max-sockets");
+    assert!(open_descriptors(&server) <= baseline + 8, "the server holds more sockets than --max-sockets");
+    // Slots free up as sockets go: the queue is taken up without a new connection.
+    holders.clear();
+    queued.clear();
+    late.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut answer = String::new();
+    late.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
+fn accepting_resumes_when_descriptors_free_up() {
+    let server = Server::memory(&["--threads", "1"]);
+    let baseline = open_descriptors(&server);
+    // Leave the server four descriptors (a real limit, from outside).
+    let limit = libc::rlimit { rlim_cur: (baseline + 4) as libc::rlim_t, rlim_max: (baseline + 4) as libc::rlim_t };
+    // SAFETY: prlimit reads `limit` and writes nothing back (null old limit).
+    let set = unsafe { libc::prlimit(server.pid() as libc::pid_t, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+    assert_eq!(set, 0, "cannot lower the server's descriptor limit");
+    let holders: Vec<TcpStream> = (0..6).map(|_| connect_raw(&server, b"GET /ws/p HTTP/1.1\r\n")).collect();
+    eventually("the server to run out of descriptors", || (open_descriptors(&server) >= baseline + 4).then_some(()));
+    let mut late = connect_raw(&server, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    drop(holders);
+    // No new connection arrives to wake the listener: the server must retry itself.
+    late.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut answer = String::new();
+    late.read_to_string(&mut answer).expect("the queued connection was never accepted");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
+fn a_killed_nodes_presence_leaves_redis() {
+    let redis = Redis::start();
+    let a = Server::redis(&redis, &["--cluster", "--node-id", "na", "--presence-ttl", "5"]);
+    let b = Server::redis(&redis, &["--cluster", "--node-id", "nb", "--presence-ttl", "5"]);
+    let mut on_b = b.join("p-ghost", "");
+    let _on_a = a.join("p-ghost", "");
+    on_b.next_of("join");
+    let key = "rp:paper:{p-ghost}:members";
+    eventually("both members in the presence hash", || (presence(&redis, "p-ghost").len() == 2).then_some(()));
+    assert!(pttl(&redis, key) > 0, "the presence hash never expires");
+    drop(a); // SIGKILL: the node says nothing
+    on_b.next_of("leave");
+    eventually("the killed node's entries to go", || {
+        presence(&redis, "p-ghost").iter().all(|(_, node)| node != "na").then_some(())
+    });
+    // With no live node holding the paper, the hash itself expires.
+    drop(b);
+    eventually("the presence hash to expire", || (pttl(&redis, key) == -2).then_some(()));
+}
+
+#[test]
+fn a_node_declared_gone_and_back_is_seen_again() {
+    let redis = Redis::start();
+    let a = Server::redis(&redis, &["--cluster", "--node-id", "na"]);
+    let b = Server::redis(&redis, &["--cluster", "--node-id", "nb"]);
+    let mut on_b = b.join("p-back", "");
+    let on_a = a.join("p-back", "");
+    let joined = on_b.next_of("join");
+    assert_eq!(joined["member"]["id"], on_a.you.as_str());
+    a.signal("STOP");
+    let left = on_b.next_of("leave");
+    assert_eq!(left["member"], on_a.you.as_str());
+    a.signal("CONT");
+    let back = on_b.next_of("join");
+    assert_eq!(back["member"]["id"], on_a.you.as_str(), "{back}");
+}
+
+#[test]
+fn a_leave_is_relayed_even_with_the_backlog_full() {
+    let mut redis = Redis::start();
+    let server = Server::redis(&redis, &["--cluster", "--node-id", "n1", "--backlog-limit", "2"]);
+    let mut stays = server.join("p-leave", "");
+    let goes = server.join("p-leave", "");
+    let gone_id = goes.you.clone();
+    eventually("both members in the presence hash", || (presence(&redis, "p-leave").len() == 2).then_some(()));
+    redis.stop();
+    // Edits fill the backlog while Redis is away.
+    let mut i = 0;
+    loop {
+        stays.send(json!({"type": "upsert", "id": format!("n{i}"), "data": {}, "ref": format!("r{i}")}));
+        i += 1;
+        let until = deadline();
+        let refused = loop {
+            match stays.event(until) {
+                Event::Msg(m) if m["type"] == "upsert" => break false,
+                Event::Msg(m) if m["type"] == "error" => {
+                    assert_eq!(m["code"], "unavailable", "{m}");
+                    break true;
+                }
+                Event::Msg(_) => {}
+                Event::Closed(frame) => panic!("closed: {frame:?}"),
+            }
+        };
+        if refused {
+            break;
+        }
+        assert!(i < 100, "the backlog never filled");
+    }
+    goes.close();
+    assert_eq!(stays.next_of("leave")["member"], gone_id.as_str());
+    redis.restart();
+    eventually("the leave to reach Redis", || {
+        presence(&redis, "p-leave").iter().all(|(id, _)| *id != gone_id).then_some(())
+    });
+}
+
+#[test]
+fn token_expiries_of_ended_sessions_are_not_kept() {
+    let server = Server::memory(&["--jwt-secret", SECRET, "--threads", "1"]);
+    let exp = unix_now() + 3600;
+    for i in 0..200 {
+        let t = token(&format!("u{i}"), "p-exp", "writer", exp);
+        server.join("p-exp", &format!("token={t}")).close();
+    }
+    let entries = metric(&server, "timer_entries");
+    assert!(entries < 150, "{entries} timer entries kept for 200 sessions that ended");
+}
+
+#[test]
+fn reads_of_papers_nobody_holds_keep_nothing() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--cluster"]);
+    let _: () = redis::cmd("HSET")
+        .arg("rp:paper:{p-stored}:notes")
+        .arg("n1")
+        .arg(r#"{"author":"u1","data":{"t":"hi"},"v":5}"#)
+        .query(&mut redis.conn())
+        .unwrap();
+    let (status, _, body) = server.get("/papers/p-stored");
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["notes"][0]["data"]["t"], "hi", "{doc}");
+    for i in 0..100 {
+        let (status, _, body) = server.get(&format!("/papers/p-fresh-{i}"));
+        assert_eq!(status, 200);
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["notes"], json!([]));
+    }
+    assert_eq!(metric(&server, "papers"), 0, "papers kept in memory for reads");
+    let channels: Vec<String> =
+        redis::cmd("PUBSUB").arg("CHANNELS").arg("rp:paper:*").query(&mut redis.conn()).unwrap();
+    assert!(channels.is_empty(), "subscribed for reads: {channels:?}");
+    // A paper someone holds is still answered from memory.
+    let mut member = server.join("p-held", "");
+    member.upsert("n1", json!({"t": "live"}));
+    member.next_of("upsert");
+    let (_, _, body) = server.get("/papers/p-held");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["notes"][0]["data"]["t"], "live");
+}
+
+#[test]
+fn input_after_a_close_is_read_under_a_budget() {
+    let server = Server::memory(&["--threads", "1", "--rate", "100000", "--burst", "100000"]);
+    let mut live = server.join("p-budget", "");
+    // A client that breaks the framing (an unmasked frame) is closed, then floods.
+    let mut flooder = connect_raw(&server, upgrade_request("/ws/p-budget", "").as_bytes());
+    flooder.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![0u8; 256 * 1024];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if flooder.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    // The other session on the same loop keeps its pace meanwhile.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let asked = Instant::now();
+        live.drain();
+        assert!(asked.elapsed() < Duration::from_secs(2), "a flood after a close stalled the loop");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = flood.join();
+}
