@@ -4,9 +4,11 @@
 mod common;
 
 mod auth; // 5. tokens and roles
+
 mod cluster; // 6. several nodes
 mod conformance; // RFC 6455 over raw sockets
 mod http; // 1. HTTP surface
+mod integrity; // 2-4. foreign values, write_failed, saved, completed
 mod limits; // abuse: rate, caps, origins, slow and silent peers
 mod load; // the load generator's smoke run
 mod notes; // 2. notes and versions
