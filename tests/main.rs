@@ -4,7 +4,7 @@
 mod common;
 
 mod auth; // 5. tokens and roles
-
+mod chaos; // faults at random: acknowledged edits survive
 mod cluster; // 6. several nodes
 mod conformance; // RFC 6455 over raw sockets
 mod http; // 1. HTTP surface
