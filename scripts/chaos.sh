@@ -23,7 +23,7 @@ while (($#)); do
         --seed) seed="$2"; shift 2 ;;
         --duration) duration="$2"; shift 2 ;;
         --faults) faults="$2"; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "chaos.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
