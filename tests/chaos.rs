@@ -759,12 +759,12 @@ fn restart_crashed(world: &mut World, log: &mut FaultLog, started: Instant) {
         let exited = node.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
         if let Some(status) = exited {
             let at = started.elapsed().as_millis();
-            let tail = node.log_tail(12);
-            let last =
-                tail.iter().filter(|l| l.contains("ERROR") || l.contains("panicked")).cloned().collect::<Vec<_>>();
-            let last = last.join("\n    ");
-            log.crashes
-                .push(format!("node {} exited by itself ({status}) before {at} ms; its log:\n    {last}", node.id));
+            let tail = node.log_tail(40);
+            let why = tail
+                .iter()
+                .rposition(|l| l.contains("panicked at"))
+                .map_or(String::new(), |i| format!(": {}", tail[i..(i + 2).min(tail.len())].join(" ").trim()));
+            log.crashes.push(format!("node {} exited by itself ({status}) before {at} ms{why}", node.id));
             log.timeline.push(format!("{at} ms: node {} found exited ({status}), started again", node.id));
             node.child = None;
             node.spawn();
@@ -959,7 +959,9 @@ fn acknowledged_edits_survive_faults() {
             Err(e) => violations.push(format!("{}: {e}", paper_name(p))),
         }
     }
-    violations.extend(faults.crashes.iter().cloned());
+    if let Some(first) = faults.crashes.first() {
+        violations.push(format!("nodes exited by themselves {} times; the first: {first}", faults.crashes.len()));
+    }
 
     let mut ends: Vec<ClientEnd> = clients.into_iter().map(|c| c.join().expect("a client thread panicked")).collect();
 
@@ -1081,56 +1083,70 @@ fn acknowledged_edits_survive_faults() {
 }
 
 /// A fresh session on a paper upserts a note and sees it saved (or is told the
-/// paper is sealed) within `FRESH_EDIT` of `calm`; refusals as `unavailable` are retried.
+/// paper is sealed) within `FRESH_EDIT` of `calm`; `unavailable` and lost
+/// connections are retried within that time.
 fn fresh_edit(paper: usize, node: usize, port: u16, calm: Instant) -> Result<(Session, ClientLog), String> {
     let until = calm + FRESH_EDIT;
+    let mut log = ClientLog::default();
     let mut last = String::from("never joined");
+    let mut serial = 0;
     while Instant::now() < until {
-        let mut session = match Session::open(node, port, paper, "probe", u64::MAX) {
-            Ok(session) => session,
-            Err(e) => {
-                last = e;
-                thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        let mut log = ClientLog::default();
-        for attempt in 0..100 {
-            let r = format!("probe-{paper}-{attempt}");
-            log.edits.push(Edit {
-                client: usize::MAX,
-                r: r.clone(),
-                paper,
-                id: "probe".into(),
-                kind: Kind::Upsert,
-                data: json!({"attempt": attempt}),
-                node,
-                conn: u64::MAX,
-                v: None,
-                saved: None,
-                error: None,
-                lost: false,
-            });
-            session.pending.push(attempt);
-            session.send(&json!({"type": "upsert", "id": "probe", "data": {"attempt": attempt}, "ref": r}))?;
-            loop {
-                session.pump(&mut log)?;
-                let edit = &log.edits[attempt];
-                match edit.error.as_deref() {
-                    Some("paper_completed") => return Ok((session, log)),
-                    Some("unavailable") => break,
-                    Some(code) => return Err(format!("a fresh edit was refused with {code}")),
-                    None if edit.saved.is_some() => return Ok((session, log)),
-                    None => {}
+        serial += 1;
+        match Session::open(node, port, paper, "probe", u64::MAX - serial) {
+            Ok(mut session) => match probe(&mut session, &mut log, until) {
+                Ok(()) => return Ok((session, log)),
+                Err(e) => {
+                    last = e;
+                    session.lost(&mut log);
                 }
-                if Instant::now() >= until {
-                    return Err(format!("no fresh edit saved within {FRESH_EDIT:?} of the last fault: {edit:?}"));
-                }
-            }
-            thread::sleep(Duration::from_millis(100));
+            },
+            Err(e) => last = e,
         }
+        thread::sleep(Duration::from_millis(100));
     }
-    Err(format!("could not join within {FRESH_EDIT:?} of the last fault: {last}"))
+    Err(format!("no fresh edit saved within {FRESH_EDIT:?} of the last fault on node {}: {last}", NODE_IDS[node]))
+}
+
+/// Upserts the probe note until it is saved or refused as sealed.
+fn probe(session: &mut Session, log: &mut ClientLog, until: Instant) -> Result<(), String> {
+    let mut last = String::from("no time left");
+    while Instant::now() < until {
+        let n = log.edits.len();
+        let r = format!("probe-{}-{n}", session.paper);
+        log.edits.push(Edit {
+            client: usize::MAX,
+            r: r.clone(),
+            paper: session.paper,
+            id: "probe".into(),
+            kind: Kind::Upsert,
+            data: json!({"attempt": n}),
+            node: session.node,
+            conn: session.conn,
+            v: None,
+            saved: None,
+            error: None,
+            lost: false,
+        });
+        session.pending.push(n);
+        session.send(&json!({"type": "upsert", "id": "probe", "data": {"attempt": n}, "ref": r}))?;
+        loop {
+            session.pump(log)?;
+            let edit = &log.edits[n];
+            match edit.error.as_deref() {
+                Some("paper_completed") => return Ok(()),
+                Some("unavailable") => break,
+                Some(code) => return Err(format!("the fresh edit was refused with {code}")),
+                None if edit.saved.is_some() => return Ok(()),
+                None => {}
+            }
+            if Instant::now() >= until {
+                return Err(format!("the fresh edit was neither saved nor refused: {edit:?}"));
+            }
+        }
+        last = "refused with unavailable".into();
+        thread::sleep(Duration::from_millis(100));
+    }
+    Err(last)
 }
 
 /// Every edit its sender saw `saved` (and not refused) is in Redis at its version
