@@ -5,10 +5,11 @@ mod common;
 
 mod auth; // 5. tokens and roles
 mod bounds; // every buffer, table and wait bounded under hostile clients
+mod chaos; // faults at random: acknowledged edits survive
 mod cluster; // 6. several nodes
 mod conformance; // RFC 6455 over raw sockets
 mod http; // 1. HTTP surface
-mod integrity; // 3.1 and 4 (1.1): saved is a promise, foreign versions, the seal
+mod integrity; // 2-4 (1.1): foreign values, write_failed, saved, completed with notes, the seal race
 mod lifecycle; // conn lifecycle: no leak, a deadline in every waiting phase
 mod limits; // abuse: rate, caps, origins, slow and silent peers
 #[cfg(feature = "load")]

@@ -1,0 +1,1241 @@
+//! Faults at random moments, checked the way Jepsen checks acknowledged writes:
+//! two clustered nodes on one Redis (append-only, fsync always), clients editing
+//! six papers through them, and a fault thread killing nodes, killing and pausing
+//! Redis, dropping Redis connections, breaking one paper's key and planting
+//! corrupt values. At the end, every edit its sender saw `saved` must be in
+//! Redis, sealed papers must match their stream entry, and every node and every
+//! connected client must show what Redis holds.
+//!
+//! `RP_CHAOS_SEED` replays a run's random choices (timing still varies);
+//! `RP_CHAOS_SECONDS` sets how long faults go on (45 by default, so that
+//! `cargo test` stays short; `scripts/chaos.sh` runs it for longer);
+//! `RP_CHAOS_FAULTS` (say `0,2,5`) limits the faults to some kinds of `FAULTS`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tungstenite::{Message, WebSocket};
+
+use crate::common::{free_port, Redis};
+
+const PAPERS: usize = 6;
+const CLIENTS: usize = 8;
+/// Note ids per paper: few, so that concurrent writes to one note happen.
+const POOL: u64 = 5;
+/// How many papers are sealed during a run (about one in three).
+const SEALED: usize = 2;
+const NODE_IDS: [&str; 2] = ["a", "b"];
+/// Versions are integers in [1, 2^53).
+const V_LIMIT: u64 = 1 << 53;
+/// After the last fault: how long clients may take to see their edits resolved.
+const QUIESCE: Duration = Duration::from_secs(30);
+/// After the last fault: how long a paper may take to accept and save a fresh edit.
+const FRESH_EDIT: Duration = Duration::from_secs(10);
+/// How long a client keeps trying to reconnect before it gives up.
+const RECONNECT: Duration = Duration::from_secs(45);
+
+/// A note as compared: `id -> {author, data, v}`.
+type Notes = BTreeMap<String, Value>;
+
+fn paper_name(p: usize) -> String {
+    format!("chaos{p}")
+}
+
+// ---- randomness ------------------------------------------------------------------
+
+/// splitmix64: small, fast, and good enough to pick faults and edits.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64, stream: u64) -> Rng {
+        let mut rng = Rng(seed ^ stream.wrapping_mul(0xA076_1D64_78BD_642F));
+        rng.next();
+        rng
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn between_ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+// ---- notes and versions ---------------------------------------------------------------
+
+/// A version as sent by the server: an integer in [1, 2^53), else `None`.
+fn version_of(v: &Value) -> Option<u64> {
+    v.as_u64().filter(|v| (1..V_LIMIT).contains(v))
+}
+
+fn note_value(note: &Value) -> Value {
+    json!({"author": note["author"], "data": note["data"], "v": note["v"]})
+}
+
+fn notes_of(list: &Value) -> Option<Notes> {
+    let list = list.as_array()?;
+    list.iter().map(|n| Some((n["id"].as_str()?.to_string(), note_value(n)))).collect()
+}
+
+/// A stored note value, if it is one: `(v, Some(note))`, or `(v, None)` for a tombstone.
+fn stored_note(raw: &[u8]) -> Option<(u64, Option<Value>)> {
+    let value: Value = serde_json::from_slice(raw).ok()?;
+    let v = version_of(&value["v"])?;
+    if value.get("deleted").is_some() {
+        return Some((v, None));
+    }
+    (value["author"].is_string() && value["data"].is_object()).then(|| (v, Some(note_value(&value))))
+}
+
+/// What two views differ in, briefly.
+fn diff(left: &Notes, right: &Notes) -> String {
+    let mut out = Vec::new();
+    for (id, l) in left {
+        match right.get(id) {
+            None => out.push(format!("{id}: only left {l}")),
+            Some(r) if r != l => out.push(format!("{id}: {l} vs {r}")),
+            _ => {}
+        }
+    }
+    for (id, r) in right {
+        if !left.contains_key(id) {
+            out.push(format!("{id}: only right {r}"));
+        }
+    }
+    out.join("; ")
+}
+
+// ---- Redis, read and poked from outside ------------------------------------------------
+
+fn redis_conn(port: u16) -> redis::RedisResult<redis::Connection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+    Ok(conn)
+}
+
+fn notes_key(paper: &str) -> String {
+    format!("rp:paper:{{{paper}}}:notes")
+}
+
+/// Every field of a paper's notes hash, raw.
+fn stored_raw(port: u16, paper: &str) -> Vec<(String, Vec<u8>)> {
+    let mut conn = redis_conn(port).expect("Redis for the final checks");
+    let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL").arg(notes_key(paper)).query(&mut conn).unwrap();
+    fields.into_iter().map(|(id, value)| (String::from_utf8_lossy(&id).into_owned(), value)).collect()
+}
+
+/// The live notes Redis holds for a paper (tombstones and unreadable values left out).
+fn live_in_redis(port: u16, paper: &str) -> Notes {
+    stored_raw(port, paper)
+        .into_iter()
+        .filter_map(|(id, raw)| Some((id, stored_note(&raw)?.1?)))
+        .filter(|(_, note)| note.is_object())
+        .collect()
+}
+
+/// Stream entries for each paper, each its parsed `snapshot` (or `Null`).
+fn stream_entries(port: u16) -> HashMap<String, Vec<Value>> {
+    let mut conn = redis_conn(port).expect("Redis for the final checks");
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg("rp:papers:completed").arg("-").arg("+").query(&mut conn).unwrap();
+    let mut by_paper: HashMap<String, Vec<Value>> = HashMap::new();
+    for (_, fields) in entries {
+        let fields: HashMap<String, String> = fields.into_iter().collect();
+        let snapshot = fields.get("snapshot").and_then(|s| serde_json::from_str(s).ok()).unwrap_or(Value::Null);
+        by_paper.entry(fields.get("paper").cloned().unwrap_or_default()).or_default().push(snapshot);
+    }
+    by_paper
+}
+
+fn sealed_in_redis(port: u16, paper: &str) -> bool {
+    let mut conn = redis_conn(port).expect("Redis for the final checks");
+    let completed: Option<String> =
+        redis::cmd("HGET").arg(format!("rp:paper:{{{paper}}}:meta")).arg("completed").query(&mut conn).unwrap();
+    completed.as_deref() == Some("1")
+}
+
+fn redis_pid(port: u16) -> redis::RedisResult<u32> {
+    let info: String = redis::cmd("INFO").arg("server").query(&mut redis_conn(port)?)?;
+    Ok(info.lines().find_map(|l| l.strip_prefix("process_id:")).and_then(|p| p.trim().parse().ok()).unwrap_or(0))
+}
+
+fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status();
+}
+
+// ---- the nodes -----------------------------------------------------------------------
+
+/// One `rollingpaper --cluster` process on a fixed port, so that a node killed
+/// with SIGKILL comes back where its clients look for it.
+struct Node {
+    id: &'static str,
+    port: u16,
+    redis_url: String,
+    child: Option<Child>,
+    /// Its last log lines, for the report when a check fails.
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Node {
+    fn start(id: &'static str, redis_url: &str) -> Node {
+        let mut node =
+            Node { id, port: free_port(), redis_url: redis_url.to_string(), child: None, log: Default::default() };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        // The port was just released by the killed process: a few tries.
+        for _ in 0..10 {
+            if self.try_spawn() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        panic!("node {} could not listen on port {} again", self.id, self.port);
+    }
+
+    fn try_spawn(&mut self) -> bool {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rollingpaper"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--store", "redis", "--redis", &self.redis_url])
+            .args(["--cluster", "--node-id", self.id, "--threads", "2", "--rate", "100000", "--burst", "100000"])
+            .args(["--log-level", "info"])
+            .env_clear()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, listening) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        let id = self.id;
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("RP_TEST_LOG").is_some() {
+                    eprintln!("[node {id}] {line}");
+                }
+                if line.contains("listening on http://") {
+                    let _ = tx.send(());
+                }
+                let mut log = log.lock().unwrap();
+                if log.len() == 200 {
+                    log.pop_front();
+                }
+                log.push_back(line);
+            }
+        });
+        if listening.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        self.child = Some(child);
+        true
+    }
+
+    /// SIGKILL: whatever was not written yet is lost.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status within a minute (`None`: it did not exit).
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        signal(child.id(), "TERM");
+        let until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    fn log_tail(&self, lines: usize) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().skip(log.len().saturating_sub(lines)).cloned().collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plain `GET` (the connection closes after the answer): status and body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let length = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|n| n.trim().parse::<usize>()))
+        .and_then(Result::ok);
+    let body = match length {
+        Some(n) if n <= body.len() => body[..n].to_string(),
+        _ => body.to_string(),
+    };
+    Some((status, body))
+}
+
+/// The paper as a node serves it on `GET /papers/{paper}`.
+fn node_view(port: u16, paper: &str) -> Option<Notes> {
+    let (status, body) = http_get(port, &format!("/papers/{paper}"))?;
+    if status != 200 {
+        return None;
+    }
+    notes_of(&serde_json::from_str::<Value>(&body).ok()?["notes"])
+}
+
+// ---- what clients record -----------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Upsert,
+    Delete,
+    Complete,
+}
+
+/// One message a client sent that asks for a change, and what became of it.
+#[derive(Debug)]
+struct Edit {
+    client: usize,
+    r: String,
+    paper: usize,
+    id: String,
+    kind: Kind,
+    data: Value,
+    /// The node the sender was connected to, and the connection's serial.
+    node: usize,
+    conn: u64,
+    /// From the broadcast the sender received.
+    v: Option<u64>,
+    /// The `saved` that covered it.
+    saved: Option<u64>,
+    /// The code of the `error` carrying its ref.
+    error: Option<String>,
+    /// Its connection ended before it was resolved.
+    lost: bool,
+}
+
+#[derive(Default)]
+struct ClientLog {
+    edits: Vec<Edit>,
+    /// Every frame received, in order, with a line per (re)connection.
+    received: Vec<String>,
+    /// Every `completed` received: its paper and its notes (`None`: it had none).
+    completed: Vec<(usize, Option<Notes>)>,
+    errors_without_ref: BTreeMap<String, u64>,
+    connections: u64,
+    violations: Vec<String>,
+}
+
+/// One open session and the view of the paper its client has built from it.
+struct Session {
+    ws: WebSocket<TcpStream>,
+    paper: usize,
+    node: usize,
+    you: String,
+    conn: u64,
+    view: Notes,
+    /// Edits sent on this connection and not resolved yet (indices into `edits`).
+    pending: Vec<usize>,
+}
+
+fn would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+}
+
+impl Session {
+    /// Connects and reads the snapshot (a paper that cannot be read answers 1013
+    /// within its load timeout).
+    fn open(node: usize, port: u16, paper: usize, user: &str, conn: u64) -> Result<Session, String> {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        stream.set_write_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let url = format!("ws://127.0.0.1:{port}/ws/{}?user={user}", paper_name(paper));
+        let (mut ws, _) = tungstenite::client(url, stream).map_err(|e| e.to_string())?;
+        ws.get_ref().set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
+        let until = Instant::now() + Duration::from_secs(20);
+        let snapshot = loop {
+            if Instant::now() >= until {
+                return Err("no snapshot within 20 s".into());
+            }
+            match ws.read() {
+                Ok(Message::Text(text)) => break serde_json::from_str::<Value>(&text).map_err(|e| e.to_string())?,
+                Ok(Message::Close(frame)) => return Err(format!("closed before the snapshot: {frame:?}")),
+                Ok(_) => {}
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        if snapshot["type"] != "snapshot" {
+            return Err(format!("first message not a snapshot: {snapshot}"));
+        }
+        let view = notes_of(&snapshot["notes"]).ok_or_else(|| format!("snapshot without notes: {snapshot}"))?;
+        ws.get_ref().set_read_timeout(Some(Duration::from_millis(10))).map_err(|e| e.to_string())?;
+        let you = snapshot["you"].as_str().unwrap_or_default().to_string();
+        Ok(Session { ws, paper, node, you, conn, view, pending: Vec::new() })
+    }
+
+    fn send(&mut self, msg: &Value) -> Result<(), String> {
+        match self.ws.send(Message::text(msg.to_string())) {
+            Ok(()) => Ok(()),
+            // Queued in tungstenite's buffer; flushed by a later write.
+            Err(e) if would_block(&e) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Reads every frame there is now and applies it; `Err` when the connection ended.
+    fn pump(&mut self, log: &mut ClientLog) -> Result<(), String> {
+        for _ in 0..10_000 {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    log.received.push(text.to_string());
+                    match serde_json::from_str::<Value>(&text) {
+                        Ok(msg) => self.apply(&msg, log),
+                        Err(e) => log.violations.push(format!("a frame that is not JSON ({e}): {text}")),
+                    }
+                }
+                Ok(Message::Close(frame)) => return Err(format!("closed: {frame:?}")),
+                Ok(_) => {}
+                Err(e) if would_block(&e) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, msg: &Value, log: &mut ClientLog) {
+        let mine = |log: &ClientLog| -> Option<usize> {
+            let r = msg["ref"].as_str()?;
+            log.edits.iter().rposition(|e| e.r == r)
+        };
+        match msg["type"].as_str().unwrap_or_default() {
+            kind @ ("upsert" | "delete") => {
+                let Some(v) = version_of(&msg["v"]) else {
+                    log.violations.push(format!("a broadcast with a version out of range: {msg}"));
+                    return;
+                };
+                let id = msg["id"].as_str().unwrap_or_default().to_string();
+                if kind == "upsert" {
+                    self.view.insert(id, note_value(msg));
+                } else {
+                    self.view.remove(&id);
+                }
+                if msg["from"] == self.you.as_str() {
+                    if let Some(i) = mine(log) {
+                        log.edits[i].v = Some(v);
+                    }
+                }
+            }
+            "saved" => {
+                let Some(saved) = msg["v"].as_u64() else {
+                    log.violations.push(format!("saved without an integer v: {msg}"));
+                    return;
+                };
+                let edits = &mut log.edits;
+                self.pending.retain(|&i| {
+                    let edit = &mut edits[i];
+                    match edit.v {
+                        Some(v) if v <= saved && edit.error.is_none() => {
+                            edit.saved = Some(saved);
+                            false
+                        }
+                        _ => true,
+                    }
+                });
+            }
+            "error" => {
+                let code = msg["code"].as_str().unwrap_or("?").to_string();
+                match mine(log) {
+                    Some(i) => {
+                        let edit = &mut log.edits[i];
+                        if let Some(saved) = edit.saved {
+                            log.violations.push(format!(
+                                "edit {} was confirmed by saved {saved} and then refused: {msg}",
+                                edit.r
+                            ));
+                        }
+                        edit.error = Some(code);
+                        self.pending.retain(|&p| p != i);
+                    }
+                    None => *log.errors_without_ref.entry(code).or_default() += 1,
+                }
+            }
+            "snapshot" => match notes_of(&msg["notes"]) {
+                Some(notes) if msg.get("since").is_some() => {
+                    for (id, note) in notes {
+                        self.view.insert(id, note);
+                    }
+                    for note in msg["notes"].as_array().into_iter().flatten() {
+                        if note.get("deleted").is_some() {
+                            self.view.remove(note["id"].as_str().unwrap_or_default());
+                        }
+                    }
+                }
+                Some(notes) => self.view = notes,
+                None => log.violations.push(format!("a snapshot without notes: {msg}")),
+            },
+            "completed" => {
+                let notes = notes_of(&msg["notes"]);
+                if let Some(notes) = &notes {
+                    self.view = notes.clone();
+                }
+                log.completed.push((self.paper, notes));
+            }
+            _ => {}
+        }
+    }
+
+    /// Everything queued for this session now (a ping barrier), applied.
+    fn settle(&mut self, log: &mut ClientLog) -> Result<(), String> {
+        self.send(&json!({"type": "ping"}))?;
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            let before = log.received.len();
+            self.pump(log)?;
+            if log.received[before..].iter().any(|t| t.contains(r#""type":"pong""#)) {
+                return Ok(());
+            }
+        }
+        Err("no pong within 5 s".into())
+    }
+
+    /// The connection ended: what was not resolved stays unresolved.
+    fn lost(self, log: &mut ClientLog) {
+        for i in self.pending {
+            log.edits[i].lost = true;
+        }
+    }
+}
+
+// ---- clients -------------------------------------------------------------------------
+
+struct Shared {
+    ports: [u16; 2],
+    /// Faults are over: send nothing new, wait for what was sent.
+    stop: AtomicBool,
+}
+
+struct ClientPlan {
+    index: usize,
+    paper: usize,
+    home: usize,
+    seed: u64,
+    /// When this client seals its paper, if it is the one that does.
+    seal_at: Option<Instant>,
+}
+
+/// What a client thread hands back: its log, and its session if still open.
+struct ClientEnd {
+    plan: ClientPlan,
+    log: ClientLog,
+    session: Option<Session>,
+}
+
+fn run_client(plan: ClientPlan, shared: Arc<Shared>) -> ClientEnd {
+    let mut rng = Rng::new(plan.seed, 100 + plan.index as u64);
+    let mut log = ClientLog::default();
+    let mut session: Option<Session> = None;
+    let mut serial = 0u64;
+    let mut next_action = Instant::now();
+    let mut seal_tries = 0;
+    let mut quiesce_until: Option<Instant> = None;
+    let user = format!("u{}", plan.index);
+    loop {
+        let stopping = shared.stop.load(Ordering::Relaxed);
+        if stopping && quiesce_until.is_none() {
+            quiesce_until = Some(Instant::now() + QUIESCE);
+        }
+        let Some(s) = session.as_mut() else {
+            if stopping {
+                break;
+            }
+            let started = Instant::now();
+            let mut attempt = 0;
+            while session.is_none() && started.elapsed() < RECONNECT && !shared.stop.load(Ordering::Relaxed) {
+                let node = (plan.home + attempt) % 2;
+                serial += 1;
+                let conn = (plan.index as u64) << 32 | serial;
+                match Session::open(node, shared.ports[node], plan.paper, &user, conn) {
+                    Ok(s) => {
+                        log.received.push(format!("# connection {conn} to node {}", NODE_IDS[node]));
+                        session = Some(s);
+                    }
+                    Err(e) => {
+                        log.received.push(format!("# node {} refused: {e}", NODE_IDS[node]));
+                        attempt += 1;
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+            log.connections += 1;
+            if session.is_none() && !shared.stop.load(Ordering::Relaxed) {
+                log.violations.push(format!("client {} could not join any node for {RECONNECT:?}", plan.index));
+                break;
+            }
+            continue;
+        };
+        if let Some(until) = quiesce_until {
+            if s.pending.is_empty() {
+                break;
+            }
+            if Instant::now() >= until {
+                for &i in &s.pending {
+                    let e = &log.edits[i];
+                    log.violations.push(format!(
+                        "edit {} (v {:?}) neither saved nor refused {QUIESCE:?} after the last fault, its connection open",
+                        e.r, e.v
+                    ));
+                }
+                break;
+            }
+        } else if Instant::now() >= next_action {
+            next_action = Instant::now() + rng.between_ms(10, 60);
+            if let Err(e) = act(s, &plan, &mut rng, &mut log, &mut seal_tries) {
+                log.received.push(format!("# send failed: {e}"));
+                session.take().unwrap().lost(&mut log);
+                continue;
+            }
+        }
+        if let Err(e) = s.pump(&mut log) {
+            log.received.push(format!("# connection ended: {e}"));
+            session.take().unwrap().lost(&mut log);
+        }
+    }
+    ClientEnd { plan, log, session }
+}
+
+/// One random edit (or the planned seal).
+fn act(
+    s: &mut Session,
+    plan: &ClientPlan,
+    rng: &mut Rng,
+    log: &mut ClientLog,
+    seal_tries: &mut u32,
+) -> Result<(), String> {
+    let n = log.edits.len();
+    let r = format!("c{}-{n}", plan.index);
+    // The planned seal, tried again (up to 3 times) only while it is neither done nor refused for good.
+    let sealed = log.completed.iter().any(|(p, _)| *p == plan.paper)
+        || log.edits.iter().any(|e| e.kind == Kind::Complete && e.error.as_deref() == Some("paper_completed"));
+    let waiting = log.edits.iter().any(|e| e.kind == Kind::Complete && e.error.is_none() && e.conn == s.conn);
+    let sealing = plan.seal_at.is_some_and(|at| Instant::now() >= at) && *seal_tries < 3 && !sealed && !waiting;
+    let (kind, id, data) = if sealing {
+        *seal_tries += 1;
+        (Kind::Complete, String::new(), Value::Null)
+    } else if rng.chance(70) {
+        let id = format!("n{}", rng.below(POOL));
+        (Kind::Upsert, id, json!({"by": plan.index, "n": n, "x": rng.below(1000)}))
+    } else {
+        (Kind::Delete, format!("n{}", rng.below(POOL)), Value::Null)
+    };
+    let msg = match kind {
+        Kind::Upsert => json!({"type": "upsert", "id": id, "data": data, "ref": r}),
+        Kind::Delete => json!({"type": "delete", "id": id, "ref": r}),
+        Kind::Complete => json!({"type": "complete", "ref": r}),
+    };
+    log.edits.push(Edit {
+        client: plan.index,
+        r,
+        paper: plan.paper,
+        id,
+        kind,
+        data,
+        node: s.node,
+        conn: s.conn,
+        v: None,
+        saved: None,
+        error: None,
+        lost: false,
+    });
+    if kind != Kind::Complete {
+        s.pending.push(n);
+    }
+    s.send(&msg)
+}
+
+// ---- faults --------------------------------------------------------------------------
+
+const FAULTS: [&str; 8] = [
+    "kill -9 a node",
+    "kill -9 Redis, restart from its AOF",
+    "CLIENT KILL TYPE normal",
+    "CLIENT KILL TYPE pubsub",
+    "CLIENT KILL a named server connection",
+    "Redis paused (SIGSTOP)",
+    "one paper's notes key of the wrong type",
+    "a corrupt stored value",
+];
+
+struct FaultLog {
+    counts: [u64; FAULTS.len()],
+    timeline: Vec<String>,
+    /// Papers whose key was replaced by a string for a while.
+    broken_papers: Vec<usize>,
+    /// Nodes that exited on their own (each was started again, as a supervisor would).
+    crashes: Vec<String>,
+}
+
+struct World {
+    redis: Redis,
+    nodes: [Node; 2],
+}
+
+/// Runs faults until `until`, one at a time; leaves everything running and
+/// every injected key restored.
+fn run_faults(world: &mut World, seed: u64, kinds: Vec<usize>, until: Instant, started: Instant) -> FaultLog {
+    let mut rng = Rng::new(seed, 1);
+    let mut log =
+        FaultLog { counts: [0; FAULTS.len()], timeline: Vec::new(), broken_papers: Vec::new(), crashes: Vec::new() };
+    let mut round: Vec<usize> = Vec::new();
+    let mut corrupt = 0;
+    while Instant::now() < until {
+        thread::sleep(rng.between_ms(300, 2500));
+        if Instant::now() >= until {
+            break;
+        }
+        if round.is_empty() {
+            // Every kind once per round, in random order: each happens several times.
+            round = kinds.clone();
+            for i in (1..round.len()).rev() {
+                round.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+        }
+        restart_crashed(world, &mut log, started);
+        let kind = round.pop().unwrap();
+        let at = started.elapsed().as_millis();
+        let what = inject(world, kind, &mut rng, &mut log, &mut corrupt);
+        log.counts[kind] += 1;
+        log.timeline.push(format!("{at} ms: {}{what}", FAULTS[kind]));
+    }
+    restart_crashed(world, &mut log, started);
+    log
+}
+
+/// A node that exited by itself is a finding; it is started again so that the
+/// run goes on testing the rest.
+fn restart_crashed(world: &mut World, log: &mut FaultLog, started: Instant) {
+    for node in &mut world.nodes {
+        let exited = node.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        if let Some(status) = exited {
+            let at = started.elapsed().as_millis();
+            let tail = node.log_tail(40);
+            let why = tail
+                .iter()
+                .rposition(|l| l.contains("panicked at"))
+                .map_or(String::new(), |i| format!(": {}", tail[i..(i + 2).min(tail.len())].join(" ").trim()));
+            log.crashes.push(format!("node {} exited by itself ({status}) before {at} ms{why}", node.id));
+            log.timeline.push(format!("{at} ms: node {} found exited ({status}), started again", node.id));
+            node.child = None;
+            node.spawn();
+        }
+    }
+}
+
+fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, corrupt: &mut u64) -> String {
+    let port = world.redis.port;
+    match kind {
+        0 => {
+            let k = rng.below(2) as usize;
+            world.nodes[k].kill();
+            thread::sleep(rng.between_ms(200, 2000));
+            world.nodes[k].spawn();
+            format!(" ({})", NODE_IDS[k])
+        }
+        1 => {
+            world.redis.stop();
+            thread::sleep(rng.between_ms(100, 1500));
+            world.redis.restart();
+            String::new()
+        }
+        2 | 3 => {
+            let kind = if kind == 2 { "normal" } else { "pubsub" };
+            let mut cmd = redis::cmd("CLIENT");
+            cmd.arg("KILL").arg("TYPE").arg(kind);
+            if kind == "normal" {
+                cmd.arg("SKIPME").arg("yes");
+            }
+            match redis_conn(port).and_then(|mut c| cmd.query::<i64>(&mut c)) {
+                Ok(n) => format!(": {n} killed"),
+                Err(e) => format!(": failed ({e})"),
+            }
+        }
+        4 => {
+            let name = ["rp-writer", "rp-loader", "rp-relay"][rng.below(3) as usize];
+            match kill_named(port, name) {
+                Ok(0) => format!(": none named {name} (the server does not name them)"),
+                Ok(n) => format!(": {n} named {name}"),
+                Err(e) => format!(": failed ({e})"),
+            }
+        }
+        5 => match redis_pid(port) {
+            Ok(pid) if pid > 0 => {
+                let pause = rng.between_ms(500, 1500);
+                signal(pid, "STOP");
+                thread::sleep(pause);
+                signal(pid, "CONT");
+                format!(" for {pause:?}")
+            }
+            other => format!(": no pid ({other:?})"),
+        },
+        6 => {
+            let p = rng.below(PAPERS as u64) as usize;
+            let key = notes_key(&paper_name(p));
+            let aside = format!("{key}:aside");
+            let broken = redis::Script::new(
+                "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('RENAME', KEYS[1], KEYS[2]) end \
+                 redis.call('SET', KEYS[1], 'oops') return 1",
+            );
+            let restored = redis::Script::new(
+                "redis.call('DEL', KEYS[1]) \
+                 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('RENAME', KEYS[2], KEYS[1]) end return 1",
+            );
+            if let Err(e) = redis_conn(port).and_then(|mut c| broken.key(&key).key(&aside).invoke::<i64>(&mut c)) {
+                return format!(": failed ({e})");
+            }
+            log.broken_papers.push(p);
+            let held = rng.between_ms(500, 3000);
+            thread::sleep(held);
+            // Restored in one step, so that nothing is written between DEL and RENAME.
+            for _ in 0..100 {
+                if redis_conn(port).and_then(|mut c| restored.key(&key).key(&aside).invoke::<i64>(&mut c)).is_ok() {
+                    return format!(" ({}) for {held:?}", paper_name(p));
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            panic!("could not restore {key}");
+        }
+        _ => {
+            let p = rng.below(PAPERS as u64) as usize;
+            *corrupt += 1;
+            let id = format!("x-corrupt-{corrupt}");
+            let value: Vec<u8> = match *corrupt % 3 {
+                0 => b"{\"author\":\"x\",\"data\":{\"t\":\"\xff\"},\"v\":5}".to_vec(),
+                1 => br#"{"author":"x","data":{},"v":18446744073709551615}"#.to_vec(),
+                _ => b"not json at all".to_vec(),
+            };
+            let result = redis_conn(port).and_then(|mut c| {
+                redis::cmd("HSET").arg(notes_key(&paper_name(p))).arg(&id).arg(value).query::<i64>(&mut c)
+            });
+            match result {
+                Ok(_) => format!(" ({} {id})", paper_name(p)),
+                Err(e) => format!(": failed ({e})"),
+            }
+        }
+    }
+}
+
+/// Kills Redis's connections of one name (the server names its own).
+fn kill_named(port: u16, name: &str) -> redis::RedisResult<usize> {
+    let mut conn = redis_conn(port)?;
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut conn)?;
+    let ids: Vec<&str> = list
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f == format!("name={name}")))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .collect();
+    for id in &ids {
+        let _: redis::Value = redis::cmd("CLIENT").arg("KILL").arg("ID").arg(*id).query(&mut conn)?;
+    }
+    Ok(ids.len())
+}
+
+// ---- the run -------------------------------------------------------------------------
+
+fn seed_from_env() -> u64 {
+    match std::env::var("RP_CHAOS_SEED") {
+        Ok(s) => s.trim().parse().expect("RP_CHAOS_SEED must be an unsigned integer"),
+        Err(_) => SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64,
+    }
+}
+
+fn seconds_from_env() -> u64 {
+    std::env::var("RP_CHAOS_SECONDS").map_or(45, |s| s.trim().parse().expect("RP_CHAOS_SECONDS must be seconds"))
+}
+
+/// `RP_CHAOS_FAULTS`: the fault kinds to use, as numbers into `FAULTS` (all by default).
+fn kinds_from_env() -> Vec<usize> {
+    match std::env::var("RP_CHAOS_FAULTS") {
+        Ok(list) => list
+            .split(',')
+            .map(|k| k.trim().parse().ok().filter(|k| *k < FAULTS.len()).expect("RP_CHAOS_FAULTS: numbers below 8"))
+            .collect(),
+        Err(_) => (0..FAULTS.len()).collect(),
+    }
+}
+
+#[test]
+fn acknowledged_edits_survive_faults() {
+    let seed = seed_from_env();
+    let seconds = seconds_from_env();
+    eprintln!("chaos: seed {seed}, {seconds} s of faults (replay with RP_CHAOS_SEED={seed})");
+    let started = Instant::now();
+    let redis = Redis::start_with(&["--appendfsync", "always"]);
+    let redis_port = redis.port;
+    let url = redis.url();
+    let nodes = [Node::start(NODE_IDS[0], &url), Node::start(NODE_IDS[1], &url)];
+    let ports = [nodes[0].port, nodes[1].port];
+    for port in ports {
+        let until = Instant::now() + Duration::from_secs(20);
+        while http_get(port, "/readyz").map(|(s, _)| s) != Some(200) {
+            assert!(Instant::now() < until, "a node on port {port} never became ready");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut world = World { redis, nodes };
+
+    // Which papers are sealed, and when.
+    let mut rng = Rng::new(seed, 0);
+    let faults_end = Instant::now() + Duration::from_secs(seconds);
+    let mut sealers: HashMap<usize, Instant> = HashMap::new();
+    while sealers.len() < SEALED {
+        let at = Duration::from_millis(seconds * 1000 * (30 + rng.below(60)) / 100);
+        sealers.entry(rng.below(PAPERS as u64) as usize).or_insert(Instant::now() + at);
+    }
+    let shared = Arc::new(Shared { ports, stop: AtomicBool::new(false) });
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|index| {
+            let paper = index % PAPERS;
+            // The first client of a paper seals it; a paper's clients sit on both nodes.
+            let seal_at = (index < PAPERS).then(|| sealers.get(&paper).copied()).flatten();
+            let plan = ClientPlan { index, paper, home: (index / PAPERS + index) % 2, seed, seal_at };
+            let shared = shared.clone();
+            thread::spawn(move || run_client(plan, shared))
+        })
+        .collect();
+
+    let faults = run_faults(&mut world, seed, kinds_from_env(), faults_end, started);
+    let calm = Instant::now();
+    shared.stop.store(true, Ordering::Relaxed);
+    let mut violations: Vec<String> = Vec::new();
+
+    // After the last fault, each paper takes a fresh edit (or says it is sealed).
+    let probing: Vec<_> =
+        (0..PAPERS).map(|p| thread::spawn(move || fresh_edit(p, p % 2, ports[p % 2], calm))).collect();
+    let mut probes: Vec<(Session, ClientLog)> = Vec::new();
+    for (p, probe) in probing.into_iter().enumerate() {
+        match probe.join().expect("a probe thread panicked") {
+            Ok(probe) => probes.push(probe),
+            Err(e) => violations.push(format!("{}: {e}", paper_name(p))),
+        }
+    }
+    if let Some(first) = faults.crashes.first() {
+        violations.push(format!("nodes exited by themselves {} times; the first: {first}", faults.crashes.len()));
+    }
+
+    let mut ends: Vec<ClientEnd> = clients.into_iter().map(|c| c.join().expect("a client thread panicked")).collect();
+
+    // Every node serves what Redis holds (all within one bound).
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut differ = Vec::new();
+        for p in 0..PAPERS {
+            let paper = paper_name(p);
+            let stored = live_in_redis(redis_port, &paper);
+            for (k, port) in ports.iter().enumerate() {
+                let view = node_view(*port, &paper);
+                if view.as_ref() != Some(&stored) {
+                    let shown = view.map_or("no answer".to_string(), |v| diff(&v, &stored));
+                    differ.push(format!("node {} serves {paper} unlike Redis: {shown}", NODE_IDS[k]));
+                }
+            }
+        }
+        if differ.is_empty() || Instant::now() >= until {
+            violations.extend(differ);
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+
+    // Every connected client's view is what Redis holds.
+    let mut open_sessions = 0;
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut views = |session: &mut Session, log: &mut ClientLog, who: String| {
+        let paper = paper_name(session.paper);
+        loop {
+            if let Err(e) = session.settle(log) {
+                log.received.push(format!("# lost at the end: {e}"));
+                return;
+            }
+            let stored = live_in_redis(redis_port, &paper);
+            if session.view == stored {
+                return;
+            }
+            if Instant::now() >= until {
+                violations.push(format!("{who} on {paper} shows {}", diff(&session.view, &stored)));
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    for end in &mut ends {
+        if let Some(session) = end.session.as_mut() {
+            open_sessions += 1;
+            views(session, &mut end.log, format!("client {}", end.plan.index));
+        }
+    }
+    for (p, (session, log)) in probes.iter_mut().enumerate() {
+        views(session, log, format!("the probe of {}", paper_name(p)));
+    }
+    let probe_logs: Vec<ClientLog> = probes.into_iter().map(|(_, log)| log).collect();
+    for end in &mut ends {
+        end.session = None;
+    }
+
+    // A clean stop of both nodes.
+    for node in &mut world.nodes {
+        match node.terminate() {
+            Some(status) if status.code() == Some(0) => {}
+            other => violations.push(format!("node {} after SIGTERM: {other:?}", node.id)),
+        }
+    }
+
+    let logs: Vec<&ClientLog> = ends.iter().map(|e| &e.log).chain(probe_logs.iter()).collect();
+    for log in &logs {
+        violations.extend(log.violations.iter().cloned());
+    }
+    let edits: Vec<&Edit> = logs.iter().flat_map(|l| l.edits.iter()).collect();
+    violations.extend(check_acknowledged(redis_port, &edits));
+    violations.extend(check_sealed(redis_port, &logs));
+
+    // The report.
+    let count = |f: &dyn Fn(&Edit) -> bool| edits.iter().filter(|e| f(e)).count();
+    let mut refused: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in &edits {
+        if let Some(code) = &e.error {
+            *refused.entry(code.as_str()).or_default() += 1;
+        }
+    }
+    eprintln!("chaos: seed {seed}, ran {:?}", started.elapsed());
+    eprintln!(
+        "chaos: edits sent {} (upserts {}, deletes {}, completes {}); saved {}; refused {refused:?}; \
+         unresolved at a lost connection {}",
+        edits.len(),
+        count(&|e| e.kind == Kind::Upsert),
+        count(&|e| e.kind == Kind::Delete),
+        count(&|e| e.kind == Kind::Complete),
+        count(&|e| e.saved.is_some()),
+        count(&|e| e.lost),
+    );
+    eprintln!(
+        "chaos: connections {}; clients connected at the end {open_sessions}; errors without a ref {:?}",
+        logs.iter().map(|l| l.connections).sum::<u64>(),
+        logs.iter().flat_map(|l| l.errors_without_ref.iter()).collect::<Vec<_>>(),
+    );
+    for (kind, n) in FAULTS.iter().zip(faults.counts) {
+        eprintln!("chaos: fault {kind}: {n}");
+    }
+    eprintln!("chaos: papers broken for a while: {:?}", faults.broken_papers);
+    eprintln!("chaos: sealed by plan: {:?}", sealers.keys().map(|p| paper_name(*p)).collect::<Vec<_>>());
+    eprintln!("chaos: violations {}", violations.len());
+    if !violations.is_empty() {
+        eprintln!("chaos: fault timeline:\n  {}", faults.timeline.join("\n  "));
+        for node in &world.nodes {
+            eprintln!("chaos: node {} log tail:\n  {}", node.id, node.log_tail(20).join("\n  "));
+        }
+        let first: Vec<&String> = violations.iter().take(20).collect();
+        panic!(
+            "chaos (seed {seed}; replay with RP_CHAOS_SEED={seed}): {} violations, the first:\n  {}",
+            violations.len(),
+            first.iter().map(|v| v.as_str()).collect::<Vec<_>>().join("\n  ")
+        );
+    }
+}
+
+/// A fresh session on a paper upserts a note and sees it saved (or is told the
+/// paper is sealed) within `FRESH_EDIT` of `calm`; `unavailable` and lost
+/// connections are retried within that time.
+fn fresh_edit(paper: usize, node: usize, port: u16, calm: Instant) -> Result<(Session, ClientLog), String> {
+    let until = calm + FRESH_EDIT;
+    let mut log = ClientLog::default();
+    let mut last = String::from("never joined");
+    let mut serial = 0;
+    while Instant::now() < until {
+        serial += 1;
+        match Session::open(node, port, paper, "probe", u64::MAX - serial) {
+            Ok(mut session) => match probe(&mut session, &mut log, until) {
+                Ok(()) => return Ok((session, log)),
+                Err(e) => {
+                    last = e;
+                    session.lost(&mut log);
+                }
+            },
+            Err(e) => last = e,
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("no fresh edit saved within {FRESH_EDIT:?} of the last fault on node {}: {last}", NODE_IDS[node]))
+}
+
+/// Upserts the probe note until it is saved or refused as sealed.
+fn probe(session: &mut Session, log: &mut ClientLog, until: Instant) -> Result<(), String> {
+    let mut last = String::from("no time left");
+    while Instant::now() < until {
+        let n = log.edits.len();
+        let r = format!("probe-{}-{n}", session.paper);
+        log.edits.push(Edit {
+            client: usize::MAX,
+            r: r.clone(),
+            paper: session.paper,
+            id: "probe".into(),
+            kind: Kind::Upsert,
+            data: json!({"attempt": n}),
+            node: session.node,
+            conn: session.conn,
+            v: None,
+            saved: None,
+            error: None,
+            lost: false,
+        });
+        session.pending.push(n);
+        session.send(&json!({"type": "upsert", "id": "probe", "data": {"attempt": n}, "ref": r}))?;
+        loop {
+            session.pump(log)?;
+            let edit = &log.edits[n];
+            match edit.error.as_deref() {
+                Some("paper_completed") => return Ok(()),
+                Some("unavailable") => break,
+                Some(code) => return Err(format!("the fresh edit was refused with {code}")),
+                None if edit.saved.is_some() => return Ok(()),
+                None => {}
+            }
+            if Instant::now() >= until {
+                return Err(format!("the fresh edit was neither saved nor refused: {edit:?}"));
+            }
+        }
+        last = "refused with unavailable".into();
+        thread::sleep(Duration::from_millis(100));
+    }
+    Err(last)
+}
+
+/// Every edit its sender saw `saved` (and not refused) is in Redis at its version
+/// or a later one of the same note.
+fn check_acknowledged(port: u16, edits: &[&Edit]) -> Vec<String> {
+    let mut violations = Vec::new();
+    let mut stored: HashMap<usize, HashMap<String, Vec<u8>>> = HashMap::new();
+    for p in 0..PAPERS {
+        stored.insert(p, stored_raw(port, &paper_name(p)).into_iter().collect());
+    }
+    for edit in edits {
+        let (Some(v), Some(saved), None) = (edit.v, edit.saved, &edit.error) else { continue };
+        let what = format!(
+            "edit {} of client {} ({:?} {} v {v}, saved {saved}, node {}, connection {:x})",
+            edit.r, edit.client, edit.kind, edit.id, NODE_IDS[edit.node], edit.conn
+        );
+        let Some(raw) = stored[&edit.paper].get(&edit.id) else {
+            violations.push(format!("{what} is lost: {} has no {}", paper_name(edit.paper), edit.id));
+            continue;
+        };
+        let Some((stored_v, note)) = stored_note(raw) else {
+            violations.push(format!("{what}: Redis holds an unreadable value {:?}", String::from_utf8_lossy(raw)));
+            continue;
+        };
+        if stored_v > v {
+            continue;
+        }
+        if stored_v < v {
+            violations.push(format!("{what} is lost: Redis holds the older v {stored_v}"));
+            continue;
+        }
+        let same = match (edit.kind, &note) {
+            (Kind::Upsert, Some(note)) => note["data"] == edit.data,
+            (Kind::Delete, None) => true,
+            _ => false,
+        };
+        // A tie in version goes to the greater node id: another node's edit may win it.
+        let tie_lost =
+            edits.iter().any(|o| o.paper == edit.paper && o.id == edit.id && o.v == Some(v) && o.node > edit.node);
+        if !same && !tie_lost {
+            violations.push(format!("{what} is lost: Redis holds another change at the same v: {note:?}"));
+        }
+    }
+    violations
+}
+
+/// Every sealed paper has one stream entry whose notes are the hash's live notes,
+/// and every `completed` a client received carried those notes.
+fn check_sealed(port: u16, logs: &[&ClientLog]) -> Vec<String> {
+    let mut violations = Vec::new();
+    let entries = stream_entries(port);
+    for p in 0..PAPERS {
+        let paper = paper_name(p);
+        let sealed = sealed_in_redis(port, &paper);
+        let found = entries.get(&paper).map_or(&[][..], Vec::as_slice);
+        let received: Vec<&Option<Notes>> =
+            logs.iter().flat_map(|l| l.completed.iter()).filter(|(q, _)| *q == p).map(|(_, n)| n).collect();
+        if !sealed {
+            if !found.is_empty() || !received.is_empty() {
+                violations.push(format!(
+                    "{paper} is not sealed in Redis, yet has {} stream entries and {} completed messages",
+                    found.len(),
+                    received.len()
+                ));
+            }
+            continue;
+        }
+        if found.len() != 1 {
+            violations.push(format!("{paper} is sealed with {} stream entries", found.len()));
+        }
+        let live = live_in_redis(port, &paper);
+        for entry in found {
+            match notes_of(&entry["notes"]) {
+                Some(notes) if notes == live => {}
+                Some(notes) => {
+                    violations.push(format!("{paper}: the stream entry differs from the hash: {}", diff(&notes, &live)))
+                }
+                None => violations.push(format!("{paper}: a stream entry without notes: {entry}")),
+            }
+        }
+        for notes in received {
+            match notes {
+                Some(notes) if *notes == live => {}
+                Some(notes) => {
+                    violations.push(format!("{paper}: completed differs from the hash: {}", diff(notes, &live)))
+                }
+                None => violations.push(format!("{paper}: completed without notes")),
+            }
+        }
+    }
+    violations
+}
