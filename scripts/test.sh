@@ -27,6 +27,8 @@ echo "test.sh: cargo test"
 cargo test --all-targets --features load
 echo "test.sh: the systemd unit's hardening"
 bash scripts/unit-test.sh
+echo "test.sh: a 30-second soak run (memory, descriptors, papers and Redis stay flat)"
+bash scripts/soak.sh --duration 30
 echo "test.sh: third-party clients (Python websockets, Node ws)"
 bash scripts/interop.sh
 echo "test.sh: wss:// through nginx to two nodes"

@@ -353,3 +353,215 @@ fn input_after_a_close_is_read_under_a_budget() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = flood.join();
 }
+
+// ---- soak --------------------------------------------------------------------------
+
+/// One sample of what the server holds.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    rss_kb: f64,
+    descriptors: f64,
+    papers: f64,
+    redis_bytes: f64,
+}
+
+fn rss_kb(server: &Server) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn redis_used_memory(redis: &Redis) -> f64 {
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut redis.conn()).unwrap();
+    info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// Least-squares slope of `ys` per sample.
+fn slope(ys: &[f64]) -> f64 {
+    let n = ys.len() as f64;
+    let mean_x = (n - 1.0) / 2.0;
+    let mean_y = ys.iter().sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for (i, y) in ys.iter().enumerate() {
+        num += (i as f64 - mean_x) * (y - mean_y);
+        den += (i as f64 - mean_x).powi(2);
+    }
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+/// Runs `work` in a loop on its own thread until `stop`; a failed round (a
+/// refused or dropped connection under churn) is only counted.
+fn churn(
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    errors: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+    mut work: impl FnMut(u64) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let (stop, errors) = (stop.clone(), errors.clone());
+    std::thread::spawn(move || {
+        let mut round = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            round += 1;
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(round))).is_err() {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    })
+}
+
+/// Churn against one node with Redis for `RP_SOAK_SECONDS` (default 180): sessions
+/// that come and go, papers opened and abandoned, notes created and deleted at
+/// the default rate, slow and never-reading readers, reads handed between loops,
+/// ping floods. Over the second half of the run, the least-squares line through
+/// each of RSS, descriptors, papers in memory and Redis's `used_memory` may rise
+/// by at most 20% of the series' mean, or a floor (8 MB, 32 descriptors, 50
+/// papers, 1 MB), whichever is larger. Run by `scripts/soak.sh`.
+///
+/// Deleted notes stay as tombstones until a tombstone horizon prunes them, so
+/// the note churn reuses a bounded pool of 50 note ids on 4 papers; fresh paper
+/// ids are only opened (presence and cursors), never written.
+#[test]
+#[ignore]
+fn soak() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let seconds: u64 = std::env::var("RP_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(180);
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--cluster", "--paper-linger", "3", "--handshake-timeout", "2"]);
+    let addr = server.addr;
+    let url = move |path: &str| format!("ws://{addr}{path}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let connect = move |path: &str| -> Client {
+        let (ws, _) = tungstenite::connect(url(path)).expect("handshake");
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        }
+        Client { ws, you: String::new(), snapshot: Value::Null }
+    };
+    let mut workers = Vec::new();
+    // Sessions coming and going on fresh papers (abandoned) and on a pool of papers.
+    for lane in 0..2 {
+        workers.push(churn(&stop, &errors, move |round| {
+            let mut fresh = connect(&format!("/ws/fresh-{lane}-{round}"));
+            fresh.next_of("snapshot");
+            fresh.send(json!({"type": "cursor", "data": {"x": round}}));
+            let mut pooled = connect(&format!("/ws/pool-{}", round % 20));
+            pooled.next_of("snapshot");
+            fresh.close();
+            pooled.close();
+            std::thread::sleep(Duration::from_millis(10)); // the pace of the churn
+        }));
+    }
+    // Notes created and deleted at about 40 a second (the default rate is 50).
+    workers.push(churn(&stop, &errors, move |round| {
+        let mut editor = connect(&format!("/ws/notes-{}", round % 4));
+        editor.next_of("snapshot");
+        for i in 0..200 {
+            let id = format!("n{}", i % 50);
+            editor.upsert(&id, json!({"text": "x".repeat(200), "round": round}));
+            editor.next_of("upsert");
+            editor.send(json!({"type": "delete", "id": id}));
+            editor.next_of("delete");
+            std::thread::sleep(Duration::from_millis(50)); // the pace of the churn
+        }
+        editor.close();
+    }));
+    // Members that never read (their snapshot unwritten), and slow readers.
+    workers.push(churn(&stop, &errors, move |round| {
+        let mut never = TcpStream::connect(addr).unwrap();
+        never.write_all(upgrade_request(&format!("/ws/notes-{}", round % 4), "").as_bytes()).unwrap();
+        let mut slow = connect(&format!("/ws/notes-{}", round % 4));
+        std::thread::sleep(Duration::from_secs(3)); // holding them is the point
+        let _ = slow.ws.read();
+    }));
+    // Reads of papers held and not held, handed between the loops.
+    workers.push(churn(&stop, &errors, move |round| {
+        for path in [format!("/papers/read-{round}"), format!("/papers/notes-{}", round % 4)] {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(PATIENCE)).unwrap();
+            stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer);
+            assert!(answer.starts_with(b"HTTP/1.1 200"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }));
+    // Ping floods, closed with 1008 each time.
+    workers.push(churn(&stop, &errors, move |round| {
+        let mut flooder = connect(&format!("/ws/pool-{}", round % 20));
+        flooder.next_of("snapshot");
+        for _ in 0..400 {
+            if flooder.ws.send(Message::Ping(Vec::new().into())).is_err() {
+                break;
+            }
+        }
+        let until = deadline();
+        while Instant::now() < until {
+            match flooder.ws.read() {
+                Ok(Message::Close(_)) | Err(tungstenite::Error::ConnectionClosed) => break,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }));
+
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    let mut next = started;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        next += Duration::from_secs(1);
+        std::thread::sleep(next.saturating_duration_since(Instant::now())); // the sampling period
+        samples.push(Sample {
+            rss_kb: rss_kb(&server),
+            descriptors: open_descriptors(&server) as f64,
+            papers: metric(&server, "papers") as f64,
+            redis_bytes: redis_used_memory(&redis),
+        });
+        if samples.len() % 10 == 0 {
+            eprintln!("soak: {:>4} s {:?}", samples.len(), samples.last().unwrap());
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        let _ = worker.join();
+    }
+
+    let half = &samples[samples.len() / 2..];
+    let series: [(&str, fn(&Sample) -> f64, f64); 4] = [
+        ("RSS (kB)", |s| s.rss_kb, 8.0 * 1024.0),
+        ("descriptors", |s| s.descriptors, 32.0),
+        ("papers", |s| s.papers, 50.0),
+        ("Redis used_memory (bytes)", |s| s.redis_bytes, 1024.0 * 1024.0),
+    ];
+    let mut grew = Vec::new();
+    for (name, value, floor) in series {
+        let ys: Vec<f64> = half.iter().map(value).collect();
+        let mean = ys.iter().sum::<f64>() / ys.len() as f64;
+        let per_second = slope(&ys);
+        let rise = per_second * ys.len() as f64;
+        let allowed = (mean * 0.2).max(floor);
+        let (min, max) = ys.iter().fold((f64::MAX, f64::MIN), |(lo, hi), y| (lo.min(*y), hi.max(*y)));
+        eprintln!(
+            "soak: {name}: second half min {min:.0} max {max:.0} mean {mean:.0}, slope {per_second:.1}/s, \
+             fitted rise {rise:.0} (allowed {allowed:.0})"
+        );
+        if rise > allowed {
+            grew.push(name);
+        }
+    }
+    eprintln!(
+        "soak: {seconds} s, {} samples, {} failed rounds (refused or dropped under churn)",
+        samples.len(),
+        errors.load(Ordering::Relaxed)
+    );
+    assert!(grew.is_empty(), "still growing over the second half: {grew:?}");
+}
