@@ -294,6 +294,11 @@ fn samples(body: &str, name: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// Whether `text` holds `word` as a whole word (a paper id, not part of "paper").
+fn names(text: &str, word: &str) -> bool {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-')).any(|w| w == word)
+}
+
 fn node(redis: &Redis, id: &str) -> Server {
     let server = Server::redis(redis, &["--cluster", "--node-id", id, "--rate", "100000", "--burst", "100000"]);
     eventually(&format!("node {id} ready"), || (server.get("/readyz").0 == 200).then_some(()));
@@ -514,12 +519,16 @@ fn a_key_of_the_wrong_type_fails_one_paper_and_it_recovers() {
     let server = Server::redis(&redis, &[]);
     let (mut a, _b) = write_fails_for_one_paper(&server, &redis, "pa", &notes_key("pa"));
 
-    let (status, _, body) = server.get("/readyz");
-    assert_eq!(status, 200, "Redis answers: {body}");
-    assert!(body.contains("pa") && body.contains("WRONGTYPE"), "/readyz names the paper and the error: {body}");
-    let (_, _, metrics) = server.get("/metrics");
-    let failed = samples(&metrics, "rollingpaper_failed_ops_total");
-    assert!(failed.iter().any(|(labels, value)| labels.contains("reason=") && *value > 0.0), "{failed:?}");
+    eventually("/readyz to name pa and Redis's error", || {
+        let (status, _, body) = server.get("/readyz");
+        assert_eq!(status, 200, "Redis answers, so the node is ready: {body}");
+        (names(&body, "pa") && body.contains("WRONGTYPE")).then_some(())
+    });
+    eventually("rollingpaper_failed_ops_total with a reason", || {
+        let (_, _, metrics) = server.get("/metrics");
+        let failed = samples(&metrics, "rollingpaper_failed_ops_total");
+        failed.iter().any(|(labels, value)| labels.contains("reason=") && *value > 0.0).then_some(())
+    });
 
     run(&redis, &["DEL", &notes_key("pa")]);
     let until = deadline();
@@ -578,6 +587,7 @@ fn saved_waits_while_redis_does_not_answer() {
 /// `completed` as received: from `by`, with the notes as sealed.
 fn completed_notes(msg: &Value, by: &str) -> Notes {
     assert_eq!(msg["by"], by, "{msg}");
+    assert!(msg["notes"].is_array(), "completed carries no notes: {msg}");
     notes_of(&msg["notes"])
 }
 
