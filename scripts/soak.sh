@@ -17,4 +17,4 @@ while [ $# -gt 0 ]; do
 done
 command -v redis-server >/dev/null 2>&1 || { echo "soak.sh: redis-server is missing (scripts/test.sh installs it)" >&2; exit 1; }
 echo "soak.sh: ${duration} s of churn"
-RP_SOAK_SECONDS="$duration" cargo test --test main bounds::soak -- --ignored --exact --nocapture
+RP_SOAK_SECONDS="$duration" cargo test --features load --test main bounds::soak -- --ignored --exact --nocapture
