@@ -379,6 +379,9 @@ fn redis_used_memory(redis: &Redis) -> f64 {
     info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
 }
 
+/// A sampled quantity: its name, how to read it, and how much it may grow.
+type Series = (&'static str, fn(&Sample) -> f64, f64);
+
 /// Least-squares slope of `ys` per sample.
 fn slope(ys: &[f64]) -> f64 {
     let n = ys.len() as f64;
@@ -536,7 +539,7 @@ fn soak() {
     }
 
     let half = &samples[samples.len() / 2..];
-    let series: [(&str, fn(&Sample) -> f64, f64); 4] = [
+    let series: [Series; 4] = [
         ("RSS (kB)", |s| s.rss_kb, 8.0 * 1024.0),
         ("descriptors", |s| s.descriptors, 32.0),
         ("papers", |s| s.papers, 50.0),
