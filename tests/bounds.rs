@@ -365,6 +365,10 @@ struct Sample {
     redis_bytes: f64,
 }
 
+/// A sampled series: its name, how to read it from a sample, and the rise
+/// always allowed whatever its mean.
+type Series = (&'static str, fn(&Sample) -> f64, f64);
+
 fn rss_kb(server: &Server) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap_or_default();
     status
@@ -396,17 +400,24 @@ fn slope(ys: &[f64]) -> f64 {
     }
 }
 
-/// Runs `work` in a loop on its own thread until `stop`; a failed round (a
-/// refused or dropped connection under churn) is only counted.
+/// Runs `work` in a loop on its own thread until `stop`, a round every `every`
+/// at most (on a fixed schedule, so that the load does not follow the machine's
+/// other work); a failed round (a refused or dropped connection under churn) is
+/// only counted.
 fn churn(
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
     errors: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+    every: Duration,
     mut work: impl FnMut(u64) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     let (stop, errors) = (stop.clone(), errors.clone());
     std::thread::spawn(move || {
         let mut round = 0;
+        let mut next = Instant::now();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // A late round is not made up for: no bursts after a stall.
+            next = (next + every).max(Instant::now());
+            std::thread::sleep(next.saturating_duration_since(Instant::now())); // the schedule
             round += 1;
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(round))).is_err() {
                 errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -448,7 +459,7 @@ fn soak() {
     let mut workers = Vec::new();
     // Sessions coming and going on fresh papers (abandoned) and on a pool of papers.
     for lane in 0..2 {
-        workers.push(churn(&stop, &errors, move |round| {
+        workers.push(churn(&stop, &errors, Duration::from_millis(50), move |round| {
             let mut fresh = connect(&format!("/ws/fresh-{lane}-{round}"));
             fresh.next_of("snapshot");
             fresh.send(json!({"type": "cursor", "data": {"x": round}}));
@@ -456,11 +467,10 @@ fn soak() {
             pooled.next_of("snapshot");
             fresh.close();
             pooled.close();
-            std::thread::sleep(Duration::from_millis(10)); // the pace of the churn
         }));
     }
     // Notes created and deleted at about 40 a second (the default rate is 50).
-    workers.push(churn(&stop, &errors, move |round| {
+    workers.push(churn(&stop, &errors, Duration::ZERO, move |round| {
         let mut editor = connect(&format!("/ws/notes-{}", round % 4));
         editor.next_of("snapshot");
         for i in 0..200 {
@@ -474,7 +484,7 @@ fn soak() {
         editor.close();
     }));
     // Members that never read (their snapshot unwritten), and slow readers.
-    workers.push(churn(&stop, &errors, move |round| {
+    workers.push(churn(&stop, &errors, Duration::from_secs(1), move |round| {
         let mut never = TcpStream::connect(addr).unwrap();
         never.write_all(upgrade_request(&format!("/ws/notes-{}", round % 4), "").as_bytes()).unwrap();
         let mut slow = connect(&format!("/ws/notes-{}", round % 4));
@@ -482,7 +492,7 @@ fn soak() {
         let _ = slow.ws.read();
     }));
     // Reads of papers held and not held, handed between the loops.
-    workers.push(churn(&stop, &errors, move |round| {
+    workers.push(churn(&stop, &errors, Duration::from_millis(50), move |round| {
         for path in [format!("/papers/read-{round}"), format!("/papers/notes-{}", round % 4)] {
             let mut stream = TcpStream::connect(addr).unwrap();
             stream.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -491,10 +501,9 @@ fn soak() {
             let _ = stream.read_to_end(&mut answer);
             assert!(answer.starts_with(b"HTTP/1.1 200"));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }));
     // Ping floods, closed with 1008 each time.
-    workers.push(churn(&stop, &errors, move |round| {
+    workers.push(churn(&stop, &errors, Duration::from_millis(500), move |round| {
         let mut flooder = connect(&format!("/ws/pool-{}", round % 20));
         flooder.next_of("snapshot");
         for _ in 0..400 {
@@ -536,7 +545,7 @@ fn soak() {
     }
 
     let half = &samples[samples.len() / 2..];
-    let series: [(&str, fn(&Sample) -> f64, f64); 4] = [
+    let series: [Series; 4] = [
         ("RSS (kB)", |s| s.rss_kb, 8.0 * 1024.0),
         ("descriptors", |s| s.descriptors, 32.0),
         ("papers", |s| s.papers, 50.0),

@@ -61,6 +61,8 @@ impl EventLoop {
                 // Its snapshot is not written yet: it does not read.
                 Phase::Open { .. } => self.end_session(key, CloseReason::SlowConsumer),
                 Phase::Reading { .. } => {
+                    // Stop waiting for the read (it may never be answered), then say so.
+                    self.leave_paper(key);
                     self.paper_unavailable(key);
                     self.set_deadline(key, now + self.node.settings.handshake_timeout);
                 }
