@@ -207,8 +207,8 @@ fn accepting_resumes_when_descriptors_free_up() {
 #[test]
 fn a_killed_nodes_presence_leaves_redis() {
     let redis = Redis::start();
-    let a = Server::redis(&redis, &["--cluster", "--node-id", "na", "--presence-ttl", "5"]);
-    let b = Server::redis(&redis, &["--cluster", "--node-id", "nb", "--presence-ttl", "5"]);
+    let a = Server::redis(&redis, &["--cluster", "--node-id", "na"]);
+    let b = Server::redis(&redis, &["--cluster", "--node-id", "nb"]);
     let mut on_b = b.join("p-ghost", "");
     let _on_a = a.join("p-ghost", "");
     on_b.next_of("join");
@@ -220,8 +220,27 @@ fn a_killed_nodes_presence_leaves_redis() {
     eventually("the killed node's entries to go", || {
         presence(&redis, "p-ghost").iter().all(|(_, node)| node != "na").then_some(())
     });
-    // With no live node holding the paper, the hash itself expires.
+    // With no live node holding the paper, nothing refreshes the hash: it expires.
     drop(b);
+    let ttl = pttl(&redis, key);
+    assert!(ttl > 0 && ttl <= 60_000, "the presence hash lives on: PTTL {ttl}");
+}
+
+#[test]
+fn a_presence_hash_nobody_refreshes_expires() {
+    let redis = Redis::start();
+    let node = Server::redis(&redis, &["--cluster", "--presence-ttl", "3"]);
+    let _member = node.join("p-expire", "");
+    let key = "rp:paper:{p-expire}:members";
+    eventually("the member in the presence hash", || (presence(&redis, "p-expire").len() == 1).then_some(()));
+    // Refreshed while the node holds the paper (heartbeats every 2 s)...
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        assert!(pttl(&redis, key) > 0, "the hash expired while its node held the paper");
+        std::thread::sleep(Duration::from_millis(200)); // watching it over time is the point
+    }
+    // ...and gone once the node is killed.
+    drop(node);
     eventually("the presence hash to expire", || (pttl(&redis, key) == -2).then_some(()));
 }
 
@@ -275,9 +294,14 @@ fn a_leave_is_relayed_even_with_the_backlog_full() {
     }
     goes.close();
     assert_eq!(stays.next_of("leave")["member"], gone_id.as_str());
+    // A join now is dropped (the backlog is full), and mended once it drains.
+    let late = server.join("p-leave", "");
     redis.restart();
     eventually("the leave to reach Redis", || {
         presence(&redis, "p-leave").iter().all(|(id, _)| *id != gone_id).then_some(())
+    });
+    eventually("the dropped join to be announced again", || {
+        presence(&redis, "p-leave").iter().any(|(id, _)| *id == late.you).then_some(())
     });
 }
 

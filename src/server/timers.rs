@@ -41,6 +41,11 @@ impl EventLoop {
             self.next_eviction = now + EVICT_EVERY;
             self.evict_idle_papers(now);
             self.publish_gauges();
+            // Joins dropped while the backlog was full are mended once it drains.
+            if self.presence_dropped.get() && !self.store.is_busy() {
+                self.presence_dropped.set(false);
+                self.reannounce();
+            }
         }
     }
 
