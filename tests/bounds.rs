@@ -207,8 +207,8 @@ fn accepting_resumes_when_descriptors_free_up() {
 #[test]
 fn a_killed_nodes_presence_leaves_redis() {
     let redis = Redis::start();
-    let a = Server::redis(&redis, &["--cluster", "--node-id", "na", "--presence-ttl", "5"]);
-    let b = Server::redis(&redis, &["--cluster", "--node-id", "nb", "--presence-ttl", "5"]);
+    let a = Server::redis(&redis, &["--cluster", "--node-id", "na"]);
+    let b = Server::redis(&redis, &["--cluster", "--node-id", "nb"]);
     let mut on_b = b.join("p-ghost", "");
     let _on_a = a.join("p-ghost", "");
     on_b.next_of("join");
@@ -220,8 +220,27 @@ fn a_killed_nodes_presence_leaves_redis() {
     eventually("the killed node's entries to go", || {
         presence(&redis, "p-ghost").iter().all(|(_, node)| node != "na").then_some(())
     });
-    // With no live node holding the paper, the hash itself expires.
+    // With no live node holding the paper, nothing refreshes the hash: it expires.
     drop(b);
+    let ttl = pttl(&redis, key);
+    assert!(ttl > 0 && ttl <= 60_000, "the presence hash lives on: PTTL {ttl}");
+}
+
+#[test]
+fn a_presence_hash_nobody_refreshes_expires() {
+    let redis = Redis::start();
+    let node = Server::redis(&redis, &["--cluster", "--presence-ttl", "3"]);
+    let _member = node.join("p-expire", "");
+    let key = "rp:paper:{p-expire}:members";
+    eventually("the member in the presence hash", || (presence(&redis, "p-expire").len() == 1).then_some(()));
+    // Refreshed while the node holds the paper (heartbeats every 2 s)...
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        assert!(pttl(&redis, key) > 0, "the hash expired while its node held the paper");
+        std::thread::sleep(Duration::from_millis(200)); // watching it over time is the point
+    }
+    // ...and gone once the node is killed.
+    drop(node);
     eventually("the presence hash to expire", || (pttl(&redis, key) == -2).then_some(()));
 }
 
@@ -275,9 +294,14 @@ fn a_leave_is_relayed_even_with_the_backlog_full() {
     }
     goes.close();
     assert_eq!(stays.next_of("leave")["member"], gone_id.as_str());
+    // A join now is dropped (the backlog is full), and mended once it drains.
+    let late = server.join("p-leave", "");
     redis.restart();
     eventually("the leave to reach Redis", || {
         presence(&redis, "p-leave").iter().all(|(id, _)| *id != gone_id).then_some(())
+    });
+    eventually("the dropped join to be announced again", || {
+        presence(&redis, "p-leave").iter().any(|(id, _)| *id == late.you).then_some(())
     });
 }
 
@@ -365,6 +389,10 @@ struct Sample {
     redis_bytes: f64,
 }
 
+/// A sampled series: its name, how to read it from a sample, and the rise
+/// always allowed whatever its mean.
+type Series = (&'static str, fn(&Sample) -> f64, f64);
+
 fn rss_kb(server: &Server) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap_or_default();
     status
@@ -399,17 +427,24 @@ fn slope(ys: &[f64]) -> f64 {
     }
 }
 
-/// Runs `work` in a loop on its own thread until `stop`; a failed round (a
-/// refused or dropped connection under churn) is only counted.
+/// Runs `work` in a loop on its own thread until `stop`, a round every `every`
+/// at most (on a fixed schedule, so that the load does not follow the machine's
+/// other work); a failed round (a refused or dropped connection under churn) is
+/// only counted.
 fn churn(
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
     errors: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+    every: Duration,
     mut work: impl FnMut(u64) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     let (stop, errors) = (stop.clone(), errors.clone());
     std::thread::spawn(move || {
         let mut round = 0;
+        let mut next = Instant::now();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // A late round is not made up for: no bursts after a stall.
+            next = (next + every).max(Instant::now());
+            std::thread::sleep(next.saturating_duration_since(Instant::now())); // the schedule
             round += 1;
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(round))).is_err() {
                 errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -451,7 +486,7 @@ fn soak() {
     let mut workers = Vec::new();
     // Sessions coming and going on fresh papers (abandoned) and on a pool of papers.
     for lane in 0..2 {
-        workers.push(churn(&stop, &errors, move |round| {
+        workers.push(churn(&stop, &errors, Duration::from_millis(50), move |round| {
             let mut fresh = connect(&format!("/ws/fresh-{lane}-{round}"));
             fresh.next_of("snapshot");
             fresh.send(json!({"type": "cursor", "data": {"x": round}}));
@@ -459,11 +494,10 @@ fn soak() {
             pooled.next_of("snapshot");
             fresh.close();
             pooled.close();
-            std::thread::sleep(Duration::from_millis(10)); // the pace of the churn
         }));
     }
     // Notes created and deleted at about 40 a second (the default rate is 50).
-    workers.push(churn(&stop, &errors, move |round| {
+    workers.push(churn(&stop, &errors, Duration::ZERO, move |round| {
         let mut editor = connect(&format!("/ws/notes-{}", round % 4));
         editor.next_of("snapshot");
         for i in 0..200 {
@@ -477,7 +511,7 @@ fn soak() {
         editor.close();
     }));
     // Members that never read (their snapshot unwritten), and slow readers.
-    workers.push(churn(&stop, &errors, move |round| {
+    workers.push(churn(&stop, &errors, Duration::from_secs(1), move |round| {
         let mut never = TcpStream::connect(addr).unwrap();
         never.write_all(upgrade_request(&format!("/ws/notes-{}", round % 4), "").as_bytes()).unwrap();
         let mut slow = connect(&format!("/ws/notes-{}", round % 4));
@@ -485,7 +519,7 @@ fn soak() {
         let _ = slow.ws.read();
     }));
     // Reads of papers held and not held, handed between the loops.
-    workers.push(churn(&stop, &errors, move |round| {
+    workers.push(churn(&stop, &errors, Duration::from_millis(50), move |round| {
         for path in [format!("/papers/read-{round}"), format!("/papers/notes-{}", round % 4)] {
             let mut stream = TcpStream::connect(addr).unwrap();
             stream.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -494,10 +528,9 @@ fn soak() {
             let _ = stream.read_to_end(&mut answer);
             assert!(answer.starts_with(b"HTTP/1.1 200"));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }));
     // Ping floods, closed with 1008 each time.
-    workers.push(churn(&stop, &errors, move |round| {
+    workers.push(churn(&stop, &errors, Duration::from_millis(500), move |round| {
         let mut flooder = connect(&format!("/ws/pool-{}", round % 20));
         flooder.next_of("snapshot");
         for _ in 0..400 {

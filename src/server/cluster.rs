@@ -24,6 +24,7 @@ impl EventLoop {
             Relaying::Kept => {
                 if self.store.submit(op) == Submitted::Full {
                     log::warn!("backlog full: presence on paper {paper} is not relayed");
+                    self.presence_dropped.set(true);
                 }
             }
         }

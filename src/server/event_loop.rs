@@ -9,6 +9,7 @@
 //! (what a member's message does, `saved`), `cluster` (other nodes' changes),
 //! `timers` (deadlines, pings, eviction, shutdown).
 
+use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
@@ -66,6 +67,9 @@ pub struct EventLoop {
     /// `GET /papers` reads that keep nothing, by load attempt: the reader's key and serial.
     pub(super) reads: HashMap<u64, (usize, u64)>,
     pub(super) reads_made: u64,
+    /// A presence join was dropped (backlog full): announce the members again
+    /// once the backlog has room.
+    pub(super) presence_dropped: Cell<bool>,
     /// WebSocket sessions on this loop, joining or joined.
     pub(super) session_count: u64,
     pub(super) stopping: Option<Stopping>,
@@ -104,6 +108,7 @@ impl EventLoop {
             expiries: BinaryHeap::new(),
             reads: HashMap::new(),
             reads_made: 0,
+            presence_dropped: Cell::new(false),
             session_count: 0,
             stopping: None,
             next_eviction: now + super::timers::EVICT_EVERY,

@@ -358,8 +358,8 @@ fn presence_entry(node_id: &str, member: &Member) -> Presence {
 /// How a relayed message may be treated when the backlog is busy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relaying {
-    /// A join: kept unless the backlog is full (a lost one is mended when the
-    /// node announces its members again).
+    /// A join: kept unless the backlog is full (a lost one is mended: the loop
+    /// announces its members again once the backlog has room).
     Kept,
     /// A leave: always kept, whatever the backlog holds, or other nodes would show
     /// a member that is gone for as long as the paper lives. Bounded by the joins.

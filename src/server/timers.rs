@@ -44,6 +44,11 @@ impl EventLoop {
             self.next_eviction = now + EVICT_EVERY;
             self.evict_idle_papers(now);
             self.publish_gauges();
+            // Joins dropped while the backlog was full are mended once it drains.
+            if self.presence_dropped.get() && !self.store.is_busy() {
+                self.presence_dropped.set(false);
+                self.reannounce();
+            }
         }
     }
 
@@ -64,6 +69,8 @@ impl EventLoop {
                 // Its snapshot is not written yet: it does not read.
                 Phase::Open { .. } => self.end_session(key, CloseReason::SlowConsumer),
                 Phase::Reading { .. } => {
+                    // Stop waiting for the read (it may never be answered), then say so.
+                    self.leave_paper(key);
                     self.paper_unavailable(key);
                     self.set_deadline(key, now + self.node.settings.handshake_timeout);
                 }

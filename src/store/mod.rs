@@ -388,6 +388,14 @@ impl StoreHandle {
         }
     }
 
+    /// The backlog is half full or more: what may wait (presence to mend) waits.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            StoreHandle::Redis { backlog, .. } => backlog.len() >= backlog.limit() / 2,
+            StoreHandle::Memory => false,
+        }
+    }
+
     /// Reads a paper for one request, keeping nothing: `Some` at once with the
     /// memory store, else it arrives as `StoreEvent::Loaded` with this attempt.
     pub fn read_once(&self, request: LoadRequest) -> Option<StoredPaper> {
