@@ -407,9 +407,6 @@ fn redis_used_memory(redis: &Redis) -> f64 {
     info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
 }
 
-/// A sampled quantity: its name, how to read it, and how much it may grow.
-type Series = (&'static str, fn(&Sample) -> f64, f64);
-
 /// Least-squares slope of `ys` per sample.
 fn slope(ys: &[f64]) -> f64 {
     let n = ys.len() as f64;
