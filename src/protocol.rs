@@ -441,6 +441,7 @@ impl Frame {
         self.bytes()
     }
 
+    /// A full snapshot.
     pub fn snapshot<'a>(
         &mut self,
         paper: &str,
@@ -449,14 +450,46 @@ impl Frame {
         notes: impl Iterator<Item = NoteView<'a>>,
         members: impl Iterator<Item = MemberView<'a>>,
     ) -> &[u8] {
+        self.snapshot_since(paper, you, completed, None, notes, std::iter::empty(), members)
+    }
+
+    /// A snapshot; with `since`, of the notes that may have changed after it,
+    /// `deleted` (id, version) listed as `{"id","deleted":true,"v"}`
+    /// (PROTOCOL.md 3.1, 1.1).
+    #[allow(clippy::too_many_arguments)]
+    pub fn snapshot_since<'a>(
+        &mut self,
+        paper: &str,
+        you: &str,
+        completed: bool,
+        since: Option<u64>,
+        notes: impl Iterator<Item = NoteView<'a>>,
+        deleted: impl Iterator<Item = (&'a str, u64)>,
+        members: impl Iterator<Item = MemberView<'a>>,
+    ) -> &[u8] {
         let b = self.begin();
         b.extend_from_slice(br#"{"type":"snapshot","paper":"#);
         string(b, paper);
         b.extend_from_slice(br#","you":"#);
         string(b, you);
         b.extend_from_slice(if completed { br#","completed":true"# } else { br#","completed":false"# });
+        if let Some(since) = since {
+            b.extend_from_slice(br#","since":"#);
+            number(b, since);
+        }
         b.extend_from_slice(br#","notes":"#);
         notes_array(b, notes);
+        for (id, v) in deleted {
+            b.pop(); // the array's closing bracket
+            if b.last() != Some(&b'[') {
+                b.push(b',');
+            }
+            b.extend_from_slice(br#"{"id":"#);
+            string(b, id);
+            b.extend_from_slice(br#","deleted":true,"v":"#);
+            number(b, v);
+            b.extend_from_slice(b"}]");
+        }
         b.extend_from_slice(br#","members":["#);
         for (i, m) in members.enumerate() {
             if i > 0 {
@@ -825,6 +858,22 @@ mod tests {
             .unwrap();
             assert_eq!(f.bytes(), &expected[..], "payload of {len}");
         }
+    }
+
+    #[test]
+    fn since_snapshots_list_deleted_notes() {
+        let mut f = Frame::new();
+        let notes = [NoteView { id: "n1", author: "u1", data: "{}", v: 7 }];
+        let members = [MemberView { id: "c7", user: "u1", name: "Kim" }];
+        f.snapshot_since("p1", "c7", false, Some(5), notes.into_iter(), [("n2", 8)].into_iter(), members.into_iter());
+        assert_eq!(
+            payload_json(&f),
+            json!({"type":"snapshot","paper":"p1","you":"c7","completed":false,"since":5,
+                   "notes":[{"id":"n1","author":"u1","data":{},"v":7},{"id":"n2","deleted":true,"v":8}],
+                   "members":[{"id":"c7","user":"u1","name":"Kim"}]})
+        );
+        f.snapshot_since("p1", "c7", false, Some(5), std::iter::empty(), [("n2", 8)].into_iter(), std::iter::empty());
+        assert_eq!(payload_json(&f)["notes"], json!([{"id":"n2","deleted":true,"v":8}]));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::event_loop::EventLoop;
 use super::node::Node;
 use super::session::Relaying;
 use crate::metrics::{bump, Out};
-use crate::paper::{Edit, Note, RemoteMember, StoredPaper};
+use crate::paper::{clock, Edit, Note, RemoteMember, StoredPaper};
 use crate::protocol::{self, Frame, Relayed};
 use crate::store::{Op, Presence, Submitted};
 
@@ -59,7 +59,9 @@ impl EventLoop {
             Relayed::Delete { id, v } => {
                 self.clock.observe(v);
                 let author = paper.note(&id).map_or_else(|| Arc::from(""), |n| n.author.clone());
-                (Out::Delete, paper.apply(Edit { id: Arc::from(id), note: Note { author, data: None, v, node } }))
+                let applied = paper.apply(Edit { id: Arc::from(id), note: Note { author, data: None, v, node } });
+                paper.prune(clock::now_ms(), &self.node.settings.limits);
+                (Out::Delete, applied)
             }
             Relayed::Completed { by, notes: Some(notes) } => {
                 // The paper exactly as sealed: members replace their view with it.
@@ -99,6 +101,7 @@ impl EventLoop {
             };
             self.conns.fanout(paper.members(), None, bytes, kind, metrics);
         }
+        paper.prune(clock::now_ms(), &self.node.settings.limits);
         if let Some(by) = stored.completed_by {
             let by: Arc<str> = Arc::from(by);
             let notes = protocol::notes_json(paper.live_notes());

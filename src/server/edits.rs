@@ -11,7 +11,7 @@ use super::event_loop::EventLoop;
 use super::session::Relaying;
 use crate::conn::Phase;
 use crate::metrics::{In, Out};
-use crate::paper::{Edit, Health, Note, StoredPaper};
+use crate::paper::{clock, Edit, Health, Note, StoredPaper};
 use crate::protocol::{self, ClientMsg, ErrorCode, Refusal};
 use crate::store::{LoadPurpose, LoadRequest, NoteValue, Op, Origin, Outcome, Submitted, Written};
 
@@ -124,6 +124,9 @@ impl EventLoop {
             Submitted::Written => {}
         }
         paper.apply(edit);
+        if kind == Out::Delete {
+            paper.prune(clock::now_ms(), &limits);
+        }
         self.conns.fanout(paper.members(), None, self.frame.bytes(), kind, metrics);
         if submitted == Submitted::Written {
             metrics.message_out(Out::Saved, 1);

@@ -28,7 +28,7 @@ use crate::metrics::WriterMetrics;
 use crate::store::endpoint::Target;
 use crate::store::loader::Loader;
 use crate::store::relay::Relay;
-use crate::store::writer::Writer;
+use crate::store::writer::{History, Writer};
 use crate::store::{Backlog, Loads, Loops, StoreHandle};
 use event_loop::{EventLoop, WAKER};
 use inbox::{InboxMsg, LoopHandle, LoopHandles};
@@ -119,7 +119,11 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             );
             writer = writer
                 .waiting_for_replicas(config.redis_wait_replicas)
-                .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)));
+                .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)))
+                .keeping_tombstones(History {
+                    retention: (config.tombstone_retention * 1000) << 10,
+                    max_tombstones: config.max_tombstones,
+                });
             let mut loader = Loader::new(target.endpoint(), loads_rx, reports.clone(), metrics_for_loader);
             let loads = match relay_healthy {
                 Some(healthy) => {

@@ -77,6 +77,11 @@ pub fn parse_paper(paper: &str, notes: Hash, meta: Hash) -> (StoredPaper, u64) {
         }
     }
     let field = |name: &str| meta.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice());
+    let number = |name: &str| {
+        field(name).and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok()).filter(|v| *v <= MAX_VERSION)
+    };
+    stored.horizon = number("horizon").unwrap_or(0);
+    stored.resume_floor = number("resume_floor").unwrap_or(0);
     if field("completed") == Some(b"1") {
         stored.completed_by = Some(String::from_utf8_lossy(field("completed_by").unwrap_or_default()).into_owned());
     }

@@ -42,6 +42,9 @@ pub struct StoredPaper {
     pub completed_by: Option<String>,
     /// Members on other live nodes (`--cluster`).
     pub remote_members: Vec<PresenceMember>,
+    /// The meta hash's `horizon` and `resume_floor` (PROTOCOL.md 4, 1.1).
+    pub horizon: u64,
+    pub resume_floor: u64,
 }
 
 /// Whether retrying can cure a failed write: the connection, a server loading

@@ -79,21 +79,30 @@ end
 /// Writes notes of one paper, each only if it advances the stored version (ties
 /// to the greater node id), so that a resent batch or a late write from another
 /// node never goes back in time; what it applies it publishes to the other
-/// nodes (so that they never show an edit Redis refused). ARGV: now_ms, the
-/// channel (empty without `--cluster`), then (id, value, v, node, relay)
-/// quintuples. Returns one code per note: 1 applied, 2 superseded (Redis holds
-/// a later version, or this one), 3 refused because the paper is sealed.
+/// nodes (so that they never show an edit Redis refused). Keeps the tombstone
+/// horizon (PROTOCOL.md 4, 1.1: a sorted set of tombstones by version, pruned
+/// past retention or the cap, `horizon` raised) and the resume floor (a change
+/// applied more than the resume window below the greatest version raises it).
+/// KEYS: notes, meta, tombstones. ARGV: now_ms, the channel (empty without
+/// `--cluster`), retention (versions), max tombstones, then (id, value, v, node,
+/// relay) quintuples. Returns one code per note: 1 applied, 2 superseded (Redis
+/// holds a later version, or this one), 3 refused because the paper is sealed,
+/// 4 refused because it is at or below the horizon and the note is not there.
 const WRITE_NOTES: &str = r#"
-local notes, meta = KEYS[1], KEYS[2]
+local notes, meta, tombstones = KEYS[1], KEYS[2], KEYS[3]
+local now, channel, retention, max_tombstones = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local window = 61440000 -- the resume window: 60 s of versions
 local out = {}
 -- A sealed paper's notes are what its stream entry says: late writes stay out.
 if redis.call('HGET', meta, 'completed') == '1' then
-  for i = 3, #ARGV, 5 do out[#out + 1] = 3 end
+  for i = 5, #ARGV, 5 do out[#out + 1] = 3 end
   return out
 end
-local channel = ARGV[2]
-for i = 3, #ARGV, 5 do
-  local id, v, node = ARGV[i], tonumber(ARGV[i + 2]), ARGV[i + 3]
+local horizon = tonumber(redis.call('HGET', meta, 'horizon') or '0') or 0
+local max_v = tonumber(redis.call('HGET', meta, 'max_v') or '0') or 0
+local floor = tonumber(redis.call('HGET', meta, 'resume_floor') or '0') or 0
+for i = 5, #ARGV, 5 do
+  local id, value, v, node = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
   local code = 1
   local current = redis.call('HGET', notes, id)
   if current then
@@ -105,13 +114,38 @@ for i = 3, #ARGV, 5 do
       local stored_v, stored_node = readable(current)
       if stored_v and (stored_v > v or (stored_v == v and stored_node >= node)) then code = 2 end
     end
+  elseif v <= horizon then
+    -- Below the horizon, a note that is not there may have been dropped: a
+    -- write could bring it back.
+    code = 4
   end
   if code == 1 then
-    redis.call('HSET', notes, id, ARGV[i + 1])
+    redis.call('HSET', notes, id, value)
+    if string.sub(value, 1, 15) == '{"deleted":true' then
+      redis.call('ZADD', tombstones, v, id)
+    else
+      redis.call('ZREM', tombstones, id)
+    end
+    if v + window < max_v and max_v > floor then floor = max_v end
+    if v > max_v then max_v = v end
     if channel ~= '' and ARGV[i + 4] ~= '' then redis.call('PUBLISH', channel, ARGV[i + 4]) end
   end
   out[#out + 1] = code
 end
+-- The horizon: tombstones past retention or past the cap go, oldest first.
+local dropped = redis.call('ZRANGEBYSCORE', tombstones, '-inf', '(' .. tostring(now * 1024 - retention), 'WITHSCORES')
+local excess = redis.call('ZCARD', tombstones) - #dropped / 2 - max_tombstones
+if excess > 0 then
+  dropped = redis.call('ZRANGE', tombstones, 0, #dropped / 2 + excess - 1, 'WITHSCORES')
+end
+for j = 1, #dropped, 2 do
+  redis.call('HDEL', notes, dropped[j])
+  redis.call('ZREM', tombstones, dropped[j])
+  local score = tonumber(dropped[j + 1])
+  if score > horizon then horizon = score end
+end
+if #dropped > 0 then redis.call('HSET', meta, 'horizon', string.format('%.0f', horizon)) end
+redis.call('HSET', meta, 'max_v', string.format('%.0f', max_v), 'resume_floor', string.format('%.0f', floor))
 redis.call('HSETNX', meta, 'created_ms', ARGV[1])
 redis.call('HSETNX', meta, 'completed', '0')
 redis.call('HSET', meta, 'updated_ms', ARGV[1])
@@ -126,7 +160,7 @@ return out
 /// nothing. ARGV: paper, by, now_ms, retention seconds, channel (or empty), relay
 /// prefix. Returns the notes JSON array and who completed the paper.
 const COMPLETE: &str = r#"
-local notes, meta, stream = KEYS[1], KEYS[2], KEYS[3]
+local notes, meta, stream, tombstones = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local paper, by, now, retention, channel, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local live = {}
 local all = redis.call('HGETALL', notes)
@@ -156,6 +190,7 @@ else
 end
 redis.call('EXPIRE', notes, retention)
 redis.call('EXPIRE', meta, retention)
+redis.call('EXPIRE', tombstones, retention)
 return {list, by}
 "#;
 
@@ -176,6 +211,7 @@ pub struct Writer {
     outage: Option<Outage>,
     /// With `--cluster`: this node's id, which prefixes what it relays.
     node: Option<String>,
+    history: History,
     /// TTL set on a presence hash at each change (its holders' relays refresh it).
     presence_ttl_ms: u64,
 }
@@ -212,6 +248,7 @@ impl Writer {
             complete: Script::new(&format!("{READABLE}{COMPLETE}")),
             outage: None,
             node: None,
+            history: History { retention: 3_600_000 << 10, max_tombstones: 1000 },
             presence_ttl_ms: 60_000,
         }
     }
@@ -219,6 +256,12 @@ impl Writer {
     /// With `--cluster`: what the writer applies, it publishes to the other nodes.
     pub fn relaying_as(mut self, node: &str) -> Self {
         self.node = Some(node.to_string());
+        self
+    }
+
+    /// The tombstone horizon's limits (PROTOCOL.md 4, 1.1).
+    pub fn keeping_tombstones(mut self, history: History) -> Self {
+        self.history = history;
         self
     }
 
@@ -435,8 +478,9 @@ impl Writer {
             if !writes.notes.is_empty() {
                 commands += 1;
                 let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
-                let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(2);
-                cmd.arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper)).arg(now).arg(channel);
+                let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(3);
+                cmd.arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper)).arg(keys::tombstones(writes.paper));
+                cmd.arg(now).arg(channel).arg(self.history.retention).arg(self.history.max_tombstones);
                 for note in &writes.notes {
                     cmd.arg(note.id).arg(&note.value).arg(note.v).arg(note.node).arg(note.relay);
                 }
@@ -449,10 +493,11 @@ impl Writer {
                 };
                 pipe.cmd("EVALSHA")
                     .arg(self.complete.get_hash())
-                    .arg(3)
+                    .arg(4)
                     .arg(keys::notes(writes.paper))
                     .arg(keys::meta(writes.paper))
                     .arg(keys::COMPLETED_STREAM)
+                    .arg(keys::tombstones(writes.paper))
                     .arg(writes.paper)
                     .arg(by)
                     .arg(now)
@@ -505,12 +550,13 @@ impl Writer {
                 match replies.next() {
                     Some(Ok(Value::Array(codes))) if codes.len() == writes.notes.len() => {
                         for (NoteWrite { ops, .. }, code) in writes.notes.iter().zip(codes) {
-                            let outcome = match code {
-                                Value::Int(3) => Outcome::Sealed,
-                                _ => Outcome::Saved,
+                            let reported = match code {
+                                Value::Int(3) => Reported::Op(Outcome::Sealed),
+                                Value::Int(4) => Reported::Failed("at or below the tombstone horizon".into()),
+                                _ => Reported::Op(Outcome::Saved),
                             };
                             for &i in ops {
-                                outcomes[i] = Some(Reported::Op(outcome));
+                                outcomes[i] = Some(reported.clone());
                             }
                         }
                     }
@@ -633,6 +679,13 @@ struct NoteWrite<'a> {
     /// The message relayed to the other nodes if Redis applies it ("" without).
     relay: &'a str,
     ops: Vec<usize>,
+}
+
+/// How many tombstones a paper keeps, and for how long (in versions).
+#[derive(Debug, Clone, Copy)]
+pub struct History {
+    pub retention: u64,
+    pub max_tombstones: usize,
 }
 
 /// What the writer learnt of one op.
