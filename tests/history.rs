@@ -158,3 +158,37 @@ fn resuming_on_another_node_gets_what_was_missed() {
     view.apply_snapshot(&again.snapshot);
     assert_eq!(view, joined_view(&b_node.join("p-move", "")));
 }
+
+#[test]
+fn a_large_papers_load_does_not_hold_up_another_papers() {
+    let redis = Redis::start();
+    // A paper of 300,000 stored notes takes its loader a while to read.
+    let mut conn = redis.conn();
+    for chunk in 0..30 {
+        let mut pipe = redis::pipe();
+        for i in 0..10_000 {
+            let n = chunk * 10_000 + i;
+            pipe.cmd("HSET")
+                .arg("rp:paper:{p-huge}:notes")
+                .arg(format!("n{n}"))
+                .arg(format!(r#"{{"deleted":true,"v":{}}}"#, n + 1))
+                .ignore();
+        }
+        pipe.query::<()>(&mut conn).unwrap();
+    }
+    let server = Server::redis(&redis, &["--load-timeout", "60"]);
+    let mut huge = server.connect("/ws/p-huge");
+    let small = server.join("p-small", "");
+    assert_eq!(small.snapshot["type"], "snapshot");
+    // The small paper was read while the huge one still was.
+    if let tungstenite::stream::MaybeTlsStream::Plain(stream) = huge.ws.get_ref() {
+        stream.set_nonblocking(true).unwrap();
+    }
+    let pending =
+        matches!(huge.ws.read(), Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock);
+    assert!(pending, "the huge paper's snapshot came first: loads waited on each other");
+    if let tungstenite::stream::MaybeTlsStream::Plain(stream) = huge.ws.get_ref() {
+        stream.set_nonblocking(false).unwrap();
+    }
+    assert_eq!(huge.next()["type"], "snapshot");
+}
