@@ -311,6 +311,10 @@ pub enum Relayed {
         id: String,
     },
     Cursor,
+    /// The sending node's resume floor for the paper (between nodes only).
+    ResumeFloor {
+        v: u64,
+    },
 }
 
 #[derive(Deserialize)]
@@ -366,8 +370,15 @@ pub fn parse_relayed(message: &str) -> Option<Relayed> {
         }
         "leave" => Relayed::Leave { id: serde_json::from_str(e.member?.get()).ok()? },
         "cursor" => Relayed::Cursor,
+        "resume_floor" => Relayed::ResumeFloor { v: v? },
         _ => return None,
     })
+}
+
+/// The message that relays a paper's resume floor to the other nodes (never
+/// sent to clients).
+pub fn resume_floor_message(v: u64) -> String {
+    format!(r#"{{"type":"resume_floor","v":{v}}}"#)
 }
 
 /// A member as listed in snapshots and `join` messages.

@@ -192,3 +192,23 @@ fn a_large_papers_load_does_not_hold_up_another_papers() {
     }
     assert_eq!(huge.next()["type"], "snapshot");
 }
+
+#[test]
+fn a_change_arriving_late_makes_resuming_from_before_it_a_full_snapshot() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--cluster", "--node-id", "a"]);
+    let mut a = server.join("p-late", "");
+    let seen = edit_saved(&mut a, json!({"type": "upsert", "id": "n1", "data": {}}));
+    // Another node's change, made two minutes ago and relayed only now (after an
+    // outage): below `seen` minus the resume window.
+    let old = seen - (120_000 << 10);
+    let late =
+        format!(r#"zz{}{{"type":"upsert","id":"n-late","author":"x","data":{{}},"v":{old},"from":"c1-zz"}}"#, "\n");
+    let _: i64 = redis::cmd("PUBLISH").arg("rp:paper:{p-late}").arg(late).query(&mut redis.conn()).unwrap();
+    assert_eq!(a.next_of("upsert")["id"], "n-late");
+    let again = server.join("p-late", &format!("since={seen}"));
+    assert!(again.snapshot.get("since").is_none(), "a since snapshot would miss n-late: {}", again.snapshot);
+    let ids: Vec<&str> =
+        again.snapshot["notes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"n-late"));
+}

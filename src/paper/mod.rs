@@ -131,6 +131,8 @@ pub struct Paper {
     /// The greatest version applied here, and the floor a late change raised.
     max_applied: u64,
     pub resume_floor: u64,
+    /// The floor rose here since last asked: the other nodes must hear it.
+    floor_raised: bool,
 }
 
 /// Whether a paper takes edits, as far as Redis is concerned.
@@ -166,6 +168,7 @@ impl Paper {
             horizon: stored.horizon,
             max_applied,
             resume_floor: stored.resume_floor,
+            floor_raised: false,
             id,
             notes,
             live,
@@ -370,8 +373,9 @@ impl Paper {
         let v = edit.note.v;
         // A change that arrives more than the resume window below what was applied
         // already would be missed by a client resuming from above it.
-        if v.saturating_add(RESUME_WINDOW) < self.max_applied {
-            self.resume_floor = self.resume_floor.max(self.max_applied);
+        if v.saturating_add(RESUME_WINDOW) < self.max_applied && self.max_applied > self.resume_floor {
+            self.resume_floor = self.max_applied;
+            self.floor_raised = true;
         }
         self.max_applied = self.max_applied.max(v);
         let is_live = edit.note.data.is_some();
@@ -381,6 +385,17 @@ impl Paper {
         self.live = self.live + usize::from(is_live) - usize::from(was_live);
         self.notes.insert(edit.id, edit.note);
         true
+    }
+
+    /// The resume floor, if it rose since the last call (PROTOCOL.md 3.1: it is
+    /// relayed, so that every node knows it).
+    pub fn take_raised_floor(&mut self) -> Option<u64> {
+        std::mem::take(&mut self.floor_raised).then_some(self.resume_floor)
+    }
+
+    /// Another node's resume floor.
+    pub fn raise_floor(&mut self, floor: u64) {
+        self.resume_floor = self.resume_floor.max(floor);
     }
 
     /// Tombstones held (bounded by `max_tombstones` once pruned).

@@ -75,7 +75,15 @@ impl EventLoop {
             }
             Relayed::Leave { id } => (Out::Leave, paper.remove_remote(&id)),
             Relayed::Cursor => (Out::Cursor, true),
+            Relayed::ResumeFloor { v } => {
+                paper.raise_floor(v);
+                return;
+            }
         };
+        if let Some(floor) = paper.take_raised_floor() {
+            self.relay_floor(paper_id, floor);
+        }
+        let Some(paper) = self.papers.paper(paper_id) else { return };
         if pass_on {
             let bytes = self.frame.raw(message);
             self.conns.fanout(paper.members(), None, bytes, kind, &self.node.loop_metrics[self.index]);
@@ -102,6 +110,7 @@ impl EventLoop {
             self.conns.fanout(paper.members(), None, bytes, kind, metrics);
         }
         paper.prune(clock::now_ms(), &self.node.settings.limits);
+        let raised = paper.take_raised_floor();
         if let Some(by) = stored.completed_by {
             let by: Arc<str> = Arc::from(by);
             let notes = protocol::notes_json(paper.live_notes());
@@ -109,6 +118,21 @@ impl EventLoop {
                 let bytes = self.frame.completed(&by, &notes);
                 self.conns.fanout(paper.members(), None, bytes, Out::Completed, metrics);
             }
+        }
+        if let Some(floor) = raised {
+            self.relay_floor(paper_id, floor);
+        }
+    }
+
+    /// This node applied a change more than the resume window late: the other
+    /// nodes raise their floor for the paper too.
+    fn relay_floor(&self, paper: &Arc<str>, floor: u64) {
+        if !self.node.cluster {
+            return;
+        }
+        let relay = format!("{}\n{}", self.node.node_id, protocol::resume_floor_message(floor)).into_boxed_str();
+        if self.store.submit(Op::Relay { paper: paper.clone(), presence: None, relay }) == Submitted::Full {
+            log::warn!("backlog full: the resume floor of paper {paper} is not relayed");
         }
     }
 
