@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::auth::Role;
-use crate::protocol::{ErrorCode, MemberView, NoteView};
+use crate::protocol::{ErrorCode, MemberView, NoteView, PaperView};
 pub use clock::VersionClock;
 
 /// A note; `data` is `None` once deleted (a tombstone that keeps its version, so
@@ -72,10 +72,21 @@ pub struct StoredPaper {
     pub completed_by: Option<String>,
     /// Members on other live nodes (`--cluster`).
     pub remote_members: Vec<RemoteMember>,
+    /// The cover (1.1), as stored.
+    pub cover: Option<Cover>,
     /// Tombstones at or below this version were dropped (PROTOCOL.md 4, 1.1).
     pub horizon: u64,
     /// A `since` at or below this gets a full snapshot (PROTOCOL.md 3.1, 1.1).
     pub resume_floor: u64,
+}
+
+/// The paper's cover (PROTOCOL.md 3.2, 1.1: `meta`): an object, last writer
+/// wins by version as for a note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cover {
+    pub data: Arc<str>,
+    pub v: u64,
+    pub node: Arc<str>,
 }
 
 /// Limits that apply to every paper.
@@ -133,6 +144,7 @@ pub struct Paper {
     pub resume_floor: u64,
     /// The floor rose here since last asked: the other nodes must hear it.
     floor_raised: bool,
+    cover: Option<Cover>,
 }
 
 /// Whether a paper takes edits, as far as Redis is concerned.
@@ -169,6 +181,7 @@ impl Paper {
             max_applied,
             resume_floor: stored.resume_floor,
             floor_raised: false,
+            cover: stored.cover,
             id,
             notes,
             live,
@@ -199,6 +212,7 @@ impl Paper {
         self.notes = fresh.notes;
         self.live = fresh.live;
         self.tombstones = fresh.tombstones;
+        self.cover = fresh.cover;
         self.horizon = self.horizon.max(fresh.horizon);
         // Members were sent what Redis refused: nothing they hold may be resumed from.
         self.resume_floor = self.resume_floor.max(fresh.resume_floor).max(self.max_applied);
@@ -401,6 +415,44 @@ impl Paper {
     /// Tombstones held (bounded by `max_tombstones` once pruned).
     pub fn tombstone_count(&self) -> usize {
         self.tombstones.len()
+    }
+
+    /// What snapshots say of the paper itself.
+    pub fn view(&self) -> PaperView<'_> {
+        PaperView {
+            id: &self.id,
+            completed: self.is_completed(),
+            cover_data: self.cover.as_ref().map_or("{}", |c| &c.data),
+            cover_v: self.cover.as_ref().map_or(0, |c| c.v),
+        }
+    }
+
+    /// Decides a cover change (`meta`) by `role`.
+    ///
+    /// # Errors
+    /// `forbidden` for any role but owner; `paper_completed` once sealed;
+    /// `unavailable` while the paper cannot be written.
+    pub fn prepare_cover(&self, data: String, role: Role, clock: &mut VersionClock) -> Result<Cover, ErrorCode> {
+        if !role.may_complete() {
+            return Err(ErrorCode::Forbidden);
+        }
+        self.check_writable()?;
+        let v = clock.next(self.cover.as_ref().map_or(0, |c| c.v)).ok_or(ErrorCode::Unavailable)?;
+        Ok(Cover { data: Arc::from(data), v, node: clock.node().clone() })
+    }
+
+    /// Sets the cover if it advances the cover's version; returns whether it did.
+    pub fn apply_cover(&mut self, cover: Cover) -> bool {
+        if self.is_completed() {
+            return false;
+        }
+        if let Some(current) = &self.cover {
+            if !clock::newer((cover.v, &cover.node), (current.v, &current.node)) {
+                return false;
+            }
+        }
+        self.cover = Some(cover);
+        true
     }
 
     /// Decides whether `role` may seal the paper now.

@@ -9,7 +9,7 @@ use super::event_loop::EventLoop;
 use super::node::Node;
 use super::session::Relaying;
 use crate::metrics::{bump, Out};
-use crate::paper::{clock, Edit, Note, RemoteMember, StoredPaper};
+use crate::paper::{clock, Cover, Edit, Note, RemoteMember, StoredPaper};
 use crate::protocol::{self, Frame, Relayed};
 use crate::store::{Op, Presence, Submitted};
 
@@ -75,6 +75,11 @@ impl EventLoop {
             }
             Relayed::Leave { id } => (Out::Leave, paper.remove_remote(&id)),
             Relayed::Cursor => (Out::Cursor, true),
+            Relayed::Meta { .. } if sealed => (Out::Meta, false),
+            Relayed::Meta { data, v } => {
+                self.clock.observe(v);
+                (Out::Meta, paper.apply_cover(Cover { data: Arc::from(data), v, node }))
+            }
             Relayed::ResumeFloor { v } => {
                 paper.raise_floor(v);
                 return;
@@ -108,6 +113,13 @@ impl EventLoop {
                 None => (Out::Delete, self.frame.delete(&id, v, "", None)),
             };
             self.conns.fanout(paper.members(), None, bytes, kind, metrics);
+        }
+        if let Some(cover) = stored.cover {
+            let (data, v) = (cover.data.clone(), cover.v);
+            if paper.apply_cover(cover) {
+                let bytes = self.frame.meta(&data, v, "", None);
+                self.conns.fanout(paper.members(), None, bytes, Out::Meta, metrics);
+            }
         }
         paper.prune(clock::now_ms(), &self.node.settings.limits);
         let raised = paper.take_raised_floor();

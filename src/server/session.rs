@@ -14,7 +14,7 @@ use crate::conn::{Incoming, Next, Phase, Visitor, MAX_MESSAGES_PER_READ};
 use crate::metrics::{bump, In, Out};
 use crate::paper::registry::Lookup;
 use crate::paper::{Member, Resume, StoredPaper};
-use crate::protocol::{self, CloseReason, ErrorCode, NoteView, Refusal};
+use crate::protocol::{self, CloseReason, ErrorCode, NoteView, PaperView, Refusal};
 use crate::rate::{TokenBucket, Verdict};
 use crate::store::{self, LoadPurpose, LoadRequest, Presence};
 
@@ -62,7 +62,10 @@ impl EventLoop {
         if keeps_every_paper && reading && self.papers.paper(&paper).is_none() {
             // Reading a paper nobody opened answers it empty without keeping it: a
             // store that never forgets a paper would keep it for good.
-            let body = protocol::paper_document(&paper, false, std::iter::empty());
+            let body = protocol::paper_document(
+                &PaperView { id: &paper, completed: false, cover_data: "{}", cover_v: 0 },
+                std::iter::empty(),
+            );
             let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
             return self.reply(key, &reply);
         }
@@ -109,7 +112,7 @@ impl EventLoop {
             return;
         }
         let read = crate::paper::Paper::new(paper.clone(), paper_from_store(stored), &mut self.clock);
-        let body = protocol::paper_document(&read.id, read.is_completed(), read.live_notes());
+        let body = protocol::paper_document(&read.view(), read.live_notes());
         let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
         self.reply(key, &reply);
     }
@@ -150,7 +153,7 @@ impl EventLoop {
             Some(Phase::Joining { .. }) => self.join(key),
             Some(Phase::Reading { paper, .. }) => {
                 let body = match self.papers.paper(paper) {
-                    Some(p) => protocol::paper_document(&p.id, p.is_completed(), p.live_notes()),
+                    Some(p) => protocol::paper_document(&p.view(), p.live_notes()),
                     None => return,
                 };
                 let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
@@ -204,11 +207,10 @@ impl EventLoop {
                     Some(NoteView { id: c.id, author: &c.note.author, data, v: c.note.v })
                 });
                 let deleted = changed.iter().filter(|c| c.note.data.is_none()).map(|c| (c.id, c.note.v));
-                let completed = paper.is_completed();
-                self.frame.snapshot_since(&paper.id, you, completed, Some(since), live, deleted, paper.all_members())
+                self.frame.snapshot_since(&paper.view(), you, Some(since), live, deleted, paper.all_members())
             }
             Some(Resume::Full) | None => {
-                self.frame.snapshot(&paper.id, you, paper.is_completed(), paper.live_notes(), paper.all_members())
+                self.frame.snapshot(&paper.view(), you, paper.live_notes(), paper.all_members())
             }
         };
         let snapshot_len = snapshot.len();
@@ -392,6 +394,11 @@ pub(super) fn paper_from_store(stored: store::StoredPaper) -> StoredPaper {
         completed_by: stored.completed_by,
         horizon: stored.horizon,
         resume_floor: stored.resume_floor,
+        cover: stored.cover.map(|c| crate::paper::Cover {
+            data: c.data.unwrap_or_else(|| std::sync::Arc::from("{}")),
+            v: c.v,
+            node: c.node,
+        }),
         remote_members: stored
             .remote_members
             .into_iter()

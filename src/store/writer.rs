@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::{Connection, Script, Value};
 
-use super::codec::encode_note;
+use super::codec::{encode_cover, encode_note};
 use super::endpoint::Endpoint;
 use super::{is_transient, keys, Loops, Op, Outcome, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
@@ -152,6 +152,28 @@ redis.call('HSET', meta, 'updated_ms', ARGV[1])
 return out
 "#;
 
+/// Sets a paper's cover (1.1, `meta`) if it advances the stored one's version
+/// (ties to the greater node id), and publishes it to the other nodes when it
+/// does. KEYS: meta. ARGV: value, v, node, channel (or empty), relay. Returns
+/// 1 applied, 2 superseded, 3 refused because the paper is sealed.
+const WRITE_COVER: &str = r#"
+local meta = KEYS[1]
+local value, v, node, channel, relay = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+if redis.call('HGET', meta, 'completed') == '1' then return 3 end
+local current = redis.call('HGET', meta, 'cover')
+if current then
+  local cv = tonumber(string.match(current, '"v":(%d+)}$'))
+  local cn = string.match(current, '"node":"([%w_%-]*)","v":%d+}$') or ''
+  if cv and (cv > v or (cv == v and cn >= node)) then
+    local ok, c = pcall(cjson.decode, current)
+    if ok and type(c) == 'table' and type(c.data) == 'table' and c.v == cv then return 2 end
+  end
+end
+redis.call('HSET', meta, 'cover', value)
+if channel ~= '' and relay ~= '' then redis.call('PUBLISH', channel, relay) end
+return 1
+"#;
+
 /// Seals a paper once, as Redis holds it: the snapshot is built here from the
 /// notes hash, so that the stream entry and the hash never disagree. Marks it
 /// completed, adds its one stream entry, publishes `completed` with the notes
@@ -178,10 +200,17 @@ table.sort(live, function(a, b) return a[1] < b[1] end)
 local parts = {}
 for i = 1, #live do parts[i] = live[i][2] end
 local list = '[' .. table.concat(parts, ',') .. ']'
+local cover = '{"data":{},"v":0}'
+local stored_cover = redis.call('HGET', meta, 'cover')
+if stored_cover then
+  local data, v = string.match(stored_cover, '^{"data":(.*),"node":"[%w_%-]*","v":(%d+)}$')
+  if not data then data, v = string.match(stored_cover, '^{"data":(.*),"v":(%d+)}$') end
+  if data then cover = '{"data":' .. data .. ',"v":' .. v .. '}' end
+end
 if redis.call('HGET', meta, 'completed') ~= '1' then
   redis.call('HSET', meta, 'completed', '1', 'completed_by', by, 'updated_ms', now)
   redis.call('HSETNX', meta, 'created_ms', now)
-  redis.call('XADD', stream, '*', 'paper', paper, 'snapshot', '{"paper":"' .. paper .. '","completed":true,"notes":' .. list .. '}')
+  redis.call('XADD', stream, '*', 'paper', paper, 'snapshot', '{"paper":"' .. paper .. '","completed":true,"meta":' .. cover .. ',"notes":' .. list .. '}')
   if channel ~= '' then
     redis.call('PUBLISH', channel, prefix .. '{"type":"completed","by":' .. cjson.encode(by) .. ',"notes":' .. list .. '}')
   end
@@ -207,6 +236,7 @@ pub struct Writer {
     /// Set when the server stops: past it, an unwritable backlog is given up.
     give_up_at: Arc<OnceLock<Instant>>,
     write_notes: Script,
+    write_cover: Script,
     complete: Script,
     outage: Option<Outage>,
     /// With `--cluster`: this node's id, which prefixes what it relays.
@@ -245,6 +275,7 @@ impl Writer {
             retention_secs,
             give_up_at,
             write_notes: Script::new(&format!("{READABLE}{WRITE_NOTES}")),
+            write_cover: Script::new(WRITE_COVER),
             complete: Script::new(&format!("{READABLE}{COMPLETE}")),
             outage: None,
             node: None,
@@ -351,6 +382,7 @@ impl Writer {
             let mut conn = self.endpoint.connect()?;
             redis::cmd("CLIENT").arg("SETNAME").arg("rp-writer").exec(&mut conn)?;
             self.write_notes.load(&mut conn)?;
+            self.write_cover.load(&mut conn)?;
             self.complete.load(&mut conn)?;
             bump(&self.metrics.reconnects, 1);
             self.conn = Some(conn);
@@ -423,7 +455,17 @@ impl Writer {
             /// Note id -> index in `notes`.
             index: HashMap<&'a str, usize>,
             notes: Vec<NoteWrite<'a>>,
+            /// The last cover of the batch (value, v, node, relay) and every op of it.
+            cover: Option<(String, u64, &'a str, &'a str, Vec<usize>)>,
             complete: Option<(usize, &'a str)>,
+        }
+        impl PaperWrites<'_> {
+            /// Every op of the paper in this batch.
+            fn ops(&self) -> Vec<usize> {
+                let notes = self.notes.iter().flat_map(|n| n.ops.iter().copied());
+                let cover = self.cover.iter().flat_map(|c| c.4.iter().copied());
+                notes.chain(cover).chain(self.complete.map(|(i, _)| i)).collect()
+            }
         }
         let mut papers: Vec<PaperWrites> = Vec::new();
         let mut by_paper: HashMap<&str, usize> = HashMap::new();
@@ -437,6 +479,7 @@ impl Writer {
                     paper: op.paper(),
                     index: HashMap::new(),
                     notes: Vec::new(),
+                    cover: None,
                     complete: None,
                 });
                 papers.len() - 1
@@ -465,6 +508,13 @@ impl Writer {
                         }
                     }
                 }
+                Op::Cover { cover, relay, .. } => {
+                    let value = encode_cover(cover.data.as_deref().unwrap_or("{}"), &cover.node, cover.v);
+                    let relay = relay.as_deref().unwrap_or_default();
+                    let mut ops = writes.cover.take().map_or_else(Vec::new, |c| c.4);
+                    ops.push(i);
+                    writes.cover = Some((value, cover.v, &cover.node, relay, ops));
+                }
                 Op::Complete { by, .. } => writes.complete = Some((i, by)),
                 Op::Relay { .. } => relays.push(i),
             }
@@ -484,6 +534,12 @@ impl Writer {
                 for note in &writes.notes {
                     cmd.arg(note.id).arg(&note.value).arg(note.v).arg(note.node).arg(note.relay);
                 }
+            }
+            if let Some((value, v, node, relay, _)) = &writes.cover {
+                commands += 1;
+                let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
+                pipe.cmd("EVALSHA").arg(self.write_cover.get_hash()).arg(1).arg(keys::meta(writes.paper));
+                pipe.arg(value).arg(*v).arg(*node).arg(channel).arg(*relay);
             }
             if let Some((_, by)) = writes.complete {
                 commands += 1;
@@ -564,6 +620,18 @@ impl Writer {
                     other => failure = Some(unexpected(other)),
                 }
             }
+            if let Some((.., ops)) = &writes.cover {
+                match replies.next() {
+                    Some(Ok(Value::Int(code))) => {
+                        let outcome = if code == 3 { Outcome::Sealed } else { Outcome::Saved };
+                        for &i in ops {
+                            outcomes[i] = Some(Reported::Op(outcome));
+                        }
+                    }
+                    Some(Err(e)) => failure = failure.or(Some(e)),
+                    other => failure = failure.or(Some(unexpected(other))),
+                }
+            }
             if let Some((i, _)) = writes.complete {
                 match replies.next() {
                     Some(Ok(Value::Array(reply))) => match (reply.first(), reply.get(1)) {
@@ -585,14 +653,14 @@ impl Writer {
                     self.conn = None;
                 }
                 // Nothing of this paper counts yet; it goes again with the next try.
-                for slot in writes.notes.iter().flat_map(|n| &n.ops).chain(writes.complete.iter().map(|(i, _)| i)) {
-                    outcomes[*slot] = None;
+                for slot in writes.ops() {
+                    outcomes[slot] = None;
                 }
                 transient.get_or_insert(e);
                 continue;
             }
             log::error!("Redis refuses the writes of paper {}: {e}", writes.paper);
-            for &slot in writes.notes.iter().flat_map(|n| &n.ops).chain(writes.complete.iter().map(|(i, _)| i)) {
+            for slot in writes.ops() {
                 outcomes[slot] = Some(Reported::Failed(e.to_string()));
             }
         }
