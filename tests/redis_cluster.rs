@@ -196,7 +196,9 @@ impl ClusterNode {
         let dir = TempDir::new("cluster-node");
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--dir", dir.0.to_str().unwrap()])
+            // The bus port defaults to port + 10000, which may be taken or past 65535.
             .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-port", &free_port().to_string()])
             .args(["--cluster-node-timeout", "1000", "--appendonly", "yes", "--save", "", "--protected-mode", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
