@@ -118,7 +118,7 @@ impl Target {
 
     fn sentinel(&self, sentinels: &[String], master: &str, tls: bool) -> RedisResult<SentinelClient> {
         if !tls {
-            return SentinelClient::build(sentinels.to_vec(), master.to_string(), None, SentinelServerType::Master);
+            return SentinelClient::build(sentinels.to_vec(), master, None, SentinelServerType::Master);
         }
         let mut addrs = Vec::new();
         for url in sentinels {
@@ -400,7 +400,7 @@ impl Endpoint {
                 let conn = client.get_connection()?;
                 conn.set_read_timeout(Some(IO_TIMEOUT))?;
                 conn.set_write_timeout(Some(IO_TIMEOUT))?;
-                return Ok(Conn::Cluster(conn));
+                return Ok(Conn::Cluster(Box::new(conn)));
             }
         };
         Ok(Conn::Single(open(&client)?))
@@ -511,7 +511,7 @@ pub fn slot(key: &str) -> u16 {
 /// A connection to a single server (or Sentinel-named master), or to a Cluster.
 pub enum Conn {
     Single(Connection),
-    Cluster(ClusterConnection),
+    Cluster(Box<ClusterConnection>),
 }
 
 impl Conn {

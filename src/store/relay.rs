@@ -130,7 +130,7 @@ impl Relay {
         let mut backoff = Duration::from_millis(50);
         loop {
             let subscriber = if self.endpoint.is_cluster() {
-                Shards::new(&self.endpoint).map(Subscriber::Sharded)
+                Shards::new(&self.endpoint).map(|shards| Subscriber::Sharded(Box::new(shards)))
             } else {
                 self.endpoint.connect().map(|conn| match conn {
                     Conn::Single(conn) => Subscriber::Plain(conn),
@@ -344,7 +344,7 @@ impl Relay {
 /// (sharded pub/sub: a channel is heard only on the master of its slot).
 enum Subscriber {
     Plain(Connection),
-    Sharded(Shards),
+    Sharded(Box<Shards>),
 }
 
 /// A subscription being served: the plain one borrows its connection.
