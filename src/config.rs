@@ -48,10 +48,16 @@ pub struct Config {
     #[arg(long, env = "RP_STORE", value_enum, default_value_t = StoreKind::Redis)]
     pub store: StoreKind,
 
-    /// Redis URL (with `--store redis`): redis://host:port/db, or
-    /// redis+sentinel://host:port,host:port/mastername to follow a Sentinel-watched master.
+    /// Redis URL (with `--store redis`): redis://host:port/db,
+    /// redis+sentinel://host:port,host:port/mastername to follow a Sentinel-watched master,
+    /// or redis+cluster://host:port,host:port for a Redis Cluster; rediss... for TLS.
     #[arg(long, env = "RP_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
+
+    /// PEM file of the CA that signed the Redis certificate (rediss://), in place of
+    /// the system's CA roots: for a private CA.
+    #[arg(long, env = "RP_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
 
     /// With N >= 1, an edit counts as written (and `saved`) only once N replicas
     /// have it (Redis `WAIT`).
@@ -520,7 +526,7 @@ impl Config {
             ));
         }
         if self.store == StoreKind::Redis {
-            if let Err(e) = crate::store::endpoint::Target::parse(&self.redis) {
+            if let Err(e) = crate::store::endpoint::Target::configured(&self.redis, self.redis_ca_file.as_deref()) {
                 return err(format!("--redis {:?}: {e}", redact(&self.redis)));
             }
         }

@@ -66,7 +66,7 @@ fn main() -> ExitCode {
 /// merely down does not, since it may come up and the server waits for it.
 fn redis_may_work(config: &Config) -> bool {
     let url = config::redact(&config.redis);
-    let target = Target::parse(&config.redis).expect("checked by validate");
+    let target = Target::configured(&config.redis, config.redis_ca_file.as_deref()).expect("checked by validate");
     match target.check() {
         Ok(()) => log::info!("Redis at {url} answers"),
         Err(Unusable::Down(why)) => log::warn!(

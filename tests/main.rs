@@ -21,5 +21,6 @@ mod operations; // 1. papers API, readiness, metrics
 mod operators; // run.sh, configuration, fail-fast Redis checks, deploy files, the load tool
 mod patch; // 2 and 3 (1.1): field patches
 mod persistence; // 4. Redis
+mod redis_cluster; // 4 and 6 (1.1): rediss:// and Redis Cluster
 mod sentinel; // 4. failover under Sentinel
 mod session; // 3. the WebSocket session

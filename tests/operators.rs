@@ -211,7 +211,9 @@ fn an_unknown_sentinel_master_or_rediss_stops_the_start() {
     // The right name serves.
     let good = format!("redis+sentinel://127.0.0.1:{}/papers", sentinel.port);
     let _server = Running::start(&["--redis", &good], &[]);
-    assert_refused(&["--redis", "rediss://:pw@127.0.0.1:6380"], &[], &["rediss://", "does not support"], &["pw@"]);
+    // TLS to a port that speaks plain Redis: a permanent mistake, said at once.
+    let tls_to_plain = format!("rediss://:pw@127.0.0.1:{}", redis.port);
+    assert_refused(&["--redis", &tls_to_plain], &[], &["rediss://", "TLS"], &["pw@"]);
 }
 
 #[test]

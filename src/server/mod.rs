@@ -100,7 +100,8 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             (StoreHandle::Memory, None, None, None)
         }
         StoreKind::Redis => {
-            let target = Target::parse(&config.redis).map_err(|e| fail("bad --redis URL", &e))?;
+            let target = Target::configured(&config.redis, config.redis_ca_file.as_deref())
+                .map_err(|e| fail("bad --redis URL", &e))?;
             let (backlog, ops, pending) = Backlog::new(config.backlog_limit);
             let (loads_tx, loads_rx) = crossbeam_channel::unbounded();
             let metrics = Arc::new(WriterMetrics::default());

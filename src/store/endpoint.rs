@@ -1,23 +1,44 @@
-//! Where Redis is: one server (`redis://...`), or the master of a Sentinel-watched
-//! group (`redis+sentinel://host:port,host:port/mastername`), asked of the
-//! sentinels at every (re)connection so that a failover is followed by itself.
+//! Where Redis is: one server (`redis://...`), the master of a Sentinel-watched
+//! group (`redis+sentinel://host:port,host:port/mastername`, asked of the
+//! sentinels at every (re)connection so that a failover is followed by itself),
+//! or a Redis Cluster (`redis+cluster://host:port,host:port`, whose slot map the
+//! cluster client follows). Each may be reached over TLS (`rediss...`), with the
+//! system's CA roots or the PEM file of `--redis-ca-file`.
 
 use std::fmt;
 use std::time::Duration;
 
-use redis::sentinel::{SentinelClient, SentinelServerType};
-use redis::{Connection, ErrorKind, RedisError};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Cmd, Connection, ConnectionLike, ErrorKind, RedisError, RedisResult, TlsCertificates, TlsMode, Value};
 
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one Redis call may take before the connection counts as broken.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A parsed `--redis` value; each thread makes its own `Endpoint` from it.
+/// A parsed `--redis` value (and `--redis-ca-file`); each thread makes its own
+/// `Endpoint` from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub struct Target {
+    pub kind: Kind,
+    /// The PEM roots that replace the system's for `rediss` (a private CA).
+    ca: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
     Server(String),
-    Sentinel { sentinels: Vec<String>, master: String },
+    /// `tls`: the sentinels and the master are reached over TLS.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+        tls: bool,
+    },
+    /// The seed nodes (`redis://` or `rediss://` URLs); the rest is learnt from them.
+    Cluster {
+        nodes: Vec<String>,
+    },
 }
 
 /// A `--redis` value that cannot work, and why.
@@ -54,35 +75,75 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Target {
     /// # Errors
-    /// A URL that is neither a Redis URL nor a Sentinel one.
+    /// A URL that is neither a Redis URL, a Sentinel one nor a Cluster one.
     pub fn parse(url: &str) -> Result<Target, BadUrl> {
-        if url.starts_with("rediss://") || url.starts_with("rediss+sentinel://") {
-            // The redis crate's TLS features are not compiled in.
-            return Err(BadUrl(
-                "this build does not support rediss:// (TLS) yet; use redis:// on a private network, \
-                 or a local TLS tunnel (such as stunnel) to the managed Redis"
-                    .into(),
-            ));
-        }
-        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
-            let (hosts, master) = rest.split_once('/').unwrap_or((rest, ""));
-            let master = master.trim_end_matches('/');
-            if master.is_empty() || hosts.is_empty() {
-                return Err(BadUrl("a Sentinel URL names its sentinels and the master: redis+sentinel://host:26379,host:26379/mymaster".into()));
+        Ok(Target { kind: Kind::parse(url)?, ca: None })
+    }
+
+    /// `--redis` with `--redis-ca-file`.
+    ///
+    /// # Errors
+    /// A bad URL, or a CA file that cannot be read or holds no PEM certificate.
+    pub fn configured(url: &str, ca_file: Option<&std::path::Path>) -> Result<Target, BadUrl> {
+        let mut target = Target::parse(url)?;
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| BadUrl(format!("cannot read --redis-ca-file {}: {e}", path.display())))?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(BadUrl(format!(
+                    "--redis-ca-file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                    path.display()
+                )));
             }
-            let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
-            for sentinel in &sentinels {
-                redis::Client::open(sentinel.as_str()).map_err(|e| BadUrl(format!("sentinel {sentinel}: {e}")))?;
-            }
-            return Ok(Target::Sentinel { sentinels, master: master.to_string() });
+            target.ca = Some(pem);
         }
-        redis::Client::open(url).map_err(|e| {
-            BadUrl(format!(
-                "not a Redis URL ({e}); use for example redis://127.0.0.1:6379/0, redis://:PASSWORD@host:6379 \
-                 or redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster"
-            ))
-        })?;
-        Ok(Target::Server(url.to_string()))
+        Ok(target)
+    }
+
+    /// Whether Redis is a Redis Cluster (sharded pub/sub, the two-step hand-off).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.kind, Kind::Cluster { .. })
+    }
+
+    fn certificates(&self) -> Option<TlsCertificates> {
+        self.ca.clone().map(|pem| TlsCertificates { client_tls: None, root_cert: Some(pem) })
+    }
+
+    fn client(&self, url: &str) -> RedisResult<redis::Client> {
+        match self.certificates() {
+            Some(certs) if url.starts_with("rediss://") => redis::Client::build_with_tls(url, certs),
+            _ => redis::Client::open(url),
+        }
+    }
+
+    fn sentinel(&self, sentinels: &[String], master: &str, tls: bool) -> RedisResult<SentinelClient> {
+        if !tls {
+            return SentinelClient::build(sentinels.to_vec(), master, None, SentinelServerType::Master);
+        }
+        let mut addrs = Vec::new();
+        for url in sentinels {
+            addrs.push(redis::IntoConnectionInfo::into_connection_info(url.as_str())?.addr().clone());
+        }
+        let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?
+            .set_client_to_redis_tls_mode(TlsMode::Secure)
+            .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+        if let Some(certs) = self.certificates() {
+            builder =
+                builder.set_client_to_redis_certificates(certs.clone()).set_client_to_sentinel_certificates(certs);
+        }
+        builder.build()
+    }
+
+    fn cluster(&self, nodes: &[String]) -> RedisResult<ClusterClient> {
+        let mut builder = ClusterClientBuilder::new(nodes.to_vec())
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(IO_TIMEOUT)
+            // Slot moves and failovers are retried by the store threads themselves.
+            .retries(2);
+        if let Some(certs) = self.certificates() {
+            builder = builder.certs(certs);
+        }
+        builder.build()
     }
 
     /// Connects once (through the sentinels for a Sentinel URL), authenticates,
@@ -108,42 +169,154 @@ impl Target {
     }
 
     fn check_now(&self) -> Result<(), Unusable> {
-        match self {
-            Target::Server(url) => ping(&redis::Client::open(url.as_str()).expect("checked by parse")),
-            Target::Sentinel { sentinels, master } => {
-                let mut sentinel =
-                    SentinelClient::build(sentinels.clone(), master.clone(), None, SentinelServerType::Master)
-                        .expect("checked by parse");
+        match &self.kind {
+            Kind::Server(url) => {
+                let client = self.client(url).map_err(|e| classify(&e, &host_of(url)))?;
+                match ping(&client, &host_of(url)) {
+                    // The port took the connection but never answered the TLS
+                    // handshake: it speaks plain Redis (a server merely down refuses).
+                    Err(Unusable::Down(why)) if url.starts_with("rediss://") && answers_tcp(url) => {
+                        Err(Unusable::Misconfigured(format!(
+                            "{why}: the port accepts connections but not a TLS handshake; a plain Redis \
+                             port needs redis://, not rediss://"
+                        )))
+                    }
+                    other => other,
+                }
+            }
+            Kind::Sentinel { sentinels, master, tls } => {
+                let hosts = sentinels.iter().map(|s| host_of(s)).collect::<Vec<_>>().join(", ");
+                let mut sentinel = self.sentinel(sentinels, master, *tls).map_err(|e| classify(&e, &hosts))?;
                 match sentinel.get_client() {
-                    Ok(client) => ping(&client),
+                    Ok(client) => {
+                        let host = match &client.get_connection_info().addr() {
+                            redis::ConnectionAddr::Tcp(h, p)
+                            | redis::ConnectionAddr::TcpTls { host: h, port: p, .. } => {
+                                format!("{h}:{p}")
+                            }
+                            other => other.to_string(),
+                        };
+                        ping(&client, &format!("master {master} at {host}"))
+                    }
                     Err(e) if e.kind() == ErrorKind::MasterNameNotFoundBySentinel => {
                         Err(unknown_master(sentinels, master).unwrap_or_else(|| {
                             Unusable::Down(format!("the sentinels know {master:?} but name no live master ({e})"))
                         }))
                     }
-                    Err(e) => Err(classify(&e)),
+                    Err(e) => Err(classify(&e, &hosts)),
                 }
+            }
+            Kind::Cluster { nodes } => {
+                // Each seed node on its own first, so that an error names the node.
+                for node in nodes {
+                    let client = self.client(node).map_err(|e| classify(&e, &host_of(node)))?;
+                    match ping(&client, &host_of(node)) {
+                        Ok(()) => {}
+                        Err(Unusable::Down(_)) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                let hosts = nodes.iter().map(|n| host_of(n)).collect::<Vec<_>>().join(", ");
+                let mut conn = self
+                    .cluster(nodes)
+                    .and_then(|c| c.get_connection())
+                    .map_err(|e| classify(&e, &format!("the cluster at {hosts}")))?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut conn)
+                    .map_err(|e| classify(&e, &format!("the cluster at {hosts}")))?;
+                if !info.contains("cluster_state:ok") {
+                    return Err(Unusable::Down(format!("the cluster at {hosts} is not ok yet (CLUSTER INFO)")));
+                }
+                Ok(())
             }
         }
     }
 
     pub fn endpoint(&self) -> Endpoint {
-        match self {
-            Target::Server(url) => Endpoint::Server(redis::Client::open(url.as_str()).expect("checked by parse")),
-            Target::Sentinel { sentinels, master } => Endpoint::Sentinel(
-                SentinelClient::build(sentinels.clone(), master.clone(), None, SentinelServerType::Master)
-                    .expect("checked by parse"),
-            ),
+        match &self.kind {
+            Kind::Server(url) => Endpoint::Server(self.client(url).expect("checked by parse")),
+            Kind::Sentinel { sentinels, master, tls } => {
+                Endpoint::Sentinel(self.sentinel(sentinels, master, *tls).expect("checked by parse"))
+            }
+            Kind::Cluster { nodes } => Endpoint::Cluster {
+                client: self.cluster(nodes).expect("checked by parse"),
+                nodes: nodes.iter().map(|n| self.client(n).expect("checked by parse")).collect(),
+            },
         }
     }
 }
 
-/// Connects, authenticates, selects and pings.
-fn ping(client: &redis::Client) -> Result<(), Unusable> {
-    let mut conn = client.get_connection_with_timeout(CONNECT_TIMEOUT).map_err(|e| classify(&e))?;
-    conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| classify(&e))?;
-    conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| classify(&e))?;
-    redis::cmd("PING").query::<String>(&mut conn).map(drop).map_err(|e| classify(&e))
+impl Kind {
+    fn parse(url: &str) -> Result<Kind, BadUrl> {
+        for (scheme, tls) in [("redis+cluster://", false), ("rediss+cluster://", true)] {
+            let Some(rest) = url.strip_prefix(scheme) else { continue };
+            // A password (redis+cluster://:PASSWORD@host:port,...) applies to every node.
+            let (auth, hosts) = match rest.rsplit_once('@') {
+                Some((auth, hosts)) => (format!("{auth}@"), hosts),
+                None => (String::new(), rest),
+            };
+            let hosts = hosts.trim_end_matches('/');
+            if hosts.is_empty() || hosts.contains('/') {
+                return Err(BadUrl(
+                    "a Cluster URL names some of its nodes (no database): redis+cluster://host:7000,host:7001".into(),
+                ));
+            }
+            let plain = if tls { "rediss" } else { "redis" };
+            let nodes: Vec<String> = hosts.split(',').map(|h| format!("{plain}://{auth}{h}")).collect();
+            for node in &nodes {
+                redis::Client::open(node.as_str())
+                    .map_err(|e| BadUrl(format!("cluster node {h}: {e}", h = redact_node(node))))?;
+            }
+            return Ok(Kind::Cluster { nodes });
+        }
+        for (scheme, tls) in [("redis+sentinel://", false), ("rediss+sentinel://", true)] {
+            let Some(rest) = url.strip_prefix(scheme) else { continue };
+            let (hosts, master) = rest.split_once('/').unwrap_or((rest, ""));
+            let master = master.trim_end_matches('/');
+            if master.is_empty() || hosts.is_empty() {
+                return Err(BadUrl("a Sentinel URL names its sentinels and the master: redis+sentinel://host:26379,host:26379/mymaster".into()));
+            }
+            let plain = if tls { "rediss" } else { "redis" };
+            let sentinels: Vec<String> = hosts.split(',').map(|h| format!("{plain}://{h}")).collect();
+            for sentinel in &sentinels {
+                redis::Client::open(sentinel.as_str()).map_err(|e| BadUrl(format!("sentinel {sentinel}: {e}")))?;
+            }
+            return Ok(Kind::Sentinel { sentinels, master: master.to_string(), tls });
+        }
+        redis::Client::open(url).map_err(|e| {
+            BadUrl(format!(
+                "not a Redis URL ({e}); use for example redis://127.0.0.1:6379/0, redis://:PASSWORD@host:6379, \
+                 rediss://host:6380 (TLS), redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster \
+                 or redis+cluster://127.0.0.1:7000,127.0.0.1:7001"
+            ))
+        })?;
+        Ok(Kind::Server(url.to_string()))
+    }
+}
+
+/// A node URL without its password, for messages.
+fn redact_node(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, h)| h)),
+        None => url.to_string(),
+    }
+}
+
+/// The `host:port` of a URL, for messages.
+fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
+/// Connects (with TLS, verifies the certificate), authenticates, selects and pings.
+fn ping(client: &redis::Client, host: &str) -> Result<(), Unusable> {
+    let classify = |e: RedisError| classify(&e, host);
+    let mut conn = client.get_connection_with_timeout(CONNECT_TIMEOUT).map_err(classify)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(classify)?;
+    conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(classify)?;
+    redis::cmd("PING").query::<String>(&mut conn).map(drop).map_err(classify)
 }
 
 /// `Misconfigured` when every sentinel that answers says it watches no master by
@@ -170,9 +343,19 @@ fn unknown_master(sentinels: &[String], master: &str) -> Option<Unusable> {
     })
 }
 
-/// Sorts a failed connection or command into what waiting cures and what it does not.
-fn classify(e: &RedisError) -> Unusable {
-    let text = e.to_string();
+/// Sorts a failed connection or command into what waiting cures and what it does
+/// not; `host` says where it failed.
+/// Whether the host and port of a URL accept a TCP connection.
+fn answers_tcp(url: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let Ok(mut addrs) = host_of(url).to_socket_addrs() else { return false };
+    addrs
+        .next()
+        .is_some_and(|addr| std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_ok())
+}
+
+fn classify(e: &RedisError, host: &str) -> Unusable {
+    let text = format!("{host}: {e}");
     let has = |needle: &str| e.code() == Some(needle) || text.contains(needle);
     if e.kind() == ErrorKind::AuthenticationFailed || has("WRONGPASS") || has("NOAUTH") || has("invalid password") {
         Unusable::Misconfigured(format!(
@@ -188,19 +371,38 @@ fn classify(e: &RedisError) -> Unusable {
             "that database does not exist on this Redis ({text}); use an index below its `databases` \
              setting (16 by default), for example redis://host:6379/0"
         ))
+    } else if is_tls_error(e) {
+        Unusable::Misconfigured(format!(
+            "the TLS handshake with {host} failed ({e}): the certificate must be signed by a CA the \
+             server trusts (the system's roots, or the PEM file of --redis-ca-file) and name the host \
+             of the URL; a plain port needs redis://, not rediss://"
+        ))
     } else if e.kind() == ErrorKind::Parse {
         Unusable::Misconfigured(format!(
             "what answers there does not speak Redis ({text}): another service, or a TLS-only port \
-             (this build speaks plain redis:// only); check the host and port"
+             (use rediss:// for TLS); check the host and port"
         ))
     } else {
         Unusable::Down(text)
     }
 }
 
+/// A certificate or handshake failure, which waiting does not cure.
+fn is_tls_error(e: &RedisError) -> bool {
+    let text = e.to_string();
+    ["certificate", "Certificate", "CertificateUnknown", "HandshakeFailure", "InvalidCertificate", "UnknownIssuer"]
+        .iter()
+        .any(|needle| text.contains(needle))
+}
+
 pub enum Endpoint {
     Server(redis::Client),
     Sentinel(SentinelClient),
+    /// The cluster client, and a client for each seed node (for `CLUSTER SHARDS`).
+    Cluster {
+        client: ClusterClient,
+        nodes: Vec<redis::Client>,
+    },
 }
 
 impl Endpoint {
@@ -209,15 +411,201 @@ impl Endpoint {
     ///
     /// # Errors
     /// Redis (or every sentinel) cannot be reached.
-    pub fn connect(&mut self) -> redis::RedisResult<Connection> {
+    pub fn connect(&mut self) -> redis::RedisResult<Conn> {
         let client = match self {
             Endpoint::Server(client) => client.clone(),
             Endpoint::Sentinel(sentinel) => sentinel.get_client()?,
+            Endpoint::Cluster { client, .. } => {
+                let conn = client.get_connection()?;
+                conn.set_read_timeout(Some(IO_TIMEOUT))?;
+                conn.set_write_timeout(Some(IO_TIMEOUT))?;
+                return Ok(Conn::Cluster(Box::new(conn)));
+            }
         };
-        let conn = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-        conn.set_read_timeout(Some(IO_TIMEOUT))?;
-        conn.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(conn)
+        Ok(Conn::Single(open(&client)?))
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Endpoint::Cluster { .. })
+    }
+
+    /// How to reach any node of a Cluster: the first seed node's settings (TLS,
+    /// password), to be pointed at another address with [`connect_node`].
+    pub fn seed(&self) -> Option<redis::ConnectionInfo> {
+        match self {
+            Endpoint::Cluster { nodes, .. } => nodes.first().map(|n| n.get_connection_info().clone()),
+            _ => None,
+        }
+    }
+
+    /// A plain connection to a Cluster node, with timeouts.
+    ///
+    /// # Errors
+    /// The node cannot be reached.
+    pub fn connect_node(&self, addr: &str) -> redis::RedisResult<Connection> {
+        let seed = self.seed().ok_or_else(|| RedisError::from((ErrorKind::InvalidClientConfig, "not a cluster")))?;
+        connect_node(&seed, addr)
+    }
+
+    /// The masters of a Cluster as `(first slot, last slot, "host:port")`, asked of
+    /// the first seed node that answers.
+    ///
+    /// # Errors
+    /// No seed node answers.
+    pub fn masters(&self) -> redis::RedisResult<Vec<(u16, u16, String)>> {
+        let Endpoint::Cluster { nodes, .. } = self else { return Ok(Vec::new()) };
+        let mut last = RedisError::from((ErrorKind::Io, "no cluster node"));
+        for node in nodes {
+            let slots = open(node).and_then(|mut c| redis::cmd("CLUSTER").arg("SLOTS").query::<Value>(&mut c));
+            match slots {
+                Ok(Value::Array(ranges)) => {
+                    let mut out = Vec::new();
+                    for range in ranges {
+                        let Value::Array(parts) = range else { continue };
+                        let (Some(Value::Int(from)), Some(Value::Int(to)), Some(Value::Array(master))) =
+                            (parts.first(), parts.get(1), parts.get(2))
+                        else {
+                            continue;
+                        };
+                        let host = match master.first() {
+                            Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                            _ => continue,
+                        };
+                        let Some(Value::Int(port)) = master.get(1) else { continue };
+                        out.push((*from as u16, *to as u16, format!("{host}:{port}")));
+                    }
+                    return Ok(out);
+                }
+                Ok(other) => last = RedisError::from((ErrorKind::Parse, "CLUSTER SLOTS", format!("{other:?}"))),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+/// A plain connection to the node at `addr` ("host:port"), set up as `seed` is.
+///
+/// # Errors
+/// The node cannot be reached.
+pub fn connect_node(seed: &redis::ConnectionInfo, addr: &str) -> redis::RedisResult<Connection> {
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "6379"));
+    let port: u16 = port.parse().map_err(|_| RedisError::from((ErrorKind::Parse, "bad node port")))?;
+    let node = match seed.addr() {
+        redis::ConnectionAddr::TcpTls { insecure, tls_params, .. } => redis::ConnectionAddr::TcpTls {
+            host: host.to_string(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => redis::ConnectionAddr::Tcp(host.to_string(), port),
+    };
+    open(&redis::Client::open(seed.clone().set_addr(node))?)
+}
+
+fn open(client: &redis::Client) -> redis::RedisResult<Connection> {
+    let conn = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(conn)
+}
+
+/// The hash slot of a key (CRC16 of its `{tag}` or of the whole key, mod 16384).
+pub fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = key
+        .find('{')
+        .and_then(|open| key[open + 1..].find('}').filter(|&len| len > 0).map(|len| &bytes[open + 1..open + 1 + len]));
+    let mut crc: u16 = 0;
+    for &b in tagged.unwrap_or(bytes) {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
+}
+
+/// A connection to a single server (or Sentinel-named master), or to a Cluster.
+pub enum Conn {
+    Single(Connection),
+    Cluster(Box<ClusterConnection>),
+}
+
+impl Conn {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
+    /// Runs commands that may name keys of different slots: one pipeline on a
+    /// single server, one command after another on a Cluster.
+    ///
+    /// # Errors
+    /// The first command that failed.
+    pub fn run_each(&mut self, cmds: &[Cmd]) -> RedisResult<()> {
+        match self {
+            Conn::Single(conn) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd.clone()).ignore();
+                }
+                pipe.query::<()>(conn)
+            }
+            Conn::Cluster(conn) => cmds.iter().try_for_each(|cmd| cmd.query::<()>(conn)),
+        }
+    }
+
+    /// The plain connection, for pub/sub on a single server.
+    pub fn single(&mut self) -> Option<&mut Connection> {
+        match self {
+            Conn::Single(conn) => Some(conn),
+            Conn::Cluster(_) => None,
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(&mut self, cmd: &[u8], offset: usize, count: usize) -> RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn req_command(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Conn::Single(c) => c.req_command(cmd),
+            Conn::Cluster(c) => c.req_command(cmd),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Conn::Single(c) => c.check_connection(),
+            Conn::Cluster(c) => c.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            Conn::Single(c) => c.is_open(),
+            Conn::Cluster(c) => c.is_open(),
+        }
     }
 }
 
@@ -226,15 +614,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn slots_follow_the_hash_tag() {
+        // Values from Redis's CLUSTER KEYSLOT.
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("rp:paper:{p1}:notes"), slot("p1"));
+        assert_eq!(slot("rp:paper:{p1}"), slot("rp:paper:{p1}:meta"));
+    }
+
+    #[test]
     fn parses_plain_and_sentinel_urls() {
-        assert_eq!(Target::parse("redis://127.0.0.1:6379").unwrap(), Target::Server("redis://127.0.0.1:6379".into()));
         assert_eq!(
-            Target::parse("redis+sentinel://10.0.0.1:26379,10.0.0.2:26380/main").unwrap(),
-            Target::Sentinel {
+            Target::parse("redis://127.0.0.1:6379").unwrap().kind,
+            Kind::Server("redis://127.0.0.1:6379".into())
+        );
+        assert_eq!(
+            Target::parse("redis+sentinel://10.0.0.1:26379,10.0.0.2:26380/main").unwrap().kind,
+            Kind::Sentinel {
                 sentinels: vec!["redis://10.0.0.1:26379".into(), "redis://10.0.0.2:26380".into()],
-                master: "main".into()
+                master: "main".into(),
+                tls: false,
             }
         );
+        assert_eq!(
+            Target::parse("rediss+cluster://:pw@10.0.0.1:7000,10.0.0.2:7001").unwrap().kind,
+            Kind::Cluster { nodes: vec!["rediss://:pw@10.0.0.1:7000".into(), "rediss://:pw@10.0.0.2:7001".into()] }
+        );
+        assert!(Target::parse("rediss://10.0.0.1:6380").is_ok());
+        assert!(Target::parse("redis+cluster://10.0.0.1:7000/0").is_err());
         assert!(Target::parse("redis+sentinel://10.0.0.1:26379").is_err());
         assert!(Target::parse("http://x").is_err());
     }

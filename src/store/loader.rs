@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use redis::Connection;
 use serde::Deserialize;
 
 use super::codec::{parse_paper, Hash};
-use super::endpoint::Endpoint;
+use super::endpoint::{Conn, Endpoint};
 use super::{keys, LoadRequest, Loops, PresenceMember, StoreEvent, StoredPaper};
 use crate::metrics::WriterMetrics;
 
@@ -19,7 +18,7 @@ pub struct Loader {
     /// With `--cluster`: this node, whose own entries in presence hashes are stale.
     presence_of_others: Option<String>,
     endpoint: Endpoint,
-    conn: Option<Connection>,
+    conn: Option<Conn>,
     requests: Receiver<LoadRequest>,
     loops: Arc<dyn Loops>,
 }
@@ -81,7 +80,9 @@ impl Loader {
             Some(conn) => conn,
             None => {
                 let mut conn = self.endpoint.connect()?;
-                redis::cmd("CLIENT").arg("SETNAME").arg("rp-loader").exec(&mut conn)?;
+                if !conn.is_cluster() {
+                    redis::cmd("CLIENT").arg("SETNAME").arg("rp-loader").exec(&mut conn)?;
+                }
                 self.conn.insert(conn)
             }
         };
@@ -106,7 +107,7 @@ struct PresenceEntry {
 
 /// The presence entries of nodes that are alive (their `rp:node:{id}` key exists)
 /// and not this one.
-fn live_members(conn: &mut Connection, own: &str, entries: Hash) -> redis::RedisResult<Vec<PresenceMember>> {
+fn live_members(conn: &mut Conn, own: &str, entries: Hash) -> redis::RedisResult<Vec<PresenceMember>> {
     let parsed: Vec<(String, PresenceEntry)> = entries
         .into_iter()
         .filter_map(|(id, json)| {

@@ -4,15 +4,15 @@
 //! paper; nodes that stop announcing themselves are reported gone; this node's own
 //! announcement coming back is the canary that proves the subscription works.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use redis::Connection;
+use redis::{Connection, Value};
 
-use super::endpoint::{Endpoint, IO_TIMEOUT};
+use super::endpoint::{connect_node, slot, Conn, Endpoint, IO_TIMEOUT};
 use super::{keys, LoadPurpose, LoadRequest, Loops, StoreEvent};
 
 /// How long a wait for a message lasts before commands from the loops are looked at.
@@ -49,7 +49,7 @@ pub struct Relay {
     healthy: Arc<AtomicBool>,
     /// A plain connection for the heartbeat: announced from this thread, not the
     /// writer's, so that a writer retrying a batch does not make the node look dead.
-    announcer: Option<Connection>,
+    announcer: Option<Conn>,
     next_heartbeat: Instant,
     /// Subscriptions made so far; after the first, a reconnection re-reads the papers.
     sessions: u64,
@@ -104,24 +104,22 @@ impl Relay {
             self.announcer = self.endpoint.connect().ok();
         }
         let Some(conn) = &mut self.announcer else { return };
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::with_capacity(self.papers.len() + 2);
         // The presence hashes of the papers held live while this node does; a
         // paper nobody holds any more has its hash expire (`--presence-ttl`).
         for paper in &self.papers {
-            pipe.cmd("PEXPIRE").arg(keys::members(paper)).arg(self.presence_ttl.as_millis() as u64).ignore();
+            let mut cmd = redis::cmd("PEXPIRE");
+            cmd.arg(keys::members(paper)).arg(self.presence_ttl.as_millis() as u64);
+            cmds.push(cmd);
         }
-        let result = pipe
-            .cmd("SET")
-            .arg(keys::node_alive(&self.node))
-            .arg(1)
-            .arg("PX")
-            .arg(NODE_TTL.as_millis() as u64)
-            .ignore()
-            .cmd("PUBLISH")
-            .arg(keys::NODES_CHANNEL)
-            .arg(&self.node)
-            .ignore()
-            .query::<()>(conn);
+        let mut alive = redis::cmd("SET");
+        alive.arg(keys::node_alive(&self.node)).arg(1).arg("PX").arg(NODE_TTL.as_millis() as u64);
+        cmds.push(alive);
+        // On a Cluster, sharded: `rp:nodes` lives on one shard, where every node hears it.
+        let mut announce = redis::cmd(if conn.is_cluster() { "SPUBLISH" } else { "PUBLISH" });
+        announce.arg(keys::NODES_CHANNEL).arg(&self.node);
+        cmds.push(announce);
+        let result = conn.run_each(&cmds);
         if result.is_err() {
             self.announcer = None;
         }
@@ -131,9 +129,17 @@ impl Relay {
     pub fn run(mut self) {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.endpoint.connect() {
-                Ok(mut conn) => {
-                    match self.serve(&mut conn) {
+            let subscriber = if self.endpoint.is_cluster() {
+                Shards::new(&self.endpoint).map(|shards| Subscriber::Sharded(Box::new(shards)))
+            } else {
+                self.endpoint.connect().map(|conn| match conn {
+                    Conn::Single(conn) => Subscriber::Plain(conn),
+                    Conn::Cluster(_) => unreachable!("not a cluster endpoint"),
+                })
+            };
+            match subscriber {
+                Ok(mut subscriber) => {
+                    match self.serve(&mut subscriber) {
                         Ok(()) => return,
                         Err(e) => log::warn!("relay subscription lost ({e}); subscribing again"),
                     }
@@ -173,10 +179,8 @@ impl Relay {
         }
     }
 
-    fn serve(&mut self, conn: &mut Connection) -> redis::RedisResult<()> {
-        let mut pubsub = conn.as_pubsub();
-        // Replies to (un)subscribing may take a while; only the wait for messages is short.
-        pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
+    fn serve(&mut self, subscriber: &mut Subscriber) -> redis::RedisResult<()> {
+        let mut pubsub = subscriber.start()?;
         pubsub.subscribe(keys::NODES_CHANNEL)?;
         for paper in &self.papers {
             pubsub.subscribe(keys::channel(paper))?;
@@ -221,13 +225,8 @@ impl Relay {
                 }
             }
             self.heartbeat();
-            pubsub.set_read_timeout(Some(POLL))?;
-            let message = pubsub.get_message();
-            pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
-            match message {
-                Ok(msg) => self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
-                Err(e) if e.is_timeout() => {}
-                Err(e) => return Err(e),
+            if let Some((channel, payload)) = pubsub.next_message(POLL)? {
+                self.dispatch(&channel, &payload);
             }
             self.check_nodes(connected)?;
         }
@@ -280,25 +279,33 @@ impl Relay {
     fn forget_presence_of(&mut self, node: &str) {
         let Some(conn) = &mut self.announcer else { return };
         let papers: Vec<&Arc<str>> = self.papers.iter().collect();
-        let mut read = redis::pipe();
-        for paper in &papers {
-            read.cmd("HGETALL").arg(keys::members(paper));
-        }
-        let Ok(hashes) = read.query::<Vec<Vec<(String, String)>>>(conn) else {
+        let hashes: redis::RedisResult<Vec<Vec<(String, String)>>> = if conn.is_cluster() {
+            // Papers live on different shards: one read each.
+            papers.iter().map(|paper| redis::cmd("HGETALL").arg(keys::members(paper)).query(conn)).collect()
+        } else {
+            let mut read = redis::pipe();
+            for paper in &papers {
+                read.cmd("HGETALL").arg(keys::members(paper));
+            }
+            read.query(conn)
+        };
+        let Ok(hashes) = hashes else {
             self.announcer = None;
             return;
         };
-        let mut remove = redis::pipe();
+        let mut remove = Vec::new();
         for (paper, entries) in papers.iter().zip(hashes) {
             for (member, entry) in entries {
                 let of_node = serde_json::from_str::<serde_json::Value>(&entry)
                     .is_ok_and(|e| e.get("node").and_then(|n| n.as_str()) == Some(node));
                 if of_node {
-                    remove.cmd("HDEL").arg(keys::members(paper)).arg(member).ignore();
+                    let mut cmd = redis::cmd("HDEL");
+                    cmd.arg(keys::members(paper)).arg(member);
+                    remove.push(cmd);
                 }
             }
         }
-        if remove.query::<()>(conn).is_err() {
+        if conn.run_each(&remove).is_err() {
             self.announcer = None;
         }
     }
@@ -329,5 +336,199 @@ impl Relay {
             return Err(redis::RedisError::from((redis::ErrorKind::Io, "the relay canary did not come back")));
         }
         Ok(())
+    }
+}
+
+/// What the relay listens with: one connection in pub/sub mode on a single
+/// server, or on a Redis Cluster one per master that owns a paper held here
+/// (sharded pub/sub: a channel is heard only on the master of its slot).
+enum Subscriber {
+    Plain(Connection),
+    Sharded(Box<Shards>),
+}
+
+/// A subscription being served: the plain one borrows its connection.
+enum Listening<'a> {
+    Plain(redis::PubSub<'a>),
+    Sharded(&'a mut Shards),
+}
+
+impl Subscriber {
+    fn start(&mut self) -> redis::RedisResult<Listening<'_>> {
+        Ok(match self {
+            Subscriber::Plain(conn) => {
+                let pubsub = conn.as_pubsub();
+                // Replies to (un)subscribing may take a while; only the wait for messages is short.
+                pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
+                Listening::Plain(pubsub)
+            }
+            Subscriber::Sharded(shards) => Listening::Sharded(shards),
+        })
+    }
+}
+
+impl Listening<'_> {
+    fn subscribe(&mut self, channel: impl AsRef<str>) -> redis::RedisResult<()> {
+        match self {
+            Listening::Plain(pubsub) => pubsub.subscribe(channel.as_ref()),
+            Listening::Sharded(shards) => shards.subscribe(channel.as_ref()),
+        }
+    }
+
+    fn unsubscribe(&mut self, channel: impl AsRef<str>) -> redis::RedisResult<()> {
+        match self {
+            Listening::Plain(pubsub) => pubsub.unsubscribe(channel.as_ref()),
+            Listening::Sharded(shards) => shards.unsubscribe(channel.as_ref()),
+        }
+    }
+
+    /// The next message within about `wait`, as (channel, payload).
+    fn next_message(&mut self, wait: Duration) -> redis::RedisResult<Option<(String, Vec<u8>)>> {
+        match self {
+            Listening::Plain(pubsub) => {
+                pubsub.set_read_timeout(Some(wait))?;
+                let message = pubsub.get_message();
+                pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
+                match message {
+                    Ok(msg) => Ok(Some((msg.get_channel_name().to_string(), msg.get_payload_bytes().to_vec()))),
+                    Err(e) if e.is_timeout() => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+            Listening::Sharded(shards) => shards.next_message(wait),
+        }
+    }
+}
+
+/// Sharded pub/sub on a Redis Cluster: `SSUBSCRIBE` on the master of each
+/// channel's slot. A slot that moves (resharding, failover) ends the
+/// subscription: the relay subscribes anew on the new map and re-reads its papers.
+struct Shards {
+    /// How to reach a node (TLS, password).
+    seed: redis::ConnectionInfo,
+    /// `(first slot, last slot, "host:port")` of each master.
+    masters: Vec<(u16, u16, String)>,
+    /// Each master's subscriber, and whether a `PING` awaits its `pong`.
+    conns: Vec<(String, Connection, bool)>,
+    /// Channel -> index in `conns`.
+    channels: HashMap<String, usize>,
+    /// Messages read while waiting for a subscription's confirmation.
+    early: VecDeque<(String, Vec<u8>)>,
+    next: usize,
+}
+
+impl Shards {
+    fn new(endpoint: &Endpoint) -> redis::RedisResult<Shards> {
+        let masters = endpoint.masters()?;
+        if masters.is_empty() {
+            return Err(redis::RedisError::from((redis::ErrorKind::Io, "the cluster has no slots assigned yet")));
+        }
+        let seed = endpoint.seed().expect("a cluster endpoint");
+        Ok(Shards { seed, masters, conns: Vec::new(), channels: HashMap::new(), early: VecDeque::new(), next: 0 })
+    }
+
+    fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        let slot = slot(channel);
+        let addr = self
+            .masters
+            .iter()
+            .find(|(from, to, _)| (*from..=*to).contains(&slot))
+            .map(|(_, _, addr)| addr.clone())
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "a slot without a master")))?;
+        let index = match self.conns.iter().position(|(a, ..)| *a == addr) {
+            Some(index) => index,
+            None => {
+                let conn = connect_node(&self.seed, &addr)?;
+                self.conns.push((addr, conn, false));
+                self.conns.len() - 1
+            }
+        };
+        let (_, conn, pinged) = &mut self.conns[index];
+        conn.send_packed_command(&redis::cmd("SSUBSCRIBE").arg(channel).get_packed_command())?;
+        // Confirmed before the paper is read, so that nothing falls between.
+        loop {
+            match conn.recv_response()? {
+                Value::Array(parts) => match kind_of(&parts).as_deref() {
+                    Some("ssubscribe") if channel_of(&parts).as_deref() == Some(channel) => break,
+                    Some("smessage") => self.early.extend(message_of(parts)),
+                    Some("pong") => *pinged = false,
+                    _ => {}
+                },
+                Value::ServerError(e) => return Err(e.into()),
+                _ => {}
+            }
+        }
+        self.channels.insert(channel.to_string(), index);
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        let Some(index) = self.channels.remove(channel) else { return Ok(()) };
+        // The confirmation is skipped when it arrives.
+        self.conns[index].1.send_packed_command(&redis::cmd("SUNSUBSCRIBE").arg(channel).get_packed_command())
+    }
+
+    /// The next message, else `None` after `wait`. A read never times out here
+    /// (the client would then skip the next reply): each shard is sent a `PING`
+    /// and read up to its `pong`, so that what came before it is all there is.
+    fn next_message(&mut self, wait: Duration) -> redis::RedisResult<Option<(String, Vec<u8>)>> {
+        if let Some(message) = self.early.pop_front() {
+            return Ok(Some(message));
+        }
+        for _ in 0..self.conns.len() {
+            self.next = (self.next + 1) % self.conns.len();
+            let (_, conn, pinged) = &mut self.conns[self.next];
+            if !*pinged {
+                conn.send_packed_command(&redis::cmd("PING").get_packed_command())?;
+                *pinged = true;
+            }
+            loop {
+                match conn.recv_response()? {
+                    Value::Array(parts) => match kind_of(&parts).as_deref() {
+                        Some("smessage") => return Ok(message_of(parts)),
+                        Some("pong") => {
+                            *pinged = false;
+                            break;
+                        }
+                        // The server drops a subscription whose slot moved away.
+                        Some("sunsubscribe") => {
+                            if let Some(channel) = channel_of(&parts).filter(|c| self.channels.contains_key(c)) {
+                                let detail = format!("{channel} moved to another shard");
+                                return Err(redis::RedisError::from((redis::ErrorKind::Io, "slot moved", detail)));
+                            }
+                        }
+                        _ => {}
+                    },
+                    Value::ServerError(e) => return Err(e.into()),
+                    _ => {}
+                }
+            }
+        }
+        std::thread::sleep(wait);
+        Ok(None)
+    }
+}
+
+fn text_of(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn kind_of(parts: &[Value]) -> Option<String> {
+    text_of(parts.first())
+}
+
+fn channel_of(parts: &[Value]) -> Option<String> {
+    text_of(parts.get(1))
+}
+
+fn message_of(parts: Vec<Value>) -> Option<(String, Vec<u8>)> {
+    let channel = channel_of(&parts)?;
+    match parts.into_iter().nth(2)? {
+        Value::BulkString(payload) => Some((channel, payload)),
+        _ => None,
     }
 }

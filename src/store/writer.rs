@@ -8,10 +8,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use redis::{Connection, Script, Value};
+use redis::{Pipeline, Script, Value};
 
 use super::codec::{encode_cover, encode_note};
-use super::endpoint::Endpoint;
+use super::endpoint::{Conn, Endpoint};
 use super::{is_transient, keys, Loops, Op, Outcome, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
 
@@ -370,9 +370,15 @@ return 1
 /// to the other nodes (when a channel is given), and starts the retention of its
 /// keys. Run again (a resent batch, or a paper sealed by another node), it adds
 /// nothing. ARGV: paper, by, now_ms, retention seconds, channel (or empty), relay
-/// prefix. Returns the notes JSON array and who completed the paper.
+/// prefix. Returns the notes JSON array, who completed the paper, and the snapshot
+/// still to append to the stream (or empty).
+///
+/// On a Redis Cluster the stream lives in another slot, which a script may not
+/// touch: called without KEYS[4] (notes, meta, tombstones, stream), it leaves the snapshot in the meta hash as
+/// `handoff_pending`; the writer appends it to the stream, then removes it (at
+/// least once: a writer that dies between leaves the marker for the next sweep).
 const COMPLETE: &str = r#"
-local notes, meta, stream, tombstones = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local notes, meta, tombstones, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local paper, by, now, retention, channel, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local live = {}
 local all = redis.call('HGETALL', notes)
@@ -400,7 +406,12 @@ end
 if redis.call('HGET', meta, 'completed') ~= '1' then
   redis.call('HSET', meta, 'completed', '1', 'completed_by', by, 'updated_ms', now)
   redis.call('HSETNX', meta, 'created_ms', now)
-  redis.call('XADD', stream, '*', 'paper', paper, 'snapshot', '{"paper":"' .. paper .. '","completed":true,"meta":' .. cover .. ',"notes":' .. list .. '}')
+  local snapshot = '{"paper":"' .. paper .. '","completed":true,"meta":' .. cover .. ',"notes":' .. list .. '}'
+  if stream then
+    redis.call('XADD', stream, '*', 'paper', paper, 'snapshot', snapshot)
+  else
+    redis.call('HSET', meta, 'handoff_pending', snapshot)
+  end
   if channel ~= '' then
     redis.call('PUBLISH', channel, prefix .. '{"type":"completed","by":' .. cjson.encode(by) .. ',"notes":' .. list .. '}')
   end
@@ -410,12 +421,16 @@ end
 redis.call('EXPIRE', notes, retention)
 redis.call('EXPIRE', meta, retention)
 redis.call('EXPIRE', tombstones, retention)
-return {list, by}
+return {list, by, redis.call('HGET', meta, 'handoff_pending') or ''}
 "#;
 
 pub struct Writer {
     endpoint: Endpoint,
-    conn: Option<Connection>,
+    conn: Option<Conn>,
+    /// A Redis Cluster: per-slot pipelines, `SPUBLISH`, the hand-off in two steps.
+    cluster: bool,
+    /// On a Cluster, hand-offs left pending by a writer that died are finished once.
+    swept: bool,
     /// `--redis-wait-replicas`: a batch counts as written once this many replicas have it.
     wait_replicas: usize,
     ops: Receiver<Queued>,
@@ -454,9 +469,15 @@ impl Writer {
         retention_secs: u64,
         give_up_at: Arc<OnceLock<Instant>>,
     ) -> Self {
+        let cluster = endpoint.is_cluster();
+        // On a Cluster, relayed messages go by sharded pub/sub, which a script may
+        // use for a channel of its own slot.
+        let publish = |script: String| if cluster { script.replace("'PUBLISH'", "'SPUBLISH'") } else { script };
         Writer {
             endpoint,
             conn: None,
+            cluster,
+            swept: false,
             wait_replicas: 0,
             ops,
             pending,
@@ -464,9 +485,9 @@ impl Writer {
             loops,
             retention_secs,
             give_up_at,
-            write_notes: Script::new(&format!("{READABLE}{WRITE_NOTES}")),
-            write_cover: Script::new(WRITE_COVER),
-            complete: Script::new(&format!("{READABLE}{COMPLETE}")),
+            write_notes: Script::new(&publish(format!("{READABLE}{WRITE_NOTES}"))),
+            write_cover: Script::new(&publish(WRITE_COVER.to_string())),
+            complete: Script::new(&publish(format!("{READABLE}{COMPLETE}"))),
             outage: None,
             node: None,
             history: History { retention: 3_600_000 << 10, max_tombstones: 1000 },
@@ -567,13 +588,20 @@ impl Writer {
     }
 
     /// The connection, opened (with the scripts loaded) if there is none.
-    fn connection(&mut self) -> redis::RedisResult<&mut Connection> {
+    fn connection(&mut self) -> redis::RedisResult<&mut Conn> {
         if self.conn.is_none() {
             let mut conn = self.endpoint.connect()?;
-            redis::cmd("CLIENT").arg("SETNAME").arg("rp-writer").exec(&mut conn)?;
+            if !conn.is_cluster() {
+                redis::cmd("CLIENT").arg("SETNAME").arg("rp-writer").exec(&mut conn)?;
+            }
+            // On a Cluster, SCRIPT LOAD goes to every node.
             self.write_notes.load(&mut conn)?;
             self.write_cover.load(&mut conn)?;
             self.complete.load(&mut conn)?;
+            if self.cluster && !self.swept {
+                finish_pending_handoffs(&self.endpoint, &mut conn)?;
+                self.swept = true;
+            }
             bump(&self.metrics.reconnects, 1);
             self.conn = Some(conn);
         }
@@ -717,10 +745,14 @@ impl Writer {
         let now = now_ms();
         let mut pipe = redis::pipe();
         let mut commands = 0;
+        // The paper of each command: on a Cluster, a pipeline per paper (one slot).
+        let mut owners: Vec<&str> = Vec::new();
+        let publish = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
         pipe.ignore_errors();
         for writes in &papers {
             if !writes.notes.is_empty() {
                 commands += 1;
+                owners.push(writes.paper);
                 let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
                 let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(3);
                 cmd.arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper)).arg(keys::tombstones(writes.paper));
@@ -737,52 +769,54 @@ impl Writer {
             }
             if let Some((_, by)) = writes.complete {
                 commands += 1;
+                owners.push(writes.paper);
                 let (channel, prefix) = match &self.node {
                     Some(node) => (keys::channel(writes.paper), format!("{node}\n")),
                     None => (String::new(), String::new()),
                 };
-                pipe.cmd("EVALSHA")
-                    .arg(self.complete.get_hash())
-                    .arg(4)
-                    .arg(keys::notes(writes.paper))
-                    .arg(keys::meta(writes.paper))
-                    .arg(keys::COMPLETED_STREAM)
-                    .arg(keys::tombstones(writes.paper))
-                    .arg(writes.paper)
-                    .arg(by)
-                    .arg(now)
-                    .arg(self.retention_secs)
-                    .arg(channel)
-                    .arg(prefix);
+                let cmd = pipe.cmd("EVALSHA").arg(self.complete.get_hash());
+                cmd.arg(if self.cluster { 3 } else { 4 }).arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper));
+                cmd.arg(keys::tombstones(writes.paper));
+                if !self.cluster {
+                    cmd.arg(keys::COMPLETED_STREAM);
+                }
+                cmd.arg(writes.paper).arg(by).arg(now).arg(self.retention_secs).arg(channel).arg(prefix);
             }
         }
         for &i in &relays {
             let op = &batch[i].op;
             if let Op::Relay { paper, presence: Some(presence), .. } = op {
                 commands += 1;
+                owners.push(paper);
                 match &presence.entry {
                     Some(entry) => pipe.cmd("HSET").arg(keys::members(paper)).arg(&*presence.member).arg(entry),
                     None => pipe.cmd("HDEL").arg(keys::members(paper)).arg(&*presence.member),
                 };
                 // A node killed holding the paper never removes its entries.
                 commands += 1;
+                owners.push(paper);
                 pipe.cmd("PEXPIRE").arg(keys::members(paper)).arg(self.presence_ttl_ms);
             }
             if let Some(relay) = op.relay() {
                 commands += 1;
-                pipe.cmd("PUBLISH").arg(keys::channel(op.paper())).arg(relay);
+                owners.push(op.paper());
+                pipe.cmd(publish).arg(keys::channel(op.paper())).arg(relay);
             }
         }
-        if self.wait_replicas > 0 {
+        if self.wait_replicas > 0 && !self.cluster {
             commands += 1;
             pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
         }
 
+        let (cluster, wait_replicas) = (self.cluster, self.wait_replicas);
         let conn = self.connection()?;
-        let mut replies: std::vec::IntoIter<redis::RedisResult<Value>> =
-            pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter();
+        let mut replies: std::vec::IntoIter<redis::RedisResult<Value>> = if cluster {
+            per_slot(conn, &pipe, &owners, wait_replicas)?.into_iter()
+        } else {
+            pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter()
+        };
         bump(&self.metrics.commands, commands);
-        if self.wait_replicas > 0 {
+        if self.wait_replicas > 0 && !self.cluster {
             // The pipeline ends with WAIT: the batch is written once enough replicas have it.
             let acked = match replies.as_slice().last() {
                 Some(Ok(Value::Int(n))) => *n,
@@ -794,6 +828,8 @@ impl Writer {
             }
         }
         let mut transient = None;
+        // On a Cluster: sealed papers whose stream entry is still to append.
+        let mut handoffs: Vec<(usize, &str, Vec<u8>)> = Vec::new();
         for writes in &papers {
             let mut failure = None;
             if !writes.notes.is_empty() {
@@ -834,6 +870,11 @@ impl Writer {
                             let notes = String::from_utf8_lossy(notes).into_owned();
                             let by = String::from_utf8_lossy(by).into_owned();
                             outcomes[i] = Some(Reported::Sealed { notes, by });
+                            if let Some(Value::BulkString(snapshot)) = reply.get(2).filter(|_| self.cluster) {
+                                if !snapshot.is_empty() {
+                                    handoffs.push((i, writes.paper, snapshot.clone()));
+                                }
+                            }
                         }
                         _ => failure = failure.or(Some(unexpected(Some(Ok(Value::Array(reply)))))),
                     },
@@ -882,7 +923,18 @@ impl Writer {
                 None => outcomes[i] = Some(Reported::Op(Outcome::Saved)),
             }
         }
+        for (i, paper, snapshot) in handoffs {
+            if let Err(e) = hand_off(self.connection()?, paper, &snapshot) {
+                // The seal stands; the completion is sent again and appends the entry then.
+                outcomes[i] = None;
+                transient.get_or_insert(e);
+            }
+        }
         if let Some(e) = transient {
+            if matches!(e.code(), Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN")) || e.is_io_error() {
+                // A slot moved or a master failed over: the next try reads the slot map anew.
+                self.conn = None;
+            }
             self.report_outage(&e);
         }
         Ok(())
@@ -968,6 +1020,116 @@ enum Reported {
     },
     /// Refused for good, with Redis's error.
     Failed(String),
+}
+
+/// Sends a batch to a Redis Cluster: one pipeline per paper (its keys and channel
+/// share a slot, so the cluster client routes it whole to the slot's master), each
+/// ending with `WAIT` when replicas must have it. Replies come back in the order
+/// of `pipe`.
+///
+/// # Errors
+/// A pipeline failed to go through, or replicas did not take it.
+fn per_slot(
+    conn: &mut Conn,
+    pipe: &Pipeline,
+    owners: &[&str],
+    wait_replicas: usize,
+) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    let mut by_owner: HashMap<&str, usize> = HashMap::new();
+    for (i, owner) in owners.iter().enumerate() {
+        let at = *by_owner.entry(owner).or_insert_with(|| {
+            groups.push((owner, Vec::new()));
+            groups.len() - 1
+        });
+        groups[at].1.push(i);
+    }
+    let cmds: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+    let mut replies: Vec<Option<redis::RedisResult<Value>>> = (0..cmds.len()).map(|_| None).collect();
+    for (paper, indices) in groups {
+        let mut sub = redis::pipe();
+        sub.ignore_errors();
+        for &i in &indices {
+            sub.add_command(cmds[i].clone());
+        }
+        if wait_replicas > 0 {
+            sub.cmd("WAIT").arg(wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
+        }
+        let mut got = sub.query::<Vec<redis::RedisResult<Value>>>(conn)?;
+        if wait_replicas > 0 {
+            let acked = match got.pop() {
+                Some(Ok(Value::Int(n))) => n,
+                _ => 0,
+            };
+            if acked < wait_replicas as i64 {
+                let detail = format!("WAIT: {acked} of {wait_replicas} replicas have paper {paper}'s writes");
+                return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
+            }
+        }
+        for (i, reply) in indices.into_iter().zip(got) {
+            replies[i] = Some(reply);
+        }
+    }
+    Ok(replies.into_iter().map(|r| r.unwrap_or_else(|| Err(unexpected(None)))).collect())
+}
+
+/// The second step of a seal on a Cluster: the stream entry, then the marker
+/// cleared (an entry may so be appended twice, never lost).
+fn hand_off(conn: &mut Conn, paper: &str, snapshot: &[u8]) -> redis::RedisResult<()> {
+    redis::cmd("XADD")
+        .arg(keys::COMPLETED_STREAM)
+        .arg("*")
+        .arg("paper")
+        .arg(paper)
+        .arg("snapshot")
+        .arg(snapshot)
+        .query::<Value>(conn)?;
+    redis::cmd("HDEL").arg(keys::meta(paper)).arg("handoff_pending").query::<Value>(conn)?;
+    Ok(())
+}
+
+/// On a Cluster, at the writer's first connection: the hand-offs a writer left
+/// pending (it died between the seal and the stream entry) are finished, found
+/// by a `SCAN` of each master for paper metas.
+///
+/// # Errors
+/// A master could not be scanned, or an entry not appended.
+fn finish_pending_handoffs(endpoint: &Endpoint, conn: &mut Conn) -> redis::RedisResult<()> {
+    let mut finished = 0;
+    for (_, _, addr) in endpoint.masters()? {
+        let mut node = endpoint.connect_node(&addr)?;
+        let mut cursor = 0u64;
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("rp:paper:{*}:meta")
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut node)?;
+            for key in found {
+                let Some(paper) = key.strip_prefix("rp:paper:{").and_then(|k| k.strip_suffix("}:meta")) else {
+                    continue;
+                };
+                let pending: Option<Vec<u8>> = redis::cmd("HGET").arg(&key).arg("handoff_pending").query(&mut node)?;
+                if let Some(snapshot) = pending.filter(|s| !s.is_empty()) {
+                    hand_off(conn, paper, &snapshot)?;
+                    finished += 1;
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    if finished > 0 {
+        log::info!(
+            "appended {finished} completed papers to {} that a stopped writer left pending",
+            keys::COMPLETED_STREAM
+        );
+    }
+    Ok(())
 }
 
 fn unexpected(reply: Option<redis::RedisResult<Value>>) -> redis::RedisError {
