@@ -264,6 +264,10 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let taken = Instant::now();
+            for queued in &batch {
+                self.metrics.backlog_wait.observe(taken.saturating_duration_since(queued.at));
+            }
             let Some(outcomes) = self.write_until_done(&batch) else {
                 let lost = batch.len() + self.ops.len();
                 log::error!("stopping with Redis unreachable: {lost} ops were not written");
@@ -484,9 +488,14 @@ impl Writer {
         }
 
         let conn = self.connection()?;
+        let sent = Instant::now();
         let mut replies: std::vec::IntoIter<redis::RedisResult<Value>> =
             pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter();
+        self.metrics.redis_round_trip.observe(sent.elapsed());
         bump(&self.metrics.commands, commands);
+        // Messages Redis published for the other nodes: applied notes with a relay
+        // message, seals (with `--cluster`), relayed ops.
+        let mut relayed = 0;
         if self.wait_replicas > 0 {
             // The pipeline ends with WAIT: the batch is written once enough replicas have it.
             let acked = match replies.as_slice().last() {
@@ -504,7 +513,8 @@ impl Writer {
             if !writes.notes.is_empty() {
                 match replies.next() {
                     Some(Ok(Value::Array(codes))) if codes.len() == writes.notes.len() => {
-                        for (NoteWrite { ops, .. }, code) in writes.notes.iter().zip(codes) {
+                        for (NoteWrite { ops, relay, .. }, code) in writes.notes.iter().zip(codes) {
+                            relayed += u64::from(code == Value::Int(1) && !relay.is_empty());
                             let outcome = match code {
                                 Value::Int(3) => Outcome::Sealed,
                                 _ => Outcome::Saved,
@@ -525,6 +535,7 @@ impl Writer {
                             let notes = String::from_utf8_lossy(notes).into_owned();
                             let by = String::from_utf8_lossy(by).into_owned();
                             outcomes[i] = Some(Reported::Sealed { notes, by });
+                            relayed += u64::from(self.node.is_some());
                         }
                         _ => failure = failure.or(Some(unexpected(Some(Ok(Value::Array(reply)))))),
                     },
@@ -570,9 +581,13 @@ impl Writer {
                     log::warn!("cannot relay a message on paper {}: {e}", op.paper());
                     outcomes[i] = Some(Reported::Op(Outcome::Saved));
                 }
-                None => outcomes[i] = Some(Reported::Op(Outcome::Saved)),
+                None => {
+                    relayed += u64::from(op.relay().is_some());
+                    outcomes[i] = Some(Reported::Op(Outcome::Saved));
+                }
             }
         }
+        bump(&self.metrics.relayed_out, relayed);
         if let Some(e) = transient {
             self.report_outage(&e);
         }
@@ -585,7 +600,7 @@ impl Writer {
         let mut failed_papers: Vec<(Arc<str>, usize, String)> = Vec::new();
         let count = batch.len();
         for (Queued { op, at }, reported) in batch.drain(..).zip(outcomes) {
-            self.metrics.write_latency(at.elapsed());
+            self.metrics.write_behind.observe(at.elapsed());
             let outcome = match reported {
                 Reported::Op(outcome) => outcome,
                 Reported::Sealed { notes, by } => {
