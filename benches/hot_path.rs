@@ -1,8 +1,10 @@
 //! The hot path of one edit, without sockets: parsing and validating the client
-//! message, encoding the server message once, and copying it into the output
-//! queue of every member. The broadcast also counts heap allocations per member
-//! with a counting global allocator: once the queues have grown there must be
-//! none (the run stops with a panic otherwise).
+//! message, encoding the server message once, copying it into the output queue
+//! of every member, and timing it (`edit_broadcast_seconds`: two clock reads and
+//! one histogram observation per edit, none per member). The broadcast also
+//! counts heap allocations per member with a counting global allocator: once
+//! the queues have grown there must be none (the run stops with a panic
+//! otherwise).
 //!
 //!     cargo bench --bench hot_path
 
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rollingpaper::conn::Outbox;
+use rollingpaper::metrics::Histogram;
 use rollingpaper::protocol::{parse_client_msg, Frame};
 
 /// The system allocator, counting every allocation and reallocation.
@@ -109,5 +112,25 @@ fn broadcast(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse, encode, broadcast);
+/// What the metrics add to an edit (and to a loop turn): the clock read when the
+/// message is read, and one at the end with its observation.
+fn timing(c: &mut Criterion) {
+    let histogram = Histogram::default();
+    c.bench_function("metrics/Histogram::observe", |b| {
+        b.iter(|| histogram.observe(black_box(std::time::Duration::from_micros(37))))
+    });
+    c.bench_function("metrics/timed_edit", |b| {
+        b.iter(|| {
+            let read_at = std::time::Instant::now();
+            histogram.observe(black_box(read_at).elapsed());
+        })
+    });
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..1000 {
+        histogram.observe(std::time::Instant::now().elapsed());
+    }
+    assert_eq!(ALLOCATIONS.load(Ordering::Relaxed), before, "an observation allocated");
+}
+
+criterion_group!(benches, parse, encode, broadcast, timing);
 criterion_main!(benches);

@@ -1,13 +1,16 @@
-//! Counters and gauges, and their Prometheus text exposition. Each event loop
-//! owns its counters (only its thread writes them, so an update is a plain load
-//! and store, no locked instruction); a scrape sums them on whichever loop
-//! answers `/metrics`.
+//! Counters, gauges and histograms, and their Prometheus text exposition. Each
+//! event loop owns its counters (only its thread writes them, so an update is a
+//! plain load and store, no locked instruction); a scrape sums them on whichever
+//! loop answers `/metrics`. The store's threads own theirs the same way, and the
+//! process's own figures are read from `/proc` at the scrape.
+
+mod process;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::protocol::{ClientMsg, ErrorCode};
+use crate::protocol::{ClientMsg, CloseReason, ErrorCode};
 
 /// Adds to a counter that only the calling thread writes.
 pub fn bump(counter: &AtomicU64, n: u64) {
@@ -16,6 +19,49 @@ pub fn bump(counter: &AtomicU64, n: u64) {
 
 fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
+}
+
+/// Upper bounds of every duration histogram: nanoseconds, and the `le` label.
+/// One set for all, from a loop turn (tens of microseconds) to a write behind a
+/// Redis outage (seconds).
+const BOUNDS: [(u64, &str); 18] = [
+    (50_000, "0.00005"),
+    (100_000, "0.0001"),
+    (250_000, "0.00025"),
+    (500_000, "0.0005"),
+    (1_000_000, "0.001"),
+    (2_500_000, "0.0025"),
+    (5_000_000, "0.005"),
+    (10_000_000, "0.01"),
+    (25_000_000, "0.025"),
+    (50_000_000, "0.05"),
+    (100_000_000, "0.1"),
+    (250_000_000, "0.25"),
+    (500_000_000, "0.5"),
+    (1_000_000_000, "1"),
+    (2_500_000_000, "2.5"),
+    (5_000_000_000, "5"),
+    (10_000_000_000, "10"),
+    (30_000_000_000, "30"),
+];
+
+/// A histogram of durations with fixed buckets, written by one thread: an
+/// observation is two plain stores (its own bucket and the sum), no lock, no
+/// allocation. The scrape adds the buckets up into Prometheus's cumulative ones.
+#[derive(Default)]
+pub struct Histogram {
+    /// Per bucket, not cumulative; the last is past every bound (`+Inf`).
+    buckets: [AtomicU64; BOUNDS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, duration: Duration) {
+        let ns = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = BOUNDS.partition_point(|&(bound, _)| bound < ns);
+        bump(&self.buckets[bucket], 1);
+        bump(&self.sum_ns, ns);
+    }
 }
 
 /// Client messages, as counted.
@@ -124,6 +170,13 @@ const CODES: [ErrorCode; 10] = [
     ErrorCode::WriteFailed,
 ];
 
+/// The close codes of PROTOCOL.md 3.3.
+const CLOSE_CODES: [u16; 8] = [1000, 1001, 1002, 1007, 1008, 1009, 1011, 1013];
+
+/// The statuses the HTTP surface answers with (PROTOCOL.md 1, and 431 for an
+/// oversized request head).
+const STATUSES: [u16; 9] = [101, 200, 400, 401, 403, 404, 426, 431, 503];
+
 /// One event loop's counters.
 #[derive(Default)]
 pub struct LoopMetrics {
@@ -144,6 +197,17 @@ pub struct LoopMetrics {
     pub ping_frames_refused: AtomicU64,
     /// Entries of the loop's deadline and token-expiry heaps.
     pub timer_entries: AtomicU64,
+    /// Sessions closed, by close code (`CLOSE_CODES`).
+    pub closes: [AtomicU64; CLOSE_CODES.len()],
+    /// HTTP answers, by status (`STATUSES`).
+    pub http_responses: [AtomicU64; STATUSES.len()],
+    /// From reading a member's edit to queueing it for the last member.
+    pub edit_broadcast: Histogram,
+    /// From a joiner's upgrade to its snapshot (or its 1013), for joiners whose
+    /// paper had to be read.
+    pub load_wait: Histogram,
+    /// From poll's return to the end of the turn: how late the next poll is.
+    pub loop_turn: Histogram,
 }
 
 impl LoopMetrics {
@@ -160,12 +224,24 @@ impl LoopMetrics {
             bump(&self.refusals[i], 1);
         }
     }
+
+    pub fn close(&self, reason: CloseReason) {
+        let code = u16::from(reason.code());
+        if let Some(i) = CLOSE_CODES.iter().position(|c| *c == code) {
+            bump(&self.closes[i], 1);
+        }
+    }
+
+    /// Counts an HTTP answer; a status outside `STATUSES` is not counted.
+    pub fn http_response(&self, status: u16) {
+        if let Some(i) = STATUSES.iter().position(|s| *s == status) {
+            bump(&self.http_responses[i], 1);
+        }
+    }
 }
 
-/// Upper bounds of the write-behind latency histogram, in seconds.
-const LATENCY_BOUNDS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
-
-/// The writer thread's counters (only it writes them).
+/// The store threads' counters: the writer's, and the few of the loader and
+/// the relay (each field is written by one thread only, unless it says so).
 #[derive(Default)]
 pub struct WriterMetrics {
     pub batches: AtomicU64,
@@ -180,23 +256,17 @@ pub struct WriterMetrics {
     pub failed_ops: AtomicU64,
     /// Stored values skipped as unreadable by the loader (any thread adds).
     pub corrupt_values: AtomicU64,
-    latency_buckets: [AtomicU64; LATENCY_BOUNDS.len()],
-    latency_count: AtomicU64,
-    latency_sum_us: AtomicU64,
-}
-
-impl WriterMetrics {
-    /// Records the time from an edit's acceptance to its write in Redis.
-    pub fn write_latency(&self, latency: Duration) {
-        let secs = latency.as_secs_f64();
-        for (bound, bucket) in LATENCY_BOUNDS.iter().zip(&self.latency_buckets) {
-            if secs <= *bound {
-                bump(bucket, 1);
-            }
-        }
-        bump(&self.latency_count, 1);
-        bump(&self.latency_sum_us, latency.as_micros() as u64);
-    }
+    /// From an op's acceptance to its write in Redis.
+    pub write_behind: Histogram,
+    /// From an op's acceptance to the writer taking it from the backlog.
+    pub backlog_wait: Histogram,
+    /// From sending a pipeline to Redis to having its replies.
+    pub redis_round_trip: Histogram,
+    /// Messages the writer had Redis publish to the other nodes (`--cluster`).
+    pub relayed_out: AtomicU64,
+    /// Messages of other nodes the relay thread received (`--cluster`; the
+    /// relay thread writes it).
+    pub relayed_in: AtomicU64,
 }
 
 /// What the store side reports at a scrape.
@@ -206,83 +276,110 @@ pub struct StoreView<'a> {
     pub backlog_limit: usize,
 }
 
-/// The Prometheus text exposition of every counter.
+/// The Prometheus text exposition of every metric.
 pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usize, sockets: usize) -> String {
-    let mut out = String::with_capacity(4096);
+    let mut x = Exposition(String::with_capacity(16 * 1024));
     let sum = |f: &dyn Fn(&LoopMetrics) -> u64| loops.iter().map(f).sum::<u64>();
-    let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP rollingpaper_{name} {help}\n# TYPE rollingpaper_{name} {kind}");
-        for (labels, value) in rows {
-            let _ = writeln!(out, "rollingpaper_{name}{labels} {value}");
-        }
-    };
-    let one = |v: u64| vec![(String::new(), v)];
+    let per_loop = |f: &dyn Fn(&LoopMetrics) -> &Histogram| loops.iter().map(f).collect::<Vec<_>>();
 
-    metric(
-        "connections",
+    x.family("rollingpaper_build_info", "gauge", "The running version (the value is always 1).");
+    x.sample("rollingpaper_build_info", &format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1);
+    x.one(
+        "rollingpaper_connections",
         "gauge",
         "WebSocket sessions admitted by this node (each holds a slot of --max-connections).",
-        &one(connections as u64),
+        connections,
     );
-    metric("sessions", "gauge", "WebSocket sessions open (joining or member).", &one(sum(&|l| get(&l.sessions))));
-    let per_loop: Vec<_> =
-        loops.iter().enumerate().map(|(i, l)| (format!("{{loop=\"{i}\"}}"), get(&l.sessions))).collect();
-    metric("loop_sessions", "gauge", "Sessions open per event loop.", &per_loop);
-    metric("papers", "gauge", "Papers in memory.", &one(sum(&|l| get(&l.papers))));
-    metric("sockets", "gauge", "Sockets open in any phase (each holds a slot of --max-sockets).", &one(sockets as u64));
-    metric(
-        "ping_frames_refused_total",
+    x.one("rollingpaper_sessions", "gauge", "WebSocket sessions open (joining or member).", sum(&|l| get(&l.sessions)));
+    let rows: Vec<_> = loops.iter().enumerate().map(|(i, l)| (format!("{{loop=\"{i}\"}}"), get(&l.sessions))).collect();
+    x.rows("rollingpaper_loop_sessions", "gauge", "Sessions open per event loop.", &rows);
+    x.one("rollingpaper_papers", "gauge", "Papers in memory.", sum(&|l| get(&l.papers)));
+    x.one("rollingpaper_sockets", "gauge", "Sockets open in any phase (each holds a slot of --max-sockets).", sockets);
+    x.one(
+        "rollingpaper_ping_frames_refused_total",
         "counter",
         "WebSocket ping frames over the rate limit, dropped without a pong.",
-        &one(sum(&|l| get(&l.ping_frames_refused))),
+        sum(&|l| get(&l.ping_frames_refused)),
     );
-    metric(
-        "timer_entries",
+    x.one(
+        "rollingpaper_timer_entries",
         "gauge",
         "Entries in the loops' deadline and token-expiry heaps.",
-        &one(sum(&|l| get(&l.timer_entries))),
+        sum(&|l| get(&l.timer_entries)),
     );
-    metric(
-        "connections_accepted_total",
+    x.one(
+        "rollingpaper_connections_accepted_total",
         "counter",
         "TCP connections accepted.",
-        &one(sum(&|l| get(&l.connections_accepted))),
+        sum(&|l| get(&l.connections_accepted)),
     );
+    let rows: Vec<_> = STATUSES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("{{status=\"{s}\"}}"), sum(&|l| get(&l.http_responses[i]))))
+        .collect();
+    x.rows("rollingpaper_http_responses_total", "counter", "HTTP answers, by status (101: upgrades).", &rows);
     let rows: Vec<_> = In::ALL
         .iter()
         .map(|&t| (format!("{{type=\"{}\"}}", t.name()), sum(&|l| get(&l.messages_in[t as usize]))))
         .collect();
-    metric("messages_in_total", "counter", "Client messages received, by type.", &rows);
+    x.rows("rollingpaper_messages_in_total", "counter", "Client messages received, by type.", &rows);
     let rows: Vec<_> = Out::ALL
         .iter()
         .map(|&t| (format!("{{type=\"{}\"}}", t.name()), sum(&|l| get(&l.messages_out[t as usize]))))
         .collect();
-    metric("messages_out_total", "counter", "Server messages queued, one per recipient, by type.", &rows);
+    x.rows("rollingpaper_messages_out_total", "counter", "Server messages queued, one per recipient, by type.", &rows);
     let rows: Vec<_> = CODES
         .iter()
         .enumerate()
         .map(|(i, c)| (format!("{{code=\"{}\"}}", c.as_str()), sum(&|l| get(&l.refusals[i]))))
         .collect();
-    metric("refusals_total", "counter", "Client messages refused, by error code.", &rows);
-    metric("bytes_in_total", "counter", "Bytes read from clients.", &one(sum(&|l| get(&l.bytes_in))));
-    metric("bytes_out_total", "counter", "Bytes written to clients.", &one(sum(&|l| get(&l.bytes_out))));
-    metric(
-        "broadcasts_total",
+    x.rows("rollingpaper_refusals_total", "counter", "Client messages refused, by error code.", &rows);
+    let rows: Vec<_> = CLOSE_CODES
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("{{code=\"{c}\"}}"), sum(&|l| get(&l.closes[i]))))
+        .collect();
+    x.rows(
+        "rollingpaper_closes_total",
+        "counter",
+        "WebSocket sessions closed, by close code (PROTOCOL.md 3.3), whichever side began.",
+        &rows,
+    );
+    x.one("rollingpaper_received_bytes_total", "counter", "Bytes read from clients.", sum(&|l| get(&l.bytes_in)));
+    x.one("rollingpaper_sent_bytes_total", "counter", "Bytes written to clients.", sum(&|l| get(&l.bytes_out)));
+    x.one(
+        "rollingpaper_broadcasts_total",
         "counter",
         "Messages fanned out to a paper's members (each counted once, whatever the recipients).",
-        &one(sum(&|l| get(&l.broadcasts))),
+        sum(&|l| get(&l.broadcasts)),
     );
-    metric(
-        "broadcast_recipients_total",
+    x.one(
+        "rollingpaper_broadcast_recipients_total",
         "counter",
         "Recipients of broadcasts (fan-out = this / broadcasts_total).",
-        &one(sum(&|l| get(&l.broadcast_recipients))),
+        sum(&|l| get(&l.broadcast_recipients)),
     );
-    metric(
-        "slow_consumers_total",
+    x.one(
+        "rollingpaper_slow_consumers_total",
         "counter",
         "Sessions closed for not keeping up with their output.",
-        &one(sum(&|l| get(&l.slow_consumers))),
+        sum(&|l| get(&l.slow_consumers)),
+    );
+    x.histogram(
+        "rollingpaper_edit_broadcast_seconds",
+        "Time from reading a member's edit to queueing it for the last member of its paper.",
+        &per_loop(&|l| &l.edit_broadcast),
+    );
+    x.histogram(
+        "rollingpaper_load_wait_seconds",
+        "Time a joiner waited for its paper to be read (until its snapshot, or its 1013 close).",
+        &per_loop(&|l| &l.load_wait),
+    );
+    x.histogram(
+        "rollingpaper_loop_turn_seconds",
+        "Event-loop lag: time from poll's return to the end of the turn.",
+        &per_loop(&|l| &l.loop_turn),
     );
 
     let stored = store.as_ref().map_or(0, |s| get(&s.writer.corrupt_values));
@@ -290,8 +387,8 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
         ("{source=\"redis\"}".to_string(), stored),
         ("{source=\"relay\"}".to_string(), sum(&|l| get(&l.corrupt_relayed))),
     ];
-    metric(
-        "corrupt_values_total",
+    x.rows(
+        "rollingpaper_corrupt_values_total",
         "counter",
         "Notes skipped as unreadable (PROTOCOL.md 2), by where they came from.",
         &rows,
@@ -299,53 +396,133 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
 
     if let Some(store) = store {
         let w = store.writer;
-        metric(
-            "backlog",
+        x.one(
+            "rollingpaper_backlog",
             "gauge",
             "Ops waiting for the Redis writer (edits, completions, presence, relayed messages).",
-            &one(store.backlog as u64),
+            store.backlog,
         );
-        metric("backlog_limit", "gauge", "Ops the backlog holds at most.", &one(store.backlog_limit as u64));
-        let _ = writeln!(
-            out,
-            "# HELP rollingpaper_backlog_oldest_age_seconds Age of the oldest edit not yet written.\n\
-             # TYPE rollingpaper_backlog_oldest_age_seconds gauge\n\
-             rollingpaper_backlog_oldest_age_seconds {}",
-            get(&w.oldest_age_ms) as f64 / 1000.0
+        x.one("rollingpaper_backlog_limit", "gauge", "Ops the backlog holds at most.", store.backlog_limit);
+        x.one(
+            "rollingpaper_backlog_oldest_age_seconds",
+            "gauge",
+            "Age of the oldest edit not yet written.",
+            get(&w.oldest_age_ms) as f64 / 1000.0,
         );
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP rollingpaper_{name} {help}\n# TYPE rollingpaper_{name} {kind}\nrollingpaper_{name} {value}"
-            );
-        };
-        metric("redis_up", "gauge", "1 while the writer reaches Redis.", u64::from(w.redis_up.load(Ordering::Relaxed)));
-        metric("redis_batches_total", "counter", "Pipelines written to Redis.", get(&w.batches));
-        metric("redis_commands_total", "counter", "Redis commands sent in written pipelines.", get(&w.commands));
-        metric("redis_ops_written_total", "counter", "Ops written to Redis.", get(&w.ops_written));
-        metric("redis_errors_total", "counter", "Failed Redis writes (each batch is sent again).", get(&w.errors));
-        metric("redis_reconnects_total", "counter", "Connections the writer opened to Redis.", get(&w.reconnects));
-        let _ = writeln!(
-            out,
-            "# HELP rollingpaper_failed_ops_total Ops Redis refused for good, by reason (their senders got write_failed).\n\
-             # TYPE rollingpaper_failed_ops_total counter\n\
-             rollingpaper_failed_ops_total{{reason=\"refused\"}} {}",
-            get(&w.failed_ops)
+        x.one(
+            "rollingpaper_redis_up",
+            "gauge",
+            "1 while the writer reaches Redis.",
+            u64::from(w.redis_up.load(Ordering::Relaxed)),
         );
-        let _ = writeln!(
-            out,
-            "# HELP rollingpaper_write_behind_seconds Time from an edit's acceptance to its write in Redis.\n\
-             # TYPE rollingpaper_write_behind_seconds histogram"
+        x.one("rollingpaper_redis_batches_total", "counter", "Pipelines written to Redis.", get(&w.batches));
+        x.one(
+            "rollingpaper_redis_commands_total",
+            "counter",
+            "Redis commands sent in written pipelines.",
+            get(&w.commands),
         );
-        for (bound, bucket) in LATENCY_BOUNDS.iter().zip(&w.latency_buckets) {
-            let _ = writeln!(out, "rollingpaper_write_behind_seconds_bucket{{le=\"{bound}\"}} {}", get(bucket));
-        }
-        let count = get(&w.latency_count);
-        let _ = writeln!(out, "rollingpaper_write_behind_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "rollingpaper_write_behind_seconds_sum {}", get(&w.latency_sum_us) as f64 / 1e6);
-        let _ = writeln!(out, "rollingpaper_write_behind_seconds_count {count}");
+        x.one("rollingpaper_redis_ops_written_total", "counter", "Ops written to Redis.", get(&w.ops_written));
+        x.one(
+            "rollingpaper_redis_errors_total",
+            "counter",
+            "Failed Redis writes (each batch is sent again).",
+            get(&w.errors),
+        );
+        x.one(
+            "rollingpaper_redis_reconnects_total",
+            "counter",
+            "Connections the writer opened to Redis.",
+            get(&w.reconnects),
+        );
+        x.rows(
+            "rollingpaper_failed_ops_total",
+            "counter",
+            "Ops Redis refused for good, by reason (their senders got write_failed).",
+            &[("{reason=\"refused\"}".to_string(), get(&w.failed_ops))],
+        );
+        let rows = [
+            ("{direction=\"in\"}".to_string(), get(&w.relayed_in)),
+            ("{direction=\"out\"}".to_string(), get(&w.relayed_out)),
+        ];
+        x.rows(
+            "rollingpaper_relayed_messages_total",
+            "counter",
+            "Messages between nodes (--cluster): in, received from other nodes; out, published by the writer.",
+            &rows,
+        );
+        x.histogram(
+            "rollingpaper_write_behind_seconds",
+            "Time from an op's acceptance to its write in Redis.",
+            &[&w.write_behind],
+        );
+        x.histogram(
+            "rollingpaper_backlog_wait_seconds",
+            "Time from an op's acceptance to the writer taking it from the backlog.",
+            &[&w.backlog_wait],
+        );
+        x.histogram(
+            "rollingpaper_redis_round_trip_seconds",
+            "Time from sending a pipeline to Redis to having its replies.",
+            &[&w.redis_round_trip],
+        );
     }
-    out
+    if let Some(p) = process::read() {
+        x.one("process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.", p.cpu_seconds);
+        x.one("process_resident_memory_bytes", "gauge", "Resident memory size, in bytes.", p.resident_bytes);
+        x.one("process_open_fds", "gauge", "Open file descriptors.", p.open_fds);
+        x.one("process_max_fds", "gauge", "The limit of open file descriptors.", p.max_fds);
+        x.one(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process, in seconds since the Unix epoch.",
+            p.start_time_seconds,
+        );
+    }
+    x.0
+}
+
+/// The text being written, one family at a time: its HELP and TYPE, then its samples.
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        let _ = writeln!(self.0, "{name}{labels} {value}");
+    }
+
+    /// A family of one sample without labels.
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, "", value);
+    }
+
+    /// A family of one sample per label set.
+    fn rows(&mut self, name: &str, kind: &str, help: &str, rows: &[(String, u64)]) {
+        self.family(name, kind, help);
+        for (labels, value) in rows {
+            self.sample(name, labels, value);
+        }
+    }
+
+    /// A histogram summed over its writers: cumulative buckets, `+Inf`, sum, count.
+    fn histogram(&mut self, name: &str, help: &str, parts: &[&Histogram]) {
+        self.family(name, "histogram", help);
+        let bucket = |i: usize| parts.iter().map(|h| get(&h.buckets[i])).sum::<u64>();
+        let mut count = 0;
+        for (i, (_, le)) in BOUNDS.iter().enumerate() {
+            count += bucket(i);
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{le}\"}} {count}");
+        }
+        count += bucket(BOUNDS.len());
+        let sum_ns: u64 = parts.iter().map(|h| get(&h.sum_ns)).sum();
+        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(self.0, "{name}_sum {}", sum_ns as f64 / 1e9);
+        let _ = writeln!(self.0, "{name}_count {count}");
+    }
 }
 
 #[cfg(test)]
@@ -358,23 +535,48 @@ mod tests {
         loops[0].message_in(In::Upsert);
         loops[1].message_in(In::Upsert);
         loops[1].refusal(ErrorCode::RateLimited);
+        loops[0].close(CloseReason::Idle);
+        loops[1].close(CloseReason::ShuttingDown);
+        loops[1].http_response(404);
         bump(&loops[0].sessions, 3);
         let writer = WriterMetrics::default();
-        writer.write_latency(Duration::from_millis(3));
+        writer.write_behind.observe(Duration::from_millis(3));
         writer.oldest_age_ms.store(1500, Ordering::Relaxed);
         let text = render(&loops, Some(StoreView { writer: &writer, backlog: 7, backlog_limit: 10 }), 4, 5);
         assert!(text.contains("rollingpaper_messages_in_total{type=\"upsert\"} 2\n"), "{text}");
         assert!(text.contains("rollingpaper_refusals_total{code=\"rate_limited\"} 1\n"));
+        assert!(text.contains("rollingpaper_closes_total{code=\"1001\"} 2\n"));
+        assert!(text.contains("rollingpaper_http_responses_total{status=\"404\"} 1\n"));
         assert!(text.contains("rollingpaper_loop_sessions{loop=\"0\"} 3\n"));
         assert!(text.contains("rollingpaper_backlog 7\n"));
         assert!(text.contains("rollingpaper_backlog_oldest_age_seconds 1.5\n"));
         assert!(text.contains("rollingpaper_write_behind_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("rollingpaper_write_behind_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("rollingpaper_write_behind_seconds_bucket{le=\"+Inf\"} 1\n"));
+        assert!(text.contains("rollingpaper_write_behind_seconds_sum 0.003\n"));
         assert!(text.contains("rollingpaper_write_behind_seconds_count 1\n"));
+        assert!(text.contains(&format!("rollingpaper_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"))));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
-            assert!(name.starts_with("rollingpaper_"), "{line}");
+            assert!(name.starts_with("rollingpaper_") || name.starts_with("process_"), "{line}");
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    #[test]
+    fn histograms_sum_their_writers_into_cumulative_buckets() {
+        let (a, b) = (Histogram::default(), Histogram::default());
+        a.observe(Duration::from_nanos(50_000)); // on a bound: in its bucket
+        a.observe(Duration::from_nanos(50_001));
+        b.observe(Duration::from_secs(60)); // past every bound
+        let mut x = Exposition(String::new());
+        x.histogram("h", "help", &[&a, &b]);
+        let text = x.0;
+        assert!(text.contains("h_bucket{le=\"0.00005\"} 1\n"), "{text}");
+        assert!(text.contains("h_bucket{le=\"0.0001\"} 2\n"), "{text}");
+        assert!(text.contains("h_bucket{le=\"30\"} 2\n"), "{text}");
+        assert!(text.contains("h_bucket{le=\"+Inf\"} 3\n"), "{text}");
+        assert!(text.contains("h_count 3\n"), "{text}");
+        assert!(text.contains("h_sum 60.000100001\n"), "{text}");
     }
 }

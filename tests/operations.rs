@@ -89,7 +89,7 @@ fn metrics_count_what_happened() {
     assert_eq!(metric(&text, "rollingpaper_refusals_total{code=\"invalid_json\"}"), 1.0);
     assert!(metric(&text, "rollingpaper_messages_out_total{type=\"upsert\"}") >= 6.0);
     assert!(metric(&text, "rollingpaper_broadcast_recipients_total") >= 6.0);
-    assert!(metric(&text, "rollingpaper_bytes_in_total") > 0.0);
+    assert!(metric(&text, "rollingpaper_received_bytes_total") > 0.0);
     assert!(metric(&text, "rollingpaper_papers") >= 1.0);
     assert_eq!(metric(&text, "rollingpaper_redis_up"), 1.0);
     eventually("the edits written", || {

@@ -102,7 +102,8 @@ pub enum Phase {
     Reading { io: Io, paper: Arc<str> },
     /// Upgraded, waiting for its paper to be read; no snapshot yet, and what the
     /// client sends waits in the socket.
-    Joining { ws: WebSocket<Io>, visitor: Visitor },
+    /// `since`: the upgrade, from which the joiner waits.
+    Joining { ws: WebSocket<Io>, visitor: Visitor, since: Instant },
     /// A member: the session of PROTOCOL.md section 3.
     Open { ws: WebSocket<Io>, membership: Membership },
     /// `/echo` (`--echo`): every message comes back as it was sent.
@@ -252,7 +253,7 @@ impl Conn {
             Phase::Request { io, mut buf } => {
                 let rest = buf.split_off(head_len.min(buf.len()));
                 let ws = server_websocket(io, &http::switching_protocols(ws_key), rest, config);
-                (Phase::Joining { ws, visitor }, true)
+                (Phase::Joining { ws, visitor, since: Instant::now() }, true)
             }
             other => (other, false),
         });
@@ -284,7 +285,7 @@ impl Conn {
     /// Joining -> Open: returns who joined.
     pub fn join(&mut self, member: Arc<str>, bucket: TokenBucket) -> Option<Visitor> {
         let joined = self.morph(|phase| match phase {
-            Phase::Joining { ws, visitor } => {
+            Phase::Joining { ws, visitor, .. } => {
                 let membership = Membership {
                     paper: visitor.paper.clone(),
                     member,

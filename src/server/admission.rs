@@ -115,6 +115,7 @@ impl EventLoop {
             }
             Ok(Parsed::Complete { len, route: Route::Echo(ws_key) }) => {
                 conn.open_echo(len, &ws_key, self.node.settings.ws_config);
+                self.node.loop_metrics[self.index].http_response(101);
                 self.act(key, Next::ReadAgain);
                 self.conns.queue_flush(key);
             }
@@ -142,6 +143,7 @@ impl EventLoop {
     pub(super) fn reply(&mut self, key: usize, reply: &Reply) {
         if let Some(conn) = self.conns.slab.get_mut(key) {
             if conn.reply(&reply.to_bytes()) {
+                self.node.loop_metrics[self.index].http_response(reply.status);
                 self.conns.queue_flush(key);
             }
         }

@@ -17,6 +17,7 @@ use crate::store::{LoadPurpose, LoadRequest, NoteValue, Op, Origin, Outcome, Sub
 
 impl EventLoop {
     pub(super) fn on_text(&mut self, key: usize, text: &str) {
+        self.read_at = Instant::now();
         match protocol::parse_client_msg(text, self.node.settings.max_note_bytes) {
             Ok(msg) => self.on_message(key, msg),
             Err(refusal) => {
@@ -218,6 +219,7 @@ impl EventLoop {
             paper.prune(clock::now_ms(), &limits);
         }
         self.conns.fanout(paper.members(), None, self.frame.bytes(), kind, metrics);
+        metrics.edit_broadcast.observe(self.read_at.elapsed());
         if submitted == Submitted::Written {
             metrics.message_out(Out::Saved, 1);
             let saved = self.frame.saved(v);

@@ -56,6 +56,8 @@ pub struct EventLoop {
     pub(super) clock: VersionClock,
     /// Scratch for encoding one server message at a time.
     pub(super) frame: Frame,
+    /// When the client message being handled was read (`edit_broadcast_seconds`).
+    pub(super) read_at: Instant,
     /// Connections whose read budget ran out last turn.
     pub(super) read_list: Vec<usize>,
     /// Connection deadlines, soonest first, with the serial they were set for;
@@ -103,6 +105,7 @@ impl EventLoop {
             store,
             clock: VersionClock::new(node.node_id.clone()),
             frame: Frame::new(),
+            read_at: now,
             read_list: Vec::new(),
             deadlines: BinaryHeap::new(),
             expiries: BinaryHeap::new(),
@@ -126,6 +129,7 @@ impl EventLoop {
                 log::error!("event loop {} cannot poll: {e}", self.index);
                 return;
             }
+            let turn = Instant::now();
             self.dispatch(&events);
             self.drain_inbox();
             self.resume_reads();
@@ -135,6 +139,7 @@ impl EventLoop {
             if self.accept_retry {
                 self.accept();
             }
+            self.metrics().loop_turn.observe(turn.elapsed());
             if self.finished() {
                 return;
             }
@@ -303,6 +308,13 @@ impl EventLoop {
 
     pub(super) fn metrics(&self) -> &LoopMetrics {
         &self.node.loop_metrics[self.index]
+    }
+
+    /// A joiner stops waiting for its paper to be read (it joins, or is closed).
+    pub(super) fn load_waited(&self, key: usize) {
+        if let Some(Phase::Joining { since, .. }) = self.conns.slab.get(key).map(|c| &c.phase) {
+            self.metrics().load_wait.observe(since.elapsed());
+        }
     }
 
     /// Publishes this loop's gauges; cheap enough to call at every change.

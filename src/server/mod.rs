@@ -106,6 +106,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             let (loads_tx, loads_rx) = crossbeam_channel::unbounded();
             let metrics = Arc::new(WriterMetrics::default());
             let metrics_for_loader = metrics.clone();
+            let metrics_for_relay = metrics.clone();
             let relay_healthy = config.cluster.then(|| Arc::new(AtomicBool::new(false)));
             let status = StoreStatus {
                 writer: metrics.clone(),
@@ -147,7 +148,8 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
                     writer = writer.relaying_as(&node_id);
                     let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
                     let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, reports.clone(), healthy)
-                        .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)));
+                        .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)))
+                        .counting_in(metrics_for_relay);
                     relay_thread =
                         Some(spawn("rp-relay", move || relay.run()).map_err(|e| fail("cannot start the relay", &e))?);
                     Loads::Subscribed(relay_tx)

@@ -41,6 +41,7 @@ impl EventLoop {
         if !conn.upgrade(head_len, &upgrade.key, ws_config, visitor) {
             return;
         }
+        self.metrics().http_response(101);
         self.set_deadline(key, deadline);
         if let Some(exp) = upgrade.expires {
             self.expiries.push(Reverse((exp, key, serial)));
@@ -143,6 +144,7 @@ impl EventLoop {
             self.apply_relayed(paper, node, &message);
         }
         for key in waiters {
+            self.load_waited(key);
             self.paper_ready(key);
         }
     }
@@ -165,6 +167,7 @@ impl EventLoop {
 
     /// The paper a connection waited for could not be read in time.
     pub(super) fn paper_unavailable(&mut self, key: usize) {
+        self.load_waited(key);
         match self.conns.slab.get(key).map(|c| &c.phase) {
             Some(Phase::Joining { .. }) => self.end_session(key, CloseReason::PaperUnavailable),
             Some(Phase::Reading { .. }) => {
@@ -315,6 +318,7 @@ impl EventLoop {
         if reason == CloseReason::SlowConsumer {
             bump(&self.metrics().slow_consumers, 1);
         }
+        self.metrics().close(reason);
         log::debug!("session {} closes with {} {}", self.member_id(serial), u16::from(reason.code()), reason.text());
         self.set_deadline(key, Instant::now() + wait);
         self.conns.queue_flush(key);

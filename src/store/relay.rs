@@ -14,6 +14,7 @@ use redis::{Connection, Value};
 
 use super::endpoint::{connect_node, slot, Conn, Endpoint, IO_TIMEOUT};
 use super::{keys, LoadPurpose, LoadRequest, Loops, StoreEvent};
+use crate::metrics::{bump, WriterMetrics};
 
 /// How long a wait for a message lasts before commands from the loops are looked at.
 const POLL: Duration = Duration::from_millis(20);
@@ -58,6 +59,8 @@ pub struct Relay {
     declared_gone: HashSet<String>,
     /// How long a presence hash lives unless a node holding the paper refreshes it.
     presence_ttl: Duration,
+    /// Where messages received from other nodes are counted.
+    metrics: Arc<WriterMetrics>,
 }
 
 impl Relay {
@@ -84,7 +87,14 @@ impl Relay {
             sessions: 0,
             declared_gone: HashSet::new(),
             presence_ttl: Duration::from_secs(60),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts the messages received from other nodes in these metrics.
+    pub fn counting_in(mut self, metrics: Arc<WriterMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Presence hashes of the papers held are refreshed to live this long.
@@ -249,6 +259,7 @@ impl Relay {
             return; // our own publication: its members have it already
         }
         self.heard(node);
+        bump(&self.metrics.relayed_in, 1);
         let event =
             StoreEvent::Relayed { paper: Arc::from(paper), node: Arc::from(node), message: message.to_string() };
         self.loops.report(self.loops.owner_of(paper), event);

@@ -549,6 +549,10 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let taken = Instant::now();
+            for queued in &batch {
+                self.metrics.backlog_wait.observe(taken.saturating_duration_since(queued.at));
+            }
             let Some(outcomes) = self.write_until_done(&batch) else {
                 let lost = batch.len() + self.ops.len();
                 log::error!("stopping with Redis unreachable: {lost} ops were not written");
@@ -810,12 +814,17 @@ impl Writer {
 
         let (cluster, wait_replicas) = (self.cluster, self.wait_replicas);
         let conn = self.connection()?;
+        let sent = Instant::now();
         let mut replies: std::vec::IntoIter<redis::RedisResult<Value>> = if cluster {
             per_slot(conn, &pipe, &owners, wait_replicas)?.into_iter()
         } else {
             pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter()
         };
+        self.metrics.redis_round_trip.observe(sent.elapsed());
         bump(&self.metrics.commands, commands);
+        // Messages Redis published for the other nodes: applied notes with a relay
+        // message, seals (with `--cluster`), relayed ops.
+        let mut relayed = 0;
         if self.wait_replicas > 0 && !self.cluster {
             // The pipeline ends with WAIT: the batch is written once enough replicas have it.
             let acked = match replies.as_slice().last() {
@@ -835,7 +844,8 @@ impl Writer {
             if !writes.notes.is_empty() {
                 match replies.next() {
                     Some(Ok(Value::Array(codes))) if codes.len() == writes.notes.len() => {
-                        for (NoteWrite { ops, .. }, code) in writes.notes.iter().zip(codes) {
+                        for (NoteWrite { ops, relay, .. }, code) in writes.notes.iter().zip(codes) {
+                            relayed += u64::from(code == Value::Int(1) && !relay.is_empty());
                             let reported = match code {
                                 Value::Int(3) => Reported::Op(Outcome::Sealed),
                                 Value::Int(4) => Reported::Failed("at or below the tombstone horizon".into()),
@@ -875,6 +885,7 @@ impl Writer {
                                     handoffs.push((i, writes.paper, snapshot.clone()));
                                 }
                             }
+                            relayed += u64::from(self.node.is_some());
                         }
                         _ => failure = failure.or(Some(unexpected(Some(Ok(Value::Array(reply)))))),
                     },
@@ -920,7 +931,10 @@ impl Writer {
                     log::warn!("cannot relay a message on paper {}: {e}", op.paper());
                     outcomes[i] = Some(Reported::Op(Outcome::Saved));
                 }
-                None => outcomes[i] = Some(Reported::Op(Outcome::Saved)),
+                None => {
+                    relayed += u64::from(op.relay().is_some());
+                    outcomes[i] = Some(Reported::Op(Outcome::Saved));
+                }
             }
         }
         for (i, paper, snapshot) in handoffs {
@@ -930,6 +944,7 @@ impl Writer {
                 transient.get_or_insert(e);
             }
         }
+        bump(&self.metrics.relayed_out, relayed);
         if let Some(e) = transient {
             if matches!(e.code(), Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN")) || e.is_io_error() {
                 // A slot moved or a master failed over: the next try reads the slot map anew.
@@ -946,7 +961,7 @@ impl Writer {
         let mut failed_papers: Vec<(Arc<str>, usize, String)> = Vec::new();
         let count = batch.len();
         for (Queued { op, at }, reported) in batch.drain(..).zip(outcomes) {
-            self.metrics.write_latency(at.elapsed());
+            self.metrics.write_behind.observe(at.elapsed());
             let outcome = match reported {
                 Reported::Op(outcome) => outcome,
                 Reported::Sealed { notes, by } => {
