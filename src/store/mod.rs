@@ -2,11 +2,13 @@
 //! the writer thread through a bounded backlog and ask the loader thread for
 //! papers; nothing here ever runs on a loop thread, and no loop ever waits on it.
 
+mod batch;
 pub mod codec;
 pub mod endpoint;
 pub mod keys;
 pub mod loader;
 pub mod relay;
+mod shards;
 pub mod writer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

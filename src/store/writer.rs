@@ -2,16 +2,16 @@
 //! one pipeline, resends the same batch after a failure (writes are idempotent
 //! by `v`), and tells the loops which edits are now in Redis.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use redis::{Pipeline, Script, Value};
+use redis::{Script, Value};
 
-use super::codec::{encode_cover, encode_note};
+use super::batch::{NoteWrite, Plan};
 use super::endpoint::{Conn, Endpoint};
+use super::shards::{finish_pending_handoffs, hand_off, per_slot};
 use super::{is_transient, keys, Loops, Op, Outcome, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
 
@@ -24,221 +24,7 @@ const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// (`codec::read_note`: UTF-8, a JSON note, `v` in [1, 2^53), `data` an object),
 /// and its version and node. A value the loader skips counts as absent, so that
 /// a new write replaces it instead of being swallowed by it.
-const READABLE: &str = r#"
-local function valid_utf8(s)
-  if not string.find(s, '[\128-\255]') then return true end
-  local i, n = 1, #s
-  while i <= n do
-    local c = string.byte(s, i)
-    if c < 0x80 then
-      i = i + 1
-    else
-      local len, lo, hi = 0, 0x80, 0xBF
-      if c >= 0xC2 and c <= 0xDF then len = 2
-      elseif c >= 0xE0 and c <= 0xEF then
-        len = 3
-        if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
-      elseif c >= 0xF0 and c <= 0xF4 then
-        len = 4
-        if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
-      else return false end
-      if i + len - 1 > n then return false end
-      local second = string.byte(s, i + 1)
-      if second < lo or second > hi then return false end
-      for j = i + 2, i + len - 1 do
-        local cc = string.byte(s, j)
-        if cc < 0x80 or cc > 0xBF then return false end
-      end
-      i = i + len
-    end
-  end
-  return true
-end
-
--- Compact JSON, read without decoding values (numbers and strings stay as
--- written): where a string or any value starting at i ends.
-local function string_end(s, i)
-  while true do
-    local j = string.find(s, '["\\]', i + 1)
-    if not j then return nil end
-    if string.byte(s, j) == 92 then i = j + 1 else return j end
-  end
-end
-
-local function value_end(s, i)
-  local c = string.byte(s, i)
-  if c == 34 then return string_end(s, i) end
-  if c == 123 or c == 91 then
-    local depth = 0
-    while true do
-      local j = string.find(s, '[{}%[%]"]', i)
-      if not j then return nil end
-      local d = string.byte(s, j)
-      if d == 34 then
-        i = string_end(s, j)
-        if not i then return nil end
-        i = i + 1
-      else
-        if d == 123 or d == 91 then depth = depth + 1 else depth = depth - 1 end
-        if depth == 0 then return j end
-        i = j + 1
-      end
-    end
-  end
-  local j = string.find(s, '[,}%]]', i)
-  return j and j - 1
-end
-
--- The members of a compact JSON object, in order, as {raw key, raw value}.
-local function members(s)
-  local out = {}
-  if s == '{}' then return out end
-  local i = 2
-  while true do
-    local k = string_end(s, i)
-    if not k then return nil end
-    local v = value_end(s, k + 2)
-    if not v then return nil end
-    out[#out + 1] = {string.sub(s, i, k), string.sub(s, k + 2, v)}
-    local c = string.sub(s, v + 1, v + 1)
-    if c == '}' then return out end
-    if c ~= ',' then return nil end
-    i = v + 2
-  end
-end
-
-local function top(s)
-  local t = {}
-  for _, m in ipairs(members(s) or {}) do t[m[1]] = m[2] end
-  return t
-end
-
-local function version(raw) -- [v,"node"]
-  local v, n = string.match(raw or '', '^%[(%d+),"([%w_%-]*)"%]$')
-  return tonumber(v), n
-end
-
-local function newer(v1, n1, v2, n2)
-  return v1 > v2 or (v1 == v2 and n1 > n2)
-end
-
--- The version of a live value's last upsert, and the fields changed after it.
-local function versions_of(t)
-  local changed = {}
-  if t['"fv"'] then
-    local fv = top(t['"fv"'])
-    local bv, bn = version(fv['"base"'])
-    for _, c in ipairs(members(fv['"changed"'] or '{}') or {}) do
-      local cv, cn = version(c[2])
-      changed[c[1]] = {cv, cn}
-    end
-    return bv, bn, changed
-  end
-  return tonumber(t['"v"']), string.match(t['"node"'] or '""', '^"(.*)"$'), changed
-end
-
-local function base_of(value)
-  local t = top(value)
-  if not t['"fv"'] then return nil end
-  local bv, bn = versions_of(t)
-  return bv, bn
-end
-
--- A live value from its author, data members and versions (as codec::encode_note).
-local function encode(author, data, bv, bn, changed)
-  local parts, keys = {}, {}
-  for j = 1, #data do parts[j] = data[j][1] .. ':' .. data[j][2] end
-  local v, n = bv, bn
-  for k, c in pairs(changed) do
-    keys[#keys + 1] = k
-    if newer(c[1], c[2], v, n) then v, n = c[1], c[2] end
-  end
-  table.sort(keys)
-  local out = '{"author":' .. author .. ',"data":{' .. table.concat(parts, ',') .. '}'
-  if #keys > 0 then
-    local cs = {}
-    for j, k in ipairs(keys) do
-      cs[j] = k .. ':[' .. string.format('%.0f', changed[k][1]) .. ',"' .. changed[k][2] .. '"]'
-    end
-    out = out .. ',"fv":{"base":[' .. string.format('%.0f', bv) .. ',"' .. bn .. '"],"changed":{' .. table.concat(cs, ',') .. '}}'
-  end
-  if n ~= '' then out = out .. ',"node":"' .. n .. '"' end
-  return out .. ',"v":' .. string.format('%.0f', v) .. '}'
-end
-
-local function set(data, key, value)
-  for j = 1, #data do
-    if data[j][1] == key then
-      if value == 'null' then table.remove(data, j) else data[j][2] = value end
-      return
-    end
-  end
-  if value ~= 'null' then data[#data + 1] = {key, value} end
-end
-
--- A patch (raw object; null removes a field) at (v, node) on a live value:
--- the new value, or nil when it advances no field.
-local function merge_patch(current, patch, v, node)
-  local t = top(current)
-  local data = members(t['"data"'] or '{}')
-  local fields = members(patch)
-  if not data or not fields then return nil end
-  local bv, bn, changed = versions_of(t)
-  local advanced = false
-  for _, f in ipairs(fields) do
-    local c = changed[f[1]]
-    local fv, fn = bv, bn
-    if c then fv, fn = c[1], c[2] end
-    if newer(v, node, fv, fn) then
-      advanced = true
-      changed[f[1]] = {v, node}
-      set(data, f[1], f[2])
-    end
-  end
-  if not advanced then return nil end
-  return encode(t['"author"'], data, bv, bn, changed)
-end
-
--- An upsert newer than a value's last upsert but not than all its fields: the
--- fields patched after it keep their values (or their removal).
-local function merge_upsert(current, value, v, node)
-  local t, u = top(current), top(value)
-  local old = members(t['"data"'] or '{}')
-  local data = members(u['"data"'] or '{}')
-  if not old or not data then return nil end
-  local _, _, changed = versions_of(t)
-  local kept = {}
-  for k, c in pairs(changed) do
-    if newer(c[1], c[2], v, node) then
-      kept[k] = c
-      local found = nil
-      for j = 1, #old do if old[j][1] == k then found = old[j][2] end end
-      set(data, k, found or 'null')
-    end
-  end
-  return encode(u['"author"'], data, v, node, kept)
-end
-
-local function readable(value)
-  local v = tonumber(string.match(value, '"v":(%d+)}$'))
-  if not v or v < 1 or v > 9007199254740991 then return nil end
-  local ok, note = pcall(cjson.decode, value)
-  if not ok or type(note) ~= 'table' or note.v ~= v then return nil end
-  if note.deleted ~= nil and type(note.deleted) ~= 'boolean' then return nil end
-  if note.author ~= nil and type(note.author) ~= 'string' then return nil end
-  if note.deleted ~= true then
-    local data = note.data
-    if type(data) ~= 'table' then return nil end
-    if next(data) == nil then
-      if not string.find(value, '"data":{}', 1, true) then return nil end
-    elseif data[1] ~= nil then
-      return nil
-    end
-  end
-  if not valid_utf8(value) then return nil end
-  return v, string.match(value, '"node":"([%w_%-]*)","v":%d+}$') or ''
-end
-"#;
+const READABLE: &str = include_str!("scripts/readable.lua");
 
 /// Writes notes of one paper, each only if it advances the stored version (ties
 /// to the greater node id), so that a resent batch or a late write from another
@@ -256,113 +42,13 @@ end
 /// this one), 3 refused because the paper is sealed, 4 refused because it is at
 /// or below the horizon and the note is not there, 5 a patch of a note that is
 /// not there.
-const WRITE_NOTES: &str = r#"
-local notes, meta, tombstones = KEYS[1], KEYS[2], KEYS[3]
-local now, channel, retention, max_tombstones = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local window = 61440000 -- the resume window: 60 s of versions
-local out = {}
--- A sealed paper's notes are what its stream entry says: late writes stay out.
-if redis.call('HGET', meta, 'completed') == '1' then
-  for i = 5, #ARGV, 6 do out[#out + 1] = 3 end
-  return out
-end
-local horizon = tonumber(redis.call('HGET', meta, 'horizon') or '0') or 0
-local max_v = tonumber(redis.call('HGET', meta, 'max_v') or '0') or 0
-local floor = tonumber(redis.call('HGET', meta, 'resume_floor') or '0') or 0
-for i = 5, #ARGV, 6 do
-  local kind, id, value, v, node, relay = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5]
-  local code = 1
-  local current = redis.call('HGET', notes, id)
-  if kind == 'p' then
-    -- A patch changes the fields it advances of a live note; the note must be there.
-    local live = current and string.sub(current, 1, 15) ~= '{"deleted":true' and readable(current)
-    if not live then
-      code = 5
-    else
-      local merged = merge_patch(current, value, v, node)
-      if merged then value = merged else code = 2 end
-    end
-  elseif current then
-    -- The end of the value says which is newer; only a stored value that looks
-    -- newer is read whole, to check that it counts.
-    local tail_v = tonumber(string.match(current, '"v":(%d+)}$'))
-    local tail_node = string.match(current, '"node":"([%w_%-]*)","v":%d+}$') or ''
-    if tail_v and (tail_v > v or (tail_v == v and tail_node >= node)) then
-      local stored_v, stored_node = readable(current)
-      if stored_v and (stored_v > v or (stored_v == v and stored_node >= node)) then
-        code = 2
-        -- Fields patched after their last upsert: a newer upsert or delete is
-        -- weighed against that upsert, field by field.
-        local base_v, base_n = base_of(current)
-        if base_v and (v > base_v or (v == base_v and node > base_n)) then
-          if string.sub(value, 1, 15) == '{"deleted":true' then
-            code = 1
-          else
-            local merged = merge_upsert(current, value, v, node)
-            if merged then value = merged; code = 1 end
-          end
-        end
-      end
-    end
-  elseif v <= horizon then
-    -- Below the horizon, a note that is not there may have been dropped: a
-    -- write could bring it back.
-    code = 4
-  end
-  if code == 1 then
-    redis.call('HSET', notes, id, value)
-    if string.sub(value, 1, 15) == '{"deleted":true' then
-      redis.call('ZADD', tombstones, v, id)
-    else
-      redis.call('ZREM', tombstones, id)
-    end
-    if v + window < max_v and max_v > floor then floor = max_v end
-    if v > max_v then max_v = v end
-    if channel ~= '' and relay ~= '' then redis.call('PUBLISH', channel, relay) end
-  end
-  out[#out + 1] = code
-end
--- The horizon: tombstones past retention or past the cap go, oldest first.
-local dropped = redis.call('ZRANGEBYSCORE', tombstones, '-inf', '(' .. string.format('%.0f', now * 1024 - retention), 'WITHSCORES')
-local excess = redis.call('ZCARD', tombstones) - #dropped / 2 - max_tombstones
-if excess > 0 then
-  dropped = redis.call('ZRANGE', tombstones, 0, #dropped / 2 + excess - 1, 'WITHSCORES')
-end
-for j = 1, #dropped, 2 do
-  redis.call('HDEL', notes, dropped[j])
-  redis.call('ZREM', tombstones, dropped[j])
-  local score = tonumber(dropped[j + 1])
-  if score > horizon then horizon = score end
-end
-if #dropped > 0 then redis.call('HSET', meta, 'horizon', string.format('%.0f', horizon)) end
-redis.call('HSET', meta, 'max_v', string.format('%.0f', max_v), 'resume_floor', string.format('%.0f', floor))
-redis.call('HSETNX', meta, 'created_ms', ARGV[1])
-redis.call('HSETNX', meta, 'completed', '0')
-redis.call('HSET', meta, 'updated_ms', ARGV[1])
-return out
-"#;
+const WRITE_NOTES: &str = include_str!("scripts/write_notes.lua");
 
 /// Sets a paper's cover (1.1, `meta`) if it advances the stored one's version
 /// (ties to the greater node id), and publishes it to the other nodes when it
 /// does. KEYS: meta. ARGV: value, v, node, channel (or empty), relay. Returns
 /// 1 applied, 2 superseded, 3 refused because the paper is sealed.
-const WRITE_COVER: &str = r#"
-local meta = KEYS[1]
-local value, v, node, channel, relay = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
-if redis.call('HGET', meta, 'completed') == '1' then return 3 end
-local current = redis.call('HGET', meta, 'cover')
-if current then
-  local cv = tonumber(string.match(current, '"v":(%d+)}$'))
-  local cn = string.match(current, '"node":"([%w_%-]*)","v":%d+}$') or ''
-  if cv and (cv > v or (cv == v and cn >= node)) then
-    local ok, c = pcall(cjson.decode, current)
-    if ok and type(c) == 'table' and type(c.data) == 'table' and c.v == cv then return 2 end
-  end
-end
-redis.call('HSET', meta, 'cover', value)
-if channel ~= '' and relay ~= '' then redis.call('PUBLISH', channel, relay) end
-return 1
-"#;
+const WRITE_COVER: &str = include_str!("scripts/write_cover.lua");
 
 /// Seals a paper once, as Redis holds it: the snapshot is built here from the
 /// notes hash, so that the stream entry and the hash never disagree. Marks it
@@ -377,52 +63,7 @@ return 1
 /// touch: called without KEYS[4] (notes, meta, tombstones, stream), it leaves the snapshot in the meta hash as
 /// `handoff_pending`; the writer appends it to the stream, then removes it (at
 /// least once: a writer that dies between leaves the marker for the next sweep).
-const COMPLETE: &str = r#"
-local notes, meta, tombstones, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local paper, by, now, retention, channel, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local live = {}
-local all = redis.call('HGETALL', notes)
-for i = 1, #all, 2 do
-  local id, value = all[i], all[i + 1]
-  if #id <= 64 and string.match(id, '^[%w_%-]+$') and readable(value) then
-    local t = top(value)
-    local author, data, v = t['"author"'], t['"data"'], t['"v"']
-    if author then
-      live[#live + 1] = {tonumber(v), '{"id":"' .. id .. '","author":' .. author .. ',"data":' .. data .. ',"v":' .. v .. '}'}
-    end
-  end
-end
-table.sort(live, function(a, b) return a[1] < b[1] end)
-local parts = {}
-for i = 1, #live do parts[i] = live[i][2] end
-local list = '[' .. table.concat(parts, ',') .. ']'
-local cover = '{"data":{},"v":0}'
-local stored_cover = redis.call('HGET', meta, 'cover')
-if stored_cover then
-  local data, v = string.match(stored_cover, '^{"data":(.*),"node":"[%w_%-]*","v":(%d+)}$')
-  if not data then data, v = string.match(stored_cover, '^{"data":(.*),"v":(%d+)}$') end
-  if data then cover = '{"data":' .. data .. ',"v":' .. v .. '}' end
-end
-if redis.call('HGET', meta, 'completed') ~= '1' then
-  redis.call('HSET', meta, 'completed', '1', 'completed_by', by, 'updated_ms', now)
-  redis.call('HSETNX', meta, 'created_ms', now)
-  local snapshot = '{"paper":"' .. paper .. '","completed":true,"meta":' .. cover .. ',"notes":' .. list .. '}'
-  if stream then
-    redis.call('XADD', stream, '*', 'paper', paper, 'snapshot', snapshot)
-  else
-    redis.call('HSET', meta, 'handoff_pending', snapshot)
-  end
-  if channel ~= '' then
-    redis.call('PUBLISH', channel, prefix .. '{"type":"completed","by":' .. cjson.encode(by) .. ',"notes":' .. list .. '}')
-  end
-else
-  by = redis.call('HGET', meta, 'completed_by') or by
-end
-redis.call('EXPIRE', notes, retention)
-redis.call('EXPIRE', meta, retention)
-redis.call('EXPIRE', tombstones, retention)
-return {list, by, redis.call('HGET', meta, 'handoff_pending') or ''}
-"#;
+const COMPLETE: &str = include_str!("scripts/complete.lua");
 
 pub struct Writer {
     endpoint: Endpoint,
@@ -452,7 +93,7 @@ pub struct Writer {
 }
 
 /// How long `WAIT` may wait for replicas before the batch is sent again.
-const WAIT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const WAIT_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Outage {
     since: Instant,
@@ -672,80 +313,7 @@ impl Writer {
     /// The connection failed, or the replicas did not take the batch: nothing
     /// of it counts as written.
     fn try_write(&mut self, batch: &[Queued], outcomes: &mut [Option<Reported>]) -> redis::RedisResult<()> {
-        struct PaperWrites<'a> {
-            paper: &'a str,
-            /// Note id -> index in `notes`.
-            index: HashMap<&'a str, usize>,
-            notes: Vec<NoteWrite<'a>>,
-            /// The last cover of the batch (value, v, node, relay) and every op of it.
-            cover: Option<(String, u64, &'a str, &'a str, Vec<usize>)>,
-            complete: Option<(usize, &'a str)>,
-        }
-        impl PaperWrites<'_> {
-            /// Every op of the paper in this batch.
-            fn ops(&self) -> Vec<usize> {
-                let notes = self.notes.iter().flat_map(|n| n.ops.iter().copied());
-                let cover = self.cover.iter().flat_map(|c| c.4.iter().copied());
-                notes.chain(cover).chain(self.complete.map(|(i, _)| i)).collect()
-            }
-        }
-        let mut papers: Vec<PaperWrites> = Vec::new();
-        let mut by_paper: HashMap<&str, usize> = HashMap::new();
-        let mut relays = Vec::new();
-        for (i, Queued { op, .. }) in batch.iter().enumerate() {
-            if outcomes[i].is_some() {
-                continue;
-            }
-            let at = *by_paper.entry(op.paper()).or_insert_with(|| {
-                papers.push(PaperWrites {
-                    paper: op.paper(),
-                    index: HashMap::new(),
-                    notes: Vec::new(),
-                    cover: None,
-                    complete: None,
-                });
-                papers.len() - 1
-            });
-            let writes = &mut papers[at];
-            match op {
-                Op::Note { id, note, relay, .. } => {
-                    let value =
-                        encode_note(&note.author, note.data.as_deref(), note.fields.as_deref(), &note.node, note.v);
-                    let relay = relay.as_deref().unwrap_or_default();
-                    // A whole write replaces an earlier whole write of the note in
-                    // the batch (an older version of it); patches are each sent.
-                    match writes.index.get(&**id).filter(|&&slot| writes.notes[slot].kind == WHOLE) {
-                        Some(&slot) => {
-                            let entry = &mut writes.notes[slot];
-                            (entry.value, entry.v, entry.node, entry.relay) = (value, note.v, &note.node, relay);
-                            entry.ops.push(i);
-                        }
-                        None => {
-                            writes.index.insert(id, writes.notes.len());
-                            let entry =
-                                NoteWrite { kind: WHOLE, id, value, v: note.v, node: &note.node, relay, ops: vec![i] };
-                            writes.notes.push(entry);
-                        }
-                    }
-                }
-                Op::Patch { id, patch, v, node, relay, .. } => {
-                    writes.index.insert(id, writes.notes.len());
-                    let relay = relay.as_deref().unwrap_or_default();
-                    let value = patch.to_string();
-                    writes.notes.push(NoteWrite { kind: PATCH, id, value, v: *v, node, relay, ops: vec![i] });
-                }
-                Op::Cover { cover, relay, .. } => {
-                    let value = encode_cover(cover.data.as_deref().unwrap_or("{}"), &cover.node, cover.v);
-                    let relay = relay.as_deref().unwrap_or_default();
-                    let mut ops = writes.cover.take().map_or_else(Vec::new, |c| c.4);
-                    ops.push(i);
-                    writes.cover = Some((value, cover.v, &cover.node, relay, ops));
-                }
-                Op::Complete { by, .. } => writes.complete = Some((i, by)),
-                Op::Relay { .. } => relays.push(i),
-            }
-        }
-
+        let Plan { papers, relays } = Plan::of(batch, |i| outcomes[i].is_some());
         let now = now_ms();
         let mut pipe = redis::pipe();
         let mut commands = 0;
@@ -999,24 +567,6 @@ impl Writer {
     }
 }
 
-/// The last write of one note in a batch (the earlier ones are older versions
-/// of it), and every op of that note.
-struct NoteWrite<'a> {
-    /// `WHOLE` (an upsert or a delete) or `PATCH`.
-    kind: &'static str,
-    id: &'a str,
-    value: String,
-    v: u64,
-    node: &'a str,
-    /// The message relayed to the other nodes if Redis applies it ("" without).
-    relay: &'a str,
-    ops: Vec<usize>,
-}
-
-/// The kinds of note writes the write script takes.
-const WHOLE: &str = "w";
-const PATCH: &str = "p";
-
 /// How many tombstones a paper keeps, and for how long (in versions).
 #[derive(Debug, Clone, Copy)]
 pub struct History {
@@ -1037,117 +587,7 @@ enum Reported {
     Failed(String),
 }
 
-/// Sends a batch to a Redis Cluster: one pipeline per paper (its keys and channel
-/// share a slot, so the cluster client routes it whole to the slot's master), each
-/// ending with `WAIT` when replicas must have it. Replies come back in the order
-/// of `pipe`.
-///
-/// # Errors
-/// A pipeline failed to go through, or replicas did not take it.
-fn per_slot(
-    conn: &mut Conn,
-    pipe: &Pipeline,
-    owners: &[&str],
-    wait_replicas: usize,
-) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
-    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
-    let mut by_owner: HashMap<&str, usize> = HashMap::new();
-    for (i, owner) in owners.iter().enumerate() {
-        let at = *by_owner.entry(owner).or_insert_with(|| {
-            groups.push((owner, Vec::new()));
-            groups.len() - 1
-        });
-        groups[at].1.push(i);
-    }
-    let cmds: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
-    let mut replies: Vec<Option<redis::RedisResult<Value>>> = (0..cmds.len()).map(|_| None).collect();
-    for (paper, indices) in groups {
-        let mut sub = redis::pipe();
-        sub.ignore_errors();
-        for &i in &indices {
-            sub.add_command(cmds[i].clone());
-        }
-        if wait_replicas > 0 {
-            sub.cmd("WAIT").arg(wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
-        }
-        let mut got = sub.query::<Vec<redis::RedisResult<Value>>>(conn)?;
-        if wait_replicas > 0 {
-            let acked = match got.pop() {
-                Some(Ok(Value::Int(n))) => n,
-                _ => 0,
-            };
-            if acked < wait_replicas as i64 {
-                let detail = format!("WAIT: {acked} of {wait_replicas} replicas have paper {paper}'s writes");
-                return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
-            }
-        }
-        for (i, reply) in indices.into_iter().zip(got) {
-            replies[i] = Some(reply);
-        }
-    }
-    Ok(replies.into_iter().map(|r| r.unwrap_or_else(|| Err(unexpected(None)))).collect())
-}
-
-/// The second step of a seal on a Cluster: the stream entry, then the marker
-/// cleared (an entry may so be appended twice, never lost).
-fn hand_off(conn: &mut Conn, paper: &str, snapshot: &[u8]) -> redis::RedisResult<()> {
-    redis::cmd("XADD")
-        .arg(keys::COMPLETED_STREAM)
-        .arg("*")
-        .arg("paper")
-        .arg(paper)
-        .arg("snapshot")
-        .arg(snapshot)
-        .query::<Value>(conn)?;
-    redis::cmd("HDEL").arg(keys::meta(paper)).arg("handoff_pending").query::<Value>(conn)?;
-    Ok(())
-}
-
-/// On a Cluster, at the writer's first connection: the hand-offs a writer left
-/// pending (it died between the seal and the stream entry) are finished, found
-/// by a `SCAN` of each master for paper metas.
-///
-/// # Errors
-/// A master could not be scanned, or an entry not appended.
-fn finish_pending_handoffs(endpoint: &Endpoint, conn: &mut Conn) -> redis::RedisResult<()> {
-    let mut finished = 0;
-    for (_, _, addr) in endpoint.masters()? {
-        let mut node = endpoint.connect_node(&addr)?;
-        let mut cursor = 0u64;
-        loop {
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg("rp:paper:{*}:meta")
-                .arg("COUNT")
-                .arg(1000)
-                .query(&mut node)?;
-            for key in found {
-                let Some(paper) = key.strip_prefix("rp:paper:{").and_then(|k| k.strip_suffix("}:meta")) else {
-                    continue;
-                };
-                let pending: Option<Vec<u8>> = redis::cmd("HGET").arg(&key).arg("handoff_pending").query(&mut node)?;
-                if let Some(snapshot) = pending.filter(|s| !s.is_empty()) {
-                    hand_off(conn, paper, &snapshot)?;
-                    finished += 1;
-                }
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-    }
-    if finished > 0 {
-        log::info!(
-            "appended {finished} completed papers to {} that a stopped writer left pending",
-            keys::COMPLETED_STREAM
-        );
-    }
-    Ok(())
-}
-
-fn unexpected(reply: Option<redis::RedisResult<Value>>) -> redis::RedisError {
+pub(super) fn unexpected(reply: Option<redis::RedisResult<Value>>) -> redis::RedisError {
     let detail = format!("unexpected reply {reply:?}");
     redis::RedisError::from((redis::ErrorKind::Io, "unexpected reply", detail))
 }

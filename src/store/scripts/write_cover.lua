@@ -1,0 +1,16 @@
+-- write_cover: loaded by src/store/writer.rs (see the doc comment there).
+local meta = KEYS[1]
+local value, v, node, channel, relay = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+if redis.call('HGET', meta, 'completed') == '1' then return 3 end
+local current = redis.call('HGET', meta, 'cover')
+if current then
+  local cv = tonumber(string.match(current, '"v":(%d+)}$'))
+  local cn = string.match(current, '"node":"([%w_%-]*)","v":%d+}$') or ''
+  if cv and (cv > v or (cv == v and cn >= node)) then
+    local ok, c = pcall(cjson.decode, current)
+    if ok and type(c) == 'table' and type(c.data) == 'table' and c.v == cv then return 2 end
+  end
+end
+redis.call('HSET', meta, 'cover', value)
+if channel ~= '' and relay ~= '' then redis.call('PUBLISH', channel, relay) end
+return 1

@@ -1,0 +1,122 @@
+//! What a Redis Cluster needs beyond one server: a pipeline per slot's master,
+//! and the completion hand-off in two steps (the stream lives in another slot
+//! than the paper): appended after the seal, at least once, and finished by the
+//! next writer if one died between.
+
+use std::collections::HashMap;
+
+use redis::{Pipeline, Value};
+
+use super::endpoint::{Conn, Endpoint};
+use super::keys;
+use super::writer::{unexpected, WAIT_TIMEOUT};
+
+/// Sends a batch to a Redis Cluster: one pipeline per paper (its keys and channel
+/// share a slot, so the cluster client routes it whole to the slot's master), each
+/// ending with `WAIT` when replicas must have it. Replies come back in the order
+/// of `pipe`.
+///
+/// # Errors
+/// A pipeline failed to go through, or replicas did not take it.
+pub(super) fn per_slot(
+    conn: &mut Conn,
+    pipe: &Pipeline,
+    owners: &[&str],
+    wait_replicas: usize,
+) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    let mut by_owner: HashMap<&str, usize> = HashMap::new();
+    for (i, owner) in owners.iter().enumerate() {
+        let at = *by_owner.entry(owner).or_insert_with(|| {
+            groups.push((owner, Vec::new()));
+            groups.len() - 1
+        });
+        groups[at].1.push(i);
+    }
+    let cmds: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+    let mut replies: Vec<Option<redis::RedisResult<Value>>> = (0..cmds.len()).map(|_| None).collect();
+    for (paper, indices) in groups {
+        let mut sub = redis::pipe();
+        sub.ignore_errors();
+        for &i in &indices {
+            sub.add_command(cmds[i].clone());
+        }
+        if wait_replicas > 0 {
+            sub.cmd("WAIT").arg(wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
+        }
+        let mut got = sub.query::<Vec<redis::RedisResult<Value>>>(conn)?;
+        if wait_replicas > 0 {
+            let acked = match got.pop() {
+                Some(Ok(Value::Int(n))) => n,
+                _ => 0,
+            };
+            if acked < wait_replicas as i64 {
+                let detail = format!("WAIT: {acked} of {wait_replicas} replicas have paper {paper}'s writes");
+                return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
+            }
+        }
+        for (i, reply) in indices.into_iter().zip(got) {
+            replies[i] = Some(reply);
+        }
+    }
+    Ok(replies.into_iter().map(|r| r.unwrap_or_else(|| Err(unexpected(None)))).collect())
+}
+
+/// The second step of a seal on a Cluster: the stream entry, then the marker
+/// cleared (an entry may so be appended twice, never lost).
+pub(super) fn hand_off(conn: &mut Conn, paper: &str, snapshot: &[u8]) -> redis::RedisResult<()> {
+    redis::cmd("XADD")
+        .arg(keys::COMPLETED_STREAM)
+        .arg("*")
+        .arg("paper")
+        .arg(paper)
+        .arg("snapshot")
+        .arg(snapshot)
+        .query::<Value>(conn)?;
+    redis::cmd("HDEL").arg(keys::meta(paper)).arg("handoff_pending").query::<Value>(conn)?;
+    Ok(())
+}
+
+/// On a Cluster, at the writer's first connection: the hand-offs a writer left
+/// pending (it died between the seal and the stream entry) are finished, found
+/// by a `SCAN` of each master for paper metas.
+///
+/// # Errors
+/// A master could not be scanned, or an entry not appended.
+pub(super) fn finish_pending_handoffs(endpoint: &Endpoint, conn: &mut Conn) -> redis::RedisResult<()> {
+    let mut finished = 0;
+    for (_, _, addr) in endpoint.masters()? {
+        let mut node = endpoint.connect_node(&addr)?;
+        let mut cursor = 0u64;
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("rp:paper:{*}:meta")
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut node)?;
+            for key in found {
+                let Some(paper) = key.strip_prefix("rp:paper:{").and_then(|k| k.strip_suffix("}:meta")) else {
+                    continue;
+                };
+                let pending: Option<Vec<u8>> = redis::cmd("HGET").arg(&key).arg("handoff_pending").query(&mut node)?;
+                if let Some(snapshot) = pending.filter(|s| !s.is_empty()) {
+                    hand_off(conn, paper, &snapshot)?;
+                    finished += 1;
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    if finished > 0 {
+        log::info!(
+            "appended {finished} completed papers to {} that a stopped writer left pending",
+            keys::COMPLETED_STREAM
+        );
+    }
+    Ok(())
+}
