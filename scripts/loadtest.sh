@@ -6,7 +6,7 @@
 #   scripts/loadtest.sh compare              rollingpaper and the naive baseline
 #                                            (examples/baseline.rs) side by side
 #
-# Scenarios: classroom, hot-paper, fanout-max, idle, typing-writes, relay, compare.
+# Scenarios: classroom, hot-paper, fanout-max, idle, typing-writes, relay, reconnect, compare.
 # Builds in release mode, starts its own redis-server (append-only, free port,
 # data in a temporary directory) and a fresh server per scenario on a free
 # port, pins the server (and Redis) and the load generator to different cores
@@ -36,6 +36,9 @@ Scenarios (default: all but compare):
   idle           50,000 connections, one member per paper, nothing sent (memory per connection)
   typing-writes  classroom without warm-up: Redis commands per edit
   relay          10 x 50 on one --cluster node, then on two with members split
+  reconnect      500 papers x 20 members, 200 notes of 1 KB each: a graceful restart
+                 (--drain-seconds 2, a new server on the same address), every session
+                 reconnecting with since, then again without (full snapshots)
   compare        rollingpaper and the naive baseline (examples/baseline.rs) side by side
 
 Environment:
@@ -55,13 +58,13 @@ generator directly: target/release/rollingpaper-load --help (--min-delivered,
 USAGE
 }
 
-all=(classroom hot-paper fanout-max idle typing-writes relay)
+all=(classroom hot-paper fanout-max idle typing-writes relay reconnect)
 case "${1:-}" in -h|--help|help) usage; exit 0 ;; esac
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${all[@]}")
 for s in "${scenarios[@]}"; do
     case "$s" in
-        classroom|hot-paper|fanout-max|idle|typing-writes|relay|compare) ;;
+        classroom|hot-paper|fanout-max|idle|typing-writes|relay|reconnect|compare) ;;
         *) echo "loadtest.sh: unknown scenario $s (known: ${all[*]} compare; see --help)" >&2; exit 2 ;;
     esac
 done
@@ -332,6 +335,78 @@ relay() {
     row relay-two-nodes "two --cluster nodes, members split; server columns are node a's alone"
 }
 
+# Every session reconnects after a graceful restart (SIGTERM with
+# --drain-seconds, then a new server on the same address): first with since
+# (PROTOCOL.md 3.1), then without, on the same papers. The generator says when
+# it is ready (every session holds its paper and the last edits); the script
+# restarts the server then, and writes the new pid for the generator, which
+# reads the new server's start and CPU from /proc.
+reconnect() {
+    local members=20 notes=200 settle=65 drain=2 papers note addr mode round load_pid log
+    papers="$(scaled 500 "$members")"
+    note="$(scale_note "$papers" 500)"
+    # The fill must be older than the server's resume window (60 s of versions)
+    # when the edits are made, or a since snapshot holds it all.
+    if [ "$quick" = 1 ]; then papers=20 notes=50 settle=0 note="quick: fill not settled past the resume window"; fi
+    local prefix="rc$RANDOM"
+    rollingpaper --drain-seconds "$drain"
+    addr="$server_addr"
+    for mode in on off; do
+        round="reconnect-since-$mode"
+        rm -f "$work/ready" "$work/new-pid"
+        local args=(reconnect --papers "$papers" --members "$members" --notes "$notes" --note-bytes 1024
+            --edits 4 --paper-prefix "$prefix" --since "$mode" --connect-concurrency 256)
+        # The first round fills the papers; the second finds them in Redis.
+        [ "$mode" = on ] && args+=(--fill --settle "$settle")
+        echo "loadtest.sh: $round: rollingpaper-load ${args[*]}" | tee -a "$out/commands.txt"
+        "${pin_load[@]}" "$bin/rollingpaper-load" "${args[@]}" --target "$addr" --server-pid "$server_pid" \
+            --ready-file "$work/ready" --server-pid-file "$work/new-pid" --json >"$out/$round.json" &
+        load_pid=$!
+        pids+=("$load_pid")
+        for _ in $(seq 9000); do
+            [ -e "$work/ready" ] && break
+            kill -0 "$load_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if [ ! -e "$work/ready" ]; then
+            echo "loadtest.sh: $round: the generator did not get ready" >&2
+            wait "$load_pid" || true
+            exit 1
+        fi
+        stop_server
+        log="$work/server.log"
+        : >"$log"
+        "${pin_server[@]}" "${LOADTEST_SERVER:-$bin/rollingpaper}" --threads "$server_threads" --rate 1000000 \
+            --burst 1000000 --drain-seconds "$drain" --listen "$addr" --redis "$redis_url" 2>"$log" >/dev/null &
+        server_pid=$!
+        pids+=("$server_pid")
+        echo "$server_pid" >"$work/new-pid"
+        for _ in $(seq 200); do
+            grep -q 'listening on' "$log" && break
+            kill -0 "$server_pid" 2>/dev/null || break
+            sleep 0.05
+        done
+        grep -q 'listening on' "$log" || { echo "loadtest.sh: the restarted server did not start:" >&2; cat "$log" >&2; exit 1; }
+        wait "$load_pid" || echo "loadtest.sh: $round: the generator exited with status $? (see $out/$round.json)" >&2
+        jq -r --arg name "$round" --arg note "$note" '
+            def f(x; n): if x == null then "-" else (x * pow(10; n) | round / pow(10; n) | tostring) end;
+            .reconnect as $r |
+            [ $name, "\($r.ok)/\($r.sessions)", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-",
+              "\($r.snapshots_since) since + \($r.snapshots_full) full snapshots, \(f($r.bytes_until_snapshots / 1048576; 1)) MiB until them (\(f($r.bytes_until_snapshot_per_session; 0)) B each), all in \(f($r.seconds_from_server_start; 2)) s from the new server start, its CPU \(f($r.server_cpu_seconds; 2)) s; check \(.check.matched)/\(.check.papers)\(if $note == "" then "" else "; " + $note end)"
+            ] | @tsv' "$out/$round.json" >>"$rows"
+    done
+    stop_server
+    {
+        printf 'reconnect\tsessions ok\tsince snapshots\tfull snapshots\tMiB until snapshots\tB per session\ts from server start\tserver CPU s\tretries\tcheck\n'
+        for mode in on off; do
+            jq -r --arg name "since $mode" '.reconnect as $r | [ $name, "\($r.ok)/\($r.sessions)", $r.snapshots_since,
+                $r.snapshots_full, ($r.bytes_until_snapshots / 1048576 * 10 | round / 10),
+                $r.bytes_until_snapshot_per_session, $r.seconds_from_server_start, $r.server_cpu_seconds,
+                $r.retries, "\(.check.matched)/\(.check.papers)" ] | @tsv' "$out/reconnect-since-$mode.json"
+        done
+    } | column -t -s $'\t' | tee "$out/reconnect.txt"
+}
+
 compare() {
     local notes server
     for notes in 10 50 200; do
@@ -358,6 +433,7 @@ for s in "${scenarios[@]}"; do
         idle) idle ;;
         typing-writes) typing_writes ;;
         relay) relay ;;
+        reconnect) reconnect ;;
         compare) compare ;;
     esac
 done

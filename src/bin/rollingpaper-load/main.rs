@@ -5,6 +5,7 @@
 //! and how late. Every phase is bounded in time; targets outside loopback are
 //! refused.
 
+mod reconnect;
 mod report;
 mod wire;
 mod worker;
@@ -28,8 +29,10 @@ use worker::{Command, Progress, Report, Setup, StepPlan, StepReport, Worker};
 /// Exit status: 0 the run passed its thresholds (none by default), 1 no
 /// connection succeeded, 2 bad arguments, 3 a threshold was missed.
 #[derive(Parser, Debug)]
-#[command(name = "rollingpaper-load", version)]
+#[command(name = "rollingpaper-load", version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// Server address (127.0.0.0/8 or [::1] only). Several (comma-separated or
     /// repeated): connections go round-robin, so each paper's members are split
     /// across the nodes (a relay benchmark of `--cluster` nodes).
@@ -120,6 +123,13 @@ struct Args {
     quiet: bool,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Mode {
+    /// Sessions reconnecting after a graceful server restart, with `since` or
+    /// without (rollingpaper-load reconnect --help).
+    Reconnect(reconnect::ReconnectArgs),
+}
+
 /// Mints the members' tokens, as the main backend would.
 pub struct Tokens {
     key: jsonwebtoken::EncodingKey,
@@ -164,7 +174,11 @@ fn missed_thresholds(args: &Args, result: Option<&StepResult>) -> Vec<String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
+    let result = match &args.mode {
+        Some(Mode::Reconnect(mode)) => reconnect::main(mode),
+        None => run(&args),
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("rollingpaper-load: {e}");

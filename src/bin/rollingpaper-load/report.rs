@@ -20,6 +20,19 @@ pub fn cpu_seconds(pid: &str) -> Option<f64> {
     Some((utime + stime) / ticks.max(1.0))
 }
 
+/// How long ago a process started, in seconds (to the clock tick, 10 ms), from
+/// its start time in /proc/PID/stat and the system's uptime.
+pub fn started_seconds_ago(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // Field 22 of stat, counted from the state (field 3).
+    let start_ticks: f64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((uptime - start_ticks / ticks.max(1.0)).max(0.0))
+}
+
 /// Resident set size of a process, in KiB.
 pub fn rss_kib(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -12,11 +12,13 @@ pub const KEY: &str = "cm9sbGluZ3BhcGVybG9hZA==";
 const MARKER: &[u8] = br#""lg":""#;
 
 /// The upgrade request for one member of `paper`; with a token (auth on), the
-/// server takes the user from it and ignores `user`.
-pub fn upgrade_request(host: &str, paper: &str, user: &str, token: Option<&str>) -> Vec<u8> {
+/// server takes the user from it and ignores `user`. With `since` (PROTOCOL.md
+/// 3.1, 1.1), a session that resumes from the greatest version it saw.
+pub fn upgrade_request(host: &str, paper: &str, user: &str, token: Option<&str>, since: Option<u64>) -> Vec<u8> {
     let token = token.map_or(String::new(), |t| format!("token={t}&"));
+    let since = since.map_or(String::new(), |v| format!("&since={v}"));
     format!(
-        "GET /ws/{paper}?{token}user={user} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET /ws/{paper}?{token}user={user}{since} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     .into_bytes()
@@ -207,6 +209,21 @@ pub fn message_type(text: &[u8]) -> &[u8] {
     &rest[..end]
 }
 
+/// The greatest note version (`"v":N`) in a server message, 0 if none. Looks at
+/// the text only, so it must not be given `data` that holds a `"v":` key of its
+/// own (the generator's notes never do).
+pub fn max_version(text: &[u8]) -> u64 {
+    const V: &[u8] = br#""v":"#;
+    memmem::find_iter(text, V)
+        .filter_map(|at| {
+            let digits = &text[at + V.len()..];
+            let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
+            std::str::from_utf8(&digits[..end]).ok()?.parse::<u64>().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// The `code` of an `error` message.
 pub fn error_code(text: &[u8]) -> String {
     const CODE: &[u8] = br#""code":""#;
@@ -261,6 +278,17 @@ mod tests {
         assert_eq!(found, vec![Marker { sender: 0, seq: 1, t_us: 5 }, Marker { sender: 1, seq: 2, t_us: 6 }]);
         assert_eq!(message_type(paper), b"paper");
         assert_eq!(error_code(br#"{"type":"error","code":"rate_limited"}"#), "rate_limited");
+        let snapshot = br#"{"type":"snapshot","since":9,"notes":[{"id":"a","v":12},{"id":"b","deleted":true,"v":31}]}"#;
+        assert_eq!(max_version(snapshot), 31);
+        assert_eq!(max_version(br#"{"type":"pong"}"#), 0);
+    }
+
+    #[test]
+    fn the_upgrade_request_carries_since() {
+        let plain = String::from_utf8(upgrade_request("h", "p1", "u1", None, None)).unwrap();
+        assert!(plain.starts_with("GET /ws/p1?user=u1 HTTP/1.1\r\n"));
+        let resumed = String::from_utf8(upgrade_request("h", "p1", "u1", None, Some(42))).unwrap();
+        assert!(resumed.starts_with("GET /ws/p1?user=u1&since=42 HTTP/1.1\r\n"));
     }
 
     #[test]

@@ -385,7 +385,7 @@ impl Worker {
         let paper = &self.setup.papers[conn.paper as usize];
         let user = format!("lg{}", key);
         let token = self.setup.tokens.as_ref().map(|t| t.mint(&user, paper));
-        conn.out = wire::upgrade_request(&self.setup.host, paper, &user, token.as_deref());
+        conn.out = wire::upgrade_request(&self.setup.host, paper, &user, token.as_deref(), None);
         conn.written = 0;
         conn.stream = Some(stream);
         conn.phase = Phase::Connecting { since_us: now };
