@@ -11,6 +11,9 @@ use crate::protocol::is_valid_id;
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// The rolling-paper page served at `/`: the reference client, in one file.
 const PAGE: &str = include_str!("../web/index.html");
+/// The page's protocol client, an ES module front ends may use too, and its types.
+const CLIENT: &str = include_str!("../web/rollingpaper-client.js");
+const CLIENT_TYPES: &str = include_str!("../web/rollingpaper-client.d.ts");
 /// Headers a request may carry.
 const MAX_HEADERS: usize = 48;
 /// Longest `user` or `name` kept from the query; longer ones are cut.
@@ -134,16 +137,18 @@ fn route(req: &httparse::Request, policy: &Policy) -> Route {
             Ok(key) => Route::Echo(key),
             Err(reply) => Route::Reply(reply),
         },
-        "/" if get => Route::Reply(Reply {
-            status: 200,
-            extra_headers: "",
-            content_type: "text/html; charset=utf-8",
-            body: PAGE.to_string(),
-        }),
+        "/" if get => Route::Reply(page(PAGE)),
+        "/client.js" if get => Route::Reply(Reply { content_type: "text/javascript; charset=utf-8", ..page(CLIENT) }),
+        "/client.d.ts" if get => Route::Reply(Reply { content_type: "text/plain; charset=utf-8", ..page(CLIENT_TYPES) }),
         _ if get && path.starts_with("/ws/") && !path[4..].contains('/') => upgrade(req, &path[4..], query, policy),
         _ if get && path.starts_with("/papers/") && !path[8..].contains('/') => read_paper(req, &path[8..], policy),
         _ => Route::Reply(Reply::text(404, "not found")),
     }
+}
+
+/// A static file of the page, `200`.
+fn page(body: &str) -> Reply {
+    Reply { status: 200, extra_headers: "", content_type: "text/html; charset=utf-8", body: body.to_string() }
 }
 
 fn header<'a>(req: &'a httparse::Request, name: &str) -> Option<&'a str> {
