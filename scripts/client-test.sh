@@ -26,7 +26,7 @@ redis_pid=""
 cleanup() {
     local status=$?
     for pid_file in "$work"/*.pid; do
-        [ -f "$pid_file" ] && kill "$(cat "$pid_file")" 2>/dev/null
+        [ -f "$pid_file" ] && kill "$(cat "$pid_file")" 2>/dev/null || true
     done
     if [ -n "$redis_pid" ]; then
         kill "$redis_pid" 2>/dev/null || true

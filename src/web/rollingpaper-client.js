@@ -123,6 +123,8 @@ export class RollingPaper {
     this.lastFlush = 0;
     this.refSeq = 0;
     this.stopped = true;
+    // Set when the server turns `patch` down (protocol 1.0).
+    this.patchless = false;
     // The server's truth, as last received.
     this.confirmed = new Map(); // id -> { id, author, data, v, baseV, fieldV }
     this.gone = new Map(); // id -> v of its delete
@@ -541,6 +543,14 @@ export class RollingPaper {
         }
       }, this.options.retryRefusedMs);
       refusal.retrying = true;
+    } else if (edit && edit.kind === 'patch' && msg.code === 'invalid_message' && !this.patchless) {
+      // A server of protocol 1.0 knows no `patch`: from now on this client
+      // sends the whole note instead (which loses a concurrent edit of other
+      // fields, as 1.0 does).
+      this.patchless = true;
+      edit.status = 'queued';
+      this.scheduleFlush();
+      refusal.retrying = true;
     } else if (edit) {
       this.removeEdit(edit);
       this.refreshFor(edit);
@@ -721,6 +731,10 @@ export class RollingPaper {
       const msg = { type: edit.kind, ref: edit.ref };
       if (edit.id !== null) msg.id = edit.id;
       if (edit.data !== null) msg.data = edit.data;
+      if (edit.kind === 'patch' && this.patchless) {
+        msg.type = 'upsert';
+        msg.data = this.state.notes[edit.id]?.data ?? edit.data;
+      }
       this.ws.send(JSON.stringify(msg));
       this.emit('sent', publicEdit(edit));
     }
