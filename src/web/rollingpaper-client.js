@@ -287,15 +287,14 @@ export class RollingPaper {
       if (direct.status === 401 || direct.status === 403) {
         return { status: direct.status, reason: (await direct.text()).trim() };
       }
+      // The server answers: a token whose own claims rule this session out is the reason.
+      const claims = this.claims;
+      if (claims && (claims.paper !== this.state.paper || claims.role === 'service')) {
+        return { status: 403, reason: claims.role === 'service' ? 'a service token cannot open a session' : 'this token is for another paper' };
+      }
       const headers = this.options.token ? { Authorization: `Bearer ${this.options.token}` } : {};
       const read = await this.fetch(`${this.base.http}/papers/${this.state.paper}`, { cache: 'no-store', headers });
       if (read.status === 401) return { status: 401, reason: (await read.text()).trim() };
-      // /papers is for owners and services only: its 403 says something about
-      // this session only when the token's own claims explain it.
-      const claims = this.claims;
-      if (read.status === 403 && claims && (claims.paper !== this.state.paper || claims.role === 'service')) {
-        return { status: 403, reason: claims.role === 'service' ? 'a service token cannot open a session' : 'this token is for another paper' };
-      }
       return null;
     } catch {
       return null; // unreachable: offline, not refused
