@@ -73,6 +73,15 @@ pub struct Config {
     #[arg(long, env = "RP_MAX_NOTES", default_value_t = 1000)]
     pub max_notes: usize,
 
+    /// Deleted notes a paper keeps at most (PROTOCOL.md 4, the tombstone horizon);
+    /// past it the oldest are dropped.
+    #[arg(long, env = "RP_MAX_TOMBSTONES", default_value_t = 1000)]
+    pub max_tombstones: usize,
+
+    /// Seconds a deleted note is kept as a tombstone before the horizon drops it.
+    #[arg(long, env = "RP_TOMBSTONE_RETENTION", default_value_t = 3600)]
+    pub tombstone_retention: u64,
+
     /// Members a paper may have on this node; one more is closed with 1013 `paper_full`.
     #[arg(long, env = "RP_MAX_MEMBERS", default_value_t = 5000)]
     pub max_members: usize,
@@ -443,6 +452,12 @@ impl Config {
                 "--completed-retention {} must be between 1 and {MAX_RETENTION_SECS} seconds (100 years); \
                  the default is 604800 (7 days)",
                 self.completed_retention
+            ));
+        }
+        if self.max_tombstones == 0 || !(1..=MAX_RETENTION_SECS).contains(&self.tombstone_retention) {
+            return err(format!(
+                "--max-tombstones {} must be at least 1 and --tombstone-retention {} between 1 and {MAX_RETENTION_SECS} seconds",
+                self.max_tombstones, self.tombstone_retention
             ));
         }
         if !(self.rate.is_finite() && self.rate > 0.0) || self.burst == 0 {

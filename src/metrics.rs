@@ -26,12 +26,13 @@ pub enum In {
     Cursor,
     Complete,
     Ping,
+    Meta,
     /// Refused before its type was known to be valid.
     Invalid,
 }
 
 impl In {
-    const ALL: [In; 6] = [In::Upsert, In::Delete, In::Cursor, In::Complete, In::Ping, In::Invalid];
+    const ALL: [In; 7] = [In::Upsert, In::Delete, In::Cursor, In::Complete, In::Ping, In::Meta, In::Invalid];
 
     pub fn of(msg: &ClientMsg) -> In {
         match msg {
@@ -39,6 +40,7 @@ impl In {
             ClientMsg::Delete { .. } => In::Delete,
             ClientMsg::Cursor { .. } => In::Cursor,
             ClientMsg::Complete { .. } => In::Complete,
+            ClientMsg::Meta { .. } => In::Meta,
             ClientMsg::Ping => In::Ping,
         }
     }
@@ -50,6 +52,7 @@ impl In {
             In::Cursor => "cursor",
             In::Complete => "complete",
             In::Ping => "ping",
+            In::Meta => "meta",
             In::Invalid => "invalid",
         }
     }
@@ -68,10 +71,11 @@ pub enum Out {
     Saved,
     Pong,
     Error,
+    Meta,
 }
 
 impl Out {
-    const ALL: [Out; 10] = [
+    const ALL: [Out; 11] = [
         Out::Snapshot,
         Out::Upsert,
         Out::Delete,
@@ -82,6 +86,7 @@ impl Out {
         Out::Saved,
         Out::Pong,
         Out::Error,
+        Out::Meta,
     ];
 
     fn name(self) -> &'static str {
@@ -96,6 +101,7 @@ impl Out {
             Out::Saved => "saved",
             Out::Pong => "pong",
             Out::Error => "error",
+            Out::Meta => "meta",
         }
     }
 }

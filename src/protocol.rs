@@ -36,6 +36,11 @@ pub enum ClientMsg {
     Complete {
         reference: Option<String>,
     },
+    /// 1.1: replace the paper's cover; `data` as for an upsert.
+    Meta {
+        data: String,
+        reference: Option<String>,
+    },
     Ping,
 }
 
@@ -47,6 +52,7 @@ impl ClientMsg {
             ClientMsg::Delete { .. } => "delete",
             ClientMsg::Cursor { .. } => "cursor",
             ClientMsg::Complete { .. } => "complete",
+            ClientMsg::Meta { .. } => "meta",
             ClientMsg::Ping => "ping",
         }
     }
@@ -256,6 +262,14 @@ pub fn parse_client_msg(text: &str, max_note_bytes: usize) -> Result<ClientMsg, 
             Ok(ClientMsg::Cursor { data })
         }
         "complete" => Ok(ClientMsg::Complete { reference }),
+        "meta" => {
+            let data = compact_object(envelope.data).ok_or_else(|| invalid("data must be a JSON object"))?;
+            if data.len() > max_note_bytes {
+                let message = format!("data is {} bytes; the limit is {max_note_bytes}", data.len());
+                return Err(Refusal::new(ErrorCode::TooLarge, message).with_ref(reference));
+            }
+            Ok(ClientMsg::Meta { data, reference })
+        }
         "ping" => Ok(ClientMsg::Ping),
         _ => Err(invalid("unknown type")),
     }
@@ -311,6 +325,15 @@ pub enum Relayed {
         id: String,
     },
     Cursor,
+    /// The sending node's resume floor for the paper (between nodes only).
+    ResumeFloor {
+        v: u64,
+    },
+    /// 1.1: the paper's cover.
+    Meta {
+        data: String,
+        v: u64,
+    },
 }
 
 #[derive(Deserialize)]
@@ -366,8 +389,25 @@ pub fn parse_relayed(message: &str) -> Option<Relayed> {
         }
         "leave" => Relayed::Leave { id: serde_json::from_str(e.member?.get()).ok()? },
         "cursor" => Relayed::Cursor,
+        "resume_floor" => Relayed::ResumeFloor { v: v? },
+        "meta" => Relayed::Meta { data: e.data.filter(|d| d.get().starts_with('{'))?.get().to_string(), v: v? },
         _ => return None,
     })
+}
+
+/// The message that relays a paper's resume floor to the other nodes (never
+/// sent to clients).
+pub fn resume_floor_message(v: u64) -> String {
+    format!(r#"{{"type":"resume_floor","v":{v}}}"#)
+}
+
+/// What a snapshot says of the paper itself.
+pub struct PaperView<'a> {
+    pub id: &'a str,
+    pub completed: bool,
+    /// The cover (1.1): `{}` at version 0 until someone sets it.
+    pub cover_data: &'a str,
+    pub cover_v: u64,
 }
 
 /// A member as listed in snapshots and `join` messages.
@@ -441,22 +481,53 @@ impl Frame {
         self.bytes()
     }
 
+    /// A full snapshot.
     pub fn snapshot<'a>(
         &mut self,
-        paper: &str,
+        paper: &PaperView,
         you: &str,
-        completed: bool,
         notes: impl Iterator<Item = NoteView<'a>>,
+        members: impl Iterator<Item = MemberView<'a>>,
+    ) -> &[u8] {
+        self.snapshot_since(paper, you, None, notes, std::iter::empty(), members)
+    }
+
+    /// A snapshot; with `since`, of the notes that may have changed after it,
+    /// `deleted` (id, version) listed as `{"id","deleted":true,"v"}`
+    /// (PROTOCOL.md 3.1, 1.1).
+    pub fn snapshot_since<'a>(
+        &mut self,
+        paper: &PaperView,
+        you: &str,
+        since: Option<u64>,
+        notes: impl Iterator<Item = NoteView<'a>>,
+        deleted: impl Iterator<Item = (&'a str, u64)>,
         members: impl Iterator<Item = MemberView<'a>>,
     ) -> &[u8] {
         let b = self.begin();
         b.extend_from_slice(br#"{"type":"snapshot","paper":"#);
-        string(b, paper);
+        string(b, paper.id);
         b.extend_from_slice(br#","you":"#);
         string(b, you);
-        b.extend_from_slice(if completed { br#","completed":true"# } else { br#","completed":false"# });
+        b.extend_from_slice(if paper.completed { br#","completed":true"# } else { br#","completed":false"# });
+        cover(b, paper);
+        if let Some(since) = since {
+            b.extend_from_slice(br#","since":"#);
+            number(b, since);
+        }
         b.extend_from_slice(br#","notes":"#);
         notes_array(b, notes);
+        for (id, v) in deleted {
+            b.pop(); // the array's closing bracket
+            if b.last() != Some(&b'[') {
+                b.push(b',');
+            }
+            b.extend_from_slice(br#"{"id":"#);
+            string(b, id);
+            b.extend_from_slice(br#","deleted":true,"v":"#);
+            number(b, v);
+            b.extend_from_slice(b"}]");
+        }
         b.extend_from_slice(br#","members":["#);
         for (i, m) in members.enumerate() {
             if i > 0 {
@@ -475,6 +546,15 @@ impl Frame {
         b.extend_from_slice(br#","author":"#);
         string(b, author);
         b.extend_from_slice(br#","data":"#);
+        b.extend_from_slice(data.as_bytes());
+        version_from_ref(b, v, from, reference);
+        self.finish()
+    }
+
+    /// 1.1: the paper's cover changed.
+    pub fn meta(&mut self, data: &str, v: u64, from: &str, reference: Option<&str>) -> &[u8] {
+        let b = self.begin();
+        b.extend_from_slice(br#"{"type":"meta","data":"#);
         b.extend_from_slice(data.as_bytes());
         version_from_ref(b, v, from, reference);
         self.finish()
@@ -590,14 +670,25 @@ pub fn parse_notes(json: &str) -> Option<Vec<SealedNote<'_>>> {
 /// A paper as one JSON document, `{"paper","completed","notes"}`: the body of
 /// `GET /papers/{paper}` and the snapshot a completed paper is handed over as
 /// (PROTOCOL.md 1 and 4).
-pub fn paper_document<'a>(paper: &str, completed: bool, notes: impl Iterator<Item = NoteView<'a>>) -> String {
+pub fn paper_document<'a>(paper: &PaperView, notes: impl Iterator<Item = NoteView<'a>>) -> String {
     let mut b = Vec::new();
     b.extend_from_slice(br#"{"paper":"#);
-    string(&mut b, paper);
-    b.extend_from_slice(if completed { br#","completed":true,"notes":"# } else { br#","completed":false,"notes":"# });
+    string(&mut b, paper.id);
+    b.extend_from_slice(if paper.completed { br#","completed":true"# } else { br#","completed":false"# });
+    cover(&mut b, paper);
+    b.extend_from_slice(br#","notes":"#);
     notes_array(&mut b, notes);
     b.push(b'}');
     String::from_utf8(b).expect("JSON is UTF-8")
+}
+
+/// `,"meta":{"data","v"}`: the paper's cover (1.1).
+fn cover(b: &mut Vec<u8>, paper: &PaperView) {
+    b.extend_from_slice(br#","meta":{"data":"#);
+    b.extend_from_slice(paper.cover_data.as_bytes());
+    b.extend_from_slice(br#","v":"#);
+    number(b, paper.cover_v);
+    b.push(b'}');
 }
 
 fn header_len(payload_len: usize) -> usize {
@@ -668,6 +759,10 @@ mod tests {
 
     fn code(text: &str) -> ErrorCode {
         parse(text).unwrap_err().code
+    }
+
+    fn paper(id: &str, completed: bool) -> PaperView<'_> {
+        PaperView { id, completed, cover_data: "{}", cover_v: 0 }
     }
 
     fn payload_json(frame: &Frame) -> Value {
@@ -771,10 +866,10 @@ mod tests {
         assert_eq!(payload_json(&f)["code"], json!("not_found"));
         let notes = [NoteView { id: "n1", author: "u1", data: "{}", v: 1 }];
         let members = [MemberView { id: "c7", user: "u1", name: "Kim" }];
-        f.snapshot("p1", "c7", false, notes.into_iter(), members.into_iter());
+        f.snapshot(&paper("p1", false), "c7", notes.into_iter(), members.into_iter());
         assert_eq!(
             payload_json(&f),
-            json!({"type":"snapshot","paper":"p1","you":"c7","completed":false,
+            json!({"type":"snapshot","paper":"p1","you":"c7","completed":false,"meta":{"data":{},"v":0},
                    "notes":[{"id":"n1","author":"u1","data":{},"v":1}],
                    "members":[{"id":"c7","user":"u1","name":"Kim"}]})
         );
@@ -828,11 +923,30 @@ mod tests {
     }
 
     #[test]
+    fn since_snapshots_list_deleted_notes() {
+        let mut f = Frame::new();
+        let notes = [NoteView { id: "n1", author: "u1", data: "{}", v: 7 }];
+        let members = [MemberView { id: "c7", user: "u1", name: "Kim" }];
+        let p1 = PaperView { id: "p1", completed: false, cover_data: r#"{"title":"Hi"}"#, cover_v: 4 };
+        f.snapshot_since(&p1, "c7", Some(5), notes.into_iter(), [("n2", 8)].into_iter(), members.into_iter());
+        assert_eq!(
+            payload_json(&f),
+            json!({"type":"snapshot","paper":"p1","you":"c7","completed":false,
+                   "meta":{"data":{"title":"Hi"},"v":4},"since":5,
+                   "notes":[{"id":"n1","author":"u1","data":{},"v":7},{"id":"n2","deleted":true,"v":8}],
+                   "members":[{"id":"c7","user":"u1","name":"Kim"}]})
+        );
+        f.snapshot_since(&p1, "c7", Some(5), std::iter::empty(), [("n2", 8)].into_iter(), std::iter::empty());
+        assert_eq!(payload_json(&f)["notes"], json!([{"id":"n2","deleted":true,"v":8}]));
+    }
+
+    #[test]
     fn paper_documents_list_live_notes() {
-        let done = paper_document("p1", true, [NoteView { id: "n", author: "a", data: "{}", v: 3 }].into_iter());
+        let done =
+            paper_document(&paper("p1", true), [NoteView { id: "n", author: "a", data: "{}", v: 3 }].into_iter());
         assert_eq!(
             serde_json::from_str::<Value>(&done).unwrap(),
-            json!({"paper":"p1","completed":true,"notes":[{"id":"n","author":"a","data":{},"v":3}]})
+            json!({"paper":"p1","completed":true,"meta":{"data":{},"v":0},"notes":[{"id":"n","author":"a","data":{},"v":3}]})
         );
     }
 }

@@ -131,7 +131,10 @@ fn papers_api_needs_an_owner_or_service_token() {
     assert_eq!(get(&format!("Authorization: Bearer {}\r\n", token("s", "p2", "service", later))).0, 403);
     let (status, _, body) = get(&format!("Authorization: Bearer {}\r\n", token("s", "p1", "service", later)));
     assert_eq!(status, 200);
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"paper": "p1", "completed": false, "notes": []}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"paper": "p1", "completed": false, "meta": {"data": {}, "v": 0}, "notes": []})
+    );
     let (status, _, _) = get(&format!("Authorization: Bearer {}\r\n", token("o", "p1", "owner", later)));
     assert_eq!(status, 200);
 }

@@ -19,7 +19,7 @@ fn papers_api_serves_the_snapshot_from_memory_or_redis() {
     let server = Server::redis(&redis, &["--paper-linger", "0"]);
     assert_eq!(
         paper(&server, "never-written"),
-        (200, json!({"paper": "never-written", "completed": false, "notes": []}))
+        (200, json!({"paper": "never-written", "completed": false, "meta": {"data": {}, "v": 0}, "notes": []}))
     );
     assert_eq!(paper(&server, "bad.id").0, 400);
     assert_eq!(server.get("/papers/p1/x").0, 404);
@@ -32,7 +32,7 @@ fn papers_api_serves_the_snapshot_from_memory_or_redis() {
     assert_eq!(status, 200);
     assert_eq!(
         doc,
-        json!({"paper": "p-api", "completed": false, "notes": [{"id": "n1", "author": "u1", "data": {"text": "hi"}, "v": v}]})
+        json!({"paper": "p-api", "completed": false, "meta": {"data": {}, "v": 0}, "notes": [{"id": "n1", "author": "u1", "data": {"text": "hi"}, "v": v}]})
     );
     // Out of memory: read back from Redis.
     loop {
@@ -104,10 +104,13 @@ fn metrics_count_what_happened() {
 #[test]
 fn papers_api_with_the_memory_store() {
     let server = Server::memory(&[]);
-    assert_eq!(paper(&server, "p-mem"), (200, json!({"paper": "p-mem", "completed": false, "notes": []})));
+    assert_eq!(
+        paper(&server, "p-mem"),
+        (200, json!({"paper": "p-mem", "completed": false, "meta": {"data": {}, "v": 0}, "notes": []}))
+    );
     let mut a = server.join("p-mem", "user=u1");
     a.upsert("n1", json!({"t": 1}));
     let v = a.next_of("upsert")["v"].as_u64().unwrap();
-    let expected = json!({"paper": "p-mem", "completed": false, "notes": [{"id": "n1", "author": "u1", "data": {"t": 1}, "v": v}]});
+    let expected = json!({"paper": "p-mem", "completed": false, "meta": {"data": {}, "v": 0}, "notes": [{"id": "n1", "author": "u1", "data": {"t": 1}, "v": v}]});
     assert_eq!(paper(&server, "p-mem"), (200, expected));
 }

@@ -61,6 +61,9 @@ pub struct Upgrade {
     pub role: Role,
     /// The token's expiry (seconds since the epoch), with auth on.
     pub expires: Option<u64>,
+    /// `?since=V`: the greatest version the client saw, to resume from
+    /// (PROTOCOL.md 3.1, 1.1); a value that is not a version is ignored.
+    pub since: Option<u64>,
     /// `X-Forwarded-For`, believed only from a trusted proxy.
     pub forwarded_for: Option<String>,
 }
@@ -201,8 +204,10 @@ fn upgrade(req: &httparse::Request, paper: &str, query: &str, policy: &Policy) -
     let mut user = None;
     let mut name = None;
     let mut token = None;
+    let mut since = None;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match k.as_ref() {
+            "since" => since = v.parse::<u64>().ok().filter(|v| (1..=crate::protocol::MAX_VERSION).contains(v)),
             "user" if !v.is_empty() => user = Some(cut(&v)),
             "name" if !v.is_empty() => name = Some(cut(&v)),
             "token" => token = Some(v.into_owned()),
@@ -213,7 +218,9 @@ fn upgrade(req: &httparse::Request, paper: &str, query: &str, policy: &Policy) -
     let forwarded_for = header(req, "x-forwarded-for").map(str::to_string);
     match &policy.verifier {
         // Auth off: the client says who it is and may do everything.
-        None => Route::Upgrade(Upgrade { paper, key, user, name, role: Role::Owner, expires: None, forwarded_for }),
+        None => {
+            Route::Upgrade(Upgrade { paper, key, user, name, role: Role::Owner, expires: None, since, forwarded_for })
+        }
         Some(verifier) => match verifier.session(token.as_deref(), &paper) {
             Ok(grant) => Route::Upgrade(Upgrade {
                 paper,
@@ -222,6 +229,7 @@ fn upgrade(req: &httparse::Request, paper: &str, query: &str, policy: &Policy) -
                 user: Some(grant.sub),
                 role: grant.role,
                 expires: Some(grant.exp),
+                since,
                 forwarded_for,
             }),
             Err(e) => denied(e),

@@ -62,6 +62,8 @@ pub struct Visitor {
     pub user: Arc<str>,
     pub name: Arc<str>,
     pub role: Role,
+    /// `?since=V`: resume from the greatest version the client saw.
+    pub since: Option<u64>,
 }
 
 /// A member's side of its session: PROTOCOL.md's session, once joined.

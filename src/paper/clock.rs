@@ -90,7 +90,8 @@ impl VersionClock {
     }
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

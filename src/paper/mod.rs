@@ -5,12 +5,12 @@
 pub mod clock;
 pub mod registry;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::auth::Role;
-use crate::protocol::{ErrorCode, MemberView, NoteView};
+use crate::protocol::{ErrorCode, MemberView, NoteView, PaperView};
 pub use clock::VersionClock;
 
 /// A note; `data` is `None` once deleted (a tombstone that keeps its version, so
@@ -72,6 +72,21 @@ pub struct StoredPaper {
     pub completed_by: Option<String>,
     /// Members on other live nodes (`--cluster`).
     pub remote_members: Vec<RemoteMember>,
+    /// The cover (1.1), as stored.
+    pub cover: Option<Cover>,
+    /// Tombstones at or below this version were dropped (PROTOCOL.md 4, 1.1).
+    pub horizon: u64,
+    /// A `since` at or below this gets a full snapshot (PROTOCOL.md 3.1, 1.1).
+    pub resume_floor: u64,
+}
+
+/// The paper's cover (PROTOCOL.md 3.2, 1.1: `meta`): an object, last writer
+/// wins by version as for a note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cover {
+    pub data: Arc<str>,
+    pub v: u64,
+    pub node: Arc<str>,
 }
 
 /// Limits that apply to every paper.
@@ -79,6 +94,27 @@ pub struct StoredPaper {
 pub struct PaperLimits {
     pub max_notes: usize,
     pub max_members: usize,
+    /// Tombstones kept at most, and for how long (in versions: milliseconds x 1024).
+    pub max_tombstones: usize,
+    pub tombstone_retention: u64,
+}
+
+/// How late a change may arrive (in versions: 60 s) and still be found by a
+/// client resuming `since` a version it saw (PROTOCOL.md 3.1, 1.1).
+pub const RESUME_WINDOW: u64 = 60_000 << 10;
+
+/// What a resuming client is sent.
+pub enum Resume<'a> {
+    /// Every note that may have changed after `since`, deleted ones included.
+    Since(u64, Vec<NoteChange<'a>>),
+    /// The paper whole: the client's version is below the horizon or the floor.
+    Full,
+}
+
+/// A note as a `since` snapshot lists it: live, or deleted.
+pub struct NoteChange<'a> {
+    pub id: &'a str,
+    pub note: &'a Note,
 }
 
 #[derive(Debug)]
@@ -98,6 +134,17 @@ pub struct Paper {
     pub empty_since: Option<Instant>,
     /// Where the paper stands with Redis.
     pub health: Health,
+    /// Tombstones by version, oldest first: the ones the horizon drops first.
+    tombstones: BTreeSet<(u64, Arc<str>)>,
+    /// Tombstones at or below this version were dropped: a write at or below it
+    /// to a note that is not there is never applied.
+    pub horizon: u64,
+    /// The greatest version applied here, and the floor a late change raised.
+    max_applied: u64,
+    pub resume_floor: u64,
+    /// The floor rose here since last asked: the other nodes must hear it.
+    floor_raised: bool,
+    cover: Option<Cover>,
 }
 
 /// Whether a paper takes edits, as far as Redis is concerned.
@@ -115,12 +162,26 @@ impl Paper {
     pub fn new(id: Arc<str>, stored: StoredPaper, clock: &mut VersionClock) -> Self {
         let mut notes = HashMap::with_capacity(stored.notes.len());
         let mut live = 0;
+        let mut tombstones = BTreeSet::new();
+        let mut max_applied = 0;
         for (note_id, note) in stored.notes {
             clock.observe(note.v);
-            live += usize::from(note.data.is_some());
-            notes.insert(Arc::from(note_id), note);
+            max_applied = max_applied.max(note.v);
+            let id: Arc<str> = Arc::from(note_id);
+            if note.data.is_some() {
+                live += 1;
+            } else {
+                tombstones.insert((note.v, id.clone()));
+            }
+            notes.insert(id, note);
         }
         Paper {
+            tombstones,
+            horizon: stored.horizon,
+            max_applied,
+            resume_floor: stored.resume_floor,
+            floor_raised: false,
+            cover: stored.cover,
             id,
             notes,
             live,
@@ -150,6 +211,12 @@ impl Paper {
         let fresh = Paper::new(self.id.clone(), StoredPaper { remote_members: Vec::new(), ..stored }, clock);
         self.notes = fresh.notes;
         self.live = fresh.live;
+        self.tombstones = fresh.tombstones;
+        self.cover = fresh.cover;
+        self.horizon = self.horizon.max(fresh.horizon);
+        // Members were sent what Redis refused: nothing they hold may be resumed from.
+        self.resume_floor = self.resume_floor.max(fresh.resume_floor).max(self.max_applied);
+        self.max_applied = self.max_applied.max(fresh.max_applied);
         self.completed_by = fresh.completed_by;
         self.health = Health::Writable;
     }
@@ -162,14 +229,53 @@ impl Paper {
         }
         self.live = notes.iter().filter(|(_, n)| n.data.is_some()).count();
         self.notes = notes.into_iter().collect();
+        self.tombstones.clear();
+        // The seal replaces every view: a client resuming from before it gets it whole.
+        self.resume_floor = self.resume_floor.max(self.max_applied);
         self.completed_by = Some(by.clone());
         self.health = Health::Writable;
         true
     }
 
-    /// Whether `apply` would take this edit.
+    /// Whether `apply` would take this edit: it advances the note's version, or
+    /// the note is not there and the edit is above the horizon.
     pub fn can_apply(&self, edit: &Edit) -> bool {
-        self.notes.get(&edit.id).is_none_or(|c| clock::newer((edit.note.v, &edit.note.node), (c.v, &c.node)))
+        match self.notes.get(&edit.id) {
+            Some(c) => clock::newer((edit.note.v, &edit.note.node), (c.v, &c.node)),
+            None => edit.note.v > self.horizon,
+        }
+    }
+
+    /// Drops the tombstones past retention (older than `now_ms` minus it) or past
+    /// the cap, oldest first, and raises the horizon to the greatest dropped
+    /// version; returns how many were dropped.
+    pub fn prune(&mut self, now_ms: u64, limits: &PaperLimits) -> usize {
+        let cutoff = (now_ms << 10).saturating_sub(limits.tombstone_retention);
+        let mut dropped = 0;
+        while let Some((v, id)) = self.tombstones.first().cloned() {
+            if v >= cutoff && self.tombstones.len() <= limits.max_tombstones {
+                break;
+            }
+            self.tombstones.pop_first();
+            self.notes.remove(&id);
+            self.horizon = self.horizon.max(v);
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// What a client that saw versions up to `since` misses (PROTOCOL.md 3.1,
+    /// 1.1): every note above `since` minus the resume window, or the whole
+    /// paper when `since` is below the horizon or at or below the resume floor.
+    pub fn resume(&self, since: u64) -> Resume<'_> {
+        if since < self.horizon || since <= self.resume_floor {
+            return Resume::Full;
+        }
+        let from = since.saturating_sub(RESUME_WINDOW);
+        let mut changed: Vec<NoteChange> =
+            self.notes.iter().filter(|(_, n)| n.v > from).map(|(id, note)| NoteChange { id, note }).collect();
+        changed.sort_unstable_by_key(|c| c.note.v);
+        Resume::Since(since, changed)
     }
 
     pub fn is_completed(&self) -> bool {
@@ -224,7 +330,8 @@ impl Paper {
             _ if self.live >= limits.max_notes => return Err(ErrorCode::PaperFull),
             _ => user.clone(),
         };
-        let floor = current.map_or(0, |(_, n)| n.v);
+        // A note created anew goes above the horizon, so that Redis takes it.
+        let floor = current.map_or(self.horizon, |(_, n)| n.v);
         let id = current.map_or_else(|| Arc::from(id), |(key, _)| key.clone());
         let v = clock.next(floor).ok_or(ErrorCode::Unavailable)?;
         Ok(Edit { id, note: Note { author, data: Some(Arc::from(data)), v, node: clock.node().clone() } })
@@ -266,14 +373,85 @@ impl Paper {
     /// Applies an edit if it advances the note's version (last writer wins, ties
     /// to the greater node); returns whether it did.
     pub fn apply(&mut self, edit: Edit) -> bool {
+        if !self.can_apply(&edit) {
+            return false;
+        }
         let was_live = match self.notes.get(&edit.id) {
-            Some(current) if !clock::newer((edit.note.v, &edit.note.node), (current.v, &current.node)) => return false,
-            Some(current) => current.data.is_some(),
+            Some(current) if current.data.is_none() => {
+                self.tombstones.remove(&(current.v, edit.id.clone()));
+                false
+            }
+            Some(_) => true,
             None => false,
         };
+        let v = edit.note.v;
+        // A change that arrives more than the resume window below what was applied
+        // already would be missed by a client resuming from above it.
+        if v.saturating_add(RESUME_WINDOW) < self.max_applied && self.max_applied > self.resume_floor {
+            self.resume_floor = self.max_applied;
+            self.floor_raised = true;
+        }
+        self.max_applied = self.max_applied.max(v);
         let is_live = edit.note.data.is_some();
+        if !is_live {
+            self.tombstones.insert((v, edit.id.clone()));
+        }
         self.live = self.live + usize::from(is_live) - usize::from(was_live);
         self.notes.insert(edit.id, edit.note);
+        true
+    }
+
+    /// The resume floor, if it rose since the last call (PROTOCOL.md 3.1: it is
+    /// relayed, so that every node knows it).
+    pub fn take_raised_floor(&mut self) -> Option<u64> {
+        std::mem::take(&mut self.floor_raised).then_some(self.resume_floor)
+    }
+
+    /// Another node's resume floor.
+    pub fn raise_floor(&mut self, floor: u64) {
+        self.resume_floor = self.resume_floor.max(floor);
+    }
+
+    /// Tombstones held (bounded by `max_tombstones` once pruned).
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// What snapshots say of the paper itself.
+    pub fn view(&self) -> PaperView<'_> {
+        PaperView {
+            id: &self.id,
+            completed: self.is_completed(),
+            cover_data: self.cover.as_ref().map_or("{}", |c| &c.data),
+            cover_v: self.cover.as_ref().map_or(0, |c| c.v),
+        }
+    }
+
+    /// Decides a cover change (`meta`) by `role`.
+    ///
+    /// # Errors
+    /// `forbidden` for any role but owner; `paper_completed` once sealed;
+    /// `unavailable` while the paper cannot be written.
+    pub fn prepare_cover(&self, data: String, role: Role, clock: &mut VersionClock) -> Result<Cover, ErrorCode> {
+        if !role.may_complete() {
+            return Err(ErrorCode::Forbidden);
+        }
+        self.check_writable()?;
+        let v = clock.next(self.cover.as_ref().map_or(0, |c| c.v)).ok_or(ErrorCode::Unavailable)?;
+        Ok(Cover { data: Arc::from(data), v, node: clock.node().clone() })
+    }
+
+    /// Sets the cover if it advances the cover's version; returns whether it did.
+    pub fn apply_cover(&mut self, cover: Cover) -> bool {
+        if self.is_completed() {
+            return false;
+        }
+        if let Some(current) = &self.cover {
+            if !clock::newer((cover.v, &cover.node), (current.v, &current.node)) {
+                return false;
+            }
+        }
+        self.cover = Some(cover);
         true
     }
 
@@ -358,7 +536,8 @@ impl Paper {
 mod tests {
     use super::*;
 
-    const LIMITS: PaperLimits = PaperLimits { max_notes: 2, max_members: 2 };
+    const LIMITS: PaperLimits =
+        PaperLimits { max_notes: 2, max_members: 2, max_tombstones: 3, tombstone_retention: 3_600_000 << 10 };
 
     fn paper() -> (Paper, VersionClock) {
         let mut clock = VersionClock::default();
@@ -477,8 +656,7 @@ mod tests {
         let top = clock::MAX_VERSION;
         let stored = StoredPaper {
             notes: vec![("n1".into(), Note { author: user("u"), data: Some(Arc::from("{}")), v: top, node: user("") })],
-            completed_by: None,
-            remote_members: Vec::new(),
+            ..StoredPaper::default()
         };
         let p = Paper::new(Arc::from("p1"), stored, &mut clock);
         let edit = |id: &str, clock: &mut VersionClock| {
@@ -488,6 +666,61 @@ mod tests {
         assert_eq!(p.prepare_delete("n1", (&user("u"), Role::Owner), &mut clock), Err(ErrorCode::Unavailable));
         let other = edit("n2", &mut clock).unwrap();
         assert!(other.note.v < top / 2, "another note keeps normal versions: {}", other.note.v);
+    }
+
+    #[test]
+    fn the_horizon_bounds_tombstones_and_refuses_writes_below_it() {
+        let (mut p, mut clock) = paper();
+        let owner = (&user("u"), Role::Owner);
+        let mut deleted = Vec::new();
+        for i in 0..10 {
+            let id = format!("n{i}");
+            p.apply(p.prepare_upsert(&id, "{}".into(), owner, &mut clock, &LIMITS).unwrap());
+            let d = p.prepare_delete(&id, owner, &mut clock).unwrap();
+            deleted.push(d.clone());
+            p.apply(d);
+            p.prune(0, &LIMITS);
+        }
+        assert_eq!(p.tombstone_count(), 3, "the cap");
+        assert_eq!(p.horizon, deleted[6].note.v, "the greatest dropped version");
+        assert!(p.note("n0").is_none());
+        let mut late = deleted[0].clone();
+        late.note.data = Some(Arc::from("{}"));
+        assert!(!p.apply(late), "a write below the horizon to a note not there");
+        let again = p.prepare_upsert("n0", "{}".into(), owner, &mut clock, &LIMITS).unwrap();
+        assert!(again.note.v > p.horizon && p.apply(again), "created again above it");
+        // Retention: everything deleted before the cutoff goes.
+        let far_future_ms = u64::MAX >> 12;
+        p.prune(far_future_ms, &LIMITS);
+        assert_eq!(p.tombstone_count(), 0);
+    }
+
+    #[test]
+    fn resuming_lists_what_changed_or_asks_for_everything() {
+        let (mut p, mut clock) = paper();
+        let owner = (&user("u"), Role::Owner);
+        let limits = PaperLimits { max_notes: 100, ..LIMITS };
+        let first = p.prepare_upsert("a", "{}".into(), owner, &mut clock, &limits).unwrap();
+        p.apply(first.clone());
+        let b = p.prepare_upsert("b", "{}".into(), owner, &mut clock, &limits).unwrap();
+        p.apply(b.clone());
+        let del = p.prepare_delete("a", owner, &mut clock).unwrap();
+        p.apply(del.clone());
+        match p.resume(b.note.v) {
+            Resume::Since(_, changed) => {
+                let ids: Vec<&str> = changed.iter().map(|c| c.id).collect();
+                assert!(ids.contains(&"a") && ids.contains(&"b"), "within the window: {ids:?}");
+                assert!(changed.iter().any(|c| c.id == "a" && c.note.data.is_none()), "the delete");
+            }
+            Resume::Full => panic!("a recent version resumes"),
+        }
+        // A change arriving far below what was applied raises the floor.
+        let late = Edit {
+            id: Arc::from("c"),
+            note: Note { author: user("u"), data: Some(Arc::from("{}")), v: 5, node: user("") },
+        };
+        assert!(p.apply(late));
+        assert!(matches!(p.resume(del.note.v), Resume::Full));
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub enum Slot {
         attempt: u64,
         relayed: Vec<Relayed>,
     },
-    Ready(Paper),
+    Ready(Box<Paper>),
 }
 
 /// What a joiner finds when it asks for a paper.
@@ -93,7 +93,7 @@ impl Registry {
     pub fn insert_empty(&mut self, id: &Arc<str>, clock: &mut VersionClock) {
         self.slots
             .entry(id.clone())
-            .or_insert_with(|| Slot::Ready(Paper::new(id.clone(), StoredPaper::default(), clock)));
+            .or_insert_with(|| Slot::Ready(Box::new(Paper::new(id.clone(), StoredPaper::default(), clock))));
     }
 
     /// Makes a read paper ready and returns its waiters and what was relayed while
@@ -109,7 +109,7 @@ impl Registry {
         match self.slots.get_mut(id) {
             Some(Slot::Loading { attempt: current, waiters, relayed, .. }) if *current == attempt => {
                 let done = (std::mem::take(waiters), std::mem::take(relayed));
-                self.slots.insert(id.clone(), Slot::Ready(Paper::new(id.clone(), stored, clock)));
+                self.slots.insert(id.clone(), Slot::Ready(Box::new(Paper::new(id.clone(), stored, clock))));
                 Some(done)
             }
             _ => None,
@@ -130,7 +130,7 @@ impl Registry {
     /// Every paper in memory.
     pub fn papers_mut(&mut self) -> impl Iterator<Item = &mut Paper> {
         self.slots.values_mut().filter_map(|slot| match slot {
-            Slot::Ready(paper) => Some(paper),
+            Slot::Ready(paper) => Some(&mut **paper),
             Slot::Loading { .. } => None,
         })
     }

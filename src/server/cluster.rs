@@ -9,7 +9,7 @@ use super::event_loop::EventLoop;
 use super::node::Node;
 use super::session::Relaying;
 use crate::metrics::{bump, Out};
-use crate::paper::{Edit, Note, RemoteMember, StoredPaper};
+use crate::paper::{clock, Cover, Edit, Note, RemoteMember, StoredPaper};
 use crate::protocol::{self, Frame, Relayed};
 use crate::store::{Op, Presence, Submitted};
 
@@ -59,7 +59,9 @@ impl EventLoop {
             Relayed::Delete { id, v } => {
                 self.clock.observe(v);
                 let author = paper.note(&id).map_or_else(|| Arc::from(""), |n| n.author.clone());
-                (Out::Delete, paper.apply(Edit { id: Arc::from(id), note: Note { author, data: None, v, node } }))
+                let applied = paper.apply(Edit { id: Arc::from(id), note: Note { author, data: None, v, node } });
+                paper.prune(clock::now_ms(), &self.node.settings.limits);
+                (Out::Delete, applied)
             }
             Relayed::Completed { by, notes: Some(notes) } => {
                 // The paper exactly as sealed: members replace their view with it.
@@ -73,7 +75,20 @@ impl EventLoop {
             }
             Relayed::Leave { id } => (Out::Leave, paper.remove_remote(&id)),
             Relayed::Cursor => (Out::Cursor, true),
+            Relayed::Meta { .. } if sealed => (Out::Meta, false),
+            Relayed::Meta { data, v } => {
+                self.clock.observe(v);
+                (Out::Meta, paper.apply_cover(Cover { data: Arc::from(data), v, node }))
+            }
+            Relayed::ResumeFloor { v } => {
+                paper.raise_floor(v);
+                return;
+            }
         };
+        if let Some(floor) = paper.take_raised_floor() {
+            self.relay_floor(paper_id, floor);
+        }
+        let Some(paper) = self.papers.paper(paper_id) else { return };
         if pass_on {
             let bytes = self.frame.raw(message);
             self.conns.fanout(paper.members(), None, bytes, kind, &self.node.loop_metrics[self.index]);
@@ -99,6 +114,15 @@ impl EventLoop {
             };
             self.conns.fanout(paper.members(), None, bytes, kind, metrics);
         }
+        if let Some(cover) = stored.cover {
+            let (data, v) = (cover.data.clone(), cover.v);
+            if paper.apply_cover(cover) {
+                let bytes = self.frame.meta(&data, v, "", None);
+                self.conns.fanout(paper.members(), None, bytes, Out::Meta, metrics);
+            }
+        }
+        paper.prune(clock::now_ms(), &self.node.settings.limits);
+        let raised = paper.take_raised_floor();
         if let Some(by) = stored.completed_by {
             let by: Arc<str> = Arc::from(by);
             let notes = protocol::notes_json(paper.live_notes());
@@ -106,6 +130,21 @@ impl EventLoop {
                 let bytes = self.frame.completed(&by, &notes);
                 self.conns.fanout(paper.members(), None, bytes, Out::Completed, metrics);
             }
+        }
+        if let Some(floor) = raised {
+            self.relay_floor(paper_id, floor);
+        }
+    }
+
+    /// This node applied a change more than the resume window late: the other
+    /// nodes raise their floor for the paper too.
+    fn relay_floor(&self, paper: &Arc<str>, floor: u64) {
+        if !self.node.cluster {
+            return;
+        }
+        let relay = format!("{}\n{}", self.node.node_id, protocol::resume_floor_message(floor)).into_boxed_str();
+        if self.store.submit(Op::Relay { paper: paper.clone(), presence: None, relay }) == Submitted::Full {
+            log::warn!("backlog full: the resume floor of paper {paper} is not relayed");
         }
     }
 

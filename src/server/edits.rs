@@ -11,7 +11,7 @@ use super::event_loop::EventLoop;
 use super::session::Relaying;
 use crate::conn::Phase;
 use crate::metrics::{In, Out};
-use crate::paper::{Edit, Health, Note, StoredPaper};
+use crate::paper::{clock, Edit, Health, Note, StoredPaper};
 use crate::protocol::{self, ClientMsg, ErrorCode, Refusal};
 use crate::store::{LoadPurpose, LoadRequest, NoteValue, Op, Origin, Outcome, Submitted, Written};
 
@@ -55,6 +55,43 @@ impl EventLoop {
                 let cursor = self.frame.cursor(&member_id, &data);
                 self.conns.fanout(paper.members(), Some(key), cursor, Out::Cursor, metrics);
                 return self.relay_frame(&paper_id, None, Relaying::Transient);
+            }
+            ClientMsg::Meta { data, reference } => {
+                let cover = match paper.prepare_cover(data, role, &mut self.clock) {
+                    Ok(cover) => cover,
+                    Err(code) => return self.refuse(key, &Refusal::from(code).with_ref(reference)),
+                };
+                let v = cover.v;
+                self.frame.meta(&cover.data, v, &member_id, reference.as_deref());
+                let relay = relay_of(&self.node, &self.frame);
+                let stored =
+                    NoteValue { author: Arc::from(""), data: Some(cover.data.clone()), v, node: cover.node.clone() };
+                let reference = reference.map(String::into_boxed_str);
+                let op =
+                    Op::Cover { paper: paper_id.clone(), cover: stored, origin, reference: reference.clone(), relay };
+                let submitted = self.store.submit(op);
+                match submitted {
+                    Submitted::Full => {
+                        let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
+                        return self.refuse(key, &refusal);
+                    }
+                    Submitted::Queued => {
+                        paper.unwritten += 1;
+                        if let Some(Phase::Open { membership, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase)
+                        {
+                            membership.unresolved.push_back(v);
+                        }
+                    }
+                    Submitted::Written => {}
+                }
+                paper.apply_cover(cover);
+                self.conns.fanout(paper.members(), None, self.frame.bytes(), Out::Meta, metrics);
+                if submitted == Submitted::Written {
+                    metrics.message_out(Out::Saved, 1);
+                    let saved = self.frame.saved(v);
+                    self.conns.send(key, saved);
+                }
+                return;
             }
             ClientMsg::Complete { reference } => {
                 if let Err(code) = paper.check_complete(role) {
@@ -124,6 +161,9 @@ impl EventLoop {
             Submitted::Written => {}
         }
         paper.apply(edit);
+        if kind == Out::Delete {
+            paper.prune(clock::now_ms(), &limits);
+        }
         self.conns.fanout(paper.members(), None, self.frame.bytes(), kind, metrics);
         if submitted == Submitted::Written {
             metrics.message_out(Out::Saved, 1);
@@ -236,8 +276,7 @@ impl EventLoop {
         let members: Vec<(usize, Arc<str>)> = paper.members().iter().map(|m| (m.key, m.id.clone())).collect();
         for (key, you) in members {
             let Some(paper) = self.papers.paper(paper_id) else { return };
-            let snapshot =
-                self.frame.snapshot(&paper.id, &you, paper.is_completed(), paper.live_notes(), paper.all_members());
+            let snapshot = self.frame.snapshot(&paper.view(), &you, paper.live_notes(), paper.all_members());
             self.conns.send(key, snapshot);
             self.metrics().message_out(Out::Snapshot, 1);
         }

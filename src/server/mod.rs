@@ -28,11 +28,15 @@ use crate::metrics::WriterMetrics;
 use crate::store::endpoint::Target;
 use crate::store::loader::Loader;
 use crate::store::relay::Relay;
-use crate::store::writer::Writer;
+use crate::store::writer::{History, Writer};
 use crate::store::{Backlog, Loads, Loops, StoreHandle};
 use event_loop::{EventLoop, WAKER};
 use inbox::{InboxMsg, LoopHandle, LoopHandles};
 use node::{Node, StoreStatus};
+
+/// Loader threads (and Redis connections) reading papers: enough that one
+/// large or slow paper does not delay the others, few enough to stay light.
+const LOADERS: usize = 4;
 
 /// A failure to start, said so that the operator knows what to change.
 #[derive(Debug)]
@@ -119,11 +123,26 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             );
             writer = writer
                 .waiting_for_replicas(config.redis_wait_replicas)
-                .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)));
-            let mut loader = Loader::new(target.endpoint(), loads_rx, reports.clone(), metrics_for_loader);
+                .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)))
+                .keeping_tombstones(History {
+                    retention: (config.tombstone_retention * 1000) << 10,
+                    max_tombstones: config.max_tombstones,
+                });
+            // Several loaders, each with its connection, take requests from one
+            // queue: a large paper's read does not hold up every other paper's.
+            let loaders: Vec<Loader> = (0..LOADERS)
+                .map(|_| {
+                    let loader =
+                        Loader::new(target.endpoint(), loads_rx.clone(), reports.clone(), metrics_for_loader.clone());
+                    if config.cluster {
+                        loader.with_presence(&node_id)
+                    } else {
+                        loader
+                    }
+                })
+                .collect();
             let loads = match relay_healthy {
                 Some(healthy) => {
-                    loader = loader.with_presence(&node_id);
                     writer = writer.relaying_as(&node_id);
                     let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
                     let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, reports.clone(), healthy)
@@ -135,8 +154,12 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
                 None => Loads::Direct(loads_tx),
             };
             let writer = spawn("rp-writer", move || writer.run()).map_err(|e| fail("cannot start the writer", &e))?;
-            let loader = spawn("rp-loader", move || loader.run()).map_err(|e| fail("cannot start the loader", &e))?;
-            (StoreHandle::Redis { backlog, loads }, Some(status), Some(writer), Some(loader))
+            let mut loader_threads = Vec::with_capacity(LOADERS);
+            for loader in loaders {
+                let thread = spawn("rp-loader", move || loader.run()).map_err(|e| fail("cannot start a loader", &e))?;
+                loader_threads.push(thread);
+            }
+            (StoreHandle::Redis { backlog, loads }, Some(status), Some(writer), Some(loader_threads))
         }
     };
 
@@ -190,7 +213,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
     if let Some(relay) = relay_thread {
         let _ = relay.join();
     }
-    if let Some(loader) = loader {
+    for loader in loader.into_iter().flatten() {
         let _ = loader.join();
     }
     if lost > 0 {

@@ -39,7 +39,12 @@ pub struct Settings {
 impl Settings {
     pub fn from_config(config: &Config) -> Self {
         Settings {
-            limits: PaperLimits { max_notes: config.max_notes, max_members: config.max_members },
+            limits: PaperLimits {
+                max_notes: config.max_notes,
+                max_members: config.max_members,
+                max_tombstones: config.max_tombstones,
+                tombstone_retention: (config.tombstone_retention * 1000) << 10,
+            },
             max_note_bytes: config.max_note_bytes,
             max_outbound_bytes: config.max_outbound_bytes,
             load_timeout: config.load_timeout(),

@@ -13,8 +13,8 @@ use crate::conn::http::{Reply, Upgrade};
 use crate::conn::{Incoming, Next, Phase, Visitor, MAX_MESSAGES_PER_READ};
 use crate::metrics::{bump, In, Out};
 use crate::paper::registry::Lookup;
-use crate::paper::{Member, StoredPaper};
-use crate::protocol::{self, CloseReason, ErrorCode, Refusal};
+use crate::paper::{Member, Resume, StoredPaper};
+use crate::protocol::{self, CloseReason, ErrorCode, NoteView, PaperView, Refusal};
 use crate::rate::{TokenBucket, Verdict};
 use crate::store::{self, LoadPurpose, LoadRequest, Presence};
 
@@ -34,7 +34,7 @@ impl EventLoop {
         let name: Arc<str> = upgrade.name.map_or_else(|| user.clone(), Arc::from);
         let paper: Arc<str> = Arc::from(upgrade.paper);
         log::debug!("session {member_id} from {peer} opens paper {paper} as {user}");
-        let visitor = Visitor { paper: paper.clone(), user, name, role: upgrade.role };
+        let visitor = Visitor { paper: paper.clone(), user, name, role: upgrade.role, since: upgrade.since };
         let settings = &self.node.settings;
         let (ws_config, deadline) = (settings.ws_config, Instant::now() + settings.load_timeout + JOIN_GRACE);
         let Some(conn) = self.conns.slab.get_mut(key) else { return };
@@ -62,7 +62,10 @@ impl EventLoop {
         if keeps_every_paper && reading && self.papers.paper(&paper).is_none() {
             // Reading a paper nobody opened answers it empty without keeping it: a
             // store that never forgets a paper would keep it for good.
-            let body = protocol::paper_document(&paper, false, std::iter::empty());
+            let body = protocol::paper_document(
+                &PaperView { id: &paper, completed: false, cover_data: "{}", cover_v: 0 },
+                std::iter::empty(),
+            );
             let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
             return self.reply(key, &reply);
         }
@@ -109,7 +112,7 @@ impl EventLoop {
             return;
         }
         let read = crate::paper::Paper::new(paper.clone(), paper_from_store(stored), &mut self.clock);
-        let body = protocol::paper_document(&read.id, read.is_completed(), read.live_notes());
+        let body = protocol::paper_document(&read.view(), read.live_notes());
         let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
         self.reply(key, &reply);
     }
@@ -131,6 +134,9 @@ impl EventLoop {
         let Some((waiters, relayed)) = self.papers.finish_load(paper, attempt, stored, &mut self.clock) else {
             return;
         };
+        if let Some(loaded) = self.papers.paper_mut(paper) {
+            loaded.prune(crate::paper::clock::now_ms(), &self.node.settings.limits);
+        }
         // What other nodes sent while the paper was read, then the joiners: their
         // snapshots hold it all.
         for (node, message) in relayed {
@@ -147,7 +153,7 @@ impl EventLoop {
             Some(Phase::Joining { .. }) => self.join(key),
             Some(Phase::Reading { paper, .. }) => {
                 let body = match self.papers.paper(paper) {
-                    Some(p) => protocol::paper_document(&p.id, p.is_completed(), p.live_notes()),
+                    Some(p) => protocol::paper_document(&p.view(), p.live_notes()),
                     None => return,
                 };
                 let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
@@ -192,8 +198,21 @@ impl EventLoop {
         self.relay_frame(&visitor.paper, presence, Relaying::Kept);
         let Some(paper) = self.papers.paper(&visitor.paper) else { return };
         let you = &paper.members().last().expect("just added").id;
-        let snapshot =
-            self.frame.snapshot(&paper.id, you, paper.is_completed(), paper.live_notes(), paper.all_members());
+        let resume = visitor.since.map(|since| paper.resume(since));
+        let snapshot = match resume {
+            // What the client may have missed since the version it saw; it merges it.
+            Some(Resume::Since(since, changed)) => {
+                let live = changed.iter().filter_map(|c| {
+                    let data = c.note.data.as_deref()?;
+                    Some(NoteView { id: c.id, author: &c.note.author, data, v: c.note.v })
+                });
+                let deleted = changed.iter().filter(|c| c.note.data.is_none()).map(|c| (c.id, c.note.v));
+                self.frame.snapshot_since(&paper.view(), you, Some(since), live, deleted, paper.all_members())
+            }
+            Some(Resume::Full) | None => {
+                self.frame.snapshot(&paper.view(), you, paper.live_notes(), paper.all_members())
+            }
+        };
         let snapshot_len = snapshot.len();
         self.conns.send(key, snapshot);
         self.conns.slab[key].grace = snapshot_len;
@@ -373,6 +392,13 @@ pub(super) fn paper_from_store(stored: store::StoredPaper) -> StoredPaper {
     StoredPaper {
         notes: stored.notes.into_iter().map(|(id, n)| (id, super::edits::note_from_store(n))).collect(),
         completed_by: stored.completed_by,
+        horizon: stored.horizon,
+        resume_floor: stored.resume_floor,
+        cover: stored.cover.map(|c| crate::paper::Cover {
+            data: c.data.unwrap_or_else(|| std::sync::Arc::from("{}")),
+            v: c.v,
+            node: c.node,
+        }),
         remote_members: stored
             .remote_members
             .into_iter()

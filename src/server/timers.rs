@@ -43,6 +43,7 @@ impl EventLoop {
         if now >= self.next_eviction {
             self.next_eviction = now + EVICT_EVERY;
             self.evict_idle_papers(now);
+            self.prune_tombstones();
             self.publish_gauges();
             // Joins dropped while the backlog was full are mended once it drains.
             if self.presence_dropped.get() && !self.store.is_busy() {
@@ -122,6 +123,16 @@ impl EventLoop {
         }
         for paper in papers {
             self.store.forget(paper);
+        }
+    }
+
+    /// Tombstones past retention go (PROTOCOL.md 4, 1.1); the cap is kept at
+    /// each delete.
+    fn prune_tombstones(&mut self) {
+        let now_ms = crate::paper::clock::now_ms();
+        let limits = self.node.settings.limits;
+        for paper in self.papers.papers_mut() {
+            paper.prune(now_ms, &limits);
         }
     }
 

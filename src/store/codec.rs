@@ -38,6 +38,42 @@ pub fn encode_note(author: &str, data: Option<&str>, node: &str, v: u64) -> Stri
     String::from_utf8(b).expect("JSON is UTF-8")
 }
 
+/// The paper's cover in its meta hash (1.1): `{"data","v"}`, with `"node"`
+/// before `v` with several nodes (the write script reads both from the end).
+pub fn encode_cover(data: &str, node: &str, v: u64) -> String {
+    let mut b = Vec::with_capacity(24 + data.len());
+    b.extend_from_slice(br#"{"data":"#);
+    b.extend_from_slice(data.as_bytes());
+    if !node.is_empty() {
+        b.extend_from_slice(br#","node":"#);
+        json_string(&mut b, node);
+    }
+    let _ = write!(b, r#","v":{v}}}"#);
+    String::from_utf8(b).expect("JSON is UTF-8")
+}
+
+/// A stored cover, if it is one this server can read.
+pub fn read_cover(value: &[u8]) -> Option<NoteValue> {
+    #[derive(Deserialize)]
+    struct StoredCover<'a> {
+        #[serde(borrow)]
+        data: &'a RawValue,
+        #[serde(default)]
+        node: String,
+        v: u64,
+    }
+    let cover: StoredCover = serde_json::from_slice(value).ok()?;
+    if !(1..=MAX_VERSION).contains(&cover.v) || !cover.data.get().starts_with('{') {
+        return None;
+    }
+    Some(NoteValue {
+        author: Arc::from(""),
+        data: Some(Arc::from(cover.data.get())),
+        v: cover.v,
+        node: Arc::from(cover.node),
+    })
+}
+
 fn json_string(b: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *b, s).expect("writing to a Vec cannot fail");
 }
@@ -77,6 +113,12 @@ pub fn parse_paper(paper: &str, notes: Hash, meta: Hash) -> (StoredPaper, u64) {
         }
     }
     let field = |name: &str| meta.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice());
+    let number = |name: &str| {
+        field(name).and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok()).filter(|v| *v <= MAX_VERSION)
+    };
+    stored.horizon = number("horizon").unwrap_or(0);
+    stored.cover = field("cover").and_then(read_cover);
+    stored.resume_floor = number("resume_floor").unwrap_or(0);
     if field("completed") == Some(b"1") {
         stored.completed_by = Some(String::from_utf8_lossy(field("completed_by").unwrap_or_default()).into_owned());
     }

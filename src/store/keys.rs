@@ -11,6 +11,12 @@ pub fn meta(paper: &str) -> String {
     format!("rp:paper:{{{paper}}}:meta")
 }
 
+/// Sorted set: the paper's tombstones by version, the ones the horizon drops
+/// first (PROTOCOL.md 4, 1.1).
+pub fn tombstones(paper: &str) -> String {
+    format!("rp:paper:{{{paper}}}:tombstones")
+}
+
 /// Hash (with `--cluster`): member id -> `{"user","name","node"}` of the members
 /// on every node, read by a node that loads the paper.
 pub fn members(paper: &str) -> String {

@@ -42,6 +42,11 @@ pub struct StoredPaper {
     pub completed_by: Option<String>,
     /// Members on other live nodes (`--cluster`).
     pub remote_members: Vec<PresenceMember>,
+    /// The meta hash's `cover` (1.1), if it is readable.
+    pub cover: Option<NoteValue>,
+    /// The meta hash's `horizon` and `resume_floor` (PROTOCOL.md 4, 1.1).
+    pub horizon: u64,
+    pub resume_floor: u64,
 }
 
 /// Whether retrying can cure a failed write: the connection, a server loading
@@ -128,6 +133,9 @@ pub enum Op {
         reference: Option<Box<str>>,
         relay: Option<Box<str>>,
     },
+    /// Set the paper's cover if it advances the stored one (1.1); `note.author`
+    /// is unused.
+    Cover { paper: Arc<str>, cover: NoteValue, origin: Origin, reference: Option<Box<str>>, relay: Option<Box<str>> },
     /// Seal the paper as Redis holds it, hand that snapshot to the main backend
     /// and (with `--cluster`) to the other nodes, start its retention.
     Complete { paper: Arc<str>, by: Arc<str>, origin: Origin, reference: Option<Box<str>> },
@@ -148,13 +156,15 @@ pub struct Presence {
 impl Op {
     pub fn paper(&self) -> &Arc<str> {
         match self {
-            Op::Note { paper, .. } | Op::Complete { paper, .. } | Op::Relay { paper, .. } => paper,
+            Op::Note { paper, .. } | Op::Cover { paper, .. } | Op::Complete { paper, .. } | Op::Relay { paper, .. } => {
+                paper
+            }
         }
     }
 
     pub fn relay(&self) -> Option<&str> {
         match self {
-            Op::Note { relay, .. } => relay.as_deref(),
+            Op::Note { relay, .. } | Op::Cover { relay, .. } => relay.as_deref(),
             Op::Complete { .. } => None,
             Op::Relay { relay, .. } => Some(relay),
         }
@@ -164,6 +174,7 @@ impl Op {
     pub fn report(&self, outcome: Outcome) -> Option<Written> {
         let (paper, origin, v, reference) = match self {
             Op::Note { paper, origin, note, reference, .. } => (paper, origin, note.v, reference),
+            Op::Cover { paper, origin, cover, reference, .. } => (paper, origin, cover.v, reference),
             Op::Complete { paper, origin, reference, .. } => (paper, origin, 0, reference),
             Op::Relay { .. } => return None,
         };

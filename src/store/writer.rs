@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::{Connection, Script, Value};
 
-use super::codec::encode_note;
+use super::codec::{encode_cover, encode_note};
 use super::endpoint::Endpoint;
 use super::{is_transient, keys, Loops, Op, Outcome, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
@@ -79,21 +79,30 @@ end
 /// Writes notes of one paper, each only if it advances the stored version (ties
 /// to the greater node id), so that a resent batch or a late write from another
 /// node never goes back in time; what it applies it publishes to the other
-/// nodes (so that they never show an edit Redis refused). ARGV: now_ms, the
-/// channel (empty without `--cluster`), then (id, value, v, node, relay)
-/// quintuples. Returns one code per note: 1 applied, 2 superseded (Redis holds
-/// a later version, or this one), 3 refused because the paper is sealed.
+/// nodes (so that they never show an edit Redis refused). Keeps the tombstone
+/// horizon (PROTOCOL.md 4, 1.1: a sorted set of tombstones by version, pruned
+/// past retention or the cap, `horizon` raised) and the resume floor (a change
+/// applied more than the resume window below the greatest version raises it).
+/// KEYS: notes, meta, tombstones. ARGV: now_ms, the channel (empty without
+/// `--cluster`), retention (versions), max tombstones, then (id, value, v, node,
+/// relay) quintuples. Returns one code per note: 1 applied, 2 superseded (Redis
+/// holds a later version, or this one), 3 refused because the paper is sealed,
+/// 4 refused because it is at or below the horizon and the note is not there.
 const WRITE_NOTES: &str = r#"
-local notes, meta = KEYS[1], KEYS[2]
+local notes, meta, tombstones = KEYS[1], KEYS[2], KEYS[3]
+local now, channel, retention, max_tombstones = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local window = 61440000 -- the resume window: 60 s of versions
 local out = {}
 -- A sealed paper's notes are what its stream entry says: late writes stay out.
 if redis.call('HGET', meta, 'completed') == '1' then
-  for i = 3, #ARGV, 5 do out[#out + 1] = 3 end
+  for i = 5, #ARGV, 5 do out[#out + 1] = 3 end
   return out
 end
-local channel = ARGV[2]
-for i = 3, #ARGV, 5 do
-  local id, v, node = ARGV[i], tonumber(ARGV[i + 2]), ARGV[i + 3]
+local horizon = tonumber(redis.call('HGET', meta, 'horizon') or '0') or 0
+local max_v = tonumber(redis.call('HGET', meta, 'max_v') or '0') or 0
+local floor = tonumber(redis.call('HGET', meta, 'resume_floor') or '0') or 0
+for i = 5, #ARGV, 5 do
+  local id, value, v, node = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
   local code = 1
   local current = redis.call('HGET', notes, id)
   if current then
@@ -105,17 +114,64 @@ for i = 3, #ARGV, 5 do
       local stored_v, stored_node = readable(current)
       if stored_v and (stored_v > v or (stored_v == v and stored_node >= node)) then code = 2 end
     end
+  elseif v <= horizon then
+    -- Below the horizon, a note that is not there may have been dropped: a
+    -- write could bring it back.
+    code = 4
   end
   if code == 1 then
-    redis.call('HSET', notes, id, ARGV[i + 1])
+    redis.call('HSET', notes, id, value)
+    if string.sub(value, 1, 15) == '{"deleted":true' then
+      redis.call('ZADD', tombstones, v, id)
+    else
+      redis.call('ZREM', tombstones, id)
+    end
+    if v + window < max_v and max_v > floor then floor = max_v end
+    if v > max_v then max_v = v end
     if channel ~= '' and ARGV[i + 4] ~= '' then redis.call('PUBLISH', channel, ARGV[i + 4]) end
   end
   out[#out + 1] = code
 end
+-- The horizon: tombstones past retention or past the cap go, oldest first.
+local dropped = redis.call('ZRANGEBYSCORE', tombstones, '-inf', '(' .. tostring(now * 1024 - retention), 'WITHSCORES')
+local excess = redis.call('ZCARD', tombstones) - #dropped / 2 - max_tombstones
+if excess > 0 then
+  dropped = redis.call('ZRANGE', tombstones, 0, #dropped / 2 + excess - 1, 'WITHSCORES')
+end
+for j = 1, #dropped, 2 do
+  redis.call('HDEL', notes, dropped[j])
+  redis.call('ZREM', tombstones, dropped[j])
+  local score = tonumber(dropped[j + 1])
+  if score > horizon then horizon = score end
+end
+if #dropped > 0 then redis.call('HSET', meta, 'horizon', string.format('%.0f', horizon)) end
+redis.call('HSET', meta, 'max_v', string.format('%.0f', max_v), 'resume_floor', string.format('%.0f', floor))
 redis.call('HSETNX', meta, 'created_ms', ARGV[1])
 redis.call('HSETNX', meta, 'completed', '0')
 redis.call('HSET', meta, 'updated_ms', ARGV[1])
 return out
+"#;
+
+/// Sets a paper's cover (1.1, `meta`) if it advances the stored one's version
+/// (ties to the greater node id), and publishes it to the other nodes when it
+/// does. KEYS: meta. ARGV: value, v, node, channel (or empty), relay. Returns
+/// 1 applied, 2 superseded, 3 refused because the paper is sealed.
+const WRITE_COVER: &str = r#"
+local meta = KEYS[1]
+local value, v, node, channel, relay = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+if redis.call('HGET', meta, 'completed') == '1' then return 3 end
+local current = redis.call('HGET', meta, 'cover')
+if current then
+  local cv = tonumber(string.match(current, '"v":(%d+)}$'))
+  local cn = string.match(current, '"node":"([%w_%-]*)","v":%d+}$') or ''
+  if cv and (cv > v or (cv == v and cn >= node)) then
+    local ok, c = pcall(cjson.decode, current)
+    if ok and type(c) == 'table' and type(c.data) == 'table' and c.v == cv then return 2 end
+  end
+end
+redis.call('HSET', meta, 'cover', value)
+if channel ~= '' and relay ~= '' then redis.call('PUBLISH', channel, relay) end
+return 1
 "#;
 
 /// Seals a paper once, as Redis holds it: the snapshot is built here from the
@@ -126,7 +182,7 @@ return out
 /// nothing. ARGV: paper, by, now_ms, retention seconds, channel (or empty), relay
 /// prefix. Returns the notes JSON array and who completed the paper.
 const COMPLETE: &str = r#"
-local notes, meta, stream = KEYS[1], KEYS[2], KEYS[3]
+local notes, meta, stream, tombstones = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local paper, by, now, retention, channel, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local live = {}
 local all = redis.call('HGETALL', notes)
@@ -144,10 +200,17 @@ table.sort(live, function(a, b) return a[1] < b[1] end)
 local parts = {}
 for i = 1, #live do parts[i] = live[i][2] end
 local list = '[' .. table.concat(parts, ',') .. ']'
+local cover = '{"data":{},"v":0}'
+local stored_cover = redis.call('HGET', meta, 'cover')
+if stored_cover then
+  local data, v = string.match(stored_cover, '^{"data":(.*),"node":"[%w_%-]*","v":(%d+)}$')
+  if not data then data, v = string.match(stored_cover, '^{"data":(.*),"v":(%d+)}$') end
+  if data then cover = '{"data":' .. data .. ',"v":' .. v .. '}' end
+end
 if redis.call('HGET', meta, 'completed') ~= '1' then
   redis.call('HSET', meta, 'completed', '1', 'completed_by', by, 'updated_ms', now)
   redis.call('HSETNX', meta, 'created_ms', now)
-  redis.call('XADD', stream, '*', 'paper', paper, 'snapshot', '{"paper":"' .. paper .. '","completed":true,"notes":' .. list .. '}')
+  redis.call('XADD', stream, '*', 'paper', paper, 'snapshot', '{"paper":"' .. paper .. '","completed":true,"meta":' .. cover .. ',"notes":' .. list .. '}')
   if channel ~= '' then
     redis.call('PUBLISH', channel, prefix .. '{"type":"completed","by":' .. cjson.encode(by) .. ',"notes":' .. list .. '}')
   end
@@ -156,6 +219,7 @@ else
 end
 redis.call('EXPIRE', notes, retention)
 redis.call('EXPIRE', meta, retention)
+redis.call('EXPIRE', tombstones, retention)
 return {list, by}
 "#;
 
@@ -172,10 +236,12 @@ pub struct Writer {
     /// Set when the server stops: past it, an unwritable backlog is given up.
     give_up_at: Arc<OnceLock<Instant>>,
     write_notes: Script,
+    write_cover: Script,
     complete: Script,
     outage: Option<Outage>,
     /// With `--cluster`: this node's id, which prefixes what it relays.
     node: Option<String>,
+    history: History,
     /// TTL set on a presence hash at each change (its holders' relays refresh it).
     presence_ttl_ms: u64,
 }
@@ -209,9 +275,11 @@ impl Writer {
             retention_secs,
             give_up_at,
             write_notes: Script::new(&format!("{READABLE}{WRITE_NOTES}")),
+            write_cover: Script::new(WRITE_COVER),
             complete: Script::new(&format!("{READABLE}{COMPLETE}")),
             outage: None,
             node: None,
+            history: History { retention: 3_600_000 << 10, max_tombstones: 1000 },
             presence_ttl_ms: 60_000,
         }
     }
@@ -219,6 +287,12 @@ impl Writer {
     /// With `--cluster`: what the writer applies, it publishes to the other nodes.
     pub fn relaying_as(mut self, node: &str) -> Self {
         self.node = Some(node.to_string());
+        self
+    }
+
+    /// The tombstone horizon's limits (PROTOCOL.md 4, 1.1).
+    pub fn keeping_tombstones(mut self, history: History) -> Self {
+        self.history = history;
         self
     }
 
@@ -308,6 +382,7 @@ impl Writer {
             let mut conn = self.endpoint.connect()?;
             redis::cmd("CLIENT").arg("SETNAME").arg("rp-writer").exec(&mut conn)?;
             self.write_notes.load(&mut conn)?;
+            self.write_cover.load(&mut conn)?;
             self.complete.load(&mut conn)?;
             bump(&self.metrics.reconnects, 1);
             self.conn = Some(conn);
@@ -380,7 +455,17 @@ impl Writer {
             /// Note id -> index in `notes`.
             index: HashMap<&'a str, usize>,
             notes: Vec<NoteWrite<'a>>,
+            /// The last cover of the batch (value, v, node, relay) and every op of it.
+            cover: Option<(String, u64, &'a str, &'a str, Vec<usize>)>,
             complete: Option<(usize, &'a str)>,
+        }
+        impl PaperWrites<'_> {
+            /// Every op of the paper in this batch.
+            fn ops(&self) -> Vec<usize> {
+                let notes = self.notes.iter().flat_map(|n| n.ops.iter().copied());
+                let cover = self.cover.iter().flat_map(|c| c.4.iter().copied());
+                notes.chain(cover).chain(self.complete.map(|(i, _)| i)).collect()
+            }
         }
         let mut papers: Vec<PaperWrites> = Vec::new();
         let mut by_paper: HashMap<&str, usize> = HashMap::new();
@@ -394,6 +479,7 @@ impl Writer {
                     paper: op.paper(),
                     index: HashMap::new(),
                     notes: Vec::new(),
+                    cover: None,
                     complete: None,
                 });
                 papers.len() - 1
@@ -422,6 +508,13 @@ impl Writer {
                         }
                     }
                 }
+                Op::Cover { cover, relay, .. } => {
+                    let value = encode_cover(cover.data.as_deref().unwrap_or("{}"), &cover.node, cover.v);
+                    let relay = relay.as_deref().unwrap_or_default();
+                    let mut ops = writes.cover.take().map_or_else(Vec::new, |c| c.4);
+                    ops.push(i);
+                    writes.cover = Some((value, cover.v, &cover.node, relay, ops));
+                }
                 Op::Complete { by, .. } => writes.complete = Some((i, by)),
                 Op::Relay { .. } => relays.push(i),
             }
@@ -435,11 +528,18 @@ impl Writer {
             if !writes.notes.is_empty() {
                 commands += 1;
                 let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
-                let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(2);
-                cmd.arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper)).arg(now).arg(channel);
+                let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(3);
+                cmd.arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper)).arg(keys::tombstones(writes.paper));
+                cmd.arg(now).arg(channel).arg(self.history.retention).arg(self.history.max_tombstones);
                 for note in &writes.notes {
                     cmd.arg(note.id).arg(&note.value).arg(note.v).arg(note.node).arg(note.relay);
                 }
+            }
+            if let Some((value, v, node, relay, _)) = &writes.cover {
+                commands += 1;
+                let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
+                pipe.cmd("EVALSHA").arg(self.write_cover.get_hash()).arg(1).arg(keys::meta(writes.paper));
+                pipe.arg(value).arg(*v).arg(*node).arg(channel).arg(*relay);
             }
             if let Some((_, by)) = writes.complete {
                 commands += 1;
@@ -449,10 +549,11 @@ impl Writer {
                 };
                 pipe.cmd("EVALSHA")
                     .arg(self.complete.get_hash())
-                    .arg(3)
+                    .arg(4)
                     .arg(keys::notes(writes.paper))
                     .arg(keys::meta(writes.paper))
                     .arg(keys::COMPLETED_STREAM)
+                    .arg(keys::tombstones(writes.paper))
                     .arg(writes.paper)
                     .arg(by)
                     .arg(now)
@@ -505,17 +606,30 @@ impl Writer {
                 match replies.next() {
                     Some(Ok(Value::Array(codes))) if codes.len() == writes.notes.len() => {
                         for (NoteWrite { ops, .. }, code) in writes.notes.iter().zip(codes) {
-                            let outcome = match code {
-                                Value::Int(3) => Outcome::Sealed,
-                                _ => Outcome::Saved,
+                            let reported = match code {
+                                Value::Int(3) => Reported::Op(Outcome::Sealed),
+                                Value::Int(4) => Reported::Failed("at or below the tombstone horizon".into()),
+                                _ => Reported::Op(Outcome::Saved),
                             };
                             for &i in ops {
-                                outcomes[i] = Some(Reported::Op(outcome));
+                                outcomes[i] = Some(reported.clone());
                             }
                         }
                     }
                     Some(Err(e)) => failure = Some(e),
                     other => failure = Some(unexpected(other)),
+                }
+            }
+            if let Some((.., ops)) = &writes.cover {
+                match replies.next() {
+                    Some(Ok(Value::Int(code))) => {
+                        let outcome = if code == 3 { Outcome::Sealed } else { Outcome::Saved };
+                        for &i in ops {
+                            outcomes[i] = Some(Reported::Op(outcome));
+                        }
+                    }
+                    Some(Err(e)) => failure = failure.or(Some(e)),
+                    other => failure = failure.or(Some(unexpected(other))),
                 }
             }
             if let Some((i, _)) = writes.complete {
@@ -539,14 +653,14 @@ impl Writer {
                     self.conn = None;
                 }
                 // Nothing of this paper counts yet; it goes again with the next try.
-                for slot in writes.notes.iter().flat_map(|n| &n.ops).chain(writes.complete.iter().map(|(i, _)| i)) {
-                    outcomes[*slot] = None;
+                for slot in writes.ops() {
+                    outcomes[slot] = None;
                 }
                 transient.get_or_insert(e);
                 continue;
             }
             log::error!("Redis refuses the writes of paper {}: {e}", writes.paper);
-            for &slot in writes.notes.iter().flat_map(|n| &n.ops).chain(writes.complete.iter().map(|(i, _)| i)) {
+            for slot in writes.ops() {
                 outcomes[slot] = Some(Reported::Failed(e.to_string()));
             }
         }
@@ -633,6 +747,13 @@ struct NoteWrite<'a> {
     /// The message relayed to the other nodes if Redis applies it ("" without).
     relay: &'a str,
     ops: Vec<usize>,
+}
+
+/// How many tombstones a paper keeps, and for how long (in versions).
+#[derive(Debug, Clone, Copy)]
+pub struct History {
+    pub retention: u64,
+    pub max_tombstones: usize,
 }
 
 /// What the writer learnt of one op.

@@ -489,3 +489,17 @@ impl Server {
 pub fn project_root() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
 }
+
+impl Client {
+    /// The next message of any of these types, skipping others.
+    pub fn next_of_any(&mut self, kinds: &[&str]) -> Value {
+        let until = deadline();
+        loop {
+            match self.event(until) {
+                Event::Msg(msg) if kinds.iter().any(|k| msg["type"] == *k) => return msg,
+                Event::Msg(_) => {}
+                Event::Closed(frame) => panic!("closed while waiting for {kinds:?}: {frame:?}"),
+            }
+        }
+    }
+}

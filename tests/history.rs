@@ -1,0 +1,214 @@
+//! PROTOCOL.md 3.1 and 4 (1.1): the tombstone horizon bounds a paper, and a
+//! client that reconnects with `?since=V` gets what it missed, never less.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::common::{Client, Redis, Server};
+
+/// A client's view: note id -> (data, v); a snapshot without `since` replaces
+/// it, one with `since` is merged into it.
+#[derive(Default, Debug, PartialEq)]
+struct View(BTreeMap<String, (Value, u64)>);
+
+impl View {
+    fn apply_snapshot(&mut self, snapshot: &Value) {
+        if snapshot.get("since").is_none() {
+            self.0.clear();
+        }
+        for note in snapshot["notes"].as_array().unwrap() {
+            let id = note["id"].as_str().unwrap().to_string();
+            if note["deleted"] == true {
+                self.0.remove(&id);
+            } else {
+                self.0.insert(id, (note["data"].clone(), note["v"].as_u64().unwrap()));
+            }
+        }
+    }
+
+    fn apply(&mut self, msg: &Value) {
+        let id = msg["id"].as_str().map(str::to_string);
+        match msg["type"].as_str() {
+            Some("upsert") => {
+                self.0.insert(id.unwrap(), (msg["data"].clone(), msg["v"].as_u64().unwrap()));
+            }
+            Some("delete") => {
+                self.0.remove(&id.unwrap());
+            }
+            _ => {}
+        }
+    }
+
+    /// The greatest version seen.
+    fn greatest(&self, seen: u64) -> u64 {
+        self.0.values().map(|(_, v)| *v).max().unwrap_or(0).max(seen)
+    }
+}
+
+/// Sends an edit and waits for its echo and its `saved`; returns its version.
+fn edit_saved(client: &mut Client, msg: Value) -> u64 {
+    client.send(msg);
+    let kind = client.next_of_any(&["upsert", "delete"]);
+    let v = kind["v"].as_u64().unwrap();
+    loop {
+        if client.next_of("saved")["v"].as_u64().unwrap() >= v {
+            return v;
+        }
+    }
+}
+
+fn joined_view(client: &Client) -> View {
+    let mut view = View::default();
+    view.apply_snapshot(&client.snapshot);
+    view
+}
+
+#[test]
+fn a_paper_never_grows_past_its_live_notes_plus_max_tombstones() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--max-tombstones", "5", "--rate", "100000", "--burst", "100000"]);
+    let mut a = server.join("p-churn", "");
+    edit_saved(&mut a, json!({"type": "upsert", "id": "keep", "data": {"k": 1}}));
+    // Ten times the cap of fresh ids, each created and deleted.
+    for i in 0..50 {
+        let id = format!("t{i}");
+        edit_saved(&mut a, json!({"type": "upsert", "id": id, "data": {}}));
+        edit_saved(&mut a, json!({"type": "delete", "id": id}));
+    }
+    let notes = redis.hgetall("rp:paper:{p-churn}:notes");
+    assert!(notes.len() <= 1 + 5, "Redis holds {} notes", notes.len());
+    let tombstones: usize = redis::cmd("ZCARD").arg("rp:paper:{p-churn}:tombstones").query(&mut redis.conn()).unwrap();
+    assert!(tombstones <= 5);
+    let horizon: u64 = redis.hget("rp:paper:{p-churn}:meta", "horizon").unwrap().parse().unwrap();
+    assert!(horizon > 0, "the horizon rose");
+    // A stale write below the horizon to a dropped note brings nothing back:
+    // a fresh joiner on a fresh node sees only the live note.
+    drop(a);
+    let fresh = Server::redis(&redis, &[]);
+    let b = fresh.join("p-churn", "");
+    let ids: Vec<&str> = b.snapshot["notes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["keep"]);
+}
+
+#[test]
+fn a_resumed_client_gets_what_it_missed_and_ends_with_a_fresh_clients_view() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &[]);
+    let mut a = server.join("p-resume", "user=ann");
+    let mut b = server.join("p-resume", "user=bob");
+    let mut view = joined_view(&a);
+    for id in ["n1", "n2", "n3"] {
+        edit_saved(&mut b, json!({"type": "upsert", "id": id, "data": {"t": id}}));
+        view.apply(&a.next_of("upsert"));
+    }
+    let seen = view.greatest(0);
+    a.close();
+    // While ann is away: a delete, a change, a new note.
+    edit_saved(&mut b, json!({"type": "delete", "id": "n1"}));
+    edit_saved(&mut b, json!({"type": "upsert", "id": "n2", "data": {"t": "changed"}}));
+    edit_saved(&mut b, json!({"type": "upsert", "id": "n4", "data": {"t": "new"}}));
+
+    let again = server.join("p-resume", &format!("user=ann&since={seen}"));
+    assert_eq!(again.snapshot["since"], seen, "a since snapshot: {}", again.snapshot);
+    let deleted = again.snapshot["notes"].as_array().unwrap().iter().any(|n| n["id"] == "n1" && n["deleted"] == true);
+    assert!(deleted, "the delete after V arrives as a deleted entry: {}", again.snapshot);
+    view.apply_snapshot(&again.snapshot);
+    let fresh = server.join("p-resume", "user=cy");
+    assert_eq!(view, joined_view(&fresh));
+}
+
+#[test]
+fn a_since_below_the_horizon_gets_a_full_snapshot() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--max-tombstones", "1", "--rate", "100000", "--burst", "100000"]);
+    let mut a = server.join("p-old", "");
+    let first = edit_saved(&mut a, json!({"type": "upsert", "id": "n0", "data": {}}));
+    for i in 1..4 {
+        let id = format!("n{i}");
+        edit_saved(&mut a, json!({"type": "upsert", "id": id, "data": {}}));
+        edit_saved(&mut a, json!({"type": "delete", "id": id}));
+    }
+    let b = server.join("p-old", &format!("since={first}"));
+    assert!(b.snapshot.get("since").is_none(), "below the horizon: a full snapshot: {}", b.snapshot);
+    assert_eq!(b.snapshot["notes"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn resuming_on_another_node_gets_what_was_missed() {
+    let redis = Redis::start();
+    let node = |id: &str| Server::redis(&redis, &["--cluster", "--node-id", id]);
+    let (a_node, b_node) = (node("a"), node("b"));
+    let mut a = a_node.join("p-move", "user=ann");
+    let mut view = joined_view(&a);
+    for id in ["n1", "n2"] {
+        edit_saved(&mut a, json!({"type": "upsert", "id": id, "data": {"t": id}}));
+    }
+    view.0.clear();
+    let seen = edit_saved(&mut a, json!({"type": "upsert", "id": "n3", "data": {}}));
+    view.apply_snapshot(&a_node.join("p-move", "").snapshot);
+    drop(a);
+    drop(a_node);
+    // The paper changes on b (read there from Redis), then ann comes back there.
+    let mut bob = b_node.join("p-move", "user=bob");
+    edit_saved(&mut bob, json!({"type": "delete", "id": "n2"}));
+    edit_saved(&mut bob, json!({"type": "upsert", "id": "n5", "data": {"t": 5}}));
+    let again = b_node.join("p-move", &format!("user=ann&since={seen}"));
+    assert_eq!(again.snapshot["since"], seen, "{}", again.snapshot);
+    view.apply_snapshot(&again.snapshot);
+    assert_eq!(view, joined_view(&b_node.join("p-move", "")));
+}
+
+#[test]
+fn a_large_papers_load_does_not_hold_up_another_papers() {
+    let redis = Redis::start();
+    // A paper of 300,000 stored notes takes its loader a while to read.
+    let mut conn = redis.conn();
+    for chunk in 0..30 {
+        let mut pipe = redis::pipe();
+        for i in 0..10_000 {
+            let n = chunk * 10_000 + i;
+            pipe.cmd("HSET")
+                .arg("rp:paper:{p-huge}:notes")
+                .arg(format!("n{n}"))
+                .arg(format!(r#"{{"deleted":true,"v":{}}}"#, n + 1))
+                .ignore();
+        }
+        pipe.query::<()>(&mut conn).unwrap();
+    }
+    let server = Server::redis(&redis, &["--load-timeout", "60"]);
+    let mut huge = server.connect("/ws/p-huge");
+    let small = server.join("p-small", "");
+    assert_eq!(small.snapshot["type"], "snapshot");
+    // The small paper was read while the huge one still was.
+    if let tungstenite::stream::MaybeTlsStream::Plain(stream) = huge.ws.get_ref() {
+        stream.set_nonblocking(true).unwrap();
+    }
+    let pending =
+        matches!(huge.ws.read(), Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock);
+    assert!(pending, "the huge paper's snapshot came first: loads waited on each other");
+    if let tungstenite::stream::MaybeTlsStream::Plain(stream) = huge.ws.get_ref() {
+        stream.set_nonblocking(false).unwrap();
+    }
+    assert_eq!(huge.next()["type"], "snapshot");
+}
+
+#[test]
+fn a_change_arriving_late_makes_resuming_from_before_it_a_full_snapshot() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--cluster", "--node-id", "a"]);
+    let mut a = server.join("p-late", "");
+    let seen = edit_saved(&mut a, json!({"type": "upsert", "id": "n1", "data": {}}));
+    // Another node's change, made two minutes ago and relayed only now (after an
+    // outage): below `seen` minus the resume window.
+    let old = seen - (120_000 << 10);
+    let late =
+        format!(r#"zz{}{{"type":"upsert","id":"n-late","author":"x","data":{{}},"v":{old},"from":"c1-zz"}}"#, "\n");
+    let _: i64 = redis::cmd("PUBLISH").arg("rp:paper:{p-late}").arg(late).query(&mut redis.conn()).unwrap();
+    assert_eq!(a.next_of("upsert")["id"], "n-late");
+    let again = server.join("p-late", &format!("since={seen}"));
+    assert!(again.snapshot.get("since").is_none(), "a since snapshot would miss n-late: {}", again.snapshot);
+    let ids: Vec<&str> =
+        again.snapshot["notes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"n-late"));
+}
