@@ -27,12 +27,13 @@ pub enum In {
     Complete,
     Ping,
     Meta,
+    Patch,
     /// Refused before its type was known to be valid.
     Invalid,
 }
 
 impl In {
-    const ALL: [In; 7] = [In::Upsert, In::Delete, In::Cursor, In::Complete, In::Ping, In::Meta, In::Invalid];
+    const ALL: [In; 8] = [In::Upsert, In::Delete, In::Cursor, In::Complete, In::Ping, In::Meta, In::Patch, In::Invalid];
 
     pub fn of(msg: &ClientMsg) -> In {
         match msg {
@@ -41,6 +42,7 @@ impl In {
             ClientMsg::Cursor { .. } => In::Cursor,
             ClientMsg::Complete { .. } => In::Complete,
             ClientMsg::Meta { .. } => In::Meta,
+            ClientMsg::Patch { .. } => In::Patch,
             ClientMsg::Ping => In::Ping,
         }
     }
@@ -53,6 +55,7 @@ impl In {
             In::Complete => "complete",
             In::Ping => "ping",
             In::Meta => "meta",
+            In::Patch => "patch",
             In::Invalid => "invalid",
         }
     }
@@ -72,10 +75,11 @@ pub enum Out {
     Pong,
     Error,
     Meta,
+    Patch,
 }
 
 impl Out {
-    const ALL: [Out; 11] = [
+    const ALL: [Out; 12] = [
         Out::Snapshot,
         Out::Upsert,
         Out::Delete,
@@ -87,6 +91,7 @@ impl Out {
         Out::Pong,
         Out::Error,
         Out::Meta,
+        Out::Patch,
     ];
 
     fn name(self) -> &'static str {
@@ -102,6 +107,7 @@ impl Out {
             Out::Pong => "pong",
             Out::Error => "error",
             Out::Meta => "meta",
+            Out::Patch => "patch",
         }
     }
 }

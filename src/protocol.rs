@@ -36,6 +36,12 @@ pub enum ClientMsg {
     Complete {
         reference: Option<String>,
     },
+    /// 1.1: set some top-level fields of a note's `data` (`null` removes one).
+    Patch {
+        id: String,
+        data: String,
+        reference: Option<String>,
+    },
     /// 1.1: replace the paper's cover; `data` as for an upsert.
     Meta {
         data: String,
@@ -53,6 +59,7 @@ impl ClientMsg {
             ClientMsg::Cursor { .. } => "cursor",
             ClientMsg::Complete { .. } => "complete",
             ClientMsg::Meta { .. } => "meta",
+            ClientMsg::Patch { .. } => "patch",
             ClientMsg::Ping => "ping",
         }
     }
@@ -262,6 +269,15 @@ pub fn parse_client_msg(text: &str, max_note_bytes: usize) -> Result<ClientMsg, 
             Ok(ClientMsg::Cursor { data })
         }
         "complete" => Ok(ClientMsg::Complete { reference }),
+        "patch" => {
+            let id = note_id(envelope.id).ok_or_else(|| invalid("id must match ^[A-Za-z0-9_-]{1,64}$"))?;
+            let data = compact_object(envelope.data).ok_or_else(|| invalid("data must be a JSON object"))?;
+            if data.len() > max_note_bytes {
+                let message = format!("data is {} bytes; the limit is {max_note_bytes}", data.len());
+                return Err(Refusal::new(ErrorCode::TooLarge, message).with_ref(reference));
+            }
+            Ok(ClientMsg::Patch { id, data, reference })
+        }
         "meta" => {
             let data = compact_object(envelope.data).ok_or_else(|| invalid("data must be a JSON object"))?;
             if data.len() > max_note_bytes {
@@ -334,6 +350,12 @@ pub enum Relayed {
         data: String,
         v: u64,
     },
+    /// 1.1: fields of a note (`null` removes one).
+    Patch {
+        id: String,
+        data: String,
+        v: u64,
+    },
 }
 
 #[derive(Deserialize)]
@@ -390,6 +412,11 @@ pub fn parse_relayed(message: &str) -> Option<Relayed> {
         "leave" => Relayed::Leave { id: serde_json::from_str(e.member?.get()).ok()? },
         "cursor" => Relayed::Cursor,
         "resume_floor" => Relayed::ResumeFloor { v: v? },
+        "patch" => Relayed::Patch {
+            id: e.id.filter(|id| is_valid_id(id))?,
+            data: e.data.filter(|d| d.get().starts_with('{'))?.get().to_string(),
+            v: v?,
+        },
         "meta" => Relayed::Meta { data: e.data.filter(|d| d.get().starts_with('{'))?.get().to_string(), v: v? },
         _ => return None,
     })
@@ -399,6 +426,15 @@ pub fn parse_relayed(message: &str) -> Option<Relayed> {
 /// sent to clients).
 pub fn resume_floor_message(v: u64) -> String {
     format!(r#"{{"type":"resume_floor","v":{v}}}"#)
+}
+
+/// Per-field versions of a note's `data` (PROTOCOL.md 2, 1.1): the version of
+/// its last upsert (`base`, which every field has unless listed) and of each
+/// field a patch changed after it (a removed field keeps its version here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldVersions {
+    pub base: (u64, std::sync::Arc<str>),
+    pub changed: std::collections::BTreeMap<String, (u64, std::sync::Arc<str>)>,
 }
 
 /// What a snapshot says of the paper itself.
@@ -545,6 +581,17 @@ impl Frame {
         string(b, id);
         b.extend_from_slice(br#","author":"#);
         string(b, author);
+        b.extend_from_slice(br#","data":"#);
+        b.extend_from_slice(data.as_bytes());
+        version_from_ref(b, v, from, reference);
+        self.finish()
+    }
+
+    /// 1.1: fields of a note changed; `data` holds only them (`null`: removed).
+    pub fn patch(&mut self, id: &str, data: &str, v: u64, from: &str, reference: Option<&str>) -> &[u8] {
+        let b = self.begin();
+        b.extend_from_slice(br#"{"type":"patch","id":"#);
+        string(b, id);
         b.extend_from_slice(br#","data":"#);
         b.extend_from_slice(data.as_bytes());
         version_from_ref(b, v, from, reference);

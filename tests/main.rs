@@ -19,6 +19,7 @@ mod load; // the load generator's smoke run
 mod notes; // 2. notes and versions
 mod operations; // 1. papers API, readiness, metrics
 mod operators; // run.sh, configuration, fail-fast Redis checks, deploy files, the load tool
+mod patch; // 2 and 3 (1.1): field patches
 mod persistence; // 4. Redis
 mod sentinel; // 4. failover under Sentinel
 mod session; // 3. the WebSocket session

@@ -3,6 +3,7 @@
 //! never touches a socket: members are known by an opaque key of the event loop.
 
 pub mod clock;
+pub mod fields;
 pub mod registry;
 
 use std::collections::{BTreeSet, HashMap};
@@ -22,6 +23,8 @@ pub struct Note {
     pub v: u64,
     /// The node that wrote this version (breaks ties between nodes).
     pub node: Arc<str>,
+    /// Per-field versions, once a patch changed a field after the last upsert.
+    pub fields: Option<Arc<crate::protocol::FieldVersions>>,
 }
 
 /// A change to one note, decided by a paper and not yet applied: it goes to the
@@ -30,6 +33,16 @@ pub struct Note {
 pub struct Edit {
     pub id: Arc<str>,
     pub note: Note,
+}
+
+/// A patch of some fields of one note (1.1), decided and not yet applied.
+#[derive(Debug, Clone)]
+pub struct Patch {
+    pub id: Arc<str>,
+    /// The fields it sets, raw JSON; `None` removes one.
+    pub fields: fields::PatchFields,
+    pub v: u64,
+    pub node: Arc<str>,
 }
 
 /// A session joined to a paper.
@@ -94,6 +107,8 @@ pub struct Cover {
 pub struct PaperLimits {
     pub max_notes: usize,
     pub max_members: usize,
+    /// The largest `data` of a note, compact JSON (a patch may not pass it).
+    pub max_note_bytes: usize,
     /// Tombstones kept at most, and for how long (in versions: milliseconds x 1024).
     pub max_tombstones: usize,
     pub tombstone_retention: u64,
@@ -240,10 +255,85 @@ impl Paper {
     /// Whether `apply` would take this edit: it advances the note's version, or
     /// the note is not there and the edit is above the horizon.
     pub fn can_apply(&self, edit: &Edit) -> bool {
+        self.resolve(edit).is_some()
+    }
+
+    /// What an upsert or a delete makes of its note, if it changes it: last
+    /// writer wins by version, per field once patches gave fields versions of
+    /// their own (a delete is weighed against the last upsert, so it wins over
+    /// patches made after it: a patch never brings back part of a note).
+    fn resolve(&self, edit: &Edit) -> Option<Note> {
+        let new = &edit.note;
         match self.notes.get(&edit.id) {
-            Some(c) => clock::newer((edit.note.v, &edit.note.node), (c.v, &c.node)),
-            None => edit.note.v > self.horizon,
+            None => (new.v > self.horizon).then(|| new.clone()),
+            // A note read back from Redis with its own field versions: the newer
+            // note, whole (a re-read after the relay was away).
+            Some(current) if new.fields.is_some() => {
+                clock::newer((new.v, &new.node), (current.v, &current.node)).then(|| new.clone())
+            }
+            Some(current) if current.data.is_some() && current.fields.is_some() => match new.data {
+                Some(_) => fields::merge_upsert(current, new),
+                None => clock::newer((new.v, &new.node), fields::base_of(current)).then(|| new.clone()),
+            },
+            Some(current) => clock::newer((new.v, &new.node), (current.v, &current.node)).then(|| new.clone()),
         }
+    }
+
+    /// Decides a patch of some fields of a note by `user` acting as `role`: the
+    /// same rights and limits as replacing it (PROTOCOL.md 3.2, 1.1).
+    ///
+    /// # Errors
+    /// `forbidden`, `paper_completed`, `unavailable` as for an upsert; `not_found`
+    /// for a note that does not exist or is deleted; `too_large` when the note
+    /// would pass `max_note_bytes`; `invalid_message` for data that is not an object.
+    pub fn prepare_patch(
+        &self,
+        id: &str,
+        data: &str,
+        (user, role): (&Arc<str>, Role),
+        clock: &mut VersionClock,
+        limits: &PaperLimits,
+    ) -> Result<Patch, ErrorCode> {
+        if !role.may_write() {
+            return Err(ErrorCode::Forbidden);
+        }
+        self.check_writable()?;
+        let Some((key, note)) = self.notes.get_key_value(id).filter(|(_, n)| n.data.is_some()) else {
+            return Err(ErrorCode::NotFound);
+        };
+        if note.author != *user && !role.may_moderate() {
+            return Err(ErrorCode::Forbidden);
+        }
+        let fields: Vec<(String, Option<Box<serde_json::value::RawValue>>)> =
+            serde_json::from_str::<std::collections::BTreeMap<_, _>>(data)
+                .map_err(|_| ErrorCode::InvalidMessage)?
+                .into_iter()
+                .collect();
+        let v = clock.next(note.v).ok_or(ErrorCode::Unavailable)?;
+        let node = clock.node().clone();
+        if let Some((patched, _)) = fields::merge_patch(note, &fields, v, &node) {
+            if patched.data.as_deref().map_or(0, str::len) > limits.max_note_bytes {
+                return Err(ErrorCode::TooLarge);
+            }
+        }
+        Ok(Patch { id: key.clone(), fields, v, node })
+    }
+
+    /// What `apply_patch` would send, without applying it.
+    pub fn patch_result(&self, patch: &Patch) -> Option<String> {
+        let current = self.notes.get(&patch.id).filter(|n| n.data.is_some())?;
+        let (_, advanced) = fields::merge_patch(current, &patch.fields, patch.v, &patch.node)?;
+        Some(fields::patch_data(&advanced))
+    }
+
+    /// Applies a patch to a live note, field by field; returns the `data` of the
+    /// fields it advanced (what members are sent), or `None` when it advanced
+    /// none or the note is not live.
+    pub fn apply_patch(&mut self, patch: &Patch) -> Option<String> {
+        let current = self.notes.get(&patch.id).filter(|n| n.data.is_some())?;
+        let (note, advanced) = fields::merge_patch(current, &patch.fields, patch.v, &patch.node)?;
+        self.store_note(patch.id.clone(), note);
+        Some(fields::patch_data(&advanced))
     }
 
     /// Drops the tombstones past retention (older than `now_ms` minus it) or past
@@ -334,7 +424,7 @@ impl Paper {
         let floor = current.map_or(self.horizon, |(_, n)| n.v);
         let id = current.map_or_else(|| Arc::from(id), |(key, _)| key.clone());
         let v = clock.next(floor).ok_or(ErrorCode::Unavailable)?;
-        Ok(Edit { id, note: Note { author, data: Some(Arc::from(data)), v, node: clock.node().clone() } })
+        Ok(Edit { id, note: Note { author, data: Some(Arc::from(data)), v, node: clock.node().clone(), fields: None } })
     }
 
     /// Decides a delete by `user` acting as `role`.
@@ -364,6 +454,7 @@ impl Paper {
                     data: None,
                     v: clock.next(note.v).ok_or(ErrorCode::Unavailable)?,
                     node: clock.node().clone(),
+                    fields: None,
                 },
             }),
             _ => Err(ErrorCode::NotFound),
@@ -373,9 +464,14 @@ impl Paper {
     /// Applies an edit if it advances the note's version (last writer wins, ties
     /// to the greater node); returns whether it did.
     pub fn apply(&mut self, edit: Edit) -> bool {
-        if !self.can_apply(&edit) {
-            return false;
-        }
+        let Some(note) = self.resolve(&edit) else { return false };
+        self.store_note(edit.id, note);
+        true
+    }
+
+    /// Puts a note in place, keeping the counts, tombstones and floor right.
+    fn store_note(&mut self, id: Arc<str>, note: Note) {
+        let edit = Edit { id, note };
         let was_live = match self.notes.get(&edit.id) {
             Some(current) if current.data.is_none() => {
                 self.tombstones.remove(&(current.v, edit.id.clone()));
@@ -398,7 +494,6 @@ impl Paper {
         }
         self.live = self.live + usize::from(is_live) - usize::from(was_live);
         self.notes.insert(edit.id, edit.note);
-        true
     }
 
     /// The resume floor, if it rose since the last call (PROTOCOL.md 3.1: it is
@@ -536,8 +631,13 @@ impl Paper {
 mod tests {
     use super::*;
 
-    const LIMITS: PaperLimits =
-        PaperLimits { max_notes: 2, max_members: 2, max_tombstones: 3, tombstone_retention: 3_600_000 << 10 };
+    const LIMITS: PaperLimits = PaperLimits {
+        max_notes: 2,
+        max_members: 2,
+        max_note_bytes: 100,
+        max_tombstones: 3,
+        tombstone_retention: 3_600_000 << 10,
+    };
 
     fn paper() -> (Paper, VersionClock) {
         let mut clock = VersionClock::default();
@@ -655,7 +755,10 @@ mod tests {
         let mut clock = VersionClock::default();
         let top = clock::MAX_VERSION;
         let stored = StoredPaper {
-            notes: vec![("n1".into(), Note { author: user("u"), data: Some(Arc::from("{}")), v: top, node: user("") })],
+            notes: vec![(
+                "n1".into(),
+                Note { author: user("u"), data: Some(Arc::from("{}")), v: top, node: user(""), fields: None },
+            )],
             ..StoredPaper::default()
         };
         let p = Paper::new(Arc::from("p1"), stored, &mut clock);
@@ -717,7 +820,7 @@ mod tests {
         // A change arriving far below what was applied raises the floor.
         let late = Edit {
             id: Arc::from("c"),
-            note: Note { author: user("u"), data: Some(Arc::from("{}")), v: 5, node: user("") },
+            note: Note { author: user("u"), data: Some(Arc::from("{}")), v: 5, node: user(""), fields: None },
         };
         assert!(p.apply(late));
         assert!(matches!(p.resume(del.note.v), Resume::Full));

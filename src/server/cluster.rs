@@ -9,7 +9,7 @@ use super::event_loop::EventLoop;
 use super::node::Node;
 use super::session::Relaying;
 use crate::metrics::{bump, Out};
-use crate::paper::{clock, Cover, Edit, Note, RemoteMember, StoredPaper};
+use crate::paper::{clock, Cover, Edit, Note, Patch, RemoteMember, StoredPaper};
 use crate::protocol::{self, Frame, Relayed};
 use crate::store::{Op, Presence, Submitted};
 
@@ -53,13 +53,30 @@ impl EventLoop {
             Relayed::Upsert { .. } | Relayed::Delete { .. } if sealed => (Out::Upsert, false),
             Relayed::Upsert { id, author, data, v } => {
                 self.clock.observe(v);
-                let note = Note { author: Arc::from(author), data: Some(Arc::from(data)), v, node };
-                (Out::Upsert, paper.apply(Edit { id: Arc::from(id), note }))
+                let id: Arc<str> = Arc::from(id);
+                let note =
+                    Note { author: Arc::from(author), data: Some(Arc::from(data.as_str())), v, node, fields: None };
+                if !paper.apply(Edit { id: id.clone(), note }) {
+                    return;
+                }
+                // Fields patched after this upsert kept their values here: members
+                // are sent the note as it now is, not the upsert as sent.
+                let Some(now) = paper.note(&id).filter(|n| n.data.as_deref() != Some(data.as_str())) else {
+                    let bytes = self.frame.raw(message);
+                    let metrics = &self.node.loop_metrics[self.index];
+                    self.conns.fanout(paper.members(), None, bytes, Out::Upsert, metrics);
+                    return;
+                };
+                let (author, data) = (now.author.clone(), now.data.clone().unwrap_or_else(|| Arc::from("{}")));
+                let bytes = self.frame.upsert(&id, &author, &data, v, from_of(message), None);
+                self.conns.fanout(paper.members(), None, bytes, Out::Upsert, &self.node.loop_metrics[self.index]);
+                return;
             }
             Relayed::Delete { id, v } => {
                 self.clock.observe(v);
                 let author = paper.note(&id).map_or_else(|| Arc::from(""), |n| n.author.clone());
-                let applied = paper.apply(Edit { id: Arc::from(id), note: Note { author, data: None, v, node } });
+                let applied =
+                    paper.apply(Edit { id: Arc::from(id), note: Note { author, data: None, v, node, fields: None } });
                 paper.prune(clock::now_ms(), &self.node.settings.limits);
                 (Out::Delete, applied)
             }
@@ -75,7 +92,17 @@ impl EventLoop {
             }
             Relayed::Leave { id } => (Out::Leave, paper.remove_remote(&id)),
             Relayed::Cursor => (Out::Cursor, true),
-            Relayed::Meta { .. } if sealed => (Out::Meta, false),
+            Relayed::Patch { .. } | Relayed::Meta { .. } if sealed => (Out::Patch, false),
+            Relayed::Patch { id, data, v } => {
+                self.clock.observe(v);
+                let Ok(fields) = serde_json::from_str::<std::collections::BTreeMap<String, _>>(&data) else { return };
+                let patch = Patch { id: Arc::from(id), fields: fields.into_iter().collect(), v, node };
+                // Members are sent only the fields this node advanced.
+                let Some(advanced) = paper.apply_patch(&patch) else { return };
+                let bytes = self.frame.patch(&patch.id, &advanced, v, from_of(message), None);
+                self.conns.fanout(paper.members(), None, bytes, Out::Patch, &self.node.loop_metrics[self.index]);
+                return;
+            }
             Relayed::Meta { data, v } => {
                 self.clock.observe(v);
                 (Out::Meta, paper.apply_cover(Cover { data: Arc::from(data), v, node }))
@@ -158,6 +185,12 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// The `from` of a relayed message (the member on the other node), for a
+/// message re-encoded here.
+fn from_of(message: &str) -> &str {
+    message.rsplit_once(r#""from":""#).and_then(|(_, rest)| rest.split_once('"')).map_or("", |(from, _)| from)
 }
 
 /// With `--cluster`, the message for other nodes: this node's id, a newline, and

@@ -56,6 +56,54 @@ impl EventLoop {
                 self.conns.fanout(paper.members(), Some(key), cursor, Out::Cursor, metrics);
                 return self.relay_frame(&paper_id, None, Relaying::Transient);
             }
+            ClientMsg::Patch { id, data, reference } => {
+                let patch = match paper.prepare_patch(&id, &data, (&user, role), &mut self.clock, &limits) {
+                    Ok(patch) => patch,
+                    Err(code) => return self.refuse(key, &Refusal::from(code).with_ref(reference)),
+                };
+                let v = patch.v;
+                // Only the fields it advances are applied and sent (all of them, for
+                // a version from this clock: it is above every field's).
+                let Some(advanced) = paper.patch_result(&patch) else {
+                    return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference));
+                };
+                self.frame.patch(&patch.id, &advanced, v, &member_id, reference.as_deref());
+                let relay = relay_of(&self.node, &self.frame);
+                let reference = reference.map(String::into_boxed_str);
+                let op = Op::Patch {
+                    paper: paper_id.clone(),
+                    id: patch.id.clone(),
+                    patch: advanced.into_boxed_str(),
+                    v,
+                    node: patch.node.clone(),
+                    origin,
+                    reference: reference.clone(),
+                    relay,
+                };
+                let submitted = self.store.submit(op);
+                match submitted {
+                    Submitted::Full => {
+                        let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
+                        return self.refuse(key, &refusal);
+                    }
+                    Submitted::Queued => {
+                        paper.unwritten += 1;
+                        if let Some(Phase::Open { membership, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase)
+                        {
+                            membership.unresolved.push_back(v);
+                        }
+                    }
+                    Submitted::Written => {}
+                }
+                paper.apply_patch(&patch);
+                self.conns.fanout(paper.members(), None, self.frame.bytes(), Out::Patch, metrics);
+                if submitted == Submitted::Written {
+                    metrics.message_out(Out::Saved, 1);
+                    let saved = self.frame.saved(v);
+                    self.conns.send(key, saved);
+                }
+                return;
+            }
             ClientMsg::Meta { data, reference } => {
                 let cover = match paper.prepare_cover(data, role, &mut self.clock) {
                     Ok(cover) => cover,
@@ -64,8 +112,13 @@ impl EventLoop {
                 let v = cover.v;
                 self.frame.meta(&cover.data, v, &member_id, reference.as_deref());
                 let relay = relay_of(&self.node, &self.frame);
-                let stored =
-                    NoteValue { author: Arc::from(""), data: Some(cover.data.clone()), v, node: cover.node.clone() };
+                let stored = NoteValue {
+                    author: Arc::from(""),
+                    data: Some(cover.data.clone()),
+                    v,
+                    node: cover.node.clone(),
+                    fields: None,
+                };
                 let reference = reference.map(String::into_boxed_str);
                 let op =
                     Op::Cover { paper: paper_id.clone(), cover: stored, origin, reference: reference.clone(), relay };
@@ -238,6 +291,7 @@ impl EventLoop {
                     data: Some(Arc::from(n.data.get())),
                     v: n.v,
                     node: Arc::from(""),
+                    fields: None,
                 };
                 (Arc::from(&*n.id), note)
             })
@@ -320,10 +374,16 @@ const PROBE_MAX: Duration = Duration::from_secs(30);
 
 /// A note as the store writes it.
 pub fn note_to_store(note: &Note) -> NoteValue {
-    NoteValue { author: note.author.clone(), data: note.data.clone(), v: note.v, node: note.node.clone() }
+    NoteValue {
+        author: note.author.clone(),
+        data: note.data.clone(),
+        v: note.v,
+        node: note.node.clone(),
+        fields: note.fields.clone(),
+    }
 }
 
 /// A note the store read, in the paper's terms.
 pub fn note_from_store(note: NoteValue) -> Note {
-    Note { author: note.author, data: note.data, v: note.v, node: note.node }
+    Note { author: note.author, data: note.data, v: note.v, node: note.node, fields: note.fields }
 }

@@ -42,6 +42,7 @@ impl Settings {
             limits: PaperLimits {
                 max_notes: config.max_notes,
                 max_members: config.max_members,
+                max_note_bytes: config.max_note_bytes,
                 max_tombstones: config.max_tombstones,
                 tombstone_retention: (config.tombstone_retention * 1000) << 10,
             },

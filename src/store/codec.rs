@@ -9,17 +9,18 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{NoteValue, StoredPaper};
-use crate::protocol::{is_valid_id, MAX_VERSION};
+use crate::protocol::{is_valid_id, FieldVersions, MAX_VERSION};
 
 /// A Redis hash as its field/value pairs, as bytes: a value that is not UTF-8
 /// must cost one note, not the whole paper.
 pub type Hash = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The value of a note in Redis: `{"author","data","v"}`, or `{"deleted":true,"v"}`
-/// for a deleted one; with several nodes, `"node"` (the writer, for ties) comes
-/// just before `v`. `v` comes last on purpose: the conditional write script reads
-/// both from the end of the value.
-pub fn encode_note(author: &str, data: Option<&str>, node: &str, v: u64) -> String {
+/// for a deleted one; once a patch changed a field after the last upsert, the
+/// field versions `"fv"` follow `data` (1.1); with several nodes, `"node"` (the
+/// writer of `v`, for ties) comes just before `v`. `v`, the greatest version of
+/// the note, comes last on purpose: the write script reads it from the end.
+pub fn encode_note(author: &str, data: Option<&str>, fields: Option<&FieldVersions>, node: &str, v: u64) -> String {
     let mut b = Vec::with_capacity(32 + author.len() + data.map_or(0, str::len));
     match data {
         Some(data) => {
@@ -27,6 +28,21 @@ pub fn encode_note(author: &str, data: Option<&str>, node: &str, v: u64) -> Stri
             json_string(&mut b, author);
             b.extend_from_slice(br#","data":"#);
             b.extend_from_slice(data.as_bytes());
+            if let Some(fv) = fields {
+                let _ = write!(b, r#","fv":{{"base":[{},"#, fv.base.0);
+                json_string(&mut b, &fv.base.1);
+                b.extend_from_slice(br#"],"changed":{"#);
+                for (i, (key, (v, node))) in fv.changed.iter().enumerate() {
+                    if i > 0 {
+                        b.push(b',');
+                    }
+                    json_string(&mut b, key);
+                    let _ = write!(b, ":[{v},");
+                    json_string(&mut b, node);
+                    b.push(b']');
+                }
+                b.extend_from_slice(b"}}");
+            }
         }
         None => b.extend_from_slice(br#"{"deleted":true"#),
     }
@@ -71,6 +87,7 @@ pub fn read_cover(value: &[u8]) -> Option<NoteValue> {
         data: Some(Arc::from(cover.data.get())),
         v: cover.v,
         node: Arc::from(cover.node),
+        fields: None,
     })
 }
 
@@ -87,8 +104,18 @@ struct StoredNote<'a> {
     #[serde(default)]
     deleted: bool,
     #[serde(default)]
+    fv: Option<StoredFieldVersions>,
+    #[serde(default)]
     node: String,
     v: u64,
+}
+
+/// `"fv":{"base":[v,"node"],"changed":{"field":[v,"node"]}}`.
+#[derive(Deserialize)]
+struct StoredFieldVersions {
+    base: (u64, String),
+    #[serde(default)]
+    changed: std::collections::BTreeMap<String, (u64, String)>,
 }
 
 /// Builds a paper from its two hashes. A value this server cannot have written
@@ -137,7 +164,18 @@ pub fn read_note(value: &[u8]) -> Option<NoteValue> {
         Some(data) if data.get().starts_with('{') => Some(Arc::from(data.get())),
         _ => return None,
     };
-    Some(NoteValue { author: Arc::from(note.author), data, v: note.v, node: Arc::from(note.node) })
+    let fields = match note.fv {
+        Some(fv) if data.is_some() => {
+            let versions = std::iter::once(fv.base.0).chain(fv.changed.values().map(|(v, _)| *v));
+            if versions.clone().any(|v| !(1..=MAX_VERSION).contains(&v)) || versions.max() != Some(note.v) {
+                return None;
+            }
+            let changed = fv.changed.into_iter().map(|(k, (v, n))| (k, (v, Arc::from(n)))).collect();
+            Some(Arc::new(FieldVersions { base: (fv.base.0, Arc::from(fv.base.1)), changed }))
+        }
+        _ => None,
+    };
+    Some(NoteValue { author: Arc::from(note.author), data, v: note.v, node: Arc::from(note.node), fields })
 }
 
 #[cfg(test)]
@@ -146,19 +184,32 @@ mod tests {
 
     #[test]
     fn stored_values_end_with_v() {
-        let stored = encode_note("u1", Some(r#"{"v":1}"#), "", 77);
+        let stored = encode_note("u1", Some(r#"{"v":1}"#), None, "", 77);
         let value: serde_json::Value = serde_json::from_str(&stored).unwrap();
         assert_eq!(value, serde_json::json!({"author":"u1","data":{"v":1},"v":77}));
         assert!(stored.ends_with(r#","v":77}"#));
-        assert_eq!(encode_note("u1", None, "", 78), r#"{"deleted":true,"v":78}"#);
-        assert_eq!(encode_note("u1", None, "n2", 78), r#"{"deleted":true,"node":"n2","v":78}"#);
+        assert_eq!(encode_note("u1", None, None, "", 78), r#"{"deleted":true,"v":78}"#);
+        assert_eq!(encode_note("u1", None, None, "n2", 78), r#"{"deleted":true,"node":"n2","v":78}"#);
+    }
+
+    #[test]
+    fn field_versions_are_stored_and_read_back() {
+        let fv = FieldVersions {
+            base: (10, Arc::from("a")),
+            changed: [("x".to_string(), (12, Arc::from("b")))].into_iter().collect(),
+        };
+        let stored = encode_note("u1", Some(r#"{"x":1}"#), Some(&fv), "b", 12);
+        assert!(stored.ends_with(r#","node":"b","v":12}"#), "{stored}");
+        let note = read_note(stored.as_bytes()).unwrap();
+        assert_eq!(note.fields.as_deref(), Some(&fv));
+        assert_eq!(note.v, 12);
     }
 
     #[test]
     fn reads_back_what_the_writer_stores() {
         let notes = vec![
-            ("n1".to_string(), encode_note("u1", Some(r#"{"text":"hi"}"#), "", 7)),
-            ("n2".to_string(), encode_note("u2", None, "b", 9)),
+            ("n1".to_string(), encode_note("u1", Some(r#"{"text":"hi"}"#), None, "", 7)),
+            ("n2".to_string(), encode_note("u2", None, None, "b", 9)),
             ("bad".to_string(), "not json".to_string()),
         ];
         let notes = notes.into_iter().map(|(k, v)| (k.into_bytes(), v.into_bytes())).collect();

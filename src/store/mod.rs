@@ -23,6 +23,8 @@ pub struct NoteValue {
     pub v: u64,
     /// The node that wrote this version (ties go to the greater node id).
     pub node: Arc<str>,
+    /// Per-field versions (1.1), once a patch changed a field after the last upsert.
+    pub fields: Option<Arc<crate::protocol::FieldVersions>>,
 }
 
 /// A member on another node, as the paper's presence hash lists it.
@@ -133,6 +135,18 @@ pub enum Op {
         reference: Option<Box<str>>,
         relay: Option<Box<str>>,
     },
+    /// Patch some fields of a note (1.1): `patch` is the JSON object of them
+    /// (`null` removes one), each applied if it advances that field's version.
+    Patch {
+        paper: Arc<str>,
+        id: Arc<str>,
+        patch: Box<str>,
+        v: u64,
+        node: Arc<str>,
+        origin: Origin,
+        reference: Option<Box<str>>,
+        relay: Option<Box<str>>,
+    },
     /// Set the paper's cover if it advances the stored one (1.1); `note.author`
     /// is unused.
     Cover { paper: Arc<str>, cover: NoteValue, origin: Origin, reference: Option<Box<str>>, relay: Option<Box<str>> },
@@ -156,15 +170,17 @@ pub struct Presence {
 impl Op {
     pub fn paper(&self) -> &Arc<str> {
         match self {
-            Op::Note { paper, .. } | Op::Cover { paper, .. } | Op::Complete { paper, .. } | Op::Relay { paper, .. } => {
-                paper
-            }
+            Op::Note { paper, .. }
+            | Op::Patch { paper, .. }
+            | Op::Cover { paper, .. }
+            | Op::Complete { paper, .. }
+            | Op::Relay { paper, .. } => paper,
         }
     }
 
     pub fn relay(&self) -> Option<&str> {
         match self {
-            Op::Note { relay, .. } | Op::Cover { relay, .. } => relay.as_deref(),
+            Op::Note { relay, .. } | Op::Patch { relay, .. } | Op::Cover { relay, .. } => relay.as_deref(),
             Op::Complete { .. } => None,
             Op::Relay { relay, .. } => Some(relay),
         }
@@ -175,6 +191,7 @@ impl Op {
         let (paper, origin, v, reference) = match self {
             Op::Note { paper, origin, note, reference, .. } => (paper, origin, note.v, reference),
             Op::Cover { paper, origin, cover, reference, .. } => (paper, origin, cover.v, reference),
+            Op::Patch { paper, origin, v, reference, .. } => (paper, origin, *v, reference),
             Op::Complete { paper, origin, reference, .. } => (paper, origin, 0, reference),
             Op::Relay { .. } => return None,
         };

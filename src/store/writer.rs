@@ -55,6 +55,170 @@ local function valid_utf8(s)
   return true
 end
 
+-- Compact JSON, read without decoding values (numbers and strings stay as
+-- written): where a string or any value starting at i ends.
+local function string_end(s, i)
+  while true do
+    local j = string.find(s, '["\\]', i + 1)
+    if not j then return nil end
+    if string.byte(s, j) == 92 then i = j + 1 else return j end
+  end
+end
+
+local function value_end(s, i)
+  local c = string.byte(s, i)
+  if c == 34 then return string_end(s, i) end
+  if c == 123 or c == 91 then
+    local depth = 0
+    while true do
+      local j = string.find(s, '[{}%[%]"]', i)
+      if not j then return nil end
+      local d = string.byte(s, j)
+      if d == 34 then
+        i = string_end(s, j)
+        if not i then return nil end
+        i = i + 1
+      else
+        if d == 123 or d == 91 then depth = depth + 1 else depth = depth - 1 end
+        if depth == 0 then return j end
+        i = j + 1
+      end
+    end
+  end
+  local j = string.find(s, '[,}%]]', i)
+  return j and j - 1
+end
+
+-- The members of a compact JSON object, in order, as {raw key, raw value}.
+local function members(s)
+  local out = {}
+  if s == '{}' then return out end
+  local i = 2
+  while true do
+    local k = string_end(s, i)
+    if not k then return nil end
+    local v = value_end(s, k + 2)
+    if not v then return nil end
+    out[#out + 1] = {string.sub(s, i, k), string.sub(s, k + 2, v)}
+    local c = string.sub(s, v + 1, v + 1)
+    if c == '}' then return out end
+    if c ~= ',' then return nil end
+    i = v + 2
+  end
+end
+
+local function top(s)
+  local t = {}
+  for _, m in ipairs(members(s) or {}) do t[m[1]] = m[2] end
+  return t
+end
+
+local function version(raw) -- [v,"node"]
+  local v, n = string.match(raw or '', '^%[(%d+),"([%w_%-]*)"%]$')
+  return tonumber(v), n
+end
+
+local function newer(v1, n1, v2, n2)
+  return v1 > v2 or (v1 == v2 and n1 > n2)
+end
+
+-- The version of a live value's last upsert, and the fields changed after it.
+local function versions_of(t)
+  local changed = {}
+  if t['"fv"'] then
+    local fv = top(t['"fv"'])
+    local bv, bn = version(fv['"base"'])
+    for _, c in ipairs(members(fv['"changed"'] or '{}') or {}) do
+      local cv, cn = version(c[2])
+      changed[c[1]] = {cv, cn}
+    end
+    return bv, bn, changed
+  end
+  return tonumber(t['"v"']), string.match(t['"node"'] or '""', '^"(.*)"$'), changed
+end
+
+local function base_of(value)
+  local t = top(value)
+  if not t['"fv"'] then return nil end
+  local bv, bn = versions_of(t)
+  return bv, bn
+end
+
+-- A live value from its author, data members and versions (as codec::encode_note).
+local function encode(author, data, bv, bn, changed)
+  local parts, keys = {}, {}
+  for j = 1, #data do parts[j] = data[j][1] .. ':' .. data[j][2] end
+  local v, n = bv, bn
+  for k, c in pairs(changed) do
+    keys[#keys + 1] = k
+    if newer(c[1], c[2], v, n) then v, n = c[1], c[2] end
+  end
+  table.sort(keys)
+  local out = '{"author":' .. author .. ',"data":{' .. table.concat(parts, ',') .. '}'
+  if #keys > 0 then
+    local cs = {}
+    for j, k in ipairs(keys) do
+      cs[j] = k .. ':[' .. string.format('%.0f', changed[k][1]) .. ',"' .. changed[k][2] .. '"]'
+    end
+    out = out .. ',"fv":{"base":[' .. string.format('%.0f', bv) .. ',"' .. bn .. '"],"changed":{' .. table.concat(cs, ',') .. '}}'
+  end
+  if n ~= '' then out = out .. ',"node":"' .. n .. '"' end
+  return out .. ',"v":' .. string.format('%.0f', v) .. '}'
+end
+
+local function set(data, key, value)
+  for j = 1, #data do
+    if data[j][1] == key then
+      if value == 'null' then table.remove(data, j) else data[j][2] = value end
+      return
+    end
+  end
+  if value ~= 'null' then data[#data + 1] = {key, value} end
+end
+
+-- A patch (raw object; null removes a field) at (v, node) on a live value:
+-- the new value, or nil when it advances no field.
+local function merge_patch(current, patch, v, node)
+  local t = top(current)
+  local data = members(t['"data"'] or '{}')
+  local fields = members(patch)
+  if not data or not fields then return nil end
+  local bv, bn, changed = versions_of(t)
+  local advanced = false
+  for _, f in ipairs(fields) do
+    local c = changed[f[1]]
+    local fv, fn = bv, bn
+    if c then fv, fn = c[1], c[2] end
+    if newer(v, node, fv, fn) then
+      advanced = true
+      changed[f[1]] = {v, node}
+      set(data, f[1], f[2])
+    end
+  end
+  if not advanced then return nil end
+  return encode(t['"author"'], data, bv, bn, changed)
+end
+
+-- An upsert newer than a value's last upsert but not than all its fields: the
+-- fields patched after it keep their values (or their removal).
+local function merge_upsert(current, value, v, node)
+  local t, u = top(current), top(value)
+  local old = members(t['"data"'] or '{}')
+  local data = members(u['"data"'] or '{}')
+  if not old or not data then return nil end
+  local _, _, changed = versions_of(t)
+  local kept = {}
+  for k, c in pairs(changed) do
+    if newer(c[1], c[2], v, node) then
+      kept[k] = c
+      local found = nil
+      for j = 1, #old do if old[j][1] == k then found = old[j][2] end end
+      set(data, k, found or 'null')
+    end
+  end
+  return encode(u['"author"'], data, v, node, kept)
+end
+
 local function readable(value)
   local v = tonumber(string.match(value, '"v":(%d+)}$'))
   if not v or v < 1 or v > 9007199254740991 then return nil end
@@ -83,11 +247,15 @@ end
 /// horizon (PROTOCOL.md 4, 1.1: a sorted set of tombstones by version, pruned
 /// past retention or the cap, `horizon` raised) and the resume floor (a change
 /// applied more than the resume window below the greatest version raises it).
-/// KEYS: notes, meta, tombstones. ARGV: now_ms, the channel (empty without
-/// `--cluster`), retention (versions), max tombstones, then (id, value, v, node,
-/// relay) quintuples. Returns one code per note: 1 applied, 2 superseded (Redis
-/// holds a later version, or this one), 3 refused because the paper is sealed,
-/// 4 refused because it is at or below the horizon and the note is not there.
+/// Patches are merged field by field (PROTOCOL.md 2, 1.1), without decoding
+/// any value. KEYS: notes, meta, tombstones. ARGV: now_ms, the channel (empty
+/// without `--cluster`), retention (versions), max tombstones, then (kind, id,
+/// value, v, node, relay) sextuples, kind `w` (a whole note or tombstone) or `p`
+/// (a patch: value is the object of fields, `null` removing one). Returns one
+/// code per write: 1 applied, 2 superseded (Redis holds a later version, or
+/// this one), 3 refused because the paper is sealed, 4 refused because it is at
+/// or below the horizon and the note is not there, 5 a patch of a note that is
+/// not there.
 const WRITE_NOTES: &str = r#"
 local notes, meta, tombstones = KEYS[1], KEYS[2], KEYS[3]
 local now, channel, retention, max_tombstones = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -95,24 +263,46 @@ local window = 61440000 -- the resume window: 60 s of versions
 local out = {}
 -- A sealed paper's notes are what its stream entry says: late writes stay out.
 if redis.call('HGET', meta, 'completed') == '1' then
-  for i = 5, #ARGV, 5 do out[#out + 1] = 3 end
+  for i = 5, #ARGV, 6 do out[#out + 1] = 3 end
   return out
 end
 local horizon = tonumber(redis.call('HGET', meta, 'horizon') or '0') or 0
 local max_v = tonumber(redis.call('HGET', meta, 'max_v') or '0') or 0
 local floor = tonumber(redis.call('HGET', meta, 'resume_floor') or '0') or 0
-for i = 5, #ARGV, 5 do
-  local id, value, v, node = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+for i = 5, #ARGV, 6 do
+  local kind, id, value, v, node, relay = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5]
   local code = 1
   local current = redis.call('HGET', notes, id)
-  if current then
+  if kind == 'p' then
+    -- A patch changes the fields it advances of a live note; the note must be there.
+    local live = current and string.sub(current, 1, 15) ~= '{"deleted":true' and readable(current)
+    if not live then
+      code = 5
+    else
+      local merged = merge_patch(current, value, v, node)
+      if merged then value = merged else code = 2 end
+    end
+  elseif current then
     -- The end of the value says which is newer; only a stored value that looks
     -- newer is read whole, to check that it counts.
     local tail_v = tonumber(string.match(current, '"v":(%d+)}$'))
     local tail_node = string.match(current, '"node":"([%w_%-]*)","v":%d+}$') or ''
     if tail_v and (tail_v > v or (tail_v == v and tail_node >= node)) then
       local stored_v, stored_node = readable(current)
-      if stored_v and (stored_v > v or (stored_v == v and stored_node >= node)) then code = 2 end
+      if stored_v and (stored_v > v or (stored_v == v and stored_node >= node)) then
+        code = 2
+        -- Fields patched after their last upsert: a newer upsert or delete is
+        -- weighed against that upsert, field by field.
+        local base_v, base_n = base_of(current)
+        if base_v and (v > base_v or (v == base_v and node > base_n)) then
+          if string.sub(value, 1, 15) == '{"deleted":true' then
+            code = 1
+          else
+            local merged = merge_upsert(current, value, v, node)
+            if merged then value = merged; code = 1 end
+          end
+        end
+      end
     end
   elseif v <= horizon then
     -- Below the horizon, a note that is not there may have been dropped: a
@@ -128,12 +318,12 @@ for i = 5, #ARGV, 5 do
     end
     if v + window < max_v and max_v > floor then floor = max_v end
     if v > max_v then max_v = v end
-    if channel ~= '' and ARGV[i + 4] ~= '' then redis.call('PUBLISH', channel, ARGV[i + 4]) end
+    if channel ~= '' and relay ~= '' then redis.call('PUBLISH', channel, relay) end
   end
   out[#out + 1] = code
 end
 -- The horizon: tombstones past retention or past the cap go, oldest first.
-local dropped = redis.call('ZRANGEBYSCORE', tombstones, '-inf', '(' .. tostring(now * 1024 - retention), 'WITHSCORES')
+local dropped = redis.call('ZRANGEBYSCORE', tombstones, '-inf', '(' .. string.format('%.0f', now * 1024 - retention), 'WITHSCORES')
 local excess = redis.call('ZCARD', tombstones) - #dropped / 2 - max_tombstones
 if excess > 0 then
   dropped = redis.call('ZRANGE', tombstones, 0, #dropped / 2 + excess - 1, 'WITHSCORES')
@@ -189,8 +379,8 @@ local all = redis.call('HGETALL', notes)
 for i = 1, #all, 2 do
   local id, value = all[i], all[i + 1]
   if #id <= 64 and string.match(id, '^[%w_%-]+$') and readable(value) then
-    local author, data, v = string.match(value, '^{"author":(".-"),"data":(.*),"node":"[%w_%-]*","v":(%d+)}$')
-    if not author then author, data, v = string.match(value, '^{"author":(".-"),"data":(.*),"v":(%d+)}$') end
+    local t = top(value)
+    local author, data, v = t['"author"'], t['"data"'], t['"v"']
     if author then
       live[#live + 1] = {tonumber(v), '{"id":"' .. id .. '","author":' .. author .. ',"data":' .. data .. ',"v":' .. v .. '}'}
     end
@@ -487,9 +677,12 @@ impl Writer {
             let writes = &mut papers[at];
             match op {
                 Op::Note { id, note, relay, .. } => {
-                    let value = encode_note(&note.author, note.data.as_deref(), &note.node, note.v);
+                    let value =
+                        encode_note(&note.author, note.data.as_deref(), note.fields.as_deref(), &note.node, note.v);
                     let relay = relay.as_deref().unwrap_or_default();
-                    match writes.index.get(&**id) {
+                    // A whole write replaces an earlier whole write of the note in
+                    // the batch (an older version of it); patches are each sent.
+                    match writes.index.get(&**id).filter(|&&slot| writes.notes[slot].kind == WHOLE) {
                         Some(&slot) => {
                             let entry = &mut writes.notes[slot];
                             (entry.value, entry.v, entry.node, entry.relay) = (value, note.v, &note.node, relay);
@@ -497,16 +690,17 @@ impl Writer {
                         }
                         None => {
                             writes.index.insert(id, writes.notes.len());
-                            writes.notes.push(NoteWrite {
-                                id,
-                                value,
-                                v: note.v,
-                                node: &note.node,
-                                relay,
-                                ops: vec![i],
-                            });
+                            let entry =
+                                NoteWrite { kind: WHOLE, id, value, v: note.v, node: &note.node, relay, ops: vec![i] };
+                            writes.notes.push(entry);
                         }
                     }
+                }
+                Op::Patch { id, patch, v, node, relay, .. } => {
+                    writes.index.insert(id, writes.notes.len());
+                    let relay = relay.as_deref().unwrap_or_default();
+                    let value = patch.to_string();
+                    writes.notes.push(NoteWrite { kind: PATCH, id, value, v: *v, node, relay, ops: vec![i] });
                 }
                 Op::Cover { cover, relay, .. } => {
                     let value = encode_cover(cover.data.as_deref().unwrap_or("{}"), &cover.node, cover.v);
@@ -532,7 +726,7 @@ impl Writer {
                 cmd.arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper)).arg(keys::tombstones(writes.paper));
                 cmd.arg(now).arg(channel).arg(self.history.retention).arg(self.history.max_tombstones);
                 for note in &writes.notes {
-                    cmd.arg(note.id).arg(&note.value).arg(note.v).arg(note.node).arg(note.relay);
+                    cmd.arg(note.kind).arg(note.id).arg(&note.value).arg(note.v).arg(note.node).arg(note.relay);
                 }
             }
             if let Some((value, v, node, relay, _)) = &writes.cover {
@@ -609,6 +803,7 @@ impl Writer {
                             let reported = match code {
                                 Value::Int(3) => Reported::Op(Outcome::Sealed),
                                 Value::Int(4) => Reported::Failed("at or below the tombstone horizon".into()),
+                                Value::Int(5) => Reported::Failed("a patch of a note Redis does not hold".into()),
                                 _ => Reported::Op(Outcome::Saved),
                             };
                             for &i in ops {
@@ -740,6 +935,8 @@ impl Writer {
 /// The last write of one note in a batch (the earlier ones are older versions
 /// of it), and every op of that note.
 struct NoteWrite<'a> {
+    /// `WHOLE` (an upsert or a delete) or `PATCH`.
+    kind: &'static str,
     id: &'a str,
     value: String,
     v: u64,
@@ -748,6 +945,10 @@ struct NoteWrite<'a> {
     relay: &'a str,
     ops: Vec<usize>,
 }
+
+/// The kinds of note writes the write script takes.
+const WHOLE: &str = "w";
+const PATCH: &str = "p";
 
 /// How many tombstones a paper keeps, and for how long (in versions).
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,153 @@
+//! PROTOCOL.md 2, 3.1 and 3.2 (1.1): field patches, each field last-writer-wins
+//! on its own, on one node and across nodes.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+use crate::common::{eventually, token, unix_now, Client, Redis, Server, SECRET};
+
+/// A client's notes (id -> data), kept by applying messages in order.
+#[derive(Default, Debug, PartialEq)]
+struct Notes(BTreeMap<String, Map<String, Value>>);
+
+impl Notes {
+    fn from_snapshot(snapshot: &Value) -> Notes {
+        let mut notes = Notes::default();
+        for n in snapshot["notes"].as_array().unwrap() {
+            notes.0.insert(n["id"].as_str().unwrap().into(), n["data"].as_object().unwrap().clone());
+        }
+        notes
+    }
+
+    fn apply(&mut self, msg: &Value) {
+        let id = msg["id"].as_str().unwrap_or_default().to_string();
+        match msg["type"].as_str() {
+            Some("upsert") => {
+                self.0.insert(id, msg["data"].as_object().unwrap().clone());
+            }
+            Some("delete") => {
+                self.0.remove(&id);
+            }
+            Some("patch") => {
+                let note = self.0.entry(id).or_default();
+                for (k, v) in msg["data"].as_object().unwrap() {
+                    if v.is_null() {
+                        note.remove(k);
+                    } else {
+                        note.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn data_in_redis(redis: &Redis, paper: &str, id: &str) -> Value {
+    redis.note(paper, id).unwrap()["data"].clone()
+}
+
+/// Waits for `saved` covering `v`.
+fn saved(client: &mut Client, v: u64) {
+    while client.next_of("saved")["v"].as_u64().unwrap() < v {}
+}
+
+#[test]
+fn a_patch_changes_only_its_fields_everywhere() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &[]);
+    let mut a = server.join("p-patch", "user=ann");
+    let mut b = server.join("p-patch", "user=bob");
+    a.upsert("n1", json!({"x": 1, "y": 2, "text": "hi"}));
+    let v0 = a.next_of("upsert")["v"].as_u64().unwrap();
+    b.next_of("upsert");
+    a.send(json!({"type": "patch", "id": "n1", "data": {"x": 5, "y": null}, "ref": "p1"}));
+    let sent = a.next_of("patch");
+    assert_eq!(sent["data"], json!({"x": 5, "y": null}));
+    assert_eq!((sent["from"].as_str(), sent["ref"].as_str()), (Some(a.you.as_str()), Some("p1")));
+    let v = sent["v"].as_u64().unwrap();
+    assert!(v > v0);
+    assert_eq!(b.next_of("patch")["data"], json!({"x": 5, "y": null}));
+    saved(&mut a, v);
+    assert_eq!(data_in_redis(&redis, "p-patch", "n1"), json!({"x": 5, "text": "hi"}));
+    let fresh = Server::redis(&redis, &[]).join("p-patch", "");
+    let n1 = &fresh.snapshot["notes"][0];
+    assert_eq!((n1["data"].clone(), n1["v"].as_u64()), (json!({"x": 5, "text": "hi"}), Some(v)));
+}
+
+#[test]
+fn patches_are_refused_as_replacing_the_note_would_be() {
+    let server = Server::memory(&["--jwt-secret", SECRET, "--max-note-bytes", "60"]);
+    let exp = unix_now() + 600;
+    let join =
+        |user: &str, role: &str| server.join("p-rights", &format!("token={}", token(user, "p-rights", role, exp)));
+    let mut ann = join("ann", "writer");
+    ann.send(json!({"type": "upsert", "id": "n1", "data": {"t": "a"}}));
+    ann.next_of("upsert");
+    let mut bob = join("bob", "writer");
+    let refusal = |c: &mut Client, msg: Value| -> String {
+        c.send(msg);
+        c.next_of("error")["code"].as_str().unwrap().to_string()
+    };
+    assert_eq!(refusal(&mut bob, json!({"type": "patch", "id": "n1", "data": {"t": "b"}})), "forbidden");
+    let mut viewer = join("vi", "viewer");
+    assert_eq!(refusal(&mut viewer, json!({"type": "patch", "id": "n1", "data": {"t": "b"}})), "forbidden");
+    assert_eq!(refusal(&mut ann, json!({"type": "patch", "id": "nope", "data": {"t": "b"}})), "not_found");
+    assert_eq!(refusal(&mut ann, json!({"type": "patch", "id": "n1", "data": [1]})), "invalid_message");
+    let long = "x".repeat(50);
+    assert_eq!(
+        refusal(&mut ann, json!({"type": "patch", "id": "n1", "data": {"more": long}, "ref": "r"})),
+        "too_large"
+    );
+    let mut owner = join("olga", "owner");
+    owner.send(json!({"type": "patch", "id": "n1", "data": {"t": "moderated"}}));
+    assert_eq!(ann.next_of("patch")["data"], json!({"t": "moderated"}));
+}
+
+#[test]
+fn concurrent_patches_on_two_nodes_keep_both_fields_and_the_newest_of_one() {
+    let redis = Redis::start();
+    let node = |id: &str| Server::redis(&redis, &["--cluster", "--node-id", id, "--rate", "1000", "--burst", "1000"]);
+    let (a_node, b_node) = (node("a"), node("b"));
+    let mut a = a_node.join("p-race", "user=ann");
+    let mut b = b_node.join("p-race", "user=bob");
+    a.upsert("n1", json!({"x": 0, "text": ""}));
+    a.next_of("upsert");
+    b.next_of("upsert");
+    let mut views = [Notes::from_snapshot(&a_node.join("p-race", "").snapshot), Notes::default()];
+    views[1] = views[0].0.clone().into_iter().collect::<BTreeMap<_, _>>().into();
+    // One drags while the other types, over and over; the same field too.
+    for i in 0..20 {
+        a.send(json!({"type": "patch", "id": "n1", "data": {"x": i, "same": format!("a{i}")}}));
+        b.send(json!({"type": "patch", "id": "n1", "data": {"text": format!("t{i}"), "same": format!("b{i}")}}));
+    }
+    // Everyone ends with x from ann, text from bob, and one winner for `same`.
+    let expect_final = |data: &Value| data["x"] == 19 && data["text"] == "t19" && data["same"].is_string();
+    let stored = eventually("both fields in Redis", || {
+        let data = data_in_redis(&redis, "p-race", "n1");
+        expect_final(&data).then_some(data)
+    });
+    // Each client applies what it receives, in order, without merging, and
+    // ends where Redis is.
+    let until = crate::common::deadline();
+    for (client, view) in [&mut a, &mut b].into_iter().zip(views.iter_mut()) {
+        while Value::Object(view.0["n1"].clone()) != stored {
+            match client.event(until) {
+                crate::common::Event::Msg(msg) => view.apply(&msg),
+                crate::common::Event::Closed(frame) => panic!("closed: {frame:?}"),
+            }
+        }
+    }
+    for server in [&a_node, &b_node] {
+        eventually("every node to hold what Redis holds", || {
+            (server.join("p-race", "").snapshot["notes"][0]["data"] == stored).then_some(())
+        });
+    }
+}
+
+impl From<BTreeMap<String, Map<String, Value>>> for Notes {
+    fn from(map: BTreeMap<String, Map<String, Value>>) -> Self {
+        Notes(map)
+    }
+}
