@@ -6,8 +6,9 @@
 # Installs the `ws` package from the lock file when missing, builds the server,
 # starts its own redis-server (in a temporary directory, on a free loopback
 # port); test.mjs starts the servers. Everything started here is stopped on exit.
-# RP_REQUIRE_11=1 fails, rather than skips, the cases of PROTOCOL.md 1.1's
-# `meta` and `patch` on a server without them.
+# RP_ALLOW_10=1 skips, rather than fails, the cases of PROTOCOL.md 1.1's
+# `meta` and `patch` on a server without them (to test the client against an
+# older server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
