@@ -210,7 +210,7 @@ async function addNote(page, text) {
 
 async function dragNote(page, id, dx, dy) {
   const box = await page.locator(`[data-note-id="${id}"] [data-testid=note-handle]`).boundingBox();
-  const from = { x: box.x + 30, y: box.y + box.height / 2 };
+  const from = { x: box.x + box.width / 2, y: box.y + box.height / 2 };
   await page.mouse.move(from.x, from.y);
   await page.mouse.down();
   await page.mouse.move(from.x + dx, from.y + dy, { steps: 12 });
@@ -383,18 +383,21 @@ async function typingAndDraggingAtOnceConverge({ browser, problems }) {
   // Ben drags Ann's note while she writes: each sends only its fields
   // (`patch`), so both changes survive, and Ann's typing is never undone.
   const more = ' we will miss you at the office. Come back and visit us soon!';
+  const start = await notePosition(ben, id);
   const from = annSent.length;
   await Promise.all([ann.keyboard.type(more, { delay: 20 }), dragNote(ben, id, -180, 120)]);
   const typed = await ann.locator(`[data-note-id="${id}"] textarea`).inputValue();
   if (typed !== 'Dear Kim,' + more) throw new Error(`Ann's typing was changed under her: ${JSON.stringify(typed)}`);
   const moved = await notePosition(ben, id);
+  if (moved.x === start.x && moved.y === start.y) throw new Error('the drag did not move the note at Ben\'s');
   await waitNoteText(ben, id, typed);
   await waitNoteAt(ann, id, moved);
   await waitNoteAt(ben, id, moved);
   const edits = [...annSent.slice(from), ...benSent].filter((m) => m.id === id && m.type !== 'cursor');
   const bad = edits.filter((m) => m.type === 'upsert' && m !== annSent.find((x) => x.id === id));
   if (bad.length || !edits.some((m) => m.type === 'patch' && 'x' in m.data) || !edits.some((m) => m.type === 'patch' && 'text' in m.data)) {
-    throw new Error(`the edits were not field patches: ${JSON.stringify(edits.slice(0, 6))}`);
+    const summary = edits.map((m) => `${m.type}(${Object.keys(m.data ?? {}).join(',')})`).join(' ');
+    throw new Error(`the edits were not field patches of text and position: ${summary}`);
   }
   await ann.context().close();
   await ben.context().close();
