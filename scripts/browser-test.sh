@@ -62,9 +62,11 @@ free_port() {
 redis_pid=""
 cleanup() {
     local status=$?
-    # The server is test.mjs's child; should test.mjs have died first, its pid is here.
-    if [ -n "$work" ] && [ -f "$work/server.pid" ]; then
-        kill "$(cat "$work/server.pid")" 2>/dev/null || true
+    # The servers are test.mjs's children; should test.mjs have died first, their pids are here.
+    if [ -n "$work" ]; then
+        for pid_file in "$work"/*.pid; do
+            [ -f "$pid_file" ] && kill "$(cat "$pid_file")" 2>/dev/null || true
+        done
     fi
     if [ -n "$redis_pid" ]; then
         kill "$redis_pid" 2>/dev/null || true
@@ -101,6 +103,7 @@ cargo build --quiet --bin rollingpaper || die "cargo build failed"
 work=$(mktemp -d "${TMPDIR:-/tmp}/rp-browser.XXXXXX")
 redis_port=$(free_port)
 server_port=$(free_port)
+auth_port=$(free_port)
 start_redis "$redis_port"
 say "redis on 127.0.0.1:$redis_port, server on 127.0.0.1:$server_port"
 
@@ -110,6 +113,7 @@ status=0
 RP_BIN="$root/target/debug/rollingpaper" \
     RP_REDIS="redis://127.0.0.1:$redis_port" \
     RP_PORT="$server_port" \
+    RP_AUTH_PORT="$auth_port" \
     RP_WORK="$work" \
     RP_SCREENSHOTS="$screenshots" \
     CHROMIUM="$chromium_bin" \

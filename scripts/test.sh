@@ -34,6 +34,8 @@ echo "test.sh: a 30-second soak run (memory, descriptors, papers and Redis stay 
 bash scripts/soak.sh --duration 30
 echo "test.sh: third-party clients (Python websockets, Node ws)"
 bash scripts/interop.sh
+echo "test.sh: the page's JavaScript client under Node"
+bash scripts/client-test.sh
 echo "test.sh: wss:// through nginx to two nodes"
 bash scripts/tls-test.sh
 echo "test.sh: the page in a real browser (Chromium)"

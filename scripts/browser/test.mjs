@@ -1,17 +1,24 @@
 // End-to-end test of the page served at `/`, in headless Chromium driven by
-// playwright-core. Two people open the same paper in two browser contexts; what
-// one writes, drags or deletes appears at the other; after a server restart both
-// pages come back by themselves with every note. The server process is started
-// and restarted here (scripts/browser-test.sh starts Redis and passes its URL).
+// playwright-core. People open the same paper in separate browser contexts:
+// what one writes, drags or deletes appears at the others; the owner's cover is
+// seen by all; a note dragged by one while another types in it keeps both
+// changes (field patches); signatures stay after their author leaves; sealing
+// shows the final card; a phone-sized page fits; a server with auth on is
+// answered "not authorised", not "offline"; after a server restart the pages
+// come back by themselves with every note. axe-core checks the main views for
+// serious or critical accessibility violations. The servers are started and
+// restarted here (scripts/browser-test.sh starts Redis and passes its URL).
 //
 // Every wait is a condition with a deadline; nothing sleeps to synchronise.
 //
-// Environment: RP_BIN (server binary), RP_REDIS (redis URL), RP_PORT (port for
-// the server), RP_WORK (a scratch directory), RP_SCREENSHOTS (where screenshots
-// go), CHROMIUM (default /usr/bin/chromium).
+// Environment: RP_BIN (server binary), RP_REDIS (redis URL), RP_PORT and
+// RP_AUTH_PORT (ports for the server and for one with auth on), RP_WORK (a
+// scratch directory), RP_SCREENSHOTS (where screenshots go), CHROMIUM
+// (default /usr/bin/chromium).
 
 import { spawn } from 'node:child_process';
 import { openSync, readFileSync, writeFileSync, mkdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -44,21 +51,25 @@ const base = `http://127.0.0.1:${config.port}`;
 // ---- The server under test ---------------------------------------------------
 
 class Server {
-  constructor() {
+  /** `args` replace the Redis store; `name` names its log and pid files in RP_WORK. */
+  constructor({ port = config.port, name = 'server', args = null } = {}) {
+    this.port = port;
+    this.name = name;
+    this.args = args ?? ['--store', 'redis', '--redis', config.redis];
     this.child = null;
     this.exited = null;
-    this.log = openSync(join(config.work, 'server.log'), 'a');
+    this.log = openSync(join(config.work, `${name}.log`), 'a');
   }
 
   async start() {
     const child = spawn(config.bin, [
-      '--listen', `127.0.0.1:${config.port}`, '--store', 'redis', '--redis', config.redis, '--log-level', 'info',
+      '--listen', `127.0.0.1:${this.port}`, ...this.args, '--log-level', 'info',
     ], { stdio: ['ignore', this.log, this.log] });
     this.child = child;
     // The shell script kills this pid on exit, should this process die first.
-    writeFileSync(join(config.work, 'server.pid'), String(child.pid));
+    writeFileSync(join(config.work, `${this.name}.pid`), String(child.pid));
     this.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
-    await waitForHealthy(this.exited);
+    await waitForHealthy(this.exited, `http://127.0.0.1:${this.port}`);
   }
 
   /** SIGTERM, then waits for the process to be gone (it flushes its backlog first). */
@@ -75,14 +86,14 @@ class Server {
   }
 }
 
-async function waitForHealthy(exited) {
+async function waitForHealthy(exited, origin) {
   const deadline = Date.now() + STEP_TIMEOUT_MS;
   let gone = null;
   exited.then((how) => { gone = how; });
   while (Date.now() < deadline) {
     if (gone) throw new Error(`the server exited at start (${JSON.stringify(gone)}); see server.log`);
     try {
-      const res = await fetch(`${base}/healthz`);
+      const res = await fetch(`${origin}/healthz`);
       if (res.ok) return;
     } catch { /* not listening yet */ }
     await new Promise((r) => setTimeout(r, 50)); // poll interval of a condition with a deadline
@@ -149,8 +160,8 @@ async function screenshot(page, name) {
 /** Opens a page that records uncaught errors and any request leaving the server under test. */
 const openPages = new Set();
 
-async function openPage(browser, label, problems) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+async function openPage(browser, label, problems, contextOptions = {}, origin = base) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, ...contextOptions });
   const page = await context.newPage();
   openPages.add(page);
   page.on('close', () => openPages.delete(page));
@@ -158,11 +169,32 @@ async function openPage(browser, label, problems) {
   page.on('pageerror', (err) => problems.push(`${label}: uncaught error in the page: ${err.message}`));
   page.on('request', (req) => {
     const url = req.url();
-    if (!url.startsWith(base) && !url.startsWith(`ws://127.0.0.1:${config.port}/`) && !url.startsWith('data:')) {
+    if (!url.startsWith(origin) && !url.startsWith(origin.replace(/^http/, 'ws')) && !url.startsWith('data:')) {
       problems.push(`${label}: the page requested ${url}, outside the server`);
     }
   });
   return page;
+}
+
+const AXE_SOURCE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
+
+/**
+ * Runs axe-core in the page (WCAG 2.1 A and AA, and best practices) and fails
+ * on any serious or critical violation; `what` names the view in the error.
+ */
+async function checkAccessibility(page, what) {
+  // Evaluated through the debugging protocol, which the page's CSP does not govern.
+  await page.evaluate(AXE_SOURCE);
+  const violations = await page.evaluate(async () => {
+    const result = await window.axe.run(document, {
+      runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice'] },
+      resultTypes: ['violations'],
+    });
+    return result.violations
+      .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+      .map((v) => `${v.impact} ${v.id}: ${v.help} (${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join('; ')})`);
+  });
+  if (violations.length) throw new Error(`${page.label}: accessibility of ${what}:\n  ${violations.join('\n  ')}`);
 }
 
 async function addNote(page, text) {
@@ -178,7 +210,7 @@ async function addNote(page, text) {
 
 async function dragNote(page, id, dx, dy) {
   const box = await page.locator(`[data-note-id="${id}"] [data-testid=note-handle]`).boundingBox();
-  const from = { x: box.x + 30, y: box.y + box.height / 2 };
+  const from = { x: box.x + box.width / 2, y: box.y + box.height / 2 };
   await page.mouse.move(from.x, from.y);
   await page.mouse.down();
   await page.mouse.move(from.x + dx, from.y + dy, { steps: 12 });
@@ -187,6 +219,34 @@ async function dragNote(page, id, dx, dy) {
 
 // ---- Scenarios -------------------------------------------------------------------
 
+async function openPaperAs(page, url, name) {
+  await page.goto(url);
+  await waitOnline(page);
+  if (name) {
+    await page.getByTestId('name-input').fill(name);
+    await page.getByTestId('name-input').press('Enter');
+    await waitOnline(page);
+  }
+}
+
+async function useFreeLayout(page) {
+  await page.getByTestId('layout-free').check();
+  await waitUntil(page, 'the free layout', () => document.querySelector('[data-testid=board]').dataset.layout === 'free');
+}
+
+async function waitSaved(page) {
+  await waitUntil(page, 'all changes saved', () => document.querySelector('[data-testid=saved]')?.dataset.state === 'saved');
+}
+
+/** The messages a page sends on its WebSocket, parsed. */
+function recordSent(page) {
+  const sent = [];
+  page.on('websocket', (ws) => ws.on('framesent', (frame) => {
+    try { sent.push(JSON.parse(frame.payload)); } catch { /* not JSON */ }
+  }));
+  return sent;
+}
+
 async function twoPeopleWriteTogether({ browser, server, problems, shots }) {
   const paper = `e2e-${Date.now().toString(36)}`;
   const ann = await openPage(browser, 'Ann', problems);
@@ -194,22 +254,21 @@ async function twoPeopleWriteTogether({ browser, server, problems, shots }) {
 
   // Ann picks a paper from the form; Ben follows the shared link and names himself.
   await ann.goto(`${base}/`);
+  await checkAccessibility(ann, 'the landing form');
   await ann.getByTestId('paper-input').fill(paper);
   await ann.getByTestId('landing-name').fill('Ann');
   await ann.getByTestId('open-paper').click();
   await waitOnline(ann);
   const shared = ann.url();
   if (!shared.includes(`paper=${paper}`)) throw new Error(`the address ${shared} does not name the paper`);
-  await ben.goto(shared);
-  await waitOnline(ben);
-  await ben.getByTestId('name-input').fill('Ben');
-  await ben.getByTestId('name-input').press('Enter');
+  await openPaperAs(ben, shared, 'Ben');
   await waitMember(ann, 'Ben');
   await waitMember(ben, 'Ann');
-  await waitOnline(ben);
+  await useFreeLayout(ann);
+  await useFreeLayout(ben);
 
   // A note typed by Ann appears, with its text, at Ben's; Ben cannot edit it.
-  const text = 'Happy birthday, Kim! Thank you for every Friday cake.';
+  const text = 'Happy birthday, Kim! 🎂 Thank you for every Friday cake.';
   const id = await addNote(ann, text);
   await waitNoteText(ben, id, text);
   if (await ben.locator(`[data-note-id="${id}"] textarea`).count() !== 0) {
@@ -240,12 +299,10 @@ async function twoPeopleWriteTogether({ browser, server, problems, shots }) {
   await waitUntil(ben, `note ${scrap} to disappear`, (id) => !document.querySelector(`[data-note-id="${id}"]`), scrap);
 
   // Everything Ann and Ben wrote is in Redis before the restart.
-  for (const page of [ann, ben]) {
-    await waitUntil(page, 'all changes saved',
-      () => document.querySelector('[data-testid=saved]')?.dataset.state === 'saved');
-  }
+  for (const page of [ann, ben]) await waitSaved(page);
+  await checkAccessibility(ann, 'the free layout');
   await ann.mouse.move(board.x + 900, board.y + 400, { steps: 3 });
-  shots.push(await screenshot(ann, '1-ann-board'), await screenshot(ben, '2-ben-board'));
+  shots.push(await screenshot(ann, '1-ann-free-layout'), await screenshot(ben, '2-ben-free-layout'));
 
   // The server restarts: both pages say they are offline, then come back alone.
   const exit = await server.stop();
@@ -269,70 +326,184 @@ async function twoPeopleWriteTogether({ browser, server, problems, shots }) {
   }
   await waitMember(ann, 'Ben');
   await waitMember(ben, 'Ann');
-  shots.push(await screenshot(ann, '4-ann-after-restart'));
   await ann.context().close();
   await ben.context().close();
 }
 
-async function completingSealsThePaper({ browser, problems, shots }) {
-  const paper = `e2e-done-${Date.now().toString(36)}`;
+async function coverSetByTheOwner({ browser, problems, shots }) {
+  const paper = `e2e-cover-${Date.now().toString(36)}`;
   const ann = await openPage(browser, 'Ann', problems);
   const ben = await openPage(browser, 'Ben', problems);
-  await ann.goto(`${base}/?paper=${paper}`);
-  await waitOnline(ann);
-  await ben.goto(`${base}/#${paper}`);
-  await waitOnline(ben);
-  const id = await addNote(ann, 'Congratulations on the new job!');
-  await waitNoteText(ben, id, 'Congratulations on the new job!');
+  await openPaperAs(ann, `${base}/?paper=${paper}`, 'Ann');
+  await openPaperAs(ben, `${base}/?paper=${paper}`, 'Ben');
 
-  await ben.getByTestId('complete').click();
-  await ben.getByTestId('complete-yes').click();
+  await ann.getByTestId('edit-cover').click();
+  await checkAccessibility(ann, 'the cover form');
+  await ann.getByTestId('cover-title-input').fill('Happy birthday, Kim! 🎉');
+  await ann.getByTestId('cover-to-input').fill('Kim');
+  await ann.getByTestId('cover-occasion-input').fill('Birthday');
+  await ann.getByTestId('cover-save').click();
   for (const page of [ann, ben]) {
-    await waitUntil(page, 'the completed banner', () => {
-      const banner = document.querySelector('[data-testid=completed-banner]');
-      return banner !== null && !banner.hidden && /sealed/.test(banner.textContent);
-    });
+    await waitUntil(page, 'the cover', () =>
+      document.querySelector('[data-testid=cover-title]').textContent === 'Happy birthday, Kim! 🎉'
+      && document.querySelector('[data-testid=cover-to]').textContent === 'For Kim'
+      && document.querySelector('[data-testid=cover-occasion]').textContent === 'Birthday');
   }
-  const editable = await ann.evaluate((id) => ({
-    text: !document.querySelector(`[data-note-id="${id}"] textarea`).readOnly,
-    add: !document.querySelector('[data-testid=add-note]').disabled,
-  }), id);
-  if (editable.text || editable.add) throw new Error(`a completed paper is still editable: ${JSON.stringify(editable)}`);
+  await addNote(ann, 'Happy birthday! May the year be as kind to you as you are to us.');
+  await addNote(ben, 'Cake on Friday is on me 🍰');
+  for (const page of [ann, ben]) await waitSaved(page);
 
-  // A refusal is shown to the person: an edit forced past the disabled controls.
-  await ann.evaluate((id) => state.ws.send(JSON.stringify({ type: 'upsert', id, data: { text: 'late' }, ref: 'late' })), id);
-  await waitUntil(ann, 'the paper_completed refusal to show', () =>
-    [...document.querySelectorAll('[data-testid=toast]')].some((t) => t.textContent.includes('paper_completed')));
-  await waitNoteText(ben, id, 'Congratulations on the new job!');
-  shots.push(await screenshot(ann, '5-ann-completed'));
-  await ann.context().close();
-  await ben.context().close();
+  // A late joiner sees the cover in its snapshot.
+  const cat = await openPage(browser, 'Cat', problems);
+  await openPaperAs(cat, `${base}/?paper=${paper}`);
+  await waitUntil(cat, 'the cover', () => document.querySelector('[data-testid=cover-title]').textContent === 'Happy birthday, Kim! 🎉');
+
+  // The link to share names the paper, not the person.
+  await ben.getByTestId('copy-link').click();
+  await waitUntil(ben, 'the copied link', () => [...document.querySelectorAll('[data-testid=toast]')].some((t) => t.textContent.includes('?paper=')));
+  await checkAccessibility(ben, 'the card with its cover and notes');
+  shots.push(await screenshot(ben, '4-desktop-card'));
+  for (const page of [ann, ben, cat]) await page.context().close();
 }
 
 async function typingAndDraggingAtOnceConverge({ browser, problems }) {
   const paper = `e2e-race-${Date.now().toString(36)}`;
   const ann = await openPage(browser, 'Ann', problems);
   const ben = await openPage(browser, 'Ben', problems);
-  await ann.goto(`${base}/?paper=${paper}`);
-  await ben.goto(`${base}/?paper=${paper}`);
-  await waitOnline(ann);
-  await waitOnline(ben);
+  const annSent = recordSent(ann);
+  const benSent = recordSent(ben);
+  await openPaperAs(ann, `${base}/?paper=${paper}`);
+  await openPaperAs(ben, `${base}/?paper=${paper}`);
+  await useFreeLayout(ann);
+  await useFreeLayout(ben);
   const id = await addNote(ann, 'Dear Kim,');
   await waitNoteText(ben, id, 'Dear Kim,');
+  await waitSaved(ann);
 
-  // Ben moves Ann's note while she writes: each upsert carries the whole data,
-  // so Ben's carry older text and Ann's older positions. Neither may win over
-  // the other's part for good, and Ann's typing must never be undone under her.
+  // Ben drags Ann's note while she writes: each sends only its fields
+  // (`patch`), so both changes survive, and Ann's typing is never undone.
   const more = ' we will miss you at the office. Come back and visit us soon!';
+  const start = await notePosition(ben, id);
+  const from = annSent.length;
   await Promise.all([ann.keyboard.type(more, { delay: 20 }), dragNote(ben, id, -180, 120)]);
   const typed = await ann.locator(`[data-note-id="${id}"] textarea`).inputValue();
   if (typed !== 'Dear Kim,' + more) throw new Error(`Ann's typing was changed under her: ${JSON.stringify(typed)}`);
   const moved = await notePosition(ben, id);
+  if (moved.x === start.x && moved.y === start.y) throw new Error('the drag did not move the note at Ben\'s');
   await waitNoteText(ben, id, typed);
   await waitNoteAt(ann, id, moved);
   await waitNoteAt(ben, id, moved);
+  const edits = [...annSent.slice(from), ...benSent].filter((m) => m.id === id && m.type !== 'cursor');
+  const bad = edits.filter((m) => m.type === 'upsert' && m !== annSent.find((x) => x.id === id));
+  if (bad.length || !edits.some((m) => m.type === 'patch' && 'x' in m.data) || !edits.some((m) => m.type === 'patch' && 'text' in m.data)) {
+    const summary = edits.map((m) => `${m.type}(${Object.keys(m.data ?? {}).join(',')})`).join(' ');
+    throw new Error(`the edits were not field patches of text and position: ${summary}`);
+  }
   await ann.context().close();
   await ben.context().close();
+}
+
+async function signaturesOutliveTheirAuthors({ browser, problems }) {
+  const paper = `e2e-sign-${Date.now().toString(36)}`;
+  const ann = await openPage(browser, 'Ann', problems);
+  const ben = await openPage(browser, 'Ben', problems);
+  await openPaperAs(ann, `${base}/?paper=${paper}`, 'Ann');
+  await openPaperAs(ben, `${base}/?paper=${paper}`, 'Ben');
+  const id = await addNote(ann, 'Good luck in Lisbon!');
+  await waitNoteText(ben, id, 'Good luck in Lisbon!');
+  await waitSaved(ann);
+  await ann.context().close();
+  await waitUntil(ben, 'Ann to leave', () =>
+    ![...document.querySelectorAll('[data-testid=member-name]')].some((m) => m.textContent === 'Ann'));
+  const signed = (id) => document.querySelector(`[data-note-id="${id}"] [data-testid=note-author]`)?.textContent === '— Ann';
+  await waitUntil(ben, 'the signature after Ann left', signed, id);
+  const cat = await openPage(browser, 'Cat', problems);
+  await openPaperAs(cat, `${base}/?paper=${paper}`);
+  await waitUntil(cat, 'the signature for a later joiner', signed, id);
+  await ben.context().close();
+  await cat.context().close();
+}
+
+async function completingSealsThePaper({ browser, problems, shots }) {
+  const paper = `e2e-done-${Date.now().toString(36)}`;
+  const ann = await openPage(browser, 'Ann', problems);
+  const ben = await openPage(browser, 'Ben', problems);
+  await openPaperAs(ann, `${base}/?paper=${paper}`, 'Ann');
+  await openPaperAs(ben, `${base}/#${paper}`, 'Ben');
+  const id = await addNote(ann, 'Congratulations on the new job!');
+  await addNote(ben, 'So proud of you 🥳');
+  await waitNoteText(ben, id, 'Congratulations on the new job!');
+
+  await ben.getByTestId('complete').click();
+  await ben.getByTestId('complete-yes').click();
+  for (const page of [ann, ben]) {
+    await waitUntil(page, 'the final card', () => {
+      const banner = document.querySelector('[data-testid=completed-banner]');
+      const stamp = document.querySelector('[data-testid=sealed-stamp]');
+      return banner !== null && !banner.hidden && /sealed/.test(banner.textContent)
+        && document.querySelector('[data-testid=final-card]') !== null && stamp.offsetHeight > 0
+        && document.querySelectorAll('[data-testid=note]').length === 2;
+    });
+  }
+  const editable = await ann.evaluate((id) => ({
+    text: !document.querySelector(`[data-note-id="${id}"] textarea`).readOnly,
+    add: document.querySelector('[data-testid=add-note]').offsetHeight > 0,
+  }), id);
+  if (editable.text || editable.add) throw new Error(`a completed paper is still editable: ${JSON.stringify(editable)}`);
+
+  // A refusal is shown to the person: an edit forced past the controls.
+  await ann.evaluate((id) => window.rollingpaper.client.sendRaw({ type: 'upsert', id, data: { text: 'late' }, ref: 'late' }), id);
+  await waitUntil(ann, 'the paper_completed refusal to show', () =>
+    [...document.querySelectorAll('[data-testid=toast]')].some((t) => t.textContent.includes('paper_completed')));
+  await waitNoteText(ben, id, 'Congratulations on the new job!');
+  await checkAccessibility(ben, 'the final card');
+  shots.push(await screenshot(ben, '5-final-card'));
+  await ann.context().close();
+  await ben.context().close();
+}
+
+async function onAPhone({ browser, problems, shots }) {
+  const paper = `e2e-phone-${Date.now().toString(36)}`;
+  const kim = await openPage(browser, 'Kim', problems, { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
+  await kim.goto(`${base}/`);
+  await checkAccessibility(kim, 'the landing form on a phone');
+  await openPaperAs(kim, `${base}/?paper=${paper}`, 'Kim');
+  await kim.getByTestId('edit-cover').click();
+  await kim.getByTestId('cover-title-input').fill('Farewell, Sam');
+  await kim.getByTestId('cover-to-input').fill('Sam');
+  await kim.getByTestId('cover-occasion-input').fill('Farewell');
+  await kim.getByTestId('cover-save').click();
+  await waitUntil(kim, 'the cover', () => document.querySelector('[data-testid=cover-title]').textContent === 'Farewell, Sam');
+  await addNote(kim, 'We will miss you, Sam! Send us pictures from the mountains 🏔️');
+  await addNote(kim, 'Thank you for all the help.');
+  await waitSaved(kim);
+  await kim.locator(':focus').blur();
+  const layout = await kim.evaluate(() => ({
+    scroll: document.documentElement.scrollWidth,
+    add: document.querySelector('[data-testid=add-note]').getBoundingClientRect().right,
+    note: document.querySelector('[data-testid=note]').getBoundingClientRect().right,
+  }));
+  if (layout.scroll > 390 || layout.add > 390 || layout.note > 390) throw new Error(`the card is wider than the phone: ${JSON.stringify(layout)}`);
+  await checkAccessibility(kim, 'the card on a phone');
+  shots.push(await screenshot(kim, '6-phone-card'));
+  await kim.context().close();
+}
+
+async function notAuthorisedIsNotOffline({ browser, problems, shots, authServer }) {
+  const paper = `e2e-auth-${Date.now().toString(36)}`;
+  const authBase = `http://127.0.0.1:${authServer.port}`;
+  const eve = await openPage(browser, 'Eve', problems, {}, authBase);
+  await eve.goto(`${authBase}/?paper=${paper}`);
+  await waitUntil(eve, '"not authorised"', () => {
+    const pill = document.querySelector('[data-testid=connection]');
+    const banner = document.querySelector('[data-testid=denied-banner]');
+    return pill.dataset.state === 'unauthorised' && pill.textContent === 'Not authorised'
+      && !banner.hidden && /not authorised/.test(banner.textContent)
+      && document.querySelector('[data-testid=offline-banner]').hidden;
+  });
+  await checkAccessibility(eve, 'the "not authorised" view');
+  shots.push(await screenshot(eve, '7-not-authorised'));
+  await eve.context().close();
 }
 
 // ---- Runner ------------------------------------------------------------------------
@@ -346,6 +517,10 @@ async function screenshotFailure(shots) {
 }
 
 const server = new Server();
+// Auth on, for the "not authorised" case: no Redis needed.
+const authServer = new Server({
+  port: Number(env('RP_AUTH_PORT')), name: 'auth-server', args: ['--store', 'memory', '--jwt-secret', 'browser-test-secret-0123456789'],
+});
 let browser;
 // Set once the run is being cut short; what fails after that is its echo, not news.
 let aborting = false;
@@ -362,7 +537,7 @@ async function main() {
   let passed = 0;
   let failed = 0;
   try {
-    await server.start();
+    await Promise.all([server.start(), authServer.start()]);
     // Signals are this script's to handle (abort below), not Playwright's.
     browser = await chromium.launch({
       executablePath: config.chromium, headless: true, args: CHROMIUM_ARGS,
@@ -370,14 +545,18 @@ async function main() {
     });
     const scenarios = [
       ['two people write, drag and delete together, and survive a server restart', twoPeopleWriteTogether],
-      ['typing and dragging one note at once converge', typingAndDraggingAtOnceConverge],
-      ['completing a paper seals it for everyone', completingSealsThePaper],
+      ['the owner sets the cover, the others see it', coverSetByTheOwner],
+      ['typing and dragging one note at once keep both (patch)', typingAndDraggingAtOnceConverge],
+      ['signatures outlive their authors', signaturesOutliveTheirAuthors],
+      ['sealing shows the final card to everyone', completingSealsThePaper],
+      ['the card on a phone (390x844)', onAPhone],
+      ['401 is shown as "not authorised", not offline', notAuthorisedIsNotOffline],
     ];
     for (const [name, run] of scenarios) {
       const started = Date.now();
       const before = problems.length;
       try {
-        await run({ browser, server, problems, shots });
+        await run({ browser, server, authServer, problems, shots });
         if (problems.length > before) throw new Error(problems.slice(before).join('\n'));
         passed += 1;
         console.log(`browser test: ok   ${name} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
@@ -395,6 +574,7 @@ async function main() {
   } finally {
     await browser?.close().catch(() => {});
     await server.stop().catch(() => server.kill());
+    await authServer.stop().catch(() => authServer.kill());
   }
   if (aborting) return 1;
   if (failed > 0) printServerLog();
@@ -420,6 +600,7 @@ async function abort(why, { signalled = false } = {}) {
   aborting = true;
   console.error(`browser test: FAIL ${why}`);
   server.kill();
+  authServer.kill();
   await withDeadline(browser?.close() ?? Promise.resolve(), 5000, 'the browser to close').catch(() => {});
   if (!signalled) {
     printServerLog();

@@ -11,6 +11,9 @@ use crate::protocol::is_valid_id;
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// The rolling-paper page served at `/`: the reference client, in one file.
 const PAGE: &str = include_str!("../web/index.html");
+/// The page's protocol client, an ES module front ends may use too, and its types.
+const CLIENT: &str = include_str!("../web/rollingpaper-client.js");
+const CLIENT_TYPES: &str = include_str!("../web/rollingpaper-client.d.ts");
 /// Headers a request may carry.
 const MAX_HEADERS: usize = 48;
 /// Longest `user` or `name` kept from the query; longer ones are cut.
@@ -137,16 +140,18 @@ fn route(req: &httparse::Request, policy: &Policy) -> Route {
             Ok(key) => Route::Echo(key),
             Err(reply) => Route::Reply(reply),
         },
-        "/" if get => Route::Reply(Reply {
-            status: 200,
-            extra_headers: "",
-            content_type: "text/html; charset=utf-8",
-            body: PAGE.to_string(),
-        }),
+        "/" if get => Route::Reply(page(PAGE, "text/html; charset=utf-8")),
+        "/client.js" if get => Route::Reply(page(CLIENT, "text/javascript; charset=utf-8")),
+        "/client.d.ts" if get => Route::Reply(page(CLIENT_TYPES, "text/plain; charset=utf-8")),
         _ if get && path.starts_with("/ws/") && !path[4..].contains('/') => upgrade(req, &path[4..], query, policy),
         _ if get && path.starts_with("/papers/") && !path[8..].contains('/') => read_paper(req, &path[8..], policy),
         _ => Route::Reply(Reply::text(404, "not found")),
     }
+}
+
+/// A static file of the page, `200` (never cached, as every reply: `Reply::to_bytes`).
+fn page(body: &str, content_type: &'static str) -> Reply {
+    Reply { status: 200, extra_headers: "", content_type, body: body.to_string() }
 }
 
 fn header<'a>(req: &'a httparse::Request, name: &str) -> Option<&'a str> {
@@ -313,6 +318,23 @@ mod tests {
             Ok(Parsed::Partial) => 0,
             Err(reply) => reply.status,
         }
+    }
+
+    #[test]
+    fn the_page_and_its_client_module_are_served_with_their_types() {
+        for (path, content_type, starts) in [
+            ("/", "text/html; charset=utf-8", "<!doctype html>"),
+            ("/client.js", "text/javascript; charset=utf-8", "// rollingpaper client"),
+            ("/client.d.ts", "text/plain; charset=utf-8", "// Types of the rollingpaper client"),
+        ] {
+            let Ok(Parsed::Complete { route: Route::Reply(reply), .. }) = get(path, "") else {
+                panic!("{path} is not served")
+            };
+            assert_eq!((reply.status, reply.content_type), (200, content_type), "{path}");
+            assert!(reply.body.starts_with(starts), "{path}");
+            assert!(String::from_utf8_lossy(&reply.to_bytes()).contains("Cache-Control: no-store\r\n"), "{path}");
+        }
+        assert_eq!(status(get("/client.mjs", "")), 404);
     }
 
     #[test]

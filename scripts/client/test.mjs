@@ -1,0 +1,471 @@
+// Tests of the page's protocol client (src/web/rollingpaper-client.js) under
+// Node, with the `ws` package as its WebSocket: against the real server (one
+// with Redis, restarted in the middle, and one with auth on), and against a
+// scripted server for the messages a healthy server rarely sends (a snapshot
+// in mid-session, write_failed, a snapshot with `since`).
+//
+// Every wait is a condition with a deadline; nothing sleeps to synchronise.
+//
+// Environment (scripts/client-test.sh sets it): RP_BIN (server binary),
+// RP_REDIS (redis URL), RP_WORK (a scratch directory).
+
+import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { openSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import WebSocket, { WebSocketServer } from 'ws';
+import { RollingPaper } from '../../src/web/rollingpaper-client.js';
+
+const STEP_TIMEOUT_MS = 10_000;
+const GLOBAL_TIMEOUT_MS = 110_000;
+const SECRET = 'client-test-secret-0123456789';
+
+const config = { bin: need('RP_BIN'), redis: need('RP_REDIS'), work: need('RP_WORK') };
+
+function need(name) {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set; run scripts/client-test.sh`);
+  return value;
+}
+
+// ---- Helpers ----------------------------------------------------------------------
+
+async function until(what, predicate, timeout = STEP_TIMEOUT_MS) {
+  const deadline = Date.now() + timeout;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeout} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10)); // poll interval of a condition with a deadline
+  }
+}
+
+function check(condition, what) {
+  if (!condition) throw new Error(what);
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer().listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
+}
+
+/** A WebSocket class that records the addresses it opens. */
+function recordingWebSocket(urls) {
+  return class extends WebSocket {
+    constructor(url) {
+      urls.push(url);
+      super(url);
+    }
+  };
+}
+
+const clients = new Set();
+
+/** A client with short backoffs, recording its events in `.events`. */
+function client(url, paper, options = {}) {
+  const urls = [];
+  const rp = new RollingPaper({
+    url, paper, WebSocket: recordingWebSocket(urls), backoffMinMs: 100, backoffMaxMs: 800, retryRefusedMs: 200, ...options,
+  });
+  rp.urls = urls;
+  rp.events = [];
+  for (const type of ['status', 'refused', 'saved', 'applied', 'write_failed', 'unconfirmed', 'denied', 'completed', 'snapshot', 'join', 'leave']) {
+    rp.on(type, (detail) => rp.events.push({ type, detail }));
+  }
+  rp.eventsOf = (type) => rp.events.filter((e) => e.type === type).map((e) => e.detail);
+  clients.add(rp);
+  rp.connect();
+  return rp;
+}
+
+async function online(rp) {
+  await until(`${rp.options.name || rp.options.user || 'client'} online`, () => rp.state.status === 'online' && rp.isOpen);
+}
+
+function jwt(claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ exp: Math.floor(Date.now() / 1000) + 600, ...claims })}`;
+  return `${head}.${createHmac('sha256', SECRET).update(head).digest('base64url')}`;
+}
+
+// ---- The server under test ------------------------------------------------------------
+
+class Server {
+  constructor(name, args) {
+    this.name = name;
+    this.args = args;
+    this.child = null;
+    this.log = openSync(join(config.work, `${name}.log`), 'a');
+  }
+
+  async start() {
+    this.port ??= await freePort();
+    this.url = `http://127.0.0.1:${this.port}`;
+    const child = spawn(config.bin, ['--listen', `127.0.0.1:${this.port}`, ...this.args], { stdio: ['ignore', this.log, this.log] });
+    this.child = child;
+    writeFileSync(join(config.work, `${this.name}.pid`), String(child.pid));
+    this.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+    const deadline = Date.now() + STEP_TIMEOUT_MS;
+    for (;;) {
+      if (child.exitCode !== null) throw new Error(`${this.name} exited at start; see ${this.name}.log`);
+      try {
+        if ((await fetch(`${this.url}/healthz`)).ok) return;
+      } catch { /* not listening yet */ }
+      if (Date.now() > deadline) throw new Error(`${this.name} did not answer /healthz`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  async stop() {
+    if (!this.child || this.child.exitCode !== null) return;
+    this.child.kill('SIGTERM');
+    await this.exited;
+    this.child = null;
+  }
+
+  kill() {
+    if (this.child && this.child.exitCode === null) this.child.kill('SIGKILL');
+  }
+}
+
+/** Which of 1.1's `meta` and `patch` the server speaks: a refusal says no. */
+async function speaks11(url) {
+  const rp = client(url, `probe-${Date.now().toString(36)}`, { user: 'probe' });
+  await online(rp);
+  const cover = rp.setCover({ title: 'probe' });
+  const { id } = rp.create({ text: 'probe' });
+  rp.flush();
+  const patch = rp.patch(id, { text: 'probed' });
+  const settled = (ref) => rp.eventsOf('applied').some((e) => e.ref === ref) || rp.eventsOf('refused').some((e) => e.ref === ref && !e.retrying);
+  await until('the probes to settle', () => settled(cover) && settled(patch));
+  rp.close();
+  return { meta: rp.eventsOf('applied').some((e) => e.ref === cover), patch: !rp.patchless };
+}
+
+// ---- Scenarios against the real server ----------------------------------------------------
+
+const paperId = (name) => `client-${name}-${Date.now().toString(36)}`;
+
+async function optimisticEditsAreSavedOneByOne({ redisServer }) {
+  const paper = paperId('saved');
+  const ann = client(redisServer.url, paper, { user: 'ann', name: 'Ann' });
+  await online(ann);
+  const ben = client(redisServer.url, paper, { user: 'ben', name: 'Ben' });
+  await online(ben);
+  await until('Ann to see Ben join', () => Object.values(ann.state.members).some((m) => m.name === 'Ben'));
+  check(Object.values(ben.state.members).some((m) => m.name === 'Ann'), 'Ben\'s snapshot lacks Ann');
+
+  // Shown at once, before any answer; then confirmed with a version, then saved.
+  const { id, ref } = ann.create({ kind: 'text', text: 'Happy birthday, Kim!', author_name: 'Ann' });
+  check(ann.state.notes[id]?.pending === true && ann.state.notes[id].v === 0, 'a new note is not shown at once as pending');
+  const second = ann.create({ kind: 'text', text: 'Second', author_name: 'Ann' });
+  await until('Ben to see the note', () => ben.state.notes[id]?.data.text === 'Happy birthday, Kim!');
+  await until('both edits saved', () => [ref, second.ref].every((r) => ann.eventsOf('saved').some((e) => e.ref === r)));
+  check(ann.state.notes[id].v > 0 && !ann.state.notes[id].pending, 'the saved note is still pending');
+  check(ann.state.pending === 0, `edits still pending: ${ann.state.pending}`);
+  check(ann.state.lastV >= ann.state.notes[id].v, 'lastV is below a seen version');
+
+  // Ann leaves; her signature stays with her note.
+  ann.close();
+  await until('Ben to see Ann leave', () => !Object.values(ben.state.members).some((m) => m.name === 'Ann'));
+  check(ben.state.notes[id].data.author_name === 'Ann', 'the signature went with its author');
+  ben.close();
+}
+
+async function refusalsAreTypedAndRolledBack({ redisServer }) {
+  const paper = paperId('refusals');
+  const rp = client(redisServer.url, paper, { user: 'ann' });
+  await online(rp);
+  const missing = rp.remove('no-such-note');
+  await until('not_found', () => rp.eventsOf('refused').some((e) => e.ref === missing));
+  const refusal = rp.eventsOf('refused').find((e) => e.ref === missing);
+  check(refusal.code === 'not_found' && refusal.edit?.kind === 'delete', `not the refusal expected: ${JSON.stringify(refusal)}`);
+
+  const big = rp.create({ kind: 'text', text: 'x'.repeat(20 * 1024) });
+  check(rp.state.notes[big.id], 'the big note is not shown at once');
+  await until('too_large', () => rp.eventsOf('refused').some((e) => e.ref === big.ref && e.code === 'too_large'));
+  check(!rp.state.notes[big.id], 'a refused create is still shown');
+
+  rp.sendRaw({ type: 'shout' });
+  await until('invalid_message', () => rp.eventsOf('refused').some((e) => e.code === 'invalid_message' && e.ref === null));
+  check(rp.state.pending === 0, 'refused edits are still pending');
+  rp.close();
+}
+
+async function dragAndTypeAtOnceKeepBoth({ redisServer }) {
+  const paper = paperId('patch');
+  const ann = client(redisServer.url, paper, { user: 'ann', name: 'Ann' });
+  const ben = client(redisServer.url, paper, { user: 'ben', name: 'Ben' });
+  await online(ann);
+  await online(ben);
+  const { id } = ann.create({ kind: 'text', text: 'Dear Kim,', x: 10, y: 10, author_name: 'Ann' });
+  await until('Ben to see the note', () => ben.state.notes[id]?.v > 0);
+  // Interleaved: Ann types while Ben drags, each patching only their fields.
+  for (let i = 1; i <= 10; i++) {
+    ann.patch(id, { text: 'Dear Kim,' + ' we miss you'.repeat(i) });
+    ben.patch(id, { x: 10 + i * 20, y: 10 + i * 10 });
+    await new Promise((r) => setTimeout(r, 15)); // pacing of the simulated typing, not a synchronisation
+  }
+  const want = { text: 'Dear Kim,' + ' we miss you'.repeat(10), x: 210, y: 110 };
+  for (const rp of [ann, ben]) {
+    await until(`${rp.options.name} to hold both changes`, () => {
+      const d = rp.state.notes[id]?.data;
+      return d && d.text === want.text && d.x === want.x && d.y === want.y && rp.state.pending === 0;
+    });
+  }
+  // A third member joining now gets the same.
+  const cat = client(redisServer.url, paper, { user: 'cat' });
+  await online(cat);
+  const d = cat.state.notes[id].data;
+  check(d.text === want.text && d.x === want.x && d.y === want.y, `a joiner sees ${JSON.stringify(d)}`);
+  for (const rp of [ann, ben, cat]) rp.close();
+}
+
+async function coverIsSharedAndSealingReplacesTheView({ redisServer }) {
+  const paper = paperId('cover');
+  const ann = client(redisServer.url, paper, { user: 'ann', name: 'Ann' });
+  const ben = client(redisServer.url, paper, { user: 'ben', name: 'Ben' });
+  await online(ann);
+  await online(ben);
+  const cover = { title: 'Happy birthday, Kim', to: 'Kim', occasion: 'Birthday' };
+  ann.setCover(cover);
+  check(ann.state.cover.data.title === cover.title, 'the cover is not shown at once');
+  await until('Ben to see the cover', () => ben.state.cover.data.title === cover.title && ben.state.cover.v > 0);
+  const { id } = ann.create({ kind: 'text', text: 'Congratulations!', author_name: 'Ann' });
+  await until('Ben to see the note', () => ben.state.notes[id]?.v > 0);
+  ben.complete();
+  for (const rp of [ann, ben]) {
+    await until(`${rp.options.name} to see the seal`, () => rp.state.completed && rp.eventsOf('completed').length === 1);
+    check(rp.state.notes[id]?.data.text === 'Congratulations!', 'the sealed notes lack the note');
+    check(rp.state.cover.data.title === cover.title, 'the cover was lost at the seal');
+  }
+  const late = ann.patch(id, { text: 'too late' });
+  await until('a local paper_completed refusal', () => ann.eventsOf('refused').some((e) => e.ref === late && e.code === 'paper_completed'));
+  check(ann.state.notes[id].data.text === 'Congratulations!', 'an edit after the seal shows');
+  // A later joiner gets a sealed paper with its cover.
+  const cat = client(redisServer.url, paper, { user: 'cat' });
+  await online(cat);
+  check(cat.state.completed && cat.state.cover.data.to === 'Kim', 'the joiner misses the seal or the cover');
+  for (const rp of [ann, ben, cat]) rp.close();
+}
+
+async function completingWithoutCover({ redisServer }) {
+  const paper = paperId('seal');
+  const ann = client(redisServer.url, paper, { user: 'ann', name: 'Ann' });
+  const ben = client(redisServer.url, paper, { user: 'ben', name: 'Ben' });
+  await online(ann);
+  await online(ben);
+  const { id } = ann.create({ kind: 'text', text: 'Well done!' });
+  await until('Ben to see the note', () => ben.state.notes[id]?.v > 0);
+  ben.complete();
+  for (const rp of [ann, ben]) {
+    await until(`${rp.options.name} to see the seal`, () => rp.state.completed);
+    check(rp.state.notes[id]?.data.text === 'Well done!', 'the sealed notes lack the note');
+  }
+  for (const rp of [ann, ben]) rp.close();
+}
+
+async function notAuthorisedIsNotOffline({ authServer }) {
+  const paper = paperId('auth');
+  const cases = [
+    ['no token', {}, 'unauthorised'],
+    ['a token signed with another secret', { token: jwt({ sub: 'x', paper, role: 'writer' }).slice(0, -4) + 'AAAA' }, 'unauthorised'],
+    ['a token for another paper', { token: jwt({ sub: 'x', paper: 'other-paper', role: 'writer' }) }, 'forbidden'],
+    ['a service token', { token: jwt({ sub: 'svc', paper, role: 'service' }) }, 'forbidden'],
+  ];
+  for (const [what, options, status] of cases) {
+    const rp = client(authServer.url, paper, options);
+    await until(`${what}: ${status}`, () => rp.state.status === status);
+    check(rp.eventsOf('denied').length === 1, `${what}: no denied event`);
+    check(!rp.isOpen && rp.urls.length === 1, `${what}: tried again after a refusal`);
+    rp.close();
+  }
+  const owner = client(authServer.url, paper, { token: jwt({ sub: 'ann', paper, role: 'owner', name: 'Ann' }) });
+  await online(owner);
+  check(owner.state.role === 'owner' && owner.state.user === 'ann', 'the token\'s claims are not in the state');
+  owner.close();
+}
+
+async function reconnectsAcrossARestartAndResumes({ redisServer }) {
+  const paper = paperId('restart');
+  const ann = client(redisServer.url, paper, { user: 'ann', name: 'Ann' });
+  const ben = client(redisServer.url, paper, { user: 'ben', name: 'Ben' });
+  await online(ann);
+  await online(ben);
+  const first = ann.create({ kind: 'text', text: 'Before the restart', author_name: 'Ann' });
+  await until('the note saved', () => ann.eventsOf('saved').some((e) => e.ref === first.ref));
+  await until('Ben to see it', () => ben.state.notes[first.id]?.v > 0);
+  const seen = ann.state.lastV;
+
+  // A dropped connection (the server stays): the server can resume from `since`.
+  ann.abandonSocket();
+  await until('Ann back', () => ann.eventsOf('snapshot').length === 2 && ann.isOpen);
+  const resume = ann.eventsOf('snapshot')[1];
+  check(new URL(ann.urls[1]).searchParams.get('since') === String(seen), `resumed with ${ann.urls[1]}`);
+  check(resume.since === null || resume.since === seen, `a snapshot since ${resume.since}, not ${seen}`);
+  check(ann.state.notes[first.id]?.data.text === 'Before the restart', 'the resumed snapshot lost the note');
+  if (resume.since === null) console.log('client test: note: the server answered a resume with a full snapshot');
+
+  await redisServer.stop();
+  await until('both offline', () => ann.state.status === 'offline' && ben.state.status === 'offline');
+  // Written while offline: shown at once, sent once the session is back.
+  const offline = ann.create({ kind: 'text', text: 'Written offline', author_name: 'Ann' });
+  check(ann.state.notes[offline.id]?.pending, 'an offline edit is not shown');
+  await redisServer.start();
+  await online(ann);
+  await online(ben);
+  const resumed = ann.urls.slice(1).find((u) => new URL(u).searchParams.get('since') === String(seen));
+  check(resumed, `no reconnect sent since=${seen}: ${ann.urls.join(' ')}`);
+  await until('the offline note saved', () => ann.eventsOf('saved').some((e) => e.ref === offline.ref));
+  await until('Ben to see both notes', () => ben.state.notes[first.id]?.data.text === 'Before the restart'
+    && ben.state.notes[offline.id]?.data.text === 'Written offline');
+  check(ann.state.notes[first.id]?.data.text === 'Before the restart', 'Ann lost the first note');
+  await until('members back', () => Object.keys(ann.state.members).length === 2);
+  for (const rp of [ann, ben]) rp.close();
+}
+
+// ---- A scripted server, for messages a healthy server rarely sends ----------------------------
+
+async function scriptedEdgeCases() {
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  await new Promise((r) => wss.once('listening', r));
+  const url = `http://127.0.0.1:${wss.address().port}`;
+  const sessions = [];
+  wss.on('connection', (ws, req) => {
+    const session = { ws, url: req.url, received: [] };
+    ws.on('message', (data) => session.received.push(JSON.parse(String(data))));
+    sessions.push(session);
+  });
+  const send = (session, msg) => session.ws.send(JSON.stringify(msg));
+  const member = { id: 'c1', user: 'ann', name: 'Ann' };
+  const note = (id, v, data) => ({ id, author: 'ann', data, v });
+  try {
+    const rp = client(url, 'scripted', { user: 'ann', name: 'Ann' });
+    await until('a session', () => sessions.length === 1);
+    const s1 = sessions[0];
+    send(s1, {
+      type: 'snapshot', paper: 'scripted', you: 'c1', completed: false, meta: { data: { title: 'T' }, v: 5 },
+      notes: [note('n1', 10, { text: 'one' }), note('n2', 11, { text: 'two' })], members: [member],
+    });
+    await online(rp);
+    check(rp.state.cover.data.title === 'T' && Object.keys(rp.state.notes).join() === 'n1,n2', 'the snapshot is not the state');
+
+    // Two edits, confirmed by one `saved`; a third fails for good.
+    const a = rp.create({ text: 'three' }, { id: 'n3' });
+    rp.flush();
+    const b = rp.patch('n1', { x: 5 });
+    rp.flush();
+    await until('three... edits sent', () => s1.received.length === 2);
+    check(s1.received[1].type === 'patch' && s1.received[1].data.x === 5, 'the patch was not sent as one');
+    const c = rp.patch('n2', { text: 'TWO' });
+    rp.flush();
+    await until('the third edit sent', () => s1.received.length === 3);
+    send(s1, { type: 'upsert', id: 'n3', author: 'ann', data: { text: 'three' }, v: 20, from: 'c1', ref: a.ref });
+    send(s1, { type: 'patch', id: 'n1', data: { x: 5 }, v: 21, from: 'c1', ref: b });
+    send(s1, { type: 'patch', id: 'n2', data: { text: 'TWO' }, v: 22, from: 'c1', ref: c });
+    send(s1, { type: 'saved', v: 21 });
+    await until('two saved', () => rp.eventsOf('saved').length === 2);
+    send(s1, { type: 'error', code: 'write_failed', message: 'refused by Redis', ref: c });
+    await until('write_failed', () => rp.eventsOf('write_failed').some((e) => e.ref === c));
+    check(rp.eventsOf('refused').some((e) => e.code === 'write_failed'), 'write_failed is not a refusal event');
+    check(rp.state.pending === 0, 'settled edits still pending');
+
+    // Field versions: an upsert older than a patched field keeps that field.
+    send(s1, { type: 'patch', id: 'n1', data: { y: 9 }, v: 40, from: 'c2' });
+    send(s1, { type: 'upsert', id: 'n1', author: 'ann', data: { text: 'ONE', y: 1 }, v: 35, from: 'c2' });
+    await until('the upsert applied', () => rp.state.notes.n1.data.text === 'ONE');
+    check(rp.state.notes.n1.data.y === 9, 'an older upsert undid a newer patch of a field');
+
+    // A snapshot in mid-session (after a Redis refusal) replaces the view.
+    send(s1, { type: 'snapshot', paper: 'scripted', you: 'c1', completed: false, notes: [note('n1', 41, { text: 'only' })], members: [member] });
+    await until('the view replaced', () => Object.keys(rp.state.notes).join() === 'n1' && rp.state.notes.n1.data.text === 'only');
+    check(rp.state.cover.v === 0, 'a snapshot without meta kept the old cover');
+
+    // The connection drops: the next session resumes with `since`, and merges.
+    s1.ws.close(1001);
+    await until('a second session', () => sessions.length === 2);
+    const s2 = sessions[1];
+    check(new URLSearchParams(s2.url.split('?')[1]).get('since') === '41', `resumed with ${s2.url}`);
+    const offline = rp.patch('n1', { color: '#fff' });
+    send(s2, {
+      type: 'snapshot', paper: 'scripted', you: 'c9', completed: false, since: 41, meta: { data: { title: 'U' }, v: 50 },
+      notes: [{ id: 'n5', deleted: true, v: 51 }, note('n4', 52, { text: 'four' })], members: [member],
+    });
+    await until('the merged view', () => Object.keys(rp.state.notes).sort().join() === 'n1,n4');
+    check(rp.state.cover.data.title === 'U' && rp.state.you === 'c9', 'the resumed snapshot did not apply');
+    await until('the edit made offline sent', () => s2.received.some((m) => m.ref === offline));
+
+    // The seal's notes replace the view.
+    send(s2, { type: 'completed', by: 'ann', notes: [note('n4', 60, { text: 'sealed four' })] });
+    await until('sealed', () => rp.state.completed && Object.keys(rp.state.notes).join() === 'n4');
+    check(rp.state.notes.n4.data.text === 'sealed four', 'the sealed notes did not replace the view');
+    rp.close();
+  } finally {
+    for (const s of sessions) s.ws.terminate();
+    await new Promise((r) => wss.close(r));
+  }
+}
+
+// ---- Runner ------------------------------------------------------------------------------
+
+async function main() {
+  const redisServer = new Server('server', ['--store', 'redis', '--redis', config.redis, '--threads', '2']);
+  const authServer = new Server('auth-server', ['--store', 'memory', '--threads', '1', '--jwt-secret', SECRET]);
+  let passed = 0;
+  let failed = 0;
+  let skipped = 0;
+  try {
+    await Promise.all([redisServer.start(), authServer.start()]);
+    const v11 = await speaks11(redisServer.url);
+    const scenarios = [
+      ['the state follows the server: optimistic edits, saved one by one, signatures after leaving', optimisticEditsAreSavedOneByOne],
+      ['refusals are typed events and undo optimistic edits', refusalsAreTypedAndRolledBack],
+      ['sealing replaces the view with the sealed notes', completingWithoutCover],
+      ['1.1: drag and type of one note at once keep both (patch)', dragAndTypeAtOnceKeepBoth, 'patch'],
+      ['1.1: the cover is shared, and sealing replaces the view', coverIsSharedAndSealingReplacesTheView, 'meta'],
+      ['401 and 403 are told from offline', notAuthorisedIsNotOffline],
+      ['edge cases from a scripted server: saved, write_failed, field versions, mid-session snapshot, since, seal', scriptedEdgeCases],
+      ['reconnects across a server restart, resumes with since, sends edits made offline', reconnectsAcrossARestartAndResumes],
+    ];
+    for (const [name, run, needs11] of scenarios) {
+      if (needs11 && !v11[needs11] && process.env.RP_ALLOW_10) {
+        skipped += 1;
+        console.log(`client test: SKIP ${name} (the server does not speak 1.1's ${needs11} yet)`);
+        continue;
+      }
+      const started = Date.now();
+      try {
+        await run({ redisServer, authServer });
+        passed += 1;
+        console.log(`client test: ok   ${name} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
+      } catch (err) {
+        failed += 1;
+        console.error(`client test: FAIL ${name}\n  ${err.stack}`);
+        if (!redisServer.child) await redisServer.start().catch(() => {});
+      } finally {
+        for (const rp of clients) rp.close();
+        clients.clear();
+      }
+    }
+  } finally {
+    await Promise.all([redisServer.stop(), authServer.stop()]).catch(() => { redisServer.kill(); authServer.kill(); });
+  }
+  console.log(`client test: ${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}`);
+  return failed === 0 ? 0 : 1;
+}
+
+const watchdog = setTimeout(() => {
+  console.error(`client test: FAIL the run took over ${GLOBAL_TIMEOUT_MS / 1000} s`);
+  process.exit(1);
+}, GLOBAL_TIMEOUT_MS);
+main().then((code) => {
+  clearTimeout(watchdog);
+  process.exit(code);
+}, (err) => {
+  console.error(`client test: FAIL ${err.stack}`);
+  process.exit(1);
+});
