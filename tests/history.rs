@@ -212,3 +212,40 @@ fn a_change_arriving_late_makes_resuming_from_before_it_a_full_snapshot() {
         again.snapshot["notes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
     assert!(ids.contains(&"n-late"));
 }
+
+#[test]
+fn the_horizon_holds_across_two_nodes() {
+    let redis = Redis::start();
+    let node = |id: &str| {
+        Server::redis(
+            &redis,
+            &["--cluster", "--node-id", id, "--max-tombstones", "3", "--rate", "100000", "--burst", "100000"],
+        )
+    };
+    let (a_node, b_node) = (node("a"), node("b"));
+    let mut a = a_node.join("p-two-horizon", "");
+    let mut b = b_node.join("p-two-horizon", "");
+    edit_saved(&mut a, json!({"type": "upsert", "id": "keep", "data": {}}));
+    let first = edit_saved(&mut a, json!({"type": "upsert", "id": "first", "data": {}}));
+    // Created on one node, deleted on the other: thirty times the cap.
+    for i in 0..30 {
+        let id = format!("t{i}");
+        edit_saved(&mut a, json!({"type": "upsert", "id": id, "data": {}}));
+        crate::common::eventually("b to see the note", || {
+            b.drain().iter().any(|m| m["type"] == "upsert" && m["id"] == id.as_str()).then_some(())
+        });
+        edit_saved(&mut b, json!({"type": "delete", "id": id}));
+    }
+    edit_saved(&mut b, json!({"type": "delete", "id": "first"}));
+    let stored = redis.hgetall("rp:paper:{p-two-horizon}:notes");
+    assert!(stored.len() <= 1 + 3, "Redis holds {} notes", stored.len());
+    for server in [&a_node, &b_node] {
+        let fresh = server.join("p-two-horizon", "");
+        let ids: Vec<&str> =
+            fresh.snapshot["notes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["keep"]);
+        // A client that saw versions only below the horizon reloads whole.
+        let old = server.join("p-two-horizon", &format!("since={first}"));
+        assert!(old.snapshot.get("since").is_none(), "{}", old.snapshot);
+    }
+}

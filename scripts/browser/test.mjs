@@ -209,7 +209,10 @@ async function addNote(page, text) {
 }
 
 async function dragNote(page, id, dx, dy) {
-  const box = await page.locator(`[data-note-id="${id}"] [data-testid=note-handle]`).boundingBox();
+  const handle = page.locator(`[data-note-id="${id}"] [data-testid=note-handle]`);
+  // A person scrolls to the note before dragging it: the sheet is larger than the window.
+  await handle.scrollIntoViewIfNeeded();
+  const box = await handle.boundingBox();
   const from = { x: box.x + box.width / 2, y: box.y + box.height / 2 };
   await page.mouse.move(from.x, from.y);
   await page.mouse.down();
@@ -389,7 +392,10 @@ async function typingAndDraggingAtOnceConverge({ browser, problems }) {
   const typed = await ann.locator(`[data-note-id="${id}"] textarea`).inputValue();
   if (typed !== 'Dear Kim,' + more) throw new Error(`Ann's typing was changed under her: ${JSON.stringify(typed)}`);
   const moved = await notePosition(ben, id);
-  if (moved.x === start.x && moved.y === start.y) throw new Error('the drag did not move the note at Ben\'s');
+  if (moved.x === start.x && moved.y === start.y) {
+    const sent = benSent.map((m) => `${m.type}(${JSON.stringify(m.data ?? {})})`).join(' ');
+    throw new Error(`the drag did not move the note at Ben's; Ben sent: ${sent}`);
+  }
   await waitNoteText(ben, id, typed);
   await waitNoteAt(ann, id, moved);
   await waitNoteAt(ben, id, moved);
