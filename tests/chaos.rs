@@ -328,6 +328,8 @@ fn node_view(port: u16, paper: &str) -> Option<Notes> {
 enum Kind {
     Upsert,
     Delete,
+    /// 1.1: a field patch (`x` only), applied field by field.
+    Patch,
     Complete,
 }
 
@@ -450,6 +452,33 @@ impl Session {
             log.edits.iter().rposition(|e| e.r == r)
         };
         match msg["type"].as_str().unwrap_or_default() {
+            "patch" => {
+                let Some(v) = version_of(&msg["v"]) else {
+                    log.violations.push(format!("a broadcast with a version out of range: {msg}"));
+                    return;
+                };
+                let id = msg["id"].as_str().unwrap_or_default().to_string();
+                if let Some(note) = self.view.get_mut(&id) {
+                    for (field, value) in msg["data"].as_object().into_iter().flatten() {
+                        match (value.is_null(), note["data"].as_object_mut()) {
+                            (true, Some(data)) => {
+                                data.remove(field);
+                            }
+                            (false, Some(data)) => {
+                                data.insert(field.clone(), value.clone());
+                            }
+                            _ => {}
+                        }
+                    }
+                    let max = note["v"].as_u64().unwrap_or(0).max(v);
+                    note["v"] = json!(max);
+                }
+                if msg["from"] == self.you.as_str() {
+                    if let Some(i) = mine(log) {
+                        log.edits[i].v = Some(v);
+                    }
+                }
+            }
             kind @ ("upsert" | "delete") => {
                 let Some(v) = version_of(&msg["v"]) else {
                     log.violations.push(format!("a broadcast with a version out of range: {msg}"));
@@ -663,7 +692,9 @@ fn act(
     let (kind, id, data) = if sealing {
         *seal_tries += 1;
         (Kind::Complete, String::new(), Value::Null)
-    } else if rng.chance(70) {
+    } else if rng.chance(25) {
+        (Kind::Patch, format!("n{}", rng.below(POOL)), json!({"x": rng.below(1000), "by_patch": plan.index}))
+    } else if rng.chance(60) {
         let id = format!("n{}", rng.below(POOL));
         (Kind::Upsert, id, json!({"by": plan.index, "n": n, "x": rng.below(1000)}))
     } else {
@@ -672,6 +703,7 @@ fn act(
     let msg = match kind {
         Kind::Upsert => json!({"type": "upsert", "id": id, "data": data, "ref": r}),
         Kind::Delete => json!({"type": "delete", "id": id, "ref": r}),
+        Kind::Patch => json!({"type": "patch", "id": id, "data": data, "ref": r}),
         Kind::Complete => json!({"type": "complete", "ref": r}),
     };
     log.edits.push(Edit {
@@ -1048,11 +1080,12 @@ fn acknowledged_edits_survive_faults() {
     }
     eprintln!("chaos: seed {seed}, ran {:?}", started.elapsed());
     eprintln!(
-        "chaos: edits sent {} (upserts {}, deletes {}, completes {}); saved {}; refused {refused:?}; \
+        "chaos: edits sent {} (upserts {}, deletes {}, patches {}, completes {}); saved {}; refused {refused:?}; \
          unresolved at a lost connection {}",
         edits.len(),
         count(&|e| e.kind == Kind::Upsert),
         count(&|e| e.kind == Kind::Delete),
+        count(&|e| e.kind == Kind::Patch),
         count(&|e| e.kind == Kind::Complete),
         count(&|e| e.saved.is_some()),
         count(&|e| e.lost),
@@ -1171,6 +1204,21 @@ fn check_acknowledged(port: u16, edits: &[&Edit]) -> Vec<String> {
             violations.push(format!("{what}: Redis holds an unreadable value {:?}", String::from_utf8_lossy(raw)));
             continue;
         };
+        if edit.kind == Kind::Patch {
+            // A patched field holds this version or a later one; a delete wins over
+            // patches made after the upsert it follows (PROTOCOL.md leaves it open).
+            if note.is_some() {
+                let value: Value = serde_json::from_slice(raw).unwrap_or_default();
+                let field_v = value["fv"]["changed"]["x"][0]
+                    .as_u64()
+                    .or_else(|| value["fv"]["base"][0].as_u64())
+                    .unwrap_or(stored_v);
+                if field_v < v {
+                    violations.push(format!("{what} is lost: Redis holds field x at the older v {field_v}"));
+                }
+            }
+            continue;
+        }
         if stored_v > v {
             continue;
         }

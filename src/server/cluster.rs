@@ -67,7 +67,9 @@ impl EventLoop {
                     self.conns.fanout(paper.members(), None, bytes, Out::Upsert, metrics);
                     return;
                 };
-                let (author, data) = (now.author.clone(), now.data.clone().unwrap_or_else(|| Arc::from("{}")));
+                // With the note's own version (the greatest of its fields), as snapshots say it.
+                let (author, data, v) =
+                    (now.author.clone(), now.data.clone().unwrap_or_else(|| Arc::from("{}")), now.v);
                 let bytes = self.frame.upsert(&id, &author, &data, v, from_of(message), None);
                 self.conns.fanout(paper.members(), None, bytes, Out::Upsert, &self.node.loop_metrics[self.index]);
                 return;
