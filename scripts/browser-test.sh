@@ -40,6 +40,8 @@ install_system_packages() {
     command -v npm >/dev/null 2>&1 || missing+=(npm)
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+    # The page names emoji fonts; without one installed, screenshots show boxes.
+    [ -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || missing+=(fonts-noto-color-emoji)
     install_packages "${missing[@]}"
     [ -x "$chromium_bin" ] || die "chromium is still missing at $chromium_bin"
 }
