@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cluster::relay_of;
+use super::conns::Conns;
 use super::event_loop::EventLoop;
 use super::session::Relaying;
 use crate::conn::Phase;
-use crate::metrics::{In, Out};
+use crate::metrics::{In, LoopMetrics, Out};
 use crate::paper::{clock, Edit, Health, Note, StoredPaper};
-use crate::protocol::{self, ClientMsg, ErrorCode, Refusal};
-use crate::store::{LoadPurpose, LoadRequest, NoteValue, Op, Origin, Outcome, Submitted, Written};
+use crate::protocol::{self, ClientMsg, ErrorCode, Frame, Refusal};
+use crate::store::{LoadPurpose, LoadRequest, NoteValue, Op, Origin, Outcome, StoreHandle, Submitted, Written};
 
 impl EventLoop {
     pub(super) fn on_text(&mut self, key: usize, text: &str) {
@@ -81,27 +82,15 @@ impl EventLoop {
                     reference: reference.clone(),
                     relay,
                 };
-                let submitted = self.store.submit(op);
-                match submitted {
-                    Submitted::Full => {
-                        let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
-                        return self.refuse(key, &refusal);
-                    }
-                    Submitted::Queued => {
-                        paper.unwritten += 1;
-                        if let Some(Phase::Open { membership, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase)
-                        {
-                            membership.unresolved.push_back(v);
-                        }
-                    }
-                    Submitted::Written => {}
+                let submitted = hand_over(&self.store, &mut self.conns, key, &mut paper.unwritten, v, op);
+                if submitted == Submitted::Full {
+                    let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
+                    return self.refuse(key, &refusal);
                 }
                 paper.apply_patch(&patch);
                 self.conns.fanout(paper.members(), None, self.frame.bytes(), Out::Patch, metrics);
                 if submitted == Submitted::Written {
-                    metrics.message_out(Out::Saved, 1);
-                    let saved = self.frame.saved(v);
-                    self.conns.send(key, saved);
+                    saved_now(&mut self.frame, &mut self.conns, metrics, key, v);
                 }
                 return;
             }
@@ -123,27 +112,15 @@ impl EventLoop {
                 let reference = reference.map(String::into_boxed_str);
                 let op =
                     Op::Cover { paper: paper_id.clone(), cover: stored, origin, reference: reference.clone(), relay };
-                let submitted = self.store.submit(op);
-                match submitted {
-                    Submitted::Full => {
-                        let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
-                        return self.refuse(key, &refusal);
-                    }
-                    Submitted::Queued => {
-                        paper.unwritten += 1;
-                        if let Some(Phase::Open { membership, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase)
-                        {
-                            membership.unresolved.push_back(v);
-                        }
-                    }
-                    Submitted::Written => {}
+                let submitted = hand_over(&self.store, &mut self.conns, key, &mut paper.unwritten, v, op);
+                if submitted == Submitted::Full {
+                    let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
+                    return self.refuse(key, &refusal);
                 }
                 paper.apply_cover(cover);
                 self.conns.fanout(paper.members(), None, self.frame.bytes(), Out::Meta, metrics);
                 if submitted == Submitted::Written {
-                    metrics.message_out(Out::Saved, 1);
-                    let saved = self.frame.saved(v);
-                    self.conns.send(key, saved);
+                    saved_now(&mut self.frame, &mut self.conns, metrics, key, v);
                 }
                 return;
             }
@@ -203,16 +180,9 @@ impl EventLoop {
         let note = note_to_store(&edit.note);
         let op_ref = reference.as_deref().map(Box::from);
         let op = Op::Note { paper: paper_id, id: edit.id.clone(), note, origin, reference: op_ref, relay };
-        let submitted = self.store.submit(op);
-        match submitted {
-            Submitted::Full => return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference)),
-            Submitted::Queued => {
-                paper.unwritten += 1;
-                if let Some(Phase::Open { membership, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase) {
-                    membership.unresolved.push_back(v);
-                }
-            }
-            Submitted::Written => {}
+        let submitted = hand_over(&self.store, &mut self.conns, key, &mut paper.unwritten, v, op);
+        if submitted == Submitted::Full {
+            return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference));
         }
         paper.apply(edit);
         if kind == Out::Delete {
@@ -221,9 +191,7 @@ impl EventLoop {
         self.conns.fanout(paper.members(), None, self.frame.bytes(), kind, metrics);
         metrics.edit_broadcast.observe(self.read_at.elapsed());
         if submitted == Submitted::Written {
-            metrics.message_out(Out::Saved, 1);
-            let saved = self.frame.saved(v);
-            self.conns.send(key, saved);
+            saved_now(&mut self.frame, &mut self.conns, metrics, key, v);
         }
     }
 
@@ -373,6 +341,25 @@ impl EventLoop {
 /// The first wait before a failed paper is read again, and the longest.
 const PROBE_FIRST: Duration = Duration::from_millis(500);
 const PROBE_MAX: Duration = Duration::from_secs(30);
+
+/// Hands an edit's op to the store; when it waits in the backlog, the paper
+/// counts it unwritten and the member's `saved` waits for it.
+fn hand_over(store: &StoreHandle, conns: &mut Conns, key: usize, unwritten: &mut usize, v: u64, op: Op) -> Submitted {
+    let submitted = store.submit(op);
+    if submitted == Submitted::Queued {
+        *unwritten += 1;
+        if let Some(Phase::Open { membership, .. }) = conns.slab.get_mut(key).map(|c| &mut c.phase) {
+            membership.unresolved.push_back(v);
+        }
+    }
+    submitted
+}
+
+/// `saved` at once, for a store that holds an edit as soon as it is made.
+fn saved_now(frame: &mut Frame, conns: &mut Conns, metrics: &LoopMetrics, key: usize, v: u64) {
+    metrics.message_out(Out::Saved, 1);
+    conns.send(key, frame.saved(v));
+}
 
 /// A note as the store writes it.
 pub fn note_to_store(note: &Note) -> NoteValue {
