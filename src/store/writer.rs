@@ -335,6 +335,7 @@ impl Writer {
             }
             if let Some((value, v, node, relay, _)) = &writes.cover {
                 commands += 1;
+                owners.push(writes.paper);
                 let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
                 pipe.cmd("EVALSHA").arg(self.write_cover.get_hash()).arg(1).arg(keys::meta(writes.paper));
                 pipe.arg(value).arg(*v).arg(*node).arg(channel).arg(*relay);
