@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use tungstenite::Message;
 
 use crate::common::{
-    deadline, eventually, token, unix_now, upgrade_request, Client, Event, Redis, Server, PATIENCE, SECRET,
+    deadline, eventually, slow_reader_server, token, unix_now, upgrade_request, write_until_left, Client, Event, Redis,
+    Server, PATIENCE, SECRET,
 };
 
 /// Descriptors the server process holds open.
@@ -94,42 +95,12 @@ fn a_snapshot_never_read_is_given_up_at_its_deadline() {
 
 #[test]
 fn a_slow_consumer_that_reads_again_within_the_idle_timeout_gets_its_close_frame() {
-    let server = Server::memory(&[
-        "--max-message-bytes",
-        "4096",
-        "--max-note-bytes",
-        "4096",
-        "--max-outbound-bytes",
-        "65536",
-        "--rate",
-        "1000000",
-        "--burst",
-        "1000000",
-    ]);
+    let server = slow_reader_server();
     let mut writer = server.join("p-late", "");
     let mut slow = server.join("p-late", "");
     writer.next_of("join");
     let slow_id = slow.you.clone();
-    let text = "x".repeat(3000);
-    let mut left = false;
-    for round in 0..400 {
-        for i in 0..50 {
-            writer.upsert(&format!("n{}", i % 10), json!({"t": text, "round": round}));
-        }
-        let mut echoes = 0;
-        while echoes < 50 {
-            let m = writer.next();
-            match m["type"].as_str() {
-                Some("upsert") => echoes += 1,
-                Some("leave") if m["member"] == slow_id.as_str() => left = true,
-                _ => {}
-            }
-        }
-        if left {
-            break;
-        }
-    }
-    assert!(left, "the slow member was never closed");
+    write_until_left(&mut writer, &slow_id);
     // Longer than the close handshake's 3 s, well within the idle timeout: the
     // time passing is what is tested.
     std::thread::sleep(Duration::from_secs(5));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{deadline, upgrade_request, Server, PATIENCE};
+use crate::common::{deadline, slow_reader_server, upgrade_request, write_until_left, Server, PATIENCE};
 
 #[test]
 fn a_session_over_its_rate_is_refused_then_recovers() {
@@ -88,43 +88,13 @@ fn origins_outside_the_allow_list_get_403() {
 
 #[test]
 fn a_slow_reader_is_closed_with_1013_and_slows_nobody() {
-    let server = Server::memory(&[
-        "--max-message-bytes",
-        "4096",
-        "--max-note-bytes",
-        "4096",
-        "--max-outbound-bytes",
-        "65536",
-        "--rate",
-        "1000000",
-        "--burst",
-        "1000000",
-    ]);
+    let server = slow_reader_server();
     let mut writer = server.join("p-slow", "");
     let mut slow = server.join("p-slow", "");
     writer.next_of("join");
     let slow_id = slow.you.clone();
-    let text = "x".repeat(3000);
     // The slow member never reads; the kernel's buffers fill, then its queue.
-    let mut left = false;
-    for round in 0..400 {
-        for i in 0..50 {
-            writer.upsert(&format!("n{}", i % 10), json!({"t": text, "round": round}));
-        }
-        let mut echoes = 0;
-        while echoes < 50 {
-            let m = writer.next();
-            match m["type"].as_str() {
-                Some("upsert") => echoes += 1,
-                Some("leave") if m["member"] == slow_id.as_str() => left = true,
-                _ => {}
-            }
-        }
-        if left {
-            break;
-        }
-    }
-    assert!(left, "the slow member was never closed");
+    write_until_left(&mut writer, &slow_id);
     // The writer kept its own pace and is still served.
     assert!(writer.drain().iter().all(|m| m["type"] != "error"));
     // What the slow member finally reads ends with the close frame, not the backlog.

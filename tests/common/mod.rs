@@ -503,3 +503,46 @@ impl Client {
         }
     }
 }
+
+// ---- slow readers ----------------------------------------------------------------------
+
+/// A server with small limits, where a member that stops reading falls behind fast.
+pub fn slow_reader_server() -> Server {
+    Server::memory(&[
+        "--max-message-bytes",
+        "4096",
+        "--max-note-bytes",
+        "4096",
+        "--max-outbound-bytes",
+        "65536",
+        "--rate",
+        "1000000",
+        "--burst",
+        "1000000",
+    ])
+}
+
+/// Writes 3 KB notes (bounded: 400 rounds of 50) until the member `slow_id`, who
+/// never reads, is seen leaving; panics if it never is.
+pub fn write_until_left(writer: &mut Client, slow_id: &str) {
+    let text = "x".repeat(3000);
+    for round in 0..400 {
+        for i in 0..50 {
+            writer.upsert(&format!("n{}", i % 10), json!({"t": text, "round": round}));
+        }
+        let mut echoes = 0;
+        let mut left = false;
+        while echoes < 50 {
+            let m = writer.next();
+            match m["type"].as_str() {
+                Some("upsert") => echoes += 1,
+                Some("leave") if m["member"] == slow_id => left = true,
+                _ => {}
+            }
+        }
+        if left {
+            return;
+        }
+    }
+    panic!("the slow member was never closed");
+}
