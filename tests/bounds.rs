@@ -323,30 +323,53 @@ fn reads_of_papers_nobody_holds_keep_nothing() {
 fn input_after_a_close_is_read_under_a_budget() {
     let server = Server::memory(&["--threads", "1", "--rate", "100000", "--burst", "100000"]);
     let mut live = server.join("p-budget", "");
-    // A client that breaks the framing (an unmasked frame) is closed, then floods.
-    let mut flooder = connect_raw(&server, upgrade_request("/ws/p-budget", "").as_bytes());
-    flooder.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
+    // Clients that break the framing (an unmasked frame) are closed, then flood
+    // in large writes from threads of their own: without a per-turn budget the
+    // loop reads one of them for as long as its writer keeps ahead.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flood = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let chunk = vec![0u8; 256 * 1024];
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if flooder.write_all(&chunk).is_err() {
-                    return;
+    let floods: Vec<_> = (0..4)
+        .map(|_| {
+            let mut flooder = connect_raw(&server, upgrade_request("/ws/p-budget", "").as_bytes());
+            flooder.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let chunk = vec![0u8; 4 << 20];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if flooder.write_all(&chunk).is_err() {
+                        return;
+                    }
                 }
-            }
+            })
         })
-    };
+        .collect();
     // The other session on the same loop keeps its pace meanwhile.
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(3) {
+    while started.elapsed() < Duration::from_secs(5) {
         let asked = Instant::now();
         live.drain();
         assert!(asked.elapsed() < Duration::from_secs(2), "a flood after a close stalled the loop");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = flood.join();
+    for flood in floods {
+        let _ = flood.join();
+    }
+    // Turns stay short: unbudgeted, this flood makes several turns a second last
+    // over 100 ms (the loop's lag); one is allowed for a busy machine preempting
+    // the loop.
+    let long = turns_longer_than(&server, "0.1");
+    assert!(long <= 1.0, "{long} loop turns took over 100 ms during the flood");
+}
+
+/// Turns of the loop that took longer than `le` seconds, from /metrics.
+fn turns_longer_than(server: &Server, le: &str) -> f64 {
+    let (_, _, body) = server.get("/metrics");
+    let value = |pattern: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with("rollingpaper_loop_turn_seconds") && l.contains(pattern))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    value("_count") - value(&format!("le=\"{le}\""))
 }
 
 // ---- soak --------------------------------------------------------------------------
