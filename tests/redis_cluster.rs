@@ -1,4 +1,5 @@
-//! Redis over TLS (`rediss://`, a private CA) and Redis Cluster
+//! Redis over TLS (`rediss://` and a TLS Sentinel through a failover, a private
+//! CA) and Redis Cluster
 //! (`redis+cluster://`): edits saved, relayed between nodes by sharded pub/sub,
 //! completed with one stream entry per paper, through a node restart and a
 //! master killed and replaced by its replica.
@@ -87,6 +88,11 @@ struct TlsRedis {
 
 impl TlsRedis {
     fn start(certs: &Certs) -> TlsRedis {
+        TlsRedis::start_with(certs, &[])
+    }
+
+    /// Started with more arguments (`--replicaof`, say).
+    fn start_with(certs: &Certs, extra: &[&str]) -> TlsRedis {
         let port = free_port();
         let dir = TempDir::new("tls-redis");
         let child = Command::new("redis-server")
@@ -95,6 +101,8 @@ impl TlsRedis {
             .args(["--tls-key-file", certs.path("redis.key").to_str().unwrap()])
             .args(["--tls-ca-cert-file", certs.path("ca.crt").to_str().unwrap()])
             .args(["--tls-auth-clients", "no", "--dir", dir.0.to_str().unwrap(), "--save", ""])
+            .args(["--tls-replication", "yes"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -169,16 +177,112 @@ fn a_certificate_from_another_ca_is_refused_at_start_naming_the_host() {
     let certs = Certs::new("certs");
     let other = Certs::new("other-ca");
     let redis = TlsRedis::start(&certs);
+    let sentinel = TlsSentinel::start(&certs, &redis);
     let wrong = other.path("ca.crt");
-    let out = Command::new(env!("CARGO_BIN_EXE_rollingpaper"))
-        .args(["--listen", "127.0.0.1:0", "--redis", &redis.url(), "--redis-ca-file", wrong.to_str().unwrap()])
-        .env_clear()
-        .output()
+    let sentinel_url = format!("rediss+sentinel://127.0.0.1:{}/main", sentinel.port);
+    for (url, host) in [(redis.url(), redis.port), (sentinel_url, sentinel.port)] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rollingpaper"))
+            .args(["--listen", "127.0.0.1:0", "--redis", &url, "--redis-ca-file", wrong.to_str().unwrap()])
+            .env_clear()
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {stderr}");
+        assert!(stderr.contains(&format!("127.0.0.1:{host}")), "names the host: {stderr}");
+        assert!(stderr.contains("TLS") && stderr.contains("--redis-ca-file"), "says why: {stderr}");
+    }
+}
+
+/// A `redis-sentinel` that speaks TLS only, to its clients and to the Redis it
+/// watches.
+struct TlsSentinel {
+    port: u16,
+    _dir: TempDir,
+    child: Child,
+}
+
+impl TlsSentinel {
+    fn start(certs: &Certs, master: &TlsRedis) -> TlsSentinel {
+        let port = free_port();
+        let dir = TempDir::new("tls-sentinel");
+        let conf = dir.0.join("sentinel.conf");
+        let file = |name| certs.path(name).display().to_string();
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {port}\nbind 127.0.0.1\ndir {}\ntls-cert-file {}\ntls-key-file {}\n\
+                 tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n\
+                 sentinel monitor main 127.0.0.1 {} 1\nsentinel down-after-milliseconds main 1000\n\
+                 sentinel failover-timeout main 5000\n",
+                dir.0.display(),
+                file("redis.crt"),
+                file("redis.key"),
+                file("ca.crt"),
+                master.port
+            ),
+        )
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains(&format!("127.0.0.1:{}", redis.port)), "names the host: {stderr}");
-    assert!(stderr.contains("TLS") && stderr.contains("--redis-ca-file"), "says why: {stderr}");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let sentinel = TlsSentinel { port, _dir: dir, child };
+        eventually("the TLS sentinel to name the master", || sentinel.master_port(certs));
+        sentinel
+    }
+
+    /// The port of the master this sentinel names now.
+    fn master_port(&self, certs: &Certs) -> Option<u16> {
+        let ca = std::fs::read(certs.path("ca.crt")).unwrap();
+        let tls = redis::TlsCertificates { client_tls: None, root_cert: Some(ca) };
+        let url = format!("rediss://127.0.0.1:{}", self.port);
+        let mut conn = redis::Client::build_with_tls(url, tls).ok()?.get_connection().ok()?;
+        let addr: Vec<String> =
+            redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg("main").query(&mut conn).ok()?;
+        addr.get(1)?.parse().ok()
+    }
+}
+
+impl Drop for TlsSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn sentinel_over_tls_is_followed_through_a_failover() {
+    let certs = Certs::new("certs");
+    let mut master = TlsRedis::start(&certs);
+    let of_master = master.port.to_string();
+    let replica = TlsRedis::start_with(&certs, &["--replicaof", "127.0.0.1", &of_master]);
+    eventually("the replica to sync over TLS", || {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut replica.conn(&certs).ok()?).ok()?;
+        info.contains("master_link_status:up").then_some(())
+    });
+    let sentinel = TlsSentinel::start(&certs, &master);
+    let url = format!("rediss+sentinel://127.0.0.1:{}/main", sentinel.port);
+    let ca = certs.path("ca.crt");
+    let server = Server::start(&["--redis", &url, "--redis-ca-file", ca.to_str().unwrap()]);
+    let mut a = server.join("p-tls-sentinel", "");
+    let v = write(&mut a, 0, 5);
+    saved(&mut a, v);
+    // The replica has the first five before the master dies.
+    let acked: i64 = redis::cmd("WAIT").arg(1).arg(5000).query(&mut master.conn(&certs).unwrap()).unwrap();
+    assert_eq!(acked, 1);
+
+    let _ = master.child.kill();
+    let _ = master.child.wait();
+    eventually("the sentinel to promote the replica", || sentinel.master_port(&certs).filter(|&p| p == replica.port));
+    // The server asks the sentinel again, over TLS, and writes to the new master.
+    let v = write(&mut a, 5, 10);
+    saved(&mut a, v);
+    let stored: Vec<(String, String)> =
+        redis::cmd("HGETALL").arg("rp:paper:{p-tls-sentinel}:notes").query(&mut replica.conn(&certs).unwrap()).unwrap();
+    assert_eq!(stored.len(), 10, "every saved edit is on the promoted replica");
 }
 
 // ---- Redis Cluster ----------------------------------------------------------------------
