@@ -1,8 +1,7 @@
-//! Redis over TLS (`rediss://` and a TLS Sentinel through a failover, a private
-//! CA) and Redis Cluster
-//! (`redis+cluster://`): edits saved, relayed between nodes by sharded pub/sub,
-//! completed with one stream entry per paper, through a node restart and a
-//! master killed and replaced by its replica.
+//! Redis over TLS (`rediss://`, and a TLS Sentinel through a failover, with a
+//! private CA) and Redis Cluster (`redis+cluster://`): edits saved, relayed
+//! between nodes by sharded pub/sub, completed with one stream entry per paper,
+//! through a node restart and a master killed and replaced by its replica.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
