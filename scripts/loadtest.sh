@@ -52,9 +52,9 @@ Environment:
                     temporary directory, printed at the end)
 
 Connections are scaled down to the open-file limit (ulimit -n) when it is lower,
-and the table says so. For one run with pass/fail thresholds or auth, call the
-generator directly: target/release/rollingpaper-load --help (--min-delivered,
---max-p99-ms, --token-secret).
+and the table says so. For one run with pass/fail thresholds, auth or TLS, call
+the generator directly: target/release/rollingpaper-load --help (--min-delivered,
+--max-p99-ms, --token-secret, --target wss://HOST:PORT with --ca-file).
 USAGE
 }
 

@@ -2,11 +2,13 @@
 # End to end behind a TLS terminator: a throw-away self-signed certificate, two
 # nodes sharing one redis-server, nginx in front of them with scripts/nginx.conf,
 # and real wss:// clients (Node's ws) on the same paper seeing each
-# other's edits; then what the file promises operators: /metrics, /readyz and
-# /papers refused publicly and served internally, http redirected to https,
-# HSTS, and no token in the access log. Everything runs on free loopback ports
-# and is stopped on exit.
-# Installs nginx, openssl and Node if missing.
+# other's edits; the load generator through it over wss:// (every delivery
+# arrives with --ca-file; without it, the certificate is refused at once); then
+# what the file promises operators: /metrics, /readyz and /papers refused
+# publicly and served internally, http redirected to https, HSTS, and no token
+# in the access log. Everything runs on free loopback ports and is stopped on
+# exit.
+# Installs nginx, openssl, Node and the system's CA roots if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -18,12 +20,15 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# The system's CA roots: what the load generator trusts without --ca-file.
+[ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 install_packages "${missing[@]}"
 nginx=$(command -v nginx || echo /usr/sbin/nginx)
 if [ ! -d scripts/interop/node_modules/ws ]; then
     npm ci --prefix scripts/interop --no-audit --no-fund --silent
 fi
 cargo build --quiet --bin rollingpaper
+cargo build --quiet --features load --bin rollingpaper-load
 
 work=$(mktemp -d)
 pids=()
@@ -39,9 +44,12 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# A certificate for 127.0.0.1, valid for a day.
+# A certificate for 127.0.0.1, valid for a day. CA:FALSE: a server's own
+# certificate (openssl makes a CA one by default, which rustls refuses to see
+# served as a server's).
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=127.0.0.1" \
-    -addext "subjectAltName=IP:127.0.0.1" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+    -addext "subjectAltName=IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
+    -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 
 redis_port=$(free_port)
 mkdir -p "$work/redis"
@@ -107,14 +115,50 @@ for _ in $(seq 100); do
 done
 
 status=0
-timeout 60 node scripts/interop/wss_client.mjs "wss://127.0.0.1:$https_port" "$work/cert.pem" || status=1
-health=$(curl -s --cacert "$work/cert.pem" "https://127.0.0.1:$https_port/healthz" || true)
-[ "$health" = "ok" ] || { echo "tls-test.sh: /healthz over https said: $health" >&2; status=1; }
-
 # check WHAT EXPECTED ACTUAL: one line per failed expectation.
 check() {
     if [ "$2" != "$3" ]; then echo "tls-test.sh: $1: expected $2, got $3" >&2; status=1; fi
 }
+timeout 60 node scripts/interop/wss_client.mjs "wss://127.0.0.1:$https_port" "$work/cert.pem" || status=1
+
+# The load generator over wss://: a short run trusting the certificate through
+# --ca-file, where every delivery must arrive (--min-delivered 0.999: exit 3
+# otherwise), and its report must show deliveries.
+load=(./target/debug/rollingpaper-load --target "wss://127.0.0.1:$https_port" --quiet --json
+    --connect-timeout 10 --connect-deadline 20)
+load_status=0
+timeout 60 "${load[@]}" --ca-file "$work/cert.pem" --papers 3 --members 4 --senders 2 --rate 10 \
+    --warmup 1 --duration 3 --drain 3 --min-delivered 0.999 >"$work/load.json" 2>"$work/load.err" || load_status=$?
+# Connections open and deliveries received, from the report: "12 N", N above 0.
+delivered=$(python3 -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+print(r["connections"]["ok"], (r["result"] or {}).get("deliveries_received", 0))' "$work/load.json" 2>/dev/null ||
+    echo "no report")
+status_before_load=$status
+check "rollingpaper-load over wss://: exit status" 0 "$load_status"
+case "$delivered" in
+    "12 "[1-9]*) ;;
+    *) check "rollingpaper-load over wss://: connections open, deliveries received" "12 and more than 0" "$delivered" ;;
+esac
+[ "$status" = "$status_before_load" ] || cat "$work/load.err" "$work/load.json" >&2 || true
+# Without --ca-file the system's roots do not hold the self-signed certificate:
+# the run must stop at once with exit status 1 and say which host and why.
+untrusted_status=0
+started=$SECONDS
+timeout 30 "${load[@]}" --papers 2 --members 2 --duration 3 >"$work/untrusted.json" 2>"$work/untrusted.err" \
+    || untrusted_status=$?
+check "rollingpaper-load with an untrusted certificate: exit status" 1 "$untrusted_status"
+if [ $((SECONDS - started)) -gt 10 ]; then
+    check "rollingpaper-load with an untrusted certificate: seconds to fail" "10 at most" "$((SECONDS - started))"
+fi
+refused="TLS with 127.0.0.1:$https_port: the server's certificate is refused (invalid peer certificate: UnknownIssuer)"
+if ! grep -qF "$refused" "$work/untrusted.err"; then
+    check "rollingpaper-load with an untrusted certificate: message" "$refused ..." "$(cat "$work/untrusted.err")"
+fi
+
+health=$(curl -s --cacert "$work/cert.pem" "https://127.0.0.1:$https_port/healthz" || true)
+[ "$health" = "ok" ] || { echo "tls-test.sh: /healthz over https said: $health" >&2; status=1; }
+
 code() { curl -s -o /dev/null -w '%{http_code}' --cacert "$work/cert.pem" "$@" || true; }
 # Internal endpoints are refused publicly and served on the internal listener.
 for path in /metrics /readyz /papers/p1; do

@@ -2,16 +2,19 @@
 //! drive any server that does. Opens papers x members over loopback with bounded
 //! handshake concurrency, lets some members of each paper send `upsert`s on a
 //! schedule (open loop), and measures every member's receipts: how many arrive
-//! and how late. Every phase is bounded in time; targets outside loopback are
-//! refused.
+//! and how late. Speaks `ws://`, or `wss://` through a TLS terminator. Every
+//! phase is bounded in time; targets outside loopback are refused.
 
 mod reconnect;
 mod report;
+mod stream;
+mod target;
+mod tls;
 mod wire;
 mod worker;
 
 use std::io::IsTerminal;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -22,22 +25,30 @@ use clap::Parser;
 use serde_json::json;
 
 use report::{CpuSample, StepResult};
+use target::Target;
 use worker::{Command, Progress, Report, Setup, StepPlan, StepReport, Worker};
 
-/// Load generator for rollingpaper (PROTOCOL.md). Loopback targets only.
+/// Load generator for rollingpaper (PROTOCOL.md), over ws:// or wss://.
+/// Loopback targets only.
 ///
 /// Exit status: 0 the run passed its thresholds (none by default), 1 no
-/// connection succeeded, 2 bad arguments, 3 a threshold was missed.
+/// connection succeeded or a server's TLS certificate was refused, 2 bad
+/// arguments, 3 a threshold was missed.
 #[derive(Parser, Debug)]
 #[command(name = "rollingpaper-load", version, args_conflicts_with_subcommands = true)]
 struct Args {
     #[command(subcommand)]
     mode: Option<Mode>,
-    /// Server address (127.0.0.0/8 or [::1] only). Several (comma-separated or
-    /// repeated): connections go round-robin, so each paper's members are split
-    /// across the nodes (a relay benchmark of `--cluster` nodes).
+    /// Server address: host:port, ws://host[:port] or wss://host[:port] (TLS,
+    /// for instance through nginx; the certificate must name the host, and an
+    /// IP address needs an IP SAN). On loopback only: 127.0.0.0/8, [::1] or a
+    /// name resolving there. Several (comma-separated or repeated): connections
+    /// go round-robin, so each paper's members are split across the nodes (a
+    /// relay benchmark of `--cluster` nodes).
     #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',')]
     target: Vec<String>,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
     /// Papers to open.
     #[arg(long, default_value_t = 10)]
     papers: usize,
@@ -187,19 +198,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The target, resolved, if every address it names is on loopback.
-///
-/// # Errors
-/// It does not resolve, or names an address outside 127.0.0.0/8 and ::1.
-fn loopback_target(target: &str) -> Result<SocketAddr, String> {
-    let addrs: Vec<SocketAddr> = target.to_socket_addrs().map_err(|e| format!("--target {target}: {e}"))?.collect();
-    let Some(&first) = addrs.first() else { return Err(format!("--target {target} resolves to nothing")) };
-    if let Some(bad) = addrs.iter().find(|a| !a.ip().is_loopback()) {
-        return Err(format!("refusing --target {target}: {} is not a loopback address (127.0.0.0/8, ::1)", bad.ip()));
-    }
-    Ok(first)
-}
-
 fn check(args: &Args) -> Result<(), String> {
     let positive = [("--rate", args.rate), ("--duration", args.duration), ("--sweep-factor", args.sweep_factor - 1.0)];
     if let Some((name, _)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
@@ -255,8 +253,9 @@ fn raise_nofile() -> u64 {
 
 fn run(args: &Args) -> Result<ExitCode, String> {
     check(args)?;
-    let targets: Vec<SocketAddr> = args.target.iter().map(|t| loopback_target(t)).collect::<Result<_, _>>()?;
-    let target = targets[0];
+    let targets: Vec<Target> = args.target.iter().map(|t| target::parse(t)).collect::<Result<_, _>>()?;
+    let tls = tls::client_config(targets.iter().any(Target::is_tls), &args.tls)?;
+    let target = &targets[0];
     let connections = args.papers * args.members;
     let nofile = raise_nofile();
     if connections as u64 + 64 > nofile {
@@ -272,7 +271,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     let prefix = args.paper_prefix.clone().unwrap_or_else(|| format!("load{:x}", run_id % (1 << 40)));
     // More source addresses than one on IPv4 loopback: TIME_WAIT from a previous
     // run does not exhaust a single ephemeral port range.
-    let sources: Vec<IpAddr> = match target.ip() {
+    let sources: Vec<IpAddr> = match target.addr.ip() {
         IpAddr::V4(_) if connections > 5_000 => (1..=8).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect(),
         _ => Vec::new(),
     };
@@ -307,7 +306,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             notes,
             note_bytes: args.note_bytes,
             targets: targets.clone(),
-            host: target.to_string(),
+            tls: tls.clone(),
             tokens: tokens.clone(),
             sources: sources.clone(),
             concurrency: (args.connect_concurrency / threads).max(1),
@@ -327,6 +326,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
 
     // Connect.
     let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None::<String>);
+    let mut certificate_refused = None::<String>;
     let mut waiting = threads;
     let until = connect_deadline + Duration::from_secs(5);
     while waiting > 0 {
@@ -336,11 +336,14 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             break;
         }
         match reports.recv_timeout(left.min(Duration::from_secs(1))) {
-            Ok(Report::Connected { ok: o, failed: f, first_error: e }) => {
+            Ok(Report::Connected { ok: o, failed: f, first_error: e, certificate_refused: c }) => {
                 ok += o;
                 failed += f;
                 if first_error.is_none() {
                     first_error = e;
+                }
+                if certificate_refused.is_none() {
+                    certificate_refused = c;
                 }
                 waiting -= 1;
             }
@@ -358,7 +361,9 @@ fn run(args: &Args) -> Result<ExitCode, String> {
 
     let mut steps: Vec<StepResult> = Vec::new();
     let mut stopped = None;
-    if ok > 0 && args.senders > 0 && waiting == 0 {
+    // A refused certificate is a setup error, not a measurement: no step runs.
+    let measure = ok > 0 && waiting == 0 && certificate_refused.is_none();
+    if measure && args.senders > 0 {
         // Fill the paper to --notes first: each sender writes its share once, slowly
         // enough for a per-session rate limit (PROTOCOL.md 3.3: 50/s, bursts of 200).
         let per_sender = notes.div_ceil(args.senders);
@@ -407,7 +412,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             }
             rate *= args.sweep_factor;
         }
-    } else if ok > 0 && waiting == 0 {
+    } else if measure {
         // Idle connections: hold them for the window, measure the server meanwhile.
         let step = run_step(&commands, &reports, &show, server_pid, base, 1.0, 0.0, 0.0, args.duration, 0.0, 0);
         steps.extend(step);
@@ -444,6 +449,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             "ok": ok,
             "failed": failed,
             "first_error": first_error,
+            "certificate_refused": certificate_refused,
             "seconds": report::round(connect_seconds, 3),
         },
         "server_rss_kib_before": rss_before,
@@ -490,10 +496,13 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             println!("sweep stopped: {why}");
         }
     }
+    if let Some(why) = &certificate_refused {
+        eprintln!("rollingpaper-load: {why}");
+    }
     for why in &missed {
         eprintln!("rollingpaper-load: threshold missed: {why}");
     }
-    Ok(if ok == 0 {
+    Ok(if ok == 0 || certificate_refused.is_some() {
         ExitCode::from(1)
     } else if !missed.is_empty() {
         ExitCode::from(3)
@@ -617,21 +626,6 @@ impl Show<'_> {
             if !Instant::now().ge(&when) {
                 self.line(phase);
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_loopback_targets_are_accepted() {
-        assert!(loopback_target("127.0.0.1:8080").is_ok());
-        assert!(loopback_target("127.1.2.3:80").is_ok());
-        assert!(loopback_target("[::1]:80").is_ok());
-        for bad in ["10.0.0.1:80", "192.168.1.1:80", "8.8.8.8:53", "[::2]:80", "0.0.0.0:80"] {
-            assert!(loopback_target(bad).unwrap_err().contains("refusing"), "{bad}");
         }
     }
 }

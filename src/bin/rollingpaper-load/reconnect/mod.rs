@@ -13,9 +13,9 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpStream;
@@ -23,6 +23,8 @@ use mio::{Events, Interest, Poll, Token};
 use serde_json::{json, Value};
 
 use crate::report;
+use crate::stream::Stream;
+use crate::target::Target;
 use crate::wire::{self, Handshake};
 
 mod notes;
@@ -45,10 +47,12 @@ const EDIT_WAIT: Duration = Duration::from_secs(30);
 /// Reconnecting sessions after a graceful restart, with `since` or without.
 #[derive(clap::Args, Debug)]
 pub struct ReconnectArgs {
-    /// Server address (127.0.0.0/8 or [::1] only); the restarted server must
-    /// listen on the same one.
+    /// Server address (host:port, ws://host[:port] or wss://host[:port]; on
+    /// loopback only); the restarted server must listen on the same one.
     #[arg(long, default_value = "127.0.0.1:8080")]
     target: String,
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
     /// Papers to open.
     #[arg(long, default_value_t = 500)]
     papers: usize,
@@ -140,7 +144,7 @@ enum Phase {
 struct Session {
     paper: u32,
     member: u32,
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     phase: Phase,
     out: Vec<u8>,
     written: usize,
@@ -182,8 +186,11 @@ struct Run<'a> {
     poll: Poll,
     sessions: Vec<Session>,
     papers: Vec<String>,
-    target: SocketAddr,
-    host: String,
+    target: Target,
+    /// The TLS client configuration, for a `wss://` target.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The server's certificate, refused by TLS: no retry, the run aborts.
+    certificate_refused: Option<String>,
     base: Instant,
     masks: wire::Masks,
     accept: String,
@@ -224,7 +231,8 @@ pub fn main(args: &ReconnectArgs) -> Result<ExitCode, String> {
     {
         return Err("times must be between 0 and 3600 s".into());
     }
-    let target = crate::loopback_target(&args.target)?;
+    let target = crate::target::parse(&args.target)?;
+    let tls = crate::tls::client_config(target.is_tls(), &args.tls)?;
     let planned = args.papers * args.members;
     let nofile = crate::raise_nofile();
     if planned as u64 + 64 > nofile {
@@ -232,7 +240,7 @@ pub fn main(args: &ReconnectArgs) -> Result<ExitCode, String> {
             "{planned} sessions need more open files than the limit of {nofile} (ulimit -n): lower --papers or --members"
         ));
     }
-    let mut run = Run::new(args, target)?;
+    let mut run = Run::new(args, target, tls)?;
     let outcome = run.run();
     run.close_all();
     let report = outcome.report(args, planned);
@@ -251,7 +259,7 @@ pub fn main(args: &ReconnectArgs) -> Result<ExitCode, String> {
 }
 
 impl<'a> Run<'a> {
-    fn new(args: &'a ReconnectArgs, target: SocketAddr) -> Result<Self, String> {
+    fn new(args: &'a ReconnectArgs, target: Target, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Self, String> {
         let mut sessions = Vec::with_capacity(args.papers * args.members);
         for p in 0..args.papers {
             for m in 0..args.members {
@@ -279,7 +287,8 @@ impl<'a> Run<'a> {
             sessions,
             papers: (0..args.papers).map(|p| format!("{}-{p}", args.paper_prefix)).collect(),
             target,
-            host: target.to_string(),
+            tls,
+            certificate_refused: None,
             base: Instant::now(),
             masks: wire::Masks::new(seed),
             accept: tungstenite::handshake::derive_accept_key(wire::KEY.as_bytes()),
@@ -342,6 +351,10 @@ impl<'a> Run<'a> {
         if !self.args.quiet {
             eprintln!("connected {} of {} in {:.1} s", out.connected, self.sessions.len(), out.connect_seconds);
         }
+        if let Some(why) = &self.certificate_refused {
+            out.aborted = Some(why.clone());
+            return out;
+        }
         if out.connected == 0 {
             out.aborted = Some("no session connected".into());
             return out;
@@ -395,6 +408,9 @@ impl<'a> Run<'a> {
         let first_attempt = Instant::now();
         let deadline = first_attempt + Duration::from_secs_f64(self.args.restart_timeout);
         self.connect(&again, deadline, "reconnecting");
+        if let Some(why) = &self.certificate_refused {
+            out.aborted = Some(why.clone());
+        }
         out.tool_cpu = report::cpu_seconds("self").zip(tool_before).map(|(a, b)| a - b);
         if let Some((at, cpu)) = self.all_in {
             out.seconds_from_first_attempt = Some(at.duration_since(first_attempt).as_secs_f64());
@@ -505,7 +521,7 @@ impl<'a> Run<'a> {
             let s = &self.sessions[p * self.args.members];
             let (Phase::Open, Some(held)) = (&s.phase, &s.notes) else { continue };
             out.checked += 1;
-            match full_snapshot(self.target, &self.host, &self.papers[p], &format!("check{p}")) {
+            match full_snapshot(&self.target, self.tls.as_ref(), &self.papers[p], &format!("check{p}")) {
                 Ok(full) if &full == held => out.matched += 1,
                 Ok(full) => {
                     out.first_mismatch.get_or_insert_with(|| describe_difference(&self.papers[p], held, &full));

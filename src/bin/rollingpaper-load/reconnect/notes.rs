@@ -61,11 +61,27 @@ pub(super) fn describe_difference(paper: &str, held: &Notes, full: &Notes) -> St
 ///
 /// # Errors
 /// Anything that keeps the snapshot from arriving whole in time.
-pub(super) fn full_snapshot(target: SocketAddr, host: &str, paper: &str, user: &str) -> Result<Notes, String> {
+pub(super) fn full_snapshot(
+    target: &Target,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    paper: &str,
+    user: &str,
+) -> Result<Notes, String> {
+    let mut tcp = std::net::TcpStream::connect_timeout(&target.addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    tcp.set_read_timeout(Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
+    match (&target.transport, tls) {
+        (crate::target::Transport::Tls { server_name }, Some(config)) => {
+            let tls = rustls::ClientConnection::new(config.clone(), server_name.clone())
+                .map_err(|e| format!("TLS with {}: {e}", target.authority))?;
+            read_full_snapshot(&mut rustls::StreamOwned::new(tls, tcp), &target.authority, paper, user)
+        }
+        _ => read_full_snapshot(&mut tcp, &target.authority, paper, user),
+    }
+}
+
+fn read_full_snapshot(stream: &mut (impl Read + Write), host: &str, paper: &str, user: &str) -> Result<Notes, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
     stream.write_all(&wire::upgrade_request(host, paper, user, None, None)).map_err(|e| format!("write: {e}"))?;
     let accept = tungstenite::handshake::derive_accept_key(wire::KEY.as_bytes());
     let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);

@@ -25,11 +25,14 @@ impl Run<'_> {
                 }
             }
             self.scan_timeouts(now, deadline_us);
-            if now >= deadline_us {
+            // Every other session would meet the refused certificate too.
+            if now >= deadline_us || self.certificate_refused.is_some() {
                 while let Some(Reverse((_, key))) = self.queue.pop() {
                     self.sessions[key].phase = Phase::Closed;
                     self.counts.failed += 1;
-                    self.note_error("the phase's deadline passed".into());
+                    if self.certificate_refused.is_none() {
+                        self.note_error("the phase's deadline passed".into());
+                    }
                 }
             }
             if self.queue.is_empty() && self.in_flight == 0 {
@@ -46,20 +49,20 @@ impl Run<'_> {
 
     pub(super) fn start_connect(&mut self, key: usize, now: u64) -> io::Result<()> {
         use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-        let socket = Socket::new(Domain::for_address(self.target), Type::STREAM, Some(Protocol::TCP))?;
+        let socket = Socket::new(Domain::for_address(self.target.addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
-        match socket.connect(&SockAddr::from(self.target)) {
+        match socket.connect(&SockAddr::from(self.target.addr)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(e),
         }
-        let mut stream = TcpStream::from_std(socket.into());
+        let mut stream = Stream::new(TcpStream::from_std(socket.into()), &self.target, self.tls.as_ref())?;
         self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)?;
         let s = &mut self.sessions[key];
         let user = format!("u{}m{}", s.paper, s.member);
         let since = (self.reconnecting && self.since && s.max_v > 0).then_some(s.max_v);
-        s.out = wire::upgrade_request(&self.host, &self.papers[s.paper as usize], &user, None, since);
+        s.out = wire::upgrade_request(&self.target.authority, &self.papers[s.paper as usize], &user, None, since);
         s.written = 0;
         s.inbuf.clear();
         s.frag.clear();
@@ -118,7 +121,7 @@ impl Run<'_> {
             return;
         }
         self.in_flight -= 1;
-        if self.retry {
+        if self.retry && self.certificate_refused.is_none() {
             s.phase = Phase::Idle;
             let jitter = u64::from(u32::from_le_bytes(self.masks.next())) % RETRY_US;
             self.queue.push(Reverse((self.base.elapsed().as_micros() as u64 + RETRY_US + jitter, key)));
@@ -175,11 +178,11 @@ impl Run<'_> {
         let Some(s) = self.sessions.get_mut(key) else { return };
         if let Phase::Connecting { since_us } = s.phase {
             let Some(stream) = &s.stream else { return };
-            match stream.take_error() {
+            match stream.tcp().take_error() {
                 Ok(Some(e)) | Err(e) => return self.fail(key, format!("connect: {e}")),
                 Ok(None) => {}
             }
-            match stream.peer_addr() {
+            match stream.tcp().peer_addr() {
                 Ok(_) => s.phase = Phase::Handshake { since_us, buf: Vec::new() },
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
                 Err(e) => return self.fail(key, format!("connect: {e}")),
@@ -211,14 +214,30 @@ impl Run<'_> {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // Also a TLS read that yields before the socket is empty.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.closed(key, format!("read: {e}"));
+                    self.read_failed(key, &e);
                     break;
                 }
             }
         }
         self.scratch = scratch;
+    }
+
+    /// A read error ends the connection; a refused certificate is not retried
+    /// (waiting does not cure it) and aborts the run.
+    fn read_failed(&mut self, key: usize, e: &io::Error) {
+        match crate::tls::failure_of(e) {
+            Some(failure) => {
+                let why = failure.to_string();
+                if failure.is_certificate() && self.certificate_refused.is_none() {
+                    self.certificate_refused = Some(why.clone());
+                }
+                self.closed(key, why);
+            }
+            None => self.closed(key, format!("read: {e}")),
+        }
     }
 
     pub(super) fn on_bytes(&mut self, key: usize, bytes: &[u8]) -> Result<(), String> {
@@ -378,6 +397,11 @@ impl Run<'_> {
             return Ok(());
         }
         let Some(stream) = s.stream.as_mut() else { return Err(()) };
+        // TLS records that a full socket did not take before; nothing on plain TCP.
+        if let Err(e) = stream.flush() {
+            self.closed(key, format!("write: {e}"));
+            return Err(());
+        }
         while s.written < s.out.len() {
             match stream.write(&s.out[s.written..]) {
                 Ok(0) => {

@@ -17,6 +17,8 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
+use crate::stream::Stream;
+use crate::target::Target;
 use crate::wire::{self, Handshake};
 
 mod sockets;
@@ -46,8 +48,9 @@ pub struct Setup {
     pub notes: usize,
     pub note_bytes: usize,
     /// Servers to connect to, round-robin by connection.
-    pub targets: Vec<SocketAddr>,
-    pub host: String,
+    pub targets: Vec<Target>,
+    /// The TLS client configuration, when a target is `wss://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Signs a token per member (`--token-secret`), for servers with auth on.
     pub tokens: Option<std::sync::Arc<crate::Tokens>>,
     pub sources: Vec<IpAddr>,
@@ -76,7 +79,7 @@ pub enum Command {
 }
 
 pub enum Report {
-    Connected { ok: u64, failed: u64, first_error: Option<String> },
+    Connected { ok: u64, failed: u64, first_error: Option<String>, certificate_refused: Option<String> },
     Step(Box<StepReport>),
 }
 
@@ -151,7 +154,7 @@ enum Phase {
 }
 
 struct Conn {
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     phase: Phase,
     paper: u32,
     out: Vec<u8>,
@@ -184,6 +187,8 @@ pub struct Worker {
     ok: u64,
     failed: u64,
     first_error: Option<String>,
+    /// A server's certificate that TLS refused: connecting stops, the run fails.
+    certificate_refused: Option<String>,
     connect_reported: bool,
     flush_list: Vec<usize>,
     /// Connections whose read budget ran out with data left.
@@ -240,6 +245,7 @@ impl Worker {
             ok: 0,
             failed: 0,
             first_error: None,
+            certificate_refused: None,
             connect_reported: false,
             flush_list: Vec::new(),
             read_again: Vec::new(),
@@ -322,7 +328,11 @@ impl Worker {
             return;
         }
         let deadline_us = self.setup.connect_deadline.saturating_duration_since(self.setup.base).as_micros() as u64;
-        while self.in_flight < self.setup.concurrency && self.next_connect < self.conns.len() && now < deadline_us {
+        while self.in_flight < self.setup.concurrency
+            && self.next_connect < self.conns.len()
+            && now < deadline_us
+            && self.certificate_refused.is_none()
+        {
             let key = self.next_connect;
             self.next_connect += 1;
             self.in_flight += 1;
@@ -351,16 +361,24 @@ impl Worker {
                 }
             }
         }
-        if now >= deadline_us {
+        // The rest would meet the same certificate: not started, so the run ends soon.
+        if now >= deadline_us || self.certificate_refused.is_some() {
             while self.next_connect < self.conns.len() {
                 self.failed += 1;
                 self.next_connect += 1;
-                self.note_error("the connect phase deadline passed".into());
+                if self.certificate_refused.is_none() {
+                    self.note_error("the connect phase deadline passed".into());
+                }
             }
         }
         if self.next_connect == self.conns.len() && self.in_flight == 0 {
             self.connect_reported = true;
-            let report = Report::Connected { ok: self.ok, failed: self.failed, first_error: self.first_error.clone() };
+            let report = Report::Connected {
+                ok: self.ok,
+                failed: self.failed,
+                first_error: self.first_error.clone(),
+                certificate_refused: self.certificate_refused.clone(),
+            };
             let _ = self.reports.send(report);
         }
     }
@@ -464,6 +482,12 @@ impl Worker {
             return Ok(());
         }
         let Some(stream) = conn.stream.as_mut() else { return Err(()) };
+        // TLS records that a full socket did not take before (this may be their
+        // writable event); nothing on plain TCP.
+        if let Err(e) = stream.flush() {
+            self.closed(key, format!("write: {e}"));
+            return Err(());
+        }
         while conn.written < conn.out.len() {
             match stream.write(&conn.out[conn.written..]) {
                 Ok(0) => {

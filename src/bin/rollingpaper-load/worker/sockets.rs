@@ -5,8 +5,8 @@ use super::*;
 impl Worker {
     pub(super) fn start_connect(&mut self, key: usize, now: u64) -> io::Result<()> {
         use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-        let target = self.setup.targets[key % self.setup.targets.len()];
-        let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+        let target = &self.setup.targets[key % self.setup.targets.len()];
+        let socket = Socket::new(Domain::for_address(target.addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         if !self.setup.sources.is_empty() {
@@ -14,18 +14,18 @@ impl Worker {
             let source = self.setup.sources[key % self.setup.sources.len()];
             socket.bind(&SockAddr::from(SocketAddr::new(source, 0)))?;
         }
-        match socket.connect(&SockAddr::from(target)) {
+        match socket.connect(&SockAddr::from(target.addr)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(e),
         }
-        let mut stream = TcpStream::from_std(socket.into());
+        let mut stream = Stream::new(TcpStream::from_std(socket.into()), target, self.setup.tls.as_ref())?;
         self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)?;
         let conn = &mut self.conns[key];
         let paper = &self.setup.papers[conn.paper as usize];
         let user = format!("lg{}", key);
         let token = self.setup.tokens.as_ref().map(|t| t.mint(&user, paper));
-        conn.out = wire::upgrade_request(&self.setup.host, paper, &user, token.as_deref(), None);
+        conn.out = wire::upgrade_request(&target.authority, paper, &user, token.as_deref(), None);
         conn.written = 0;
         conn.stream = Some(stream);
         conn.phase = Phase::Connecting { since_us: now };
@@ -75,11 +75,11 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(key) else { return };
         if let Phase::Connecting { since_us } = conn.phase {
             let Some(stream) = &conn.stream else { return };
-            match stream.take_error() {
+            match stream.tcp().take_error() {
                 Ok(Some(e)) | Err(e) => return self.fail(key, format!("connect: {e}")),
                 Ok(None) => {}
             }
-            match stream.peer_addr() {
+            match stream.tcp().peer_addr() {
                 Ok(_) => conn.phase = Phase::Handshake { since_us, buf: Vec::new() },
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
                 Err(e) => return self.fail(key, format!("connect: {e}")),
@@ -117,14 +117,30 @@ impl Worker {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // Also a TLS read that yields before the socket is empty.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.closed(key, format!("read: {e}"));
+                    self.read_failed(key, &e);
                     break;
                 }
             }
         }
         self.scratch = scratch;
+    }
+
+    /// A read error ends the connection; a refused certificate also stops the
+    /// connect phase (every other connection would meet it too).
+    fn read_failed(&mut self, key: usize, e: &io::Error) {
+        match crate::tls::failure_of(e) {
+            Some(failure) => {
+                let why = failure.to_string();
+                if failure.is_certificate() && self.certificate_refused.is_none() {
+                    self.certificate_refused = Some(why.clone());
+                }
+                self.closed(key, why);
+            }
+            None => self.closed(key, format!("read: {e}")),
+        }
     }
 
     pub(super) fn on_bytes(&mut self, key: usize, bytes: &[u8], now: u64) -> Result<(), String> {
