@@ -5,9 +5,9 @@
 # other's edits; the load generator through it over wss:// (every delivery
 # arrives with --ca-file; without it, the certificate is refused at once); then
 # what the file promises operators: /metrics, /readyz and /papers refused
-# publicly and served internally, http redirected to https, HSTS, and no token
-# in the access log. Everything runs on free loopback ports and is stopped on
-# exit.
+# publicly and served internally, http redirected to https, HSTS, no token in
+# the access log, and a node killed and restarted on its address being used
+# again at once. Everything runs on free loopback ports and is stopped on exit.
 # Installs nginx, openssl, Node and the system's CA roots if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,11 +60,12 @@ for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
 # Starts a node and sets $addr to where it listens (no subshell: its pid must
 # reach the cleanup list).
 start_node() {
-    local log=$1
+    local log=$1 id=$2 listen=${3:-127.0.0.1:0}
     addr=""
-    ./target/debug/rollingpaper --listen 127.0.0.1:0 --threads 2 --redis "redis://127.0.0.1:$redis_port" \
-        --trusted-proxies 127.0.0.1 2>"$log" &
+    ./target/debug/rollingpaper --listen "$listen" --threads 2 --redis "redis://127.0.0.1:$redis_port" \
+        --cluster --node-id "$id" --trusted-proxies 127.0.0.1 2>"$log" &
     pids+=($!)
+    node_pid=$!
     for _ in $(seq 200); do
         addr=$(sed -n 's|.*listening on http://\([0-9.:]*\).*|\1|p' "$log")
         [ -n "$addr" ] && return 0
@@ -72,16 +73,17 @@ start_node() {
     done
     echo "tls-test.sh: a node did not start:" >&2; cat "$log" >&2; return 1
 }
-start_node "$work/a.log"
+start_node "$work/a.log" a
 node_a=$addr
-start_node "$work/b.log"
+node_a_pid=$node_pid
+start_node "$work/b.log" b
 node_b=$addr
 
 https_port=$(free_port)
 http_port=$(free_port)
 internal_port=$(free_port)
 # The lines nginx.conf marks CHANGE, with this test's values.
-sed -e "s|server 127.0.0.1:8081;|server $node_a;|" -e "s|server 127.0.0.1:8082;|server $node_b;|" \
+sed -e "s|server 127.0.0.1:8081 |server $node_a |" -e "s|server 127.0.0.1:8082 |server $node_b |" \
     -e "s|listen 443 ssl;|listen 127.0.0.1:$https_port ssl;|" -e "s|listen 80;|listen 127.0.0.1:$http_port;|" \
     -e "s|listen 127.0.0.1:9180;|listen 127.0.0.1:$internal_port;|" \
     -e "s|server_name paper.example;|server_name 127.0.0.1;|" \
@@ -182,6 +184,25 @@ grep -q ' /ws/p1 ' "$work/access.log" || { echo "tls-test.sh: the access log has
 if grep -q "$secret_token" "$work/access.log"; then
     echo "tls-test.sh: the access log holds the token:" >&2; grep "$secret_token" "$work/access.log" >&2; status=1
 fi
+# A node killed and started again on its address is used again at once: nginx
+# must not hold it as failed (it would, for a WebSocket upstream, until one of
+# the node's sessions ends), and meanwhile its papers go to the other node.
+node_of() { timeout 30 node scripts/interop/wss_node_of.mjs "wss://127.0.0.1:$https_port" "$work/cert.pem" "$1" || true; }
+paper_a=""
+for i in $(seq 0 31); do
+    case "$(node_of "restart-$i")" in *-a) paper_a="restart-$i"; break ;; esac
+done
+if [ -z "$paper_a" ]; then
+    check "a paper served by node a" "one of restart-0..31" "none"
+else
+    kill -9 "$node_a_pid"
+    wait "$node_a_pid" 2>/dev/null || true
+    check "$paper_a while node a is down: served by" "b" "$(node_of "$paper_a" | sed 's/.*-//')"
+    start_node "$work/a2.log" a "$node_a"
+    for _ in $(seq 100); do [ "$(curl -s "http://$node_a/healthz")" = ok ] && break; sleep 0.1; done
+    check "$paper_a once node a is back: served by" "a" "$(node_of "$paper_a" | sed 's/.*-//')"
+fi
+
 if [ "$status" -ne 0 ]; then
     echo "--- nginx" >&2; cat "$work/nginx-error.log" >&2 || true
     echo "--- node a" >&2; tail -20 "$work/a.log" >&2
