@@ -38,9 +38,9 @@ Scenarios (default: all but compare):
   typing-writes  classroom without warm-up: Redis commands per edit
   relay          10 x 50 on one --cluster node, then on two with members split; the
                  two-node load again on a three-master Redis Cluster (redis+cluster://,
-                 started here), then 100 x 10 (2 senders at 5 edits/s, 20 notes) on two
-                 nodes over one Redis and over the Cluster: Redis CPU per process
-                 (single, or each shard), per edit, and Redis memory per paper
+                 started here), then 100 x 10 (2 senders, 20 notes) at 1,000 and 4,000
+                 edits/s on two nodes over one Redis and over the Cluster: Redis CPU
+                 per process (single, or each shard), per edit, Redis memory per paper
   reconnect      500 papers x 20 members, 200 notes of 1 KB each: a graceful restart
                  (--drain-seconds 2, a new server on the same address), every session
                  reconnecting with since, then again without (full snapshots)
@@ -469,10 +469,11 @@ relay_run() {
 # Redis; then the two-node load over a three-master Redis Cluster. 10 papers
 # hash unevenly over three shards, so a second shape with ten times more
 # papers (the same 1,000 edits/s, 10 a paper instead of 100) runs over one
-# Redis and over the Cluster, side by side.
+# Redis and over the Cluster, side by side, and again at four times the rate
+# (Redis's CPU per edit falls as the writer's pipelines fill).
 relay() {
     local few=(--papers 10 --members 50 --senders 10 --rate 10 --note-bytes 200 --warmup "$W" --duration "$D" --drain "$R")
-    local many=(--papers 100 --members 10 --senders 2 --rate 5 --notes 20 --note-bytes 200 --warmup "$W" --duration "$D" --drain "$R")
+    local many=(--papers 100 --members 10 --senders 2 --notes 20 --note-bytes 200 --warmup "$W" --duration "$D" --drain "$R")
     [ ${#cluster_ports[@]} -gt 0 ] || start_redis_cluster
     # Idle CPU of every Redis process (no server connected), for the reader to
     # weigh the windows' figures: ms of CPU a second, from INFO cpu.
@@ -486,17 +487,20 @@ relay() {
     relay_run relay-one-node one 1 "one --cluster node, one Redis" "${few[@]}"
     relay_run relay-two-nodes one 2 "two --cluster nodes, members split, one Redis; server columns are node a's" "${few[@]}"
     relay_run relay-two-nodes-cluster cluster 2 "the same on a three-master Redis Cluster" "${few[@]}"
-    relay_run relay-many-one one 2 "100 x 10, two nodes, one Redis" "${many[@]}"
-    relay_run relay-many-cluster cluster 2 "100 x 10, two nodes, Redis Cluster" "${many[@]}"
+    relay_run relay-many-one one 2 "100 x 10, two nodes, one Redis" "${many[@]}" --rate 5
+    relay_run relay-many-cluster cluster 2 "100 x 10, two nodes, Redis Cluster" "${many[@]}" --rate 5
+    relay_run relay-busy-one one 2 "100 x 10 at 4,000 edits/s, two nodes, one Redis" "${many[@]}" --rate 20
+    relay_run relay-busy-cluster cluster 2 "100 x 10 at 4,000 edits/s, two nodes, Redis Cluster" "${many[@]}" --rate 20
     local name
     {
         printf 'relay\tRedis\tpapers x members\tedits\tdelivered %%\tp99 ms\tRedis CPU s (each)\tsum s\tus per edit (sum)\tus per edit (busiest)\tpapers (each)\tB per paper\tidle ms/s (each)\tnode a / b cores\n'
-        for name in relay-one-node relay-two-nodes relay-two-nodes-cluster relay-many-one relay-many-cluster; do
+        for name in relay-one-node relay-two-nodes relay-two-nodes-cluster relay-many-one relay-many-cluster \
+            relay-busy-one relay-busy-cluster; do
             jq -r --arg name "$name" '
                 def f(x; n): if x == null then "-" else (x * pow(10; n) | round / pow(10; n) | tostring) end;
                 .redis as $d | (.result // {}) as $r |
                 [ $name, (if $d.setup == "one" then "one" else "3 shards" end), "\(.papers) x \(.members)",
-                  $d.edits, f(($r.delivery_ratio // 0) * 100; 3), f($r.latency_ms.p99; 2),
+                  "\($d.edits) (\(f($d.edits / ($r.duration_seconds // 1); 0))/s)", f(($r.delivery_ratio // 0) * 100; 3), f($r.latency_ms.p99; 2),
                   ($d.cpu_seconds | map(f(.; 2)) | join(" / ")), f($d.cpu_seconds_total; 2),
                   f($d.cpu_us_per_edit; 1), f($d.busiest_cpu_us_per_edit; 1),
                   ($d.papers_on | map(tostring) | join(" / ")), f($d.memory_bytes_per_paper; 0),
