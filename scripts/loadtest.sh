@@ -8,13 +8,14 @@
 #
 # Scenarios: classroom, hot-paper, fanout-max, idle, typing-writes, relay, reconnect, compare.
 # Builds in release mode, starts its own redis-server (append-only, free port,
-# data in a temporary directory) and a fresh server per scenario on a free
-# port, pins the server (and Redis) and the load generator to different cores
-# when there are at least two, prints one table, and stops everything it
-# started. JSON reports stay in $LOADTEST_OUT (default: a temporary directory,
-# printed at the end). LOADTEST_SECONDS sets the measured window (default 20;
-# compare uses half of it, sweep steps a quarter). LOADTEST_QUICK=1 shortens every window (for a check of
-# the script itself, not for numbers).
+# data in a temporary directory; for relay also a three-master Redis Cluster)
+# and a fresh server per scenario on a free port, pins the server (and Redis)
+# and the load generator to different cores when there are at least two,
+# prints one table, and stops everything it started. JSON reports stay in
+# $LOADTEST_OUT (default: a temporary directory, printed at the end).
+# LOADTEST_SECONDS sets the measured window (default 20; compare uses half of
+# it, sweep steps a quarter). LOADTEST_QUICK=1 shortens every window (for a
+# check of the script itself, not for numbers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -35,7 +36,11 @@ Scenarios (default: all but compare):
                  up to the rate where p99 passes 50 ms or deliveries are lost
   idle           50,000 connections, one member per paper, nothing sent (memory per connection)
   typing-writes  classroom without warm-up: Redis commands per edit
-  relay          10 x 50 on one --cluster node, then on two with members split
+  relay          10 x 50 on one --cluster node, then on two with members split; the
+                 two-node load again on a three-master Redis Cluster (redis+cluster://,
+                 started here), then 100 x 10 (2 senders, 20 notes) at 1,000 and 4,000
+                 edits/s on two nodes over one Redis and over the Cluster: Redis CPU
+                 per process (single, or each shard), per edit, Redis memory per paper
   reconnect      500 papers x 20 members, 200 notes of 1 KB each: a graceful restart
                  (--drain-seconds 2, a new server on the same address), every session
                  reconnecting with since, then again without (full snapshots)
@@ -92,7 +97,7 @@ cleanup() {
     for pid in "${pids[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
-    rm -rf "$work/redis" "$work"/*.log
+    rm -rf "$work/redis" "$work/cluster" "$work"/*.log
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -161,7 +166,78 @@ for _ in $(seq 100); do
 done
 redis-cli -p "$redis_port" ping >/dev/null || { echo "loadtest.sh: redis-server did not start" >&2; exit 1; }
 redis_url="redis://127.0.0.1:$redis_port"
+redis_pid="${pids[-1]}"
 echo "loadtest.sh: redis-server on 127.0.0.1:$redis_port (append-only), data in $work/redis"
+# The Redis the servers use: this one, or the Cluster's URL (relay).
+server_redis="$redis_url"
+
+cluster_ports=()
+cluster_pids=()
+# start_redis_cluster: three redis-server --cluster-enabled masters on free
+# loopback ports (each with its own directory, append-only), joined with
+# redis-cli --cluster create, no replicas; sets cluster_ports, cluster_pids.
+start_redis_cluster() {
+    local ports=() port i taken
+    # Three client ports and three bus ports, all different.
+    for _ in $(seq 100); do
+        [ ${#ports[@]} -ge 6 ] && break
+        port="$(free_port)"
+        taken=0
+        for i in "${ports[@]}"; do [ "$i" = "$port" ] && taken=1; done
+        [ "$port" = "$redis_port" ] && taken=1
+        [ "$taken" = 0 ] && ports+=("$port")
+    done
+    [ ${#ports[@]} -ge 6 ] || { echo "loadtest.sh: no free ports for the Redis Cluster" >&2; exit 1; }
+    for i in 0 1 2; do
+        mkdir -p "$work/cluster/$i"
+        # The bus port is given: the default (port + 10000) may be taken or past 65535.
+        "${pin_server[@]}" redis-server --bind 127.0.0.1 --port "${ports[$i]}" --dir "$work/cluster/$i" \
+            --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "${ports[$((i + 3))]}" \
+            --appendonly yes --save "" --protected-mode no --logfile "$work/cluster-$i.log" &
+        pids+=($!)
+        cluster_pids+=($!)
+        cluster_ports+=("${ports[$i]}")
+    done
+    for port in "${cluster_ports[@]}"; do
+        for _ in $(seq 100); do
+            redis-cli -p "$port" ping >/dev/null 2>&1 && break
+            sleep 0.1
+        done
+        redis-cli -p "$port" ping >/dev/null || { echo "loadtest.sh: cluster node on $port did not start" >&2; exit 1; }
+    done
+    local hosts=()
+    for port in "${cluster_ports[@]}"; do hosts+=("127.0.0.1:$port"); done
+    if ! timeout 60 redis-cli --cluster create "${hosts[@]}" --cluster-replicas 0 --cluster-yes \
+        </dev/null >"$work/cluster-create.log" 2>&1; then
+        echo "loadtest.sh: redis-cli --cluster create failed:" >&2
+        cat "$work/cluster-create.log" >&2
+        exit 1
+    fi
+    local ok
+    for _ in $(seq 300); do
+        ok=0
+        for port in "${cluster_ports[@]}"; do
+            redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && ok=$((ok + 1))
+        done
+        [ "$ok" = 3 ] && break
+        sleep 0.1
+    done
+    [ "$ok" = 3 ] || { echo "loadtest.sh: the Redis Cluster did not reach cluster_state:ok" >&2; exit 1; }
+    cluster_url="redis+cluster://$(IFS=,; echo "${hosts[*]}")"
+    echo "loadtest.sh: Redis Cluster of three masters on ${hosts[*]} (append-only, no replicas), data in $work/cluster"
+}
+
+# redis_cpu PORT: the CPU seconds (system + user, all threads) the Redis on PORT has used (INFO cpu).
+redis_cpu() {
+    redis-cli -p "$1" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.6f\n", s}'
+}
+
+# paper_memory PORT PREFIX: the bytes the keys of papers PREFIX-* take in the
+# Redis on PORT (MEMORY USAGE with every element counted, summed).
+paper_memory() {
+    redis-cli -p "$1" --scan --pattern "rp:paper:{$2-*}*" | awk '{print "MEMORY USAGE " $0 " SAMPLES 0"}' |
+        redis-cli -p "$1" | awk '{s += $1} END {print s + 0}'
+}
 
 server_pid=""
 server_addr=""
@@ -169,7 +245,7 @@ server_addr=""
 start_server() {
     local log="$work/server.log"
     : >"$log"
-    "${pin_server[@]}" "$@" --listen 127.0.0.1:0 --redis "$redis_url" 2>"$log" >/dev/null &
+    "${pin_server[@]}" "$@" --listen 127.0.0.1:0 --redis "$server_redis" 2>"$log" >/dev/null &
     server_pid=$!
     pids+=("$server_pid")
     for _ in $(seq 200); do
@@ -199,13 +275,17 @@ rollingpaper() {
     start_server "${LOADTEST_SERVER:-$bin/rollingpaper}" --threads "$server_threads" --rate 1000000 --burst 1000000 "$@"
 }
 
+# Other processes the generator measures over its windows (NAME=PID, --watch-pid).
+watch=()
 # load NAME ARGS...: runs the generator against the running server; the report is $out/NAME.json.
 load() {
-    local name="$1"
+    local name="$1" w
     shift
-    echo "loadtest.sh: $name: rollingpaper-load $*" | tee -a "$out/commands.txt"
+    local args=("$@")
+    for w in "${watch[@]}"; do args+=(--watch-pid "$w"); done
+    echo "loadtest.sh: $name: rollingpaper-load ${args[*]}" | tee -a "$out/commands.txt"
     "${pin_load[@]}" "$bin/rollingpaper-load" --target "$server_addr" --server-pid "$server_pid" \
-        --json "$@" >"$out/$name.json"
+        --json "${args[@]}" >"$out/$name.json"
 }
 
 # ---- the table -----------------------------------------------------------------------
@@ -312,27 +392,122 @@ typing_writes() {
     row typing-writes "$(jq -r '.redis | "\(.edits) edits, \(.writer_commands) writer commands (\(.all_commands_incl_script_calls) counting calls inside scripts): \(.edits_per_writer_command * 100 | round / 100) edits per command"' "$out/typing-writes.json")$( [ "$papers" -ne 1000 ] && echo "; $(scale_note "$papers" 1000)")"
 }
 
-# The original design against rollingpaper: same generator, same shape, papers
-# of 10, 50 and 200 notes; one run, side by side.
+# relay_run NAME REDIS NODES NOTE ARGS...: the generator's load (ARGS) on NODES
+# (1 or 2) --cluster nodes, members split between two; REDIS is "one" (the
+# script's redis-server) or "cluster" (the three masters). Every Redis process
+# is measured over the generator's window (--watch-pid), with node b; after the
+# nodes stop, a SCAN of each Redis process finds the papers it holds and what
+# their keys take (MEMORY USAGE).
+relay_run() {
+    local name="$1" setup="$2" nodes="$3" note="$4" prefix
+    shift 4
+    local ports=() pids_r=() labels=() i memory=() papers_on=()
+    prefix="rl$RANDOM$RANDOM"
+    if [ "$setup" = one ]; then
+        ports=("$redis_port") pids_r=("$redis_pid") labels=(redis)
+        server_redis="$redis_url"
+    else
+        ports=("${cluster_ports[@]}") pids_r=("${cluster_pids[@]}") labels=(shard-1 shard-2 shard-3)
+        server_redis="$cluster_url"
+    fi
+    watch=()
+    for i in "${!ports[@]}"; do
+        watch+=("${labels[$i]}=${pids_r[$i]}")
+    done
+    rollingpaper --cluster --node-id "$name-a"
+    local a_addr="$server_addr" a_pid="$server_pid" b_pid=""
+    if [ "$nodes" = 2 ]; then
+        rollingpaper --cluster --node-id "$name-b"
+        b_pid="$server_pid"
+        server_addr="$a_addr,$server_addr"
+        server_pid="$a_pid"
+        watch+=("node-b=$b_pid")
+    fi
+    load "$name" "$@" --paper-prefix "$prefix"
+    stop_server
+    if [ -n "$b_pid" ]; then server_pid="$b_pid"; stop_server; fi
+    watch=()
+    server_redis="$redis_url"
+    for i in "${!ports[@]}"; do
+        memory+=("$(paper_memory "${ports[$i]}" "$prefix")")
+        papers_on+=("$(redis-cli -p "${ports[$i]}" --scan --pattern "rp:paper:{$prefix-*}:notes" | wc -l)")
+    done
+    local labels_json memory_json papers_json
+    labels_json="$(printf '%s\n' "${labels[@]}" | jq -R . | jq -s -c .)"
+    memory_json="$(printf '%s\n' "${memory[@]}" | jq -s -c .)"
+    papers_json="$(printf '%s\n' "${papers_on[@]}" | jq -s -c .)"
+    jq --arg setup "$setup" --argjson nodes "$nodes" --argjson labels "$labels_json" \
+        --argjson memory "$memory_json" --argjson papers_on "$papers_json" \
+        --argjson idle "$(jq -c --arg setup "$setup" '.[$setup]' "$work/redis-idle.json")" '
+        (.result // {}) as $r |
+        [ $labels[] as $l | $r.watched[$l].cpu_seconds // 0 ] as $cpu |
+        ($cpu | add) as $total |
+        ($r.messages_sent // 0) as $edits |
+        . + {redis: {
+            setup: $setup, nodes: $nodes, processes: $labels, cpu_seconds: $cpu, cpu_seconds_total: $total,
+            edits: $edits, deliveries: ($r.deliveries_received // 0),
+            cpu_us_per_edit: (if $edits > 0 then $total * 1e6 / $edits else null end),
+            busiest_cpu_us_per_edit: (if $edits > 0 then ($cpu | max) * 1e6 / $edits else null end),
+            cpu_us_per_delivery: (if ($r.deliveries_received // 0) > 0 then $total * 1e6 / $r.deliveries_received else null end),
+            idle_cpu_ms_per_second: $idle,
+            papers_on: $papers_on,
+            paper_key_bytes: $memory,
+            memory_bytes_per_paper: (if ($papers_on | add) > 0 then ($memory | add) / ($papers_on | add) else null end),
+            node_b_cpu_cores: $r.watched["node-b"].cpu_cores }}' \
+        "$out/$name.json" >"$out/$name.tmp" && mv "$out/$name.tmp" "$out/$name.json"
+    row "$name" "$note; $(jq -r '
+        def f(x; n): if x == null then "-" else (x * pow(10; n) | round / pow(10; n) | tostring) end;
+        .redis as $d |
+        (if $d.setup == "one" then "redis CPU: \(f($d.cpu_seconds[0]; 2)) s"
+         else "shards: \($d.cpu_seconds | map(f(.; 2)) | join(" / ")) s (papers \($d.papers_on | map(tostring) | join("/")))" end)
+        + ", \(f($d.cpu_us_per_edit; 1)) us per edit"
+        + (if $d.node_b_cpu_cores == null then "" else "; node b \(f($d.node_b_cpu_cores; 2)) cores" end)' "$out/$name.json")"
+}
+
+# The same load on one --cluster node, then on two with each paper's members
+# split between them (every edit crosses through Redis pub/sub), over one
+# Redis; then the two-node load over a three-master Redis Cluster. 10 papers
+# hash unevenly over three shards, so a second shape with ten times more
+# papers (the same 1,000 edits/s, 10 a paper instead of 100) runs over one
+# Redis and over the Cluster, side by side, and again at four times the rate
+# (Redis's CPU per edit falls as the writer's pipelines fill).
 relay() {
-    # The same load on one --cluster node, then on two with each paper's members
-    # split between them (every edit crosses through Redis pub/sub).
-    local shape=(--papers 10 --members 50 --senders 10 --rate 10 --note-bytes 200 --warmup "$W" --duration "$D" --drain "$R")
-    rollingpaper --cluster --node-id solo
-    load relay-one-node "${shape[@]}"
-    stop_server
-    row relay-one-node "one --cluster node"
-    rollingpaper --cluster --node-id a
-    local a_addr="$server_addr" a_pid="$server_pid"
-    rollingpaper --cluster --node-id b
-    local b_addr="$server_addr" b_pid="$server_pid"
-    server_addr="$a_addr,$b_addr"
-    server_pid="$a_pid"
-    load relay-two-nodes "${shape[@]}"
-    stop_server
-    server_pid="$b_pid"
-    stop_server
-    row relay-two-nodes "two --cluster nodes, members split; server columns are node a's alone"
+    local few=(--papers 10 --members 50 --senders 10 --rate 10 --note-bytes 200 --warmup "$W" --duration "$D" --drain "$R")
+    local many=(--papers 100 --members 10 --senders 2 --notes 20 --note-bytes 200 --warmup "$W" --duration "$D" --drain "$R")
+    [ ${#cluster_ports[@]} -gt 0 ] || start_redis_cluster
+    # Idle CPU of every Redis process (no server connected), for the reader to
+    # weigh the windows' figures: ms of CPU a second, from INFO cpu.
+    local idle=$((W > 1 ? W : 1)) t0=() t1=() port
+    for port in "$redis_port" "${cluster_ports[@]}"; do t0+=("$(redis_cpu "$port")"); done
+    sleep "$idle"
+    for port in "$redis_port" "${cluster_ports[@]}"; do t1+=("$(redis_cpu "$port")"); done
+    jq -n -c --argjson t0 "[$(IFS=,; echo "${t0[*]}")]" --argjson t1 "[$(IFS=,; echo "${t1[*]}")]" --argjson s "$idle" \
+        '[$t1, $t0] | transpose | map((.[0] - .[1]) * 1000 / $s) | {one: .[0:1], cluster: .[1:4]}' \
+        >"$work/redis-idle.json"
+    relay_run relay-one-node one 1 "one --cluster node, one Redis" "${few[@]}"
+    relay_run relay-two-nodes one 2 "two --cluster nodes, members split, one Redis; server columns are node a's" "${few[@]}"
+    relay_run relay-two-nodes-cluster cluster 2 "the same on a three-master Redis Cluster" "${few[@]}"
+    relay_run relay-many-one one 2 "100 x 10, two nodes, one Redis" "${many[@]}" --rate 5
+    relay_run relay-many-cluster cluster 2 "100 x 10, two nodes, Redis Cluster" "${many[@]}" --rate 5
+    relay_run relay-busy-one one 2 "100 x 10 at 4,000 edits/s, two nodes, one Redis" "${many[@]}" --rate 20
+    relay_run relay-busy-cluster cluster 2 "100 x 10 at 4,000 edits/s, two nodes, Redis Cluster" "${many[@]}" --rate 20
+    local name
+    {
+        printf 'relay\tRedis\tpapers x members\tedits\tdelivered %%\tp99 ms\tRedis CPU s (each)\tsum s\tus per edit (sum)\tus per edit (busiest)\tpapers (each)\tB per paper\tidle ms/s (each)\tnode a / b cores\n'
+        for name in relay-one-node relay-two-nodes relay-two-nodes-cluster relay-many-one relay-many-cluster \
+            relay-busy-one relay-busy-cluster; do
+            jq -r --arg name "$name" '
+                def f(x; n): if x == null then "-" else (x * pow(10; n) | round / pow(10; n) | tostring) end;
+                .redis as $d | (.result // {}) as $r |
+                [ $name, (if $d.setup == "one" then "one" else "3 shards" end), "\(.papers) x \(.members)",
+                  "\($d.edits) (\(f($d.edits / ($r.duration_seconds // 1); 0))/s)", f(($r.delivery_ratio // 0) * 100; 3), f($r.latency_ms.p99; 2),
+                  ($d.cpu_seconds | map(f(.; 2)) | join(" / ")), f($d.cpu_seconds_total; 2),
+                  f($d.cpu_us_per_edit; 1), f($d.busiest_cpu_us_per_edit; 1),
+                  ($d.papers_on | map(tostring) | join(" / ")), f($d.memory_bytes_per_paper; 0),
+                  ($d.idle_cpu_ms_per_second | map(f(.; 2)) | join(" / ")),
+                  "\(f($r.server_cpu_cores; 2)) / \(f($d.node_b_cpu_cores; 2))" ] | @tsv' "$out/$name.json"
+        done
+    } | column -t -s $'\t' | tee "$out/relay.txt"
 }
 
 # Every session reconnects after a graceful restart (SIGTERM with
@@ -407,6 +582,8 @@ reconnect() {
     } | column -t -s $'\t' | tee "$out/reconnect.txt"
 }
 
+# The original design against rollingpaper: same generator, same shape, papers
+# of 10, 50 and 200 notes; one run, side by side.
 compare() {
     local notes server
     for notes in 10 50 200; do

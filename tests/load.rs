@@ -29,6 +29,8 @@ fn a_smoke_run_delivers_every_edit_to_every_member() {
         &target,
         "--server-pid",
         &pid,
+        "--watch-pid",
+        &format!("same-server={pid}"),
         "--papers",
         "4",
         "--members",
@@ -65,6 +67,11 @@ fn a_smoke_run_delivers_every_edit_to_every_member() {
     assert!(p99 > 0.0 && p99 <= result["latency_ms"]["max"].as_f64().unwrap(), "{result}");
     assert!(result["server_cpu_us_per_delivery"].as_f64().unwrap() > 0.0, "{result}");
     assert!(result["server_rss_kib"].as_u64().unwrap() > 0, "{result}");
+    // --watch-pid measures another process over the same window: here the server again.
+    let watched = &result["watched"]["same-server"];
+    assert_eq!(watched["pid"].as_u64(), Some(u64::from(server.pid())), "{result}");
+    assert!(watched["cpu_seconds"].as_f64().unwrap() > 0.0, "{result}");
+    assert!(watched["rss_kib"].as_u64().unwrap() > 0, "{result}");
     // Each edit reaches 8 members as an upsert of a 200-byte note, and more.
     assert!(result["bytes_received_per_edit"].as_f64().unwrap() > 8.0 * 200.0, "{result}");
 }

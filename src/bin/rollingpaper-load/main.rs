@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use serde_json::json;
 
-use report::{CpuSample, StepResult};
+use report::{CpuSample, StepResult, Watched};
 use target::Target;
 use worker::{Command, Progress, Report, Setup, StepPlan, StepReport, Worker};
 
@@ -92,6 +92,11 @@ struct Args {
     /// The server's pid: its CPU and RSS are read from /proc.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Another process to measure over the same windows, as NAME=PID
+    /// (repeatable; e.g. redis=1234 or node-b=5678): its CPU seconds over each
+    /// measured window and its RSS at the end, reported under `watched`.
+    #[arg(long, value_name = "NAME=PID", value_parser = parse_watch)]
+    watch_pid: Vec<(String, u32)>,
     /// Raise the rate step by step on the same connections until fewer than 99%
     /// of deliveries arrive or p99 passes --p99-bound-ms.
     #[arg(long)]
@@ -196,6 +201,16 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// One `--watch-pid NAME=PID`.
+fn parse_watch(arg: &str) -> Result<(String, u32), String> {
+    let (name, pid) = arg.split_once('=').ok_or("expected NAME=PID, e.g. redis=1234")?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(format!("{name:?}: a name is letters, digits, '-', '_' or '.'"));
+    }
+    let pid = pid.parse().map_err(|_| format!("{pid:?} is not a process id"))?;
+    Ok((name.to_string(), pid))
 }
 
 fn check(args: &Args) -> Result<(), String> {
@@ -370,7 +385,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         if per_sender > 1 {
             let fill_rate = 40.0;
             let fill = per_sender as f64 / fill_rate;
-            run_step(&commands, &reports, &show, server_pid, base, fill_rate, 0.0, fill, 0.0, 1.0, 0);
+            run_step(&commands, &reports, &show, server_pid, &args.watch_pid, base, fill_rate, 0.0, fill, 0.0, 1.0, 0);
         }
         let mut rate = args.rate;
         let count = if args.sweep { args.sweep_steps } else { 1 };
@@ -381,6 +396,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
                 &reports,
                 &show,
                 server_pid,
+                &args.watch_pid,
                 base,
                 rate,
                 args.warmup,
@@ -414,7 +430,20 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         }
     } else if measure {
         // Idle connections: hold them for the window, measure the server meanwhile.
-        let step = run_step(&commands, &reports, &show, server_pid, base, 1.0, 0.0, 0.0, args.duration, 0.0, 0);
+        let step = run_step(
+            &commands,
+            &reports,
+            &show,
+            server_pid,
+            &args.watch_pid,
+            base,
+            1.0,
+            0.0,
+            0.0,
+            args.duration,
+            0.0,
+            0,
+        );
         steps.extend(step);
     }
 
@@ -519,6 +548,7 @@ fn run_step(
     reports: &mpsc::Receiver<Report>,
     show: &Show,
     server_pid: Option<&str>,
+    watch: &[(String, u32)],
     base: Instant,
     rate: f64,
     warmup: f64,
@@ -542,9 +572,9 @@ fn run_step(
     }
     let at = |t_us: u64| base + Duration::from_micros(t_us);
     show.wait_until(at(plan.measure_start_us), "warm-up");
-    let first = CpuSample::take(server_pid);
+    let first = CpuSample::take(server_pid, watch);
     show.wait_until(at(plan.measure_end_us), "measuring");
-    let last = CpuSample::take(server_pid);
+    let last = CpuSample::take(server_pid, watch);
     let rss = server_pid.and_then(report::rss_kib);
     let mut totals = StepReport::new();
     let mut waiting = commands.len();
@@ -574,6 +604,16 @@ fn run_step(
         tool_cpu: diff(first.tool, last.tool),
         server_cpu: diff(first.server, last.server),
         server_rss_kib: rss,
+        watched: watch
+            .iter()
+            .zip(first.watched.iter().zip(&last.watched))
+            .map(|((name, pid), (a, b))| Watched {
+                name: name.clone(),
+                pid: *pid,
+                cpu: diff(*a, *b),
+                rss_kib: report::rss_kib(&pid.to_string()),
+            })
+            .collect(),
         window,
         totals,
     })
@@ -626,6 +666,19 @@ impl Show<'_> {
             if !Instant::now().ge(&when) {
                 self.line(phase);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watched_processes_are_name_equals_pid() {
+        assert_eq!(parse_watch("shard-1=42"), Ok(("shard-1".to_string(), 42)));
+        for bad in ["42", "=42", "redis=", "redis=x", "a b=1", "redis=-1"] {
+            assert!(parse_watch(bad).is_err(), "{bad}");
         }
     }
 }

@@ -40,18 +40,34 @@ pub fn rss_kib(pid: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// CPU of the tool and of the server over a window.
-#[derive(Clone, Copy)]
+/// CPU of the tool, of the server and of the watched processes (`--watch-pid`),
+/// taken at one instant.
 pub struct CpuSample {
     pub at: Instant,
     pub tool: Option<f64>,
     pub server: Option<f64>,
+    /// In the order of `--watch-pid`.
+    pub watched: Vec<Option<f64>>,
 }
 
 impl CpuSample {
-    pub fn take(server_pid: Option<&str>) -> Self {
-        CpuSample { at: Instant::now(), tool: cpu_seconds("self"), server: server_pid.and_then(cpu_seconds) }
+    pub fn take(server_pid: Option<&str>, watch: &[(String, u32)]) -> Self {
+        CpuSample {
+            at: Instant::now(),
+            tool: cpu_seconds("self"),
+            server: server_pid.and_then(cpu_seconds),
+            watched: watch.iter().map(|(_, pid)| cpu_seconds(&pid.to_string())).collect(),
+        }
     }
+}
+
+/// A process given with `--watch-pid`, over one window.
+pub struct Watched {
+    pub name: String,
+    pub pid: u32,
+    /// CPU seconds over the measured window (none when /proc could not be read).
+    pub cpu: Option<f64>,
+    pub rss_kib: Option<u64>,
 }
 
 /// One step's figures, everything a reader checks.
@@ -64,6 +80,7 @@ pub struct StepResult {
     pub tool_cpu: Option<f64>,
     pub server_cpu: Option<f64>,
     pub server_rss_kib: Option<u64>,
+    pub watched: Vec<Watched>,
     pub window: f64,
 }
 
@@ -111,6 +128,12 @@ impl StepResult {
             "server_cpu_seconds": self.server_cpu.map(|c| round(c, 3)),
             "server_cpu_us_per_delivery": per_delivery,
             "server_rss_kib": self.server_rss_kib,
+            "watched": self.watched.iter().map(|w| (w.name.clone(), json!({
+                "pid": w.pid,
+                "cpu_seconds": w.cpu.map(|c| round(c, 3)),
+                "cpu_cores": w.cpu.map(|c| round(c / self.window, 3)),
+                "rss_kib": w.rss_kib,
+            }))).collect::<serde_json::Map<_, _>>(),
         })
     }
 
@@ -153,6 +176,14 @@ impl StepResult {
         }
         if let Some(rss) = self.server_rss_kib {
             s += &format!("  server RSS {rss} KiB\n");
+        }
+        for w in &self.watched {
+            match w.cpu {
+                Some(cpu) => {
+                    s += &format!("  {} (pid {}) CPU {cpu:.3} s ({:.2} cores)\n", w.name, w.pid, cpu / self.window)
+                }
+                None => s += &format!("  {} (pid {}): not readable in /proc\n", w.name, w.pid),
+            }
         }
         if !t.errors.is_empty() {
             s += &format!("  refusals: {:?}\n", t.errors);
