@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use redis::{Connection, Value};
+use redis::{Connection, PushKind, Value};
 
 use super::endpoint::{connect_node, slot, Conn, Endpoint, IO_TIMEOUT};
 use super::{keys, LoadPurpose, LoadRequest, Loops, StoreEvent};
@@ -414,19 +414,27 @@ impl Listening<'_> {
 /// Sharded pub/sub on a Redis Cluster: `SSUBSCRIBE` on the master of each
 /// channel's slot. A slot that moves (resharding, failover) ends the
 /// subscription: the relay subscribes anew on the new map and re-reads its papers.
+///
+/// The connections speak RESP3, where everything a subscribed connection
+/// receives (messages and confirmations) is a push: the client then never
+/// mistakes one for the reply of a read that timed out, so each shard can be
+/// waited on with a short timeout in turn, with no `PING` and no sleep.
 struct Shards {
-    /// How to reach a node (TLS, password).
+    /// How to reach a node (TLS, password), in RESP3.
     seed: redis::ConnectionInfo,
     /// `(first slot, last slot, "host:port")` of each master.
     masters: Vec<(u16, u16, String)>,
-    /// Each master's subscriber, and whether a `PING` awaits its `pong`.
-    conns: Vec<(String, Connection, bool)>,
+    /// Each master's subscriber, and the read timeout it has now.
+    conns: Vec<(String, Connection, Duration)>,
     /// Channel -> index in `conns`.
     channels: HashMap<String, usize>,
     /// Messages read while waiting for a subscription's confirmation.
     early: VecDeque<(String, Vec<u8>)>,
     next: usize,
 }
+
+/// The shortest wait on one shard before the next is looked at.
+const MIN_SHARD_WAIT: Duration = Duration::from_millis(1);
 
 impl Shards {
     fn new(endpoint: &Endpoint) -> redis::RedisResult<Shards> {
@@ -435,6 +443,8 @@ impl Shards {
             return Err(redis::RedisError::from((redis::ErrorKind::Io, "the cluster has no slots assigned yet")));
         }
         let seed = endpoint.seed().expect("a cluster endpoint");
+        let resp3 = seed.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+        let seed = seed.set_redis_settings(resp3);
         Ok(Shards { seed, masters, conns: Vec::new(), channels: HashMap::new(), early: VecDeque::new(), next: 0 })
     }
 
@@ -450,21 +460,22 @@ impl Shards {
             Some(index) => index,
             None => {
                 let conn = connect_node(&self.seed, &addr)?;
-                self.conns.push((addr, conn, false));
+                self.conns.push((addr, conn, IO_TIMEOUT));
                 self.conns.len() - 1
             }
         };
-        let (_, conn, pinged) = &mut self.conns[index];
+        let (_, conn, timeout) = &mut self.conns[index];
+        set_timeout(conn, timeout, IO_TIMEOUT)?;
         conn.send_packed_command(&redis::cmd("SSUBSCRIBE").arg(channel).get_packed_command())?;
-        // Confirmed before the paper is read, so that nothing falls between.
+        // Confirmed before the paper is read, so that nothing falls between. An
+        // error reply (say, MOVED) may be taken for a timed-out read's and
+        // skipped: the wait then times out, and the relay starts over.
         loop {
             match conn.recv_response()? {
-                Value::Array(parts) => match kind_of(&parts).as_deref() {
-                    Some("ssubscribe") if channel_of(&parts).as_deref() == Some(channel) => break,
-                    Some("smessage") => self.early.extend(message_of(parts)),
-                    Some("pong") => *pinged = false,
-                    _ => {}
-                },
+                Value::Push { kind: PushKind::SSubscribe, data } if text_of(data.first()).as_deref() == Some(channel) => {
+                    break
+                }
+                Value::Push { kind: PushKind::SMessage, data } => self.early.extend(message_of(data)),
                 Value::ServerError(e) => return Err(e.into()),
                 _ => {}
             }
@@ -479,45 +490,53 @@ impl Shards {
         self.conns[index].1.send_packed_command(&redis::cmd("SUNSUBSCRIBE").arg(channel).get_packed_command())
     }
 
-    /// The next message, else `None` after `wait`. A read never times out here
-    /// (the client would then skip the next reply): each shard is sent a `PING`
-    /// and read up to its `pong`, so that what came before it is all there is.
+    /// The next message, else `None` after about `wait`, shared between the shards.
     fn next_message(&mut self, wait: Duration) -> redis::RedisResult<Option<(String, Vec<u8>)>> {
         if let Some(message) = self.early.pop_front() {
             return Ok(Some(message));
         }
+        if self.conns.is_empty() {
+            std::thread::sleep(wait);
+            return Ok(None);
+        }
+        let slice = (wait / self.conns.len() as u32).max(MIN_SHARD_WAIT);
         for _ in 0..self.conns.len() {
             self.next = (self.next + 1) % self.conns.len();
-            let (_, conn, pinged) = &mut self.conns[self.next];
-            if !*pinged {
-                conn.send_packed_command(&redis::cmd("PING").get_packed_command())?;
-                *pinged = true;
-            }
+            let (_, conn, timeout) = &mut self.conns[self.next];
+            set_timeout(conn, timeout, slice)?;
             loop {
-                match conn.recv_response()? {
-                    Value::Array(parts) => match kind_of(&parts).as_deref() {
-                        Some("smessage") => return Ok(message_of(parts)),
-                        Some("pong") => {
-                            *pinged = false;
-                            break;
+                match conn.recv_response() {
+                    Ok(Value::Push { kind: PushKind::SMessage, data }) => {
+                        if let Some(message) = message_of(data) {
+                            return Ok(Some(message));
                         }
-                        // The server drops a subscription whose slot moved away.
-                        Some("sunsubscribe") => {
-                            if let Some(channel) = channel_of(&parts).filter(|c| self.channels.contains_key(c)) {
-                                let detail = format!("{channel} moved to another shard");
-                                return Err(redis::RedisError::from((redis::ErrorKind::Io, "slot moved", detail)));
-                            }
+                    }
+                    // The server drops a subscription whose slot moved away.
+                    Ok(Value::Push { kind: PushKind::SUnsubscribe, data }) => {
+                        if let Some(channel) = text_of(data.first()).filter(|c| self.channels.contains_key(c)) {
+                            let detail = format!("{channel} moved to another shard");
+                            return Err(redis::RedisError::from((redis::ErrorKind::Io, "slot moved", detail)));
                         }
-                        _ => {}
-                    },
-                    Value::ServerError(e) => return Err(e.into()),
-                    _ => {}
+                    }
+                    Ok(Value::ServerError(e)) => return Err(e.into()),
+                    Ok(_) => {}
+                    Err(e) if e.is_timeout() => break,
+                    Err(e) => return Err(e),
                 }
             }
         }
-        std::thread::sleep(wait);
         Ok(None)
     }
+}
+
+/// Sets a connection's read timeout when it is not `want` already (one system
+/// call saved per wait).
+fn set_timeout(conn: &mut Connection, now: &mut Duration, want: Duration) -> redis::RedisResult<()> {
+    if *now != want {
+        conn.set_read_timeout(Some(want))?;
+        *now = want;
+    }
+    Ok(())
 }
 
 fn text_of(value: Option<&Value>) -> Option<String> {
@@ -528,17 +547,10 @@ fn text_of(value: Option<&Value>) -> Option<String> {
     }
 }
 
-fn kind_of(parts: &[Value]) -> Option<String> {
-    text_of(parts.first())
-}
-
-fn channel_of(parts: &[Value]) -> Option<String> {
-    text_of(parts.get(1))
-}
-
-fn message_of(parts: Vec<Value>) -> Option<(String, Vec<u8>)> {
-    let channel = channel_of(&parts)?;
-    match parts.into_iter().nth(2)? {
+/// `(channel, payload)` of a message push (its data: channel, then payload).
+fn message_of(data: Vec<Value>) -> Option<(String, Vec<u8>)> {
+    let channel = text_of(data.first())?;
+    match data.into_iter().nth(1)? {
         Value::BulkString(payload) => Some((channel, payload)),
         _ => None,
     }

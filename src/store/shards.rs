@@ -1,4 +1,4 @@
-//! What a Redis Cluster needs beyond one server: a pipeline per slot's master,
+//! What a Redis Cluster needs beyond one server: a pipeline per shard,
 //! and the completion hand-off in two steps (the stream lives in another slot
 //! than the paper): appended after the seal, at least once, and finished by the
 //! next writer if one died between.
@@ -7,35 +7,48 @@ use std::collections::HashMap;
 
 use redis::{Pipeline, Value};
 
-use super::endpoint::{Conn, Endpoint};
+use super::endpoint::{slot, Conn, Endpoint};
 use super::keys;
 use super::writer::{unexpected, WAIT_TIMEOUT};
 
-/// Sends a batch to a Redis Cluster: one pipeline per paper (its keys and channel
-/// share a slot, so the cluster client routes it whole to the slot's master), each
-/// ending with `WAIT` when replicas must have it. Replies come back in the order
-/// of `pipe`.
+/// Sends a batch to a Redis Cluster: one pipeline per shard (every paper whose
+/// slot `masters` gives to the same master), each ending with `WAIT` when
+/// replicas must have it. The cluster client routes a pipeline by its first
+/// command's key; a command that reaches a master no longer serving its slot
+/// (the map moved since it was read) gets `MOVED`, which the writer retries on a
+/// new connection and map (writes are idempotent by version). Replies come back
+/// in the order of `pipe`.
 ///
 /// # Errors
 /// A pipeline failed to go through, or replicas did not take it.
-pub(super) fn per_slot(
+pub(super) fn per_shard(
     conn: &mut Conn,
     pipe: &Pipeline,
     owners: &[&str],
+    masters: &[(u16, u16, String)],
     wait_replicas: usize,
 ) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
-    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
-    let mut by_owner: HashMap<&str, usize> = HashMap::new();
+    // Shard of each paper, looked up once per paper; a slot the map does not
+    // cover (it is being read anew) gets a pipeline of its own.
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut group_of_paper: HashMap<&str, usize> = HashMap::new();
     for (i, owner) in owners.iter().enumerate() {
-        let at = *by_owner.entry(owner).or_insert_with(|| {
-            groups.push((owner, Vec::new()));
-            groups.len() - 1
+        let at = *group_of_paper.entry(owner).or_insert_with(|| {
+            let slot = slot(&keys::meta(owner));
+            let shard = match masters.iter().find(|(from, to, _)| (*from..=*to).contains(&slot)) {
+                Some((_, _, addr)) => addr.clone(),
+                None => format!("slot {slot}"),
+            };
+            groups.iter().position(|(s, _)| *s == shard).unwrap_or_else(|| {
+                groups.push((shard, Vec::new()));
+                groups.len() - 1
+            })
         });
         groups[at].1.push(i);
     }
     let cmds: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
     let mut replies: Vec<Option<redis::RedisResult<Value>>> = (0..cmds.len()).map(|_| None).collect();
-    for (paper, indices) in groups {
+    for (shard, indices) in groups {
         let mut sub = redis::pipe();
         sub.ignore_errors();
         for &i in &indices {
@@ -51,7 +64,7 @@ pub(super) fn per_slot(
                 _ => 0,
             };
             if acked < wait_replicas as i64 {
-                let detail = format!("WAIT: {acked} of {wait_replicas} replicas have paper {paper}'s writes");
+                let detail = format!("WAIT: {acked} of {wait_replicas} replicas have the writes to {shard}");
                 return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
             }
         }

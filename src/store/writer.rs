@@ -11,7 +11,7 @@ use redis::{Script, Value};
 
 use super::batch::{NoteWrite, Plan};
 use super::endpoint::{Conn, Endpoint};
-use super::shards::{finish_pending_handoffs, hand_off, per_slot};
+use super::shards::{finish_pending_handoffs, hand_off, per_shard};
 use super::{is_transient, keys, Loops, Op, Outcome, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
 
@@ -68,8 +68,11 @@ const COMPLETE: &str = include_str!("scripts/complete.lua");
 pub struct Writer {
     endpoint: Endpoint,
     conn: Option<Conn>,
-    /// A Redis Cluster: per-slot pipelines, `SPUBLISH`, the hand-off in two steps.
+    /// A Redis Cluster: per-shard pipelines, `SPUBLISH`, the hand-off in two steps.
     cluster: bool,
+    /// On a Cluster, which master serves which slots, read at each connection:
+    /// a batch is grouped by it into one pipeline per shard.
+    masters: Vec<(u16, u16, String)>,
     /// On a Cluster, hand-offs left pending by a writer that died are finished once.
     swept: bool,
     /// `--redis-wait-replicas`: a batch counts as written once this many replicas have it.
@@ -118,6 +121,7 @@ impl Writer {
             endpoint,
             conn: None,
             cluster,
+            masters: Vec::new(),
             swept: false,
             wait_replicas: 0,
             ops,
@@ -243,6 +247,10 @@ impl Writer {
             self.write_notes.load(&mut conn)?;
             self.write_cover.load(&mut conn)?;
             self.complete.load(&mut conn)?;
+            if self.cluster {
+                // A stale map only costs a MOVED, which is retried on a new connection.
+                self.masters = self.endpoint.masters()?;
+            }
             if self.cluster && !self.swept {
                 finish_pending_handoffs(&self.endpoint, &mut conn)?;
                 self.swept = true;
@@ -382,10 +390,11 @@ impl Writer {
         }
 
         let (cluster, wait_replicas) = (self.cluster, self.wait_replicas);
-        let conn = self.connection()?;
+        self.connection()?;
+        let conn = self.conn.as_mut().expect("just connected");
         let sent = Instant::now();
         let mut replies: std::vec::IntoIter<redis::RedisResult<Value>> = if cluster {
-            per_slot(conn, &pipe, &owners, wait_replicas)?.into_iter()
+            per_shard(conn, &pipe, &owners, &self.masters, wait_replicas)?.into_iter()
         } else {
             pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter()
         };
