@@ -8,6 +8,7 @@ pub mod endpoint;
 pub mod keys;
 pub mod loader;
 pub mod relay;
+mod sharded_pubsub;
 mod shards;
 pub mod writer;
 

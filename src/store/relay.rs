@@ -4,15 +4,16 @@
 //! paper; nodes that stop announcing themselves are reported gone; this node's own
 //! announcement coming back is the canary that proves the subscription works.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use redis::{Connection, PushKind, Value};
+use redis::Connection;
 
-use super::endpoint::{connect_node, slot, Conn, Endpoint, IO_TIMEOUT};
+use super::endpoint::{Conn, Endpoint, IO_TIMEOUT};
+use super::sharded_pubsub::ShardedPubSub;
 use super::{keys, LoadPurpose, LoadRequest, Loops, StoreEvent};
 use crate::metrics::{bump, WriterMetrics};
 
@@ -140,7 +141,7 @@ impl Relay {
         let mut backoff = Duration::from_millis(50);
         loop {
             let subscriber = if self.endpoint.is_cluster() {
-                Shards::new(&self.endpoint).map(|shards| Subscriber::Sharded(Box::new(shards)))
+                ShardedPubSub::new(&self.endpoint).map(|shards| Subscriber::Sharded(Box::new(shards)))
             } else {
                 self.endpoint.connect().map(|conn| match conn {
                     Conn::Single(conn) => Subscriber::Plain(conn),
@@ -355,13 +356,13 @@ impl Relay {
 /// (sharded pub/sub: a channel is heard only on the master of its slot).
 enum Subscriber {
     Plain(Connection),
-    Sharded(Box<Shards>),
+    Sharded(Box<ShardedPubSub>),
 }
 
 /// A subscription being served: the plain one borrows its connection.
 enum Listening<'a> {
     Plain(redis::PubSub<'a>),
-    Sharded(&'a mut Shards),
+    Sharded(&'a mut ShardedPubSub),
 }
 
 impl Subscriber {
@@ -408,150 +409,5 @@ impl Listening<'_> {
             }
             Listening::Sharded(shards) => shards.next_message(wait),
         }
-    }
-}
-
-/// Sharded pub/sub on a Redis Cluster: `SSUBSCRIBE` on the master of each
-/// channel's slot. A slot that moves (resharding, failover) ends the
-/// subscription: the relay subscribes anew on the new map and re-reads its papers.
-///
-/// The connections speak RESP3, where everything a subscribed connection
-/// receives (messages and confirmations) is a push: the client then never
-/// mistakes one for the reply of a read that timed out, so each shard can be
-/// waited on with a short timeout in turn, with no `PING` and no sleep.
-struct Shards {
-    /// How to reach a node (TLS, password), in RESP3.
-    seed: redis::ConnectionInfo,
-    /// `(first slot, last slot, "host:port")` of each master.
-    masters: Vec<(u16, u16, String)>,
-    /// Each master's subscriber, and the read timeout it has now.
-    conns: Vec<(String, Connection, Duration)>,
-    /// Channel -> index in `conns`.
-    channels: HashMap<String, usize>,
-    /// Messages read while waiting for a subscription's confirmation.
-    early: VecDeque<(String, Vec<u8>)>,
-    next: usize,
-}
-
-/// The shortest wait on one shard before the next is looked at.
-const MIN_SHARD_WAIT: Duration = Duration::from_millis(1);
-
-impl Shards {
-    fn new(endpoint: &Endpoint) -> redis::RedisResult<Shards> {
-        let masters = endpoint.masters()?;
-        if masters.is_empty() {
-            return Err(redis::RedisError::from((redis::ErrorKind::Io, "the cluster has no slots assigned yet")));
-        }
-        let seed = endpoint.seed().expect("a cluster endpoint");
-        let resp3 = seed.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
-        let seed = seed.set_redis_settings(resp3);
-        Ok(Shards { seed, masters, conns: Vec::new(), channels: HashMap::new(), early: VecDeque::new(), next: 0 })
-    }
-
-    fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
-        let slot = slot(channel);
-        let addr = self
-            .masters
-            .iter()
-            .find(|(from, to, _)| (*from..=*to).contains(&slot))
-            .map(|(_, _, addr)| addr.clone())
-            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "a slot without a master")))?;
-        let index = match self.conns.iter().position(|(a, ..)| *a == addr) {
-            Some(index) => index,
-            None => {
-                let conn = connect_node(&self.seed, &addr)?;
-                self.conns.push((addr, conn, IO_TIMEOUT));
-                self.conns.len() - 1
-            }
-        };
-        let (_, conn, timeout) = &mut self.conns[index];
-        set_timeout(conn, timeout, IO_TIMEOUT)?;
-        conn.send_packed_command(&redis::cmd("SSUBSCRIBE").arg(channel).get_packed_command())?;
-        // Confirmed before the paper is read, so that nothing falls between. An
-        // error reply (say, MOVED) may be taken for a timed-out read's and
-        // skipped: the wait then times out, and the relay starts over.
-        loop {
-            match conn.recv_response()? {
-                Value::Push { kind: PushKind::SSubscribe, data } if text_of(data.first()).as_deref() == Some(channel) => {
-                    break
-                }
-                Value::Push { kind: PushKind::SMessage, data } => self.early.extend(message_of(data)),
-                Value::ServerError(e) => return Err(e.into()),
-                _ => {}
-            }
-        }
-        self.channels.insert(channel.to_string(), index);
-        Ok(())
-    }
-
-    fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
-        let Some(index) = self.channels.remove(channel) else { return Ok(()) };
-        // The confirmation is skipped when it arrives.
-        self.conns[index].1.send_packed_command(&redis::cmd("SUNSUBSCRIBE").arg(channel).get_packed_command())
-    }
-
-    /// The next message, else `None` after about `wait`, shared between the shards.
-    fn next_message(&mut self, wait: Duration) -> redis::RedisResult<Option<(String, Vec<u8>)>> {
-        if let Some(message) = self.early.pop_front() {
-            return Ok(Some(message));
-        }
-        if self.conns.is_empty() {
-            std::thread::sleep(wait);
-            return Ok(None);
-        }
-        let slice = (wait / self.conns.len() as u32).max(MIN_SHARD_WAIT);
-        for _ in 0..self.conns.len() {
-            self.next = (self.next + 1) % self.conns.len();
-            let (_, conn, timeout) = &mut self.conns[self.next];
-            set_timeout(conn, timeout, slice)?;
-            loop {
-                match conn.recv_response() {
-                    Ok(Value::Push { kind: PushKind::SMessage, data }) => {
-                        if let Some(message) = message_of(data) {
-                            return Ok(Some(message));
-                        }
-                    }
-                    // The server drops a subscription whose slot moved away.
-                    Ok(Value::Push { kind: PushKind::SUnsubscribe, data }) => {
-                        if let Some(channel) = text_of(data.first()).filter(|c| self.channels.contains_key(c)) {
-                            let detail = format!("{channel} moved to another shard");
-                            return Err(redis::RedisError::from((redis::ErrorKind::Io, "slot moved", detail)));
-                        }
-                    }
-                    Ok(Value::ServerError(e)) => return Err(e.into()),
-                    Ok(_) => {}
-                    Err(e) if e.is_timeout() => break,
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        Ok(None)
-    }
-}
-
-/// Sets a connection's read timeout when it is not `want` already (one system
-/// call saved per wait).
-fn set_timeout(conn: &mut Connection, now: &mut Duration, want: Duration) -> redis::RedisResult<()> {
-    if *now != want {
-        conn.set_read_timeout(Some(want))?;
-        *now = want;
-    }
-    Ok(())
-}
-
-fn text_of(value: Option<&Value>) -> Option<String> {
-    match value? {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-        Value::SimpleString(text) => Some(text.clone()),
-        _ => None,
-    }
-}
-
-/// `(channel, payload)` of a message push (its data: channel, then payload).
-fn message_of(data: Vec<Value>) -> Option<(String, Vec<u8>)> {
-    let channel = text_of(data.first())?;
-    match data.into_iter().nth(1)? {
-        Value::BulkString(payload) => Some((channel, payload)),
-        _ => None,
     }
 }
