@@ -1,5 +1,7 @@
 //! A Redis Cluster of real `redis-server` processes on free loopback ports, each
-//! with its own directory, for the Cluster tests.
+//! with its own directory, for the Cluster tests and the chaos checker: started,
+//! killed with SIGKILL, and started again from its append-only file and its
+//! cluster config file, so that it rejoins as the same node.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -86,6 +88,13 @@ impl ClusterNode {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts it again on the same ports with the same directory: it reloads its
+    /// append-only file and rejoins the cluster from its nodes.conf.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
     }
 }
 
