@@ -318,3 +318,60 @@ fn a_master_killed_and_replaced_by_its_replica_loses_no_saved_edit() {
         }
     }
 }
+
+/// Waits for the `error` carrying `r`, skipping other messages; panics on `saved` at or past `v`.
+fn refused(client: &mut Client, r: &str, v: u64) -> Value {
+    loop {
+        let m = client.next();
+        assert!(!(m["type"] == "saved" && m["v"].as_u64() >= Some(v)), "saved instead of refused: {m}");
+        if m["type"] == "error" && m["ref"] == r {
+            return m;
+        }
+    }
+}
+
+#[test]
+fn a_key_of_the_wrong_type_fails_only_its_paper_on_a_cluster() {
+    // PROTOCOL.md 3.3 (1.1), as on one Redis (tests/integrity.rs): the cluster
+    // client makes an error reply anywhere in a pipeline the pipeline's error, so
+    // the refusal must still be traced to its paper rather than hold up the batch.
+    let cluster = RedisCluster::start(0);
+    let server = Server::start(&["--redis", &cluster.url(), "--rate", "100000", "--burst", "100000"]);
+    eventually("the node ready", || (server.get("/readyz").0 == 200).then_some(()));
+    let mut a = server.join("p-broken", "user=a");
+    let mut b = server.join("p-fine", "user=b");
+    redis::cmd("SET").arg("rp:paper:{p-broken}:notes").arg("oops").exec(&mut cluster.client()).unwrap();
+
+    a.send(json!({"type": "upsert", "id": "n1", "data": {"t": 1}, "ref": "r1"}));
+    let v1 = a.next_of("upsert")["v"].as_u64().unwrap();
+    let refusal = refused(&mut a, "r1", v1);
+    assert_eq!(refusal["code"], "write_failed", "{refusal}");
+
+    // The other paper is not held up by it, and Redis counts as up.
+    let started = std::time::Instant::now();
+    let v = write(&mut b, 0, 1);
+    saved(&mut b, v);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "p-fine's edit took {:?}", started.elapsed());
+    eventually("/readyz to be 200 and name p-broken with Redis's error", || {
+        let (status, _, body) = server.get("/readyz");
+        (status == 200 && body.contains("p-broken") && body.contains("WRONGTYPE")).then_some(())
+    });
+
+    // Repaired, the paper takes edits again.
+    redis::cmd("DEL").arg("rp:paper:{p-broken}:notes").exec(&mut cluster.client()).unwrap();
+    let until = crate::common::deadline();
+    for attempt in 0.. {
+        let r = format!("again{attempt}");
+        a.send(json!({"type": "upsert", "id": "n2", "data": {"t": 2}, "ref": r}));
+        let reply = a.next_of_any(&["upsert", "error"]);
+        if reply["type"] == "upsert" {
+            saved(&mut a, reply["v"].as_u64().unwrap());
+            break;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        assert!(std::time::Instant::now() < until && attempt < 200, "p-broken never took an edit again");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(cluster.hgetall("rp:paper:{p-broken}:notes").len(), 1);
+    assert!(server.terminate().success());
+}

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use redis::{Pipeline, Value};
 
 use super::endpoint::{Conn, Endpoint};
-use super::keys;
 use super::writer::{unexpected, WAIT_TIMEOUT};
+use super::{is_transient, keys};
 
 /// Sends a batch to a Redis Cluster: one pipeline per paper (its keys and channel
 /// share a slot, so the cluster client routes it whole to the slot's master), each
@@ -36,30 +36,70 @@ pub(super) fn per_slot(
     let cmds: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
     let mut replies: Vec<Option<redis::RedisResult<Value>>> = (0..cmds.len()).map(|_| None).collect();
     for (paper, indices) in groups {
-        let mut sub = redis::pipe();
-        sub.ignore_errors();
-        for &i in &indices {
-            sub.add_command(cmds[i].clone());
-        }
-        if wait_replicas > 0 {
-            sub.cmd("WAIT").arg(wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
-        }
-        let mut got = sub.query::<Vec<redis::RedisResult<Value>>>(conn)?;
-        if wait_replicas > 0 {
-            let acked = match got.pop() {
-                Some(Ok(Value::Int(n))) => n,
-                _ => 0,
-            };
-            if acked < wait_replicas as i64 {
-                let detail = format!("WAIT: {acked} of {wait_replicas} replicas have paper {paper}'s writes");
-                return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
+        let group: Vec<&redis::Cmd> = indices.iter().map(|&i| cmds[i]).collect();
+        let got = match send(conn, &group, wait_replicas, paper) {
+            Ok(got) => got,
+            // The cluster client makes an error reply anywhere in a pipeline the
+            // error of the whole pipeline: a refusal for good (a key of the wrong
+            // type) would otherwise fail the batch, sent again and again, holding up
+            // every paper. The paper's commands are sent again one at a time, so
+            // that the refusal lands on its own command (then on its paper alone).
+            // They ran already and run again harmlessly, as after any retry: writes
+            // are idempotent by version, a seal happens once, presence is set again.
+            Err(e) if refused_for_good(&e) => {
+                let mut one_by_one = Vec::with_capacity(group.len());
+                for cmd in group {
+                    match send(conn, &[cmd], wait_replicas, paper) {
+                        Ok(mut got) => one_by_one.push(got.pop().unwrap_or_else(|| Err(unexpected(None)))),
+                        Err(e) if refused_for_good(&e) => one_by_one.push(Err(e)),
+                        Err(e) => return Err(e),
+                    }
+                }
+                one_by_one
             }
-        }
+            Err(e) => return Err(e),
+        };
         for (i, reply) in indices.into_iter().zip(got) {
             replies[i] = Some(reply);
         }
     }
     Ok(replies.into_iter().map(|r| r.unwrap_or_else(|| Err(unexpected(None)))).collect())
+}
+
+/// An error Redis answered with that retrying cannot cure, rather than one of
+/// the connection, the cluster's state or the client.
+fn refused_for_good(e: &redis::RedisError) -> bool {
+    e.code().is_some() && !is_transient(e)
+}
+
+/// One pipeline of commands of one paper's slot, ending with `WAIT` when
+/// replicas must have it.
+fn send(
+    conn: &mut Conn,
+    cmds: &[&redis::Cmd],
+    wait_replicas: usize,
+    paper: &str,
+) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
+    let mut sub = redis::pipe();
+    sub.ignore_errors();
+    for cmd in cmds {
+        sub.add_command((*cmd).clone());
+    }
+    if wait_replicas > 0 {
+        sub.cmd("WAIT").arg(wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
+    }
+    let mut got = sub.query::<Vec<redis::RedisResult<Value>>>(conn)?;
+    if wait_replicas > 0 {
+        let acked = match got.pop() {
+            Some(Ok(Value::Int(n))) => n,
+            _ => 0,
+        };
+        if acked < wait_replicas as i64 {
+            let detail = format!("WAIT: {acked} of {wait_replicas} replicas have paper {paper}'s writes");
+            return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
+        }
+    }
+    Ok(got)
 }
 
 /// The second step of a seal on a Cluster: the stream entry, then the marker
