@@ -270,9 +270,9 @@ impl Store {
     /// Whether a kind of `FAULTS` applies to this Redis.
     fn applies(&self, kind: usize) -> bool {
         // On a Cluster the server's connections have no names: the cluster client
-        // opens its connections to each master itself and offers no way to name
-        // them (CLIENT SETNAME would name one connection to one master), so there
-        // is nothing for "a named server connection" to find.
+        // opens (and reopens) its connections to each master itself, with no way
+        // to name them, so there is nothing for "a named server connection" to
+        // find. Connections by type (kinds 2 and 3) are dropped on one master.
         !(self.is_cluster() && kind == 4)
     }
 }
