@@ -6,10 +6,12 @@
 # clients and Redis agree. A failure prints its seed: run again with --seed to
 # replay the same choices (timing still varies).
 #
-#   scripts/chaos.sh [--seed N] [--duration SECONDS] [--faults 0,2,5]
+#   scripts/chaos.sh [--seed N] [--duration SECONDS] [--faults 0,2,5] [--redis single|cluster]
 #
 # --duration defaults to 600 seconds of faults; --faults limits the fault kinds
-# to those numbered (see FAULTS in tests/chaos.rs). Needs redis-server.
+# to those numbered (see FAULTS in tests/chaos.rs). --redis cluster runs it on a
+# Redis Cluster of three masters instead of one Redis (RP_CHAOS_REDIS=cluster):
+# each Redis fault hits one master. Needs redis-server (and redis-cli for a Cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -18,21 +20,32 @@ source scripts/lib.sh
 duration=600
 seed=""
 faults=""
+redis="${RP_CHAOS_REDIS:-single}"
 while (($#)); do
     case "$1" in
         --seed) seed="$2"; shift 2 ;;
         --duration) duration="$2"; shift 2 ;;
         --faults) faults="$2"; shift 2 ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        --redis) redis="$2"; shift 2 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "chaos.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
+case "$redis" in
+    single|cluster) ;;
+    *) echo "chaos.sh: --redis is single or cluster, not $redis" >&2; exit 2 ;;
+esac
 
-command -v redis-server >/dev/null 2>&1 || install_packages redis-server
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# redis-cli creates the Redis Cluster.
+[ "$redis" != cluster ] || command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+install_packages "${missing[@]}"
 command -v cargo >/dev/null 2>&1 || { echo "chaos.sh: cargo is missing; install Rust from https://rustup.rs" >&2; exit 1; }
 
 export RP_CHAOS_SECONDS="$duration"
+export RP_CHAOS_REDIS="$redis"
 [ -z "$seed" ] || export RP_CHAOS_SEED="$seed"
 [ -z "$faults" ] || export RP_CHAOS_FAULTS="$faults"
-echo "chaos.sh: ${duration}s of faults${seed:+, seed $seed}${faults:+, faults $faults}"
+echo "chaos.sh: ${duration}s of faults on Redis ${redis}${seed:+, seed $seed}${faults:+, faults $faults}"
 cargo test --release --test main chaos:: -- --nocapture

@@ -9,7 +9,9 @@
 //! `RP_CHAOS_SEED` replays a run's random choices (timing still varies);
 //! `RP_CHAOS_SECONDS` sets how long faults go on (45 by default, so that
 //! `cargo test` stays short; `scripts/chaos.sh` runs it for longer);
-//! `RP_CHAOS_FAULTS` (say `0,2,5`) limits the faults to some kinds of `FAULTS`.
+//! `RP_CHAOS_FAULTS` (say `0,2,5`) limits the faults to some kinds of `FAULTS`;
+//! `RP_CHAOS_REDIS=cluster` runs it on a Redis Cluster of three masters instead
+//! of one Redis (`single`, the default): each Redis fault then hits one master.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,9 +22,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use redis::ConnectionLike;
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
+use crate::common::cluster::RedisCluster;
 use crate::common::{free_port, Redis};
 
 const PAPERS: usize = 6;
@@ -139,16 +143,150 @@ fn notes_key(paper: &str) -> String {
     format!("rp:paper:{{{paper}}}:notes")
 }
 
+fn meta_key(paper: &str) -> String {
+    format!("rp:paper:{{{paper}}}:meta")
+}
+
+const STREAM: &str = "rp:papers:completed";
+/// The channel of the nodes' heartbeats (their relay canary).
+const NODES_CHANNEL: &str = "rp:nodes";
+
+/// The Redis under the nodes: one server (the default), or with
+/// `RP_CHAOS_REDIS=cluster` a Redis Cluster of three masters without replicas.
+/// Either way every server is append-only with `appendfsync always`, so that
+/// one killed with SIGKILL and started again from its file has every write it
+/// acknowledged: `saved` follows Redis's reply, so it must hold through that
+/// fault. Under Redis's default (fsync once a second) a killed server loses up
+/// to its last second of writes, saved or not; what keeps `saved` through the
+/// loss of a master there is a replica and `--redis-wait-replicas`, which
+/// tests/redis_cluster.rs covers with a failover.
+enum Store {
+    Single(Redis),
+    /// `holds[i]`: what the master `nodes[i]` owns, for the fault timeline.
+    Cluster {
+        cluster: RedisCluster,
+        holds: Vec<String>,
+    },
+}
+
+impl Store {
+    fn start(kind: &str) -> Store {
+        let extra = ["--appendfsync", "always"];
+        match kind {
+            "single" => Store::Single(Redis::start_with(&extra)),
+            "cluster" => {
+                let cluster = RedisCluster::start_with(0, &extra);
+                let mut holds = vec![Vec::new(); cluster.nodes.len()];
+                for p in 0..PAPERS {
+                    holds[cluster.master_of(&notes_key(&paper_name(p)))].push(paper_name(p));
+                }
+                holds[cluster.master_of(STREAM)].push("the completion stream".into());
+                holds[cluster.master_of(NODES_CHANNEL)].push("the canary channel".into());
+                let holds = holds
+                    .into_iter()
+                    .zip(&cluster.nodes)
+                    .map(|(held, node)| format!("127.0.0.1:{} ({})", node.port, held.join(", ")))
+                    .collect();
+                Store::Cluster { cluster, holds }
+            }
+            other => panic!("RP_CHAOS_REDIS must be single or cluster, not {other:?}"),
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Store::Single(redis) => redis.url(),
+            Store::Cluster { cluster, .. } => cluster.url(),
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self, Store::Cluster { .. })
+    }
+
+    /// A connection for keys, routed by slot on a Cluster (a paper's keys share
+    /// the slot of its `{P}` tag).
+    fn conn(&self) -> redis::RedisResult<Box<dyn ConnectionLike>> {
+        Ok(match self {
+            Store::Single(redis) => Box::new(redis_conn(redis.port)?),
+            Store::Cluster { cluster, .. } => Box::new(cluster.try_client()?),
+        })
+    }
+
+    /// A server for a fault to hit: the one, or a master at random.
+    fn pick(&self, rng: &mut Rng) -> usize {
+        match self {
+            // Nothing drawn: a seed replays the same faults as before Clusters were an option.
+            Store::Single(_) => 0,
+            Store::Cluster { cluster, .. } => rng.below(cluster.nodes.len() as u64) as usize,
+        }
+    }
+
+    fn port(&self, server: usize) -> u16 {
+        match self {
+            Store::Single(redis) => redis.port,
+            Store::Cluster { cluster, .. } => cluster.nodes[server].port,
+        }
+    }
+
+    /// Which master a fault hit, for the timeline (nothing for a single Redis).
+    fn which(&self, server: usize) -> String {
+        match self {
+            Store::Single(_) => String::new(),
+            Store::Cluster { holds, .. } => format!(" on the master {}", holds[server]),
+        }
+    }
+
+    /// SIGKILL of a server, and its restart from its append-only file after
+    /// `down`; a Cluster master also rejoins from its nodes.conf, and the fault
+    /// lasts until every node says `cluster_state:ok` again.
+    fn kill_and_restart(&mut self, server: usize, down: Duration) -> String {
+        match self {
+            Store::Single(redis) => {
+                redis.stop();
+                thread::sleep(down);
+                redis.restart();
+                String::new()
+            }
+            Store::Cluster { cluster, .. } => {
+                cluster.nodes[server].kill();
+                thread::sleep(down);
+                let restarted = Instant::now();
+                cluster.nodes[server].restart();
+                cluster.wait_ok();
+                format!(", down {down:?}, the cluster ok {:?} after its restart", restarted.elapsed())
+            }
+        }
+    }
+
+    /// Waits for the Cluster to say ok again after the last fault (a paused master
+    /// may have been marked failed for a while); nothing for a single Redis.
+    fn settle(&self) {
+        if let Store::Cluster { cluster, .. } = self {
+            cluster.wait_ok();
+        }
+    }
+
+    /// Whether a kind of `FAULTS` applies to this Redis.
+    fn applies(&self, kind: usize) -> bool {
+        // On a Cluster the server's connections have no names: the cluster client
+        // opens (and reopens) its connections to each master itself, with no way
+        // to name them, so there is nothing for "a named server connection" to
+        // find. Connections by type (kinds 2 and 3) are dropped on one master.
+        !(self.is_cluster() && kind == 4)
+    }
+}
+
 /// Every field of a paper's notes hash, raw.
-fn stored_raw(port: u16, paper: &str) -> Vec<(String, Vec<u8>)> {
-    let mut conn = redis_conn(port).expect("Redis for the final checks");
-    let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL").arg(notes_key(paper)).query(&mut conn).unwrap();
+fn stored_raw(store: &Store, paper: &str) -> Vec<(String, Vec<u8>)> {
+    let mut conn = store.conn().expect("Redis for the final checks");
+    let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL").arg(notes_key(paper)).query(&mut *conn).unwrap();
     fields.into_iter().map(|(id, value)| (String::from_utf8_lossy(&id).into_owned(), value)).collect()
 }
 
 /// The live notes Redis holds for a paper (tombstones and unreadable values left out).
-fn live_in_redis(port: u16, paper: &str) -> Notes {
-    stored_raw(port, paper)
+fn live_in_redis(store: &Store, paper: &str) -> Notes {
+    stored_raw(store, paper)
         .into_iter()
         .filter_map(|(id, raw)| Some((id, stored_note(&raw)?.1?)))
         .filter(|(_, note)| note.is_object())
@@ -156,10 +294,10 @@ fn live_in_redis(port: u16, paper: &str) -> Notes {
 }
 
 /// Stream entries for each paper, each its parsed `snapshot` (or `Null`).
-fn stream_entries(port: u16) -> HashMap<String, Vec<Value>> {
-    let mut conn = redis_conn(port).expect("Redis for the final checks");
+fn stream_entries(store: &Store) -> HashMap<String, Vec<Value>> {
+    let mut conn = store.conn().expect("Redis for the final checks");
     let entries: Vec<(String, Vec<(String, String)>)> =
-        redis::cmd("XRANGE").arg("rp:papers:completed").arg("-").arg("+").query(&mut conn).unwrap();
+        redis::cmd("XRANGE").arg(STREAM).arg("-").arg("+").query(&mut *conn).unwrap();
     let mut by_paper: HashMap<String, Vec<Value>> = HashMap::new();
     for (_, fields) in entries {
         let fields: HashMap<String, String> = fields.into_iter().collect();
@@ -169,11 +307,13 @@ fn stream_entries(port: u16) -> HashMap<String, Vec<Value>> {
     by_paper
 }
 
-fn sealed_in_redis(port: u16, paper: &str) -> bool {
-    let mut conn = redis_conn(port).expect("Redis for the final checks");
-    let completed: Option<String> =
-        redis::cmd("HGET").arg(format!("rp:paper:{{{paper}}}:meta")).arg("completed").query(&mut conn).unwrap();
-    completed.as_deref() == Some("1")
+/// Whether a paper is sealed in Redis, and whether its stream entry is still
+/// to append (a Cluster's hand-off in two steps, PROTOCOL.md 6).
+fn seal_in_redis(store: &Store, paper: &str) -> (bool, bool) {
+    let mut conn = store.conn().expect("Redis for the final checks");
+    let (completed, pending): (Option<String>, Option<String>) =
+        redis::cmd("HMGET").arg(meta_key(paper)).arg("completed").arg("handoff_pending").query(&mut *conn).unwrap();
+    (completed.as_deref() == Some("1"), pending.is_some())
 }
 
 fn redis_pid(port: u16) -> redis::RedisResult<u32> {
@@ -749,7 +889,7 @@ struct FaultLog {
 }
 
 struct World {
-    redis: Redis,
+    store: Store,
     nodes: [Node; 2],
 }
 
@@ -780,6 +920,7 @@ fn run_faults(world: &mut World, seed: u64, kinds: Vec<usize>, until: Instant, s
         log.counts[kind] += 1;
         log.timeline.push(format!("{at} ms: {}{what}", FAULTS[kind]));
     }
+    world.store.settle();
     restart_crashed(world, &mut log, started);
     log
 }
@@ -804,8 +945,9 @@ fn restart_crashed(world: &mut World, log: &mut FaultLog, started: Instant) {
     }
 }
 
+/// One fault of `kind`; a Redis fault hits one server (on a Cluster, one master;
+/// a paper's key, on its master). Says what it did, for the timeline.
 fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, corrupt: &mut u64) -> String {
-    let port = world.redis.port;
     match kind {
         0 => {
             let k = rng.below(2) as usize;
@@ -815,12 +957,14 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
             format!(" ({})", NODE_IDS[k])
         }
         1 => {
-            world.redis.stop();
-            thread::sleep(rng.between_ms(100, 1500));
-            world.redis.restart();
-            String::new()
+            let server = world.store.pick(rng);
+            let down = rng.between_ms(100, 1500);
+            let restarted = world.store.kill_and_restart(server, down);
+            format!("{}{restarted}", world.store.which(server))
         }
         2 | 3 => {
+            let server = world.store.pick(rng);
+            let (port, on) = (world.store.port(server), world.store.which(server));
             let kind = if kind == 2 { "normal" } else { "pubsub" };
             let mut cmd = redis::cmd("CLIENT");
             cmd.arg("KILL").arg("TYPE").arg(kind);
@@ -828,31 +972,36 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
                 cmd.arg("SKIPME").arg("yes");
             }
             match redis_conn(port).and_then(|mut c| cmd.query::<i64>(&mut c)) {
-                Ok(n) => format!(": {n} killed"),
-                Err(e) => format!(": failed ({e})"),
+                Ok(n) => format!("{on}: {n} killed"),
+                Err(e) => format!("{on}: failed ({e})"),
             }
         }
         4 => {
             let name = ["rp-writer", "rp-loader", "rp-relay"][rng.below(3) as usize];
-            match kill_named(port, name) {
+            match kill_named(world.store.port(0), name) {
                 Ok(0) => format!(": none named {name} (the server does not name them)"),
                 Ok(n) => format!(": {n} named {name}"),
                 Err(e) => format!(": failed ({e})"),
             }
         }
-        5 => match redis_pid(port) {
-            Ok(pid) if pid > 0 => {
-                let pause = rng.between_ms(500, 1500);
-                signal(pid, "STOP");
-                thread::sleep(pause);
-                signal(pid, "CONT");
-                format!(" for {pause:?}")
+        5 => {
+            let server = world.store.pick(rng);
+            let on = world.store.which(server);
+            match redis_pid(world.store.port(server)) {
+                Ok(pid) if pid > 0 => {
+                    let pause = rng.between_ms(500, 1500);
+                    signal(pid, "STOP");
+                    thread::sleep(pause);
+                    signal(pid, "CONT");
+                    format!("{on} for {pause:?}")
+                }
+                other => format!("{on}: no pid ({other:?})"),
             }
-            other => format!(": no pid ({other:?})"),
-        },
+        }
         6 => {
             let p = rng.below(PAPERS as u64) as usize;
             let key = notes_key(&paper_name(p));
+            // The paper's tag keeps the key aside on its master (a script's keys share a slot).
             let aside = format!("{key}:aside");
             let broken = redis::Script::new(
                 "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('RENAME', KEYS[1], KEYS[2]) end \
@@ -862,20 +1011,27 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
                 "redis.call('DEL', KEYS[1]) \
                  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('RENAME', KEYS[2], KEYS[1]) end return 1",
             );
-            if let Err(e) = redis_conn(port).and_then(|mut c| broken.key(&key).key(&aside).invoke::<i64>(&mut c)) {
+            if let Err(e) = world.store.conn().and_then(|mut c| broken.key(&key).key(&aside).invoke::<i64>(&mut *c)) {
                 return format!(": failed ({e})");
             }
             log.broken_papers.push(p);
             let held = rng.between_ms(500, 3000);
             thread::sleep(held);
-            // Restored in one step, so that nothing is written between DEL and RENAME.
-            for _ in 0..100 {
-                if redis_conn(port).and_then(|mut c| restored.key(&key).key(&aside).invoke::<i64>(&mut c)).is_ok() {
-                    return format!(" ({}) for {held:?}", paper_name(p));
+            // Restored in one step, so that nothing is written between DEL and RENAME;
+            // tried for a while (a Cluster may be failed for seconds after a pause).
+            let until = Instant::now() + Duration::from_secs(30);
+            let mut last = None;
+            for _ in 0..300 {
+                match world.store.conn().and_then(|mut c| restored.key(&key).key(&aside).invoke::<i64>(&mut *c)) {
+                    Ok(_) => return format!(" ({}) for {held:?}", paper_name(p)),
+                    Err(e) => last = Some(e),
+                }
+                if Instant::now() >= until {
+                    break;
                 }
                 thread::sleep(Duration::from_millis(100));
             }
-            panic!("could not restore {key}");
+            panic!("could not restore {key}: {last:?}");
         }
         _ => {
             let p = rng.below(PAPERS as u64) as usize;
@@ -886,8 +1042,8 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
                 1 => br#"{"author":"x","data":{},"v":18446744073709551615}"#.to_vec(),
                 _ => b"not json at all".to_vec(),
             };
-            let result = redis_conn(port).and_then(|mut c| {
-                redis::cmd("HSET").arg(notes_key(&paper_name(p))).arg(&id).arg(value).query::<i64>(&mut c)
+            let result = world.store.conn().and_then(|mut c| {
+                redis::cmd("HSET").arg(notes_key(&paper_name(p))).arg(&id).arg(value).query::<i64>(&mut *c)
             });
             match result {
                 Ok(_) => format!(" ({} {id})", paper_name(p)),
@@ -925,26 +1081,40 @@ fn seconds_from_env() -> u64 {
     std::env::var("RP_CHAOS_SECONDS").map_or(45, |s| s.trim().parse().expect("RP_CHAOS_SECONDS must be seconds"))
 }
 
-/// `RP_CHAOS_FAULTS`: the fault kinds to use, as numbers into `FAULTS` (all by default).
-fn kinds_from_env() -> Vec<usize> {
-    match std::env::var("RP_CHAOS_FAULTS") {
+/// `RP_CHAOS_FAULTS`: the fault kinds to use, as numbers into `FAULTS` (all by
+/// default), less those that do not apply to this Redis.
+fn kinds_from_env(store: &Store) -> Vec<usize> {
+    let kinds: Vec<usize> = match std::env::var("RP_CHAOS_FAULTS") {
         Ok(list) => list
             .split(',')
             .map(|k| k.trim().parse().ok().filter(|k| *k < FAULTS.len()).expect("RP_CHAOS_FAULTS: numbers below 8"))
             .collect(),
         Err(_) => (0..FAULTS.len()).collect(),
-    }
+    };
+    let kinds: Vec<usize> = kinds.into_iter().filter(|k| store.applies(*k)).collect();
+    assert!(!kinds.is_empty(), "RP_CHAOS_FAULTS names no fault that applies to this Redis");
+    kinds
+}
+
+/// `RP_CHAOS_REDIS`: `single` (the default) or `cluster`.
+fn redis_from_env() -> String {
+    std::env::var("RP_CHAOS_REDIS").map_or("single".into(), |s| s.trim().to_string())
 }
 
 #[test]
 fn acknowledged_edits_survive_faults() {
     let seed = seed_from_env();
     let seconds = seconds_from_env();
-    eprintln!("chaos: seed {seed}, {seconds} s of faults (replay with RP_CHAOS_SEED={seed})");
+    let kind = redis_from_env();
+    let replay = format!("RP_CHAOS_SEED={seed} RP_CHAOS_REDIS={kind}");
+    eprintln!("chaos: seed {seed}, {seconds} s of faults, Redis {kind} (replay with {replay})");
     let started = Instant::now();
-    let redis = Redis::start_with(&["--appendfsync", "always"]);
-    let redis_port = redis.port;
-    let url = redis.url();
+    let store = Store::start(&kind);
+    if let Store::Cluster { holds, .. } = &store {
+        eprintln!("chaos: the Cluster's masters: {}", holds.join("; "));
+    }
+    let kinds = kinds_from_env(&store);
+    let url = store.url();
     let nodes = [Node::start(NODE_IDS[0], &url), Node::start(NODE_IDS[1], &url)];
     let ports = [nodes[0].port, nodes[1].port];
     for port in ports {
@@ -954,7 +1124,7 @@ fn acknowledged_edits_survive_faults() {
             thread::sleep(Duration::from_millis(50));
         }
     }
-    let mut world = World { redis, nodes };
+    let mut world = World { store, nodes };
 
     // Which papers are sealed, and when.
     let mut rng = Rng::new(seed, 0);
@@ -976,7 +1146,7 @@ fn acknowledged_edits_survive_faults() {
         })
         .collect();
 
-    let faults = run_faults(&mut world, seed, kinds_from_env(), faults_end, started);
+    let faults = run_faults(&mut world, seed, kinds, faults_end, started);
     let calm = Instant::now();
     shared.stop.store(true, Ordering::Relaxed);
     let mut violations: Vec<String> = Vec::new();
@@ -1003,7 +1173,7 @@ fn acknowledged_edits_survive_faults() {
         let mut differ = Vec::new();
         for p in 0..PAPERS {
             let paper = paper_name(p);
-            let stored = live_in_redis(redis_port, &paper);
+            let stored = live_in_redis(&world.store, &paper);
             for (k, port) in ports.iter().enumerate() {
                 let view = node_view(*port, &paper);
                 if view.as_ref() != Some(&stored) {
@@ -1029,7 +1199,7 @@ fn acknowledged_edits_survive_faults() {
                 log.received.push(format!("# lost at the end: {e}"));
                 return;
             }
-            let stored = live_in_redis(redis_port, &paper);
+            let stored = live_in_redis(&world.store, &paper);
             if session.view == stored {
                 return;
             }
@@ -1067,8 +1237,9 @@ fn acknowledged_edits_survive_faults() {
         violations.extend(log.violations.iter().cloned());
     }
     let edits: Vec<&Edit> = logs.iter().flat_map(|l| l.edits.iter()).collect();
-    violations.extend(check_acknowledged(redis_port, &edits));
-    violations.extend(check_sealed(redis_port, &logs));
+    violations.extend(check_acknowledged(&world.store, &edits));
+    let (sealed_violations, repeated) = check_sealed(&world.store, &logs);
+    violations.extend(sealed_violations);
 
     // The report.
     let count = |f: &dyn Fn(&Edit) -> bool| edits.iter().filter(|e| f(e)).count();
@@ -1078,7 +1249,7 @@ fn acknowledged_edits_survive_faults() {
             *refused.entry(code.as_str()).or_default() += 1;
         }
     }
-    eprintln!("chaos: seed {seed}, ran {:?}", started.elapsed());
+    eprintln!("chaos: seed {seed}, Redis {kind}, ran {:?}", started.elapsed());
     eprintln!(
         "chaos: edits sent {} (upserts {}, deletes {}, patches {}, completes {}); saved {}; refused {refused:?}; \
          unresolved at a lost connection {}",
@@ -1095,11 +1266,18 @@ fn acknowledged_edits_survive_faults() {
         logs.iter().map(|l| l.connections).sum::<u64>(),
         logs.iter().flat_map(|l| l.errors_without_ref.iter()).collect::<Vec<_>>(),
     );
-    for (kind, n) in FAULTS.iter().zip(faults.counts) {
-        eprintln!("chaos: fault {kind}: {n}");
+    for (k, (fault, n)) in FAULTS.iter().zip(faults.counts).enumerate() {
+        if world.store.applies(k) {
+            eprintln!("chaos: fault {fault}: {n}");
+        } else {
+            eprintln!("chaos: fault {fault}: does not apply to a Redis Cluster (see Store::applies)");
+        }
     }
     eprintln!("chaos: papers broken for a while: {:?}", faults.broken_papers);
     eprintln!("chaos: sealed by plan: {:?}", sealers.keys().map(|p| paper_name(*p)).collect::<Vec<_>>());
+    if world.store.is_cluster() {
+        eprintln!("chaos: stream entries appended again (at least once on a Cluster): {repeated}");
+    }
     eprintln!("chaos: violations {}", violations.len());
     if !violations.is_empty() {
         eprintln!("chaos: fault timeline:\n  {}", faults.timeline.join("\n  "));
@@ -1108,7 +1286,7 @@ fn acknowledged_edits_survive_faults() {
         }
         let first: Vec<&String> = violations.iter().take(20).collect();
         panic!(
-            "chaos (seed {seed}; replay with RP_CHAOS_SEED={seed}): {} violations, the first:\n  {}",
+            "chaos (seed {seed}, Redis {kind}; replay with {replay}): {} violations, the first:\n  {}",
             violations.len(),
             first.iter().map(|v| v.as_str()).collect::<Vec<_>>().join("\n  ")
         );
@@ -1184,11 +1362,11 @@ fn probe(session: &mut Session, log: &mut ClientLog, until: Instant) -> Result<(
 
 /// Every edit its sender saw `saved` (and not refused) is in Redis at its version
 /// or a later one of the same note.
-fn check_acknowledged(port: u16, edits: &[&Edit]) -> Vec<String> {
+fn check_acknowledged(store: &Store, edits: &[&Edit]) -> Vec<String> {
     let mut violations = Vec::new();
     let mut stored: HashMap<usize, HashMap<String, Vec<u8>>> = HashMap::new();
     for p in 0..PAPERS {
-        stored.insert(p, stored_raw(port, &paper_name(p)).into_iter().collect());
+        stored.insert(p, stored_raw(store, &paper_name(p)).into_iter().collect());
     }
     for edit in edits {
         let (Some(v), Some(saved), None) = (edit.v, edit.saved, &edit.error) else { continue };
@@ -1241,14 +1419,20 @@ fn check_acknowledged(port: u16, edits: &[&Edit]) -> Vec<String> {
     violations
 }
 
-/// Every sealed paper has one stream entry whose notes are the hash's live notes,
-/// and every `completed` a client received carried those notes.
-fn check_sealed(port: u16, logs: &[&ClientLog]) -> Vec<String> {
+/// Every sealed paper has one stream entry whose notes are the hash's live notes
+/// (on a Cluster at least one, PROTOCOL.md 6, and no hand-off left pending once
+/// the nodes stopped), and every `completed` a client received carried those
+/// notes. Also returns how many entries repeat an earlier one.
+fn check_sealed(store: &Store, logs: &[&ClientLog]) -> (Vec<String>, usize) {
     let mut violations = Vec::new();
-    let entries = stream_entries(port);
+    let mut repeated = 0;
+    let entries = stream_entries(store);
     for p in 0..PAPERS {
         let paper = paper_name(p);
-        let sealed = sealed_in_redis(port, &paper);
+        let (sealed, pending) = seal_in_redis(store, &paper);
+        if pending {
+            violations.push(format!("{paper}: its stream entry is still pending after both nodes stopped"));
+        }
         let found = entries.get(&paper).map_or(&[][..], Vec::as_slice);
         let received: Vec<&Option<Notes>> =
             logs.iter().flat_map(|l| l.completed.iter()).filter(|(q, _)| *q == p).map(|(_, n)| n).collect();
@@ -1262,10 +1446,11 @@ fn check_sealed(port: u16, logs: &[&ClientLog]) -> Vec<String> {
             }
             continue;
         }
-        if found.len() != 1 {
+        repeated += found.len().saturating_sub(1);
+        if found.is_empty() || (found.len() > 1 && !store.is_cluster()) {
             violations.push(format!("{paper} is sealed with {} stream entries", found.len()));
         }
-        let live = live_in_redis(port, &paper);
+        let live = live_in_redis(store, &paper);
         for entry in found {
             match notes_of(&entry["notes"]) {
                 Some(notes) if notes == live => {}
@@ -1285,5 +1470,5 @@ fn check_sealed(port: u16, logs: &[&ClientLog]) -> Vec<String> {
             }
         }
     }
-    violations
+    (violations, repeated)
 }

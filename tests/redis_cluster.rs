@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::{json, Value};
 
+use crate::common::cluster::{to_json, RedisCluster};
 use crate::common::{eventually, free_port, Client, Server, TempDir};
 
 // ---- TLS ------------------------------------------------------------------------------
@@ -286,144 +287,6 @@ fn sentinel_over_tls_is_followed_through_a_failover() {
 
 // ---- Redis Cluster ----------------------------------------------------------------------
 
-/// One `redis-server --cluster-enabled yes` on a free port with its own directory.
-struct ClusterNode {
-    port: u16,
-    _dir: TempDir,
-    child: Option<Child>,
-}
-
-impl ClusterNode {
-    fn start() -> ClusterNode {
-        let port = free_port();
-        let dir = TempDir::new("cluster-node");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--dir", dir.0.to_str().unwrap()])
-            // The bus port defaults to port + 10000, which may be taken or past 65535.
-            .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-            .args(["--cluster-port", &free_port().to_string()])
-            .args(["--cluster-node-timeout", "1000", "--appendonly", "yes", "--save", "", "--protected-mode", "no"])
-            // An idle replica hears from its master every 10 s only; with a short
-            // node timeout it would count its data as too old to fail over.
-            .args(["--cluster-replica-validity-factor", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed");
-        let node = ClusterNode { port, _dir: dir, child: Some(child) };
-        eventually("a cluster node to answer PING", || {
-            let mut conn = node.conn().ok()?;
-            redis::cmd("PING").query::<String>(&mut conn).ok()
-        });
-        node
-    }
-
-    fn conn(&self) -> redis::RedisResult<redis::Connection> {
-        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?.get_connection()
-    }
-
-    fn info(&self, section: &str) -> String {
-        self.conn().and_then(|mut c| redis::cmd(section).arg("INFO").query(&mut c)).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill(); // SIGKILL
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ClusterNode {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A three-master Redis Cluster on loopback, with a replica each if asked.
-struct RedisCluster {
-    nodes: Vec<ClusterNode>,
-}
-
-impl RedisCluster {
-    fn start(replicas: usize) -> RedisCluster {
-        let nodes: Vec<ClusterNode> = (0..3 * (1 + replicas)).map(|_| ClusterNode::start()).collect();
-        let mut create = Command::new("redis-cli");
-        create.arg("--cluster").arg("create");
-        for node in &nodes {
-            create.arg(format!("127.0.0.1:{}", node.port));
-        }
-        let out = create
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("redis-cli must be installed (redis-tools)");
-        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
-        let cluster = RedisCluster { nodes };
-        cluster.wait_ok();
-        if replicas > 0 {
-            eventually("every master to have its replica in sync", || {
-                cluster.masters().iter().all(|m| m.info("INFO").contains("connected_slaves:1")).then_some(())
-            });
-        }
-        cluster
-    }
-
-    fn wait_ok(&self) {
-        eventually("CLUSTER INFO to say ok on every live node", || {
-            self.nodes
-                .iter()
-                .filter(|n| n.child.is_some())
-                .all(|n| n.info("CLUSTER").contains("cluster_state:ok"))
-                .then_some(())
-        });
-    }
-
-    fn url(&self) -> String {
-        let hosts: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        format!("redis+cluster://{}", hosts.join(","))
-    }
-
-    fn masters(&self) -> Vec<&ClusterNode> {
-        self.nodes.iter().filter(|n| n.child.is_some() && n.info("INFO").contains("role:master")).collect()
-    }
-
-    /// A connection that follows the slot map, as a client of the cluster.
-    fn client(&self) -> redis::cluster::ClusterConnection {
-        let urls: Vec<String> =
-            self.nodes.iter().filter(|n| n.child.is_some()).map(|n| format!("redis://127.0.0.1:{}", n.port)).collect();
-        redis::cluster::ClusterClient::new(urls).unwrap().get_connection().unwrap()
-    }
-
-    fn hgetall(&self, key: &str) -> Vec<(String, String)> {
-        redis::cmd("HGETALL").arg(key).query(&mut self.client()).unwrap()
-    }
-
-    /// The index in `nodes` of the master that owns a key's slot.
-    fn master_of(&self, key: &str) -> usize {
-        let mut conn = self.nodes.iter().find(|n| n.child.is_some()).unwrap().conn().unwrap();
-        let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut conn).unwrap();
-        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn).map(to_json).unwrap();
-        let port = slots
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r[0].as_i64().unwrap() <= slot && slot <= r[1].as_i64().unwrap())
-            .map(|r| r[2][1].as_i64().unwrap() as u16)
-            .unwrap();
-        self.nodes.iter().position(|n| n.port == port).unwrap()
-    }
-}
-
-fn to_json(value: redis::Value) -> Value {
-    match value {
-        redis::Value::Array(items) => Value::Array(items.into_iter().map(to_json).collect()),
-        redis::Value::Int(n) => json!(n),
-        redis::Value::BulkString(b) => json!(String::from_utf8_lossy(&b)),
-        other => json!(format!("{other:?}")),
-    }
-}
-
 fn node(cluster: &RedisCluster, id: &str) -> Server {
     Server::start(&["--redis", &cluster.url(), "--cluster", "--node-id", id, "--rate", "100000", "--burst", "100000"])
 }
@@ -557,4 +420,61 @@ fn a_master_killed_and_replaced_by_its_replica_loses_no_saved_edit() {
             break;
         }
     }
+}
+
+/// Waits for the `error` carrying `r`, skipping other messages; panics on `saved` at or past `v`.
+fn refused(client: &mut Client, r: &str, v: u64) -> Value {
+    loop {
+        let m = client.next();
+        assert!(!(m["type"] == "saved" && m["v"].as_u64() >= Some(v)), "saved instead of refused: {m}");
+        if m["type"] == "error" && m["ref"] == r {
+            return m;
+        }
+    }
+}
+
+#[test]
+fn a_key_of_the_wrong_type_fails_only_its_paper_on_a_cluster() {
+    // PROTOCOL.md 3.3 (1.1), as on one Redis (tests/integrity.rs): the cluster
+    // client makes an error reply anywhere in a pipeline the pipeline's error, so
+    // the refusal must still be traced to its paper rather than hold up the batch.
+    let cluster = RedisCluster::start(0);
+    let server = Server::start(&["--redis", &cluster.url(), "--rate", "100000", "--burst", "100000"]);
+    eventually("the node ready", || (server.get("/readyz").0 == 200).then_some(()));
+    let mut a = server.join("p-broken", "user=a");
+    let mut b = server.join("p-fine", "user=b");
+    redis::cmd("SET").arg("rp:paper:{p-broken}:notes").arg("oops").exec(&mut cluster.client()).unwrap();
+
+    a.send(json!({"type": "upsert", "id": "n1", "data": {"t": 1}, "ref": "r1"}));
+    let v1 = a.next_of("upsert")["v"].as_u64().unwrap();
+    let refusal = refused(&mut a, "r1", v1);
+    assert_eq!(refusal["code"], "write_failed", "{refusal}");
+
+    // The other paper is not held up by it, and Redis counts as up.
+    let started = std::time::Instant::now();
+    let v = write(&mut b, 0, 1);
+    saved(&mut b, v);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "p-fine's edit took {:?}", started.elapsed());
+    eventually("/readyz to be 200 and name p-broken with Redis's error", || {
+        let (status, _, body) = server.get("/readyz");
+        (status == 200 && body.contains("p-broken") && body.contains("WRONGTYPE")).then_some(())
+    });
+
+    // Repaired, the paper takes edits again.
+    redis::cmd("DEL").arg("rp:paper:{p-broken}:notes").exec(&mut cluster.client()).unwrap();
+    let until = crate::common::deadline();
+    for attempt in 0.. {
+        let r = format!("again{attempt}");
+        a.send(json!({"type": "upsert", "id": "n2", "data": {"t": 2}, "ref": r}));
+        let reply = a.next_of_any(&["upsert", "error"]);
+        if reply["type"] == "upsert" {
+            saved(&mut a, reply["v"].as_u64().unwrap());
+            break;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        assert!(std::time::Instant::now() < until && attempt < 200, "p-broken never took an edit again");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(cluster.hgetall("rp:paper:{p-broken}:notes").len(), 1);
+    assert!(server.terminate().success());
 }

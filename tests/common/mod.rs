@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
+pub mod cluster;
 
 /// How long any single expected event may take on a busy 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
