@@ -1,7 +1,8 @@
 //! Redis over TLS (`rediss://`, and a TLS Sentinel through a failover, with a
 //! private CA) and Redis Cluster (`redis+cluster://`): edits saved, relayed
 //! between nodes by sharded pub/sub, completed with one stream entry per paper,
-//! through a node restart and a master killed and replaced by its replica.
+//! through a node restart, a paper's slot resharded while it is written, and a
+//! master killed and replaced by its replica.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -477,4 +478,88 @@ fn a_key_of_the_wrong_type_fails_only_its_paper_on_a_cluster() {
     }
     assert_eq!(cluster.hgetall("rp:paper:{p-broken}:notes").len(), 1);
     assert!(server.terminate().success());
+}
+
+/// `CLUSTER MYID` of a node.
+fn node_id(conn: &mut redis::Connection) -> String {
+    redis::cmd("CLUSTER").arg("MYID").query(conn).unwrap()
+}
+
+#[test]
+fn a_papers_slot_resharded_while_it_is_written_loses_nothing_and_relays_on() {
+    let cluster = RedisCluster::start(0);
+    let (a_node, b_node) = (node(&cluster, "a"), node(&cluster, "b"));
+    eventually("both nodes ready", || (a_node.get("/readyz").0 == 200 && b_node.get("/readyz").0 == 200).then_some(()));
+    let paper = "p-resharded";
+    let notes_key = format!("rp:paper:{{{paper}}}:notes");
+    let mut a = a_node.join(paper, "");
+    let mut b = b_node.join(paper, "");
+    let v = write(&mut a, 0, 20);
+    saved(&mut a, v);
+    while b.next_of("upsert")["id"] != "n19" {}
+
+    // The slot moves from its master to another, as `redis-cli --cluster
+    // reshard` does it, step by step, with edits in the middle of the move
+    // (the source answers ASK or TRYAGAIN for keys already gone).
+    let from = cluster.master_of(&notes_key);
+    let to = (from + 1) % cluster.nodes.len();
+    let (mut source, mut target) = (cluster.nodes[from].conn().unwrap(), cluster.nodes[to].conn().unwrap());
+    let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(&notes_key).query(&mut source).unwrap();
+    let (source_id, target_id) = (node_id(&mut source), node_id(&mut target));
+    let setslot = |conn: &mut redis::Connection, how: &str, id: &str| {
+        redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg(how).arg(id).query::<()>(conn).unwrap();
+    };
+    setslot(&mut target, "IMPORTING", &source_id);
+    setslot(&mut source, "MIGRATING", &target_id);
+    let keys: Vec<String> = redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(100).query(&mut source).unwrap();
+    assert!(keys.contains(&notes_key), "{keys:?}");
+    // Half the keys go first; edits are made while the slot is split.
+    let (first, rest) = keys.split_at(keys.len() / 2);
+    let migrate = |conn: &mut redis::Connection, keys: &[String]| {
+        if !keys.is_empty() {
+            let port = cluster.nodes[to].port;
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(keys)
+                .query::<()>(conn)
+                .unwrap();
+        }
+    };
+    migrate(&mut source, first);
+    let during = write(&mut a, 20, 30);
+    // The writer meets the split slot (TRYAGAIN: its script's keys are on both
+    // masters) and keeps the edits to send again.
+    eventually("the writer to meet the split slot", || {
+        let (_, _, text) = a_node.get("/metrics");
+        let errors = text.lines().find_map(|l| l.strip_prefix("rollingpaper_redis_errors_total "))?;
+        (errors != "0").then_some(())
+    });
+    migrate(&mut source, rest);
+    for i in 0..cluster.nodes.len() {
+        setslot(&mut cluster.nodes[i].conn().unwrap(), "NODE", &target_id);
+    }
+    assert_eq!(cluster.master_of(&notes_key), to);
+
+    // Every edit is saved, on the new master, once: each note at its version.
+    saved(&mut a, during);
+    let v = write(&mut a, 30, 40);
+    saved(&mut a, v);
+    let stored = cluster.hgetall(&notes_key);
+    assert_eq!(stored.len(), 40, "every note is on the new master");
+    let held: Value = serde_json::from_str(&a_node.get(&format!("/papers/{paper}")).2).unwrap();
+    for note in held["notes"].as_array().unwrap() {
+        let id = note["id"].as_str().unwrap();
+        let (_, value) = stored.iter().find(|(k, _)| k == id).unwrap_or_else(|| panic!("{id} in Redis"));
+        let value: Value = serde_json::from_str(value).unwrap();
+        assert_eq!(value["v"], note["v"], "{id}: Redis holds the version the node holds");
+    }
+    // The relay followed the channel to its new shard: both ways.
+    while b.next_of("upsert")["id"] != "n39" {}
+    b.upsert("from-b", json!({}));
+    while a.next_of("upsert")["id"] != "from-b" {}
 }
