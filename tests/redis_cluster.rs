@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::{json, Value};
 
-use crate::common::cluster::{to_json, RedisCluster};
+use crate::common::cluster::{to_json, ClusterNode, RedisCluster};
 use crate::common::{eventually, free_port, Client, Server, TempDir};
 
 // ---- TLS ------------------------------------------------------------------------------
@@ -562,4 +562,65 @@ fn a_papers_slot_resharded_while_it_is_written_loses_nothing_and_relays_on() {
     while b.next_of("upsert")["id"] != "n39" {}
     b.upsert("from-b", json!({}));
     while a.next_of("upsert")["id"] != "from-b" {}
+}
+
+#[test]
+fn a_redis_cluster_over_tls_saves_and_relays() {
+    let certs = Certs::new("certs");
+    let file = |name| certs.path(name).display().to_string();
+    // Each node speaks TLS on its TLS port (and over its cluster bus); its
+    // plain port is for the test's own reads. A client on TLS is told the TLS
+    // ports of the others.
+    let tls_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let nodes = tls_ports
+        .iter()
+        .map(|port| {
+            let port = port.to_string();
+            let (cert, key, ca) = (file("redis.crt"), file("redis.key"), file("ca.crt"));
+            ClusterNode::start(&[
+                "--tls-port",
+                &port,
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ])
+        })
+        .collect();
+    let cluster = RedisCluster::create(nodes, 0);
+    let url = format!(
+        "rediss+cluster://{}",
+        tls_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    );
+    let ca = file("ca.crt");
+    let start = |id: &str| Server::start(&["--redis", &url, "--redis-ca-file", &ca, "--cluster", "--node-id", id]);
+    let (a_node, b_node) = (start("a"), start("b"));
+    eventually("both nodes ready over TLS", || {
+        (a_node.get("/readyz").0 == 200 && b_node.get("/readyz").0 == 200).then_some(())
+    });
+    // Papers on several shards: each writer pipeline and relay listener is a TLS connection.
+    let papers = ["p-tls-one", "p-tls-two", "p-tls-three", "p-tls-four"];
+    let owners: std::collections::HashSet<usize> =
+        papers.iter().map(|p| cluster.master_of(&format!("rp:paper:{{{p}}}:notes"))).collect();
+    assert!(owners.len() >= 2, "the papers sit on several shards");
+    for paper in papers {
+        let mut a = a_node.join(paper, "");
+        let mut b = b_node.join(paper, "");
+        let v = write(&mut a, 0, 3);
+        saved(&mut a, v);
+        while b.next_of("upsert")["id"] != "n2" {}
+        b.upsert("from-b", json!({}));
+        let v = b.next_of("upsert")["v"].as_u64().unwrap();
+        while a.next_of("upsert")["id"] != "from-b" {}
+        saved(&mut b, v);
+        assert_eq!(cluster.hgetall(&format!("rp:paper:{{{paper}}}:notes")).len(), 4);
+    }
 }

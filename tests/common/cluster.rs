@@ -118,6 +118,12 @@ impl RedisCluster {
     /// Three masters with `replicas` replicas each, every node started with `extra`.
     pub fn start_with(replicas: usize, extra: &[&str]) -> RedisCluster {
         let nodes: Vec<ClusterNode> = (0..3 * (1 + replicas)).map(|_| ClusterNode::start(extra)).collect();
+        RedisCluster::create(nodes, replicas)
+    }
+
+    /// Joins nodes started apart (three masters, `replicas` replicas each) into a
+    /// cluster, over their plain ports.
+    pub fn create(nodes: Vec<ClusterNode>, replicas: usize) -> RedisCluster {
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for node in &nodes {
