@@ -248,3 +248,18 @@ fn failure(peer: &str, error: rustls::Error) -> io::Error {
 pub fn failure_of(e: &io::Error) -> Option<&TlsFailure> {
     e.get_ref()?.downcast_ref::<TlsFailure>()
 }
+
+/// Why a read error ended a connection. The first refused certificate is kept
+/// in `refused`: waiting does not cure it, so the caller stops the run.
+pub fn read_failure(e: &io::Error, refused: &mut Option<String>) -> String {
+    match failure_of(e) {
+        Some(failure) => {
+            let why = failure.to_string();
+            if failure.is_certificate() && refused.is_none() {
+                *refused = Some(why.clone());
+            }
+            why
+        }
+        None => format!("read: {e}"),
+    }
+}

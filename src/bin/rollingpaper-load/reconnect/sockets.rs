@@ -228,16 +228,8 @@ impl Run<'_> {
     /// A read error ends the connection; a refused certificate is not retried
     /// (waiting does not cure it) and aborts the run.
     fn read_failed(&mut self, key: usize, e: &io::Error) {
-        match crate::tls::failure_of(e) {
-            Some(failure) => {
-                let why = failure.to_string();
-                if failure.is_certificate() && self.certificate_refused.is_none() {
-                    self.certificate_refused = Some(why.clone());
-                }
-                self.closed(key, why);
-            }
-            None => self.closed(key, format!("read: {e}")),
-        }
+        let why = crate::tls::read_failure(e, &mut self.certificate_refused);
+        self.closed(key, why);
     }
 
     pub(super) fn on_bytes(&mut self, key: usize, bytes: &[u8]) -> Result<(), String> {
