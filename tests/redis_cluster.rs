@@ -624,3 +624,60 @@ fn a_redis_cluster_over_tls_saves_and_relays() {
         assert_eq!(cluster.hgetall(&format!("rp:paper:{{{paper}}}:notes")).len(), 4);
     }
 }
+
+/// A process stopped with SIGSTOP until dropped (SIGCONT even when the test fails).
+struct Paused(u32);
+
+impl Paused {
+    fn pause(pid: u32) -> Paused {
+        let status = Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap();
+        assert!(status.success());
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+#[test]
+fn a_master_that_hangs_and_is_replaced_is_left_by_the_relay() {
+    let cluster = RedisCluster::start(1);
+    let (a_node, b_node) = (node(&cluster, "a"), node(&cluster, "b"));
+    eventually("both nodes ready", || (a_node.get("/readyz").0 == 200 && b_node.get("/readyz").0 == 200).then_some(()));
+    // A paper away from the shard of `rp:nodes`, whose silence the canary would tell.
+    let canary = cluster.master_of("rp:nodes");
+    let paper = (0..64)
+        .map(|i| format!("p-hung-{i}"))
+        .find(|p| cluster.master_of(&format!("rp:paper:{{{p}}}:notes")) != canary)
+        .unwrap();
+    let key = &format!("rp:paper:{{{paper}}}:notes");
+    let mut a = a_node.join(&paper, "");
+    let mut b = b_node.join(&paper, "");
+    a.upsert("before", json!({}));
+    assert_eq!(b.next_of("upsert")["id"], "before");
+
+    // The paper's master hangs (no reset, no EOF: its connections just go
+    // silent) and the cluster promotes its replica.
+    let victim = cluster.master_of(key);
+    let witness = &cluster.nodes[cluster.nodes.iter().position(|n| n.port != cluster.nodes[victim].port).unwrap()];
+    let _paused = Paused::pause(cluster.nodes[victim].pid().unwrap());
+    eventually("the replica promoted", || {
+        let mut conn = witness.conn().ok()?;
+        let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut conn).ok()?;
+        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn).map(to_json).ok()?;
+        let port = slots
+            .as_array()?
+            .iter()
+            .find(|r| r[0].as_i64() <= Some(slot.into()) && Some(slot.into()) <= r[1].as_i64())?[2][1]
+            .as_i64()?;
+        (port != i64::from(cluster.nodes[victim].port)).then_some(())
+    });
+    // Both relays leave the silent master for the new one: edits cross both ways.
+    a.upsert("after", json!({}));
+    while b.next_of("upsert")["id"] != "after" {}
+    b.upsert("back", json!({}));
+    while a.next_of("upsert")["id"] != "back" {}
+}

@@ -58,6 +58,11 @@ impl ClusterNode {
         });
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process runs (it was not killed, or was started again).
     pub fn is_running(&self) -> bool {
         self.child.is_some()
