@@ -623,6 +623,17 @@ fn a_redis_cluster_over_tls_saves_and_relays() {
         saved(&mut b, v);
         assert_eq!(cluster.hgetall(&format!("rp:paper:{{{paper}}}:notes")).len(), 4);
     }
+    // A certificate from another CA is refused at start, naming a node.
+    let other = Certs::new("other-ca");
+    let out = Command::new(env!("CARGO_BIN_EXE_rollingpaper"))
+        .args(["--listen", "127.0.0.1:0", "--redis", &url, "--redis-ca-file", other.path("ca.crt").to_str().unwrap()])
+        .env_clear()
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(tls_ports.iter().any(|p| stderr.contains(&format!("127.0.0.1:{p}"))), "names a node: {stderr}");
+    assert!(stderr.contains("TLS") && stderr.contains("--redis-ca-file"), "says why: {stderr}");
 }
 
 /// A process stopped with SIGSTOP until dropped (SIGCONT even when the test fails).
