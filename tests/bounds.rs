@@ -353,11 +353,11 @@ fn input_after_a_close_is_read_under_a_budget() {
     for flood in floods {
         let _ = flood.join();
     }
-    // Turns stay short: unbudgeted, this flood makes several turns a second last
-    // over 100 ms (the loop's lag); one is allowed for a busy machine preempting
-    // the loop.
+    // Turns stay short: unbudgeted, this flood made 6 to 12 turns last over
+    // 100 ms (the loop's lag) in 5 s; two are allowed for a busy machine
+    // preempting the loop.
     let long = turns_longer_than(&server, "0.1");
-    assert!(long <= 1.0, "{long} loop turns took over 100 ms during the flood");
+    assert!(long <= 2.0, "{long} loop turns took over 100 ms during the flood");
 }
 
 /// Turns of the loop that took longer than `le` seconds, from /metrics.
