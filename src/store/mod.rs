@@ -8,7 +8,6 @@ pub mod endpoint;
 pub mod keys;
 pub mod loader;
 pub mod relay;
-mod sharded_pubsub;
 mod shards;
 pub mod writer;
 

@@ -4,16 +4,15 @@
 //! paper; nodes that stop announcing themselves are reported gone; this node's own
 //! announcement coming back is the canary that proves the subscription works.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use redis::Connection;
+use redis::{Connection, Value};
 
-use super::endpoint::{Conn, Endpoint, IO_TIMEOUT};
-use super::sharded_pubsub::ShardedPubSub;
+use super::endpoint::{connect_node, slot, Conn, Endpoint, IO_TIMEOUT};
 use super::{keys, LoadPurpose, LoadRequest, Loops, StoreEvent};
 use crate::metrics::{bump, WriterMetrics};
 
@@ -141,7 +140,7 @@ impl Relay {
         let mut backoff = Duration::from_millis(50);
         loop {
             let subscriber = if self.endpoint.is_cluster() {
-                ShardedPubSub::new(&self.endpoint).map(|shards| Subscriber::Sharded(Box::new(shards)))
+                Shards::new(&self.endpoint).map(|shards| Subscriber::Sharded(Box::new(shards)))
             } else {
                 self.endpoint.connect().map(|conn| match conn {
                     Conn::Single(conn) => Subscriber::Plain(conn),
@@ -356,13 +355,13 @@ impl Relay {
 /// (sharded pub/sub: a channel is heard only on the master of its slot).
 enum Subscriber {
     Plain(Connection),
-    Sharded(Box<ShardedPubSub>),
+    Sharded(Box<Shards>),
 }
 
 /// A subscription being served: the plain one borrows its connection.
 enum Listening<'a> {
     Plain(redis::PubSub<'a>),
-    Sharded(&'a mut ShardedPubSub),
+    Sharded(&'a mut Shards),
 }
 
 impl Subscriber {
@@ -409,5 +408,151 @@ impl Listening<'_> {
             }
             Listening::Sharded(shards) => shards.next_message(wait),
         }
+    }
+}
+
+/// Sharded pub/sub on a Redis Cluster: `SSUBSCRIBE` on the master of each
+/// channel's slot. A slot that moves (resharding, failover) ends the
+/// subscription: the relay subscribes anew on the new map and re-reads its papers.
+struct Shards {
+    /// How to reach a node (TLS, password).
+    seed: redis::ConnectionInfo,
+    /// `(first slot, last slot, "host:port")` of each master.
+    masters: Vec<(u16, u16, String)>,
+    /// Each master's subscriber, and whether a `PING` awaits its `pong`.
+    conns: Vec<(String, Connection, bool)>,
+    /// Channel -> index in `conns`.
+    channels: HashMap<String, usize>,
+    /// Messages read while waiting for a subscription's confirmation.
+    early: VecDeque<(String, Vec<u8>)>,
+    next: usize,
+}
+
+impl Shards {
+    fn new(endpoint: &Endpoint) -> redis::RedisResult<Shards> {
+        let masters = endpoint.masters()?;
+        if masters.is_empty() {
+            return Err(redis::RedisError::from((redis::ErrorKind::Io, "the cluster has no slots assigned yet")));
+        }
+        let seed = endpoint.seed().expect("a cluster endpoint");
+        Ok(Shards { seed, masters, conns: Vec::new(), channels: HashMap::new(), early: VecDeque::new(), next: 0 })
+    }
+
+    fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        let slot = slot(channel);
+        let addr = self
+            .masters
+            .iter()
+            .find(|(from, to, _)| (*from..=*to).contains(&slot))
+            .map(|(_, _, addr)| addr.clone())
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "a slot without a master")))?;
+        let index = match self.conns.iter().position(|(a, ..)| *a == addr) {
+            Some(index) => index,
+            None => {
+                let conn = connect_node(&self.seed, &addr)?;
+                self.conns.push((addr, conn, false));
+                self.conns.len() - 1
+            }
+        };
+        let (_, conn, pinged) = &mut self.conns[index];
+        conn.send_packed_command(&redis::cmd("SSUBSCRIBE").arg(channel).get_packed_command())?;
+        // Confirmed before the paper is read, so that nothing falls between.
+        loop {
+            match conn.recv_response()? {
+                Value::Array(parts) => match kind_of(&parts).as_deref() {
+                    Some("ssubscribe") if channel_of(&parts).as_deref() == Some(channel) => break,
+                    Some("smessage") => self.early.extend(message_of(parts)),
+                    Some("pong") => *pinged = false,
+                    // Another channel of this shard moved away meanwhile.
+                    Some("sunsubscribe") => {
+                        if let Some(e) = moved_away(&parts, &self.channels) {
+                            return Err(e);
+                        }
+                    }
+                    _ => {}
+                },
+                Value::ServerError(e) => return Err(e.into()),
+                _ => {}
+            }
+        }
+        self.channels.insert(channel.to_string(), index);
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        let Some(index) = self.channels.remove(channel) else { return Ok(()) };
+        // The confirmation is skipped when it arrives.
+        self.conns[index].1.send_packed_command(&redis::cmd("SUNSUBSCRIBE").arg(channel).get_packed_command())
+    }
+
+    /// The next message, else `None` after `wait`. A read never times out here
+    /// (the client would then skip the next reply): each shard is sent a `PING`
+    /// and read up to its `pong`, so that what came before it is all there is.
+    fn next_message(&mut self, wait: Duration) -> redis::RedisResult<Option<(String, Vec<u8>)>> {
+        if let Some(message) = self.early.pop_front() {
+            return Ok(Some(message));
+        }
+        for _ in 0..self.conns.len() {
+            self.next = (self.next + 1) % self.conns.len();
+            let (_, conn, pinged) = &mut self.conns[self.next];
+            if !*pinged {
+                conn.send_packed_command(&redis::cmd("PING").get_packed_command())?;
+                *pinged = true;
+            }
+            loop {
+                match conn.recv_response()? {
+                    Value::Array(parts) => match kind_of(&parts).as_deref() {
+                        Some("smessage") => return Ok(message_of(parts)),
+                        Some("pong") => {
+                            *pinged = false;
+                            break;
+                        }
+                        // The server drops a subscription whose slot moved away.
+                        Some("sunsubscribe") => {
+                            if let Some(e) = moved_away(&parts, &self.channels) {
+                                return Err(e);
+                            }
+                        }
+                        _ => {}
+                    },
+                    Value::ServerError(e) => return Err(e.into()),
+                    _ => {}
+                }
+            }
+        }
+        std::thread::sleep(wait);
+        Ok(None)
+    }
+}
+
+/// A `sunsubscribe` the client did not ask for: the server dropped a channel
+/// still held because its slot moved away.
+fn moved_away(parts: &[Value], held: &HashMap<String, usize>) -> Option<redis::RedisError> {
+    let channel = channel_of(parts).filter(|c| held.contains_key(c))?;
+    let detail = format!("{channel} moved to another shard");
+    Some(redis::RedisError::from((redis::ErrorKind::Io, "slot moved", detail)))
+}
+
+fn text_of(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn kind_of(parts: &[Value]) -> Option<String> {
+    text_of(parts.first())
+}
+
+fn channel_of(parts: &[Value]) -> Option<String> {
+    text_of(parts.get(1))
+}
+
+fn message_of(parts: Vec<Value>) -> Option<(String, Vec<u8>)> {
+    let channel = channel_of(&parts)?;
+    match parts.into_iter().nth(2)? {
+        Value::BulkString(payload) => Some((channel, payload)),
+        _ => None,
     }
 }

@@ -61,6 +61,10 @@ pub(super) fn per_shard(
             // harmlessly, as after any retry: writes are idempotent by version, a
             // seal happens once, presence is set again.
             Err(e) if refused_for_good(&e) => paper_by_paper(conn, &cmds, &indices, owners, wait_replicas)?,
+            // The slot map the shards were grouped by is older than the cluster
+            // client's (a slot moved): paper by paper, the client routes each
+            // pipeline by its own map, as it follows redirections.
+            Err(e) if redirected(&e) => paper_by_paper(conn, &cmds, &indices, owners, wait_replicas)?,
             Err(e) => return Err(e),
         };
         for (i, reply) in indices.into_iter().zip(got) {
@@ -110,6 +114,11 @@ fn paper_by_paper(
         }
     }
     Ok(replies.into_iter().map(|r| r.unwrap_or_else(|| Err(unexpected(None)))).collect())
+}
+
+/// A slot served elsewhere than the pipeline was sent.
+fn redirected(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("MOVED" | "ASK"))
 }
 
 /// An error Redis answered with that retrying cannot cure, rather than one of

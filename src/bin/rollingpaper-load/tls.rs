@@ -176,7 +176,10 @@ impl Read for TlsStream {
                 return Err(failure(&self.peer, error));
             }
             // Handshake messages, or the request buffered until the handshake ended.
-            self.send_pending()?;
+            // A failure to send is told on the next call, after what was read.
+            if let Err(e) = self.send_pending() {
+                return if filled > 0 { Ok(filled) } else { Err(e) };
+            }
         }
         if filled > 0 {
             Ok(filled)
