@@ -248,7 +248,8 @@ impl Writer {
             self.write_cover.load(&mut conn)?;
             self.complete.load(&mut conn)?;
             if self.cluster {
-                // A stale map only costs a MOVED, which is retried on a new connection.
+                // A stale map only costs a MOVED: the shard's papers then go one
+                // pipeline each, routed by the cluster client's own map.
                 self.masters = self.endpoint.masters()?;
             }
             if self.cluster && !self.swept {
@@ -325,7 +326,7 @@ impl Writer {
         let now = now_ms();
         let mut pipe = redis::pipe();
         let mut commands = 0;
-        // The paper of each command: on a Cluster, a pipeline per paper (one slot).
+        // The paper of each command: on a Cluster, its slot says its shard.
         let mut owners: Vec<&str> = Vec::new();
         let publish = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
         pipe.ignore_errors();
