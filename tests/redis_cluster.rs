@@ -692,3 +692,20 @@ fn a_master_that_hangs_and_is_replaced_is_left_by_the_relay() {
     b.upsert("back", json!({}));
     while a.next_of("upsert")["id"] != "back" {}
 }
+
+#[test]
+fn readiness_follows_every_shard_not_only_the_canarys() {
+    let cluster = RedisCluster::start(0);
+    let server = node(&cluster, "a");
+    eventually("ready", || (server.get("/readyz").0 == 200).then_some(()));
+    // A master away from the shard of `rp:nodes` (where the canary rides) hangs.
+    let canary = cluster.master_of("rp:nodes");
+    let victim = (0..cluster.nodes.len()).find(|&i| i != canary).unwrap();
+    let paused = Paused::pause(cluster.nodes[victim].pid().unwrap());
+    eventually("/readyz to say 503", || {
+        let (status, _, body) = server.get("/readyz");
+        (status == 503).then_some(body)
+    });
+    drop(paused);
+    eventually("/readyz to say 200 again", || (server.get("/readyz").0 == 200).then_some(()));
+}
