@@ -239,7 +239,16 @@ fn metrics_parse_as_prometheus_text_and_every_family_moves() {
 
     // The process, as /proc says.
     assert_eq!(scrape.kind("process_cpu_seconds_total"), "counter");
-    assert!(moved(&scrape, "process_cpu_seconds_total", &[]), "no CPU time spent");
+    // The kernel counts CPU time in clock ticks, and a quick run may not have
+    // spent one yet: the figure must lie between two reads of /proc taken
+    // around the scrape.
+    let spent_before = cpu_seconds_of(a.pid());
+    let cpu = Scrape::of(&a).value("process_cpu_seconds_total", &[]);
+    let spent_after = cpu_seconds_of(a.pid());
+    assert!(
+        spent_before - 1e-9 <= cpu && cpu <= spent_after + 1e-9,
+        "process_cpu_seconds_total {cpu} outside what /proc said around it: {spent_before}..{spent_after}"
+    );
     for gauge in ["process_resident_memory_bytes", "process_open_fds", "process_max_fds", "process_start_time_seconds"]
     {
         assert_eq!(scrape.kind(gauge), "gauge");
@@ -254,6 +263,17 @@ fn metrics_parse_as_prometheus_text_and_every_family_moves() {
     eventually("the relay thread to count what it received", || {
         moved(&Scrape::of(&b), "rollingpaper_relayed_messages_total", &[("direction", "in")]).then_some(())
     });
+}
+
+/// User and system CPU time of a process, as `/proc/{pid}/stat` counts it.
+fn cpu_seconds_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the server's /proc/{pid}/stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of proc(5); `fields` starts at field 3.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / per_second as f64
 }
 
 #[test]
