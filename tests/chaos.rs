@@ -266,15 +266,6 @@ impl Store {
             cluster.wait_ok();
         }
     }
-
-    /// Whether a kind of `FAULTS` applies to this Redis.
-    fn applies(&self, kind: usize) -> bool {
-        // On a Cluster the server's connections have no names: the cluster client
-        // opens (and reopens) its connections to each master itself, with no way
-        // to name them, so there is nothing for "a named server connection" to
-        // find. Connections by type (kinds 2 and 3) are dropped on one master.
-        !(self.is_cluster() && kind == 4)
-    }
 }
 
 /// Every field of a paper's notes hash, raw.
@@ -978,9 +969,12 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
         }
         4 => {
             let name = ["rp-writer", "rp-loader", "rp-relay"][rng.below(3) as usize];
-            match kill_named(world.store.port(0), name) {
-                Ok(0) => format!(": none named {name} (the server does not name them)"),
-                Ok(n) => format!(": {n} named {name}"),
+            // On a Cluster, the loader's connections (the cluster client's) carry no name.
+            let server = world.store.pick(rng);
+            let on = world.store.which(server);
+            match kill_named(world.store.port(server), name) {
+                Ok(0) => format!(": none named {name}{on} (the server does not name them)"),
+                Ok(n) => format!(": {n} named {name}{on}"),
                 Err(e) => format!(": failed ({e})"),
             }
         }
@@ -1083,7 +1077,7 @@ fn seconds_from_env() -> u64 {
 
 /// `RP_CHAOS_FAULTS`: the fault kinds to use, as numbers into `FAULTS` (all by
 /// default), less those that do not apply to this Redis.
-fn kinds_from_env(store: &Store) -> Vec<usize> {
+fn kinds_from_env() -> Vec<usize> {
     let kinds: Vec<usize> = match std::env::var("RP_CHAOS_FAULTS") {
         Ok(list) => list
             .split(',')
@@ -1091,8 +1085,7 @@ fn kinds_from_env(store: &Store) -> Vec<usize> {
             .collect(),
         Err(_) => (0..FAULTS.len()).collect(),
     };
-    let kinds: Vec<usize> = kinds.into_iter().filter(|k| store.applies(*k)).collect();
-    assert!(!kinds.is_empty(), "RP_CHAOS_FAULTS names no fault that applies to this Redis");
+    assert!(!kinds.is_empty(), "RP_CHAOS_FAULTS names no fault");
     kinds
 }
 
@@ -1113,7 +1106,7 @@ fn acknowledged_edits_survive_faults() {
     if let Store::Cluster { holds, .. } = &store {
         eprintln!("chaos: the Cluster's masters: {}", holds.join("; "));
     }
-    let kinds = kinds_from_env(&store);
+    let kinds = kinds_from_env();
     let url = store.url();
     let nodes = [Node::start(NODE_IDS[0], &url), Node::start(NODE_IDS[1], &url)];
     let ports = [nodes[0].port, nodes[1].port];
@@ -1266,12 +1259,8 @@ fn acknowledged_edits_survive_faults() {
         logs.iter().map(|l| l.connections).sum::<u64>(),
         logs.iter().flat_map(|l| l.errors_without_ref.iter()).collect::<Vec<_>>(),
     );
-    for (k, (fault, n)) in FAULTS.iter().zip(faults.counts).enumerate() {
-        if world.store.applies(k) {
-            eprintln!("chaos: fault {fault}: {n}");
-        } else {
-            eprintln!("chaos: fault {fault}: does not apply to a Redis Cluster (see Store::applies)");
-        }
+    for (fault, n) in FAULTS.iter().zip(faults.counts) {
+        eprintln!("chaos: fault {fault}: {n}");
     }
     eprintln!("chaos: papers broken for a while: {:?}", faults.broken_papers);
     eprintln!("chaos: sealed by plan: {:?}", sealers.keys().map(|p| paper_name(*p)).collect::<Vec<_>>());

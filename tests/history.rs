@@ -237,6 +237,10 @@ fn the_horizon_holds_across_two_nodes() {
         edit_saved(&mut b, json!({"type": "delete", "id": id}));
     }
     edit_saved(&mut b, json!({"type": "delete", "id": "first"}));
+    // Node a learns of b's deletes through the relay, after b's `saved`.
+    crate::common::eventually("a to see the last delete", || {
+        a.drain().iter().any(|m| m["type"] == "delete" && m["id"] == "first").then_some(())
+    });
     let stored = redis.hgetall("rp:paper:{p-two-horizon}:notes");
     assert!(stored.len() <= 1 + 3, "Redis holds {} notes", stored.len());
     for server in [&a_node, &b_node] {

@@ -709,3 +709,70 @@ fn readiness_follows_every_shard_not_only_the_canarys() {
     drop(paused);
     eventually("/readyz to say 200 again", || (server.get("/readyz").0 == 200).then_some(()));
 }
+
+#[test]
+fn a_master_down_or_hung_holds_up_only_its_own_papers() {
+    // The papers of the other masters keep being saved while one master is
+    // killed, then while one hangs (SIGSTOP: its connections go silent). Neither
+    // has a replica to take over, and `cluster-require-full-coverage no` lets
+    // the other masters go on serving their slots meanwhile.
+    let mut cluster =
+        RedisCluster::start_with(0, &["--cluster-require-full-coverage", "no", "--appendfsync", "always"]);
+    let server = Server::start(&["--redis", &cluster.url(), "--rate", "100000", "--burst", "100000"]);
+    eventually("the node ready", || (server.get("/readyz").0 == 200).then_some(()));
+    let notes = |paper: &str| format!("rp:paper:{{{paper}}}:notes");
+    let masters: Vec<usize> = (0..cluster.nodes.len()).collect();
+    let papers: Vec<String> = masters
+        .iter()
+        .map(|&m| (0..512).map(|i| format!("p-iso-{i}")).find(|p| cluster.master_of(&notes(p)) == m).unwrap())
+        .collect();
+    let mut clients: Vec<Client> = papers.iter().map(|p| server.join(p, "user=u")).collect();
+    for client in &mut clients {
+        let v = write(client, 0, 1);
+        saved(client, v);
+    }
+
+    let mut next = 1;
+    for (victim, fault) in [(0, "killed"), (1, "hung")] {
+        let paused = match fault {
+            "killed" => {
+                cluster.nodes[victim].kill();
+                None
+            }
+            _ => Some(Paused::pause(cluster.nodes[victim].pid().unwrap())),
+        };
+        // The victim's paper takes the edit (its members see it) but cannot save it.
+        let waiting = write(&mut clients[victim], next, next + 1);
+        next += 1;
+        // The first edits may wait for the writer to find the master gone (a
+        // hung one takes an I/O timeout); past that, the lost master holds
+        // nothing up: it is probed off the writer's thread.
+        for round in 0..6 {
+            for other in (0..clients.len()).filter(|&i| i != victim) {
+                let started = std::time::Instant::now();
+                let v = write(&mut clients[other], next, next + 1);
+                saved(&mut clients[other], v);
+                let took = started.elapsed();
+                assert!(round < 2 || took < std::time::Duration::from_secs(1), "{fault}: round {round} took {took:?}");
+            }
+            next += 1;
+        }
+        let early = clients[victim].drain();
+        assert!(
+            !early.iter().any(|m| m["type"] == "saved" && m["v"].as_u64() >= Some(waiting)),
+            "saved while its master is {fault}: {early:?}"
+        );
+        eventually("/readyz to say 503 while a master is lost", || (server.get("/readyz").0 == 503).then_some(()));
+
+        // Back, the master gets the edit that waited.
+        match paused {
+            Some(paused) => drop(paused),
+            None => cluster.nodes[victim].restart(),
+        }
+        saved(&mut clients[victim], waiting);
+        let stored = cluster.hgetall(&notes(&papers[victim]));
+        assert!(stored.iter().any(|(id, _)| *id == format!("n{}", next - 7)), "{fault}: {stored:?}");
+        eventually("/readyz to say 200 again", || (server.get("/readyz").0 == 200).then_some(()));
+    }
+    assert!(server.terminate().success());
+}

@@ -457,32 +457,41 @@ impl Endpoint {
         let Endpoint::Cluster { nodes, .. } = self else { return Ok(Vec::new()) };
         let mut last = RedisError::from((ErrorKind::Io, "no cluster node"));
         for node in nodes {
-            let slots = open(node).and_then(|mut c| redis::cmd("CLUSTER").arg("SLOTS").query::<Value>(&mut c));
-            match slots {
-                Ok(Value::Array(ranges)) => {
-                    let mut out = Vec::new();
-                    for range in ranges {
-                        let Value::Array(parts) = range else { continue };
-                        let (Some(Value::Int(from)), Some(Value::Int(to)), Some(Value::Array(master))) =
-                            (parts.first(), parts.get(1), parts.get(2))
-                        else {
-                            continue;
-                        };
-                        let host = match master.first() {
-                            Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
-                            _ => continue,
-                        };
-                        let Some(Value::Int(port)) = master.get(1) else { continue };
-                        out.push((*from as u16, *to as u16, format!("{host}:{port}")));
-                    }
-                    return Ok(out);
-                }
-                Ok(other) => last = RedisError::from((ErrorKind::Parse, "CLUSTER SLOTS", format!("{other:?}"))),
+            match open(node).and_then(|mut c| slot_map(&mut c)) {
+                Ok(map) => return Ok(map),
                 Err(e) => last = e,
             }
         }
         Err(last)
     }
+}
+
+/// The masters of a Cluster as `(first slot, last slot, "host:port")`, as the
+/// node behind `conn` sees them (`CLUSTER SLOTS`).
+///
+/// # Errors
+/// The node did not answer, or not with a slot map.
+pub fn slot_map(conn: &mut Connection) -> redis::RedisResult<Vec<(u16, u16, String)>> {
+    let ranges = match redis::cmd("CLUSTER").arg("SLOTS").query::<Value>(conn)? {
+        Value::Array(ranges) => ranges,
+        other => return Err(RedisError::from((ErrorKind::Parse, "CLUSTER SLOTS", format!("{other:?}")))),
+    };
+    let mut out = Vec::new();
+    for range in ranges {
+        let Value::Array(parts) = range else { continue };
+        let (Some(Value::Int(from)), Some(Value::Int(to)), Some(Value::Array(master))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            continue;
+        };
+        let host = match master.first() {
+            Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+            _ => continue,
+        };
+        let Some(Value::Int(port)) = master.get(1) else { continue };
+        out.push((*from as u16, *to as u16, format!("{host}:{port}")));
+    }
+    Ok(out)
 }
 
 /// A plain connection to the node at `addr` ("host:port"), set up as `seed` is.

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod endpoint;
 pub mod keys;
 pub mod loader;
+mod parking;
 pub mod relay;
 mod shards;
 pub mod writer;

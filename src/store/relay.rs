@@ -449,7 +449,8 @@ impl Shards {
         let index = match self.conns.iter().position(|(a, ..)| *a == addr) {
             Some(index) => index,
             None => {
-                let conn = connect_node(&self.seed, &addr)?;
+                let mut conn = connect_node(&self.seed, &addr)?;
+                redis::cmd("CLIENT").arg("SETNAME").arg("rp-relay").exec(&mut conn)?;
                 self.conns.push((addr, conn, false));
                 self.conns.len() - 1
             }

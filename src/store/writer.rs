@@ -2,6 +2,7 @@
 //! one pipeline, resends the same batch after a failure (writes are idempotent
 //! by `v`), and tells the loops which edits are now in Redis.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,12 +12,19 @@ use redis::{Script, Value};
 
 use super::batch::{NoteWrite, Plan};
 use super::endpoint::{Conn, Endpoint};
-use super::shards::{finish_pending_handoffs, hand_off, per_shard};
+use super::parking::{Parking, Retry};
+use super::shards::Shards;
 use super::{is_transient, keys, Loops, Op, Outcome, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
 
 /// Ops taken from the backlog for one pipeline.
 const MAX_BATCH: usize = 2048;
+/// The one shard of a single Redis (or Sentinel-named master), for parking.
+const SINGLE: &str = "";
+/// How often an idle writer checks that Redis answers (for `/readyz`).
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How often a running probe of a master is looked at.
+const PROBE_POLL: Duration = Duration::from_millis(20);
 /// How often a Redis outage is reported while it lasts.
 const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -67,14 +75,14 @@ const COMPLETE: &str = include_str!("scripts/complete.lua");
 
 pub struct Writer {
     endpoint: Endpoint,
+    /// The connection to a single Redis (or Sentinel-named master).
     conn: Option<Conn>,
-    /// A Redis Cluster: per-shard pipelines, `SPUBLISH`, the hand-off in two steps.
+    /// A Redis Cluster: a connection to each master, per-shard pipelines,
+    /// `SPUBLISH`, the hand-off in two steps.
     cluster: bool,
-    /// On a Cluster, which master serves which slots, read at each connection:
-    /// a batch is grouped by it into one pipeline per shard.
-    masters: Vec<(u16, u16, String)>,
-    /// On a Cluster, hand-offs left pending by a writer that died are finished once.
-    swept: bool,
+    shards: Option<Shards>,
+    /// The shards and papers whose writes failed, held back until their next try.
+    parking: Parking,
     /// `--redis-wait-replicas`: a batch counts as written once this many replicas have it.
     wait_replicas: usize,
     ops: Receiver<Queued>,
@@ -117,12 +125,17 @@ impl Writer {
         // On a Cluster, relayed messages go by sharded pub/sub, which a script may
         // use for a channel of its own slot.
         let publish = |script: String| if cluster { script.replace("'PUBLISH'", "'SPUBLISH'") } else { script };
+        let write_notes = Script::new(&publish(format!("{READABLE}{WRITE_NOTES}")));
+        let write_cover = Script::new(&publish(WRITE_COVER.to_string()));
+        let complete = Script::new(&publish(format!("{READABLE}{COMPLETE}")));
+        let scripts = vec![write_notes.clone(), write_cover.clone(), complete.clone()];
+        let shards = endpoint.seed().filter(|_| cluster).map(|seed| Shards::new(seed, scripts, metrics.clone()));
         Writer {
             endpoint,
             conn: None,
             cluster,
-            masters: Vec::new(),
-            swept: false,
+            shards,
+            parking: Parking::default(),
             wait_replicas: 0,
             ops,
             pending,
@@ -130,9 +143,9 @@ impl Writer {
             loops,
             retention_secs,
             give_up_at,
-            write_notes: Script::new(&publish(format!("{READABLE}{WRITE_NOTES}"))),
-            write_cover: Script::new(&publish(WRITE_COVER.to_string())),
-            complete: Script::new(&publish(format!("{READABLE}{COMPLETE}"))),
+            write_notes,
+            write_cover,
+            complete,
             outage: None,
             node: None,
             history: History { retention: 3_600_000 << 10, max_tombstones: 1000 },
@@ -167,58 +180,188 @@ impl Writer {
 
     /// Runs until every loop has stopped and the backlog is written (or given up);
     /// returns the number of ops that could not be written.
+    ///
+    /// Ops are taken from the backlog into `held` in the order they were accepted,
+    /// and sent in batches of those whose shard and paper are not held back. What
+    /// a batch wrote is acknowledged at once; what it could not write goes back to
+    /// the front of `held` and is sent again after its wait (writes are
+    /// idempotent by version). A paper's ops stay in their order: they share a
+    /// shard, so they are held back or sent together.
     pub fn run(mut self) -> usize {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut held: Vec<Queued> = Vec::new();
+        let mut open = true;
         self.check_redis();
         loop {
-            match self.ops.recv_timeout(Duration::from_secs(1)) {
-                Ok(op) => batch.push(op),
-                Err(RecvTimeoutError::Timeout) => {
-                    self.check_redis();
-                    continue;
+            if open {
+                while let Ok(op) = self.ops.try_recv() {
+                    self.take(op, &mut held);
                 }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let refused = self.metrics.failed_ops.load(Ordering::Relaxed);
-                    if refused > 0 {
-                        log::warn!(
-                            "{refused} ops were refused by Redis for good while running (their senders got \
-                             write_failed; the log names each paper); every other op is written"
-                        );
-                    }
+            }
+            if let Some(shards) = &mut self.shards {
+                shards.tend(&self.endpoint, &mut self.parking);
+            }
+            let now = Instant::now();
+            let batch = self.ready(&mut held, now);
+            if batch.is_empty() {
+                if !open && held.is_empty() {
+                    self.report_refused();
                     return 0;
                 }
-            }
-            while batch.len() < MAX_BATCH {
-                match self.ops.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
+                if !held.is_empty() && self.give_up_at.get().is_some_and(|at| now >= *at) {
+                    return self.give_up(held.len());
                 }
+                // Until the next wait ends, a probe may have answered, or the idle check.
+                let mut wait = self.parking.next_due(now).map_or(IDLE_CHECK, |due| due.saturating_duration_since(now));
+                if self.shards.as_ref().is_some_and(Shards::probing) {
+                    wait = wait.min(PROBE_POLL);
+                }
+                let wait = wait.clamp(Duration::from_millis(1), IDLE_CHECK);
+                if !open {
+                    std::thread::sleep(wait);
+                    continue;
+                }
+                match self.ops.recv_timeout(wait) {
+                    Ok(op) => self.take(op, &mut held),
+                    Err(RecvTimeoutError::Timeout) if held.is_empty() => self.check_redis(),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => open = false,
+                }
+                continue;
             }
-            let taken = Instant::now();
-            for queued in &batch {
-                self.metrics.backlog_wait.observe(taken.saturating_duration_since(queued.at));
+            let outcomes = self.write_once(&batch);
+            let again = self.acknowledge(batch, outcomes);
+            let unwritten = !again.is_empty();
+            held.splice(0..0, again);
+            self.forget_papers_not_in(&held);
+            let oldest = held.iter().map(|q| q.at).min().map_or(Duration::ZERO, |at| at.elapsed());
+            self.metrics.oldest_age_ms.store(oldest.as_millis() as u64, Ordering::Relaxed);
+            if unwritten && self.give_up_at.get().is_some_and(|at| Instant::now() >= *at) {
+                return self.give_up(held.len());
             }
-            let Some(outcomes) = self.write_until_done(&batch) else {
-                let lost = batch.len() + self.ops.len();
-                log::error!("stopping with Redis unreachable: {lost} ops were not written");
-                return lost;
-            };
-            self.acknowledge(&mut batch, outcomes);
         }
     }
 
-    /// While idle, keeps `redis_up` (and so `/readyz`) true to the facts.
+    /// An op taken from the backlog.
+    fn take(&self, op: Queued, held: &mut Vec<Queued>) {
+        self.metrics.backlog_wait.observe(op.at.elapsed());
+        held.push(op);
+    }
+
+    /// Moves out of `held` the first ops (up to a batch) whose shard and paper
+    /// are not held back.
+    fn ready(&self, held: &mut Vec<Queued>, now: Instant) -> Vec<Queued> {
+        if self.parking.is_empty() {
+            let n = held.len().min(MAX_BATCH);
+            return held.drain(..n).collect();
+        }
+        let mut ready_paper: HashMap<Arc<str>, bool> = HashMap::new();
+        let (mut batch, mut rest) = (Vec::new(), Vec::with_capacity(held.len()));
+        for queued in std::mem::take(held) {
+            let paper = queued.op.paper();
+            let ready = batch.len() < MAX_BATCH
+                && *ready_paper.entry(paper.clone()).or_insert_with(|| self.paper_ready(paper, now));
+            if ready {
+                batch.push(queued);
+            } else {
+                rest.push(queued);
+            }
+        }
+        *held = rest;
+        batch
+    }
+
+    /// Whether a paper's ops may be sent now: neither it nor its shard waits.
+    fn paper_ready(&self, paper: &str, now: Instant) -> bool {
+        let shard_ready = match &self.shards {
+            Some(shards) => self.parking.shard_ready(&shards.shard_of(paper), now),
+            None => self.parking.shard_ready(SINGLE, now),
+        };
+        shard_ready && self.parking.paper_ready(paper, now)
+    }
+
+    /// Forgets the waits of papers of which nothing is held any more.
+    fn forget_papers_not_in(&mut self, held: &[Queued]) {
+        if self.parking.is_empty() {
+            return;
+        }
+        let papers: HashSet<&str> = held.iter().map(|q| &**q.op.paper()).collect();
+        self.parking.keep_papers(|paper| papers.contains(paper));
+    }
+
+    /// Sends a batch once. A paper whose writes Redis refuses for good fails
+    /// alone, at once; what failed for a reason retrying can cure is left without
+    /// an outcome, and its paper (or its shard, if the shard failed) waits.
+    fn write_once(&mut self, batch: &[Queued]) -> Vec<Option<Reported>> {
+        let mut outcomes: Vec<Option<Reported>> = vec![None; batch.len()];
+        let result = self.try_write(batch, &mut outcomes);
+        // Waits count from the failure's end: a timeout may have taken longer than one.
+        let tried = Instant::now();
+        match result {
+            Ok(()) => {
+                if self.shards.is_none() {
+                    self.parking.shard_answered(SINGLE);
+                }
+            }
+            Err(e) => {
+                self.redis_is_down(&e);
+                self.parking.shard_failed(SINGLE, Retry::AfterWait, tried);
+            }
+        }
+        let mut parked: HashSet<&str> = HashSet::new();
+        for (queued, outcome) in batch.iter().zip(&outcomes) {
+            let paper = queued.op.paper();
+            if outcome.is_none() && self.paper_ready(paper, tried) && parked.insert(paper) {
+                self.parking.paper_failed(paper, tried);
+            }
+        }
+        if outcomes.iter().all(Option::is_some) && !self.parking.any_shard_failing() {
+            self.redis_is_up();
+            bump(&self.metrics.batches, 1);
+        } else {
+            bump(&self.metrics.errors, 1);
+            if self.parking.any_shard_failing() {
+                self.metrics.redis_up.store(false, Ordering::Relaxed);
+            }
+        }
+        outcomes
+    }
+
+    /// The server stops and its time to flush is up: what is held is lost.
+    fn give_up(&self, held: usize) -> usize {
+        let lost = held + self.ops.len();
+        log::error!("stopping with Redis unreachable: {lost} ops were not written");
+        lost
+    }
+
+    fn report_refused(&self) {
+        let refused = self.metrics.failed_ops.load(Ordering::Relaxed);
+        if refused > 0 {
+            log::warn!(
+                "{refused} ops were refused by Redis for good while running (their senders got \
+                 write_failed; the log names each paper); every other op is written"
+            );
+        }
+    }
+
+    /// While idle, keeps `redis_up` (and so `/readyz`) true to the facts: on a
+    /// Cluster, every master must answer.
     fn check_redis(&mut self) {
-        let result = match self.connection() {
-            Ok(conn) => redis::cmd("PING").query::<String>(conn).map(drop),
-            Err(e) => Err(e),
+        let result = match &mut self.shards {
+            Some(shards) => {
+                shards.tend(&self.endpoint, &mut self.parking);
+                shards.ping_all(&mut self.parking)
+            }
+            None => match self.connection() {
+                Ok(conn) => redis::cmd("PING").query::<String>(conn).map(drop),
+                Err(e) => Err(e),
+            },
         };
         match result {
-            Ok(()) => self.redis_is_up(),
+            Ok(()) if !self.parking.any_shard_failing() => self.redis_is_up(),
+            Ok(()) => self.metrics.redis_up.store(false, Ordering::Relaxed),
             Err(e) => self.redis_is_down(&e),
         }
     }
-
     fn redis_is_up(&mut self) {
         self.metrics.redis_up.store(true, Ordering::Relaxed);
         if let Some(outage) = self.outage.take() {
@@ -236,61 +379,18 @@ impl Writer {
         self.report_outage(e);
     }
 
-    /// The connection, opened (with the scripts loaded) if there is none.
+    /// The connection to a single Redis, opened (with the scripts loaded) if there is none.
     fn connection(&mut self) -> redis::RedisResult<&mut Conn> {
         if self.conn.is_none() {
             let mut conn = self.endpoint.connect()?;
-            if !conn.is_cluster() {
-                redis::cmd("CLIENT").arg("SETNAME").arg("rp-writer").exec(&mut conn)?;
-            }
-            // On a Cluster, SCRIPT LOAD goes to every node.
+            redis::cmd("CLIENT").arg("SETNAME").arg("rp-writer").exec(&mut conn)?;
             self.write_notes.load(&mut conn)?;
             self.write_cover.load(&mut conn)?;
             self.complete.load(&mut conn)?;
-            if self.cluster {
-                // A stale map only costs a MOVED: the shard's papers then go one
-                // pipeline each, routed by the cluster client's own map.
-                self.masters = self.endpoint.masters()?;
-            }
-            if self.cluster && !self.swept {
-                finish_pending_handoffs(&self.endpoint, &mut conn)?;
-                self.swept = true;
-            }
             bump(&self.metrics.reconnects, 1);
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just set"))
-    }
-
-    /// Sends the batch until every op has an outcome: a paper whose writes Redis
-    /// refuses for good fails alone, at once; what failed for a reason retrying
-    /// can cure is sent again (writes are idempotent by version). `None` when the
-    /// server is stopping and its time to flush is up.
-    fn write_until_done(&mut self, batch: &[Queued]) -> Option<Vec<Reported>> {
-        let mut outcomes: Vec<Option<Reported>> = vec![None; batch.len()];
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let oldest = batch.first().map_or(Duration::ZERO, |q| q.at.elapsed());
-            self.metrics.oldest_age_ms.store(oldest.as_millis() as u64, Ordering::Relaxed);
-            match self.try_write(batch, &mut outcomes) {
-                Ok(()) if outcomes.iter().all(Option::is_some) => {
-                    self.redis_is_up();
-                    bump(&self.metrics.batches, 1);
-                    return Some(outcomes.into_iter().map(|o| o.expect("checked")).collect());
-                }
-                // Some papers must be sent again; Redis itself answers.
-                Ok(()) => bump(&self.metrics.errors, 1),
-                Err(e) => {
-                    bump(&self.metrics.errors, 1);
-                    self.redis_is_down(&e);
-                }
-            }
-            if self.give_up_at.get().is_some_and(|at| Instant::now() >= *at) {
-                return None;
-            }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(1));
-        }
     }
 
     fn report_outage(&mut self, e: &redis::RedisError) {
@@ -390,14 +490,15 @@ impl Writer {
             pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
         }
 
-        let (cluster, wait_replicas) = (self.cluster, self.wait_replicas);
-        self.connection()?;
-        let conn = self.conn.as_mut().expect("just connected");
         let sent = Instant::now();
-        let mut replies: std::vec::IntoIter<redis::RedisResult<Value>> = if cluster {
-            per_shard(conn, &pipe, &owners, &self.masters, wait_replicas)?.into_iter()
-        } else {
-            pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter()
+        let mut replies: std::vec::IntoIter<redis::RedisResult<Value>> = match &mut self.shards {
+            // Routed by the slot map `tend` keeps: an old map only costs a MOVED, and
+            // no map at all makes every paper's shard wait ("slot N") until one is read.
+            Some(shards) => shards.send(&pipe, &owners, self.wait_replicas, &mut self.parking).into_iter(),
+            None => {
+                let conn = self.connection()?;
+                pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter()
+            }
         };
         self.metrics.redis_round_trip.observe(sent.elapsed());
         bump(&self.metrics.commands, commands);
@@ -492,14 +593,19 @@ impl Writer {
         }
         for &i in &relays {
             let op = &batch[i].op;
+            // One reply per command sent for it: the presence entry and its expiry,
+            // then the message.
+            let sent = match op {
+                Op::Relay { presence: Some(_), .. } => 2,
+                _ => 0,
+            } + usize::from(op.relay().is_some());
             let mut failure = None;
-            if let Op::Relay { presence: Some(_), .. } = op {
-                if let Some(Err(e)) = replies.next() {
-                    failure = Some(e);
+            for _ in 0..sent {
+                match replies.next() {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => failure = failure.or(Some(e)),
+                    None => failure = failure.or(Some(unexpected(None))),
                 }
-            }
-            if let Some(Err(e)) = replies.next() {
-                failure = failure.or(Some(e));
             }
             match failure {
                 // Sent again with the next try (presence is idempotent).
@@ -516,8 +622,10 @@ impl Writer {
                 }
             }
         }
+        let shards = &mut self.shards;
         for (i, paper, snapshot) in handoffs {
-            if let Err(e) = hand_off(self.connection()?, paper, &snapshot) {
+            let Some(shards) = shards.as_mut() else { break };
+            if let Err(e) = shards.hand_off(paper, &snapshot, &mut self.parking) {
                 // The seal stands; the completion is sent again and appends the entry then.
                 outcomes[i] = None;
                 transient.get_or_insert(e);
@@ -525,8 +633,8 @@ impl Writer {
         }
         bump(&self.metrics.relayed_out, relayed);
         if let Some(e) = transient {
-            if matches!(e.code(), Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN")) || e.is_io_error() {
-                // A slot moved or a master failed over: the next try reads the slot map anew.
+            if e.code() == Some("READONLY") {
+                // The master became a replica (a failover): ask the sentinels again.
                 self.conn = None;
             }
             self.report_outage(&e);
@@ -534,12 +642,20 @@ impl Writer {
         Ok(())
     }
 
-    /// Tells each loop what became of its ops, and frees their backlog room.
-    fn acknowledge(&self, batch: &mut Vec<Queued>, outcomes: Vec<Reported>) {
+    /// Tells each loop what became of the ops that have an outcome, and frees
+    /// their backlog room; returns the others, in their order.
+    fn acknowledge(&self, batch: Vec<Queued>, outcomes: Vec<Option<Reported>>) -> Vec<Queued> {
         let mut per_loop: Vec<Vec<Written>> = vec![Vec::new(); self.loops.count()];
         let mut failed_papers: Vec<(Arc<str>, usize, String)> = Vec::new();
-        let count = batch.len();
-        for (Queued { op, at }, reported) in batch.drain(..).zip(outcomes) {
+        let mut again = Vec::new();
+        let mut count = 0;
+        for (queued, reported) in batch.into_iter().zip(outcomes) {
+            let Some(reported) = reported else {
+                again.push(queued);
+                continue;
+            };
+            let Queued { op, at } = queued;
+            count += 1;
             self.metrics.write_behind.observe(at.elapsed());
             let outcome = match reported {
                 Reported::Op(outcome) => outcome,
@@ -566,7 +682,6 @@ impl Writer {
         }
         self.pending.fetch_sub(count, Ordering::AcqRel);
         bump(&self.metrics.ops_written, count as u64);
-        self.metrics.oldest_age_ms.store(0, Ordering::Relaxed);
         for (paper, index, error) in failed_papers {
             self.loops.report(index, StoreEvent::Failed { paper, error });
         }
@@ -575,6 +690,7 @@ impl Writer {
                 self.loops.report(index, StoreEvent::Written(written));
             }
         }
+        again
     }
 }
 
