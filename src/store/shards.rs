@@ -79,8 +79,9 @@ impl Shards {
 
     /// What the writer does before each batch: takes the probes' outcomes, starts
     /// the probes that are due, reads the slot map again if it is stale, and
-    /// looks for pending hand-offs.
-    pub fn tend(&mut self, endpoint: &Endpoint, parking: &mut Parking) {
+    /// looks for pending hand-offs. Returns whether a probe ended or the map
+    /// changed (so that held ops may be ready now).
+    pub fn tend(&mut self, endpoint: &Endpoint, parking: &mut Parking) -> bool {
         let now = Instant::now();
         let mut answered = Vec::new();
         self.probes.retain(|shard, outcome| match outcome.try_recv() {
@@ -99,6 +100,7 @@ impl Shards {
                 false
             }
         });
+        let mut changed = !answered.is_empty();
         for (shard, conn) in answered {
             match conn {
                 Some(conn) => {
@@ -118,10 +120,13 @@ impl Shards {
         for shard in due {
             self.probe(shard);
         }
+        let stale = self.stale;
         if let Err(e) = self.refresh(endpoint, parking) {
             log::debug!("cannot read the Cluster's slot map: {e}");
         }
+        changed |= stale && !self.stale;
         self.sweep(parking);
+        changed
     }
 
     /// Sets up a connection to a master that failed, on a thread of its own, so

@@ -1,6 +1,7 @@
 //! The Redis writer thread: drains the backlog in batches, writes each batch as
-//! one pipeline, resends the same batch after a failure (writes are idempotent
-//! by `v`), and tells the loops which edits are now in Redis.
+//! one pipeline (one per shard on a Redis Cluster), sends again after a wait
+//! what a failure left unwritten (writes are idempotent by `v`), and tells the
+//! loops which edits are now in Redis.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -190,18 +191,24 @@ impl Writer {
     pub fn run(mut self) -> usize {
         let mut held: Vec<Queued> = Vec::new();
         let mut open = true;
+        // Whether held ops may have become ready: looking costs a pass over them.
+        let mut look = true;
+        let mut look_at: Option<Instant> = None;
         self.check_redis();
         loop {
             if open {
                 while let Ok(op) = self.ops.try_recv() {
                     self.take(op, &mut held);
+                    look = true;
                 }
             }
             if let Some(shards) = &mut self.shards {
-                shards.tend(&self.endpoint, &mut self.parking);
+                look |= shards.tend(&self.endpoint, &mut self.parking);
             }
             let now = Instant::now();
-            let batch = self.ready(&mut held, now);
+            look |= look_at.is_some_and(|at| now >= at);
+            let batch = if look { self.ready(&mut held, now) } else { Vec::new() };
+            look = false;
             if batch.is_empty() {
                 if !open && held.is_empty() {
                     self.report_refused();
@@ -211,7 +218,8 @@ impl Writer {
                     return self.give_up(held.len());
                 }
                 // Until the next wait ends, a probe may have answered, or the idle check.
-                let mut wait = self.parking.next_due(now).map_or(IDLE_CHECK, |due| due.saturating_duration_since(now));
+                look_at = self.parking.next_due(now);
+                let mut wait = look_at.map_or(IDLE_CHECK, |due| due.saturating_duration_since(now));
                 if self.shards.as_ref().is_some_and(Shards::probing) {
                     wait = wait.min(PROBE_POLL);
                 }
@@ -221,13 +229,17 @@ impl Writer {
                     continue;
                 }
                 match self.ops.recv_timeout(wait) {
-                    Ok(op) => self.take(op, &mut held),
+                    Ok(op) => {
+                        self.take(op, &mut held);
+                        look = true;
+                    }
                     Err(RecvTimeoutError::Timeout) if held.is_empty() => self.check_redis(),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => open = false,
                 }
                 continue;
             }
+            look = true;
             let outcomes = self.write_once(&batch);
             let again = self.acknowledge(batch, outcomes);
             let unwritten = !again.is_empty();
@@ -362,6 +374,7 @@ impl Writer {
             Err(e) => self.redis_is_down(&e),
         }
     }
+
     fn redis_is_up(&mut self) {
         self.metrics.redis_up.store(true, Ordering::Relaxed);
         if let Some(outage) = self.outage.take() {
