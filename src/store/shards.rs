@@ -386,7 +386,9 @@ impl Shards {
             Err(e) if e.code().is_none() => {
                 self.conns.remove(shard);
                 self.stale = true;
-                parking.shard_failed(shard, Retry::AfterProbe, Instant::now());
+                // A slot with no master has nothing to probe: it waits for a new map.
+                let retry = if shard.starts_with("slot ") { Retry::AfterWait } else { Retry::AfterProbe };
+                parking.shard_failed(shard, retry, Instant::now());
             }
             Err(_) => {}
         }
