@@ -101,3 +101,32 @@ fn concurrent_covers_on_two_nodes_converge_on_the_greater_version() {
         });
     }
 }
+
+#[test]
+fn a_cover_counts_as_a_write_of_the_paper_in_its_meta_hash() {
+    // PROTOCOL.md 4: `created_ms` (first write), `updated_ms` (every write),
+    // `completed` 0 or 1, whatever the first write is.
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &[]);
+    let mut a = server.join("p-cover-first", "user=ann");
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let meta = |field: &str| redis.hget("rp:paper:{p-cover-first}:meta", field);
+    let mut set_cover = |title: &str| {
+        a.send(json!({"type": "meta", "data": {"title": title}}));
+        let v = a.next_of("meta")["v"].as_u64().unwrap();
+        while a.next_of("saved")["v"].as_u64().unwrap() < v {}
+    };
+    let before = now_ms();
+    set_cover("first");
+    let created: u64 = meta("created_ms").expect("created_ms after a cover alone").parse().unwrap();
+    assert!(created >= before, "created_ms {created} before the write at {before}");
+    assert_eq!(meta("updated_ms").map(|u| u.parse::<u64>().unwrap()), Some(created));
+    assert_eq!(meta("completed").as_deref(), Some("0"));
+
+    let later = now_ms().max(created + 1);
+    while now_ms() < later {}
+    set_cover("second");
+    let updated: u64 = meta("updated_ms").unwrap().parse().unwrap();
+    assert!(updated >= later, "updated_ms {updated} not moved past {later}");
+    assert_eq!(meta("created_ms").unwrap().parse::<u64>().unwrap(), created, "created_ms stays the first write's");
+}

@@ -95,6 +95,11 @@ fn patches_are_refused_as_replacing_the_note_would_be() {
     assert_eq!(refusal(&mut viewer, json!({"type": "patch", "id": "n1", "data": {"t": "b"}})), "forbidden");
     assert_eq!(refusal(&mut ann, json!({"type": "patch", "id": "nope", "data": {"t": "b"}})), "not_found");
     assert_eq!(refusal(&mut ann, json!({"type": "patch", "id": "n1", "data": [1]})), "invalid_message");
+    // A patch that names no field is a mistake to fix, not an edit to retry.
+    let empty = json!({"type": "patch", "id": "n1", "data": {}, "ref": "e"});
+    ann.send(empty);
+    let error = ann.next_of("error");
+    assert_eq!((error["code"].as_str(), error["ref"].as_str()), (Some("invalid_message"), Some("e")), "{error}");
     let long = "x".repeat(50);
     assert_eq!(
         refusal(&mut ann, json!({"type": "patch", "id": "n1", "data": {"more": long}, "ref": "r"})),

@@ -277,6 +277,11 @@ pub fn parse_client_msg(text: &str, max_note_bytes: usize) -> Result<ClientMsg, 
         "patch" => {
             let id = note_id(envelope.id).ok_or_else(|| invalid("id must match ^[A-Za-z0-9_-]{1,64}$"))?;
             let data = compact_object(envelope.data).ok_or_else(|| invalid("data must be a JSON object"))?;
+            // A patch sets the fields it names: one that names none is a mistake,
+            // never an edit to retry.
+            if &*data == "{}" {
+                return Err(invalid("data must name at least one field"));
+            }
             if data.len() > max_note_bytes {
                 let message = format!("data is {} bytes; the limit is {max_note_bytes}", data.len());
                 return Err(Refusal::new(ErrorCode::TooLarge, message).with_ref(reference));

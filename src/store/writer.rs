@@ -55,8 +55,9 @@ const WRITE_NOTES: &str = include_str!("scripts/write_notes.lua");
 
 /// Sets a paper's cover (1.1, `meta`) if it advances the stored one's version
 /// (ties to the greater node id), and publishes it to the other nodes when it
-/// does. KEYS: meta. ARGV: value, v, node, channel (or empty), relay. Returns
-/// 1 applied, 2 superseded, 3 refused because the paper is sealed.
+/// does; an applied cover counts as a write of the paper (`created_ms`,
+/// `updated_ms`). KEYS: meta. ARGV: value, v, node, channel (or empty), relay,
+/// now_ms. Returns 1 applied, 2 superseded, 3 refused because the paper is sealed.
 const WRITE_COVER: &str = include_str!("scripts/write_cover.lua");
 
 /// Seals a paper once, as Redis holds it: the snapshot is built here from the
@@ -460,7 +461,7 @@ impl Writer {
                 owners.push(writes.paper);
                 let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
                 pipe.cmd("EVALSHA").arg(self.write_cover.get_hash()).arg(1).arg(keys::meta(writes.paper));
-                pipe.arg(value).arg(*v).arg(*node).arg(channel).arg(*relay);
+                pipe.arg(value).arg(*v).arg(*node).arg(channel).arg(*relay).arg(now);
             }
             if let Some((_, by)) = writes.complete {
                 commands += 1;

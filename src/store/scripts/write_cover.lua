@@ -1,6 +1,6 @@
 -- write_cover: loaded by src/store/writer.rs (see the doc comment there).
 local meta = KEYS[1]
-local value, v, node, channel, relay = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local value, v, node, channel, relay, now = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if redis.call('HGET', meta, 'completed') == '1' then return 3 end
 local current = redis.call('HGET', meta, 'cover')
 if current then
@@ -12,5 +12,9 @@ if current then
   end
 end
 redis.call('HSET', meta, 'cover', value)
+-- A cover is a write of the paper, as a note is (PROTOCOL.md 4).
+redis.call('HSETNX', meta, 'created_ms', now)
+redis.call('HSETNX', meta, 'completed', '0')
+redis.call('HSET', meta, 'updated_ms', now)
 if channel ~= '' and relay ~= '' then redis.call('PUBLISH', channel, relay) end
 return 1
