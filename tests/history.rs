@@ -214,6 +214,28 @@ fn a_change_arriving_late_makes_resuming_from_before_it_a_full_snapshot() {
 }
 
 #[test]
+fn tombstones_past_retention_leave_redis_without_another_write() {
+    // PROTOCOL.md 4 (1.1): past `tombstone_retention` a tombstone is dropped in
+    // memory and in Redis, and the horizon rises, even if nobody writes again.
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--tombstone-retention", "1"]);
+    let mut a = server.join("p-quiet", "");
+    edit_saved(&mut a, json!({"type": "upsert", "id": "keep", "data": {}}));
+    edit_saved(&mut a, json!({"type": "upsert", "id": "gone", "data": {}}));
+    let deleted = edit_saved(&mut a, json!({"type": "delete", "id": "gone"}));
+    let notes = || redis.hgetall("rp:paper:{p-quiet}:notes");
+    assert!(notes().iter().any(|(id, _)| id == "gone"), "the tombstone is in Redis first");
+    let updated = redis.hget("rp:paper:{p-quiet}:meta", "updated_ms");
+    crate::common::eventually("the tombstone to leave Redis", || {
+        notes().iter().all(|(id, _)| id != "gone").then_some(())
+    });
+    let horizon: u64 = redis.hget("rp:paper:{p-quiet}:meta", "horizon").unwrap().parse().unwrap();
+    assert_eq!(horizon, deleted, "the horizon is the dropped tombstone's version");
+    assert_eq!(notes().len(), 1, "the live note stays");
+    assert_eq!(redis.hget("rp:paper:{p-quiet}:meta", "updated_ms"), updated, "dropping is no write of the paper");
+}
+
+#[test]
 fn the_horizon_holds_across_two_nodes() {
     let redis = Redis::start();
     let node = |id: &str| {

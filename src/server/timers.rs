@@ -10,6 +10,7 @@ use super::event_loop::EventLoop;
 use super::session::CLOSE_TIMEOUT;
 use crate::conn::Phase;
 use crate::protocol::CloseReason;
+use crate::store::Op;
 
 /// How often idle papers are looked for.
 pub const EVICT_EVERY: Duration = Duration::from_secs(1);
@@ -126,13 +127,17 @@ impl EventLoop {
         }
     }
 
-    /// Tombstones past retention go (PROTOCOL.md 4, 1.1); the cap is kept at
-    /// each delete.
+    /// Tombstones past retention go (PROTOCOL.md 4, 1.1), in memory and in
+    /// Redis, even if the paper is never written again; the cap is kept at each
+    /// delete.
     fn prune_tombstones(&mut self) {
         let now_ms = crate::paper::clock::now_ms();
         let limits = self.node.settings.limits;
         for paper in self.papers.papers_mut() {
-            paper.prune(now_ms, &limits);
+            if paper.prune(now_ms, &limits) > 0 {
+                // Best effort: with the backlog full, the paper's next write prunes.
+                let _ = self.store.submit(Op::Prune { paper: paper.id.clone() });
+            }
         }
     }
 

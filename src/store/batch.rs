@@ -15,13 +15,21 @@ pub struct PaperWrites<'a> {
     /// The last cover of the batch (value, v, node, relay) and every op of it.
     pub cover: Option<(String, u64, &'a str, &'a str, Vec<usize>)>,
     pub complete: Option<(usize, &'a str)>,
+    /// Ops that only ask for the tombstones past retention to go: the note
+    /// script prunes at every call, with notes to write or without.
+    pub prune: Vec<usize>,
 }
 impl PaperWrites<'_> {
     /// Every op of the paper in this batch.
     pub fn ops(&self) -> Vec<usize> {
         let notes = self.notes.iter().flat_map(|n| n.ops.iter().copied());
         let cover = self.cover.iter().flat_map(|c| c.4.iter().copied());
-        notes.chain(cover).chain(self.complete.map(|(i, _)| i)).collect()
+        notes.chain(cover).chain(self.complete.map(|(i, _)| i)).chain(self.prune.iter().copied()).collect()
+    }
+
+    /// Whether the note script runs for the paper: notes to write, or tombstones to drop.
+    pub fn runs_note_script(&self) -> bool {
+        !self.notes.is_empty() || !self.prune.is_empty()
     }
 }
 
@@ -48,6 +56,7 @@ impl<'a> Plan<'a> {
                     notes: Vec::new(),
                     cover: None,
                     complete: None,
+                    prune: Vec::new(),
                 });
                 papers.len() - 1
             });
@@ -87,6 +96,7 @@ impl<'a> Plan<'a> {
                     writes.cover = Some((value, cover.v, &cover.node, relay, ops));
                 }
                 Op::Complete { by, .. } => writes.complete = Some((i, by)),
+                Op::Prune { .. } => writes.prune.push(i),
                 Op::Relay { .. } => relays.push(i),
             }
         }

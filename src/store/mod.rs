@@ -159,6 +159,10 @@ pub enum Op {
     /// Only relayed: a join or leave (with the paper's presence entry to set or
     /// remove) or a cursor. Never acknowledged.
     Relay { paper: Arc<str>, presence: Option<Presence>, relay: Box<str> },
+    /// Drop the paper's tombstones past retention from Redis too, as the loop
+    /// did in memory (PROTOCOL.md 4, 1.1), when no write of the paper would.
+    /// Never acknowledged.
+    Prune { paper: Arc<str> },
 }
 
 /// A member in the paper's presence hash, so that nodes loading the paper later
@@ -177,14 +181,15 @@ impl Op {
             | Op::Patch { paper, .. }
             | Op::Cover { paper, .. }
             | Op::Complete { paper, .. }
-            | Op::Relay { paper, .. } => paper,
+            | Op::Relay { paper, .. }
+            | Op::Prune { paper } => paper,
         }
     }
 
     pub fn relay(&self) -> Option<&str> {
         match self {
             Op::Note { relay, .. } | Op::Patch { relay, .. } | Op::Cover { relay, .. } => relay.as_deref(),
-            Op::Complete { .. } => None,
+            Op::Complete { .. } | Op::Prune { .. } => None,
             Op::Relay { relay, .. } => Some(relay),
         }
     }
@@ -196,7 +201,7 @@ impl Op {
             Op::Cover { paper, origin, cover, reference, .. } => (paper, origin, cover.v, reference),
             Op::Patch { paper, origin, v, reference, .. } => (paper, origin, *v, reference),
             Op::Complete { paper, origin, reference, .. } => (paper, origin, 0, reference),
-            Op::Relay { .. } => return None,
+            Op::Relay { .. } | Op::Prune { .. } => return None,
         };
         Some(Written { paper: paper.clone(), origin: *origin, v, reference: reference.clone(), outcome })
     }

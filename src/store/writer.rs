@@ -445,7 +445,7 @@ impl Writer {
         let publish = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
         pipe.ignore_errors();
         for writes in &papers {
-            if !writes.notes.is_empty() {
+            if writes.runs_note_script() {
                 commands += 1;
                 owners.push(writes.paper);
                 let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
@@ -535,9 +535,12 @@ impl Writer {
         let mut handoffs: Vec<(usize, &str, Vec<u8>)> = Vec::new();
         for writes in &papers {
             let mut failure = None;
-            if !writes.notes.is_empty() {
+            if writes.runs_note_script() {
                 match replies.next() {
                     Some(Ok(Value::Array(codes))) if codes.len() == writes.notes.len() => {
+                        for &i in &writes.prune {
+                            outcomes[i] = Some(Reported::Op(Outcome::Saved));
+                        }
                         for (NoteWrite { ops, relay, .. }, code) in writes.notes.iter().zip(codes) {
                             relayed += u64::from(code == Value::Int(1) && !relay.is_empty());
                             let reported = match code {

@@ -77,8 +77,11 @@ for j = 1, #dropped, 2 do
   if score > horizon then horizon = score end
 end
 if #dropped > 0 then redis.call('HSET', meta, 'horizon', string.format('%.0f', horizon)) end
-redis.call('HSET', meta, 'max_v', string.format('%.0f', max_v), 'resume_floor', string.format('%.0f', floor))
-redis.call('HSETNX', meta, 'created_ms', ARGV[1])
-redis.call('HSETNX', meta, 'completed', '0')
-redis.call('HSET', meta, 'updated_ms', ARGV[1])
+-- A call with no note only drops tombstones: it is no write of the paper.
+if #ARGV > 4 then
+  redis.call('HSET', meta, 'max_v', string.format('%.0f', max_v), 'resume_floor', string.format('%.0f', floor))
+  redis.call('HSETNX', meta, 'created_ms', ARGV[1])
+  redis.call('HSETNX', meta, 'completed', '0')
+  redis.call('HSET', meta, 'updated_ms', ARGV[1])
+end
 return out
