@@ -156,3 +156,58 @@ impl From<BTreeMap<String, Map<String, Value>>> for Notes {
         Notes(map)
     }
 }
+
+/// How many of the servers' writers have a command held by `CLIENT PAUSE`.
+fn writers_held(redis: &Redis) -> usize {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut redis.conn()).unwrap();
+    list.lines().filter(|l| l.contains("name=rp-writer") && l.contains("cmd=evalsha")).count()
+}
+
+#[test]
+fn a_patch_that_loses_the_race_to_another_nodes_delete_is_not_found_and_nothing_else() {
+    // Bob's node deletes the note while Ann's node, which has not heard of it
+    // yet, patches it; Redis applies the delete first. The patch is told
+    // `not_found` (PROTOCOL.md 3.2), the delete reaches Ann's members, and the
+    // paper takes edits on: no `write_failed`, no `unavailable`.
+    let redis = Redis::start();
+    let node = |id: &str| Server::redis(&redis, &["--cluster", "--node-id", id]);
+    let (a_node, b_node) = (node("a"), node("b"));
+    let mut ann = a_node.join("p-lost-race", "user=ann");
+    let mut bob = b_node.join("p-lost-race", "user=bob");
+    ann.send(json!({"type": "upsert", "id": "n1", "data": {"x": 0, "text": "hi"}}));
+    let v = ann.next_of("upsert")["v"].as_u64().unwrap();
+    while ann.next_of("saved")["v"].as_u64() < Some(v) {}
+    assert_eq!(bob.next_of("upsert")["id"], "n1");
+
+    // Writes wait while both edits are made, so that neither node hears of the other's.
+    redis::cmd("CLIENT").arg("PAUSE").arg(20_000).arg("WRITE").exec(&mut redis.conn()).unwrap();
+    bob.send(json!({"type": "delete", "id": "n1", "ref": "del"}));
+    assert_eq!(bob.next_of("delete")["ref"], "del");
+    eventually("bob's writer to be held", || (writers_held(&redis) == 1).then_some(()));
+    ann.send(json!({"type": "patch", "id": "n1", "data": {"x": 5}, "ref": "drag"}));
+    assert_eq!(ann.next_of("patch")["ref"], "drag");
+    eventually("ann's writer to be held behind it", || (writers_held(&redis) == 2).then_some(()));
+    redis::cmd("CLIENT").arg("UNPAUSE").exec(&mut redis.conn()).unwrap();
+
+    let mut told = None;
+    let mut deleted = false;
+    while told.is_none() || !deleted {
+        let m = ann.next_of_any(&["error", "delete", "saved", "snapshot"]);
+        match m["type"].as_str() {
+            Some("error") => told = Some(m),
+            Some("delete") => deleted = m["id"] == "n1",
+            Some("snapshot") => panic!("the paper was read again as after a refusal for good: {m}"),
+            _ => {}
+        }
+    }
+    let told = told.unwrap();
+    assert_eq!((told["code"].as_str(), told["ref"].as_str()), (Some("not_found"), Some("drag")), "{told}");
+    // Redis keeps the delete, and the paper takes the next edit.
+    let stored = redis.hget("rp:paper:{p-lost-race}:notes", "n1").unwrap();
+    assert!(stored.starts_with(r#"{"deleted":true"#), "{stored}");
+    ann.send(json!({"type": "upsert", "id": "n2", "data": {}, "ref": "next"}));
+    let v2 = ann.next_of_any(&["upsert", "error"]);
+    assert_eq!(v2["type"], "upsert", "{v2}");
+    let v2 = v2["v"].as_u64().unwrap();
+    while ann.next_of("saved")["v"].as_u64() < Some(v2) {}
+}

@@ -226,6 +226,7 @@ impl EventLoop {
                 Outcome::Saved => {}
                 Outcome::Sealed => self.refuse(key, &Refusal::from(ErrorCode::PaperCompleted).with_ref(reference)),
                 Outcome::Failed => self.refuse(key, &Refusal::from(ErrorCode::WriteFailed).with_ref(reference)),
+                Outcome::Gone => self.refuse(key, &Refusal::from(ErrorCode::NotFound).with_ref(reference)),
             }
         }
         for key in touched {

@@ -216,6 +216,9 @@ pub enum Outcome {
     Sealed,
     /// Refused for good: `write_failed`.
     Failed,
+    /// A patch of a note Redis holds deleted: a delete made on another node got
+    /// there first, and its relayed message corrects the members. `not_found`.
+    Gone,
 }
 
 /// An op's outcome, reported back to the loop that made it.

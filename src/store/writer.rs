@@ -49,8 +49,8 @@ const READABLE: &str = include_str!("scripts/readable.lua");
 /// (a patch: value is the object of fields, `null` removing one). Returns one
 /// code per write: 1 applied, 2 superseded (Redis holds a later version, or
 /// this one), 3 refused because the paper is sealed, 4 refused because it is at
-/// or below the horizon and the note is not there, 5 a patch of a note that is
-/// not there.
+/// or below the horizon and the note is not there, 5 a patch of a note Redis
+/// holds deleted, 6 a patch of a note that is not there or cannot be read.
 const WRITE_NOTES: &str = include_str!("scripts/write_notes.lua");
 
 /// Sets a paper's cover (1.1, `meta`) if it advances the stored one's version
@@ -546,7 +546,11 @@ impl Writer {
                             let reported = match code {
                                 Value::Int(3) => Reported::Op(Outcome::Sealed),
                                 Value::Int(4) => Reported::Failed("at or below the tombstone horizon".into()),
-                                Value::Int(5) => Reported::Failed("a patch of a note Redis does not hold".into()),
+                                // Deleted meanwhile (another node's delete got there first).
+                                Value::Int(5) => Reported::Op(Outcome::Gone),
+                                Value::Int(6) => {
+                                    Reported::Failed("a patch of a note Redis does not hold or cannot read".into())
+                                }
                                 _ => Reported::Op(Outcome::Saved),
                             };
                             for &i in ops {

@@ -16,10 +16,13 @@ for i = 5, #ARGV, 6 do
   local code = 1
   local current = redis.call('HGET', notes, id)
   if kind == 'p' then
-    -- A patch changes the fields it advances of a live note; the note must be there.
-    local live = current and string.sub(current, 1, 15) ~= '{"deleted":true' and readable(current)
-    if not live then
+    -- A patch changes the fields it advances of a live note; the note must be
+    -- there (5: deleted, as a delete from another node that won the race leaves
+    -- it; 6: absent, or a value the loader cannot read).
+    if current and string.sub(current, 1, 15) == '{"deleted":true' then
       code = 5
+    elseif not current or not readable(current) then
+      code = 6
     else
       local merged = merge_patch(current, value, v, node)
       if merged then value = merged else code = 2 end
