@@ -210,6 +210,14 @@ async function dragAndTypeAtOnceKeepBoth({ redisServer }) {
     ben.patch(id, { x: 10 + i * 20, y: 10 + i * 10 });
     await new Promise((r) => setTimeout(r, 15)); // pacing of the simulated typing, not a synchronisation
   }
+  // A patch that names no field is a mistake of the caller, said at once.
+  let refused = null;
+  try {
+    ann.patch(id, {});
+  } catch (err) {
+    refused = err;
+  }
+  check(refused instanceof TypeError, `an empty patch throws a TypeError, not ${refused}`);
   const want = { text: 'Dear Kim,' + ' we miss you'.repeat(10), x: 210, y: 110 };
   for (const rp of [ann, ben]) {
     await until(`${rp.options.name} to hold both changes`, () => {

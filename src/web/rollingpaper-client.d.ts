@@ -254,7 +254,7 @@ export class RollingPaper {
   create(data: NoteData, options?: { id?: Id }): { id: Id; ref: string };
   /** Replaces a note's data (upsert); returns the edit's ref. */
   replace(id: Id, data: NoteData): string;
-  /** Sets the named fields (1.1 `patch`; `null` removes one); returns the edit's ref. */
+  /** Sets the named fields (1.1 `patch`; `null` removes one); returns the edit's ref. Throws a TypeError when `fields` names none. */
   patch(id: Id, fields: Record<string, unknown>): string;
   remove(id: Id): string;
   /** Replaces the cover (1.1 `meta`); returns the edit's ref. */

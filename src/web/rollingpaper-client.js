@@ -649,6 +649,9 @@ export class RollingPaper {
 
   /** Sets the named fields of a note (`null` removes one); other fields, changed by others meanwhile, stay. */
   patch(id, fields) {
+    // The server refuses a patch that names no field (invalid_message), which
+    // must not be taken for a server that knows no patch.
+    if (Object.keys(fields ?? {}).length === 0) throw new TypeError('a patch names at least one field');
     return this.edit('patch', id, { ...fields });
   }
 
