@@ -140,7 +140,7 @@ impl Relay {
         let mut backoff = Duration::from_millis(50);
         loop {
             let subscriber = if self.endpoint.is_cluster() {
-                Shards::new(&self.endpoint).map(|shards| Subscriber::Sharded(Box::new(shards)))
+                ShardedSubscriber::new(&self.endpoint).map(|shards| Subscriber::Sharded(Box::new(shards)))
             } else {
                 self.endpoint.connect().map(|conn| match conn {
                     Conn::Single(conn) => Subscriber::Plain(conn),
@@ -355,13 +355,13 @@ impl Relay {
 /// (sharded pub/sub: a channel is heard only on the master of its slot).
 enum Subscriber {
     Plain(Connection),
-    Sharded(Box<Shards>),
+    Sharded(Box<ShardedSubscriber>),
 }
 
 /// A subscription being served: the plain one borrows its connection.
 enum Listening<'a> {
     Plain(redis::PubSub<'a>),
-    Sharded(&'a mut Shards),
+    Sharded(&'a mut ShardedSubscriber),
 }
 
 impl Subscriber {
@@ -414,7 +414,7 @@ impl Listening<'_> {
 /// Sharded pub/sub on a Redis Cluster: `SSUBSCRIBE` on the master of each
 /// channel's slot. A slot that moves (resharding, failover) ends the
 /// subscription: the relay subscribes anew on the new map and re-reads its papers.
-struct Shards {
+struct ShardedSubscriber {
     /// How to reach a node (TLS, password).
     seed: redis::ConnectionInfo,
     /// `(first slot, last slot, "host:port")` of each master.
@@ -428,14 +428,21 @@ struct Shards {
     next: usize,
 }
 
-impl Shards {
-    fn new(endpoint: &Endpoint) -> redis::RedisResult<Shards> {
+impl ShardedSubscriber {
+    fn new(endpoint: &Endpoint) -> redis::RedisResult<ShardedSubscriber> {
         let masters = endpoint.masters()?;
         if masters.is_empty() {
             return Err(redis::RedisError::from((redis::ErrorKind::Io, "the cluster has no slots assigned yet")));
         }
         let seed = endpoint.seed().expect("a cluster endpoint");
-        Ok(Shards { seed, masters, conns: Vec::new(), channels: HashMap::new(), early: VecDeque::new(), next: 0 })
+        Ok(ShardedSubscriber {
+            seed,
+            masters,
+            conns: Vec::new(),
+            channels: HashMap::new(),
+            early: VecDeque::new(),
+            next: 0,
+        })
     }
 
     fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
