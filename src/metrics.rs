@@ -274,6 +274,8 @@ pub struct StoreView<'a> {
     pub writer: &'a WriterMetrics,
     pub backlog: usize,
     pub backlog_limit: usize,
+    pub backlog_bytes: usize,
+    pub backlog_bytes_limit: usize,
 }
 
 /// The Prometheus text exposition of every metric.
@@ -403,6 +405,13 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
             store.backlog,
         );
         x.one("rollingpaper_backlog_limit", "gauge", "Ops the backlog holds at most.", store.backlog_limit);
+        x.one("rollingpaper_backlog_bytes", "gauge", "Bytes held by ops waiting to be written.", store.backlog_bytes);
+        x.one(
+            "rollingpaper_backlog_bytes_limit",
+            "gauge",
+            "Bytes the backlog holds at most.",
+            store.backlog_bytes_limit,
+        );
         x.one(
             "rollingpaper_backlog_oldest_age_seconds",
             "gauge",
@@ -542,7 +551,18 @@ mod tests {
         let writer = WriterMetrics::default();
         writer.write_behind.observe(Duration::from_millis(3));
         writer.oldest_age_ms.store(1500, Ordering::Relaxed);
-        let text = render(&loops, Some(StoreView { writer: &writer, backlog: 7, backlog_limit: 10 }), 4, 5);
+        let text = render(
+            &loops,
+            Some(StoreView {
+                writer: &writer,
+                backlog: 7,
+                backlog_limit: 10,
+                backlog_bytes: 900,
+                backlog_bytes_limit: 1000,
+            }),
+            4,
+            5,
+        );
         assert!(text.contains("rollingpaper_messages_in_total{type=\"upsert\"} 2\n"), "{text}");
         assert!(text.contains("rollingpaper_refusals_total{code=\"rate_limited\"} 1\n"));
         assert!(text.contains("rollingpaper_closes_total{code=\"1001\"} 2\n"));

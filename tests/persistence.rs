@@ -149,6 +149,63 @@ fn a_full_backlog_refuses_edits_with_unavailable_and_loses_none() {
 }
 
 #[test]
+fn a_backlog_full_in_bytes_refuses_edits_with_unavailable_and_loses_none() {
+    // PROTOCOL.md 4, 1.2: the backlog is bounded in bytes too. 256 KiB hold about
+    // sixteen notes of 15 KB, far below --backlog-limit.
+    let mut redis = Redis::start();
+    let server = Server::redis(&redis, &["--backlog-bytes", "262144", "--cluster", "--node-id", "n1"]);
+    let mut a = server.join("p-bytes", "");
+    let b = server.join("p-bytes", "");
+    redis.stop();
+    let text = "x".repeat(15_000);
+    let total = 40;
+    for i in 0..total {
+        a.send(json!({"type": "upsert", "id": format!("n{i}"), "data": {"text": text}, "ref": format!("r{i}")}));
+    }
+    let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+    while accepted.len() + refused.len() < total {
+        let msg = a.next();
+        match msg["type"].as_str() {
+            Some("upsert") => accepted.push(msg["ref"].as_str().unwrap().to_string()),
+            Some("error") => {
+                assert_eq!(msg["code"], "unavailable", "{msg}");
+                refused.push(msg["ref"].as_str().unwrap().to_string());
+            }
+            _ => {}
+        }
+    }
+    // Whichever limit is reached first refuses: here the bytes, after about sixteen.
+    assert!((8..=17).contains(&accepted.len()), "accepted {} edits of 15 KB in 256 KiB", accepted.len());
+    let expected: Vec<String> = (0..accepted.len()).map(|i| format!("r{i}")).collect();
+    assert_eq!(accepted, expected, "the edits accepted are the first ones");
+    let (_, _, metrics) = server.get("/metrics");
+    let gauge = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}"));
+        line.split(' ').nth(1).unwrap().parse().unwrap()
+    };
+    assert!(gauge("rollingpaper_backlog_bytes") <= 262_144);
+    assert_eq!(gauge("rollingpaper_backlog_bytes_limit"), 262_144);
+    assert_eq!(server.get("/readyz").0, 503);
+    // A leave is queued whatever the backlog holds: the member's presence entry goes.
+    let leaver = b.snapshot["you"].as_str().unwrap().to_string();
+    b.close();
+
+    redis.restart();
+    let last = accepted.len() - 1;
+    eventually("every accepted edit in Redis", || {
+        (redis.hgetall("rp:paper:{p-bytes}:notes").len() == accepted.len()).then_some(())
+    });
+    assert!(redis.note("p-bytes", &format!("n{last}")).is_some());
+    eventually("the leave written", || redis.hget("rp:paper:{p-bytes}:members", &leaver).is_none().then_some(()));
+    eventually("the backlog empty", || {
+        let (_, _, metrics) = server.get("/metrics");
+        metrics.lines().any(|l| l == "rollingpaper_backlog_bytes 0").then_some(())
+    });
+    a.upsert("n-after", json!({}));
+    assert_eq!(a.next_of("upsert")["id"], "n-after");
+}
+
+#[test]
 fn a_paper_that_cannot_be_read_closes_its_joiners_with_1013() {
     let mut redis = Redis::start();
     let server = Server::redis(&redis, &["--load-timeout", "1"]);

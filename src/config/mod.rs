@@ -104,6 +104,12 @@ pub struct Config {
     #[arg(long, env = "RP_BACKLOG_LIMIT", default_value_t = 100_000)]
     pub backlog_limit: usize,
 
+    /// Bytes the edits waiting for Redis may hold (about: their notes, patches and
+    /// relayed messages); whichever of this and --backlog-limit is reached first
+    /// refuses new edits with `unavailable`.
+    #[arg(long, env = "RP_BACKLOG_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub backlog_bytes: usize,
+
     /// Seconds a joiner waits for its paper to be read from Redis before 1013.
     #[arg(long, env = "RP_LOAD_TIMEOUT", default_value_t = 10.0)]
     pub load_timeout: f64,
@@ -309,7 +315,7 @@ impl fmt::Display for Config {
         write!(
             f,
             "listen={} threads={} store={:?} cluster={} node_id={} redis={} redis_wait_replicas={} max_message_bytes={} max_note_bytes={} \
-             max_notes={} max_members={} backlog_limit={} load_timeout={}s paper_linger={}s \
+             max_notes={} max_members={} backlog_limit={} backlog_bytes={} load_timeout={}s paper_linger={}s \
              completed_retention={}s max_outbound_bytes={} drain_seconds={}s shutdown_timeout={}s auth={} allowed_origins={} \
              rate={}/s burst={} max_connections={} max_connections_per_address={} handshake_timeout={}s \
              ping_interval={}s idle_timeout={}s log_level={} log={} log_format={:?}",
@@ -325,6 +331,7 @@ impl fmt::Display for Config {
             self.max_notes,
             self.max_members,
             self.backlog_limit,
+            self.backlog_bytes,
             self.load_timeout,
             self.paper_linger,
             self.completed_retention,

@@ -95,6 +95,7 @@ impl Config {
             ("--max-notes", self.max_notes),
             ("--max-members", self.max_members),
             ("--backlog-limit", self.backlog_limit),
+            ("--backlog-bytes", self.backlog_bytes),
         ] {
             if value == 0 {
                 return err(format!("{flag} must be at least 1"));

@@ -29,7 +29,7 @@ use crate::store::endpoint::Target;
 use crate::store::loader::Loader;
 use crate::store::relay::Relay;
 use crate::store::writer::{History, Writer};
-use crate::store::{Backlog, Loads, Loops, StoreHandle};
+use crate::store::{Backlog, BacklogLimits, Loads, Loops, StoreHandle};
 use event_loop::{EventLoop, WAKER};
 use inbox::{InboxMsg, LoopHandle, LoopHandles};
 use node::{Node, StoreStatus};
@@ -102,7 +102,8 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
         StoreKind::Redis => {
             let target = Target::configured(&config.redis, config.redis_ca_file.as_deref())
                 .map_err(|e| fail("bad --redis URL", &e))?;
-            let (backlog, ops, pending) = Backlog::new(config.backlog_limit);
+            let limits = BacklogLimits { ops: config.backlog_limit, bytes: config.backlog_bytes };
+            let (backlog, ops, pending) = Backlog::new(limits);
             let (loads_tx, loads_rx) = crossbeam_channel::unbounded();
             let metrics = Arc::new(WriterMetrics::default());
             let metrics_for_loader = metrics.clone();
@@ -111,7 +112,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             let status = StoreStatus {
                 writer: metrics.clone(),
                 backlog: pending.clone(),
-                backlog_limit: config.backlog_limit,
+                backlog_limits: limits,
                 relay_healthy: relay_healthy.clone(),
             };
             let mut writer = Writer::new(
@@ -125,6 +126,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
             );
             writer = writer
                 .waiting_for_replicas(config.redis_wait_replicas)
+                .sizing_calls_for(config.max_note_bytes)
                 .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)))
                 .keeping_tombstones(History {
                     retention: (config.tombstone_retention * 1000) << 10,

@@ -15,6 +15,7 @@ use crate::config::{parse_cidr, Config, StoreKind};
 use crate::conn::{self, http::Policy};
 use crate::metrics::{self, LoopMetrics, StoreView, WriterMetrics};
 use crate::paper::PaperLimits;
+use crate::store::{BacklogLevel, BacklogLimits};
 
 /// What every loop needs to know of the configuration.
 pub struct Settings {
@@ -65,8 +66,8 @@ impl Settings {
 /// The store as `/readyz` and `/metrics` see it.
 pub struct StoreStatus {
     pub writer: Arc<WriterMetrics>,
-    pub backlog: Arc<AtomicUsize>,
-    pub backlog_limit: usize,
+    pub backlog: Arc<BacklogLevel>,
+    pub backlog_limits: BacklogLimits,
     /// With `--cluster`: the relay's canary came back in time.
     pub relay_healthy: Option<Arc<AtomicBool>>,
 }
@@ -213,7 +214,7 @@ impl Node {
         if !store.writer.redis_up.load(Ordering::Relaxed) {
             return Some("redis unreachable");
         }
-        if store.backlog.load(Ordering::Relaxed) >= store.backlog_limit {
+        if store.backlog.ops() >= store.backlog_limits.ops || store.backlog.bytes() >= store.backlog_limits.bytes {
             return Some("write backlog full");
         }
         if store.relay_healthy.as_ref().is_some_and(|h| !h.load(Ordering::Relaxed)) {
@@ -233,8 +234,10 @@ impl Node {
     pub fn render_metrics(&self) -> String {
         let store = self.store.as_ref().map(|s| StoreView {
             writer: &s.writer,
-            backlog: s.backlog.load(Ordering::Relaxed),
-            backlog_limit: s.backlog_limit,
+            backlog: s.backlog.ops(),
+            backlog_limit: s.backlog_limits.ops,
+            backlog_bytes: s.backlog.bytes(),
+            backlog_bytes_limit: s.backlog_limits.bytes,
         });
         metrics::render(&self.loop_metrics, store, self.sessions.load(Ordering::Relaxed), self.open_sockets())
     }

@@ -2,10 +2,125 @@
 //! last whole write of each note only: the earlier ones are older versions of
 //! it; patches each), its last cover, its completion; and the ops only relayed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::codec::{encode_cover, encode_note};
 use super::{Op, Queued};
+
+/// Ops taken from the backlog for one pipeline.
+pub const MAX_BATCH: usize = 2048;
+/// What one paper's script call may carry (PROTOCOL.md 4, 1.2: every call does a
+/// bounded amount of work): at most `CALL_OPS` ops, and at most `CALL_BYTES` of
+/// work, counted as the bytes of what it writes plus, for each note it touches,
+/// the largest stored note it may have to read and write back (`Budget`). The
+/// write script reads each note once per call, so that is its cost: about 5 ms
+/// of Redis time at most on a 2-core machine. Ops past it wait for the next
+/// batch, in their order; other papers' ops go meanwhile.
+pub const CALL_OPS: usize = 256;
+pub const CALL_BYTES: usize = 192 * 1024;
+/// The same for a whole pipeline: Redis serves other clients between its calls,
+/// but every op in it waits for the last reply.
+pub const BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// How the work of a call is counted: a note touched may be read and written
+/// back whole, at most `note_read` bytes (the largest note, with its field
+/// versions: PROTOCOL.md 2, 1.2).
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub note_read: usize,
+}
+
+impl Budget {
+    /// For notes of at most `max_note_bytes`: their data, field versions of
+    /// fields still there (about as many bytes again), and the removed fields'
+    /// versions a note keeps (a fixed part).
+    pub fn for_notes(max_note_bytes: usize) -> Budget {
+        Budget { note_read: 2 * max_note_bytes + 8 * 1024 }
+    }
+
+    /// The work `op` adds to its paper's call; `first_touch` when it is the
+    /// call's first op on its note.
+    pub fn cost(&self, op: &Op, first_touch: bool) -> usize {
+        let read = if first_touch { self.note_read } else { 0 };
+        match op {
+            Op::Note { .. } | Op::Patch { .. } | Op::Cover { .. } => op.bytes() + read,
+            // The seal reads the whole paper: it goes alone.
+            Op::Complete { .. } => CALL_BYTES,
+            Op::Prune { .. } => 1024,
+            Op::Relay { .. } => op.bytes(),
+        }
+    }
+}
+
+/// Which of `held` go in the next batch: the first ops whose paper is `ready`,
+/// within the budgets (a batch of at most `MAX_BATCH` ops and `BATCH_BYTES`,
+/// each paper's call within `CALL_OPS` and `CALL_BYTES`). A paper stops at the
+/// first op it cannot take, so its ops stay in order. A `suspect` paper goes
+/// alone, one op at a time, when its op is the first ready.
+pub fn select(
+    held: &[Queued],
+    budget: &Budget,
+    mut ready: impl FnMut(&Arc<str>) -> bool,
+    suspect: impl Fn(&str) -> bool,
+) -> Vec<bool> {
+    struct Call<'a> {
+        ops: usize,
+        bytes: usize,
+        notes: HashSet<&'a str>,
+        closed: bool,
+    }
+    let mut calls: HashMap<&str, Call> = HashMap::new();
+    let (mut take, mut batch_bytes, mut count) = (vec![false; held.len()], 0, 0);
+    let mut skipped: HashSet<&str> = HashSet::new();
+    for (i, queued) in held.iter().enumerate() {
+        if count >= MAX_BATCH {
+            break;
+        }
+        let paper = queued.op.paper();
+        if skipped.contains(&**paper) {
+            continue;
+        }
+        if !ready(paper) {
+            skipped.insert(paper);
+            continue;
+        }
+        if suspect(paper) {
+            if count == 0 {
+                take[i] = true;
+                break;
+            }
+            // Its turn comes when it is first.
+            skipped.insert(paper);
+            continue;
+        }
+        let call =
+            calls.entry(paper).or_insert_with(|| Call { ops: 0, bytes: 0, notes: HashSet::new(), closed: false });
+        if call.closed {
+            continue;
+        }
+        let note = match &queued.op {
+            Op::Note { id, .. } | Op::Patch { id, .. } => Some(&**id),
+            _ => None,
+        };
+        let first_touch = note.is_none_or(|id| !call.notes.contains(id));
+        let cost = budget.cost(&queued.op, first_touch);
+        let fits_call = call.ops == 0 || (call.ops < CALL_OPS && call.bytes + cost <= CALL_BYTES);
+        let fits_batch = count == 0 || batch_bytes + cost <= BATCH_BYTES;
+        if !(fits_call && fits_batch) {
+            call.closed = true;
+            continue;
+        }
+        call.ops += 1;
+        call.bytes += cost;
+        if let Some(id) = note {
+            call.notes.insert(id);
+        }
+        batch_bytes += cost;
+        count += 1;
+        take[i] = true;
+    }
+    take
+}
 
 pub struct PaperWrites<'a> {
     pub paper: &'a str,
@@ -121,3 +236,75 @@ pub struct NoteWrite<'a> {
 /// The kinds of note writes the write script takes.
 const WHOLE: &str = "w";
 const PATCH: &str = "p";
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::store::Origin;
+
+    fn patch(paper: &str, id: &str, bytes: usize) -> Queued {
+        let origin = Origin { loop_index: 0, conn: 0, serial: 0 };
+        let patch = format!(r#"{{"t":"{}"}}"#, "x".repeat(bytes)).into_boxed_str();
+        let op = Op::Patch {
+            paper: Arc::from(paper),
+            id: Arc::from(id),
+            patch,
+            v: 1,
+            node: Arc::from(""),
+            origin,
+            reference: None,
+            relay: None,
+        };
+        Queued { bytes: op.bytes(), op, at: Instant::now() }
+    }
+
+    fn taken(held: &[Queued], take: &[bool]) -> Vec<(String, String)> {
+        let ids = held.iter().zip(take).filter(|(_, t)| **t);
+        ids.map(|(q, _)| match &q.op {
+            Op::Patch { paper, id, .. } => (paper.to_string(), id.to_string()),
+            _ => unreachable!(),
+        })
+        .collect()
+    }
+
+    #[test]
+    fn a_paper_with_many_large_patches_takes_one_call_and_the_others_go_on() {
+        let budget = Budget::for_notes(16 * 1024);
+        let mut held: Vec<Queued> = (0..2048).map(|_| patch("hog", "n", 16_000)).collect();
+        held.push(patch("other", "m", 10));
+        let take = select(&held, &budget, |_| true, |_| false);
+        let taken = taken(&held, &take);
+        let hog = taken.iter().filter(|(p, _)| p == "hog").count();
+        // One read of the note, then each patch's bytes: about eleven fit in 192 KiB.
+        assert!((2..=12).contains(&hog), "{hog} patches of 16 KB in one call");
+        assert!(take[..hog].iter().all(|t| *t), "the hog's first ops, in order");
+        assert!(taken.contains(&("other".into(), "m".into())), "another paper's op is not held up");
+    }
+
+    #[test]
+    fn a_call_touches_a_bounded_number_of_notes_and_ops() {
+        let budget = Budget::for_notes(16 * 1024);
+        let held: Vec<Queued> = (0..1000).map(|i| patch("p", &format!("n{i}"), 10)).collect();
+        let touched = select(&held, &budget, |_| true, |_| false).iter().filter(|t| **t).count();
+        assert!(touched * budget.note_read <= CALL_BYTES + budget.note_read, "{touched} notes read in one call");
+        let held: Vec<Queued> = (0..1000).map(|_| patch("p", "n", 10)).collect();
+        let ops = select(&held, &budget, |_| true, |_| false).iter().filter(|t| **t).count();
+        assert_eq!(ops, CALL_OPS);
+    }
+
+    #[test]
+    fn a_suspect_paper_goes_alone_one_op_at_a_time() {
+        let budget = Budget::for_notes(16 * 1024);
+        let held = vec![patch("s", "a", 10), patch("p", "b", 10), patch("s", "c", 10), patch("p", "d", 10)];
+        let take = select(&held, &budget, |_| true, |paper| paper == "s");
+        assert_eq!(take, [true, false, false, false]);
+        let rest = &held[1..];
+        let take = select(rest, &budget, |_| true, |paper| paper == "s");
+        assert_eq!(take, [true, false, true], "the suspect waits for its turn to be first");
+        // A paper that is held back is skipped whole; the others go.
+        let take = select(&held, &budget, |paper| &**paper != "s", |_| false);
+        assert_eq!(take, [false, true, false, true]);
+    }
+}

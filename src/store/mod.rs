@@ -233,20 +233,85 @@ pub struct Written {
     pub outcome: Outcome,
 }
 
-/// An op in the backlog, with when it was accepted (for the write-behind latency).
+/// An op in the backlog, with when it was accepted (for the write-behind latency)
+/// and what it costs the backlog in bytes.
 #[derive(Debug)]
 pub struct Queued {
     pub op: Op,
     pub at: Instant,
+    pub bytes: usize,
 }
 
-/// The writer's bounded queue. `pending` counts every op handed over and not yet
-/// written (queued or in the writer's hands), so the limit is exact.
+impl Op {
+    /// What the op holds in memory while it waits, about: its strings, and a
+    /// fixed part for the op, its queue slot and allocations. The backlog's byte
+    /// limit counts this (PROTOCOL.md 4, 1.2).
+    pub fn bytes(&self) -> usize {
+        const FIXED: usize = 192;
+        let text = |s: &Option<Box<str>>| s.as_deref().map_or(0, str::len);
+        let note_bytes = |n: &NoteValue| {
+            let versions = n.fields.as_ref().map_or(0, |f| f.changed.keys().map(|k| k.len() + 48).sum());
+            n.data.as_deref().map_or(0, str::len) + versions
+        };
+        FIXED
+            + match self {
+                Op::Note { id, note, reference, relay, .. } => {
+                    id.len() + note_bytes(note) + text(reference) + text(relay)
+                }
+                Op::Patch { id, patch, reference, relay, .. } => id.len() + patch.len() + text(reference) + text(relay),
+                Op::Cover { cover, reference, relay, .. } => note_bytes(cover) + text(reference) + text(relay),
+                Op::Complete { by, reference, .. } => by.len() + text(reference),
+                Op::Relay { presence, relay, .. } => {
+                    relay.len()
+                        + presence.as_ref().map_or(0, |p| p.member.len() + p.entry.as_ref().map_or(0, String::len))
+                }
+                Op::Prune { .. } => 0,
+            }
+    }
+}
+
+/// What the backlog holds: ops handed over and not yet written (queued or in the
+/// writer's hands), and their bytes (`Op::bytes`). Both limits are exact.
+#[derive(Debug, Default)]
+pub struct BacklogLevel {
+    pub ops: AtomicUsize,
+    pub bytes: AtomicUsize,
+}
+
+impl BacklogLevel {
+    pub fn ops(&self) -> usize {
+        self.ops.load(Ordering::Acquire)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Ops that left the backlog (written, refused, or given up), with their bytes.
+    pub fn release(&self, ops: usize, bytes: usize) {
+        self.ops.fetch_sub(ops, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    fn take(&self, bytes: usize) {
+        self.ops.fetch_add(1, Ordering::AcqRel);
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+}
+
+/// The backlog's limits: whichever is reached first refuses new edits.
+#[derive(Debug, Clone, Copy)]
+pub struct BacklogLimits {
+    pub ops: usize,
+    pub bytes: usize,
+}
+
+/// The writer's bounded queue, bounded in ops and in bytes (PROTOCOL.md 4, 1.2).
 #[derive(Clone)]
 pub struct Backlog {
     tx: Sender<Queued>,
-    pending: Arc<AtomicUsize>,
-    limit: usize,
+    level: Arc<BacklogLevel>,
+    limits: BacklogLimits,
 }
 
 /// The backlog is full: the edit must be refused with `unavailable`.
@@ -254,53 +319,59 @@ pub struct Backlog {
 pub struct BacklogFull;
 
 impl Backlog {
-    pub fn new(limit: usize) -> (Backlog, crossbeam_channel::Receiver<Queued>, Arc<AtomicUsize>) {
+    pub fn new(limits: BacklogLimits) -> (Backlog, crossbeam_channel::Receiver<Queued>, Arc<BacklogLevel>) {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let pending = Arc::new(AtomicUsize::new(0));
-        (Backlog { tx, pending: pending.clone(), limit }, rx, pending)
+        let level = Arc::new(BacklogLevel::default());
+        (Backlog { tx, level: level.clone(), limits }, rx, level)
     }
 
     /// Queues an op without blocking.
     ///
     /// # Errors
-    /// `BacklogFull` when `limit` ops wait already; the op is dropped and the
-    /// caller refuses the edit.
+    /// `BacklogFull` when `limits.ops` ops, or `limits.bytes` bytes, wait already
+    /// (or would with this op); the op is dropped and the caller refuses the edit.
     pub fn submit(&self, op: Op) -> Result<(), BacklogFull> {
-        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.limit {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+        let bytes = op.bytes();
+        let ops_before = self.level.ops.fetch_add(1, Ordering::AcqRel);
+        let bytes_before = self.level.bytes.fetch_add(bytes, Ordering::AcqRel);
+        if ops_before >= self.limits.ops || bytes_before + bytes > self.limits.bytes {
+            self.level.release(1, bytes);
             return Err(BacklogFull);
         }
         // The writer outlives every loop, so the channel is open while loops run.
-        self.tx.send(Queued { op, at: Instant::now() }).map_err(|_| BacklogFull)
+        self.tx.send(Queued { op, at: Instant::now(), bytes }).map_err(|_| BacklogFull)
     }
 
-    /// Queues an op whatever the limit (a presence leave, which must never be lost).
-    /// The caller bounds them: each leave follows one accepted join.
+    /// Queues an op whatever the limits (a presence leave, which must never be
+    /// lost); it still counts, in ops and bytes. The caller bounds them: each
+    /// leave follows one accepted join.
     pub fn submit_always(&self, op: Op) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(Queued { op, at: Instant::now() }).is_err() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+        let bytes = op.bytes();
+        self.level.take(bytes);
+        if self.tx.send(Queued { op, at: Instant::now(), bytes }).is_err() {
+            self.level.release(1, bytes);
         }
     }
 
     /// Queues an op that may be lost without harm (a cursor), unless the backlog is
     /// half full: transient state must not crowd out edits.
     pub fn submit_transient(&self, op: Op) {
-        if self.len() < self.limit / 2 {
+        if !self.is_half_full() {
             let _ = self.submit(op);
         }
     }
 
     pub fn len(&self) -> usize {
-        self.pending.load(Ordering::Acquire)
+        self.level.ops()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    pub fn limit(&self) -> usize {
-        self.limit
+    /// Half the ops or half the bytes are taken: what may wait, waits.
+    pub fn is_half_full(&self) -> bool {
+        self.level.ops() >= self.limits.ops / 2 || self.level.bytes() >= self.limits.bytes / 2
     }
 }
 
@@ -430,7 +501,7 @@ impl StoreHandle {
     /// The backlog is half full or more: what may wait (presence to mend) waits.
     pub fn is_busy(&self) -> bool {
         match self {
-            StoreHandle::Redis { backlog, .. } => backlog.len() >= backlog.limit() / 2,
+            StoreHandle::Redis { backlog, .. } => backlog.is_half_full(),
             StoreHandle::Memory => false,
         }
     }

@@ -4,22 +4,27 @@
 //! loops which edits are now in Redis.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::{Script, Value};
 
-use super::batch::{NoteWrite, Plan};
+use super::batch::{select, Budget, NoteWrite, Plan};
 use super::endpoint::{Conn, Endpoint};
 use super::parking::{Parking, Retry};
 use super::shards::Shards;
-use super::{is_transient, keys, Loops, Op, Outcome, Queued, StoreEvent, Written};
+use super::{is_transient, keys, BacklogLevel, Loops, Op, Outcome, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
 
-/// Ops taken from the backlog for one pipeline.
-const MAX_BATCH: usize = 2048;
+/// A paper whose call took part in a pipeline that timed out, or that Redis
+/// answered `BUSY`, is sent alone, one op at a time, until one such call is
+/// written; a lone op that times out this many times while Redis otherwise
+/// answers is what makes Redis slow, and its paper fails alone (`write_failed`).
+const STRIKES: u8 = 2;
+/// How long the check that Redis answers waits, after a lone op timed out.
+const ANSWER_CHECK: Duration = Duration::from_secs(1);
 /// The one shard of a single Redis (or Sentinel-named master), for parking.
 const SINGLE: &str = "";
 /// How often an idle writer checks that Redis answers (for `/readyz`).
@@ -88,7 +93,7 @@ pub struct Writer {
     /// `--redis-wait-replicas`: a batch counts as written once this many replicas have it.
     wait_replicas: usize,
     ops: Receiver<Queued>,
-    pending: Arc<AtomicUsize>,
+    backlog: Arc<BacklogLevel>,
     metrics: Arc<WriterMetrics>,
     loops: Arc<dyn Loops>,
     retention_secs: u64,
@@ -103,6 +108,13 @@ pub struct Writer {
     history: History,
     /// TTL set on a presence hash at each change (its holders' relays refresh it).
     presence_ttl_ms: u64,
+    budget: Budget,
+    /// Papers sent alone, one op at a time (`STRIKES`), with the lone timeouts so far.
+    suspects: HashMap<Arc<str>, u8>,
+    /// Papers whose call the last pipeline saw time out or answered `BUSY`.
+    slow: Vec<Arc<str>>,
+    /// Papers found to make Redis slow: their held ops fail.
+    blamed: Vec<Arc<str>>,
 }
 
 /// How long `WAIT` may wait for replicas before the batch is sent again.
@@ -117,7 +129,7 @@ impl Writer {
     pub fn new(
         endpoint: Endpoint,
         ops: Receiver<Queued>,
-        pending: Arc<AtomicUsize>,
+        backlog: Arc<BacklogLevel>,
         metrics: Arc<WriterMetrics>,
         loops: Arc<dyn Loops>,
         retention_secs: u64,
@@ -140,7 +152,7 @@ impl Writer {
             parking: Parking::default(),
             wait_replicas: 0,
             ops,
-            pending,
+            backlog,
             metrics,
             loops,
             retention_secs,
@@ -152,7 +164,17 @@ impl Writer {
             node: None,
             history: History { retention: 3_600_000 << 10, max_tombstones: 1000 },
             presence_ttl_ms: 60_000,
+            budget: Budget::for_notes(16 * 1024),
+            suspects: HashMap::new(),
+            slow: Vec::new(),
+            blamed: Vec::new(),
         }
+    }
+
+    /// Sizes each call for notes of at most `max_note_bytes`.
+    pub fn sizing_calls_for(mut self, max_note_bytes: usize) -> Self {
+        self.budget = Budget::for_notes(max_note_bytes);
+        self
     }
 
     /// With `--cluster`: what the writer applies, it publishes to the other nodes.
@@ -245,6 +267,7 @@ impl Writer {
             let again = self.acknowledge(batch, outcomes);
             let unwritten = !again.is_empty();
             held.splice(0..0, again);
+            self.fail_blamed(&mut held);
             self.forget_papers_not_in(&held);
             let oldest = held.iter().map(|q| q.at).min().map_or(Duration::ZERO, |at| at.elapsed());
             self.metrics.oldest_age_ms.store(oldest.as_millis() as u64, Ordering::Relaxed);
@@ -260,20 +283,22 @@ impl Writer {
         held.push(op);
     }
 
-    /// Moves out of `held` the first ops (up to a batch) whose shard and paper
-    /// are not held back.
+    /// Moves out of `held` the first ops whose shard and paper are not held
+    /// back, within the budgets: a batch of at most `MAX_BATCH` ops and
+    /// `BATCH_BYTES`, each paper's call within `CALL_OPS` and `CALL_BYTES`. A
+    /// paper stops at the first op it cannot take, so its ops stay in order. A
+    /// suspect paper goes alone, one op at a time, when its op is the first ready.
     fn ready(&self, held: &mut Vec<Queued>, now: Instant) -> Vec<Queued> {
-        if self.parking.is_empty() {
-            let n = held.len().min(MAX_BATCH);
-            return held.drain(..n).collect();
-        }
         let mut ready_paper: HashMap<Arc<str>, bool> = HashMap::new();
+        let ready =
+            |paper: &Arc<str>| *ready_paper.entry(paper.clone()).or_insert_with(|| self.paper_ready(paper, now));
+        let take = select(held, &self.budget, ready, |paper| self.suspects.contains_key(paper));
+        if take.iter().all(|t| *t) {
+            return std::mem::take(held);
+        }
         let (mut batch, mut rest) = (Vec::new(), Vec::with_capacity(held.len()));
-        for queued in std::mem::take(held) {
-            let paper = queued.op.paper();
-            let ready = batch.len() < MAX_BATCH
-                && *ready_paper.entry(paper.clone()).or_insert_with(|| self.paper_ready(paper, now));
-            if ready {
+        for (queued, take) in std::mem::take(held).into_iter().zip(take) {
+            if take {
                 batch.push(queued);
             } else {
                 rest.push(queued);
@@ -281,6 +306,23 @@ impl Writer {
         }
         *held = rest;
         batch
+    }
+
+    /// Fails every held op of a paper found to make Redis slow: its paper fails
+    /// alone (`write_failed`, then `unavailable` until it can be written again).
+    fn fail_blamed(&mut self, held: &mut Vec<Queued>) {
+        if self.blamed.is_empty() {
+            return;
+        }
+        let blamed = std::mem::take(&mut self.blamed);
+        let (failed, rest): (Vec<Queued>, Vec<Queued>) =
+            std::mem::take(held).into_iter().partition(|q| blamed.contains(q.op.paper()));
+        *held = rest;
+        if !failed.is_empty() {
+            let reason = Reported::Failed(SLOW_WRITE.into());
+            let outcomes = vec![Some(reason); failed.len()];
+            self.acknowledge(failed, outcomes);
+        }
     }
 
     /// Whether a paper's ops may be sent now: neither it nor its shard waits.
@@ -307,6 +349,13 @@ impl Writer {
     fn write_once(&mut self, batch: &[Queued]) -> Vec<Option<Reported>> {
         let mut outcomes: Vec<Option<Reported>> = vec![None; batch.len()];
         let result = self.try_write(batch, &mut outcomes);
+        if let Err(e) = &result {
+            if e.is_timeout() {
+                // Any call of the pipeline may be what kept Redis busy.
+                self.slow.extend(batch.iter().map(|q| q.op.paper().clone()));
+            }
+        }
+        self.weigh_slow_calls(batch, &mut outcomes);
         // Waits count from the failure's end: a timeout may have taken longer than one.
         let tried = Instant::now();
         match result {
@@ -337,6 +386,59 @@ impl Writer {
             }
         }
         outcomes
+    }
+
+    /// Papers whose call timed out or met `BUSY` are sent alone from now on; a
+    /// lone op that times out again while Redis answers others is blamed: its
+    /// paper fails alone, rather than every paper waiting on it for ever
+    /// (PROTOCOL.md 4, 1.2: a call that may have made Redis slow is never sent
+    /// again whole). A lone op that is written clears its paper.
+    fn weigh_slow_calls(&mut self, batch: &[Queued], outcomes: &mut [Option<Reported>]) {
+        let slow = std::mem::take(&mut self.slow);
+        let lone = batch.len() == 1;
+        if lone {
+            let paper = batch[0].op.paper();
+            if outcomes[0].is_some() {
+                self.suspects.remove(paper);
+            } else if slow.contains(paper) && self.suspects.contains_key(paper) && self.redis_answers() {
+                let strikes = self.suspects.get_mut(paper).expect("a suspect");
+                *strikes += 1;
+                if *strikes >= STRIKES {
+                    log::error!(
+                        "a write of paper {paper} keeps Redis busy past the I/O timeout while Redis answers \
+                         others: the paper's writes fail"
+                    );
+                    self.suspects.remove(paper);
+                    self.blamed.push(paper.clone());
+                    outcomes[0] = Some(Reported::Failed(SLOW_WRITE.into()));
+                }
+                return;
+            }
+        }
+        for paper in slow {
+            self.suspects.entry(paper).or_insert(0);
+        }
+    }
+
+    /// Whether Redis answers a new connection at once (`BUSY` counts: it is up,
+    /// running a script). On a Redis Cluster, a shard whose connection failed is
+    /// sent ops again only once a probe found it answering, so it does.
+    fn redis_answers(&mut self) -> bool {
+        if self.shards.is_some() {
+            return true;
+        }
+        let busy = |e: &redis::RedisError| e.code() == Some("BUSY");
+        match self.endpoint.connect() {
+            Ok(Conn::Single(mut conn)) => {
+                let _ = conn.set_read_timeout(Some(ANSWER_CHECK));
+                match redis::cmd("PING").query::<String>(&mut conn) {
+                    Ok(_) => true,
+                    Err(e) => busy(&e),
+                }
+            }
+            Ok(Conn::Cluster(_)) => true,
+            Err(e) => busy(&e),
+        }
     }
 
     /// The server stops and its time to flush is up: what is held is lost.
@@ -382,7 +484,7 @@ impl Writer {
             log::info!(
                 "Redis is back after {:.1}s; backlog: {} ops",
                 outage.since.elapsed().as_secs_f64(),
-                self.pending.load(Ordering::Acquire)
+                self.backlog.ops()
             );
         }
     }
@@ -409,7 +511,7 @@ impl Writer {
 
     fn report_outage(&mut self, e: &redis::RedisError) {
         let now = Instant::now();
-        let backlog = self.pending.load(Ordering::Acquire);
+        let backlog = self.backlog.ops();
         match &mut self.outage {
             None => {
                 log::warn!("cannot write to Redis ({e}); ops wait in the backlog: {backlog}");
@@ -595,6 +697,9 @@ impl Writer {
                 }
             }
             let Some(e) = failure else { continue };
+            if e.is_timeout() || e.code() == Some("BUSY") {
+                self.slow.push(Arc::from(writes.paper));
+            }
             if is_transient(&e) {
                 if e.code() == Some("NOSCRIPT") {
                     // The script cache was flushed: load the scripts again.
@@ -669,14 +774,15 @@ impl Writer {
         let mut per_loop: Vec<Vec<Written>> = vec![Vec::new(); self.loops.count()];
         let mut failed_papers: Vec<(Arc<str>, usize, String)> = Vec::new();
         let mut again = Vec::new();
-        let mut count = 0;
+        let (mut count, mut bytes) = (0, 0);
         for (queued, reported) in batch.into_iter().zip(outcomes) {
             let Some(reported) = reported else {
                 again.push(queued);
                 continue;
             };
-            let Queued { op, at } = queued;
+            let Queued { op, at, bytes: op_bytes } = queued;
             count += 1;
+            bytes += op_bytes;
             self.metrics.write_behind.observe(at.elapsed());
             let outcome = match reported {
                 Reported::Op(outcome) => outcome,
@@ -701,7 +807,7 @@ impl Writer {
                 per_loop[written.origin.loop_index].push(written);
             }
         }
-        self.pending.fetch_sub(count, Ordering::AcqRel);
+        self.backlog.release(count, bytes);
         bump(&self.metrics.ops_written, count as u64);
         for (paper, index, error) in failed_papers {
             self.loops.report(index, StoreEvent::Failed { paper, error });
@@ -721,6 +827,9 @@ pub struct History {
     pub retention: u64,
     pub max_tombstones: usize,
 }
+
+/// Why the ops of a paper found to make Redis slow fail.
+const SLOW_WRITE: &str = "a write of this paper keeps Redis busy past the I/O timeout";
 
 /// What the writer learnt of one op.
 #[derive(Debug, Clone)]
