@@ -8,6 +8,7 @@ mod bounds; // every buffer, table and wait bounded under hostile clients
 mod chaos; // faults at random: acknowledged edits survive
 mod cluster; // 6. several nodes
 mod conformance; // RFC 6455 over raw sockets
+mod cost; // 4 (1.2): no client keeps Redis busy for others
 mod cover; // 3.1 and 3.2 (1.1): the paper's cover, meta
 mod history; // 3.1 and 4 (1.1): the tombstone horizon, resuming with since
 mod http; // 1. HTTP surface
