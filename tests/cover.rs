@@ -89,7 +89,7 @@ fn concurrent_covers_on_two_nodes_converge_on_the_greater_version() {
     // receives is the winner, the same everywhere.
     // Under load a node may relay the other's cover before it reads its own
     // member's: each one's own is the one with its `from`.
-    let mut own = |client: &mut crate::common::Client| loop {
+    let own = |client: &mut crate::common::Client| loop {
         let you = client.snapshot["you"].clone();
         let meta = client.next_of("meta");
         if meta["from"] == you {
