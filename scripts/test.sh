@@ -20,26 +20,37 @@ command -v npm >/dev/null 2>&1 || missing+=(npm)
 install_packages "${missing[@]}"
 command -v cargo >/dev/null 2>&1 || { echo "test.sh: cargo is missing; install Rust from https://rustup.rs" >&2; exit 1; }
 
-echo "test.sh: cargo fmt --check"
-cargo fmt --all -- --check
+# Every step runs, even after one failed, so that one red step does not hide
+# another; the failures are listed at the end and the script exits 1.
+failed=()
+step() {
+    local name=$1
+    shift
+    echo "test.sh: $name"
+    if ! "$@"; then
+        echo "test.sh: FAILED: $name" >&2
+        failed+=("$name")
+    fi
+}
+
+step "cargo fmt --check" cargo fmt --all -- --check
 # `--features load` builds the load generator, which tests/load.rs and
 # tests/operators.rs run; the server itself never links its dependencies.
-echo "test.sh: cargo clippy"
-cargo clippy --all-targets --features load --quiet -- -D warnings
-echo "test.sh: cargo test"
-cargo test --all-targets --features load
+step "cargo clippy" cargo clippy --all-targets --features load --quiet -- -D warnings
+step "cargo test" cargo test --all-targets --features load
 # cargo test ran 45 s of the chaos test on one Redis; the same checks on a Cluster.
-echo "test.sh: 30 s of the chaos test on a Redis Cluster of three masters"
-RP_CHAOS_REDIS=cluster RP_CHAOS_SECONDS=30 cargo test --features load --test main chaos:: -- --nocapture
-echo "test.sh: the systemd unit's hardening"
-bash scripts/unit-test.sh
-echo "test.sh: a 30-second soak run (memory, descriptors, papers and Redis stay flat)"
-bash scripts/soak.sh --duration 30
-echo "test.sh: third-party clients (Python websockets, Node ws)"
-bash scripts/interop.sh
-echo "test.sh: the page's JavaScript client under Node"
-bash scripts/client-test.sh
-echo "test.sh: wss:// through nginx to two nodes"
-bash scripts/tls-test.sh
-echo "test.sh: the page in a real browser (Chromium)"
-bash scripts/browser-test.sh
+step "30 s of the chaos test on a Redis Cluster of three masters" \
+    env RP_CHAOS_REDIS=cluster RP_CHAOS_SECONDS=30 cargo test --features load --test main chaos:: -- --nocapture
+step "the systemd unit's hardening" bash scripts/unit-test.sh
+step "a 30-second soak run (memory, descriptors, papers and Redis stay flat)" bash scripts/soak.sh --duration 30
+step "third-party clients (Python websockets, Node ws)" bash scripts/interop.sh
+step "the page's JavaScript client under Node" bash scripts/client-test.sh
+step "wss:// through nginx to two nodes" bash scripts/tls-test.sh
+step "the page in a real browser (Chromium)" bash scripts/browser-test.sh
+
+if ((${#failed[@]})); then
+    echo "test.sh: ${#failed[@]} step(s) failed:" >&2
+    printf '  - %s\n' "${failed[@]}" >&2
+    exit 1
+fi
+echo "test.sh: every step passed"
