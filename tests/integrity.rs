@@ -565,6 +565,44 @@ fn a_meta_key_of_the_wrong_type_fails_only_its_paper() {
 }
 
 #[test]
+fn a_paper_that_can_be_read_but_not_written_stays_unavailable_until_it_can_be_written() {
+    // The loader never reads the tombstones key, but every write touches it: a
+    // probe that only read would take the paper back, and its edits would fail
+    // again, each time (PROTOCOL.md 3.3: `unavailable` until readable and writable).
+    let redis = Redis::start();
+    let mut server = Server::redis(&redis, &[]);
+    let tombstones = "rp:paper:{pt}:tombstones";
+    let (mut a, _b) = write_fails_for_one_paper(&server, &redis, "pt", tombstones);
+    // Two probes read the paper and find it cannot be written.
+    for _ in 0..2 {
+        server.wait_log("paper pt can be read but not written");
+    }
+    a.upsert("n4", json!({"t": 5}), "r4");
+    let reply = a.reply_to("r4");
+    assert_eq!((&reply["type"], &reply["code"]), (&json!("error"), &json!("unavailable")), "{reply}");
+    assert!(!a.seen.iter().any(|m| m["type"] == "snapshot"), "taken back while unwritable: {:?}", a.seen);
+
+    run(&redis, &["DEL", tombstones]);
+    let until = deadline();
+    let mut attempt = 0;
+    let v = loop {
+        attempt += 1;
+        let r = format!("again{attempt}");
+        a.upsert("n5", json!({"t": 6}), &r);
+        let reply = a.reply_to(&r);
+        if reply["type"] != "error" {
+            break version(&reply);
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        assert!(Instant::now() < until && attempt < 200, "pt never accepted an edit again");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    a.saved(v, &format!("again{attempt}"));
+    assert!(!a.seen.iter().any(|m| m["type"] == "error" && m["code"] == "write_failed" && m["ref"] != "r1"));
+    stops_cleanly(server);
+}
+
+#[test]
 fn saved_waits_while_redis_does_not_answer() {
     let redis = Redis::start();
     let server = Server::redis(&redis, &[]);

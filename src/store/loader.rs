@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::codec::{parse_paper, Hash};
 use super::endpoint::{Conn, Endpoint};
-use super::{keys, LoadRequest, Loops, PresenceMember, StoreEvent, StoredPaper};
+use super::{keys, LoadPurpose, LoadRequest, Loops, PresenceMember, StoreEvent, StoredPaper};
 use crate::metrics::WriterMetrics;
 
 pub struct Loader {
@@ -21,6 +21,9 @@ pub struct Loader {
     conn: Option<Conn>,
     requests: Receiver<LoadRequest>,
     loops: Arc<dyn Loops>,
+    /// The note script, run with no note and nothing to drop: a write that
+    /// changes nothing, to prove a paper writable again.
+    write_notes: redis::Script,
 }
 
 impl Loader {
@@ -30,7 +33,8 @@ impl Loader {
         loops: Arc<dyn Loops>,
         metrics: Arc<WriterMetrics>,
     ) -> Self {
-        Loader { metrics, presence_of_others: None, endpoint, conn: None, requests, loops }
+        let write_notes = super::writer::write_notes_script();
+        Loader { metrics, presence_of_others: None, endpoint, conn: None, requests, loops, write_notes }
     }
 
     /// With `--cluster`: also read who is on the paper on other live nodes.
@@ -43,6 +47,15 @@ impl Loader {
     pub fn run(mut self) {
         while let Ok(request) = self.requests.recv() {
             if let Some(stored) = self.read_until(&request.paper, request.deadline) {
+                // A paper Redis refused to write is taken back only once it can be
+                // written too (PROTOCOL.md 3.3): reading alone would let it take
+                // edits that fail again, and again.
+                if request.purpose == LoadPurpose::Probe {
+                    if let Err(e) = self.write_nothing(&request.paper) {
+                        log::warn!("paper {} can be read but not written: {e}", request.paper);
+                        continue;
+                    }
+                }
                 let event = StoreEvent::Loaded { paper: request.paper, purpose: request.purpose, stored };
                 self.loops.report(request.loop_index, event);
             }
@@ -75,17 +88,37 @@ impl Loader {
         }
     }
 
-    fn read(&mut self, paper: &str) -> redis::RedisResult<StoredPaper> {
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => {
-                let mut conn = self.endpoint.connect()?;
-                if !conn.is_cluster() {
-                    redis::cmd("CLIENT").arg("SETNAME").arg("rp-loader").exec(&mut conn)?;
-                }
-                self.conn.insert(conn)
+    /// Runs the note script on the paper's keys with no note and nothing to drop:
+    /// it touches every key a write touches, of the type a write needs, and
+    /// changes nothing.
+    fn write_nothing(&mut self, paper: &str) -> redis::RedisResult<()> {
+        let script = self.write_notes.clone();
+        let conn = self.connection()?;
+        let mut call = script.key(keys::notes(paper));
+        call.key(keys::meta(paper)).key(keys::tombstones(paper));
+        // now 0 and retention 0: no tombstone is past retention; no cap is reached.
+        call.arg(0).arg("").arg(0).arg(crate::protocol::MAX_VERSION);
+        call.invoke::<redis::Value>(conn).map(drop).inspect_err(|e| {
+            if super::is_transient(e) {
+                self.conn = None;
             }
-        };
+        })
+    }
+
+    fn connection(&mut self) -> redis::RedisResult<&mut Conn> {
+        if self.conn.is_none() {
+            let mut conn = self.endpoint.connect()?;
+            if !conn.is_cluster() {
+                redis::cmd("CLIENT").arg("SETNAME").arg("rp-loader").exec(&mut conn)?;
+            }
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("just set"))
+    }
+
+    fn read(&mut self, paper: &str) -> redis::RedisResult<StoredPaper> {
+        self.connection()?;
+        let conn = self.conn.as_mut().expect("connected");
         let (notes, meta): (Hash, Hash) =
             redis::pipe().cmd("HGETALL").arg(keys::notes(paper)).cmd("HGETALL").arg(keys::meta(paper)).query(conn)?;
         let (mut stored, skipped) = parse_paper(paper, notes, meta);

@@ -80,6 +80,12 @@ const WRITE_COVER: &str = include_str!("scripts/write_cover.lua");
 /// least once: a writer that dies between leaves the marker for the next sweep).
 const COMPLETE: &str = include_str!("scripts/complete.lua");
 
+/// The note script as the loader runs it, to prove a paper writable: with no
+/// note, nothing is published, so the plain script serves every kind of Redis.
+pub(super) fn write_notes_script() -> Script {
+    Script::new(&format!("{READABLE}{WRITE_NOTES}"))
+}
+
 pub struct Writer {
     endpoint: Endpoint,
     /// The connection to a single Redis (or Sentinel-named master).
