@@ -21,6 +21,7 @@ mod metrics; // 1. /metrics: the Prometheus text format, every family moving
 mod notes; // 2. notes and versions
 mod operations; // 1. papers API, readiness, metrics
 mod operators; // run.sh, configuration, fail-fast Redis checks, deploy files, the load tool
+mod partition; // 3 and 6: a node cut from Redis while another goes on
 mod patch; // 2 and 3 (1.1): field patches
 mod persistence; // 4. Redis
 mod redis_cluster; // 4 and 6 (1.1): rediss:// and Redis Cluster

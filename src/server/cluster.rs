@@ -10,7 +10,7 @@ use super::node::Node;
 use super::session::Relaying;
 use crate::metrics::{bump, Out};
 use crate::paper::{clock, Cover, Edit, Note, Patch, RemoteMember, StoredPaper};
-use crate::protocol::{self, Frame, Relayed};
+use crate::protocol::{self, Frame, NoteView, Relayed};
 use crate::store::{Op, Presence, Submitted};
 
 impl EventLoop {
@@ -126,8 +126,23 @@ impl EventLoop {
 
     /// Merges a paper read again from Redis: notes that advance are applied and
     /// sent to the members (with an empty `from`: no session of this node sent them).
+    ///
+    /// A paper Redis holds sealed is not merged: its notes are exactly what was
+    /// sealed and handed to the main backend (PROTOCOL.md 3.1), so they replace
+    /// what this node holds, as a relayed `completed` would. This node's edits
+    /// made while it was cut from Redis were refused by the seal, and their
+    /// senders are told `paper_completed` when the writer reports them.
     pub(super) fn merge_stored(&mut self, paper_id: &Arc<str>, stored: StoredPaper) {
         let Some(paper) = self.papers.paper_mut(paper_id) else { return };
+        if let Some(by) = &stored.completed_by {
+            if !paper.is_completed() {
+                if let Some(cover) = stored.cover.clone() {
+                    paper.apply_cover(cover);
+                }
+                let notes = sealed_notes_json(&stored);
+                return self.on_sealed(paper_id, by, &notes, false);
+            }
+        }
         let metrics = &self.node.loop_metrics[self.index];
         for (id, note) in stored.notes {
             self.clock.observe(note.v);
@@ -187,6 +202,21 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// The notes of a paper Redis holds sealed, as the completion script hands them
+/// over: the live notes, by version.
+fn sealed_notes_json(stored: &StoredPaper) -> String {
+    let mut live: Vec<NoteView> = stored
+        .notes
+        .iter()
+        .filter_map(|(id, note)| {
+            let data = note.data.as_deref()?;
+            Some(NoteView { id, author: &note.author, data, v: note.v })
+        })
+        .collect();
+    live.sort_by_key(|n| n.v);
+    protocol::notes_json(live.into_iter())
 }
 
 /// The `from` of a relayed message (the member on the other node), for a

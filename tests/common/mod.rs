@@ -15,6 +15,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 pub mod cluster;
+pub mod proxy;
 
 /// How long any single expected event may take on a busy 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
