@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::common::proxy::{Mode, Proxy};
+use crate::common::proxy::{Direction, Mode, Proxy};
 use crate::common::*;
 
 fn node(redis_url: &str, id: &str) -> Server {
@@ -82,4 +82,43 @@ fn a_node_cut_from_redis_while_the_paper_is_sealed_shows_exactly_the_sealed_note
     assert_eq!(notes_of(&served["notes"]), notes_of(&entry["notes"]), "GET /papers on b");
     let late = b_node.join("p-cut", "user=cat");
     assert_eq!(notes_of(&late.snapshot["notes"]), notes_of(&entry["notes"]), "a new member of b");
+}
+
+#[test]
+fn a_half_open_then_slow_link_to_redis_loses_nothing_and_holds_up_only_its_node() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port);
+    let a_node = node(&redis.url(), "a");
+    let b_node = node(&proxy.redis_url(), "b");
+    let mut a = a_node.join("p-direct", "user=ann");
+    let mut members: Vec<Client> = (0..6).map(|i| b_node.join(&format!("p-proxied-{i}"), "user=bob")).collect();
+
+    // Redis gets node b's writes, but its answers never come back (half open).
+    // Six papers' edits: one pipeline of six calls whose replies never come.
+    proxy.set_direction(Direction::Down, Mode::BlackHole);
+    let mut versions = Vec::new();
+    for (i, b) in members.iter_mut().enumerate() {
+        b.send(json!({"type": "upsert", "id": "n1", "data": {"text": "half open", "i": i}}));
+        versions.push(b.next_of("upsert")["v"].as_u64().unwrap());
+    }
+    // Node a is not held up by it.
+    for i in 0..3 {
+        a.send(json!({"type": "upsert", "id": format!("m{i}"), "data": {"i": i}}));
+        let va = a.next_of("upsert")["v"].as_u64().unwrap();
+        while a.next_of("saved")["v"].as_u64().unwrap() < va {}
+    }
+    // Then a slow link: each edit is confirmed only once Redis holds it, within
+    // one I/O timeout of the link failing, not one per reply that never came.
+    proxy.set(Mode::Delay(std::time::Duration::from_millis(50)));
+    for (i, (b, v)) in members.iter_mut().zip(&versions).enumerate() {
+        while b.next_of("saved")["v"].as_u64().unwrap() < *v {}
+        let stored = redis.note(&format!("p-proxied-{i}"), "n1").expect("n1 in Redis once saved");
+        assert_eq!(stored["v"].as_u64(), Some(*v));
+        assert_eq!(stored["data"], json!({"text": "half open", "i": i}));
+    }
+    proxy.set(Mode::Pass);
+    let b = &mut members[0];
+    b.send(json!({"type": "upsert", "id": "n2", "data": {}}));
+    let v2 = b.next_of("upsert")["v"].as_u64().unwrap();
+    while b.next_of("saved")["v"].as_u64().unwrap() < v2 {}
 }

@@ -520,6 +520,26 @@ fn open(client: &redis::Client) -> redis::RedisResult<Connection> {
     Ok(conn)
 }
 
+/// Sends a pipeline and reads one reply per command (error replies as `Err`
+/// items), giving up at the first reply that does not come. redis-rs's own
+/// pipeline read waits for every reply in turn, each up to `IO_TIMEOUT`, so a
+/// link that stopped answering (half open) would hold the caller for as many
+/// timeouts as the pipeline has commands.
+///
+/// # Errors
+/// The connection failed or timed out: it must not be used again.
+pub fn query_pipeline(conn: &mut Connection, pipe: &redis::Pipeline) -> RedisResult<Vec<RedisResult<redis::Value>>> {
+    conn.send_packed_command(&pipe.get_packed_pipeline())?;
+    let mut replies = Vec::with_capacity(pipe.len());
+    for _ in 0..pipe.len() {
+        match conn.recv_response()? {
+            redis::Value::ServerError(e) => replies.push(Err(e.into())),
+            value => replies.push(Ok(value)),
+        }
+    }
+    Ok(replies)
+}
+
 /// The hash slot of a key (CRC16 of its `{tag}` or of the whole key, mod 16384).
 pub fn slot(key: &str) -> u16 {
     let bytes = key.as_bytes();

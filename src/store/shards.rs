@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, Connection, Pipeline, RedisError, RedisResult, Script, Value};
 
-use super::endpoint::{connect_node, slot, slot_map, Endpoint, IO_TIMEOUT};
+use super::endpoint::{connect_node, query_pipeline, slot, slot_map, Endpoint, IO_TIMEOUT};
 use super::keys;
 use super::parking::{Parking, Retry};
 use super::writer::{unexpected, WAIT_TIMEOUT};
@@ -456,7 +456,7 @@ fn pipeline(
     if wait_replicas > 0 {
         sub.cmd("WAIT").arg(wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
     }
-    let mut got = sub.query::<Vec<RedisResult<Value>>>(conn)?;
+    let mut got = query_pipeline(conn, &sub)?;
     let acked = if wait_replicas > 0 {
         match got.pop() {
             Some(Ok(Value::Int(n))) => usize::try_from(n).unwrap_or(0),

@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::{Script, Value};
 
 use super::batch::{select, Budget, NoteWrite, Plan};
-use super::endpoint::{Conn, Endpoint};
+use super::endpoint::{query_pipeline, Conn, Endpoint};
 use super::parking::{Parking, Retry};
 use super::shards::Shards;
 use super::{is_transient, keys, BacklogLevel, Loops, Op, Outcome, Queued, StoreEvent, Written};
@@ -617,10 +617,10 @@ impl Writer {
             // Routed by the slot map `tend` keeps: an old map only costs a MOVED, and
             // no map at all makes every paper's shard wait ("slot N") until one is read.
             Some(shards) => shards.send(&pipe, &owners, self.wait_replicas, &mut self.parking).into_iter(),
-            None => {
-                let conn = self.connection()?;
-                pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter()
-            }
+            None => match self.connection()? {
+                Conn::Single(conn) => query_pipeline(conn, &pipe)?.into_iter(),
+                conn => pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter(),
+            },
         };
         self.metrics.redis_round_trip.observe(sent.elapsed());
         bump(&self.metrics.commands, commands);
