@@ -418,6 +418,75 @@ async function scriptedEdgeCases() {
   }
 }
 
+/**
+ * Two scripted nodes behind one address, as a load balancer would spread
+ * sessions: the second node's versions are lower than the first's (its
+ * clock is behind, or the edits it stamps come from a paper it just loaded).
+ * A `saved` of the first session must never confirm an edit of the second.
+ */
+async function savedDoesNotCarryOverToAnotherNode() {
+  const nodes = [];
+  for (let i = 0; i < 2; i += 1) {
+    const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+    await new Promise((r) => wss.once('listening', r));
+    const node = { wss, sessions: [] };
+    wss.on('connection', (ws) => {
+      const session = { ws, received: [] };
+      ws.on('message', (data) => session.received.push(JSON.parse(String(data))));
+      node.sessions.push(session);
+    });
+    nodes.push(node);
+  }
+  const ports = nodes.map((n) => n.wss.address().port);
+  // The first session goes to node a, every later one to node b.
+  let opened = 0;
+  const balanced = class extends WebSocket {
+    constructor(url) {
+      opened += 1;
+      super(url.replace(`:${ports[0]}/`, `:${ports[opened === 1 ? 0 : 1]}/`));
+    }
+  };
+  const send = (session, msg) => session.ws.send(JSON.stringify(msg));
+  const snapshot = (you) => ({ type: 'snapshot', paper: 'two-nodes', you, completed: false, notes: [], members: [] });
+  try {
+    const rp = client(`http://127.0.0.1:${ports[0]}`, 'two-nodes', { user: 'ann', name: 'Ann', WebSocket: balanced, resume: false });
+    await until('a session on node a', () => nodes[0].sessions.length === 1);
+    const a = nodes[0].sessions[0];
+    send(a, snapshot('c1'));
+    await online(rp);
+    const first = rp.create({ text: 'on a' }, { id: 'n1' });
+    rp.flush();
+    await until('the edit sent to node a', () => a.received.some((m) => m.ref === first.ref));
+    send(a, { type: 'upsert', id: 'n1', author: 'ann', data: { text: 'on a' }, v: 9000, from: 'c1', ref: first.ref });
+    send(a, { type: 'saved', v: 9000 });
+    await until('n1 saved on node a', () => rp.eventsOf('saved').some((e) => e.ref === first.ref));
+
+    // Node a goes away; the client reconnects, to node b.
+    a.ws.close(1001);
+    await until('a session on node b', () => nodes[1].sessions.length === 1);
+    const b = nodes[1].sessions[0];
+    send(b, snapshot('c7'));
+    await until('online on node b', () => rp.state.you === 'c7' && rp.isOpen);
+    const second = rp.create({ text: 'on b' }, { id: 'n2' });
+    rp.flush();
+    await until('the edit sent to node b', () => b.received.some((m) => m.ref === second.ref));
+    // Node b applies it at a version below what node a saved, and has not saved it yet.
+    send(b, { type: 'upsert', id: 'n2', author: 'ann', data: { text: 'on b' }, v: 500, from: 'c7', ref: second.ref });
+    send(b, { type: 'join', member: { id: 'c8', user: 'bob', name: 'Bob' } });
+    await until('the echo and the join read', () => rp.eventsOf('join').length === 1);
+    check(!rp.eventsOf('saved').some((e) => e.ref === second.ref), 'node a\'s saved confirmed an edit node b never saved');
+    check(rp.state.pending === 1, `pending ${rp.state.pending}, not 1`);
+    send(b, { type: 'saved', v: 500 });
+    await until('n2 saved on node b', () => rp.eventsOf('saved').some((e) => e.ref === second.ref));
+    rp.close();
+  } finally {
+    for (const node of nodes) {
+      for (const s of node.sessions) s.ws.terminate();
+      await new Promise((r) => node.wss.close(r));
+    }
+  }
+}
+
 // ---- Runner ------------------------------------------------------------------------------
 
 async function main() {
@@ -438,6 +507,7 @@ async function main() {
       ['401 and 403 are told from offline', notAuthorisedIsNotOffline],
       ['edge cases from a scripted server: saved, write_failed, field versions, mid-session snapshot, since, seal', scriptedEdgeCases],
       ['reconnects across a server restart, resumes with since, sends edits made offline', reconnectsAcrossARestartAndResumes],
+      ['a saved of one node never confirms an edit made on another', savedDoesNotCarryOverToAnotherNode],
     ];
     for (const [name, run, needs11] of scenarios) {
       if (needs11 && !v11[needs11] && process.env.RP_ALLOW_10) {

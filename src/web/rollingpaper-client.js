@@ -253,6 +253,9 @@ export class RollingPaper {
       this.emit('change', { what: 'members' });
     }
     this.settleAtClose();
+    // The next session may be on another node, whose versions can be lower:
+    // a `saved` of this one must never confirm an edit of the next.
+    this.state.savedV = 0;
     this.emit('close', { code, reason, joined: wasJoined });
     if (this.stopped) return;
     // A refused upgrade (401, 403) reaches a WebSocket only as a close
