@@ -776,3 +776,89 @@ fn a_master_down_or_hung_holds_up_only_its_own_papers() {
     }
     assert!(server.terminate().success());
 }
+
+#[test]
+fn a_failover_with_replicas_does_not_hold_up_the_other_masters_papers() {
+    // Three masters with a replica each; saves wait for a replica. One master is
+    // killed and its replica promoted: the papers of the two other masters keep
+    // being saved within a second each, through the whole failover.
+    // `cluster-require-full-coverage no`: with the default, Redis itself refuses
+    // every slot (CLUSTERDOWN) until the failover is over.
+    let mut cluster = RedisCluster::start_with(1, &["--cluster-require-full-coverage", "no"]);
+    let replicated = |id: &str| {
+        let url = cluster.url();
+        let args = ["--redis", url.as_str(), "--cluster", "--node-id", id, "--redis-wait-replicas", "1"];
+        Server::start(&[&args[..], &["--rate", "100000", "--burst", "100000"]].concat())
+    };
+    let (a_node, b_node) = (replicated("a"), replicated("b"));
+    for node in [&a_node, &b_node] {
+        eventually("the node ready", || (node.get("/readyz").0 == 200).then_some(()));
+    }
+    let notes = |paper: &str| format!("rp:paper:{{{paper}}}:notes");
+    let masters: Vec<usize> =
+        cluster.masters().iter().map(|m| cluster.nodes.iter().position(|n| n.port == m.port).unwrap()).collect();
+    let victim = masters[0];
+    // Two papers per master, one member on each node for each.
+    let mut papers = Vec::new();
+    for &m in &masters {
+        papers.extend((0..2048).map(|i| format!("p-fo-{i}")).filter(|p| cluster.master_of(&notes(p)) == m).take(2));
+    }
+    let mut writers: Vec<(bool, Client)> = Vec::new();
+    for p in &papers {
+        let healthy = cluster.master_of(&notes(p)) != victim;
+        writers.push((healthy, a_node.join(p, "user=a")));
+        writers.push((healthy, b_node.join(p, "user=b")));
+    }
+    for (_, w) in &mut writers {
+        let v = write_own(w, 0);
+        saved(w, v);
+    }
+    cluster.nodes[victim].kill();
+    // The victim's papers wait; every other paper's edit is saved within a second.
+    let mut took = Vec::new();
+    let mut next = 1;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        for (_, w) in writers.iter_mut().filter(|(healthy, _)| *healthy) {
+            let started = std::time::Instant::now();
+            let v = write_own(w, next);
+            saved(w, v);
+            took.push(started.elapsed());
+        }
+        next += 1;
+    }
+    took.sort();
+    let p99 = took[took.len() * 99 / 100];
+    let worst = *took.last().unwrap();
+    eprintln!(
+        "{} saves on the healthy masters: p50 {:?}, p99 {:?}, max {:?}",
+        took.len(),
+        took[took.len() / 2],
+        p99,
+        took.last().unwrap()
+    );
+    assert!(p99 < std::time::Duration::from_secs(1), "p99 {p99:?} over {} saves", took.len());
+    assert!(worst < std::time::Duration::from_secs(1), "a save on a healthy master took {worst:?}");
+    // The victim's replica took over, with no replica of its own: its papers
+    // are saved once the old master is back, as its replica.
+    cluster.wait_ok();
+    cluster.nodes[victim].restart();
+    for (healthy, w) in writers.iter_mut().filter(|(healthy, _)| !*healthy) {
+        let _ = healthy;
+        let v = write_own(w, next);
+        saved(w, v);
+    }
+}
+
+/// Sends one upsert of a note of this member's own and returns its version.
+fn write_own(client: &mut Client, i: usize) -> u64 {
+    let id = format!("{}-n{}", client.you, i % 100);
+    client.upsert(&id, json!({"i": i}));
+    loop {
+        let m = client.next();
+        assert_ne!(m["type"], "error", "no error: {m}");
+        if m["type"] == "upsert" && m["id"] == id.as_str() {
+            return m["v"].as_u64().unwrap();
+        }
+    }
+}

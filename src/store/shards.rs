@@ -47,6 +47,9 @@ pub(super) struct Shards {
     swept: HashSet<String>,
     last_sweep: Option<Instant>,
     metrics: Arc<WriterMetrics>,
+    /// `--redis-wait-replicas`: a master is written to only while it has this
+    /// many replicas online (checked on each new connection).
+    wait_replicas: usize,
 }
 
 impl Shards {
@@ -63,7 +66,17 @@ impl Shards {
             swept: HashSet::new(),
             last_sweep: None,
             metrics,
+            wait_replicas: 0,
         }
+    }
+
+    /// Writes count once `replicas` replicas have them (`WAIT`): a master with
+    /// fewer replicas online (one just promoted in a failover) is not written to
+    /// until a probe, off the writer's thread, finds them; its `WAIT` would
+    /// hold every shard's pipeline of the batch for its whole timeout.
+    pub fn waiting_for_replicas(mut self, replicas: usize) -> Shards {
+        self.wait_replicas = replicas;
+        self
     }
 
     /// The shard (its master's address) serving a paper's slot by the last map
@@ -133,9 +146,10 @@ impl Shards {
     /// that one that hangs holds up no write.
     fn probe(&mut self, shard: String) {
         let (tx, rx) = mpsc::channel();
-        let (seed, scripts, addr) = (self.seed.clone(), self.scripts.clone(), shard.clone());
+        let (seed, scripts, addr, replicas) =
+            (self.seed.clone(), self.scripts.clone(), shard.clone(), self.wait_replicas);
         let started = std::thread::Builder::new().name("rp-probe".into()).spawn(move || {
-            let _ = tx.send(connect_node(&seed, &addr).and_then(|conn| set_up(conn, &scripts, &addr)));
+            let _ = tx.send(connect_node(&seed, &addr).and_then(|conn| set_up(conn, &scripts, &addr, replicas)));
         });
         match started {
             Ok(_) => drop(self.probes.insert(shard, rx)),
@@ -244,8 +258,9 @@ impl Shards {
             Err(e) => return every(e),
         };
         if acked < wait_replicas {
-            // It answers, but its replicas are missing: it waits, keeping its connection.
-            parking.shard_failed(shard, Retry::AfterWait, Instant::now());
+            // It answers, but its replicas are missing: it waits for a probe that
+            // finds them, so that its next WAIT does not hold up the other shards.
+            parking.shard_failed(shard, Retry::AfterProbe, Instant::now());
             let detail = format!("WAIT: {acked} of {wait_replicas} replicas have the writes to {shard}");
             return every(RedisError::from((redis::ErrorKind::Io, "replication", detail)));
         }
@@ -402,7 +417,7 @@ impl Shards {
                 return Err(RedisError::from((redis::ErrorKind::Io, "cluster", detail)));
             }
             let conn = connect_node(&self.seed, shard).map_err(|e| at_node(shard, &e))?;
-            let conn = set_up(conn, &self.scripts, shard)?;
+            let conn = set_up(conn, &self.scripts, shard, self.wait_replicas)?;
             bump(&self.metrics.reconnects, 1);
             self.conns.insert(shard.to_string(), conn);
         }
@@ -410,15 +425,30 @@ impl Shards {
     }
 }
 
-/// Names a new connection and loads the scripts on it. A refusal here is the
+/// Names a new connection and loads the scripts on it; with `replicas` > 0,
+/// checks that the master has that many replicas online. A refusal here is the
 /// connection's failure, not a paper's: the shard waits and is tried again.
-fn set_up(mut conn: Connection, scripts: &[Script], node: &str) -> RedisResult<Connection> {
+fn set_up(mut conn: Connection, scripts: &[Script], node: &str, replicas: usize) -> RedisResult<Connection> {
     let result = redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg("rp-writer")
         .exec(&mut conn)
         .and_then(|()| scripts.iter().try_for_each(|script| script.load(&mut conn).map(drop)));
-    result.map(|()| conn).map_err(|e| at_node(node, &e))
+    result.map_err(|e| at_node(node, &e))?;
+    if replicas > 0 {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut conn).map_err(|e| at_node(node, &e))?;
+        let online = replicas_online(&info);
+        if online < replicas {
+            let detail = format!("{node} has {online} of {replicas} replicas online");
+            return Err(RedisError::from((redis::ErrorKind::Io, "replication", detail)));
+        }
+    }
+    Ok(conn)
+}
+
+/// The replicas `INFO replication` lists as online (`slaveN:...,state=online,...`).
+fn replicas_online(info: &str) -> usize {
+    info.lines().filter(|l| l.starts_with("slave") && l.contains(",state=online,")).count()
 }
 
 /// The shard serving a key by `map`, or `slot N` for a slot it does not cover.
@@ -513,5 +543,19 @@ fn pending_handoffs(node: &mut Connection) -> RedisResult<Vec<(String, Vec<u8>)>
             return Ok(pending);
         }
         cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replicas_online;
+
+    #[test]
+    fn replicas_online_counts_only_online_ones() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+                    slave0:ip=127.0.0.1,port=7001,state=online,offset=42,lag=0\r\n\
+                    slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\nmaster_repl_offset:42\r\n";
+        assert_eq!(replicas_online(info), 1);
+        assert_eq!(replicas_online("role:master\r\nconnected_slaves:0\r\n"), 0);
     }
 }

@@ -205,6 +205,7 @@ impl Writer {
     /// `WAIT` says N replicas have it.
     pub fn waiting_for_replicas(mut self, replicas: usize) -> Self {
         self.wait_replicas = replicas;
+        self.shards = self.shards.map(|shards| shards.waiting_for_replicas(replicas));
         self
     }
 
