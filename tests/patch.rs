@@ -211,3 +211,105 @@ fn a_patch_that_loses_the_race_to_another_nodes_delete_is_not_found_and_nothing_
     let v2 = v2["v"].as_u64().unwrap();
     while ann.next_of("saved")["v"].as_u64() < Some(v2) {}
 }
+
+/// A node of a cluster that takes a session's edits as fast as it sends them.
+fn fast_node(redis: &Redis, id: &str) -> Server {
+    Server::redis(redis, &["--cluster", "--node-id", id, "--rate", "10000", "--burst", "10000"])
+}
+
+/// A note as a snapshot shows it: (data, v).
+fn note_of(snapshot: &Value, id: &str) -> (Value, u64) {
+    let notes = snapshot["notes"].as_array().unwrap();
+    let note = notes.iter().find(|n| n["id"] == id).unwrap_or_else(|| panic!("no note {id} in {snapshot}"));
+    (note["data"].clone(), note["v"].as_u64().unwrap())
+}
+
+/// The stored form of a note is bounded whatever patches it receives (PROTOCOL.md 2,
+/// 1.2): a stored note is at most `max_note_bytes` of data plus this.
+const FIXED_OVERHEAD: usize = 8 * 1024;
+
+#[test]
+fn removing_new_fields_over_and_over_keeps_the_stored_note_bounded() {
+    // One session creates a note, then patches it with hundreds of new
+    // 64-character fields set to null at a time: `data` stays {"text":"hi"}, and
+    // so must what Redis stores, while the other node and Redis agree exactly.
+    let redis = Redis::start();
+    let (a_node, b_node) = (fast_node(&redis, "a"), fast_node(&redis, "b"));
+    let mut a = a_node.join("p-churn", "user=ann");
+    let mut b = b_node.join("p-churn", "user=bob");
+    a.upsert("n1", json!({"text": "hi"}));
+    a.next_of("upsert");
+    b.next_of("upsert");
+    let mut last = 0;
+    for i in 0..200 {
+        let data: Map<String, Value> =
+            (0..225).map(|j| (format!("{:x>64}", format!("{i}-{j}")), Value::Null)).collect();
+        a.send(json!({"type": "patch", "id": "n1", "data": data}));
+        last = a.next_of("patch")["v"].as_u64().unwrap();
+        if i % 20 == 19 {
+            // Bob's node follows through Redis: it is sent what Redis applied.
+            while b.next_of("patch")["v"].as_u64().unwrap() < last {}
+        }
+    }
+    saved(&mut a, last);
+    let stored = redis.hget("rp:paper:{p-churn}:notes", "n1").unwrap();
+    assert!(stored.len() < 16 * 1024 + FIXED_OVERHEAD, "stored note of {} bytes", stored.len());
+    let expected = (json!({"text": "hi"}), last);
+    assert_eq!(
+        (data_in_redis(&redis, "p-churn", "n1"), redis.note("p-churn", "n1").unwrap()["v"].as_u64().unwrap()),
+        expected
+    );
+    for server in [&a_node, &b_node] {
+        assert_eq!(note_of(&server.join("p-churn", "").snapshot, "n1"), expected);
+    }
+    let fresh = Server::redis(&redis, &[]);
+    assert_eq!(note_of(&fresh.join("p-churn", "").snapshot, "n1"), expected);
+    // The floor keeps what the dropped versions said: an old patch of one of
+    // those fields, relayed late, would not be applied.
+    let fv = &redis.note("p-churn", "n1").unwrap()["fv"];
+    assert_eq!(fv["floor"][0].as_u64(), Some(last), "{fv}");
+}
+
+#[test]
+fn many_patches_of_a_large_note_are_written_in_one_cheap_call() {
+    // The writer is held by a paused Redis while one session sends 1,500 patches
+    // of a 16 KB note; once Redis takes writes again they go out in one call,
+    // which must decode the note once, not once per patch (PROTOCOL.md 4, 1.2).
+    let redis = Redis::start_with(&["--slowlog-log-slower-than", "300000"]);
+    let server = Server::redis(&redis, &["--rate", "10000", "--burst", "10000"]);
+    let mut a = server.join("p-heavy", "user=ann");
+    let text = |i: usize| format!("{i:x>150}");
+    let data: Map<String, Value> = (0..100).map(|f| (format!("f{f:02}"), Value::from(text(f)))).collect();
+    a.upsert("n1", Value::Object(data));
+    let v = a.next_of("upsert")["v"].as_u64().unwrap();
+    saved(&mut a, v);
+
+    let mut conn = redis.conn();
+    redis::cmd("CLIENT").arg("PAUSE").arg(60_000).arg("WRITE").exec(&mut conn).unwrap();
+    let patch = |i: usize| json!({"type": "patch", "id": "n1", "data": {format!("f{:02}", i % 100): text(i)}});
+    a.send(patch(0));
+    a.next_of("patch");
+    eventually("the writer to be held", || (writers_held(&redis) == 1).then_some(()));
+    for i in 1..1500 {
+        a.send(patch(i));
+    }
+    let mut last = 0;
+    for _ in 1..1500 {
+        last = a.next_of("patch")["v"].as_u64().unwrap();
+    }
+    redis::cmd("SLOWLOG").arg("RESET").exec(&mut conn).unwrap();
+    redis::cmd("CLIENT").arg("UNPAUSE").exec(&mut conn).unwrap();
+    saved(&mut a, last);
+
+    type Entry = (u64, u64, u64, Vec<Vec<u8>>, String, String);
+    let slow: Vec<Entry> = redis::cmd("SLOWLOG").arg("GET").arg(128).query(&mut conn).unwrap();
+    let scripts: Vec<(u64, String)> = slow
+        .iter()
+        .map(|(_, _, micros, args, _, _)| (*micros, String::from_utf8_lossy(&args[0]).to_lowercase()))
+        .filter(|(_, command)| command.starts_with("eval"))
+        .collect();
+    assert!(scripts.is_empty(), "script calls slower than 300 ms (microseconds, command): {scripts:?}");
+    let stored = redis.note("p-heavy", "n1").unwrap();
+    assert_eq!(stored["data"][format!("f{:02}", 1499 % 100)], text(1499));
+    assert_eq!(note_of(&server.join("p-heavy", "").snapshot, "n1"), (stored["data"].clone(), last));
+}
