@@ -313,3 +313,126 @@ fn many_patches_of_a_large_note_are_written_in_one_cheap_call() {
     assert_eq!(stored["data"][format!("f{:02}", 1499 % 100)], text(1499));
     assert_eq!(note_of(&server.join("p-heavy", "").snapshot, "n1"), (stored["data"].clone(), last));
 }
+
+/// The write script, as the writer loads it (src/store/writer.rs).
+fn write_notes_script() -> redis::Script {
+    let readable = include_str!("../src/store/scripts/readable.lua");
+    let write_notes = include_str!("../src/store/scripts/write_notes.lua");
+    redis::Script::new(&format!("{readable}{write_notes}"))
+}
+
+/// A small deterministic generator (xorshift), so that a failure can be replayed.
+struct Dice(u64);
+
+impl Dice {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn the_write_script_merges_and_folds_exactly_as_the_nodes_do() {
+    // Random changes of one note (patches that set and remove fields, some of
+    // them late, bursts of removals past the caps, upserts and deletes, from two
+    // nodes) go through a paper in memory and through the write script, several
+    // to a call: Redis must hold exactly the note the paper holds, field
+    // versions and floor included, and answer each change as the paper did.
+    use rollingpaper::paper::{Edit, Note, Paper, Patch, StoredPaper, VersionClock};
+    use rollingpaper::store::codec::{encode_note, read_note};
+    use serde_json::value::RawValue;
+    use std::sync::Arc;
+
+    let redis = Redis::start();
+    let mut conn = redis.conn();
+    let script = write_notes_script();
+    // Mostly long keys for even seeds (the cap on bytes binds first), mostly
+    // short ones for odd seeds (the cap on count binds first).
+    let keys = |seed: u64, i: u64| {
+        if i.is_multiple_of(4) != seed.is_multiple_of(2) {
+            format!("{i:k>100}")
+        } else {
+            format!("k{i}")
+        }
+    };
+    let mut floors = 0;
+    for seed in 1..=6u64 {
+        let paper_id = format!("p-model-{seed}");
+        let mut dice = Dice(0x9E37_79B9_7F4A_7C15 ^ seed);
+        let mut clock = VersionClock::new(Arc::from("a"));
+        let mut paper = Paper::new(Arc::from(paper_id.as_str()), StoredPaper::default(), &mut clock);
+        let id: Arc<str> = Arc::from("n");
+        let mut now = 1_000u64;
+        let mut ops = 0;
+        while ops < 1500 {
+            let mut call = script.key(format!("rp:paper:{{{paper_id}}}:notes"));
+            call.key(format!("rp:paper:{{{paper_id}}}:meta")).key(format!("rp:paper:{{{paper_id}}}:tombstones"));
+            call.arg(1).arg("").arg(1_000_000_000).arg(1_000_000);
+            let mut expected = Vec::new();
+            for _ in 0..=dice.below(16) {
+                ops += 1;
+                now += 1 + dice.below(3);
+                let late = if dice.below(10) < 3 { dice.below(40) } else { 0 };
+                let v = now - late;
+                let node: Arc<str> = Arc::from(["a", "b"][dice.below(2) as usize]);
+                let roll = dice.below(100);
+                if ops == 1 || roll < 3 {
+                    let data: Map<String, Value> =
+                        (0..dice.below(6)).map(|_| (keys(seed, dice.below(90)), json!(dice.below(100)))).collect();
+                    let data = serde_json::to_string(&data).unwrap();
+                    let note = Note { author: Arc::from("u"), data: Some(Arc::from(data)), v, node, fields: None };
+                    let value = encode_note(&note.author, note.data.as_deref(), None, &note.node, v);
+                    call.arg("w").arg("n").arg(value).arg(v).arg(&*note.node).arg("");
+                    expected.push(if paper.apply(Edit { id: id.clone(), note }) { 1 } else { 2 });
+                } else if roll < 4 {
+                    let author = paper.note(&id).map_or_else(|| Arc::from(""), |n| n.author.clone());
+                    let value = encode_note(&author, None, None, &node, v);
+                    call.arg("w").arg("n").arg(value).arg(v).arg(&*node).arg("");
+                    let note = Note { author, data: None, v, node, fields: None };
+                    expected.push(if paper.apply(Edit { id: id.clone(), note }) { 1 } else { 2 });
+                } else {
+                    let (count, removals) =
+                        if roll < 12 { (30 + 40 * (roll % 2), 100) } else { (1 + dice.below(6), 50) };
+                    let fields: BTreeMap<String, Option<Box<RawValue>>> = (0..count)
+                        .map(|_| {
+                            let value = dice.below(100);
+                            let value = (value >= removals).then(|| RawValue::from_string(value.to_string()).unwrap());
+                            (keys(seed, dice.below(90)), value)
+                        })
+                        .collect();
+                    call.arg("p").arg("n").arg(serde_json::to_string(&fields).unwrap()).arg(v).arg(&*node).arg("");
+                    let code = match paper.note(&id) {
+                        None => 6,
+                        Some(note) if note.data.is_none() => 5,
+                        Some(_) => {
+                            let patch = Patch { id: id.clone(), fields: fields.into_iter().collect(), v, node };
+                            if paper.apply_patch(&patch).is_some() {
+                                1
+                            } else {
+                                2
+                            }
+                        }
+                    };
+                    expected.push(code);
+                }
+            }
+            let codes: Vec<i64> = call.invoke(&mut conn).unwrap();
+            assert_eq!(codes, expected, "seed {seed}, op {ops}: codes");
+            let stored = redis.hget(&format!("rp:paper:{{{paper_id}}}:notes"), "n").unwrap();
+            let held = read_note(stored.as_bytes()).unwrap_or_else(|| panic!("unreadable: {stored}"));
+            let note = paper.note(&id).unwrap();
+            // A tombstone is stored without its author.
+            let author = if held.data.is_some() { held.author } else { note.author.clone() };
+            let held = Note { author, data: held.data, v: held.v, node: held.node, fields: held.fields };
+            assert_eq!(&held, note, "seed {seed}, op {ops}: Redis holds {stored}");
+            if let Some(fv) = &note.fields {
+                let data: Map<String, Value> = serde_json::from_str(note.data.as_deref().unwrap()).unwrap();
+                assert!(fv.changed.keys().filter(|k| !data.contains_key(*k)).count() <= 64);
+                floors += usize::from(fv.floor.is_some());
+            }
+        }
+    }
+    assert!(floors > 100, "the floor was there after {floors} calls only");
+}
