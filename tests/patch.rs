@@ -436,3 +436,86 @@ fn the_write_script_merges_and_folds_exactly_as_the_nodes_do() {
     }
     assert!(floors > 100, "the floor was there after {floors} calls only");
 }
+
+/// Reads a session's messages into its view until one satisfies `done`.
+fn follow(client: &mut Client, view: &mut Notes, mut done: impl FnMut(&Value) -> bool) {
+    let until = crate::common::deadline();
+    loop {
+        match client.event(until) {
+            crate::common::Event::Msg(msg) => {
+                assert_ne!(msg["type"], "error", "{msg}");
+                view.apply(&msg);
+                if done(&msg) {
+                    return;
+                }
+            }
+            crate::common::Event::Closed(frame) => panic!("closed: {frame:?}"),
+        }
+    }
+}
+
+#[test]
+fn removed_field_churn_on_two_nodes_converges_everywhere() {
+    // Two sessions on two nodes remove fields of one note and set them again,
+    // both at once, round after round, far past the 64 removed fields whose
+    // versions a note keeps (PROTOCOL.md 2, 1.2). Each round ends when each
+    // side has heard the other's last patch (a marker field of its own), so
+    // what each side sends next is newer than the round before. Every node,
+    // Redis (as a fresh node and `GET /papers` read it), every snapshot and
+    // every client's view end with the same note.
+    let redis = Redis::start();
+    let (a_node, b_node) = (fast_node(&redis, "a"), fast_node(&redis, "b"));
+    let mut a = a_node.join("p-fold", "user=ann");
+    let mut b = b_node.join("p-fold", "user=bob");
+    // Two keys in three are long, so that the cap on key bytes binds too.
+    let key = |i: u64| if i.is_multiple_of(3) { format!("f{i}") } else { format!("{i:f>90}") };
+    let start: Map<String, Value> = (0..200).map(|i| (key(i), json!(0))).collect();
+    a.upsert("n1", Value::Object(start.clone()));
+    a.next_of("upsert");
+    b.next_of("upsert");
+    let mut views = [Notes::default(), Notes::default()];
+    for view in &mut views {
+        view.0.insert("n1".into(), start.clone());
+    }
+    let mut dice = [Dice(0x2545_F491_4F6C_DD1D), Dice(0x9E37_79B9_7F4A_7C15)];
+    let markers = ["ma", "mb"];
+    for round in 0..30 {
+        for (side, client) in [&mut a, &mut b].into_iter().enumerate() {
+            for _ in 0..3 {
+                let mut data = Map::new();
+                for _ in 0..2 {
+                    data.insert(key(dice[side].below(200)), Value::Null);
+                }
+                data.insert(key(dice[side].below(200)), json!(format!("{side}-{round}")));
+                client.send(json!({"type": "patch", "id": "n1", "data": data}));
+            }
+            client.send(json!({"type": "patch", "id": "n1", "data": {markers[side]: round}}));
+        }
+        for (side, client) in [&mut a, &mut b].into_iter().enumerate() {
+            let other = markers[1 - side];
+            follow(client, &mut views[side], |msg| msg["type"] == "patch" && msg["data"][other] == round);
+        }
+    }
+    let value = redis.note("p-fold", "n1").unwrap();
+    let stored = (value["data"].clone(), value["v"].as_u64().unwrap());
+    let fv = &value["fv"];
+    assert!(fv["floor"][0].as_u64().is_some(), "no floor: {fv}");
+    let removed = fv["changed"].as_object().unwrap().keys().filter(|k| stored.0.get(k.as_str()).is_none()).count();
+    assert!(removed <= 64, "{removed} removed fields kept");
+    // Each client, applying what it received in order, ends where Redis is.
+    let until = crate::common::deadline();
+    for (client, view) in [&mut a, &mut b].into_iter().zip(views.iter_mut()) {
+        while Value::Object(view.0["n1"].clone()) != stored.0 {
+            match client.event(until) {
+                crate::common::Event::Msg(msg) => view.apply(&msg),
+                crate::common::Event::Closed(frame) => panic!("closed: {frame:?}"),
+            }
+        }
+    }
+    for server in [&a_node, &b_node, &Server::redis(&redis, &[])] {
+        assert_eq!(note_of(&server.join("p-fold", "").snapshot, "n1"), stored);
+        let (status, _, body) = server.get("/papers/p-fold");
+        assert_eq!(status, 200);
+        assert_eq!(note_of(&serde_json::from_str(&body).unwrap(), "n1"), stored);
+    }
+}
