@@ -82,27 +82,36 @@ end
 -- removals of one version go together, whatever their keys.
 local function fold(note)
   if note.removed <= MAX_REMOVED and note.bytes <= MAX_REMOVED_KEY_BYTES and not note.low then return end
-  local removed = {}
+  -- Removed fields by version: only the versions need sorting.
+  local by_version, groups = {}, {}
   for k, c in pairs(note.changed) do
-    if not note.data[k] then removed[#removed + 1] = {k, c[1], c[2]} end
+    if not note.data[k] then
+      local by_node = by_version[c[1]]
+      if not by_node then
+        by_node = {}
+        by_version[c[1]] = by_node
+      end
+      local group = by_node[c[2]]
+      if not group then
+        group = {v = c[1], n = c[2]}
+        by_node[c[2]] = group
+        groups[#groups + 1] = group
+      end
+      group[#group + 1] = k
+    end
   end
-  table.sort(removed, function(a, b) return newer(b[2], b[3], a[2], a[3]) end)
+  table.sort(groups, function(a, b) return newer(b.v, b.n, a.v, a.n) end)
   local count, bytes, fv, fn = note.removed, note.bytes, note.fv, note.fn
-  local i = 1
-  while i <= #removed do
-    local v, n = removed[i][2], removed[i][3]
-    local j = i
-    while j <= #removed and removed[j][2] == v and removed[j][3] == n do j = j + 1 end
-    if not fv or newer(v, n, fv, fn) then
+  for _, group in ipairs(groups) do
+    if not fv or newer(group.v, group.n, fv, fn) then
       if count <= MAX_REMOVED and bytes <= MAX_REMOVED_KEY_BYTES then break end
-      fv, fn = v, n
+      fv, fn = group.v, group.n
     end
-    for m = i, j - 1 do
-      note.changed[removed[m][1]] = nil
+    for _, k in ipairs(group) do
+      note.changed[k] = nil
       count = count - 1
-      bytes = bytes - #removed[m][1]
+      bytes = bytes - #k
     end
-    i = j
   end
   note.removed, note.bytes, note.fv, note.fn, note.low = count, bytes, fv, fn, false
 end
