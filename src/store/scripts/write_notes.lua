@@ -262,8 +262,16 @@ for i = 5, #ARGV, 6 do
     elseif not present or not check(s) then
       code = 6
     else
+      -- A value whose fields cannot be walked is one this script cannot patch:
+      -- as good as unreadable, never a silent `saved`.
       local note = parsed(s)
-      if note and apply_patch(note, value, v, node) then merged = note else code = 2 end
+      if not note then
+        code = 6
+      elseif apply_patch(note, value, v, node) then
+        merged = note
+      else
+        code = 2
+      end
     end
   elseif present then
     -- The end of the value says which is newer; only a stored value that looks
