@@ -325,11 +325,15 @@ fn compact_object(raw: Option<&RawValue>) -> Option<String> {
 
 /// Per-field versions of a note's `data` (PROTOCOL.md 2, 1.1): the version of
 /// its last upsert (`base`, which every field has unless listed) and of each
-/// field a patch changed after it (a removed field keeps its version here).
+/// field a patch changed after it (a removed field keeps its version here while
+/// it is among the newest removals). 1.2: `floor`, the greatest version of a
+/// removed field whose version was dropped: a field the note does not have is
+/// taken to be at `floor` when it is above `base`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldVersions {
     pub base: (u64, std::sync::Arc<str>),
     pub changed: std::collections::BTreeMap<String, (u64, std::sync::Arc<str>)>,
+    pub floor: Option<(u64, std::sync::Arc<str>)>,
 }
 
 #[cfg(test)]

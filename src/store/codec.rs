@@ -17,7 +17,9 @@ pub type Hash = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The value of a note in Redis: `{"author","data","v"}`, or `{"deleted":true,"v"}`
 /// for a deleted one; once a patch changed a field after the last upsert, the
-/// field versions `"fv"` follow `data` (1.1); with several nodes, `"node"` (the
+/// field versions `"fv":{"base":[v,"node"],"changed":{..}}` follow `data` (1.1),
+/// with `"floor":[v,"node"]` last in them once removed fields' versions were
+/// folded (1.2); with several nodes, `"node"` (the
 /// writer of `v`, for ties) comes just before `v`. `v`, the greatest version of
 /// the note, comes last on purpose: the write script reads it from the end.
 pub fn encode_note(author: &str, data: Option<&str>, fields: Option<&FieldVersions>, node: &str, v: u64) -> String {
@@ -41,7 +43,13 @@ pub fn encode_note(author: &str, data: Option<&str>, fields: Option<&FieldVersio
                     json_string(&mut b, node);
                     b.push(b']');
                 }
-                b.extend_from_slice(b"}}");
+                b.push(b'}');
+                if let Some((v, node)) = &fv.floor {
+                    let _ = write!(b, r#","floor":[{v},"#);
+                    json_string(&mut b, node);
+                    b.push(b']');
+                }
+                b.push(b'}');
             }
         }
         None => b.extend_from_slice(br#"{"deleted":true"#),
@@ -110,12 +118,15 @@ struct StoredNote<'a> {
     v: u64,
 }
 
-/// `"fv":{"base":[v,"node"],"changed":{"field":[v,"node"]}}`.
+/// `"fv":{"base":[v,"node"],"changed":{"field":[v,"node"]},"floor":[v,"node"]}`;
+/// values stored before 1.2 have no floor.
 #[derive(Deserialize)]
 struct StoredFieldVersions {
     base: (u64, String),
     #[serde(default)]
     changed: std::collections::BTreeMap<String, (u64, String)>,
+    #[serde(default)]
+    floor: Option<(u64, String)>,
 }
 
 /// Builds a paper from its two hashes. A value this server cannot have written
@@ -166,12 +177,15 @@ pub fn read_note(value: &[u8]) -> Option<NoteValue> {
     };
     let fields = match note.fv {
         Some(fv) if data.is_some() => {
-            let versions = std::iter::once(fv.base.0).chain(fv.changed.values().map(|(v, _)| *v));
+            let versions = std::iter::once(fv.base.0)
+                .chain(fv.changed.values().map(|(v, _)| *v))
+                .chain(fv.floor.as_ref().map(|(v, _)| *v));
             if versions.clone().any(|v| !(1..=MAX_VERSION).contains(&v)) || versions.max() != Some(note.v) {
                 return None;
             }
             let changed = fv.changed.into_iter().map(|(k, (v, n))| (k, (v, Arc::from(n)))).collect();
-            Some(Arc::new(FieldVersions { base: (fv.base.0, Arc::from(fv.base.1)), changed }))
+            let floor = fv.floor.map(|(v, n)| (v, Arc::from(n)));
+            Some(Arc::new(FieldVersions { base: (fv.base.0, Arc::from(fv.base.1)), changed, floor }))
         }
         _ => None,
     };
@@ -197,12 +211,38 @@ mod tests {
         let fv = FieldVersions {
             base: (10, Arc::from("a")),
             changed: [("x".to_string(), (12, Arc::from("b")))].into_iter().collect(),
+            floor: None,
         };
         let stored = encode_note("u1", Some(r#"{"x":1}"#), Some(&fv), "b", 12);
         assert!(stored.ends_with(r#","node":"b","v":12}"#), "{stored}");
         let note = read_note(stored.as_bytes()).unwrap();
         assert_eq!(note.fields.as_deref(), Some(&fv));
         assert_eq!(note.v, 12);
+    }
+
+    #[test]
+    fn the_floor_is_stored_and_read_back_and_counts_in_v() {
+        let fv = FieldVersions {
+            base: (10, Arc::from("a")),
+            changed: [("x".to_string(), (12, Arc::from("b")))].into_iter().collect(),
+            floor: Some((14, Arc::from("a"))),
+        };
+        let stored = encode_note("u1", Some(r#"{"x":1}"#), Some(&fv), "a", 14);
+        assert!(stored.contains(r#","fv":{"base":[10,"a"],"changed":{"x":[12,"b"]},"floor":[14,"a"]},"#), "{stored}");
+        assert_eq!(read_note(stored.as_bytes()).unwrap().fields.as_deref(), Some(&fv));
+        // Only a floor: the removals it folded are all there is.
+        let only = FieldVersions { changed: Default::default(), ..fv.clone() };
+        let stored = encode_note("u1", Some(r#"{"x":1}"#), Some(&only), "a", 14);
+        assert_eq!(read_note(stored.as_bytes()).unwrap().fields.as_deref(), Some(&only));
+        // The floor is a version like the others: in range, and never above v.
+        let read = |s: &str| read_note(s.as_bytes()).map(|n| n.v);
+        assert_eq!(read(r#"{"author":"a","data":{},"fv":{"base":[1,""],"floor":[3,""]},"v":3}"#), Some(3));
+        assert_eq!(read(r#"{"author":"a","data":{},"fv":{"base":[1,""],"floor":[3,""]},"v":2}"#), None);
+        assert_eq!(read(r#"{"author":"a","data":{},"fv":{"base":[1,""],"floor":[0,""]},"v":1}"#), None);
+        assert_eq!(read(r#"{"author":"a","data":{},"fv":{"base":[1,""],"floor":[9007199254740992,""]},"v":1}"#), None);
+        // What was stored before 1.2 reads as before.
+        let old = read_note(br#"{"author":"a","data":{},"fv":{"base":[1,""],"changed":{"y":[2,""]}},"v":2}"#).unwrap();
+        assert_eq!(old.fields.unwrap().floor, None);
     }
 
     #[test]
