@@ -158,6 +158,7 @@ impl From<BTreeMap<String, Map<String, Value>>> for Notes {
 }
 
 /// How many of the servers' writers have a command held by `CLIENT PAUSE`.
+/// Writer connections Redis holds in a paused `EVALSHA`.
 fn writers_held(redis: &Redis) -> usize {
     let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut redis.conn()).unwrap();
     list.lines().filter(|l| l.contains("name=rp-writer") && l.contains("cmd=evalsha")).count()
@@ -169,25 +170,50 @@ fn a_patch_that_loses_the_race_to_another_nodes_delete_is_not_found_and_nothing_
     // yet, patches it; Redis applies the delete first. The patch is told
     // `not_found` (PROTOCOL.md 3.2), the delete reaches Ann's members, and the
     // paper takes edits on: no `write_failed`, no `unavailable`.
+    lost_race(&[]);
+}
+
+#[test]
+fn a_patch_that_loses_to_a_delete_the_horizon_dropped_is_not_found_too() {
+    // With one tombstone kept, a second delete drops the first note's tombstone
+    // before Ann's patch of it reaches Redis: the note is simply not there, and
+    // its version is at or below the horizon (PROTOCOL.md 4, 1.1).
+    lost_race(&["--max-tombstones", "1"]);
+}
+
+/// The race, made certain: Ann's node is cut from Redis (a fault proxy) while
+/// Bob deletes the note (and, with a tiny horizon, another after it), and
+/// Ann patches it; then the link is back and Ann's patch reaches Redis last.
+fn lost_race(flags: &[&str]) {
     let redis = Redis::start();
-    let node = |id: &str| Server::redis(&redis, &["--cluster", "--node-id", id]);
-    let (a_node, b_node) = (node("a"), node("b"));
+    let proxy = crate::common::proxy::Proxy::start(redis.port);
+    let node = |id: &str, url: &str| {
+        let args = [&["--store", "redis", "--redis", url, "--cluster", "--node-id", id][..], flags].concat();
+        Server::start(&args)
+    };
+    let (a_node, b_node) = (node("a", &proxy.redis_url()), node("b", &redis.url()));
     let mut ann = a_node.join("p-lost-race", "user=ann");
     let mut bob = b_node.join("p-lost-race", "user=bob");
-    ann.send(json!({"type": "upsert", "id": "n1", "data": {"x": 0, "text": "hi"}}));
-    let v = ann.next_of("upsert")["v"].as_u64().unwrap();
-    while ann.next_of("saved")["v"].as_u64() < Some(v) {}
-    assert_eq!(bob.next_of("upsert")["id"], "n1");
+    for id in ["n1", "n0"] {
+        ann.send(json!({"type": "upsert", "id": id, "data": {"x": 0, "text": "hi"}}));
+        let v = ann.next_of("upsert")["v"].as_u64().unwrap();
+        while ann.next_of("saved")["v"].as_u64() < Some(v) {}
+        assert_eq!(bob.next_of("upsert")["id"], id);
+    }
 
-    // Writes wait while both edits are made, so that neither node hears of the other's.
-    redis::cmd("CLIENT").arg("PAUSE").arg(20_000).arg("WRITE").exec(&mut redis.conn()).unwrap();
-    bob.send(json!({"type": "delete", "id": "n1", "ref": "del"}));
-    assert_eq!(bob.next_of("delete")["ref"], "del");
-    eventually("bob's writer to be held", || (writers_held(&redis) == 1).then_some(()));
+    proxy.set(crate::common::proxy::Mode::Cut);
+    let deletes: &[&str] = if flags.is_empty() { &["n1"] } else { &["n1", "n0"] };
+    for id in deletes {
+        bob.send(json!({"type": "delete", "id": id, "ref": id}));
+        let v = bob.next_of("delete")["v"].as_u64().unwrap();
+        while bob.next_of("saved")["v"].as_u64() < Some(v) {}
+    }
+    if !flags.is_empty() {
+        assert_eq!(redis.hget("rp:paper:{p-lost-race}:notes", "n1"), None, "n1's tombstone is past the horizon");
+    }
     ann.send(json!({"type": "patch", "id": "n1", "data": {"x": 5}, "ref": "drag"}));
     assert_eq!(ann.next_of("patch")["ref"], "drag");
-    eventually("ann's writer to be held behind it", || (writers_held(&redis) == 2).then_some(()));
-    redis::cmd("CLIENT").arg("UNPAUSE").exec(&mut redis.conn()).unwrap();
+    proxy.set(crate::common::proxy::Mode::Pass);
 
     let mut told = None;
     let mut deleted = false;
@@ -202,14 +228,18 @@ fn a_patch_that_loses_the_race_to_another_nodes_delete_is_not_found_and_nothing_
     }
     let told = told.unwrap();
     assert_eq!((told["code"].as_str(), told["ref"].as_str()), (Some("not_found"), Some("drag")), "{told}");
-    // Redis keeps the delete, and the paper takes the next edit.
-    let stored = redis.hget("rp:paper:{p-lost-race}:notes", "n1").unwrap();
-    assert!(stored.starts_with(r#"{"deleted":true"#), "{stored}");
+    // Redis keeps the delete (or, past the horizon, nothing), and the paper takes the next edit.
+    let stored = redis.hget("rp:paper:{p-lost-race}:notes", "n1");
+    assert!(stored.as_ref().is_none_or(|s| s.starts_with(r#"{"deleted":true"#)), "{stored:?}");
     ann.send(json!({"type": "upsert", "id": "n2", "data": {}, "ref": "next"}));
     let v2 = ann.next_of_any(&["upsert", "error"]);
     assert_eq!(v2["type"], "upsert", "{v2}");
     let v2 = v2["v"].as_u64().unwrap();
     while ann.next_of("saved")["v"].as_u64() < Some(v2) {}
+    // Ann's node shows what Redis holds: n1 is gone there too.
+    let fresh = a_node.join("p-lost-race", "user=cat");
+    let ids: Vec<&str> = fresh.snapshot["notes"].as_array().unwrap().iter().filter_map(|n| n["id"].as_str()).collect();
+    assert!(!ids.contains(&"n1"), "{ids:?}");
 }
 
 /// A node of a cluster that takes a session's edits as fast as it sends them.
@@ -384,12 +414,12 @@ fn the_write_script_merges_and_folds_exactly_as_the_nodes_do() {
                     let data = serde_json::to_string(&data).unwrap();
                     let note = Note { author: Arc::from("u"), data: Some(Arc::from(data)), v, node, fields: None };
                     let value = encode_note(&note.author, note.data.as_deref(), None, &note.node, v);
-                    call.arg("w").arg("n").arg(value).arg(v).arg(&*note.node).arg("");
+                    call.arg("w").arg("n").arg(value).arg(v).arg(&*note.node).arg("").arg(0);
                     expected.push(if paper.apply(Edit { id: id.clone(), note }) { 1 } else { 2 });
                 } else if roll < 4 {
                     let author = paper.note(&id).map_or_else(|| Arc::from(""), |n| n.author.clone());
                     let value = encode_note(&author, None, None, &node, v);
-                    call.arg("w").arg("n").arg(value).arg(v).arg(&*node).arg("");
+                    call.arg("w").arg("n").arg(value).arg(v).arg(&*node).arg("").arg(0);
                     let note = Note { author, data: None, v, node, fields: None };
                     expected.push(if paper.apply(Edit { id: id.clone(), note }) { 1 } else { 2 });
                 } else {
@@ -402,7 +432,13 @@ fn the_write_script_merges_and_folds_exactly_as_the_nodes_do() {
                             (keys(seed, dice.below(90)), value)
                         })
                         .collect();
-                    call.arg("p").arg("n").arg(serde_json::to_string(&fields).unwrap()).arg(v).arg(&*node).arg("");
+                    call.arg("p")
+                        .arg("n")
+                        .arg(serde_json::to_string(&fields).unwrap())
+                        .arg(v)
+                        .arg(&*node)
+                        .arg("")
+                        .arg(0);
                     let code = match paper.note(&id) {
                         None => 6,
                         Some(note) if note.data.is_none() => 5,

@@ -6,7 +6,7 @@ pub mod clock;
 pub mod fields;
 pub mod registry;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -334,6 +334,26 @@ impl Paper {
         let (note, advanced) = fields::merge_patch(current, &patch.fields, patch.v, &patch.node)?;
         self.store_note(patch.id.clone(), note);
         Some(fields::patch_data(&advanced))
+    }
+
+    /// Takes the horizon Redis holds (a paper read again after the relay was
+    /// away): a note this paper shows that Redis does not hold (not in
+    /// `stored`), at or below that horizon, was deleted meanwhile and its
+    /// tombstone dropped, so it goes here too. Returns each such note's id and
+    /// the version of its removal, above the note's own.
+    pub fn forget_dropped(&mut self, horizon: u64, stored: &HashSet<&str>) -> Vec<(Arc<str>, u64)> {
+        self.horizon = self.horizon.max(horizon);
+        let gone: Vec<(Arc<str>, u64)> = self
+            .notes
+            .iter()
+            .filter(|(id, note)| note.data.is_some() && note.v <= horizon && !stored.contains(&***id))
+            .map(|(id, note)| (id.clone(), horizon.max(note.v + 1)))
+            .collect();
+        for (id, _) in &gone {
+            self.notes.remove(id);
+            self.live -= 1;
+        }
+        gone
     }
 
     /// Drops the tombstones past retention (older than `now_ms` minus it) or past

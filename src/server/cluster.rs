@@ -3,6 +3,7 @@
 //! when it advances a note, so that every node converges whatever the order of
 //! arrival), a paper read again after the relay was away, and nodes gone.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::event_loop::EventLoop;
@@ -144,6 +145,13 @@ impl EventLoop {
             }
         }
         let metrics = &self.node.loop_metrics[self.index];
+        // Notes deleted while this node was away, whose tombstones the horizon
+        // has dropped since: Redis holds nothing of them, so they go here too.
+        let held: HashSet<&str> = stored.notes.iter().map(|(id, _)| id.as_str()).collect();
+        for (id, v) in paper.forget_dropped(stored.horizon, &held) {
+            let bytes = self.frame.delete(&id, v, "", None);
+            self.conns.fanout(paper.members(), None, bytes, Out::Delete, metrics);
+        }
         for (id, note) in stored.notes {
             self.clock.observe(note.v);
             let edit = Edit { id: Arc::from(id), note };

@@ -59,6 +59,7 @@ impl EventLoop {
                 return self.relay_frame(&paper_id, None, Relaying::Transient);
             }
             ClientMsg::Patch { id, data, reference } => {
+                let held = paper.note(&id).map_or(0, |n| n.v);
                 let patch = match paper.prepare_patch(&id, &data, (&user, role), &mut self.clock, &limits) {
                     Ok(patch) => patch,
                     Err(code) => return self.refuse(key, &Refusal::from(code).with_ref(reference)),
@@ -78,6 +79,7 @@ impl EventLoop {
                     patch: advanced.into_boxed_str(),
                     v,
                     node: patch.node.clone(),
+                    held,
                     origin,
                     reference: reference.clone(),
                     relay,
@@ -205,6 +207,9 @@ impl EventLoop {
             if let Some(paper) = self.papers.paper_mut(&w.paper) {
                 paper.unwritten = paper.unwritten.saturating_sub(1);
             }
+            if let (Outcome::Gone, Some(note)) = (w.outcome, &w.note) {
+                self.on_gone(&w.paper, note);
+            }
             let (key, serial) = (w.origin.conn, w.origin.serial);
             let Some(conn) = self.conns.slab.get_mut(key).filter(|c| c.serial == serial && !c.doomed) else {
                 continue;
@@ -241,6 +246,21 @@ impl EventLoop {
             self.metrics().message_out(Out::Saved, 1);
             let saved = self.frame.saved(v);
             self.conns.send(key, saved);
+        }
+    }
+
+    /// Redis does not hold a note this node patched (another node deleted it,
+    /// and the relayed delete may never come: its tombstone may be past the
+    /// horizon already, or this node was cut from the relay meanwhile). The
+    /// note goes here too, above every version it had, and the members are told.
+    fn on_gone(&mut self, paper_id: &Arc<str>, id: &Arc<str>) {
+        let Some(paper) = self.papers.paper_mut(paper_id) else { return };
+        let Some(note) = paper.note(id).filter(|n| n.data.is_some()) else { return };
+        let v = note.v + 1;
+        let tombstone = Note { author: note.author.clone(), data: None, v, node: Arc::from(""), fields: None };
+        if paper.apply(Edit { id: id.clone(), note: tombstone }) {
+            let bytes = self.frame.delete(id, v, "", None);
+            self.conns.fanout(paper.members(), None, bytes, Out::Delete, &self.node.loop_metrics[self.index]);
         }
     }
 

@@ -191,17 +191,18 @@ impl<'a> Plan<'a> {
                         }
                         None => {
                             writes.index.insert(id, writes.notes.len());
-                            let entry =
-                                NoteWrite { kind: WHOLE, id, value, v: note.v, node: &note.node, relay, ops: vec![i] };
+                            let (v, node) = (note.v, &*note.node);
+                            let entry = NoteWrite { kind: WHOLE, id, value, v, node, relay, held: 0, ops: vec![i] };
                             writes.notes.push(entry);
                         }
                     }
                 }
-                Op::Patch { id, patch, v, node, relay, .. } => {
+                Op::Patch { id, patch, v, node, held, relay, .. } => {
                     writes.index.insert(id, writes.notes.len());
                     let relay = relay.as_deref().unwrap_or_default();
                     let value = patch.to_string();
-                    writes.notes.push(NoteWrite { kind: PATCH, id, value, v: *v, node, relay, ops: vec![i] });
+                    let held = *held;
+                    writes.notes.push(NoteWrite { kind: PATCH, id, value, v: *v, node, relay, held, ops: vec![i] });
                 }
                 Op::Cover { cover, relay, .. } => {
                     let value = encode_cover(cover.data.as_deref().unwrap_or("{}"), &cover.node, cover.v);
@@ -230,6 +231,8 @@ pub struct NoteWrite<'a> {
     pub node: &'a str,
     /// The message relayed to the other nodes if Redis applies it ("" without).
     pub relay: &'a str,
+    /// A patch's note version as its node held it (0 for a whole write).
+    pub held: u64,
     pub ops: Vec<usize>,
 }
 
@@ -253,6 +256,7 @@ mod tests {
             patch,
             v: 1,
             node: Arc::from(""),
+            held: 1,
             origin,
             reference: None,
             relay: None,

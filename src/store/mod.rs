@@ -146,6 +146,10 @@ pub enum Op {
         patch: Box<str>,
         v: u64,
         node: Arc<str>,
+        /// The note's version as this node held it when patched: a note Redis
+        /// does not hold, at or below the horizon, may have been deleted by
+        /// another node and dropped since (`not_found`, not `write_failed`).
+        held: u64,
         origin: Origin,
         reference: Option<Box<str>>,
         relay: Option<Box<str>>,
@@ -196,14 +200,15 @@ impl Op {
 
     /// The report of this op's outcome; `None` for what is only relayed.
     pub fn report(&self, outcome: Outcome) -> Option<Written> {
-        let (paper, origin, v, reference) = match self {
-            Op::Note { paper, origin, note, reference, .. } => (paper, origin, note.v, reference),
-            Op::Cover { paper, origin, cover, reference, .. } => (paper, origin, cover.v, reference),
-            Op::Patch { paper, origin, v, reference, .. } => (paper, origin, *v, reference),
-            Op::Complete { paper, origin, reference, .. } => (paper, origin, 0, reference),
+        let (paper, origin, v, reference, note) = match self {
+            Op::Note { paper, origin, note, reference, id, .. } => (paper, origin, note.v, reference, Some(id)),
+            Op::Cover { paper, origin, cover, reference, .. } => (paper, origin, cover.v, reference, None),
+            Op::Patch { paper, origin, v, reference, id, .. } => (paper, origin, *v, reference, Some(id)),
+            Op::Complete { paper, origin, reference, .. } => (paper, origin, 0, reference, None),
             Op::Relay { .. } | Op::Prune { .. } => return None,
         };
-        Some(Written { paper: paper.clone(), origin: *origin, v, reference: reference.clone(), outcome })
+        let note = note.cloned();
+        Some(Written { paper: paper.clone(), origin: *origin, v, reference: reference.clone(), outcome, note })
     }
 }
 
@@ -231,6 +236,8 @@ pub struct Written {
     /// The raw JSON string of the edit's `ref`, for an error.
     pub reference: Option<Box<str>>,
     pub outcome: Outcome,
+    /// The note the edit was of (none for a cover or a completion).
+    pub note: Option<Arc<str>>,
 }
 
 /// An op in the backlog, with when it was accepted (for the write-behind latency)

@@ -47,15 +47,21 @@ const READABLE: &str = include_str!("scripts/readable.lua");
 /// horizon (PROTOCOL.md 4, 1.1: a sorted set of tombstones by version, pruned
 /// past retention or the cap, `horizon` raised) and the resume floor (a change
 /// applied more than the resume window below the greatest version raises it).
-/// Patches are merged field by field (PROTOCOL.md 2, 1.1), without decoding
-/// any value. KEYS: notes, meta, tombstones. ARGV: now_ms, the channel (empty
-/// without `--cluster`), retention (versions), max tombstones, then (kind, id,
-/// value, v, node, relay) sextuples, kind `w` (a whole note or tombstone) or `p`
-/// (a patch: value is the object of fields, `null` removing one). Returns one
-/// code per write: 1 applied, 2 superseded (Redis holds a later version, or
-/// this one), 3 refused because the paper is sealed, 4 refused because it is at
-/// or below the horizon and the note is not there, 5 a patch of a note Redis
-/// holds deleted, 6 a patch of a note that is not there or cannot be read.
+/// Patches are merged field by field (PROTOCOL.md 2, 1.1), and a note keeps at
+/// most 64 removed fields' versions, older ones folded into its floor (1.2).
+/// Each note a call touches is read and parsed once, and written once at the
+/// end: a call costs its ops plus the notes it touches, never ops times notes.
+/// KEYS: notes, meta, tombstones. ARGV: now_ms, the channel (empty without
+/// `--cluster`), retention (versions), max tombstones, then (kind, id, value,
+/// v, node, relay, held) septuples, kind `w` (a whole note or tombstone) or `p`
+/// (a patch: value is the object of fields, `null` removing one; held is the
+/// note's version as its node held it, 0 for a whole write). Returns one code
+/// per write: 1 applied, 2 superseded (Redis holds a later version, or this
+/// one), 3 refused because the paper is sealed, 4 refused because it is at or
+/// below the horizon and the note is not there, 5 a patch of a note Redis holds
+/// deleted (or does not hold, while the version its node held is at or below
+/// the horizon: its delete may have been dropped), 6 a patch of a note that is
+/// not there or cannot be read.
 const WRITE_NOTES: &str = include_str!("scripts/write_notes.lua");
 
 /// Sets a paper's cover (1.1, `meta`) if it advances the stored one's version
@@ -563,6 +569,7 @@ impl Writer {
                 cmd.arg(now).arg(channel).arg(self.history.retention).arg(self.history.max_tombstones);
                 for note in &writes.notes {
                     cmd.arg(note.kind).arg(note.id).arg(&note.value).arg(note.v).arg(note.node).arg(note.relay);
+                    cmd.arg(note.held);
                 }
             }
             if let Some((value, v, node, relay, _)) = &writes.cover {

@@ -241,14 +241,15 @@ end
 local out = {}
 -- A sealed paper's notes are what its stream entry says: late writes stay out.
 if redis.call('HGET', meta, 'completed') == '1' then
-  for i = 5, #ARGV, 6 do out[#out + 1] = 3 end
+  for i = 5, #ARGV, 7 do out[#out + 1] = 3 end
   return out
 end
 local horizon = tonumber(redis.call('HGET', meta, 'horizon') or '0') or 0
 local max_v = tonumber(redis.call('HGET', meta, 'max_v') or '0') or 0
 local floor = tonumber(redis.call('HGET', meta, 'resume_floor') or '0') or 0
-for i = 5, #ARGV, 6 do
+for i = 5, #ARGV, 7 do
   local kind, id, value, v, node, relay = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5]
+  local held = tonumber(ARGV[i + 6]) or 0
   local code = 1
   local s = state(id)
   local merged = nil
@@ -256,8 +257,12 @@ for i = 5, #ARGV, 6 do
   if kind == 'p' then
     -- A patch changes the fields it advances of a live note; the note must be
     -- there (5: deleted, as a delete from another node that won the race leaves
-    -- it; 6: absent, or a value the loader cannot read).
+    -- it, or absent while the version its node held is at or below the horizon,
+    -- which may have dropped that delete; 6: absent, or a value the loader
+    -- cannot read).
     if not s.note and s.raw and is_tombstone(s.raw) then
+      code = 5
+    elseif not present and held > 0 and held <= horizon then
       code = 5
     elseif not present or not check(s) then
       code = 6
