@@ -65,6 +65,8 @@ Environment:
                     compare two builds with the same generator
   LOADTEST_OUT      directory for the JSON reports and commands.txt (default: a
                     temporary directory, printed at the end)
+  LOADTEST_ABUSE_KINDS  the hostile kinds abuse runs, comma-separated (default: all of
+                    churn,wide,deletes,pings,joiners,heads), to see each one's share
 
 Connections are scaled down to the open-file limit (ulimit -n) when it is lower,
 and the table says so. For one run with pass/fail thresholds, auth or TLS, call
@@ -652,6 +654,7 @@ abuse() {
     args=(abuse --duration "$D" --drain "$R" --interval "$((D >= 20 ? 5 : 1))")
     # Quick: fewer joiners, a smaller paper and fewer heads (a check of the script).
     [ "$quick" = 1 ] && args+=(--joiners 30 --large-notes 20 --heads 20)
+    [ -z "${LOADTEST_ABUSE_KINDS:-}" ] || args+=(--kinds "$LOADTEST_ABUSE_KINDS")
     echo "loadtest.sh: abuse: rollingpaper-load ${args[*]}" | tee -a "$out/commands.txt"
     "${pin_load[@]}" "$bin/rollingpaper-load" "${args[@]}" --target "$server_addr" --server-pid "$server_pid" \
         --redis "127.0.0.1:$port" --json >"$out/abuse.json" || status=$?
@@ -669,12 +672,12 @@ abuse() {
         return
     fi
     {
-        printf 'abuse over time\tphase\tRedis PING p50 ms\tp99 ms\tPINGs not PONG (BUSY)\tsaved p50 ms\tsaved p99 ms\tsaved\tunsaved (sent then)\tserver RSS MiB\tbacklog\tbacklog bytes\tRedis used_memory MiB\thealthz ms\n'
+        printf 'abuse over time\tphase\tRedis PING p50 ms\tp99 ms\tPINGs not PONG (BUSY)\tsaved p50 ms\tsaved p99 ms\tsaved\tunsaved (sent then)\tserver cores\tserver RSS MiB\tbacklog\tbacklog bytes\tRedis used_memory MiB\thealthz ms\n'
         jq -r '
             def f(x): if x == null then "-" else (x | tostring) end;
             .timeline[] | [ "\(.from)-\(.to) s", .phase, f(.redis_ping_ms.p50), f(.redis_ping_ms.p99),
               "\(.redis_ping_failed) (\(.redis_ping_busy))", f(.saved_ms.p50), f(.saved_ms.p99), f(.saved_ms.n),
-              f(.unsaved_sent), f(.server_rss_mib), f(.backlog), f(.backlog_bytes), f(.redis_used_memory_mib),
+              f(.unsaved_sent), f(.server_cpu_cores), f(.server_rss_mib), f(.backlog), f(.backlog_bytes), f(.redis_used_memory_mib),
               f(.healthz_ms) ] | @tsv' "$out/abuse.json"
     } | column -t -s $'\t' | tee "$out/abuse-timeline.txt"
     echo

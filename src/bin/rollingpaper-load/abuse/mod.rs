@@ -381,7 +381,7 @@ pub fn main(args: &AbuseArgs) -> Result<ExitCode, String> {
         "summary": report.summary(),
         "timeline": report.timeline(args),
         "samples": probes.iter().map(|p| json!({
-            "at": round(p.at, 3), "rss_kib": p.rss_kib, "used_memory": p.used_memory,
+            "at": round(p.at, 3), "rss_kib": p.rss_kib, "cpu_seconds": p.cpu_seconds, "used_memory": p.used_memory,
             "backlog": p.backlog, "healthz_ms": p.healthz_ms.map(|m| round(m, 3)),
         })).collect::<Vec<_>>(),
         "thresholds": {
@@ -546,6 +546,15 @@ impl<'a> Report<'a> {
             let saved: Vec<f64> = self.saved.iter().filter(|(t, _)| *t >= lo && *t < hi).map(|(_, ms)| *ms).collect();
             let unsaved = self.unsaved.iter().filter(|(t, _)| *t >= lo && *t < hi).count();
             let pings = self.ping_ms(lo, hi);
+            // The server's CPU over the row: from the last sample at or before
+            // its start to the last at or before its end.
+            let cpu = |p: &sample::Probe| Some((p.at, p.cpu_seconds?));
+            let first = self.probes.iter().filter(|p| p.at <= lo + 1e-9).filter_map(cpu).next_back();
+            let last = self.probes.iter().filter(|p| p.at <= hi + 1e-9).filter_map(cpu).next_back();
+            let cores = match (first, last) {
+                (Some(a), Some(b)) if b.0 > a.0 => Some(round((b.1 - a.1) / (b.0 - a.0), 2)),
+                _ => None,
+            };
             let failed = self.pings.iter().filter(|p| p.at >= lo && p.at < hi && !p.ok).count();
             let busy = self.pings.iter().filter(|p| p.at >= lo && p.at < hi && p.busy).count();
             rows.push(json!({
@@ -557,6 +566,7 @@ impl<'a> Report<'a> {
                 "redis_ping_busy": busy,
                 "saved_ms": quantiles(saved),
                 "unsaved_sent": unsaved,
+                "server_cpu_cores": cores,
                 "server_rss_mib": max(&|p| p.rss_kib.map(|k| k as f64 / 1024.0)).map(|v| round(v, 1)),
                 "redis_used_memory_mib": max(&|p| p.used_memory.map(|b| b as f64 / MIB)).map(|v| round(v, 1)),
                 "backlog": max(&|p| p.backlog.get("rollingpaper_backlog").copied()),

@@ -149,6 +149,8 @@ pub fn pings(redis: SocketAddr, every: Duration, start: Instant, end: Instant) -
 pub struct Probe {
     pub at: f64,
     pub rss_kib: Option<u64>,
+    /// The server's CPU seconds so far (all threads).
+    pub cpu_seconds: Option<f64>,
     /// Redis's `used_memory` (bytes), when `INFO memory` answered.
     pub used_memory: Option<u64>,
     /// The server's `rollingpaper_backlog*` gauges, when `/metrics` answered.
@@ -184,6 +186,7 @@ pub fn probes(
     let mut conn: Option<Resp> = None;
     each(every, start, end, |at| {
         let rss_kib = server_pid.and_then(|p| report::rss_kib(&p.to_string()));
+        let cpu_seconds = server_pid.and_then(|p| report::cpu_seconds(&p.to_string()));
         let info = match conn.as_mut() {
             Some(c) => c.call(&["INFO", "memory"], PING_TIMEOUT),
             None => {
@@ -200,7 +203,7 @@ pub fn probes(
                 .and_then(|n| n.trim().parse().ok()),
             _ => None,
         };
-        out.push(Probe { at, rss_kib, used_memory, ..Probe::default() });
+        out.push(Probe { at, rss_kib, cpu_seconds, used_memory, ..Probe::default() });
     });
     let http = http.join().unwrap_or_default();
     for (probe, (_, backlog, healthz_ms)) in out.iter_mut().zip(http) {
