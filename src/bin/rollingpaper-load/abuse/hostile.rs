@@ -196,16 +196,41 @@ pub struct Limits {
     pub max_note_bytes: usize,
 }
 
-/// One sending session of `kind` on its own paper until `end`, opened again
+/// When a sending session runs.
+#[derive(Clone, Copy)]
+pub struct Span {
+    pub start: Instant,
+    pub end: Instant,
+}
+
+/// One sending session of `kind` on its own paper from `span.start` until
+/// `span.end`: opened before the start (so that every kind is under way when
+/// the window opens, whatever the others do to the server), and opened again
 /// (after a pause) whenever the server closes it.
-pub fn sender(dial: &Dial, paper: &str, kind: Sender, index: usize, limits: &Limits, end: Instant, tally: &Tally) {
+pub fn sender(dial: &Dial, paper: &str, kind: Sender, index: usize, limits: &Limits, span: Span, tally: &Tally) {
     let mut script = Script::new(kind, limits.churn_fields, limits.max_note_bytes, index);
     let user = format!("h-{}-{index}", kind.name());
     let mut seed = 0x5EED ^ (index as u64) << 8;
+    let end = span.end;
+    let mut first = match Ws::open(dial, paper, &user, span.start.max(Instant::now() + Duration::from_secs(5)), seed) {
+        Ok(ws) => Some(ws),
+        Err(e) => {
+            tally.failure(format!("open: {e}"));
+            None
+        }
+    };
+    let now = Instant::now();
+    if now < span.start {
+        thread::sleep(span.start - now);
+    }
     while Instant::now() < end {
         seed += 1;
         let deadline = (Instant::now() + Duration::from_secs(5)).min(end);
-        let mut ws = match Ws::open(dial, paper, &user, deadline, seed) {
+        let opened = match first.take() {
+            Some(ws) => Ok(ws),
+            None => Ws::open(dial, paper, &user, deadline, seed),
+        };
+        let mut ws = match opened {
             Ok(ws) => ws,
             Err(e) => {
                 tally.failure(format!("open: {e}"));

@@ -42,7 +42,7 @@ mod hostile;
 mod sample;
 mod ws;
 
-use hostile::{Limits, Sender, Tally};
+use hostile::{Limits, Sender, Span, Tally};
 use ws::Dial;
 
 const KINDS: [&str; 6] = ["churn", "wide", "deletes", "pings", "joiners", "heads"];
@@ -282,7 +282,8 @@ pub fn main(args: &AbuseArgs) -> Result<ExitCode, String> {
         filled = Some(result);
     }
 
-    let start = Instant::now() + Duration::from_millis(200);
+    // Room for the hostile sessions to open before the window.
+    let start = Instant::now() + Duration::from_secs(1);
     let end = start + Duration::from_secs_f64(args.duration);
     let drain_end = end + Duration::from_secs_f64(args.drain);
     let window = honest::Window { start, send_end: end, drain_end };
@@ -315,10 +316,8 @@ pub fn main(args: &AbuseArgs) -> Result<ExitCode, String> {
         for i in 0..count {
             let (d, limits, tally) = (dial(HOSTILE_SOURCE), limits.clone(), tally.clone());
             let paper = format!("{prefix}-{}-{i}", kind.name());
-            threads.push(thread::spawn(move || {
-                wait_until(start);
-                hostile::sender(&d, &paper, kind, i, &limits, end, &tally);
-            }));
+            let span = Span { start, end };
+            threads.push(thread::spawn(move || hostile::sender(&d, &paper, kind, i, &limits, span, &tally)));
         }
     }
     if matches!(filled, Some(Ok(_))) {
