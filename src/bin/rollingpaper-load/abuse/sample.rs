@@ -155,6 +155,8 @@ pub struct Probe {
     pub used_memory: Option<u64>,
     /// The server's `rollingpaper_backlog*` gauges, when `/metrics` answered.
     pub backlog: BTreeMap<String, f64>,
+    /// `/healthz` answered `200 ok` within 2 s; none when it did not, or when
+    /// the sample was skipped because an earlier request was still waiting.
     pub healthz_ms: Option<f64>,
 }
 
@@ -205,10 +207,19 @@ pub fn probes(
         };
         out.push(Probe { at, rss_kib, cpu_seconds, used_memory, ..Probe::default() });
     });
-    let http = http.join().unwrap_or_default();
-    for (probe, (_, backlog, healthz_ms)) in out.iter_mut().zip(http) {
-        probe.backlog = backlog;
-        probe.healthz_ms = healthz_ms;
+    // Matched by the time they were due: a slow server makes the HTTP thread
+    // skip samples (those stay empty: not answered in time).
+    let mut http: BTreeMap<u64, (BTreeMap<String, f64>, Option<f64>)> = http
+        .join()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(at, backlog, healthz_ms)| ((at * 1e3).round() as u64, (backlog, healthz_ms)))
+        .collect();
+    for probe in &mut out {
+        if let Some((backlog, healthz_ms)) = http.remove(&((probe.at * 1e3).round() as u64)) {
+            probe.backlog = backlog;
+            probe.healthz_ms = healthz_ms;
+        }
     }
     out
 }
