@@ -646,7 +646,11 @@ abuse() {
         redis-cli -p "$port" ping >/dev/null 2>&1 && break
         sleep 0.1
     done
-    redis-cli -p "$port" ping >/dev/null || { echo "loadtest.sh: abuse: redis-server did not start" >&2; exit 1; }
+    if ! redis-cli -p "$port" ping >/dev/null; then
+        echo "loadtest.sh: abuse: redis-server did not start:" >&2
+        cat "$work/redis-abuse.log" >&2 || true
+        exit 1
+    fi
     server_redis="redis://127.0.0.1:$port"
     start_server "${LOADTEST_SERVER:-$bin/rollingpaper}" --threads "$server_threads"
     server_redis="$redis_url"
