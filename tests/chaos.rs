@@ -1804,3 +1804,42 @@ fn check_sealed(store: &Store, logs: &[&ClientLog]) -> (Vec<String>, usize) {
     }
     (violations, repeated)
 }
+
+/// The check of the hostile client's patches, on made-up edits: a removed field
+/// must stay removed and a set one keep its value, unless a later change of the
+/// note or of that field came after.
+#[test]
+fn hostile_patches_are_checked_field_by_field() {
+    let edit = |kind: Kind, v: u64, data: Value| Edit {
+        client: HOSTILE,
+        r: format!("h-{v}"),
+        paper: PAPERS,
+        id: "churn1".into(),
+        kind,
+        data,
+        node: 0,
+        conn: 1,
+        v: Some(v),
+        saved: Some(v),
+        error: None,
+        lost: false,
+    };
+    let removed = edit(Kind::Patch, 10, json!({"gone": null}));
+    let set = edit(Kind::Patch, 11, json!({"a": 1, "b": 2}));
+    let later_b = edit(Kind::Patch, 12, json!({"b": 3}));
+    let edits = [&removed, &set, &later_b];
+    let later = Later::of(&edits);
+    let check =
+        |e: &Edit, stored_v: u64, data: Value| check_hostile_patch(e, "edit", e.v.unwrap(), stored_v, &data, &later);
+
+    assert!(check(&removed, 12, json!({"text": "hi", "a": 1, "b": 3})).is_empty());
+    assert_eq!(check(&removed, 12, json!({"gone": 1, "a": 1, "b": 3})).len(), 1, "a removed field came back");
+    assert!(check(&set, 12, json!({"a": 1, "b": 3})).is_empty(), "b was changed later");
+    assert_eq!(check(&set, 12, json!({"a": 5, "b": 3})).len(), 1, "a lost its value");
+    assert_eq!(check(&later_b, 11, json!({"a": 1, "b": 2})).len(), 1, "Redis holds an older version");
+    // An upsert after the patch replaces the whole note: nothing to say about its fields.
+    let upsert = edit(Kind::Upsert, 13, json!({"text": "new"}));
+    let edits = [&removed, &set, &later_b, &upsert];
+    let later = Later::of(&edits);
+    assert!(check_hostile_patch(&set, "edit", 11, 13, &json!({"text": "new"}), &later).is_empty());
+}
