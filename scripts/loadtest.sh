@@ -45,9 +45,10 @@ Scenarios (default: all but compare):
                  (--drain-seconds 2, a new server on the same address), every session
                  reconnecting with since, then again without (full snapshots)
   abuse          hostile clients within every limit (null-field patch churn, max-size notes
-                 and many-field patches, delete storms of fresh ids, waves of 300 joiners of a
-                 200 x 16 KB paper that never read, request heads at a byte a second, ping
-                 floods) against one node with the default limits and its own redis-server,
+                 and many-field patches, delete storms of fresh ids, ping floods: 2 sessions
+                 each; 4 waves of 300 joiners of a 200 x 16 KB paper that never read; 200
+                 request heads at a byte a second) against one node with the default limits
+                 and its own redis-server (rollingpaper-load abuse --help),
                  while 4 papers x 5 honest members edit (2 senders each at 2 edits/s); reports
                  over time and as a table: Redis PING p50/p99 (every 100 ms, its own
                  connection), honest edit-to-saved p50/p99, server RSS, backlog, Redis

@@ -147,7 +147,8 @@ enum Mode {
     Reconnect(reconnect::ReconnectArgs),
     /// Hostile clients within every limit against one node while honest
     /// clients edit other papers: Redis PING latency, edit-to-saved latency,
-    /// RSS, backlog and Redis memory over time (rollingpaper-load abuse --help).
+    /// RSS, backlog and Redis memory over time, with pass/fail thresholds
+    /// (exit 3 when one is missed).
     Abuse(abuse::AbuseArgs),
 }
 

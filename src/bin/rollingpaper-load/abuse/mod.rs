@@ -57,7 +57,7 @@ pub struct AbuseArgs {
     /// connections of its own (`PING`, `INFO memory`), never through the server.
     #[arg(long, default_value = "127.0.0.1:6379")]
     redis: String,
-    /// The server's pid: its RSS is read from /proc.
+    /// The server's pid: its RSS and CPU are read from /proc.
     #[arg(long)]
     server_pid: Option<u32>,
     /// Seconds of the window: hostile traffic and honest edits throughout.
@@ -67,13 +67,15 @@ pub struct AbuseArgs {
     #[arg(long, default_value_t = 5.0)]
     drain: f64,
     /// Hostile kinds to run, comma-separated: churn, wide, deletes, pings,
-    /// joiners, heads (default: all).
+    /// joiners, heads.
     #[arg(long, value_delimiter = ',', default_value = "churn,wide,deletes,pings,joiners,heads")]
     kinds: Vec<String>,
-    /// The server's per-session allowance (its --rate and --burst): hostile
-    /// sessions send at 95% of it, as fast as they may.
+    /// The server's per-session rate (its --rate): hostile sessions send at
+    /// 95% of it, as fast as they may.
     #[arg(long, default_value_t = 50.0)]
     allowed_rate: f64,
+    /// The server's per-session burst (its --burst): a fresh hostile session
+    /// starts with 95% of it at once.
     #[arg(long, default_value_t = 200.0)]
     allowed_burst: f64,
     /// The server's max_note_bytes: the size of the hostile notes.
@@ -130,10 +132,12 @@ pub struct AbuseArgs {
     /// Pass/fail: honest edit-to-`saved` p99 under this, ms.
     #[arg(long, default_value_t = 250.0)]
     max_saved_p99_ms: f64,
-    /// Pass/fail, flat: the last quarter's greatest sample at most this times the
-    /// third quarter's, plus --flat-slack-mib.
+    /// Pass/fail, RSS and Redis used_memory flat over the second half: the
+    /// window's last quarter's greatest sample at most this times the third
+    /// quarter's, plus --flat-slack-mib.
     #[arg(long, default_value_t = 1.10)]
     flat_ratio: f64,
+    /// MiB added to the bound of --flat-ratio.
     #[arg(long, default_value_t = 16.0)]
     flat_slack_mib: f64,
     /// Prefix of the paper ids (default: one unique to this run).
