@@ -67,7 +67,9 @@ Environment:
   LOADTEST_OUT      directory for the JSON reports and commands.txt (default: a
                     temporary directory, printed at the end)
   LOADTEST_ABUSE_KINDS  the hostile kinds abuse runs, comma-separated (default: all of
-                    churn,wide,deletes,pings,joiners,heads), to see each one's share
+                    churn,wide,deletes,pings,joiners,heads), to see each one's share;
+                    gets (waves of unread GET /papers replies of the large paper) runs
+                    only when named here
 
 Connections are scaled down to the open-file limit (ulimit -n) when it is lower,
 and the table says so. For one run with pass/fail thresholds, auth or TLS, call

@@ -9,6 +9,8 @@
 //! - `deletes`: deletes of ids never created, and create-then-delete of fresh ids;
 //! - `pings`: `ping` messages and WebSocket ping frames;
 //! - `joiners`: waves of sessions that join a large paper and never read;
+//! - `gets` (run only when named): waves of `GET /papers/{paper}` of the
+//!   same paper whose replies are never read;
 //! - `heads`: request heads sent a byte a second, never finished.
 //!
 //! Every loop stops at the run's end; every connect, read and write has a timeout.
@@ -348,20 +350,36 @@ pub fn fill(dial: &Dial, paper: &str, notes: usize, limits: &Limits, deadline: I
     Ok(echoed)
 }
 
-/// Waves of `per_wave` sessions that join `paper` and never read, one wave
-/// every `every` from `start`, until `end`. Each reads its upgrade answer and
-/// nothing more (a small receive window, so that the snapshot stays queued in
-/// the server), and is held open until `end`.
-pub fn joiners(
+/// What each connection of a never-reading wave asks for.
+#[derive(Clone, Copy)]
+pub enum Unread {
+    /// A WebSocket session (the snapshot follows the `101`).
+    Join,
+    /// `GET /papers/{paper}` (the paper follows the `200` head).
+    Get,
+}
+
+/// Waves of `per_wave` connections to `paper` that never read, one wave every
+/// `every` from `span.start`, until `span.end`. Each reads the head of its
+/// answer and nothing more (a small receive window, so that the snapshot or
+/// the paper stays queued in the server), and is held open until the end.
+pub fn unread_waves(
     dial: &Dial,
     paper: &str,
+    what: Unread,
     per_wave: usize,
     every: Duration,
-    start: Instant,
-    end: Instant,
+    span: Span,
     tally: &Tally,
 ) {
-    let request = wire::upgrade_request(&dial.host, paper, "h-joiner", None, None);
+    let (start, end) = (span.start, span.end);
+    let (request, status): (Vec<u8>, &[u8]) = match what {
+        Unread::Join => (wire::upgrade_request(&dial.host, paper, "h-joiner", None, None), b"HTTP/1.1 101"),
+        Unread::Get => {
+            let get = format!("GET /papers/{paper} HTTP/1.1\r\nHost: {}\r\n\r\n", dial.host);
+            (get.into_bytes(), b"HTTP/1.1 200")
+        }
+    };
     let mut held: Vec<TcpStream> = Vec::new();
     let mut wave_at = start;
     while wave_at < end {
@@ -376,7 +394,7 @@ pub fn joiners(
                 tally.event("wave cut short");
                 break;
             }
-            match join_without_reading(dial, &request, wave_end) {
+            match open_without_reading(dial, &request, status, wave_end) {
                 Ok(tcp) => {
                     held.push(tcp);
                     tally.opened.fetch_add(1, Ordering::Relaxed);
@@ -395,7 +413,7 @@ pub fn joiners(
     tally.open.store(0, Ordering::Relaxed);
 }
 
-fn join_without_reading(dial: &Dial, request: &[u8], deadline: Instant) -> Result<TcpStream, String> {
+fn open_without_reading(dial: &Dial, request: &[u8], status: &[u8], deadline: Instant) -> Result<TcpStream, String> {
     let left =
         |cap: Duration| deadline.saturating_duration_since(Instant::now()).min(cap).max(Duration::from_millis(1));
     let mut tcp = ws::tcp(dial.addr, dial.source, Some(4096), left(Duration::from_secs(2)))
@@ -408,16 +426,16 @@ fn join_without_reading(dial: &Dial, request: &[u8], deadline: Instant) -> Resul
         tcp.set_read_timeout(Some(left(Duration::from_secs(5)))).map_err(|e| e.to_string())?;
         match tcp.read(&mut byte) {
             Ok(1) => head.push(byte[0]),
-            Ok(_) => return Err("closed before the upgrade answer".into()),
-            Err(e) => return Err(format!("upgrade answer: {e}")),
+            Ok(_) => return Err("closed before the answer".into()),
+            Err(e) => return Err(format!("answer: {e}")),
         }
         if head.len() > 4096 {
-            return Err("upgrade answer over 4 KiB".into());
+            return Err("answer head over 4 KiB".into());
         }
     }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        let status = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
-        return Err(format!("upgrade refused: {status}"));
+    if !head.starts_with(status) {
+        let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
+        return Err(format!("refused: {line}"));
     }
     Ok(tcp)
 }

@@ -42,10 +42,10 @@ mod hostile;
 mod sample;
 mod ws;
 
-use hostile::{Limits, Sender, Span, Tally};
+use hostile::{Limits, Sender, Span, Tally, Unread};
 use ws::Dial;
 
-const KINDS: [&str; 6] = ["churn", "wide", "deletes", "pings", "joiners", "heads"];
+const KINDS: [&str; 7] = ["churn", "wide", "deletes", "pings", "joiners", "heads", "gets"];
 
 /// Hostile clients against one node while honest clients edit other papers.
 #[derive(clap::Args, Debug)]
@@ -67,7 +67,8 @@ pub struct AbuseArgs {
     #[arg(long, default_value_t = 5.0)]
     drain: f64,
     /// Hostile kinds to run, comma-separated: churn, wide, deletes, pings,
-    /// joiners, heads.
+    /// joiners, heads; and gets (waves of `GET /papers/{paper}` of the large
+    /// paper, never read: as many as joiners), run only when named.
     #[arg(long, value_delimiter = ',', default_value = "churn,wide,deletes,pings,joiners,heads")]
     kinds: Vec<String>,
     /// The server's per-session rate (its --rate): hostile sessions send at
@@ -158,6 +159,7 @@ const JOINER_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const HEAD_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const HOSTILE_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
 const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+const GET_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
 fn check(args: &AbuseArgs) -> Result<(), String> {
     for k in &args.kinds {
@@ -219,7 +221,9 @@ pub fn main(args: &AbuseArgs) -> Result<ExitCode, String> {
     }
     let redis = loopback("--redis", &args.redis)?;
     let nofile = crate::raise_nofile();
-    let sockets = args.joiners * args.joiner_waves + args.heads + args.honest_papers * args.honest_members + 200;
+    let waves = 1 + usize::from(args.kinds.iter().any(|k| k == "gets"));
+    let sockets =
+        args.joiners * args.joiner_waves * waves + args.heads + args.honest_papers * args.honest_members + 200;
     if sockets as u64 > nofile {
         return Err(format!("{sockets} sockets need more open files than the limit of {nofile} (ulimit -n)"));
     }
@@ -279,7 +283,7 @@ pub fn main(args: &AbuseArgs) -> Result<ExitCode, String> {
     // The large paper, before the window.
     let big = format!("{prefix}-big");
     let mut filled = None;
-    if on("joiners") && args.joiners > 0 && args.joiner_waves > 0 {
+    if (on("joiners") || on("gets")) && args.joiners > 0 && args.joiner_waves > 0 {
         let deadline = Instant::now() + Duration::from_secs(120);
         let result = hostile::fill(&dial(HOSTILE_SOURCE), &big, args.large_notes, &limits, deadline);
         say(format!("filled {big}: {result:?}"));
@@ -324,11 +328,16 @@ pub fn main(args: &AbuseArgs) -> Result<ExitCode, String> {
             threads.push(thread::spawn(move || hostile::sender(&d, &paper, kind, i, &limits, span, &tally)));
         }
     }
-    if matches!(filled, Some(Ok(_))) {
-        let tally = tallies.entry("joiners").or_default().clone();
-        let (d, per_wave, big) = (dial(JOINER_SOURCE), args.joiners, big.clone());
+    let waves = [("joiners", JOINER_SOURCE, Unread::Join), ("gets", GET_SOURCE, Unread::Get)];
+    for (kind, source, what) in waves {
+        if !on(kind) || !matches!(filled, Some(Ok(_))) {
+            continue;
+        }
+        let tally = tallies.entry(kind).or_default().clone();
+        let (d, per_wave, big) = (dial(source), args.joiners, big.clone());
         let every = Duration::from_secs_f64(args.duration / args.joiner_waves as f64);
-        threads.push(thread::spawn(move || hostile::joiners(&d, &big, per_wave, every, start, end, &tally)));
+        let span = Span { start, end };
+        threads.push(thread::spawn(move || hostile::unread_waves(&d, &big, what, per_wave, every, span, &tally)));
     }
     if on("heads") && args.heads > 0 {
         let tally = tallies.entry("heads").or_default().clone();
