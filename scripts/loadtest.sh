@@ -6,7 +6,7 @@
 #   scripts/loadtest.sh compare              rollingpaper and the naive baseline
 #                                            (examples/baseline.rs) side by side
 #
-# Scenarios: classroom, hot-paper, fanout-max, idle, typing-writes, relay, reconnect, compare.
+# Scenarios: classroom, hot-paper, fanout-max, idle, typing-writes, relay, reconnect, abuse, compare.
 # Builds in release mode, starts its own redis-server (append-only, free port,
 # data in a temporary directory; for relay also a three-master Redis Cluster)
 # and a fresh server per scenario on a free port, pins the server (and Redis)
@@ -44,6 +44,17 @@ Scenarios (default: all but compare):
   reconnect      500 papers x 20 members, 200 notes of 1 KB each: a graceful restart
                  (--drain-seconds 2, a new server on the same address), every session
                  reconnecting with since, then again without (full snapshots)
+  abuse          hostile clients within every limit (null-field patch churn, max-size notes
+                 and many-field patches, delete storms of fresh ids, ping floods: 2 sessions
+                 each; 4 waves of 300 joiners of a 200 x 16 KB paper that never read; 200
+                 request heads at a byte a second) against one node with the default limits
+                 and its own redis-server (rollingpaper-load abuse --help),
+                 while 4 papers x 5 honest members edit (2 senders each at 2 edits/s); reports
+                 over time and as a table: Redis PING p50/p99 (every 100 ms, its own
+                 connection), honest edit-to-saved p50/p99, server RSS, backlog, Redis
+                 used_memory. Fails (exit 1, after the tables) unless Redis PING p99 < 50 ms,
+                 saved p99 < 250 ms, and RSS and used_memory are flat over the second half
+                 (the last quarter's max <= 1.10 x the third quarter's max + 16 MiB)
   compare        rollingpaper and the naive baseline (examples/baseline.rs) side by side
 
 Environment:
@@ -55,6 +66,10 @@ Environment:
                     compare two builds with the same generator
   LOADTEST_OUT      directory for the JSON reports and commands.txt (default: a
                     temporary directory, printed at the end)
+  LOADTEST_ABUSE_KINDS  the hostile kinds abuse runs, comma-separated (default: all of
+                    churn,wide,deletes,pings,joiners,heads), to see each one's share;
+                    gets (waves of unread GET /papers replies of the large paper) runs
+                    only when named here
 
 Connections are scaled down to the open-file limit (ulimit -n) when it is lower,
 and the table says so. For one run with pass/fail thresholds, auth or TLS, call
@@ -63,13 +78,13 @@ the generator directly: target/release/rollingpaper-load --help (--min-delivered
 USAGE
 }
 
-all=(classroom hot-paper fanout-max idle typing-writes relay reconnect)
+all=(classroom hot-paper fanout-max idle typing-writes relay reconnect abuse)
 case "${1:-}" in -h|--help|help) usage; exit 0 ;; esac
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${all[@]}")
 for s in "${scenarios[@]}"; do
     case "$s" in
-        classroom|hot-paper|fanout-max|idle|typing-writes|relay|reconnect|compare) ;;
+        classroom|hot-paper|fanout-max|idle|typing-writes|relay|reconnect|abuse|compare) ;;
         *) echo "loadtest.sh: unknown scenario $s (known: ${all[*]} compare; see --help)" >&2; exit 2 ;;
     esac
 done
@@ -91,13 +106,23 @@ out="${LOADTEST_OUT:-$work/reports}"
 mkdir -p "$out"
 pids=()
 cleanup() {
+    local live
     for pid in "${pids[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
+    # A redis-server inside a long script does not stop on SIGTERM (abuse on a
+    # build without bounded calls): five seconds, then SIGKILL.
+    for _ in $(seq 50); do
+        live=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && live=1; done
+        [ "$live" = 0 ] && break
+        sleep 0.1
+    done
     for pid in "${pids[@]}"; do
+        kill -KILL "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
-    rm -rf "$work/redis" "$work/cluster" "$work"/*.log
+    rm -rf "$work/redis" "$work/redis-abuse" "$work/cluster" "$work"/*.log
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -601,6 +626,102 @@ compare() {
     done
 }
 
+# Why the abuse scenario failed, if it did: reported after the tables, exit 1.
+abuse_failed=""
+
+# Hostile clients within every limit against one node (issue 24, PROTOCOL.md
+# 1.2), with the server's default limits (rate 50/s, bursts of 200, 16 KiB
+# notes) and a redis-server of its own, so that what they do to Redis is
+# measured alone and nothing later shares a Redis that may be stuck in a
+# script. The generator samples Redis from outside the server (PING every
+# 100 ms, INFO memory every second) and judges the thresholds (exit 3); the
+# tables are printed either way.
+abuse() {
+    local port dir rpid status=0 args=()
+    port="$(free_port)"
+    dir="$work/redis-abuse"
+    mkdir -p "$dir"
+    "${pin_server[@]}" redis-server --bind 127.0.0.1 --port "$port" --dir "$dir" \
+        --appendonly yes --save "" --protected-mode no --logfile "$work/redis-abuse.log" &
+    rpid=$!
+    pids+=("$rpid")
+    for _ in $(seq 100); do
+        redis-cli -p "$port" ping >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    if ! redis-cli -p "$port" ping >/dev/null; then
+        echo "loadtest.sh: abuse: redis-server did not start:" >&2
+        cat "$work/redis-abuse.log" >&2 || true
+        exit 1
+    fi
+    server_redis="redis://127.0.0.1:$port"
+    start_server "${LOADTEST_SERVER:-$bin/rollingpaper}" --threads "$server_threads"
+    server_redis="$redis_url"
+    # Rows of 5 s over a long window, of 1 s over a short one.
+    args=(abuse --duration "$D" --drain "$R" --interval "$((D >= 20 ? 5 : 1))")
+    # Quick: fewer joiners, a smaller paper and fewer heads (a check of the script).
+    [ "$quick" = 1 ] && args+=(--joiners 30 --large-notes 20 --heads 20)
+    [ -z "${LOADTEST_ABUSE_KINDS:-}" ] || args+=(--kinds "$LOADTEST_ABUSE_KINDS")
+    echo "loadtest.sh: abuse: rollingpaper-load ${args[*]}" | tee -a "$out/commands.txt"
+    "${pin_load[@]}" "$bin/rollingpaper-load" "${args[@]}" --target "$server_addr" --server-pid "$server_pid" \
+        --redis "127.0.0.1:$port" --json >"$out/abuse.json" || status=$?
+    stop_server
+    # A Redis stuck in a script ignores SIGTERM until the script ends.
+    kill -TERM "$rpid" 2>/dev/null || true
+    for _ in $(seq 100); do
+        kill -0 "$rpid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$rpid" 2>/dev/null || true
+    wait "$rpid" 2>/dev/null || true
+    if [ ! -s "$out/abuse.json" ]; then
+        abuse_failed="the generator exited with status $status and no report"
+        return
+    fi
+    {
+        printf 'abuse over time\tphase\tRedis PING p50 ms\tp99 ms\tPINGs not PONG (BUSY)\tsaved p50 ms\tsaved p99 ms\tsaved\tunsaved (sent then)\tserver cores\tserver RSS MiB\tbacklog\tbacklog bytes\tRedis used_memory MiB\thealthz ms\n'
+        jq -r '
+            def f(x): if x == null then "-" else (x | tostring) end;
+            .timeline[] | [ "\(.from)-\(.to) s", .phase, f(.redis_ping_ms.p50), f(.redis_ping_ms.p99),
+              "\(.redis_ping_failed) (\(.redis_ping_busy))", f(.saved_ms.p50), f(.saved_ms.p99), f(.saved_ms.n),
+              f(.unsaved_sent), f(.server_cpu_cores), f(.server_rss_mib), f(.backlog), f(.backlog_bytes), f(.redis_used_memory_mib),
+              f(.healthz_ms) ] | @tsv' "$out/abuse.json"
+    } | column -t -s $'\t' | tee "$out/abuse-timeline.txt"
+    echo
+    {
+        printf 'abuse (window %s s)\tmeasured\tthreshold\tverdict\n' "$D"
+        jq -r '
+            def f(x): if x == null then "-" else (x | tostring) end;
+            def ok(b): if b then "pass" else "FAIL" end;
+            .summary as $s | .thresholds as $t |
+            ( [ "Redis PING p50 / p99 ms", "\(f($s.redis_ping_ms.p50)) / \(f($s.redis_ping_ms.p99)) (\($s.redis_ping_failed) of \($s.redis_ping_ms.n) not PONG, \($s.redis_ping_busy) BUSY)",
+               "p99 < \($t.max_ping_p99_ms)", ok(($s.redis_ping_ms.p99 // 1e9) < $t.max_ping_p99_ms) ],
+             [ "honest edit-to-saved p50 / p99 ms", "\(f($s.saved_ms.p50)) / \(f($s.saved_ms.p99)) (\($s.honest_unsaved) of \($s.honest_edits) edits never saved)",
+               "p99 < \($t.max_saved_p99_ms)", ok(($s.saved_ms.p99 // 1e9) < $t.max_saved_p99_ms) ],
+             [ "server RSS MiB, 3rd / 4th quarter max", "\(f($s.server_rss.q3_max_mib)) / \(f($s.server_rss.q4_max_mib))",
+               "4th <= \(f($s.server_rss.bound_mib))", ok($s.server_rss.flat) ],
+             [ "Redis used_memory MiB, 3rd / 4th quarter max", "\(f($s.redis_used_memory.q3_max_mib)) / \(f($s.redis_used_memory.q4_max_mib)) (\($s.used_memory_unread) samples unread)",
+               "4th <= \(f($s.redis_used_memory.bound_mib))", ok($s.redis_used_memory.flat) ],
+             [ "backlog max (ops)", f($s.backlog_max.rollingpaper_backlog), "-", "-" ],
+             [ "backlog max (bytes)", f($s.backlog_max.rollingpaper_backlog_bytes), "-", "-" ],
+             [ "/healthz p99 ms (another address)", "\(f($s.healthz_ms.p99)) (\($s.healthz_failed) failed)", "-", "-" ]
+            ) | @tsv' "$out/abuse.json"
+    } | column -t -s $'\t' | tee "$out/abuse.txt"
+    jq -r '.hostile | to_entries[] | "loadtest.sh: abuse: hostile \(.key): sent \(.value.sent), opened \(.value.opened), failed \(.value.failed), \(.value.events)"' "$out/abuse.json"
+    jq -r --arg d "$D" '
+        def f(x): if x == null then "-" else (x | tostring) end;
+        .summary as $s |
+        [ "abuse", "-", "-", "-", "-", f($s.saved_ms.p50), f($s.saved_ms.p99), "-", f($s.saved_ms.max), "-", "-",
+          f($s.server_rss.q4_max_mib), "-", "-",
+          "honest edit-to-saved in the columns; Redis PING p99 \(f($s.redis_ping_ms.p99)) ms; thresholds \(if .thresholds.passed then "passed" else "MISSED" end)" ] | @tsv' \
+        "$out/abuse.json" >>"$rows"
+    case "$status" in
+        0) ;;
+        3) abuse_failed="thresholds missed: $(jq -r '.thresholds.missed | join("; ")' "$out/abuse.json")" ;;
+        *) abuse_failed="the generator exited with status $status (see $out/abuse.json)" ;;
+    esac
+}
+
 for s in "${scenarios[@]}"; do
     echo "loadtest.sh: scenario $s"
     case "$s" in
@@ -611,6 +732,7 @@ for s in "${scenarios[@]}"; do
         typing-writes) typing_writes ;;
         relay) relay ;;
         reconnect) reconnect ;;
+        abuse) abuse ;;
         compare) compare ;;
     esac
 done
@@ -623,3 +745,7 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 } | column -t -s $'\t'
 echo
 echo "reports: $out"
+if [ -n "$abuse_failed" ]; then
+    echo "loadtest.sh: abuse FAILED: $abuse_failed" >&2
+    exit 1
+fi

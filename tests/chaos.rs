@@ -1,10 +1,12 @@
 //! Faults at random moments, checked the way Jepsen checks acknowledged writes:
 //! two clustered nodes on one Redis (append-only, fsync always), clients editing
 //! six papers through them, and a fault thread killing nodes, killing and pausing
-//! Redis, dropping Redis connections, breaking one paper's key and planting
-//! corrupt values. At the end, every edit its sender saw `saved` must be in
-//! Redis, sealed papers must match their stream entry, and every node and every
-//! connected client must show what Redis holds.
+//! Redis, dropping Redis connections, breaking one paper's key, planting
+//! corrupt values, and setting a hostile client loose on a paper of its own for
+//! a few seconds (PROTOCOL.md 1.2: within every limit, no client may make Redis
+//! busy for the others). At the end, every edit its sender saw `saved` must be
+//! in Redis (the hostile client's too), sealed papers must match their stream
+//! entry, and every node and every connected client must show what Redis holds.
 //!
 //! `RP_CHAOS_SEED` replays a run's random choices (timing still varies);
 //! `RP_CHAOS_SECONDS` sets how long faults go on (45 by default, so that
@@ -31,6 +33,11 @@ use crate::common::{free_port, Redis};
 
 const PAPERS: usize = 6;
 const CLIENTS: usize = 8;
+/// The hostile client's papers, after the others (`chaos-hostile0`).
+const HOSTILE_PAPERS: usize = 1;
+const ALL_PAPERS: usize = PAPERS + HOSTILE_PAPERS;
+/// The hostile client's index among clients (its edits' `client`).
+const HOSTILE: usize = CLIENTS;
 /// Note ids per paper: few, so that concurrent writes to one note happen.
 const POOL: u64 = 5;
 /// How many papers are sealed during a run (about one in three).
@@ -49,7 +56,11 @@ const RECONNECT: Duration = Duration::from_secs(45);
 type Notes = BTreeMap<String, Value>;
 
 fn paper_name(p: usize) -> String {
-    format!("chaos{p}")
+    if p < PAPERS {
+        format!("chaos{p}")
+    } else {
+        format!("chaos-hostile{}", p - PAPERS)
+    }
 }
 
 // ---- randomness ------------------------------------------------------------------
@@ -177,7 +188,7 @@ impl Store {
             "cluster" => {
                 let cluster = RedisCluster::start_with(0, &extra);
                 let mut holds = vec![Vec::new(); cluster.nodes.len()];
-                for p in 0..PAPERS {
+                for p in 0..ALL_PAPERS {
                     holds[cluster.master_of(&notes_key(&paper_name(p)))].push(paper_name(p));
                 }
                 holds[cluster.master_of(STREAM)].push("the completion stream".into());
@@ -305,6 +316,31 @@ fn seal_in_redis(store: &Store, paper: &str) -> (bool, bool) {
     let (completed, pending): (Option<String>, Option<String>) =
         redis::cmd("HMGET").arg(meta_key(paper)).arg("completed").arg("handoff_pending").query(&mut *conn).unwrap();
     (completed.as_deref() == Some("1"), pending.is_some())
+}
+
+/// Every Redis server answers `PING` with `PONG` within `within` (each try
+/// bounded by the connection's timeouts); else what the last try got.
+fn redis_answers(store: &Store, within: Duration) -> Result<(), String> {
+    let servers = match store {
+        Store::Single(_) => 1,
+        Store::Cluster { cluster, .. } => cluster.nodes.len(),
+    };
+    let until = Instant::now() + within;
+    for server in 0..servers {
+        let port = store.port(server);
+        loop {
+            let last = match redis_conn(port).and_then(|mut c| redis::cmd("PING").query::<String>(&mut c)) {
+                Ok(pong) if pong == "PONG" => break,
+                Ok(other) => format!("127.0.0.1:{port} answered {other:?}"),
+                Err(e) => format!("127.0.0.1:{port}: {e}"),
+            };
+            if Instant::now() >= until {
+                return Err(last);
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
 }
 
 fn redis_pid(port: u16) -> redis::RedisResult<u32> {
@@ -723,6 +759,8 @@ struct ClientPlan {
     seed: u64,
     /// When this client seals its paper, if it is the one that does.
     seal_at: Option<Instant>,
+    /// The hostile client: it edits only in the bursts the fault thread sets.
+    hostile: Option<Arc<HostileSwitch>>,
 }
 
 /// What a client thread hands back: its log, and its session if still open.
@@ -740,7 +778,8 @@ fn run_client(plan: ClientPlan, shared: Arc<Shared>) -> ClientEnd {
     let mut next_action = Instant::now();
     let mut seal_tries = 0;
     let mut quiesce_until: Option<Instant> = None;
-    let user = format!("u{}", plan.index);
+    let user = if plan.hostile.is_some() { "hostile".to_string() } else { format!("u{}", plan.index) };
+    let mut hostile = HostileState::default();
     loop {
         let stopping = shared.stop.load(Ordering::Relaxed);
         if stopping && quiesce_until.is_none() {
@@ -790,8 +829,18 @@ fn run_client(plan: ClientPlan, shared: Arc<Shared>) -> ClientEnd {
                 break;
             }
         } else if Instant::now() >= next_action {
-            next_action = Instant::now() + rng.between_ms(10, 60);
-            if let Err(e) = act(s, &plan, &mut rng, &mut log, &mut seal_tries) {
+            let acted = match &plan.hostile {
+                Some(switch) => {
+                    let (acted, next) = act_hostile(s, &plan, switch, &mut hostile, &mut log);
+                    next_action = next;
+                    acted
+                }
+                None => {
+                    next_action = Instant::now() + rng.between_ms(10, 60);
+                    act(s, &plan, &mut rng, &mut log, &mut seal_tries)
+                }
+            };
+            if let Err(e) = acted {
                 log.received.push(format!("# send failed: {e}"));
                 session.take().unwrap().lost(&mut log);
                 continue;
@@ -857,9 +906,152 @@ fn act(
     s.send(&msg)
 }
 
+// ---- the hostile client -----------------------------------------------------------------
+
+/// What the hostile client does in a burst; each message within PROTOCOL.md's
+/// limits (notes of `max_note_bytes`, the default allowance), each costing the
+/// server or Redis far more than its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Burst {
+    /// A new note, then patches each naming 225 new 64-character fields set to null.
+    Churn,
+    /// Notes of 16 KiB replaced whole, and patched in every one of ~200 fields.
+    Wide,
+    /// Deletes of ids never created, and create-then-delete of fresh ids.
+    Deletes,
+}
+
+const BURSTS: [Burst; 3] = [Burst::Churn, Burst::Wide, Burst::Deletes];
+/// The default per-session allowance (50 a second, bursts of 200), which the
+/// hostile client keeps under, at 95%, although these nodes lift the limit.
+const ALLOWED_RATE: f64 = 50.0 * 0.95;
+const ALLOWED_BURST: f64 = 200.0 * 0.95;
+const CHURN_FIELDS: usize = 225;
+const WIDE_FIELDS: usize = 200;
+const WIDE_NOTES: u64 = 4;
+const MAX_NOTE_BYTES: usize = 16 * 1024;
+
+/// Set by the fault thread: the burst under way, until when, and its serial.
+#[derive(Default)]
+struct HostileSwitch {
+    burst: Mutex<Option<(Burst, Instant, u64)>>,
+}
+
+/// The hostile client's own state across bursts.
+#[derive(Default)]
+struct HostileState {
+    /// The serial of the burst it is in (a new one starts afresh).
+    serial: u64,
+    tokens: f64,
+    last: Option<Instant>,
+    /// Messages of this burst so far.
+    n: u64,
+    /// Fields named by churn patches so far (each is new).
+    fields: u64,
+}
+
+impl HostileState {
+    /// The next change of a burst: kind, note id, data.
+    fn next(&mut self, burst: Burst) -> (Kind, String, Value) {
+        let n = self.n;
+        self.n += 1;
+        match burst {
+            Burst::Churn => {
+                let id = format!("churn{}", self.serial);
+                if n == 0 {
+                    return (Kind::Upsert, id, json!({"text": "hi"}));
+                }
+                let mut data = serde_json::Map::new();
+                for _ in 0..CHURN_FIELDS {
+                    data.insert(format!("f{:063}", self.fields), Value::Null);
+                    self.fields += 1;
+                }
+                (Kind::Patch, id, Value::Object(data))
+            }
+            Burst::Wide => {
+                let id = format!("wide{}", (n / 2) % WIDE_NOTES);
+                let mut data = serde_json::Map::new();
+                for i in 0..WIDE_FIELDS {
+                    data.insert(format!("w{i:063}"), json!(format!("{:08}", (self.serial * 1000 + n) % 100_000_000)));
+                }
+                if n % 2 == 1 {
+                    return (Kind::Patch, id, Value::Object(data));
+                }
+                // Padded to exactly max_note_bytes of compact JSON: the padding
+                // field adds its name, quotes and comma (9 bytes) to its value.
+                let used = serde_json::to_vec(&data).unwrap().len() + 9;
+                data.insert("pad".into(), json!("x".repeat(MAX_NOTE_BYTES.saturating_sub(used))));
+                (Kind::Upsert, id, Value::Object(data))
+            }
+            Burst::Deletes => {
+                let c = self.serial * 100_000 + n / 3;
+                match n % 3 {
+                    0 => (Kind::Delete, format!("gone{c}"), Value::Null),
+                    1 => (Kind::Upsert, format!("t{c}"), json!({"t": c})),
+                    _ => (Kind::Delete, format!("t{c}"), Value::Null),
+                }
+            }
+        }
+    }
+}
+
+fn is_hostile(edit: &Edit) -> bool {
+    (HOSTILE..HOSTILE + HOSTILE_PAPERS).contains(&edit.client)
+}
+
+/// One message of the burst under way, if the allowance has room; says when to
+/// come back.
+fn act_hostile(
+    s: &mut Session,
+    plan: &ClientPlan,
+    switch: &HostileSwitch,
+    h: &mut HostileState,
+    log: &mut ClientLog,
+) -> (Result<(), String>, Instant) {
+    let now = Instant::now();
+    let idle = now + Duration::from_millis(100);
+    let Some((burst, until, serial)) = *switch.burst.lock().unwrap() else { return (Ok(()), idle) };
+    if now >= until {
+        return (Ok(()), idle);
+    }
+    if serial != h.serial {
+        *h = HostileState { serial, tokens: ALLOWED_BURST, last: Some(now), n: 0, fields: h.fields };
+    }
+    let last = h.last.replace(now).unwrap_or(now);
+    h.tokens = (h.tokens + now.duration_since(last).as_secs_f64() * ALLOWED_RATE).min(ALLOWED_BURST);
+    if h.tokens < 1.0 {
+        return (Ok(()), now + Duration::from_secs_f64((1.0 - h.tokens) / ALLOWED_RATE));
+    }
+    h.tokens -= 1.0;
+    let (kind, id, data) = h.next(burst);
+    let n = log.edits.len();
+    let r = format!("h{}-{n}", plan.index);
+    let msg = match kind {
+        Kind::Upsert => json!({"type": "upsert", "id": id, "data": data, "ref": r}),
+        Kind::Patch => json!({"type": "patch", "id": id, "data": data, "ref": r}),
+        _ => json!({"type": "delete", "id": id, "ref": r}),
+    };
+    log.edits.push(Edit {
+        client: plan.index,
+        r,
+        paper: plan.paper,
+        id,
+        kind,
+        data,
+        node: s.node,
+        conn: s.conn,
+        v: None,
+        saved: None,
+        error: None,
+        lost: false,
+    });
+    s.pending.push(n);
+    (s.send(&msg), now)
+}
+
 // ---- faults --------------------------------------------------------------------------
 
-const FAULTS: [&str; 8] = [
+const FAULTS: [&str; 9] = [
     "kill -9 a node",
     "kill -9 Redis, restart from its AOF",
     "CLIENT KILL TYPE normal",
@@ -868,6 +1060,7 @@ const FAULTS: [&str; 8] = [
     "Redis paused (SIGSTOP)",
     "one paper's notes key of the wrong type",
     "a corrupt stored value",
+    "a hostile client's burst on its own paper",
 ];
 
 struct FaultLog {
@@ -882,6 +1075,7 @@ struct FaultLog {
 struct World {
     store: Store,
     nodes: [Node; 2],
+    hostile: Arc<HostileSwitch>,
 }
 
 /// Runs faults until `until`, one at a time; leaves everything running and
@@ -1027,6 +1221,15 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
             }
             panic!("could not restore {key}: {last:?}");
         }
+        8 => {
+            // Not waited for: other faults may come while the hostile client goes on.
+            let burst = BURSTS[rng.below(BURSTS.len() as u64) as usize];
+            let lasts = rng.between_ms(2000, 6000);
+            let mut switch = world.hostile.burst.lock().unwrap();
+            let serial = switch.map_or(1, |(_, _, serial)| serial + 1);
+            *switch = Some((burst, Instant::now() + lasts, serial));
+            format!(" ({burst:?} for {lasts:?})")
+        }
         _ => {
             let p = rng.below(PAPERS as u64) as usize;
             *corrupt += 1;
@@ -1081,7 +1284,13 @@ fn kinds_from_env() -> Vec<usize> {
     let kinds: Vec<usize> = match std::env::var("RP_CHAOS_FAULTS") {
         Ok(list) => list
             .split(',')
-            .map(|k| k.trim().parse().ok().filter(|k| *k < FAULTS.len()).expect("RP_CHAOS_FAULTS: numbers below 8"))
+            .map(|k| {
+                k.trim()
+                    .parse()
+                    .ok()
+                    .filter(|k| *k < FAULTS.len())
+                    .unwrap_or_else(|| panic!("RP_CHAOS_FAULTS: numbers below {}", FAULTS.len()))
+            })
             .collect(),
         Err(_) => (0..FAULTS.len()).collect(),
     };
@@ -1117,7 +1326,8 @@ fn acknowledged_edits_survive_faults() {
             thread::sleep(Duration::from_millis(50));
         }
     }
-    let mut world = World { store, nodes };
+    let hostile = Arc::new(HostileSwitch::default());
+    let mut world = World { store, nodes, hostile: hostile.clone() };
 
     // Which papers are sealed, and when.
     let mut rng = Rng::new(seed, 0);
@@ -1133,10 +1343,22 @@ fn acknowledged_edits_survive_faults() {
             let paper = index % PAPERS;
             // The first client of a paper seals it; a paper's clients sit on both nodes.
             let seal_at = (index < PAPERS).then(|| sealers.get(&paper).copied()).flatten();
-            let plan = ClientPlan { index, paper, home: (index / PAPERS + index) % 2, seed, seal_at };
+            let plan = ClientPlan { index, paper, home: (index / PAPERS + index) % 2, seed, seal_at, hostile: None };
             let shared = shared.clone();
             thread::spawn(move || run_client(plan, shared))
         })
+        .chain((0..HOSTILE_PAPERS).map(|h| {
+            let plan = ClientPlan {
+                index: HOSTILE + h,
+                paper: PAPERS + h,
+                home: h % 2,
+                seed,
+                seal_at: None,
+                hostile: Some(hostile.clone()),
+            };
+            let shared = shared.clone();
+            thread::spawn(move || run_client(plan, shared))
+        }))
         .collect();
 
     let faults = run_faults(&mut world, seed, kinds, faults_end, started);
@@ -1146,7 +1368,7 @@ fn acknowledged_edits_survive_faults() {
 
     // After the last fault, each paper takes a fresh edit (or says it is sealed).
     let probing: Vec<_> =
-        (0..PAPERS).map(|p| thread::spawn(move || fresh_edit(p, p % 2, ports[p % 2], calm))).collect();
+        (0..ALL_PAPERS).map(|p| thread::spawn(move || fresh_edit(p, p % 2, ports[p % 2], calm))).collect();
     let mut probes: Vec<(Session, ClientLog)> = Vec::new();
     for (p, probe) in probing.into_iter().enumerate() {
         match probe.join().expect("a probe thread panicked") {
@@ -1160,32 +1382,48 @@ fn acknowledged_edits_survive_faults() {
 
     let mut ends: Vec<ClientEnd> = clients.into_iter().map(|c| c.join().expect("a client thread panicked")).collect();
 
+    // Redis answers every client again soon after the last fault: no client's
+    // traffic may keep it busy for the others (PROTOCOL.md 4, 1.2). If it does
+    // not, the checks that read it wait until the nodes have stopped.
+    let mut redis_ok = match redis_answers(&world.store, Duration::from_secs(30)) {
+        Ok(()) => true,
+        Err(e) => {
+            violations.push(format!("Redis did not answer PING within 30 s of the last fault: {e}"));
+            false
+        }
+    };
+
     // Every node serves what Redis holds (all within one bound).
     let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut differ = Vec::new();
-        for p in 0..PAPERS {
-            let paper = paper_name(p);
-            let stored = live_in_redis(&world.store, &paper);
-            for (k, port) in ports.iter().enumerate() {
-                let view = node_view(*port, &paper);
-                if view.as_ref() != Some(&stored) {
-                    let shown = view.map_or("no answer".to_string(), |v| diff(&v, &stored));
-                    differ.push(format!("node {} serves {paper} unlike Redis: {shown}", NODE_IDS[k]));
+    if redis_ok {
+        loop {
+            let mut differ = Vec::new();
+            for p in 0..ALL_PAPERS {
+                let paper = paper_name(p);
+                let stored = live_in_redis(&world.store, &paper);
+                for (k, port) in ports.iter().enumerate() {
+                    let view = node_view(*port, &paper);
+                    if view.as_ref() != Some(&stored) {
+                        let shown = view.map_or("no answer".to_string(), |v| diff(&v, &stored));
+                        differ.push(format!("node {} serves {paper} unlike Redis: {shown}", NODE_IDS[k]));
+                    }
                 }
             }
+            if differ.is_empty() || Instant::now() >= until {
+                violations.extend(differ);
+                break;
+            }
+            thread::sleep(Duration::from_millis(200));
         }
-        if differ.is_empty() || Instant::now() >= until {
-            violations.extend(differ);
-            break;
-        }
-        thread::sleep(Duration::from_millis(200));
     }
 
     // Every connected client's view is what Redis holds.
     let mut open_sessions = 0;
     let until = Instant::now() + Duration::from_secs(10);
     let mut views = |session: &mut Session, log: &mut ClientLog, who: String| {
+        if !redis_ok {
+            return;
+        }
         let paper = paper_name(session.paper);
         loop {
             if let Err(e) = session.settle(log) {
@@ -1224,15 +1462,27 @@ fn acknowledged_edits_survive_faults() {
             other => violations.push(format!("node {} after SIGTERM: {other:?}", node.id)),
         }
     }
+    if !redis_ok {
+        match redis_answers(&world.store, Duration::from_secs(60)) {
+            Ok(()) => redis_ok = true,
+            Err(e) => violations.push(format!(
+                "Redis still not answering 60 s after both nodes stopped ({e}): acknowledged edits and seals not checked"
+            )),
+        }
+    }
 
     let logs: Vec<&ClientLog> = ends.iter().map(|e| &e.log).chain(probe_logs.iter()).collect();
     for log in &logs {
         violations.extend(log.violations.iter().cloned());
     }
     let edits: Vec<&Edit> = logs.iter().flat_map(|l| l.edits.iter()).collect();
-    violations.extend(check_acknowledged(&world.store, &edits));
-    let (sealed_violations, repeated) = check_sealed(&world.store, &logs);
-    violations.extend(sealed_violations);
+    let mut repeated = 0;
+    if redis_ok {
+        violations.extend(check_acknowledged(&world.store, &edits));
+        let (sealed_violations, again) = check_sealed(&world.store, &logs);
+        violations.extend(sealed_violations);
+        repeated = again;
+    }
 
     // The report.
     let count = |f: &dyn Fn(&Edit) -> bool| edits.iter().filter(|e| f(e)).count();
@@ -1259,9 +1509,20 @@ fn acknowledged_edits_survive_faults() {
         logs.iter().map(|l| l.connections).sum::<u64>(),
         logs.iter().flat_map(|l| l.errors_without_ref.iter()).collect::<Vec<_>>(),
     );
+    let hostile: Vec<&&Edit> = edits.iter().filter(|e| is_hostile(e)).collect();
+    eprintln!(
+        "chaos: the hostile client's edits {} (patches {}), saved {}, refused {}; its papers {:?}",
+        hostile.len(),
+        hostile.iter().filter(|e| e.kind == Kind::Patch).count(),
+        hostile.iter().filter(|e| e.saved.is_some()).count(),
+        hostile.iter().filter(|e| e.error.is_some()).count(),
+        (PAPERS..ALL_PAPERS).map(paper_name).collect::<Vec<_>>(),
+    );
     for (fault, n) in FAULTS.iter().zip(faults.counts) {
         eprintln!("chaos: fault {fault}: {n}");
     }
+    let bursts: Vec<&String> = faults.timeline.iter().filter(|l| l.contains(FAULTS[8])).collect();
+    eprintln!("chaos: hostile bursts: {bursts:?}");
     eprintln!("chaos: papers broken for a while: {:?}", faults.broken_papers);
     eprintln!("chaos: sealed by plan: {:?}", sealers.keys().map(|p| paper_name(*p)).collect::<Vec<_>>());
     if world.store.is_cluster() {
@@ -1354,9 +1615,12 @@ fn probe(session: &mut Session, log: &mut ClientLog, until: Instant) -> Result<(
 fn check_acknowledged(store: &Store, edits: &[&Edit]) -> Vec<String> {
     let mut violations = Vec::new();
     let mut stored: HashMap<usize, HashMap<String, Vec<u8>>> = HashMap::new();
-    for p in 0..PAPERS {
+    let mut horizons: HashMap<usize, u64> = HashMap::new();
+    for p in 0..ALL_PAPERS {
         stored.insert(p, stored_raw(store, &paper_name(p)).into_iter().collect());
+        horizons.insert(p, horizon_in_redis(store, &paper_name(p)));
     }
+    let later = Later::of(edits);
     for edit in edits {
         let (Some(v), Some(saved), None) = (edit.v, edit.saved, &edit.error) else { continue };
         let what = format!(
@@ -1364,13 +1628,24 @@ fn check_acknowledged(store: &Store, edits: &[&Edit]) -> Vec<String> {
             edit.r, edit.client, edit.kind, edit.id, NODE_IDS[edit.node], edit.conn
         );
         let Some(raw) = stored[&edit.paper].get(&edit.id) else {
-            violations.push(format!("{what} is lost: {} has no {}", paper_name(edit.paper), edit.id));
+            // A deleted note leaves Redis once the horizon passes its tombstone
+            // (PROTOCOL.md 4, 1.1): fine for a delete, or an edit a delete followed.
+            let deleted = edit.kind == Kind::Delete || later.deleted(edit.paper, &edit.id) > v;
+            if !(deleted && horizons[&edit.paper] >= v) {
+                violations.push(format!("{what} is lost: {} has no {}", paper_name(edit.paper), edit.id));
+            }
             continue;
         };
         let Some((stored_v, note)) = stored_note(raw) else {
             violations.push(format!("{what}: Redis holds an unreadable value {:?}", String::from_utf8_lossy(raw)));
             continue;
         };
+        if edit.kind == Kind::Patch && is_hostile(edit) {
+            if let Some(note) = &note {
+                violations.extend(check_hostile_patch(edit, &what, v, stored_v, &note["data"], &later));
+            }
+            continue;
+        }
         if edit.kind == Kind::Patch {
             // A patched field holds this version or a later one; a delete wins over
             // patches made after the upsert it follows (PROTOCOL.md leaves it open).
@@ -1406,6 +1681,74 @@ fn check_acknowledged(store: &Store, edits: &[&Edit]) -> Vec<String> {
         }
     }
     violations
+}
+
+/// A paper's tombstone horizon in Redis (0 when it has none).
+fn horizon_in_redis(store: &Store, paper: &str) -> u64 {
+    let mut conn = store.conn().expect("Redis for the final checks");
+    let horizon: Option<String> = redis::cmd("HGET").arg(meta_key(paper)).arg("horizon").query(&mut *conn).unwrap();
+    horizon.and_then(|h| h.parse().ok()).unwrap_or(0)
+}
+
+/// The greatest version every edit sent (saved or not) gave each note whole
+/// (upsert, delete) and each field by a patch: what may have replaced an
+/// acknowledged change since.
+struct Later<'a> {
+    whole: HashMap<(usize, &'a str), u64>,
+    deleted: HashMap<(usize, &'a str), u64>,
+    fields: HashMap<(usize, &'a str, &'a str), u64>,
+}
+
+impl<'a> Later<'a> {
+    fn of(edits: &[&'a Edit]) -> Later<'a> {
+        let mut later = Later { whole: HashMap::new(), deleted: HashMap::new(), fields: HashMap::new() };
+        let raise = |v: &mut u64, to: u64| *v = (*v).max(to);
+        for e in edits {
+            let Some(v) = e.v else { continue };
+            let note = (e.paper, e.id.as_str());
+            match e.kind {
+                Kind::Upsert => raise(later.whole.entry(note).or_default(), v),
+                Kind::Delete => {
+                    raise(later.whole.entry(note).or_default(), v);
+                    raise(later.deleted.entry(note).or_default(), v);
+                }
+                Kind::Patch => {
+                    for field in e.data.as_object().into_iter().flat_map(|d| d.keys()) {
+                        raise(later.fields.entry((e.paper, e.id.as_str(), field.as_str())).or_default(), v);
+                    }
+                }
+                Kind::Complete => {}
+            }
+        }
+        later
+    }
+
+    fn deleted(&self, paper: usize, id: &str) -> u64 {
+        self.deleted.get(&(paper, id)).copied().unwrap_or(0)
+    }
+}
+
+/// A hostile patch its sender saw saved: the note is at its version or later,
+/// and each field it named is as the patch left it (removed, or its value),
+/// unless a later change of the note or of that field followed.
+fn check_hostile_patch(edit: &Edit, what: &str, v: u64, stored_v: u64, data: &Value, later: &Later) -> Vec<String> {
+    if stored_v < v {
+        return vec![format!("{what} is lost: Redis holds the older v {stored_v}")];
+    }
+    if later.whole.get(&(edit.paper, edit.id.as_str())).is_some_and(|&w| w > v) {
+        return Vec::new();
+    }
+    for (field, value) in edit.data.as_object().into_iter().flatten() {
+        if later.fields.get(&(edit.paper, edit.id.as_str(), field.as_str())).is_some_and(|&f| f > v) {
+            continue;
+        }
+        let now = data.get(field);
+        let kept = if value.is_null() { now.is_none() } else { now == Some(value) };
+        if !kept {
+            return vec![format!("{what} is lost: Redis holds its field {field} as {now:?}, not as it left it")];
+        }
+    }
+    Vec::new()
 }
 
 /// Every sealed paper has one stream entry whose notes are the hash's live notes
@@ -1460,4 +1803,43 @@ fn check_sealed(store: &Store, logs: &[&ClientLog]) -> (Vec<String>, usize) {
         }
     }
     (violations, repeated)
+}
+
+/// The check of the hostile client's patches, on made-up edits: a removed field
+/// must stay removed and a set one keep its value, unless a later change of the
+/// note or of that field came after.
+#[test]
+fn hostile_patches_are_checked_field_by_field() {
+    let edit = |kind: Kind, v: u64, data: Value| Edit {
+        client: HOSTILE,
+        r: format!("h-{v}"),
+        paper: PAPERS,
+        id: "churn1".into(),
+        kind,
+        data,
+        node: 0,
+        conn: 1,
+        v: Some(v),
+        saved: Some(v),
+        error: None,
+        lost: false,
+    };
+    let removed = edit(Kind::Patch, 10, json!({"gone": null}));
+    let set = edit(Kind::Patch, 11, json!({"a": 1, "b": 2}));
+    let later_b = edit(Kind::Patch, 12, json!({"b": 3}));
+    let edits = [&removed, &set, &later_b];
+    let later = Later::of(&edits);
+    let check =
+        |e: &Edit, stored_v: u64, data: Value| check_hostile_patch(e, "edit", e.v.unwrap(), stored_v, &data, &later);
+
+    assert!(check(&removed, 12, json!({"text": "hi", "a": 1, "b": 3})).is_empty());
+    assert_eq!(check(&removed, 12, json!({"gone": 1, "a": 1, "b": 3})).len(), 1, "a removed field came back");
+    assert!(check(&set, 12, json!({"a": 1, "b": 3})).is_empty(), "b was changed later");
+    assert_eq!(check(&set, 12, json!({"a": 5, "b": 3})).len(), 1, "a lost its value");
+    assert_eq!(check(&later_b, 11, json!({"a": 1, "b": 2})).len(), 1, "Redis holds an older version");
+    // An upsert after the patch replaces the whole note: nothing to say about its fields.
+    let upsert = edit(Kind::Upsert, 13, json!({"text": "new"}));
+    let edits = [&removed, &set, &later_b, &upsert];
+    let later = Later::of(&edits);
+    assert!(check_hostile_patch(&set, "edit", 11, 13, &json!({"text": "new"}), &later).is_empty());
 }

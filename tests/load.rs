@@ -85,3 +85,62 @@ fn targets_outside_loopback_are_refused_before_connecting() {
         assert!(String::from_utf8_lossy(&output.stderr).contains("refusing"), "{target}");
     }
 }
+
+/// `rollingpaper-load abuse`, briefly and gently: the sending kinds that cannot
+/// wedge anything (ping floods, delete storms) and a few unfinished heads,
+/// against a server with its default limits. The report says what each side
+/// did, the honest edits are all saved, the samplers read Redis from outside,
+/// and a threshold no run can meet fails it with exit 3.
+#[test]
+fn the_abuse_mode_reports_and_judges_its_thresholds() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &[]);
+    let target = server.addr.to_string();
+    let pid = server.pid().to_string();
+    let redis_addr = format!("127.0.0.1:{}", redis.port);
+    let abuse = |thresholds: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_rollingpaper-load"))
+            .args(["abuse", "--quiet", "--json", "--target", &target, "--server-pid", &pid, "--redis", &redis_addr])
+            .args(["--duration", "3", "--drain", "2", "--interval", "1", "--kinds", "pings,deletes,heads"])
+            .args(["--ping-sessions", "1", "--delete-sessions", "1", "--heads", "5"])
+            .args(["--honest-papers", "2", "--honest-members", "3", "--honest-senders", "1", "--honest-rate", "5"])
+            .args(thresholds)
+            .output()
+            .expect("the load generator runs");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+        (output.status.code(), report, stderr)
+    };
+
+    // Thresholds any machine meets, however busy: the run passes.
+    let (code, report, stderr) = abuse(&["--max-ping-p99-ms", "5000", "--max-saved-p99-ms", "5000"]);
+    assert_eq!(code, Some(0), "{stderr}\n{report}");
+    assert_eq!(report["honest"]["joined"], 6, "{report}");
+    let summary = &report["summary"];
+    let edits = summary["honest_edits"].as_u64().unwrap();
+    assert!((25..=35).contains(&edits), "2 senders x 5/s x 3 s: {summary}");
+    assert_eq!(summary["honest_unsaved"], 0, "{summary}");
+    // 10 PINGs a second over the window, every one answered.
+    assert_eq!(summary["redis_ping_ms"]["n"], 30, "{summary}");
+    assert_eq!(summary["redis_ping_failed"], 0, "{summary}");
+    assert!(summary["server_rss"]["q4_max_mib"].as_f64().unwrap() > 0.0, "{summary}");
+    assert!(summary["redis_used_memory"]["q4_max_mib"].as_f64().unwrap() > 0.0, "{summary}");
+    assert!(summary["backlog_max"]["rollingpaper_backlog"].is_number(), "{summary}");
+    // As fast as the allowance lets: a burst of 190, then about 47.5 a second.
+    let hostile = &report["hostile"];
+    for kind in ["pings", "deletes"] {
+        let sent = hostile[kind]["sent"].as_u64().unwrap();
+        assert!(sent > 190, "{kind}: {hostile}");
+    }
+    // A delete of an id never created is refused, one of every three messages.
+    assert!(hostile["deletes"]["events"]["error not_found"].as_u64().unwrap() > 50, "{hostile}");
+    assert!(hostile["heads"]["opened"].as_u64().unwrap() >= 5, "{hostile}");
+    assert_eq!(report["timeline"].as_array().unwrap().len(), 5, "3 s of window and 2 of drain, 1 s rows");
+    assert_eq!(report["thresholds"]["passed"], true, "{report}");
+
+    // A PING p99 no run can meet: exit 3, and the miss is named.
+    let (code, report, stderr) = abuse(&["--max-ping-p99-ms", "0.000001", "--max-saved-p99-ms", "5000"]);
+    assert_eq!(code, Some(3), "{stderr}\n{report}");
+    assert_eq!(report["thresholds"]["passed"], false, "{report}");
+    assert!(stderr.contains("threshold missed: Redis PING p99"), "{stderr}");
+}

@@ -5,6 +5,7 @@
 //! and how late. Speaks `ws://`, or `wss://` through a TLS terminator. Every
 //! phase is bounded in time; targets outside loopback are refused.
 
+mod abuse;
 mod reconnect;
 mod report;
 mod stream;
@@ -144,6 +145,11 @@ enum Mode {
     /// Sessions reconnecting after a graceful server restart, with `since` or
     /// without (rollingpaper-load reconnect --help).
     Reconnect(reconnect::ReconnectArgs),
+    /// Hostile clients within every limit against one node while honest
+    /// clients edit other papers: Redis PING latency, edit-to-saved latency,
+    /// RSS, backlog and Redis memory over time, with pass/fail thresholds
+    /// (exit 3 when one is missed).
+    Abuse(abuse::AbuseArgs),
 }
 
 /// Mints the members' tokens, as the main backend would.
@@ -192,6 +198,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match &args.mode {
         Some(Mode::Reconnect(mode)) => reconnect::main(mode),
+        Some(Mode::Abuse(mode)) => abuse::main(mode),
         None => run(&args),
     };
     match result {
