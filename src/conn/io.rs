@@ -2,18 +2,22 @@
 //! socket is dry (with a budget, so one peer cannot hold the loop), and what a
 //! failed WebSocket read means. `WouldBlock` is folded here and never travels up.
 
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
 
 use mio::net::TcpStream;
 
 use super::Next;
 use crate::protocol::CloseReason;
+use crate::shared::Shared;
 
 /// Output capacity kept by a connection once its queue is empty; more is freed, so
 /// a burst does not pin memory on thousands of idle connections.
 /// Above the largest note (16 KiB by default) with its message around it, so that
 /// a paper of large notes does not free and allocate again for every message.
 const KEEP_OUT_CAPACITY: usize = 32 * 1024;
+/// Segments handed to one vectored write.
+const MAX_SLICES: usize = 16;
 
 /// The socket with its outbound queue. tungstenite writes its own frames (pongs,
 /// close replies) through `Write`, which only appends to the queue, so they stay
@@ -49,45 +53,149 @@ pub enum Flushed {
     Blocked,
 }
 
+/// A part of what is queued at once: bytes copied into the queue, or shared
+/// bytes it only refers to.
+#[derive(Clone, Copy)]
+pub enum Part<'a> {
+    Bytes(&'a [u8]),
+    Shared(&'a Shared),
+}
+
+/// A run of queued bytes: this connection's own, or a part of bytes shared with
+/// other connections (a snapshot's common part), which costs this queue nothing.
+#[derive(Debug)]
+enum Segment {
+    Owned(Vec<u8>),
+    Shared { shared: Shared, from: usize, to: usize },
+}
+
+impl Segment {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Segment::Owned(buf) => buf,
+            Segment::Shared { shared, from, to } => &shared.bytes()[*from..*to],
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Segment::Owned(buf) => buf.len(),
+            Segment::Shared { from, to, .. } => to - from,
+        }
+    }
+
+    /// Keeps the first `len` bytes.
+    fn truncate(&mut self, len: usize) {
+        match self {
+            Segment::Owned(buf) => buf.truncate(len),
+            Segment::Shared { from, to, .. } => *to = (*from + len).min(*to),
+        }
+    }
+
+    /// Drops the first `len` bytes.
+    fn advance(&mut self, len: usize) {
+        match self {
+            Segment::Owned(buf) => {
+                buf.drain(..len);
+            }
+            Segment::Shared { from, .. } => *from += len,
+        }
+    }
+}
+
 /// One connection's outbound bytes: queued by the loop, written once per turn.
+///
+/// A queue of segments; positions are counted in bytes since the connection
+/// began, so a mark stays valid while written segments go. Small frames are
+/// appended to the last owned segment (a broadcast costs one copy, as with a
+/// single buffer); shared bytes are referenced, never copied.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    buf: Vec<u8>,
-    /// Bytes of `buf` already written to the socket.
+    segments: VecDeque<Segment>,
+    /// Position of the first byte of the first segment.
+    base: usize,
+    /// Position up to which bytes are written to the socket.
     sent: usize,
-    /// Where whole WebSocket frames start in `buf`; what lies before is written or
-    /// is the HTTP head. Lets a slow consumer's queue be cut at a frame boundary.
+    /// Position of the end of the queue.
+    end: usize,
+    /// Where whole WebSocket frames start; what lies before is written, is the
+    /// HTTP head, or is a frame begun on the wire that must be finished. Lets a
+    /// slow consumer's queue be cut at a frame boundary.
     frames_from: usize,
+    /// An emptied buffer of at most `KEEP_OUT_CAPACITY`, for the next owned bytes.
+    spare: Vec<u8>,
 }
 
 impl Outbox {
     /// Queues bytes; nothing touches the socket until `write_to`.
     pub fn queue(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        match self.segments.back_mut() {
+            Some(Segment::Owned(buf)) => buf.extend_from_slice(bytes),
+            _ => {
+                let mut buf = std::mem::take(&mut self.spare);
+                buf.extend_from_slice(bytes);
+                self.segments.push_back(Segment::Owned(buf));
+            }
+        }
+        self.end += bytes.len();
+    }
+
+    /// Queues bytes shared with other connections, by reference.
+    pub fn queue_shared(&mut self, shared: &Shared) {
+        if shared.is_empty() {
+            return;
+        }
+        self.end += shared.len();
+        self.segments.push_back(Segment::Shared { shared: shared.clone(), from: 0, to: shared.len() });
+    }
+
+    /// Queues parts in order: one frame, or one reply, written from pieces.
+    pub fn queue_parts(&mut self, parts: &[Part]) {
+        for part in parts {
+            match part {
+                Part::Bytes(bytes) => self.queue(bytes),
+                Part::Shared(shared) => self.queue_shared(shared),
+            }
+        }
     }
 
     /// Queues the HTTP head that comes before the first frame.
     pub fn queue_head(&mut self, head: &[u8]) {
         self.queue(head);
-        self.frames_from = self.buf.len();
+        self.frames_from = self.end;
     }
 
     /// Where the queue ends now; `truncate_to` takes it back there.
     pub fn mark(&self) -> usize {
-        self.buf.len()
+        self.end
     }
 
     /// Drops what was queued after `mark` (nothing of it can be on the wire yet:
     /// the socket is written only by `write_to`).
     pub fn truncate_to(&mut self, mark: usize) {
-        if mark >= self.sent && mark <= self.buf.len() {
-            self.buf.truncate(mark);
+        if mark >= self.sent && mark <= self.end {
+            self.cut(mark);
         }
     }
 
     /// Bytes queued and not yet written.
     pub fn pending(&self) -> usize {
-        self.buf.len() - self.sent
+        self.end - self.sent
+    }
+
+    /// Whether part of the queue is shared bytes (a snapshot being written).
+    pub fn holds_shared(&self) -> bool {
+        self.segments.iter().any(|s| matches!(s, Segment::Shared { .. }))
+    }
+
+    /// Bytes this connection's own buffers hold (shared bytes are counted by
+    /// their owner, once for every connection).
+    pub fn held(&self) -> usize {
+        let owned = self.segments.iter().map(|s| match s {
+            Segment::Owned(buf) => buf.capacity(),
+            Segment::Shared { .. } => 0,
+        });
+        owned.sum::<usize>() + self.spare.capacity()
     }
 
     /// Writes what is queued until done or `sink` would block.
@@ -95,8 +203,27 @@ impl Outbox {
     /// # Errors
     /// The sink failed.
     pub fn write_to(&mut self, sink: &mut impl Write) -> io::Result<Flushed> {
-        while self.sent < self.buf.len() {
-            match sink.write(&self.buf[self.sent..]) {
+        while self.sent < self.end {
+            let result = {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let mut count = 0;
+                let mut skip = self.sent - self.base;
+                for segment in &self.segments {
+                    let bytes = segment.bytes();
+                    if skip >= bytes.len() {
+                        skip -= bytes.len();
+                        continue;
+                    }
+                    slices[count] = IoSlice::new(&bytes[skip..]);
+                    skip = 0;
+                    count += 1;
+                    if count == MAX_SLICES {
+                        break;
+                    }
+                }
+                sink.write_vectored(&slices[..count])
+            };
+            match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -107,29 +234,67 @@ impl Outbox {
                 Err(e) => return Err(e),
             }
         }
-        self.buf.clear();
-        self.sent = 0;
-        self.frames_from = 0;
-        if self.buf.capacity() > KEEP_OUT_CAPACITY {
-            self.buf = Vec::new();
+        self.frames_from = self.end;
+        self.base = self.end;
+        while let Some(segment) = self.segments.pop_front() {
+            self.keep_spare(segment);
         }
         Ok(Flushed::Done)
     }
 
     /// Drops every queued frame not yet begun on the wire (a slow consumer's
-    /// backlog), keeping the one partly written so the stream stays valid.
+    /// backlog), keeping the one partly written so the stream stays valid, and
+    /// gives back the memory the dropped frames took.
     pub fn drop_queued(&mut self) {
         self.skip_sent_frames();
         let keep = if self.sent > self.frames_from {
-            self.frames_from + frame_len(&self.buf[self.frames_from..]).unwrap_or(0)
+            self.frames_from + self.frame_len_at(self.frames_from).unwrap_or(0)
         } else {
             self.frames_from
         };
-        self.buf.truncate(keep.max(self.sent));
+        let keep = keep.max(self.sent);
+        self.cut(keep);
+        // What is left needs no more parsing: it is written, or the rest of one frame.
+        self.frames_from = keep;
+        self.discard_written(self.sent);
+        for segment in &mut self.segments {
+            if let Segment::Owned(buf) = segment {
+                if buf.capacity() > KEEP_OUT_CAPACITY && buf.capacity() > 2 * buf.len() {
+                    *buf = buf.as_slice().to_vec();
+                }
+            }
+        }
+    }
+
+    /// Keeps a written owned buffer for the next bytes, unless it is large.
+    fn keep_spare(&mut self, segment: Segment) {
+        if let Segment::Owned(mut buf) = segment {
+            if buf.capacity() <= KEEP_OUT_CAPACITY && buf.capacity() > self.spare.capacity() {
+                buf.clear();
+                self.spare = buf;
+            }
+        }
+    }
+
+    /// Takes the queue back to position `at`.
+    fn cut(&mut self, at: usize) {
+        while self.end > at {
+            let Some(last) = self.segments.back_mut() else { break };
+            let start = self.end - last.len();
+            if start >= at {
+                self.end = start;
+                if let Some(segment) = self.segments.pop_back() {
+                    self.keep_spare(segment);
+                }
+            } else {
+                last.truncate(at.max(start) - start);
+                self.end = at.max(start);
+            }
+        }
     }
 
     fn skip_sent_frames(&mut self) {
-        while let Some(len) = frame_len(&self.buf[self.frames_from..]) {
+        while let Some(len) = self.frame_len_at(self.frames_from) {
             if self.frames_from + len > self.sent {
                 break;
             }
@@ -137,18 +302,75 @@ impl Outbox {
         }
     }
 
-    /// Frees the written part of the queue once it is large.
+    /// The length of the server frame at position `at`, if it is all queued.
+    fn frame_len_at(&self, at: usize) -> Option<usize> {
+        if at < self.base {
+            return None;
+        }
+        let mut header = [0u8; 10];
+        let mut got = 0;
+        let mut start = self.base;
+        for segment in &self.segments {
+            let bytes = segment.bytes();
+            let end = start + bytes.len();
+            if end > at + got {
+                let from = at + got - start;
+                let n = (bytes.len() - from).min(header.len() - got);
+                header[got..got + n].copy_from_slice(&bytes[from..from + n]);
+                got += n;
+                if got == header.len() {
+                    break;
+                }
+            }
+            start = end;
+        }
+        let total = frame_len(&header[..got])?;
+        (at + total <= self.end).then_some(total)
+    }
+
+    /// Frees the written part of the queue once it is large: segments written
+    /// whole at once, the written start of an owned one once it is large.
     fn compact(&mut self) {
         self.skip_sent_frames();
-        if self.frames_from >= KEEP_OUT_CAPACITY && self.frames_from * 2 >= self.buf.len() {
-            self.buf.drain(..self.frames_from);
-            self.sent -= self.frames_from;
-            self.frames_from = 0;
+        let written = self.frames_from.min(self.sent);
+        self.pop_written(written);
+        if let Some(Segment::Owned(buf)) = self.segments.front_mut() {
+            let done = written - self.base;
+            if done >= KEEP_OUT_CAPACITY && done * 2 >= buf.len() {
+                buf.drain(..done);
+                self.base += done;
+            }
+        }
+    }
+
+    /// Drops the segments that end at or before `upto` (written, and parsed).
+    fn pop_written(&mut self, upto: usize) {
+        while let Some(front) = self.segments.front() {
+            let front_end = self.base + front.len();
+            if front_end > upto {
+                break;
+            }
+            self.base = front_end;
+            if let Some(segment) = self.segments.pop_front() {
+                self.keep_spare(segment);
+            }
+        }
+    }
+
+    /// Drops every byte before `upto` (written, and parsed).
+    fn discard_written(&mut self, upto: usize) {
+        self.pop_written(upto);
+        let base = self.base;
+        if let Some(front) = self.segments.front_mut() {
+            let done = upto.saturating_sub(base).min(front.len());
+            front.advance(done);
+            self.base += done;
         }
     }
 }
 
-/// The length of the server frame at the start of `buf`, if it is all there.
+/// The length of the server frame whose header starts `buf`; `None` if the
+/// header is not all there.
 fn frame_len(buf: &[u8]) -> Option<usize> {
     let b1 = *buf.get(1)?;
     let (header, len) = match b1 & 0x7F {
@@ -156,8 +378,7 @@ fn frame_len(buf: &[u8]) -> Option<usize> {
         127 => (10, u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize),
         n => (2, n as usize),
     };
-    let total = header + if b1 & 0x80 != 0 { 4 } else { 0 } + len;
-    (buf.len() >= total).then_some(total)
+    Some(header + if b1 & 0x80 != 0 { 4 } else { 0 } + len)
 }
 
 impl Read for Io {
@@ -239,7 +460,8 @@ mod tests {
     #[test]
     fn frame_lengths_are_read_from_headers() {
         assert_eq!(frame_len(&[0x81, 3, b'a', b'b', b'c']), Some(5));
-        assert_eq!(frame_len(&[0x81, 3, b'a']), None);
+        assert_eq!(frame_len(&[0x81, 3]), Some(5), "the header alone says the length");
+        assert_eq!(frame_len(&[0x81, 126, 0x01]), None, "a header cut short");
         let mut medium = vec![0x81, 126, 0x01, 0x00];
         medium.resize(4 + 256, b'x');
         assert_eq!(frame_len(&medium), Some(260));
@@ -286,6 +508,92 @@ mod tests {
         assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Done);
         assert_eq!(sink.got.len(), head + 10);
         assert_eq!(out.pending(), 0);
+    }
+
+    /// A frame's bytes, header included, of a text payload of `len` bytes of `fill`.
+    fn text_frame(len: usize, fill: u8) -> Vec<u8> {
+        let mut frame = vec![0x81];
+        match len {
+            0..=125 => frame.push(len as u8),
+            126..=0xFFFF => {
+                frame.push(126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                frame.push(127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        frame.resize(frame.len() + len, fill);
+        frame
+    }
+
+    #[test]
+    fn a_frame_of_owned_and_shared_parts_is_written_whole_and_cut_whole() {
+        let in_flight = std::sync::Arc::new(crate::shared::InFlight::new(usize::MAX));
+        let body = 100_000;
+        let frame = text_frame(body, b's');
+        let (header, payload) = frame.split_at(frame.len() - body);
+        // A snapshot: the header and a per-joiner start, the shared middle, a per-joiner end.
+        let shared = Shared::new(payload[10..body - 10].to_vec(), &in_flight);
+        let mut out = Outbox::default();
+        out.queue_head(b"HTTP/1.1 101\r\n\r\n");
+        out.queue(header);
+        out.queue(&payload[..10]);
+        out.queue_shared(&shared);
+        out.queue(&payload[body - 10..]);
+        let after = [0x81, 3, b'a', b'b', b'c'];
+        out.queue(&after);
+        let mut sink = Tight { got: Vec::new(), room: 50_000 };
+        assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Blocked);
+        drop(shared);
+        assert_eq!(in_flight.used(), body - 20, "the queue holds the shared part");
+        // Cut in the middle of the shared part: that frame is finished, the next dropped.
+        out.drop_queued();
+        let mut close = Vec::new();
+        close.extend_from_slice(&[0x88, 2, 0x03, 0xf5]);
+        out.queue(&close);
+        sink.room = usize::MAX;
+        assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Done);
+        let mut expected = b"HTTP/1.1 101\r\n\r\n".to_vec();
+        expected.extend_from_slice(&frame);
+        expected.extend_from_slice(&close);
+        assert!(sink.got == expected, "the stream is not the frame then the close");
+        assert_eq!(in_flight.used(), 0, "written shared bytes are let go");
+    }
+
+    #[test]
+    fn dropping_a_queue_gives_its_memory_back() {
+        let mut out = Outbox::default();
+        let frame = text_frame(200_000, b'x');
+        for _ in 0..20 {
+            out.queue(&frame);
+        }
+        let mut sink = Tight { got: Vec::new(), room: 1_000 };
+        assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Blocked);
+        assert!(out.held() >= 20 * 200_000);
+        out.drop_queued();
+        assert_eq!(out.pending(), frame.len() - 1_000, "the frame begun is kept");
+        assert!(out.held() < 2 * frame.len(), "{} bytes held after the drop", out.held());
+        sink.room = usize::MAX;
+        assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Done);
+        assert!(sink.got == frame);
+        assert!(out.held() <= KEEP_OUT_CAPACITY);
+    }
+
+    #[test]
+    fn a_mark_survives_writes_and_takes_back_what_followed() {
+        let mut out = Outbox::default();
+        out.queue(&[0x81, 1, b'a']);
+        let mut sink = Tight { got: Vec::new(), room: 2 };
+        assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Blocked);
+        let mark = out.mark();
+        out.queue(&[0x8a, 0]);
+        out.truncate_to(mark);
+        assert_eq!(out.pending(), 1);
+        sink.room = 10;
+        assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Done);
+        assert_eq!(sink.got, vec![0x81, 1, b'a']);
     }
 
     #[test]
