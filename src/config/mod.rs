@@ -172,7 +172,9 @@ pub struct Config {
     #[arg(long, env = "RP_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
 
-    /// Connections one client address may hold at most; 0 for no limit.
+    /// Sessions one client address may hold at most, and request heads it may have
+    /// unfinished at once (past it, its new connections are closed at accept; a
+    /// trusted proxy's are not counted); 0 for no limit.
     #[arg(long, env = "RP_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 0)]
     pub max_connections_per_address: usize,
 
