@@ -597,6 +597,75 @@ mod tests {
     }
 
     #[test]
+    fn any_mix_of_parts_writes_and_cuts_leaves_a_stream_of_whole_frames() {
+        let in_flight = std::sync::Arc::new(crate::shared::InFlight::new(usize::MAX));
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |below: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % below as u64) as usize
+        };
+        for round in 0..200 {
+            let mut out = Outbox::default();
+            let mut queued: Vec<Vec<u8>> = Vec::new();
+            let mut sink = Tight { got: Vec::new(), room: 0 };
+            let cut_at = next(16); // 12 and above: never cut
+            for step in 0..12 {
+                let len = [3, 100, 200, 70_000, 300_000][next(5)];
+                let frame = text_frame(len, b'a' + (step as u8));
+                if len > 1_000 && next(2) == 0 {
+                    // A snapshot: its own start, a shared middle, its own end.
+                    let (start, rest) = frame.split_at(frame.len() / 3);
+                    let (middle, end) = rest.split_at(rest.len() / 2);
+                    out.queue(start);
+                    out.queue_shared(&Shared::new(middle.to_vec(), &in_flight));
+                    out.queue(end);
+                } else {
+                    out.queue(&frame);
+                }
+                queued.push(frame);
+                if next(4) == 0 {
+                    // A pong taken back.
+                    let mark = out.mark();
+                    out.queue(&[0x8a, 0]);
+                    out.truncate_to(mark);
+                }
+                sink.room = next(150_000);
+                let _ = out.write_to(&mut sink).unwrap();
+                if step == cut_at {
+                    out.drop_queued();
+                    out.queue(&[0x88, 0]);
+                    break;
+                }
+            }
+            sink.room = usize::MAX;
+            assert_eq!(out.write_to(&mut sink).unwrap(), Flushed::Done);
+            assert_eq!(out.pending(), 0);
+            // What went out: whole frames, in order, the close frame last if cut.
+            let mut at = 0;
+            let mut frames = Vec::new();
+            while at < sink.got.len() {
+                let len = frame_len(&sink.got[at..]).expect("a frame header");
+                assert!(at + len <= sink.got.len(), "round {round}: a frame cut short");
+                frames.push(sink.got[at..at + len].to_vec());
+                at += len;
+            }
+            let cut = frames.last().is_some_and(|f| f[..] == [0x88, 0]);
+            if cut {
+                frames.pop();
+            }
+            assert!(frames.len() <= queued.len());
+            assert!(frames.iter().zip(&queued).all(|(a, b)| a == b), "round {round}: frames out of order");
+            if !cut {
+                assert_eq!(frames.len(), queued.len(), "round {round}: frames lost without a cut");
+            }
+            drop(out);
+            assert_eq!(in_flight.used(), 0, "round {round}: shared bytes kept");
+        }
+    }
+
+    #[test]
     fn reads_stop_at_the_budget_or_the_end() {
         let mut got = Vec::new();
         let mut input = Cursor::new(vec![7u8; 10_000]);
