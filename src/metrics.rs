@@ -203,6 +203,8 @@ pub struct LoopMetrics {
     pub http_responses: [AtomicU64; STATUSES.len()],
     /// Connections closed at accept: their address held its cap of unfinished heads.
     pub heads_refused: AtomicU64,
+    /// Joiners (1013 `server_busy`) and reads (503) refused at the snapshot bound.
+    pub snapshots_refused: AtomicU64,
     /// Bytes the loop's connections hold in output buffers of their own (gauge).
     pub output_buffer_bytes: AtomicU64,
     /// From reading a member's edit to queueing it for the last member.
@@ -508,6 +510,12 @@ pub fn render_memory(text: &mut String, loops: &[LoopMetrics], in_flight: &crate
         "gauge",
         "Bytes of snapshots, GET /papers bodies and large broadcasts held by connections, each buffer once.",
         in_flight.used(),
+    );
+    x.one(
+        "rollingpaper_snapshots_refused_total",
+        "counter",
+        "Joiners closed with 1013 server_busy and GET /papers answered 503 at --max-snapshot-bytes-in-flight.",
+        loops.iter().map(|l| get(&l.snapshots_refused)).sum::<u64>(),
     );
     x.one(
         "rollingpaper_snapshot_bytes_in_flight_limit",

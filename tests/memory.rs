@@ -252,6 +252,7 @@ fn snapshot_bytes_in_flight_are_bounded() {
     assert_eq!(status, 503, "{head}");
     assert!(head.contains("Retry-After"), "{head}");
     assert!(metric(&server, "snapshot_bytes_in_flight") <= 10_000_000);
+    assert_eq!(metric(&server, "snapshots_refused_total"), 2);
     // Once the snapshot in flight is gone, joiners and readers are served again.
     drop(held);
     eventually("the held snapshot to be released", || (metric(&server, "snapshot_bytes_in_flight") == 0).then_some(()));

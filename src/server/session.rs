@@ -184,7 +184,7 @@ impl EventLoop {
         // this version, or must fit under the node's bound.
         let full = since.is_none_or(|since| matches!(paper.resume(since), Resume::Full));
         let body = match full.then(|| self.paper_body(&paper_id, true)) {
-            Some(None) => return self.end_session(key, CloseReason::Busy),
+            Some(None) => return self.refuse_joiner(key),
             Some(body) => body,
             None => None,
         };
@@ -208,7 +208,7 @@ impl EventLoop {
             // What the client may have missed since the version it saw; it merges it.
             (None, Some(since)) => match self.send_since_snapshot(key, &paper_id, &member_id, since) {
                 Some(len) => len,
-                None => return self.end_session(key, CloseReason::Busy),
+                None => return self.refuse_joiner(key),
             },
             (None, None) => return,
         };

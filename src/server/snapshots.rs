@@ -9,8 +9,9 @@ use std::sync::Arc;
 use super::event_loop::EventLoop;
 use crate::conn::http::{self, Reply};
 use crate::conn::Part;
+use crate::metrics::bump;
 use crate::paper::Resume;
-use crate::protocol::{self as frame, NoteView, DOCUMENT_END};
+use crate::protocol::{self as frame, CloseReason, NoteView, DOCUMENT_END};
 use crate::shared::Shared;
 
 /// A connection's own part of a snapshot above this size is counted in flight
@@ -92,7 +93,7 @@ impl EventLoop {
     pub(super) fn reply_paper(&mut self, key: usize, paper_id: &Arc<str>) {
         match self.paper_body(paper_id, true) {
             Some(body) => self.reply_body(key, paper_id, &body),
-            None => self.reply(key, &busy()),
+            None => self.refuse_read(key),
         }
     }
 
@@ -100,10 +101,24 @@ impl EventLoop {
     pub(super) fn reply_read(&mut self, key: usize, paper: &crate::paper::Paper) {
         let bytes = frame::paper_body(&paper.view(), paper.live_notes());
         if !self.node.in_flight.has_room(bytes.len()) {
-            return self.reply(key, &busy());
+            return self.refuse_read(key);
         }
         let body = Shared::new(bytes, &self.node.in_flight);
         self.reply_body(key, &paper.id, &body);
+    }
+
+    /// A read past the node's bound: retry shortly.
+    fn refuse_read(&mut self, key: usize) {
+        bump(&self.metrics().snapshots_refused, 1);
+        let mut reply = Reply::text(503, "this node is writing as many snapshots as it may; retry shortly");
+        reply.extra_headers = "Retry-After: 1\r\n";
+        self.reply(key, &reply);
+    }
+
+    /// A joiner past the node's bound: closed with 1013 `server_busy`, to retry.
+    pub(super) fn refuse_joiner(&mut self, key: usize) {
+        bump(&self.metrics().snapshots_refused, 1);
+        self.end_session(key, CloseReason::Busy);
     }
 
     fn reply_body(&mut self, key: usize, paper_id: &str, body: &Shared) {
@@ -117,11 +132,4 @@ impl EventLoop {
             self.conns.queue_flush(key);
         }
     }
-}
-
-/// The answer to a read past the node's bound.
-fn busy() -> Reply {
-    let mut reply = Reply::text(503, "this node is writing as many snapshots as it may; retry shortly");
-    reply.extra_headers = "Retry-After: 1\r\n";
-    reply
 }
