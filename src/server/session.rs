@@ -203,14 +203,13 @@ impl EventLoop {
         let presence = self.node.cluster.then(|| presence_entry(&self.node.node_id, &member));
         paper.add_member(member);
         self.relay_frame(&visitor.paper, presence, Relaying::Kept);
-        let snapshot_len = match (body, since) {
-            (Some(body), _) => self.send_full_snapshot(key, &paper_id, &member_id, &body),
+        let snapshot_len = match body {
+            Some(body) => self.send_full_snapshot(key, &paper_id, &member_id, &body),
             // What the client may have missed since the version it saw; it merges it.
-            (None, Some(since)) => match self.send_since_snapshot(key, &paper_id, &member_id, since) {
+            None => match since.and_then(|since| self.send_since_snapshot(key, &paper_id, &member_id, since)) {
                 Some(len) => len,
                 None => return self.refuse_joiner(key),
             },
-            (None, None) => return,
         };
         self.conns.slab[key].grace = snapshot_len;
         // A member that never reads must not pin its snapshot (the whole paper)
