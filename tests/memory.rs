@@ -265,3 +265,23 @@ fn snapshot_bytes_in_flight_are_bounded() {
     let changed = read["notes"].as_array().unwrap().iter().find(|n| n["id"] == "n0-0").cloned();
     assert_eq!(changed.map(|n| n["data"].clone()), Some(json!({"t": "changed"})), "a reply of the old version");
 }
+
+#[test]
+fn a_large_broadcast_is_shared_by_its_recipients() {
+    let redis = Redis::start();
+    let server = server(&redis, &["--handshake-timeout", "60"]);
+    let mut writer = large_paper(&server, "p-seal", NOTES);
+    // Members that read their snapshot, then stop reading.
+    let _members: Vec<Client> = (0..20).map(|_| server.join("p-seal", "")).collect();
+    for _ in 0..20 {
+        writer.next_of("join");
+    }
+    let before = rss(&server);
+    // `completed` carries the whole paper (6.4 MB) to every member.
+    writer.send(json!({"type": "complete"}));
+    writer.next_of("completed");
+    let grown = rss(&server).saturating_sub(before);
+    assert!(grown <= 32 * MIB, "one completed message to 20 members added {} MiB", grown / MIB);
+    let in_flight = metric(&server, "snapshot_bytes_in_flight");
+    assert!(in_flight < 12 * MIB, "{in_flight} bytes in flight: the message was copied");
+}
