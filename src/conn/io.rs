@@ -105,14 +105,16 @@ impl Segment {
 
 /// One connection's outbound bytes: queued by the loop, written once per turn.
 ///
-/// A queue of segments; positions are counted in bytes since the connection
-/// began, so a mark stays valid while written segments go. Small frames are
-/// appended to the last owned segment (a broadcast costs one copy, as with a
-/// single buffer); shared bytes are referenced, never copied.
+/// Positions are counted in bytes since the connection began, so a mark stays
+/// valid while written bytes go. The queue is `front` (segments, only once
+/// shared bytes were queued) then `tail`, an owned buffer: a broadcast is one
+/// copy into `tail` and one write from it, as with a single buffer, and shared
+/// bytes are referenced, never copied.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    segments: VecDeque<Segment>,
-    /// Position of the first byte of the first segment.
+    front: VecDeque<Segment>,
+    tail: Vec<u8>,
+    /// Position of the first byte held (of `front`, or of `tail` when `front` is empty).
     base: usize,
     /// Position up to which bytes are written to the socket.
     sent: usize,
@@ -122,21 +124,12 @@ pub struct Outbox {
     /// HTTP head, or is a frame begun on the wire that must be finished. Lets a
     /// slow consumer's queue be cut at a frame boundary.
     frames_from: usize,
-    /// An emptied buffer of at most `KEEP_OUT_CAPACITY`, for the next owned bytes.
-    spare: Vec<u8>,
 }
 
 impl Outbox {
     /// Queues bytes; nothing touches the socket until `write_to`.
     pub fn queue(&mut self, bytes: &[u8]) {
-        match self.segments.back_mut() {
-            Some(Segment::Owned(buf)) => buf.extend_from_slice(bytes),
-            _ => {
-                let mut buf = std::mem::take(&mut self.spare);
-                buf.extend_from_slice(bytes);
-                self.segments.push_back(Segment::Owned(buf));
-            }
-        }
+        self.tail.extend_from_slice(bytes);
         self.end += bytes.len();
     }
 
@@ -145,8 +138,13 @@ impl Outbox {
         if shared.is_empty() {
             return;
         }
+        if !self.tail.is_empty() {
+            self.front.push_back(Segment::Owned(std::mem::take(&mut self.tail)));
+        } else if self.front.is_empty() {
+            self.base = self.end;
+        }
+        self.front.push_back(Segment::Shared { shared: shared.clone(), from: 0, to: shared.len() });
         self.end += shared.len();
-        self.segments.push_back(Segment::Shared { shared: shared.clone(), from: 0, to: shared.len() });
     }
 
     /// Queues parts in order: one frame, or one reply, written from pieces.
@@ -185,17 +183,27 @@ impl Outbox {
 
     /// Whether part of the queue is shared bytes (a snapshot being written).
     pub fn holds_shared(&self) -> bool {
-        self.segments.iter().any(|s| matches!(s, Segment::Shared { .. }))
+        self.front.iter().any(|s| matches!(s, Segment::Shared { .. }))
     }
 
     /// Bytes this connection's own buffers hold (shared bytes are counted by
     /// their owner, once for every connection).
     pub fn held(&self) -> usize {
-        let owned = self.segments.iter().map(|s| match s {
+        let owned = self.front.iter().map(|s| match s {
             Segment::Owned(buf) => buf.capacity(),
             Segment::Shared { .. } => 0,
         });
-        owned.sum::<usize>() + self.spare.capacity()
+        owned.sum::<usize>() + self.tail.capacity()
+    }
+
+    /// Where `tail` starts.
+    fn tail_start(&self) -> usize {
+        self.end - self.tail.len()
+    }
+
+    /// Every run of bytes held, in order, from position `base`.
+    fn runs(&self) -> impl Iterator<Item = &[u8]> {
+        self.front.iter().map(Segment::bytes).chain(std::iter::once(self.tail.as_slice()))
     }
 
     /// Writes what is queued until done or `sink` would block.
@@ -204,24 +212,12 @@ impl Outbox {
     /// The sink failed.
     pub fn write_to(&mut self, sink: &mut impl Write) -> io::Result<Flushed> {
         while self.sent < self.end {
-            let result = {
-                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                let mut count = 0;
-                let mut skip = self.sent - self.base;
-                for segment in &self.segments {
-                    let bytes = segment.bytes();
-                    if skip >= bytes.len() {
-                        skip -= bytes.len();
-                        continue;
-                    }
-                    slices[count] = IoSlice::new(&bytes[skip..]);
-                    skip = 0;
-                    count += 1;
-                    if count == MAX_SLICES {
-                        break;
-                    }
-                }
-                sink.write_vectored(&slices[..count])
+            let result = if self.front.is_empty() {
+                // The usual case (no snapshot queued): one buffer, one plain write.
+                let from = self.sent - self.base;
+                sink.write(&self.tail[from..])
+            } else {
+                self.write_runs(sink)
             };
             match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -236,10 +232,35 @@ impl Outbox {
         }
         self.frames_from = self.end;
         self.base = self.end;
-        while let Some(segment) = self.segments.pop_front() {
-            self.keep_spare(segment);
+        if !self.front.is_empty() {
+            self.front.clear();
+        }
+        self.tail.clear();
+        if self.tail.capacity() > KEEP_OUT_CAPACITY {
+            self.tail = Vec::new();
         }
         Ok(Flushed::Done)
+    }
+
+    /// One vectored write of the runs not yet written (shared bytes are queued).
+    #[cold]
+    fn write_runs(&self, sink: &mut impl Write) -> io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut count = 0;
+        let mut skip = self.sent - self.base;
+        for run in self.runs() {
+            if skip >= run.len() {
+                skip -= run.len();
+                continue;
+            }
+            slices[count] = IoSlice::new(&run[skip..]);
+            skip = 0;
+            count += 1;
+            if count == MAX_SLICES {
+                break;
+            }
+        }
+        sink.write_vectored(&slices[..count])
     }
 
     /// Drops every queued frame not yet begun on the wire (a slow consumer's
@@ -257,39 +278,43 @@ impl Outbox {
         // What is left needs no more parsing: it is written, or the rest of one frame.
         self.frames_from = keep;
         self.discard_written(self.sent);
-        for segment in &mut self.segments {
+        let shrink = |buf: &mut Vec<u8>| {
+            if buf.capacity() > KEEP_OUT_CAPACITY && buf.capacity() > 2 * buf.len() {
+                *buf = buf.as_slice().to_vec();
+            }
+        };
+        for segment in &mut self.front {
             if let Segment::Owned(buf) = segment {
-                if buf.capacity() > KEEP_OUT_CAPACITY && buf.capacity() > 2 * buf.len() {
-                    *buf = buf.as_slice().to_vec();
-                }
+                shrink(buf);
             }
         }
+        shrink(&mut self.tail);
     }
 
-    /// Keeps a written owned buffer for the next bytes, unless it is large.
-    fn keep_spare(&mut self, segment: Segment) {
-        if let Segment::Owned(mut buf) = segment {
-            if buf.capacity() <= KEEP_OUT_CAPACITY && buf.capacity() > self.spare.capacity() {
-                buf.clear();
-                self.spare = buf;
-            }
-        }
-    }
-
-    /// Takes the queue back to position `at`.
+    /// Takes the queue back to position `at` (at or after `base`).
     fn cut(&mut self, at: usize) {
+        let tail_start = self.tail_start();
+        if tail_start >= at {
+            self.tail.clear();
+            self.end = tail_start;
+        } else {
+            self.tail.truncate(at - tail_start);
+            self.end = at;
+            return;
+        }
         while self.end > at {
-            let Some(last) = self.segments.back_mut() else { break };
+            let Some(last) = self.front.back_mut() else { break };
             let start = self.end - last.len();
             if start >= at {
                 self.end = start;
-                if let Some(segment) = self.segments.pop_back() {
-                    self.keep_spare(segment);
-                }
+                self.front.pop_back();
             } else {
-                last.truncate(at.max(start) - start);
-                self.end = at.max(start);
+                last.truncate(at - start);
+                self.end = at;
             }
+        }
+        if self.front.is_empty() {
+            self.base = self.end;
         }
     }
 
@@ -310,13 +335,12 @@ impl Outbox {
         let mut header = [0u8; 10];
         let mut got = 0;
         let mut start = self.base;
-        for segment in &self.segments {
-            let bytes = segment.bytes();
-            let end = start + bytes.len();
+        for run in self.runs() {
+            let end = start + run.len();
             if end > at + got {
                 let from = at + got - start;
-                let n = (bytes.len() - from).min(header.len() - got);
-                header[got..got + n].copy_from_slice(&bytes[from..from + n]);
+                let n = (run.len() - from).min(header.len() - got);
+                header[got..got + n].copy_from_slice(&run[from..from + n]);
                 got += n;
                 if got == header.len() {
                     break;
@@ -329,42 +353,51 @@ impl Outbox {
     }
 
     /// Frees the written part of the queue once it is large: segments written
-    /// whole at once, the written start of an owned one once it is large.
+    /// whole at once, the written start of an owned buffer once it is large.
+    #[cold]
     fn compact(&mut self) {
         self.skip_sent_frames();
         let written = self.frames_from.min(self.sent);
         self.pop_written(written);
-        if let Some(Segment::Owned(buf)) = self.segments.front_mut() {
-            let done = written - self.base;
-            if done >= KEEP_OUT_CAPACITY && done * 2 >= buf.len() {
-                buf.drain(..done);
-                self.base += done;
-            }
+        let done = written - self.base;
+        let buf = match self.front.front_mut() {
+            Some(Segment::Owned(buf)) => buf,
+            Some(Segment::Shared { .. }) => return,
+            None => &mut self.tail,
+        };
+        if done >= KEEP_OUT_CAPACITY && done * 2 >= buf.len() {
+            buf.drain(..done);
+            self.base += done;
         }
     }
 
-    /// Drops the segments that end at or before `upto` (written, and parsed).
+    /// Drops the front segments that end at or before `upto` (written, and parsed).
     fn pop_written(&mut self, upto: usize) {
-        while let Some(front) = self.segments.front() {
-            let front_end = self.base + front.len();
-            if front_end > upto {
+        while let Some(first) = self.front.front() {
+            let first_end = self.base + first.len();
+            if first_end > upto {
                 break;
             }
-            self.base = front_end;
-            if let Some(segment) = self.segments.pop_front() {
-                self.keep_spare(segment);
-            }
+            self.base = first_end;
+            self.front.pop_front();
         }
     }
 
     /// Drops every byte before `upto` (written, and parsed).
     fn discard_written(&mut self, upto: usize) {
         self.pop_written(upto);
-        let base = self.base;
-        if let Some(front) = self.segments.front_mut() {
-            let done = upto.saturating_sub(base).min(front.len());
-            front.advance(done);
-            self.base += done;
+        let done = upto.saturating_sub(self.base);
+        match self.front.front_mut() {
+            Some(first) => {
+                let done = done.min(first.len());
+                first.advance(done);
+                self.base += done;
+            }
+            None => {
+                let done = done.min(self.tail.len());
+                self.tail.drain(..done);
+                self.base += done;
+            }
         }
     }
 }
