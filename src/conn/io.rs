@@ -103,6 +103,64 @@ impl Segment {
     }
 }
 
+/// The segments before an outbox's tail: allocated only while shared bytes are
+/// queued, so that an outbox of broadcasts stays as small as a plain buffer.
+// Boxed on purpose: one pointer on every connection instead of a deque's four
+// words, and the box exists only while a snapshot is queued.
+#[allow(clippy::box_collection)]
+#[derive(Debug, Default)]
+struct Front(Option<Box<VecDeque<Segment>>>);
+
+impl Front {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|d| d.is_empty())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Segment> {
+        self.0.iter().flat_map(|d| d.iter())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Segment> {
+        self.0.iter_mut().flat_map(|d| d.iter_mut())
+    }
+
+    fn push_back(&mut self, segment: Segment) {
+        self.0.get_or_insert_default().push_back(segment);
+    }
+
+    fn front(&self) -> Option<&Segment> {
+        self.0.as_ref()?.front()
+    }
+
+    fn front_mut(&mut self) -> Option<&mut Segment> {
+        self.0.as_mut()?.front_mut()
+    }
+
+    fn back_mut(&mut self) -> Option<&mut Segment> {
+        self.0.as_mut()?.back_mut()
+    }
+
+    fn pop_front(&mut self) -> Option<Segment> {
+        let segment = self.0.as_mut()?.pop_front();
+        if self.is_empty() {
+            self.0 = None;
+        }
+        segment
+    }
+
+    fn pop_back(&mut self) -> Option<Segment> {
+        let segment = self.0.as_mut()?.pop_back();
+        if self.is_empty() {
+            self.0 = None;
+        }
+        segment
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// One connection's outbound bytes: queued by the loop, written once per turn.
 ///
 /// Positions are counted in bytes since the connection began, so a mark stays
@@ -112,7 +170,7 @@ impl Segment {
 /// bytes are referenced, never copied.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    front: VecDeque<Segment>,
+    front: Front,
     tail: Vec<u8>,
     /// Position of the first byte held (of `front`, or of `tail` when `front` is empty).
     base: usize,
@@ -283,7 +341,7 @@ impl Outbox {
                 *buf = buf.as_slice().to_vec();
             }
         };
-        for segment in &mut self.front {
+        for segment in self.front.iter_mut() {
             if let Segment::Owned(buf) = segment {
                 shrink(buf);
             }
