@@ -1,6 +1,8 @@
-//! A connection's bytes: the socket with its outbound queue, the read until the
-//! socket is dry (with a budget, so one peer cannot hold the loop), and what a
-//! failed WebSocket read means. `WouldBlock` is folded here and never travels up.
+//! A connection's bytes: the socket with its outbound queue (its own bytes, and
+//! bytes shared with other connections by reference, cut only at frame
+//! boundaries), the read until the socket is dry (with a budget, so one peer
+//! cannot hold the loop), and what a failed WebSocket read means. `WouldBlock`
+//! is folded here and never travels up.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
