@@ -10,4 +10,5 @@ pub mod paper; // notes, members and versions of one paper; no sockets
 pub mod protocol; // client messages parsed, server messages encoded, codes
 pub mod rate; // the per-session token bucket
 pub mod server; // start, event loops, inboxes, ordered shutdown
+pub mod shared; // bytes many connections write, encoded once, counted against a bound
 pub mod store; // Redis writer and loader threads, key layout

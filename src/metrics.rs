@@ -201,6 +201,12 @@ pub struct LoopMetrics {
     pub closes: [AtomicU64; CLOSE_CODES.len()],
     /// HTTP answers, by status (`STATUSES`).
     pub http_responses: [AtomicU64; STATUSES.len()],
+    /// Connections closed at accept: their address held its cap of unfinished heads.
+    pub heads_refused: AtomicU64,
+    /// Joiners (1013 `server_busy`) and reads (503) refused at the snapshot bound.
+    pub snapshots_refused: AtomicU64,
+    /// Bytes the loop's connections hold in output buffers of their own (gauge).
+    pub output_buffer_bytes: AtomicU64,
     /// From reading a member's edit to queueing it for the last member.
     pub edit_broadcast: Histogram,
     /// From a joiner's upgrade to its snapshot (or its 1013), for joiners whose
@@ -492,6 +498,43 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
 }
 
 /// The text being written, one family at a time: its HELP and TYPE, then its samples.
+/// The memory families, after `render`'s: output buffers and shared snapshot bytes.
+pub fn render_memory(text: &mut String, loops: &[LoopMetrics], in_flight: &crate::shared::InFlight) {
+    let mut x = Exposition(std::mem::take(text));
+    let buffers = loops.iter().map(|l| get(&l.output_buffer_bytes)).sum::<u64>();
+    x.one(
+        "rollingpaper_request_heads_refused_total",
+        "counter",
+        "Connections closed at accept: their address held --max-connections-per-address unfinished request heads.",
+        loops.iter().map(|l| get(&l.heads_refused)).sum::<u64>(),
+    );
+    x.one(
+        "rollingpaper_output_buffer_bytes",
+        "gauge",
+        "Bytes held in connections' own output buffers (shared snapshot bytes are not in it).",
+        buffers,
+    );
+    x.one(
+        "rollingpaper_snapshot_bytes_in_flight",
+        "gauge",
+        "Bytes of snapshots, GET /papers bodies and large broadcasts held by connections, each buffer once.",
+        in_flight.used(),
+    );
+    x.one(
+        "rollingpaper_snapshots_refused_total",
+        "counter",
+        "Joiners closed with 1013 server_busy and GET /papers answered 503 at --max-snapshot-bytes-in-flight.",
+        loops.iter().map(|l| get(&l.snapshots_refused)).sum::<u64>(),
+    );
+    x.one(
+        "rollingpaper_snapshot_bytes_in_flight_limit",
+        "gauge",
+        "The bound on snapshot_bytes_in_flight (--max-snapshot-bytes-in-flight).",
+        in_flight.limit(),
+    );
+    *text = x.0;
+}
+
 struct Exposition(String);
 
 impl Exposition {

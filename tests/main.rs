@@ -17,6 +17,7 @@ mod lifecycle; // conn lifecycle: no leak, a deadline in every waiting phase
 mod limits; // abuse: rate, caps, origins, slow and silent peers
 #[cfg(feature = "load")]
 mod load; // the load generator's smoke run
+mod memory; // issue 24: memory bounded under clients that never read
 mod metrics; // 1. /metrics: the Prometheus text format, every family moving
 mod notes; // 2. notes and versions
 mod operations; // 1. papers API, readiness, metrics

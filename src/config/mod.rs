@@ -22,6 +22,7 @@ use values::{parse_jwt_secret, parse_listen, EnvBool};
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 const DEFAULT_MAX_NOTE_BYTES: usize = 16 * 1024;
 const DEFAULT_MAX_OUTBOUND_BYTES: usize = 4 * 1024 * 1024;
+const DEFAULT_MAX_SNAPSHOT_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 
 /// The longest `--completed-retention`: 100 years, in seconds.
 pub const MAX_RETENTION_SECS: u64 = 100 * 365 * 24 * 3600;
@@ -177,7 +178,9 @@ pub struct Config {
     #[arg(long, env = "RP_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
 
-    /// Connections one client address may hold at most; 0 for no limit.
+    /// Sessions one client address may hold at most, and request heads it may have
+    /// unfinished at once (past it, its new connections are closed at accept; a
+    /// trusted proxy's are not counted); 0 for no limit.
     #[arg(long, env = "RP_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 0)]
     pub max_connections_per_address: usize,
 
@@ -216,6 +219,13 @@ pub struct Config {
     /// never stay in Redis for good.
     #[arg(long, env = "RP_PRESENCE_TTL", default_value_t = 60)]
     pub presence_ttl: u64,
+
+    /// Bytes of snapshots and `GET /papers` bodies being written, on the whole node;
+    /// bytes shared by many readers of one paper version count once. Past it, a
+    /// joiner that needs a new snapshot is closed with 1013 (`server_busy`) and a
+    /// read gets 503, until some of it is written.
+    #[arg(long, env = "RP_MAX_SNAPSHOT_BYTES_IN_FLIGHT", default_value_t = DEFAULT_MAX_SNAPSHOT_BYTES_IN_FLIGHT)]
+    pub max_snapshot_bytes_in_flight: usize,
 
     /// Adds `/echo`, a WebSocket echo endpoint on the same I/O path, for
     /// conformance tests. Never on in production.

@@ -84,19 +84,26 @@ impl Reply {
 
     /// The whole response, head and body.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut head = String::with_capacity(160 + self.body.len());
-        let _ = write!(
-            head,
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n{}\r\n",
-            self.status,
-            reason(self.status),
-            self.content_type,
-            self.body.len(),
-            self.extra_headers,
-        );
-        head.push_str(&self.body);
-        head.into_bytes()
+        let mut bytes = head(self.status, self.content_type, self.extra_headers, self.body.len()).into_bytes();
+        bytes.reserve_exact(self.body.len());
+        bytes.extend_from_slice(self.body.as_bytes());
+        bytes
     }
+}
+
+/// A response head for a body of `content_length` bytes; the connection closes after it.
+pub fn head(status: u16, content_type: &str, extra_headers: &str, content_length: usize) -> String {
+    let mut head = String::with_capacity(160);
+    let _ = write!(
+        head,
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n{}\r\n",
+        status,
+        reason(status),
+        content_type,
+        content_length,
+        extra_headers,
+    );
+    head
 }
 
 /// The outcome of reading the bytes received so far.

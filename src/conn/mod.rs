@@ -17,7 +17,7 @@ use tungstenite::{Message, WebSocket};
 use crate::auth::Role;
 use crate::protocol::CloseReason;
 use crate::rate::TokenBucket;
-pub use io::{Drained, Flushed, Io, Outbox};
+pub use io::{Drained, Flushed, Io, Outbox, Part};
 
 /// Messages read from one connection before others get their turn.
 pub const MAX_MESSAGES_PER_READ: usize = 64;
@@ -167,6 +167,10 @@ pub struct Conn {
     pub read_pending: bool,
     /// Holds one of the node's session slots (`--max-connections`).
     pub counted: bool,
+    /// Holds one of its address's request-head slots (`Node::take_head`).
+    pub head: bool,
+    /// What its output buffers held when last flushed (the loop's gauge).
+    pub held_out: usize,
     /// Output allowed beyond `--max-outbound-bytes` until the queue first empties:
     /// the snapshot, which may be large, is not a sign of a slow reader. It must be
     /// written by the member's first deadline, or the member is a slow consumer.
@@ -187,6 +191,8 @@ impl Conn {
             flush_queued: false,
             read_pending: false,
             counted: false,
+            head: false,
+            held_out: 0,
             grace: 0,
             last_seen: Instant::now(),
             doomed: false,
@@ -232,6 +238,18 @@ impl Conn {
         self.morph(|phase| match phase {
             Phase::Request { mut io, .. } | Phase::Reading { mut io, .. } => {
                 io.out.queue(bytes);
+                (Phase::Reply { io }, true)
+            }
+            other => (other, false),
+        })
+    }
+
+    /// Request or Reading -> Reply, from parts: a body shared with other replies
+    /// is queued by reference.
+    pub fn reply_parts(&mut self, parts: &[Part]) -> bool {
+        self.morph(|phase| match phase {
+            Phase::Request { mut io, .. } | Phase::Reading { mut io, .. } => {
+                io.out.queue_parts(parts);
                 (Phase::Reply { io }, true)
             }
             other => (other, false),
@@ -307,12 +325,15 @@ impl Conn {
 
     /// A session (Joining, Open, Echo) -> Closing: queues the close frame (or,
     /// after the peer's close, tungstenite's echo of it). A slow consumer's
-    /// queue is dropped first, so that the close frame is what it reads next.
-    pub fn close(&mut self, reason: CloseReason, deadline: Instant) -> bool {
+    /// queue is dropped first, so that the close frame is what it reads next;
+    /// so is any closing session's queue past `max_outbound` (an unread
+    /// snapshot): memory is not held for a session that is over.
+    pub fn close(&mut self, reason: CloseReason, deadline: Instant, max_outbound: usize) -> bool {
         let closed = self.morph(|phase| match phase {
             Phase::Joining { mut ws, .. } | Phase::Open { mut ws, .. } | Phase::Echo { mut ws } => {
-                if reason == CloseReason::SlowConsumer {
-                    ws.get_mut().out.drop_queued();
+                let out = &mut ws.get_mut().out;
+                if reason == CloseReason::SlowConsumer || out.pending() > max_outbound {
+                    out.drop_queued();
                 }
                 let frame = CloseFrame { code: reason.code(), reason: reason.text().into() };
                 // Either way the frame lands in `Io`, which cannot fail.

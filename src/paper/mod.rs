@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use crate::auth::Role;
 use crate::protocol::{ErrorCode, MemberView, NoteView, PaperView};
+use crate::shared::{Shared, WeakShared};
 pub use clock::VersionClock;
 
 /// A note; `data` is `None` once deleted (a tombstone that keeps its version, so
@@ -160,6 +161,9 @@ pub struct Paper {
     /// The floor rose here since last asked: the other nodes must hear it.
     floor_raised: bool,
     cover: Option<Cover>,
+    /// The encoded body of this version (`protocol::frame::paper_body`), while
+    /// some connection still writes it; any change forgets it.
+    body: WeakShared,
 }
 
 /// Whether a paper takes edits, as far as Redis is concerned.
@@ -197,6 +201,7 @@ impl Paper {
             resume_floor: stored.resume_floor,
             floor_raised: false,
             cover: stored.cover,
+            body: WeakShared::default(),
             id,
             notes,
             live,
@@ -224,6 +229,7 @@ impl Paper {
     /// back after Redis refused its writes); members stay.
     pub fn replace(&mut self, stored: StoredPaper, clock: &mut VersionClock) {
         let fresh = Paper::new(self.id.clone(), StoredPaper { remote_members: Vec::new(), ..stored }, clock);
+        self.changed();
         self.notes = fresh.notes;
         self.live = fresh.live;
         self.tombstones = fresh.tombstones;
@@ -242,6 +248,7 @@ impl Paper {
         if self.is_completed() {
             return false;
         }
+        self.changed();
         self.live = notes.iter().filter(|(_, n)| n.data.is_some()).count();
         self.notes = notes.into_iter().collect();
         self.tombstones.clear();
@@ -514,6 +521,23 @@ impl Paper {
         }
         self.live = self.live + usize::from(is_live) - usize::from(was_live);
         self.notes.insert(edit.id, edit.note);
+        self.changed();
+    }
+
+    /// What snapshots and `GET /papers` say of the paper changed: its encoded
+    /// body is stale.
+    fn changed(&mut self) {
+        self.body = WeakShared::default();
+    }
+
+    /// The encoded body of this version, if a connection still holds it.
+    pub fn shared_body(&self) -> Option<Shared> {
+        self.body.upgrade()
+    }
+
+    /// Remembers the encoded body of this version, without keeping it.
+    pub fn remember_body(&mut self, body: &Shared) {
+        self.body = body.downgrade();
     }
 
     /// The resume floor, if it rose since the last call (PROTOCOL.md 3.1: it is
@@ -567,6 +591,7 @@ impl Paper {
             }
         }
         self.cover = Some(cover);
+        self.changed();
         true
     }
 
@@ -590,6 +615,7 @@ impl Paper {
             return Err(ErrorCode::PaperCompleted);
         }
         self.completed_by = Some(by.clone());
+        self.changed();
         Ok(())
     }
 

@@ -210,3 +210,40 @@ fn members_come_and_go() {
     p.remove_member(2);
     assert!(p.empty_since.is_some());
 }
+
+#[test]
+fn the_encoded_body_is_forgotten_at_any_change_and_never_kept() {
+    let in_flight = Arc::new(crate::shared::InFlight::new(usize::MAX));
+    let (mut p, mut clock) = paper();
+    let body = || crate::shared::Shared::new(b"body".to_vec(), &Arc::new(crate::shared::InFlight::new(usize::MAX)));
+    let held = crate::shared::Shared::new(b"body".to_vec(), &in_flight);
+    p.remember_body(&held);
+    assert!(p.shared_body().is_some(), "shared while a connection holds it");
+    drop(held);
+    assert!(p.shared_body().is_none(), "the paper never keeps it");
+    assert_eq!(in_flight.used(), 0);
+
+    // Every change of what snapshots say makes it stale.
+    type Change = Box<dyn Fn(&mut Paper, &mut VersionClock)>;
+    let changes: Vec<Change> = vec![
+        Box::new(|p, clock| {
+            let e = p.prepare_upsert("n1", "{}".into(), (&user("u1"), Role::Owner), clock, &LIMITS).unwrap();
+            assert!(p.apply(e));
+        }),
+        Box::new(|p, clock| {
+            let cover = p.prepare_cover(r#"{"title":"t"}"#.into(), Role::Owner, clock).unwrap();
+            assert!(p.apply_cover(cover));
+        }),
+        Box::new(|p, clock| {
+            let d = p.prepare_delete("n1", (&user("u1"), Role::Owner), clock).unwrap();
+            assert!(p.apply(d));
+        }),
+        Box::new(|p, _| p.complete(&user("u1")).unwrap()),
+    ];
+    for (i, change) in changes.iter().enumerate() {
+        let held = body();
+        p.remember_body(&held);
+        change(&mut p, &mut clock);
+        assert!(p.shared_body().is_none(), "change {i} left the old body in place");
+    }
+}

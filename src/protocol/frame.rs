@@ -66,7 +66,13 @@ impl Frame {
 
     /// Writes the frame header right in front of the payload.
     fn finish(&mut self) -> &[u8] {
-        let len = self.buf.len() - HEADER_ROOM;
+        self.finish_before(0)
+    }
+
+    /// Writes the header of a frame whose payload is what was encoded here and
+    /// `rest` more bytes, queued after it from elsewhere.
+    fn finish_before(&mut self, rest: usize) -> &[u8] {
+        let len = self.buf.len() - HEADER_ROOM + rest;
         let header = header_len(len);
         self.start = HEADER_ROOM - header;
         let h = &mut self.buf[self.start..HEADER_ROOM];
@@ -96,6 +102,19 @@ impl Frame {
         self.snapshot_since(paper, you, None, notes, std::iter::empty(), members)
     }
 
+    /// The start of a full snapshot that goes on with the paper's shared body
+    /// (`paper_body`) and this joiner's `snapshot_end`, `rest` bytes in all: the
+    /// frame header and `{"type":"snapshot","paper","you"`. Together they are the
+    /// bytes `snapshot` writes.
+    pub fn snapshot_start(&mut self, paper_id: &str, you: &str, rest: usize) -> &[u8] {
+        let b = self.begin();
+        b.extend_from_slice(br#"{"type":"snapshot","paper":"#);
+        string(b, paper_id);
+        b.extend_from_slice(br#","you":"#);
+        string(b, you);
+        self.finish_before(rest)
+    }
+
     /// A snapshot; with `since`, of the notes that may have changed after it,
     /// `deleted` (id, version) listed as `{"id","deleted":true,"v"}`
     /// (PROTOCOL.md 3.1, 1.1).
@@ -113,14 +132,16 @@ impl Frame {
         string(b, paper.id);
         b.extend_from_slice(br#","you":"#);
         string(b, you);
-        b.extend_from_slice(if paper.completed { br#","completed":true"# } else { br#","completed":false"# });
-        cover(b, paper);
         if let Some(since) = since {
+            b.extend_from_slice(if paper.completed { br#","completed":true"# } else { br#","completed":false"# });
+            cover(b, paper);
             b.extend_from_slice(br#","since":"#);
             number(b, since);
+            b.extend_from_slice(br#","notes":"#);
+            notes_array(b, notes);
+        } else {
+            body(b, paper, notes);
         }
-        b.extend_from_slice(br#","notes":"#);
-        notes_array(b, notes);
         for (id, v) in deleted {
             b.pop(); // the array's closing bracket
             if b.last() != Some(&b'[') {
@@ -132,14 +153,7 @@ impl Frame {
             number(b, v);
             b.extend_from_slice(b"}]");
         }
-        b.extend_from_slice(br#","members":["#);
-        for (i, m) in members.enumerate() {
-            if i > 0 {
-                b.push(b',');
-            }
-            member(b, &m);
-        }
-        b.extend_from_slice(b"]}");
+        members_end(b, members);
         self.finish()
     }
 
@@ -265,15 +279,54 @@ pub fn notes_json<'a>(notes: impl Iterator<Item = NoteView<'a>>) -> String {
 /// `GET /papers/{paper}` and the snapshot a completed paper is handed over as
 /// (PROTOCOL.md 1 and 4).
 pub fn paper_document<'a>(paper: &PaperView, notes: impl Iterator<Item = NoteView<'a>>) -> String {
-    let mut b = Vec::new();
-    b.extend_from_slice(br#"{"paper":"#);
-    string(&mut b, paper.id);
-    b.extend_from_slice(if paper.completed { br#","completed":true"# } else { br#","completed":false"# });
-    cover(&mut b, paper);
-    b.extend_from_slice(br#","notes":"#);
-    notes_array(&mut b, notes);
-    b.push(b'}');
+    let mut b = document_start(paper.id);
+    body(&mut b, paper, notes);
+    b.extend_from_slice(DOCUMENT_END);
     String::from_utf8(b).expect("JSON is UTF-8")
+}
+
+/// What every full snapshot of a paper version and its `GET /papers` document
+/// have in common, `,"completed":..,"meta":{..},"notes":[..]`: encoded once and
+/// shared by all of them.
+pub fn paper_body<'a>(paper: &PaperView, notes: impl Iterator<Item = NoteView<'a>>) -> Vec<u8> {
+    let mut b = Vec::new();
+    body(&mut b, paper, notes);
+    b
+}
+
+/// The start of a paper's document before its shared body: `{"paper":P`.
+pub fn document_start(paper_id: &str) -> Vec<u8> {
+    let mut b = br#"{"paper":"#.to_vec();
+    string(&mut b, paper_id);
+    b
+}
+
+/// The end of a paper's document after its shared body.
+pub const DOCUMENT_END: &[u8] = b"}";
+
+/// A joiner's end of a full snapshot after the shared body: `,"members":[..]}`.
+pub fn snapshot_end<'a>(members: impl Iterator<Item = MemberView<'a>>) -> Vec<u8> {
+    let mut b = Vec::new();
+    members_end(&mut b, members);
+    b
+}
+
+fn body<'a>(b: &mut Vec<u8>, paper: &PaperView, notes: impl Iterator<Item = NoteView<'a>>) {
+    b.extend_from_slice(if paper.completed { br#","completed":true"# } else { br#","completed":false"# });
+    cover(b, paper);
+    b.extend_from_slice(br#","notes":"#);
+    notes_array(b, notes);
+}
+
+fn members_end<'a>(b: &mut Vec<u8>, members: impl Iterator<Item = MemberView<'a>>) {
+    b.extend_from_slice(br#","members":["#);
+    for (i, m) in members.enumerate() {
+        if i > 0 {
+            b.push(b',');
+        }
+        member(b, &m);
+    }
+    b.extend_from_slice(b"]}");
 }
 
 /// `,"meta":{"data","v"}`: the paper's cover (1.1).

@@ -5,7 +5,10 @@
 mod frame;
 mod relayed;
 
-pub use frame::{notes_json, paper_document, Frame, MemberView, NoteView, PaperView};
+pub use frame::{
+    document_start, notes_json, paper_body, paper_document, snapshot_end, Frame, MemberView, NoteView, PaperView,
+    DOCUMENT_END,
+};
 pub use relayed::{parse_notes, parse_relayed, resume_floor_message, Relayed, SealedNote};
 
 use std::borrow::Cow;
@@ -171,6 +174,9 @@ pub enum CloseReason {
     PaperFull,
     /// 1013: the session could not keep up with its output.
     SlowConsumer,
+    /// 1013 with the reason `server_busy`: the node writes as many snapshot bytes
+    /// as it may (`--max-snapshot-bytes-in-flight`); a joiner retries later.
+    Busy,
 }
 
 impl CloseReason {
@@ -183,7 +189,9 @@ impl CloseReason {
             CloseReason::InvalidUtf8 => CloseCode::Invalid,
             CloseReason::MessageTooBig => CloseCode::Size,
             CloseReason::InternalError => CloseCode::Error,
-            CloseReason::PaperUnavailable | CloseReason::PaperFull | CloseReason::SlowConsumer => CloseCode::Again,
+            CloseReason::PaperUnavailable | CloseReason::PaperFull | CloseReason::SlowConsumer | CloseReason::Busy => {
+                CloseCode::Again
+            }
         }
     }
 
@@ -202,6 +210,7 @@ impl CloseReason {
             CloseReason::PaperUnavailable => "paper_unavailable",
             CloseReason::PaperFull => "paper_full",
             CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Busy => "server_busy",
         }
     }
 }

@@ -195,3 +195,28 @@ fn paper_documents_list_live_notes() {
         json!({"paper":"p1","completed":true,"meta":{"data":{},"v":0},"notes":[{"id":"n","author":"a","data":{},"v":3}]})
     );
 }
+
+#[test]
+fn a_snapshot_in_parts_is_the_snapshot_whole() {
+    let data = format!(r#"{{"t":"{}"}}"#, "x".repeat(500));
+    for count in [0, 1, 200] {
+        let ids: Vec<String> = (0..count).map(|i| format!("n{i}")).collect();
+        let notes =
+            || ids.iter().enumerate().map(|(i, id)| NoteView { id, author: "u1", data: &data, v: i as u64 + 1 });
+        let members = [MemberView { id: "c7", user: "u1", name: "Kim" }];
+        let view = paper("p1", count == 1);
+        let mut whole = Frame::new();
+        whole.snapshot(&view, "c7", notes(), members.iter().map(|m| MemberView { ..*m }));
+        let body = crate::protocol::frame::paper_body(&view, notes());
+        let end = crate::protocol::frame::snapshot_end(members.iter().map(|m| MemberView { ..*m }));
+        let mut parts = Frame::new();
+        let mut joined = parts.snapshot_start("p1", "c7", body.len() + end.len()).to_vec();
+        joined.extend_from_slice(&body);
+        joined.extend_from_slice(&end);
+        assert!(joined == whole.bytes(), "{count} notes: the parts differ from the snapshot");
+        let mut document = crate::protocol::frame::document_start("p1");
+        document.extend_from_slice(&body);
+        document.extend_from_slice(crate::protocol::frame::DOCUMENT_END);
+        assert_eq!(document, paper_document(&view, notes()).into_bytes());
+    }
+}

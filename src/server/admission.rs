@@ -33,10 +33,24 @@ impl EventLoop {
                 Ok((stream, peer)) => {
                     self.accept_retry = false;
                     bump(&self.metrics().connections_accepted, 1);
+                    // An address holding its cap of unfinished request heads gets no
+                    // more: closed at once, its socket slot goes to other addresses.
+                    let Some(head) = self.node.take_head(peer.ip()) else {
+                        drop(stream);
+                        self.node.release_socket();
+                        bump(&self.metrics().heads_refused, 1);
+                        continue;
+                    };
                     let serial = self.node.serials.fetch_add(1, Ordering::Relaxed);
                     let deadline = Instant::now() + self.node.settings.handshake_timeout;
-                    if self.register(stream, peer, serial, deadline).is_none() {
-                        self.node.release_socket();
+                    match self.register(stream, peer, serial, deadline) {
+                        Some(key) => self.conns.slab[key].head = head,
+                        None => {
+                            self.node.release_socket();
+                            if head {
+                                self.node.release_head(peer.ip());
+                            }
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -93,6 +107,9 @@ impl EventLoop {
             RequestStep::Drop => return self.conns.doom(key),
             RequestStep::Parsed(parsed) => parsed,
         };
+        if std::mem::take(&mut conn.head) {
+            self.node.release_head(conn.peer.ip());
+        }
         match parsed {
             Ok(Parsed::Partial) => {}
             Ok(Parsed::Complete { route: Route::Reply(reply), .. }) | Err(reply) => self.reply(key, &reply),
@@ -157,6 +174,7 @@ impl EventLoop {
             return self.start(key, handoff);
         }
         let conn = self.conns.slab.remove(key);
+        self.output_held -= conn.held_out;
         let (peer, serial, counted, deadline) =
             (conn.peer, conn.serial, conn.counted, conn.deadline.unwrap_or_else(Instant::now));
         let Some(mut io) = conn.into_io() else { return };

@@ -2,11 +2,18 @@
 //! this turn, the ones to drop after it, and the one fan-out of an encoded
 //! frame to a paper's members.
 
+use std::sync::Arc;
+
 use slab::Slab;
 
-use crate::conn::Conn;
+use crate::conn::{Conn, Part};
 use crate::metrics::{bump, LoopMetrics, Out};
 use crate::paper::Member;
+use crate::shared::{InFlight, Shared};
+
+/// A broadcast frame larger than this is shared by its recipients' queues
+/// rather than copied into each (a `completed` message carries the whole paper).
+const SHARE_ABOVE: usize = 64 * 1024;
 
 pub struct Conns {
     pub slab: Slab<Conn>,
@@ -14,11 +21,13 @@ pub struct Conns {
     flush_list: Vec<usize>,
     /// Connections to drop once this turn's output is written.
     reap_list: Vec<usize>,
+    /// The node's count of shared bytes, which large broadcasts join.
+    in_flight: Arc<InFlight>,
 }
 
 impl Conns {
-    pub fn new() -> Self {
-        Conns { slab: Slab::with_capacity(1024), flush_list: Vec::new(), reap_list: Vec::new() }
+    pub fn new(in_flight: Arc<InFlight>) -> Self {
+        Conns { slab: Slab::with_capacity(1024), flush_list: Vec::new(), reap_list: Vec::new(), in_flight }
     }
 
     /// The connection at `key`, if it is still the one with `serial` (keys are
@@ -40,8 +49,21 @@ impl Conns {
         }
     }
 
+    /// Queues one frame made of parts for one connection (a snapshot: its own
+    /// start, a shared body, its own end).
+    pub fn send_parts(&mut self, key: usize, parts: &[Part]) {
+        let Some(conn) = self.slab.get_mut(key) else { return };
+        let Some(io) = conn.phase.io() else { return };
+        io.out.queue_parts(parts);
+        if !conn.flush_queued {
+            conn.flush_queued = true;
+            self.flush_list.push(key);
+        }
+    }
+
     /// Queues the same encoded frame for every member but `except`: one copy each,
-    /// no allocation once the output buffers have grown. Counted once, as `kind`.
+    /// no allocation once the output buffers have grown; a large frame is shared
+    /// instead. Counted once, as `kind`.
     pub fn fanout(
         &mut self,
         members: &[Member],
@@ -51,9 +73,14 @@ impl Conns {
         metrics: &LoopMetrics,
     ) -> u64 {
         let mut recipients = 0;
+        let shared =
+            (bytes.len() > SHARE_ABOVE && members.len() > 1).then(|| Shared::new(bytes.to_vec(), &self.in_flight));
         for member in members {
             if Some(member.key) != except {
-                self.send(member.key, bytes);
+                match &shared {
+                    Some(shared) => self.send_parts(member.key, &[Part::Shared(shared)]),
+                    None => self.send(member.key, bytes),
+                }
                 recipients += 1;
             }
         }

@@ -319,10 +319,10 @@ impl EventLoop {
         self.node.paper_failing(paper_id, None);
         log::info!("paper {paper_id} is readable again; its members are sent it as Redis holds it");
         let members: Vec<(usize, Arc<str>)> = paper.members().iter().map(|m| (m.key, m.id.clone())).collect();
+        // Members already joined get it whatever the bound: one body for them all.
+        let Some(body) = self.paper_body(paper_id, false) else { return };
         for (key, you) in members {
-            let Some(paper) = self.papers.paper(paper_id) else { return };
-            let snapshot = self.frame.snapshot(&paper.view(), &you, paper.live_notes(), paper.all_members());
-            self.conns.send(key, snapshot);
+            self.send_full_snapshot(key, paper_id, &you, &body);
             self.metrics().message_out(Out::Snapshot, 1);
         }
     }

@@ -69,6 +69,8 @@ pub struct EventLoop {
     /// `GET /papers` reads that keep nothing, by load attempt: the reader's key and serial.
     pub(super) reads: HashMap<u64, (usize, u64)>,
     pub(super) reads_made: u64,
+    /// Bytes held by this loop's connections' own output buffers, as last flushed.
+    pub(super) output_held: usize,
     /// A presence join was dropped (backlog full): announce the members again
     /// once the backlog has room.
     pub(super) presence_dropped: Cell<bool>,
@@ -98,7 +100,7 @@ impl EventLoop {
             poll,
             listener: Some(listener),
             accept_retry: false,
-            conns: Conns::new(),
+            conns: Conns::new(node.in_flight.clone()),
             papers: Registry::new(),
             inbox,
             loops,
@@ -111,6 +113,7 @@ impl EventLoop {
             expiries: BinaryHeap::new(),
             reads: HashMap::new(),
             reads_made: 0,
+            output_held: 0,
             presence_dropped: Cell::new(false),
             session_count: 0,
             stopping: None,
@@ -262,6 +265,9 @@ impl EventLoop {
             let before = io.out.pending();
             let flushed = io.flush();
             written += before.saturating_sub(io.out.pending()) as u64;
+            let held = io.out.held();
+            self.output_held = self.output_held + held - conn.held_out;
+            conn.held_out = held;
             let next = conn.after_flush(flushed, max_outbound);
             if matches!(conn.phase, Phase::Closing { .. }) && conn.phase.io().is_some_and(|io| io.out.pending() == 0) {
                 // The close frame is out (a slow consumer's may have waited long for
@@ -276,6 +282,7 @@ impl EventLoop {
             self.act(key, next);
         }
         bump(&self.metrics().bytes_out, written);
+        self.metrics().output_buffer_bytes.store(self.output_held as u64, Ordering::Relaxed);
     }
 
     /// Drops the connections marked this turn (Redis's `beforeSleep` order: after
@@ -292,6 +299,10 @@ impl EventLoop {
         self.leave_paper(key);
         let Some(conn) = self.conns.slab.try_remove(key) else { return };
         self.node.release_socket();
+        self.output_held -= conn.held_out;
+        if conn.head {
+            self.node.release_head(conn.peer.ip());
+        }
         if conn.counted {
             self.node.release(conn.peer.ip());
             self.session_count = self.session_count.saturating_sub(1);

@@ -10,6 +10,7 @@ pub mod event_loop;
 pub mod inbox;
 pub mod node;
 mod session;
+mod snapshots;
 mod timers;
 
 use std::fmt;

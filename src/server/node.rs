@@ -15,6 +15,7 @@ use crate::config::{parse_cidr, Config, StoreKind};
 use crate::conn::{self, http::Policy};
 use crate::metrics::{self, LoopMetrics, StoreView, WriterMetrics};
 use crate::paper::PaperLimits;
+use crate::shared::InFlight;
 use crate::store::{BacklogLevel, BacklogLimits};
 
 /// What every loop needs to know of the configuration.
@@ -92,6 +93,11 @@ pub struct Node {
     pub max_sockets: usize,
     per_address: Mutex<HashMap<IpAddr, usize>>,
     max_per_address: usize,
+    /// Request heads still being read, per peer address; held to the same cap, so
+    /// that one address cannot take every socket slot with unfinished heads.
+    heads: Mutex<HashMap<IpAddr, usize>>,
+    /// Snapshot and `GET /papers` bytes being written, and their bound.
+    pub in_flight: Arc<InFlight>,
     trusted_proxies: Vec<(IpAddr, u8)>,
     /// Papers Redis refuses to write, with its error (for `/readyz` and the log).
     failing: Mutex<std::collections::BTreeMap<Arc<str>, String>>,
@@ -121,6 +127,8 @@ impl Node {
             },
             per_address: Mutex::new(HashMap::new()),
             max_per_address: config.max_connections_per_address,
+            heads: Mutex::new(HashMap::new()),
+            in_flight: Arc::new(InFlight::new(config.max_snapshot_bytes_in_flight)),
             trusted_proxies: config.trusted_proxies.iter().filter_map(|p| parse_cidr(p)).collect(),
             failing: Mutex::new(std::collections::BTreeMap::new()),
         }
@@ -164,6 +172,35 @@ impl Node {
             *count += 1;
         }
         true
+    }
+
+    /// Takes one of a peer's request-head slots for a socket just accepted:
+    /// `None` when the address holds `--max-connections-per-address` unfinished
+    /// heads already (the socket is closed at once, before it takes a slot for
+    /// long), else whether a slot was taken (trusted proxies and an unset cap take
+    /// none) and must be given back with `release_head`.
+    pub fn take_head(&self, peer: IpAddr) -> Option<bool> {
+        if self.max_per_address == 0 || self.is_trusted(peer) {
+            return Some(false);
+        }
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        let count = heads.entry(peer).or_insert(0);
+        if *count >= self.max_per_address {
+            return None;
+        }
+        *count += 1;
+        Some(true)
+    }
+
+    /// Gives back a slot taken by `take_head`: the head is read, or the socket closed.
+    pub fn release_head(&self, peer: IpAddr) {
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = heads.get_mut(&peer) {
+            *count -= 1;
+            if *count == 0 {
+                heads.remove(&peer);
+            }
+        }
     }
 
     /// Takes a socket slot before `accept`; false when the node holds
@@ -239,7 +276,10 @@ impl Node {
             backlog_bytes: s.backlog.bytes(),
             backlog_bytes_limit: s.backlog_limits.bytes,
         });
-        metrics::render(&self.loop_metrics, store, self.sessions.load(Ordering::Relaxed), self.open_sockets())
+        let mut text =
+            metrics::render(&self.loop_metrics, store, self.sessions.load(Ordering::Relaxed), self.open_sockets());
+        metrics::render_memory(&mut text, &self.loop_metrics, &self.in_flight);
+        text
     }
 }
 
@@ -306,5 +346,19 @@ mod tests {
         assert!(!n.admit(b), "the node is full");
         n.release(a);
         assert!(n.admit(b));
+    }
+
+    #[test]
+    fn request_heads_count_per_address_but_not_for_trusted_proxies() {
+        let n = node(&["--max-connections-per-address", "2", "--trusted-proxies", "10.0.0.1"]);
+        let (a, b, proxy) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap(), "10.0.0.1".parse().unwrap());
+        assert_eq!(n.take_head(a), Some(true));
+        assert_eq!(n.take_head(a), Some(true));
+        assert_eq!(n.take_head(a), None, "a third unfinished head from one address");
+        assert_eq!(n.take_head(b), Some(true));
+        assert!((0..10).all(|_| n.take_head(proxy) == Some(false)), "a trusted proxy speaks for many clients");
+        n.release_head(a);
+        assert_eq!(n.take_head(a), Some(true));
+        assert_eq!(node(&[]).take_head(a), Some(false), "no cap, no count");
     }
 }

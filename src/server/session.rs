@@ -14,7 +14,7 @@ use crate::conn::{Incoming, Next, Phase, Visitor, MAX_MESSAGES_PER_READ};
 use crate::metrics::{bump, In, Out};
 use crate::paper::registry::Lookup;
 use crate::paper::{Member, Resume, StoredPaper};
-use crate::protocol::{self, CloseReason, ErrorCode, NoteView, PaperView, Refusal};
+use crate::protocol::{self, CloseReason, ErrorCode, PaperView, Refusal};
 use crate::rate::{TokenBucket, Verdict};
 use crate::store::{self, LoadPurpose, LoadRequest, Presence};
 
@@ -113,9 +113,7 @@ impl EventLoop {
             return;
         }
         let read = crate::paper::Paper::new(paper.clone(), paper_from_store(stored), &mut self.clock);
-        let body = protocol::paper_document(&read.view(), read.live_notes());
-        let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
-        self.reply(key, &reply);
+        self.reply_read(key, &read);
     }
 
     /// A paper read from storage: the joiners it was read for join, a read that
@@ -154,12 +152,8 @@ impl EventLoop {
         match self.conns.slab.get(key).map(|c| &c.phase) {
             Some(Phase::Joining { .. }) => self.join(key),
             Some(Phase::Reading { paper, .. }) => {
-                let body = match self.papers.paper(paper) {
-                    Some(p) => protocol::paper_document(&p.view(), p.live_notes()),
-                    None => return,
-                };
-                let reply = Reply { status: 200, extra_headers: "", content_type: "application/json", body };
-                self.reply(key, &reply);
+                let paper = paper.clone();
+                self.reply_paper(key, &paper);
             }
             _ => {}
         }
@@ -185,12 +179,22 @@ impl EventLoop {
         if paper.is_full_of_members(&self.node.settings.limits) {
             return self.end_session(key, CloseReason::PaperFull);
         }
+        let (paper_id, since) = (visitor.paper.clone(), visitor.since);
+        // Before it joins: a full snapshot's body is shared with other joiners of
+        // this version, or must fit under the node's bound.
+        let full = since.is_none_or(|since| matches!(paper.resume(since), Resume::Full));
+        let body = match full.then(|| self.paper_body(&paper_id, true)) {
+            Some(None) => return self.refuse_joiner(key),
+            Some(body) => body,
+            None => None,
+        };
+        let Some(conn) = self.conns.slab.get(key) else { return };
         let member_id: Arc<str> = Arc::from(self.member_id(conn.serial));
         let bucket = TokenBucket::new(self.node.settings.burst, Instant::now());
         let conn = &mut self.conns.slab[key];
         let Some(visitor) = conn.join(member_id.clone(), bucket) else { return };
         let read_pending = conn.read_pending;
-        let member = Member { id: member_id, user: visitor.user, name: visitor.name, key };
+        let member = Member { id: member_id.clone(), user: visitor.user, name: visitor.name, key };
 
         let metrics = &self.node.loop_metrics[self.index];
         let Some(paper) = self.papers.paper_mut(&visitor.paper) else { return };
@@ -199,25 +203,14 @@ impl EventLoop {
         let presence = self.node.cluster.then(|| presence_entry(&self.node.node_id, &member));
         paper.add_member(member);
         self.relay_frame(&visitor.paper, presence, Relaying::Kept);
-        let Some(paper) = self.papers.paper(&visitor.paper) else { return };
-        let you = &paper.members().last().expect("just added").id;
-        let resume = visitor.since.map(|since| paper.resume(since));
-        let snapshot = match resume {
+        let snapshot_len = match body {
+            Some(body) => self.send_full_snapshot(key, &paper_id, &member_id, &body),
             // What the client may have missed since the version it saw; it merges it.
-            Some(Resume::Since(since, changed)) => {
-                let live = changed.iter().filter_map(|c| {
-                    let data = c.note.data.as_deref()?;
-                    Some(NoteView { id: c.id, author: &c.note.author, data, v: c.note.v })
-                });
-                let deleted = changed.iter().filter(|c| c.note.data.is_none()).map(|c| (c.id, c.note.v));
-                self.frame.snapshot_since(&paper.view(), you, Some(since), live, deleted, paper.all_members())
-            }
-            Some(Resume::Full) | None => {
-                self.frame.snapshot(&paper.view(), you, paper.live_notes(), paper.all_members())
-            }
+            None => match since.and_then(|since| self.send_since_snapshot(key, &paper_id, &member_id, since)) {
+                Some(len) => len,
+                None => return self.refuse_joiner(key),
+            },
         };
-        let snapshot_len = snapshot.len();
-        self.conns.send(key, snapshot);
         self.conns.slab[key].grace = snapshot_len;
         // A member that never reads must not pin its snapshot (the whole paper)
         // until the idle timeout: unwritten by then, it is a slow consumer.
@@ -302,15 +295,18 @@ impl EventLoop {
         self.leave_paper(key);
         let conn = &mut self.conns.slab[key];
         let serial = conn.serial;
-        if !conn.close(reason, Instant::now() + CLOSE_TIMEOUT) {
+        let max_outbound = self.node.settings.max_outbound_bytes;
+        if !conn.close(reason, Instant::now() + CLOSE_TIMEOUT, max_outbound) {
             return;
         }
         // A slow consumer's close frame waits behind what the kernel holds for it:
         // it may resume reading up to the idle timeout and still get it (3.3, 1.1).
         // Unless the frame it was being sent is huge (a snapshot begun and never
-        // read): that cannot be cut, and would pin the whole paper that long.
+        // read): that cannot be cut, and would pin the paper's bytes that long. A
+        // smaller snapshot's bytes are shared with its other joiners, and count
+        // against --max-snapshot-bytes-in-flight while they wait.
         let pending = conn.phase.io().map_or(0, |io| io.out.pending());
-        let wait = if reason == CloseReason::SlowConsumer && pending <= self.node.settings.max_outbound_bytes {
+        let wait = if reason == CloseReason::SlowConsumer && pending <= max_outbound {
             self.node.settings.idle_timeout
         } else {
             CLOSE_TIMEOUT
