@@ -666,6 +666,7 @@ abuse() {
     "${pin_load[@]}" "$bin/rollingpaper-load" "${args[@]}" --target "$server_addr" --server-pid "$server_pid" \
         --redis "127.0.0.1:$port" --json >"$out/abuse.json" || status=$?
     stop_server
+    cp "$work/server.log" "$out/abuse-server.log" 2>/dev/null || true
     # A Redis stuck in a script ignores SIGTERM until the script ends.
     kill -TERM "$rpid" 2>/dev/null || true
     for _ in $(seq 100); do

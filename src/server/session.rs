@@ -20,6 +20,9 @@ use crate::store::{self, LoadPurpose, LoadRequest, Presence};
 
 /// How long a closing session may take to answer the close frame and drain.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Message bytes read from one session before the loop's other sessions get
+/// their turn (the rest is read in the next turn).
+const READ_BYTES_PER_TURN: usize = 32 * 1024;
 /// Past the load timeout, how long a joiner may still wait before it is closed:
 /// a safety net, the load's own timeout comes first.
 const JOIN_GRACE: Duration = Duration::from_secs(1);
@@ -238,7 +241,14 @@ impl EventLoop {
 
     fn read_budget(&mut self, key: usize) -> Next {
         let now = Instant::now();
+        let mut bytes = 0;
         for _ in 0..MAX_MESSAGES_PER_READ {
+            // A turn's share of one session, in bytes too: 64 notes of 16 KiB
+            // (a burst within the allowance) would hold every other session of
+            // the loop for as long as they take to apply.
+            if bytes >= READ_BYTES_PER_TURN {
+                break;
+            }
             let Some(conn) = self.conns.slab.get_mut(key) else { return Next::Continue };
             if conn.doomed || !matches!(conn.phase, Phase::Open { .. }) {
                 return Next::Continue;
@@ -249,6 +259,9 @@ impl EventLoop {
                 Incoming::Failed(next) => return next,
             };
             conn.last_seen = now;
+            if let Message::Text(text) = &message {
+                bytes += text.len();
+            }
             let Phase::Open { membership, .. } = &mut conn.phase else { return Next::Continue };
             // Ping frames count too (PROTOCOL.md 3.3): tungstenite answers them itself.
             if let Message::Text(_) | Message::Binary(_) | Message::Ping(_) = &message {

@@ -21,13 +21,16 @@ pub const CALL_OPS: usize = 256;
 pub const CALL_BYTES: usize = 192 * 1024;
 /// The same for a whole pipeline: Redis serves other clients between its calls,
 /// but every op in it waits for the last reply.
-pub const BATCH_BYTES: usize = 2 * 1024 * 1024;
-/// How the work of a call is counted: a note touched may be read and written
-/// back whole, at most `note_read` bytes (the largest note, with its field
-/// versions: PROTOCOL.md 2, 1.2).
+pub const BATCH_BYTES: usize = 512 * 1024;
+/// How the work of a call is counted. A patch parses the note it changes: at
+/// most `note_read` bytes (the largest note, with its field versions:
+/// PROTOCOL.md 2, 1.2), once per call. A whole write (an upsert or a delete)
+/// only reads the stored value's end to compare versions, unless that looks
+/// newer: `note_scan`.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
     pub note_read: usize,
+    pub note_scan: usize,
 }
 
 impl Budget {
@@ -35,15 +38,17 @@ impl Budget {
     /// fields still there (about as many bytes again), and the removed fields'
     /// versions a note keeps (a fixed part).
     pub fn for_notes(max_note_bytes: usize) -> Budget {
-        Budget { note_read: 2 * max_note_bytes + 8 * 1024 }
+        let note_read = 2 * max_note_bytes + 8 * 1024;
+        Budget { note_read, note_scan: note_read / 8 }
     }
 
     /// The work `op` adds to its paper's call; `first_touch` when it is the
     /// call's first op on its note.
     pub fn cost(&self, op: &Op, first_touch: bool) -> usize {
-        let read = if first_touch { self.note_read } else { 0 };
+        let touch = |read: usize| if first_touch { read } else { 0 };
         match op {
-            Op::Note { .. } | Op::Patch { .. } | Op::Cover { .. } => op.bytes() + read,
+            Op::Patch { .. } => op.bytes() + touch(self.note_read),
+            Op::Note { .. } | Op::Cover { .. } => op.bytes() + touch(self.note_scan),
             // The seal reads the whole paper: it goes alone.
             Op::Complete { .. } => CALL_BYTES,
             Op::Prune { .. } => 1024,
@@ -52,32 +57,28 @@ impl Budget {
     }
 }
 
-/// Which of `held` go in the next batch: the first ops whose paper is `ready`,
-/// within the budgets (a batch of at most `MAX_BATCH` ops and `BATCH_BYTES`,
-/// each paper's call within `CALL_OPS` and `CALL_BYTES`). A paper stops at the
-/// first op it cannot take, so its ops stay in order. A `suspect` paper goes
-/// alone, one op at a time, when its op is the first ready.
+/// Which of `held` go in the next batch, within the budgets (a batch of at most
+/// `MAX_BATCH` ops and `BATCH_BYTES`, each paper's call within `CALL_OPS` and
+/// `CALL_BYTES`), of papers that are `ready`. First the oldest op of every
+/// paper, so that no paper waits behind another's backlog (a client that sent
+/// its whole allowance of 16 KiB notes); then the rest, oldest first. A paper
+/// stops at the first op it cannot take, so its ops stay in order. A `suspect`
+/// paper goes alone, one op at a time, when its op is the first ready.
 pub fn select(
     held: &[Queued],
     budget: &Budget,
     mut ready: impl FnMut(&Arc<str>) -> bool,
     suspect: impl Fn(&str) -> bool,
 ) -> Vec<bool> {
-    struct Call<'a> {
-        ops: usize,
-        bytes: usize,
-        notes: HashSet<&'a str>,
-        closed: bool,
-    }
-    let mut calls: HashMap<&str, Call> = HashMap::new();
-    let (mut take, mut batch_bytes, mut count) = (vec![false; held.len()], 0, 0);
+    let mut batch = Selection { take: vec![false; held.len()], calls: HashMap::new(), bytes: 0, count: 0 };
     let mut skipped: HashSet<&str> = HashSet::new();
+    let mut seen: HashSet<&str> = HashSet::new();
     for (i, queued) in held.iter().enumerate() {
-        if count >= MAX_BATCH {
+        let paper = queued.op.paper();
+        if batch.count >= MAX_BATCH {
             break;
         }
-        let paper = queued.op.paper();
-        if skipped.contains(&**paper) {
+        if skipped.contains(&**paper) || seen.contains(&**paper) {
             continue;
         }
         if !ready(paper) {
@@ -85,18 +86,55 @@ pub fn select(
             continue;
         }
         if suspect(paper) {
-            if count == 0 {
-                take[i] = true;
-                break;
+            if batch.count == 0 {
+                batch.take[i] = true;
+                return batch.take;
             }
             // Its turn comes when it is first.
             skipped.insert(paper);
             continue;
         }
-        let call =
-            calls.entry(paper).or_insert_with(|| Call { ops: 0, bytes: 0, notes: HashSet::new(), closed: false });
+        seen.insert(paper);
+        batch.try_take(i, queued, budget);
+    }
+    for (i, queued) in held.iter().enumerate() {
+        if batch.count >= MAX_BATCH {
+            break;
+        }
+        if !batch.take[i] && seen.contains(&**queued.op.paper()) {
+            batch.try_take(i, queued, budget);
+        }
+    }
+    batch.take
+}
+
+/// A batch being chosen: which ops it takes, each paper's call, its totals.
+struct Selection<'a> {
+    take: Vec<bool>,
+    calls: HashMap<&'a str, Call<'a>>,
+    bytes: usize,
+    count: usize,
+}
+
+/// One paper's script call being filled.
+struct Call<'a> {
+    ops: usize,
+    bytes: usize,
+    notes: HashSet<&'a str>,
+    /// An op of the paper did not fit: none after it may go either.
+    closed: bool,
+}
+
+impl<'a> Selection<'a> {
+    fn try_take(&mut self, i: usize, queued: &'a Queued, budget: &Budget) {
+        let call = self.calls.entry(queued.op.paper()).or_insert_with(|| Call {
+            ops: 0,
+            bytes: 0,
+            notes: HashSet::new(),
+            closed: false,
+        });
         if call.closed {
-            continue;
+            return;
         }
         let note = match &queued.op {
             Op::Note { id, .. } | Op::Patch { id, .. } => Some(&**id),
@@ -105,21 +143,20 @@ pub fn select(
         let first_touch = note.is_none_or(|id| !call.notes.contains(id));
         let cost = budget.cost(&queued.op, first_touch);
         let fits_call = call.ops == 0 || (call.ops < CALL_OPS && call.bytes + cost <= CALL_BYTES);
-        let fits_batch = count == 0 || batch_bytes + cost <= BATCH_BYTES;
+        let fits_batch = self.count == 0 || self.bytes + cost <= BATCH_BYTES;
         if !(fits_call && fits_batch) {
             call.closed = true;
-            continue;
+            return;
         }
         call.ops += 1;
         call.bytes += cost;
         if let Some(id) = note {
             call.notes.insert(id);
         }
-        batch_bytes += cost;
-        count += 1;
-        take[i] = true;
+        self.bytes += cost;
+        self.count += 1;
+        self.take[i] = true;
     }
-    take
 }
 
 pub struct PaperWrites<'a> {
@@ -296,6 +333,22 @@ mod tests {
         let held: Vec<Queued> = (0..1000).map(|_| patch("p", "n", 10)).collect();
         let ops = select(&held, &budget, |_| true, |_| false).iter().filter(|t| **t).count();
         assert_eq!(ops, CALL_OPS);
+    }
+
+    #[test]
+    fn every_paper_s_oldest_op_goes_before_another_paper_s_backlog() {
+        let budget = Budget::for_notes(16 * 1024);
+        // Hogs whose backlog alone fills many batches, then one small edit.
+        let mut held: Vec<Queued> = Vec::new();
+        for hog in 0..6 {
+            held.extend((0..20).map(|i| patch(&format!("hog{hog}"), &format!("n{i}"), 16_000)));
+        }
+        held.push(patch("honest", "m", 10));
+        let take = select(&held, &budget, |_| true, |_| false);
+        assert!(take[held.len() - 1], "the honest paper's op waits behind others' backlogs");
+        let taken = taken(&held, &take);
+        let hog0 = taken.iter().filter(|(p, _)| p == "hog0").count();
+        assert!(hog0 >= 1 && take[..hog0].iter().all(|t| *t), "each paper's ops in order");
     }
 
     #[test]
