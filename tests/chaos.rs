@@ -211,6 +211,14 @@ impl Store {
         }
     }
 
+    /// Where the checker reads saved edits back from, outside the nodes.
+    fn target(&self) -> Target {
+        match self {
+            Store::Single(redis) => Target::Single(redis.port),
+            Store::Cluster { cluster, .. } => Target::Cluster(cluster.nodes.iter().map(|n| n.port).collect()),
+        }
+    }
+
     fn is_cluster(&self) -> bool {
         matches!(self, Store::Cluster { .. })
     }
@@ -360,15 +368,26 @@ struct Node {
     id: &'static str,
     port: u16,
     redis_url: String,
+    /// More arguments (tombstone limits, replicas to wait for) and environment
+    /// (the fault injection of a test build).
+    args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     /// Its last log lines, for the report when a check fails.
     log: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Node {
-    fn start(id: &'static str, redis_url: &str) -> Node {
-        let mut node =
-            Node { id, port: free_port(), redis_url: redis_url.to_string(), child: None, log: Default::default() };
+    fn start(id: &'static str, redis_url: &str, args: &[String], env: &[(String, String)]) -> Node {
+        let mut node = Node {
+            id,
+            port: free_port(),
+            redis_url: redis_url.to_string(),
+            args: args.to_vec(),
+            env: env.to_vec(),
+            child: None,
+            log: Default::default(),
+        };
         node.spawn();
         node
     }
@@ -389,7 +408,9 @@ impl Node {
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--store", "redis", "--redis", &self.redis_url])
             .args(["--cluster", "--node-id", self.id, "--threads", "2", "--rate", "100000", "--burst", "100000"])
             .args(["--log-level", "info"])
+            .args(&self.args)
             .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -520,6 +541,9 @@ struct Edit {
     error: Option<String>,
     /// Its connection ended before it was resolved.
     lost: bool,
+    /// When it was sent, and when it was refused (if it was).
+    sent: Instant,
+    refused_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -532,6 +556,125 @@ struct ClientLog {
     errors_without_ref: BTreeMap<String, u64>,
     connections: u64,
     violations: Vec<String>,
+    /// Reads each edit back from Redis as soon as it is saved.
+    reader: Option<Reader>,
+    /// Saved edits read back at once, and those Redis could not be read for
+    /// within `ACK_READ` (left to the final check).
+    checked_at_ack: u64,
+    unchecked_at_ack: u64,
+}
+
+impl ClientLog {
+    fn reading(target: &Target) -> ClientLog {
+        ClientLog { reader: Some(Reader { target: target.clone(), conn: None }), ..ClientLog::default() }
+    }
+
+    /// Holds each newly saved edit against what Redis holds right now.
+    fn check_saved(&mut self, saved: &[usize]) {
+        let Some(reader) = self.reader.as_mut() else { return };
+        for &i in saved {
+            let edit = &self.edits[i];
+            let Some(v) = edit.v else { continue };
+            let paper = paper_name(edit.paper);
+            match reader.note(&paper, &edit.id) {
+                Ok((raw, horizon)) => {
+                    self.checked_at_ack += 1;
+                    if let Err(e) =
+                        judge(edit.kind, &edit.id, &edit.data, v, NODE_IDS[edit.node], raw.as_deref(), horizon)
+                    {
+                        self.violations.push(format!("{} at its saved: {e}", describe(edit)));
+                    }
+                }
+                Err(_) => self.unchecked_at_ack += 1,
+            }
+        }
+    }
+}
+
+/// How long the reader tries to read an edit back after its `saved` (Redis may
+/// be paused, killed or failing over); past it the edit is left to the final check.
+const ACK_READ: Duration = Duration::from_secs(10);
+
+/// Where the checker reads Redis from, outside the nodes: one server, or a
+/// Cluster's nodes (a cluster connection, routed by slot to each shard's master).
+#[derive(Clone)]
+enum Target {
+    Single(u16),
+    Cluster(Vec<u16>),
+}
+
+/// A connection of the checker's own, made again after any error.
+struct Reader {
+    target: Target,
+    conn: Option<Box<dyn ConnectionLike + Send>>,
+}
+
+impl Reader {
+    fn connect(&self) -> redis::RedisResult<Box<dyn ConnectionLike + Send>> {
+        Ok(match &self.target {
+            Target::Single(port) => Box::new(redis_conn(*port)?),
+            Target::Cluster(ports) => {
+                let urls: Vec<String> = ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect();
+                Box::new(
+                    redis::cluster::ClusterClient::builder(urls)
+                        .connection_timeout(Duration::from_secs(1))
+                        .response_timeout(Duration::from_secs(2))
+                        .build()?
+                        .get_connection()?,
+                )
+            }
+        })
+    }
+
+    /// A note's stored value (raw) and its paper's horizon, read in that order
+    /// (the horizon only rises: read after, it covers a tombstone dropped before).
+    fn note(&mut self, paper: &str, id: &str) -> Result<(Option<Vec<u8>>, u64), String> {
+        let until = Instant::now() + ACK_READ;
+        let mut last = String::new();
+        for _ in 0..200 {
+            let read = |conn: &mut dyn ConnectionLike| -> redis::RedisResult<(Option<Vec<u8>>, u64)> {
+                let raw: Option<Vec<u8>> = redis::cmd("HGET").arg(notes_key(paper)).arg(id).query(conn)?;
+                let horizon: Option<String> = redis::cmd("HGET").arg(meta_key(paper)).arg("horizon").query(conn)?;
+                Ok((raw, horizon.and_then(|h| h.parse().ok()).unwrap_or(0)))
+            };
+            let result = match self.conn.as_mut() {
+                Some(conn) => read(&mut **conn),
+                None => self.connect().and_then(|mut conn| {
+                    let r = read(&mut *conn);
+                    self.conn = Some(conn);
+                    r
+                }),
+            };
+            match result {
+                Ok(found) => return Ok(found),
+                Err(e) => {
+                    last = e.to_string();
+                    self.conn = None;
+                }
+            }
+            if Instant::now() >= until {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Err(last)
+    }
+}
+
+/// An edit, for a violation's message.
+fn describe(edit: &Edit) -> String {
+    format!(
+        "edit {} of client {} ({:?} {}/{} v {:?}, saved {:?}, node {}, connection {:x})",
+        edit.r,
+        edit.client,
+        edit.kind,
+        paper_name(edit.paper),
+        edit.id,
+        edit.v,
+        edit.saved,
+        NODE_IDS[edit.node],
+        edit.conn
+    )
 }
 
 /// One open session and the view of the paper its client has built from it.
@@ -669,16 +812,19 @@ impl Session {
                     return;
                 };
                 let edits = &mut log.edits;
+                let mut newly = Vec::new();
                 self.pending.retain(|&i| {
                     let edit = &mut edits[i];
                     match edit.v {
                         Some(v) if v <= saved && edit.error.is_none() => {
                             edit.saved = Some(saved);
+                            newly.push(i);
                             false
                         }
                         _ => true,
                     }
                 });
+                log.check_saved(&newly);
             }
             "error" => {
                 let code = msg["code"].as_str().unwrap_or("?").to_string();
@@ -692,6 +838,7 @@ impl Session {
                             ));
                         }
                         edit.error = Some(code);
+                        edit.refused_at = Some(Instant::now());
                         self.pending.retain(|&p| p != i);
                     }
                     None => *log.errors_without_ref.entry(code).or_default() += 1,
@@ -750,6 +897,8 @@ struct Shared {
     ports: [u16; 2],
     /// Faults are over: send nothing new, wait for what was sent.
     stop: AtomicBool,
+    /// Where saved edits are read back from.
+    target: Target,
 }
 
 struct ClientPlan {
@@ -772,7 +921,7 @@ struct ClientEnd {
 
 fn run_client(plan: ClientPlan, shared: Arc<Shared>) -> ClientEnd {
     let mut rng = Rng::new(plan.seed, 100 + plan.index as u64);
-    let mut log = ClientLog::default();
+    let mut log = ClientLog::reading(&shared.target);
     let mut session: Option<Session> = None;
     let mut serial = 0u64;
     let mut next_action = Instant::now();
@@ -822,8 +971,11 @@ fn run_client(plan: ClientPlan, shared: Arc<Shared>) -> ClientEnd {
                 for &i in &s.pending {
                     let e = &log.edits[i];
                     log.violations.push(format!(
-                        "edit {} (v {:?}) neither saved nor refused {QUIESCE:?} after the last fault, its connection open",
-                        e.r, e.v
+                        "edit {} (v {:?}, sent {:?} ago) neither saved nor refused {QUIESCE:?} after the last fault, \
+                         its connection open",
+                        e.r,
+                        e.v,
+                        e.sent.elapsed()
                     ));
                 }
                 break;
@@ -872,6 +1024,9 @@ fn act(
     let (kind, id, data) = if sealing {
         *seal_tries += 1;
         (Kind::Complete, String::new(), Value::Null)
+    } else if rng.chance(2) {
+        // A note created once and never touched again: nothing can pass for it.
+        (Kind::Upsert, format!("once-c{}-{n}", plan.index), json!({"by": plan.index, "once": n}))
     } else if rng.chance(25) {
         (Kind::Patch, format!("n{}", rng.below(POOL)), json!({"x": rng.below(1000), "by_patch": plan.index}))
     } else if rng.chance(60) {
@@ -899,6 +1054,8 @@ fn act(
         saved: None,
         error: None,
         lost: false,
+        sent: Instant::now(),
+        refused_at: None,
     });
     if kind != Kind::Complete {
         s.pending.push(n);
@@ -1044,6 +1201,8 @@ fn act_hostile(
         saved: None,
         error: None,
         lost: false,
+        sent: Instant::now(),
+        refused_at: None,
     });
     s.pending.push(n);
     (s.send(&msg), now)
@@ -1303,13 +1462,66 @@ fn redis_from_env() -> String {
     std::env::var("RP_CHAOS_REDIS").map_or("single".into(), |s| s.trim().to_string())
 }
 
+/// `RP_FAULT_LOSE_ONE_IN`: handed to the nodes, which lose one note write in
+/// that many on purpose when built with the `fault-lose-writes` feature.
+fn lose_one_in_from_env() -> Option<u64> {
+    std::env::var("RP_FAULT_LOSE_ONE_IN").ok().map(|n| n.trim().parse().expect("RP_FAULT_LOSE_ONE_IN must be a number"))
+}
+
+/// What a run found.
+struct Verdict {
+    violations: Vec<String>,
+    /// Of them, those found by reading an edit back right after its `saved`.
+    at_ack: usize,
+    seed: u64,
+    kind: String,
+    replay: String,
+}
+
 #[test]
 fn acknowledged_edits_survive_faults() {
+    let verdict = run_chaos(seconds_from_env(), lose_one_in_from_env());
+    let Verdict { violations, at_ack, seed, kind, replay } = verdict;
+    if !violations.is_empty() {
+        let first: Vec<&String> = violations.iter().take(20).collect();
+        panic!(
+            "chaos (seed {seed}, Redis {kind}; replay with {replay}): {} violations ({at_ack} at an edit's saved), \
+             the first:\n  {}",
+            violations.len(),
+            first.iter().map(|v| v.as_str()).collect::<Vec<_>>().join("\n  ")
+        );
+    }
+}
+
+/// The checker's own test: nodes that lose one note write in 100 (and report
+/// it applied) must be caught, and caught at the edits' `saved`, not only by
+/// the final comparison. Needs the `fault-lose-writes` feature.
+#[cfg(feature = "fault-lose-writes")]
+#[test]
+fn the_checker_catches_lost_writes() {
+    let seconds = std::env::var("RP_CHAOS_SECONDS").map_or(20, |s| s.trim().parse().expect("RP_CHAOS_SECONDS"));
+    let verdict = run_chaos(seconds, Some(lose_one_in_from_env().unwrap_or(100)));
+    eprintln!(
+        "chaos: the checker saw {} violations of a server that loses writes, {} at an edit's saved",
+        verdict.violations.len(),
+        verdict.at_ack
+    );
+    assert!(verdict.at_ack > 0, "no lost write caught at its saved (seed {}, {})", verdict.seed, verdict.replay);
+}
+
+/// One run: nodes, clients and faults for `seconds`, then every check; prints
+/// the report and returns the violations.
+fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
     let seed = seed_from_env();
-    let seconds = seconds_from_env();
     let kind = redis_from_env();
-    let replay = format!("RP_CHAOS_SEED={seed} RP_CHAOS_REDIS={kind}");
+    let lose = lose_one_in.map_or(String::new(), |n| format!(" RP_FAULT_LOSE_ONE_IN={n}"));
+    let replay = format!("RP_CHAOS_SEED={seed} RP_CHAOS_REDIS={kind} RP_CHAOS_SECONDS={seconds}{lose}");
     eprintln!("chaos: seed {seed}, {seconds} s of faults, Redis {kind} (replay with {replay})");
+    let env: Vec<(String, String)> =
+        lose_one_in.map(|n| ("RP_FAULT_LOSE_ONE_IN".to_string(), n.to_string())).into_iter().collect();
+    if lose_one_in.is_some() && !cfg!(feature = "fault-lose-writes") {
+        eprintln!("chaos: RP_FAULT_LOSE_ONE_IN has no effect: built without the fault-lose-writes feature");
+    }
     let started = Instant::now();
     let store = Store::start(&kind);
     if let Store::Cluster { holds, .. } = &store {
@@ -1317,7 +1529,8 @@ fn acknowledged_edits_survive_faults() {
     }
     let kinds = kinds_from_env();
     let url = store.url();
-    let nodes = [Node::start(NODE_IDS[0], &url), Node::start(NODE_IDS[1], &url)];
+    let args: Vec<String> = Vec::new();
+    let nodes = [Node::start(NODE_IDS[0], &url, &args, &env), Node::start(NODE_IDS[1], &url, &args, &env)];
     let ports = [nodes[0].port, nodes[1].port];
     for port in ports {
         let until = Instant::now() + Duration::from_secs(20);
@@ -1337,7 +1550,8 @@ fn acknowledged_edits_survive_faults() {
         let at = Duration::from_millis(seconds * 1000 * (30 + rng.below(60)) / 100);
         sealers.entry(rng.below(PAPERS as u64) as usize).or_insert(Instant::now() + at);
     }
-    let shared = Arc::new(Shared { ports, stop: AtomicBool::new(false) });
+    let target = world.store.target();
+    let shared = Arc::new(Shared { ports, stop: AtomicBool::new(false), target: target.clone() });
     let clients: Vec<_> = (0..CLIENTS)
         .map(|index| {
             let paper = index % PAPERS;
@@ -1367,8 +1581,12 @@ fn acknowledged_edits_survive_faults() {
     let mut violations: Vec<String> = Vec::new();
 
     // After the last fault, each paper takes a fresh edit (or says it is sealed).
-    let probing: Vec<_> =
-        (0..ALL_PAPERS).map(|p| thread::spawn(move || fresh_edit(p, p % 2, ports[p % 2], calm))).collect();
+    let probing: Vec<_> = (0..ALL_PAPERS)
+        .map(|p| {
+            let target = target.clone();
+            thread::spawn(move || fresh_edit(p, p % 2, ports[p % 2], calm, &target))
+        })
+        .collect();
     let mut probes: Vec<(Session, ClientLog)> = Vec::new();
     for (p, probe) in probing.into_iter().enumerate() {
         match probe.join().expect("a probe thread panicked") {
@@ -1528,27 +1746,35 @@ fn acknowledged_edits_survive_faults() {
     if world.store.is_cluster() {
         eprintln!("chaos: stream entries appended again (at least once on a Cluster): {repeated}");
     }
-    eprintln!("chaos: violations {}", violations.len());
+    let at_ack = violations.iter().filter(|v| v.contains(" at its saved: ")).count();
+    eprintln!(
+        "chaos: saved edits read back at once {} (Redis unreadable for {ACK_READ:?}: {}); once-only notes {}",
+        logs.iter().map(|l| l.checked_at_ack).sum::<u64>(),
+        logs.iter().map(|l| l.unchecked_at_ack).sum::<u64>(),
+        count(&|e| e.id.starts_with("once-") && e.saved.is_some()),
+    );
+    eprintln!("chaos: violations {} ({at_ack} found at an edit's saved)", violations.len());
     if !violations.is_empty() {
         eprintln!("chaos: fault timeline:\n  {}", faults.timeline.join("\n  "));
         for node in &world.nodes {
             eprintln!("chaos: node {} log tail:\n  {}", node.id, node.log_tail(20).join("\n  "));
         }
-        let first: Vec<&String> = violations.iter().take(20).collect();
-        panic!(
-            "chaos (seed {seed}, Redis {kind}; replay with {replay}): {} violations, the first:\n  {}",
-            violations.len(),
-            first.iter().map(|v| v.as_str()).collect::<Vec<_>>().join("\n  ")
-        );
     }
+    Verdict { violations, at_ack, seed, kind, replay }
 }
 
 /// A fresh session on a paper upserts a note and sees it saved (or is told the
 /// paper is sealed) within `FRESH_EDIT` of `calm`; `unavailable` and lost
 /// connections are retried within that time.
-fn fresh_edit(paper: usize, node: usize, port: u16, calm: Instant) -> Result<(Session, ClientLog), String> {
+fn fresh_edit(
+    paper: usize,
+    node: usize,
+    port: u16,
+    calm: Instant,
+    target: &Target,
+) -> Result<(Session, ClientLog), String> {
     let until = calm + FRESH_EDIT;
-    let mut log = ClientLog::default();
+    let mut log = ClientLog::reading(target);
     let mut last = String::from("never joined");
     let mut serial = 0;
     while Instant::now() < until {
@@ -1587,6 +1813,8 @@ fn probe(session: &mut Session, log: &mut ClientLog, until: Instant) -> Result<(
             saved: None,
             error: None,
             lost: false,
+            sent: Instant::now(),
+            refused_at: None,
         });
         session.pending.push(n);
         session.send(&json!({"type": "upsert", "id": "probe", "data": {"attempt": n}, "ref": r}))?;
@@ -1610,8 +1838,8 @@ fn probe(session: &mut Session, log: &mut ClientLog, until: Instant) -> Result<(
     Err(last)
 }
 
-/// Every edit its sender saw `saved` (and not refused) is in Redis at its version
-/// or a later one of the same note.
+/// Every edit its sender saw `saved` (and not refused), judged again against
+/// what Redis holds once the nodes have stopped (`judge`).
 fn check_acknowledged(store: &Store, edits: &[&Edit]) -> Vec<String> {
     let mut violations = Vec::new();
     let mut stored: HashMap<usize, HashMap<String, Vec<u8>>> = HashMap::new();
@@ -1620,64 +1848,11 @@ fn check_acknowledged(store: &Store, edits: &[&Edit]) -> Vec<String> {
         stored.insert(p, stored_raw(store, &paper_name(p)).into_iter().collect());
         horizons.insert(p, horizon_in_redis(store, &paper_name(p)));
     }
-    let later = Later::of(edits);
     for edit in edits {
-        let (Some(v), Some(saved), None) = (edit.v, edit.saved, &edit.error) else { continue };
-        let what = format!(
-            "edit {} of client {} ({:?} {} v {v}, saved {saved}, node {}, connection {:x})",
-            edit.r, edit.client, edit.kind, edit.id, NODE_IDS[edit.node], edit.conn
-        );
-        let Some(raw) = stored[&edit.paper].get(&edit.id) else {
-            // A deleted note leaves Redis once the horizon passes its tombstone
-            // (PROTOCOL.md 4, 1.1): fine for a delete, or an edit a delete followed.
-            let deleted = edit.kind == Kind::Delete || later.deleted(edit.paper, &edit.id) > v;
-            if !(deleted && horizons[&edit.paper] >= v) {
-                violations.push(format!("{what} is lost: {} has no {}", paper_name(edit.paper), edit.id));
-            }
-            continue;
-        };
-        let Some((stored_v, note)) = stored_note(raw) else {
-            violations.push(format!("{what}: Redis holds an unreadable value {:?}", String::from_utf8_lossy(raw)));
-            continue;
-        };
-        if edit.kind == Kind::Patch && is_hostile(edit) {
-            if let Some(note) = &note {
-                violations.extend(check_hostile_patch(edit, &what, v, stored_v, &note["data"], &later));
-            }
-            continue;
-        }
-        if edit.kind == Kind::Patch {
-            // A patched field holds this version or a later one; a delete wins over
-            // patches made after the upsert it follows (PROTOCOL.md leaves it open).
-            if note.is_some() {
-                let value: Value = serde_json::from_slice(raw).unwrap_or_default();
-                let field_v = value["fv"]["changed"]["x"][0]
-                    .as_u64()
-                    .or_else(|| value["fv"]["base"][0].as_u64())
-                    .unwrap_or(stored_v);
-                if field_v < v {
-                    violations.push(format!("{what} is lost: Redis holds field x at the older v {field_v}"));
-                }
-            }
-            continue;
-        }
-        if stored_v > v {
-            continue;
-        }
-        if stored_v < v {
-            violations.push(format!("{what} is lost: Redis holds the older v {stored_v}"));
-            continue;
-        }
-        let same = match (edit.kind, &note) {
-            (Kind::Upsert, Some(note)) => note["data"] == edit.data,
-            (Kind::Delete, None) => true,
-            _ => false,
-        };
-        // A tie in version goes to the greater node id: another node's edit may win it.
-        let tie_lost =
-            edits.iter().any(|o| o.paper == edit.paper && o.id == edit.id && o.v == Some(v) && o.node > edit.node);
-        if !same && !tie_lost {
-            violations.push(format!("{what} is lost: Redis holds another change at the same v: {note:?}"));
+        let (Some(v), Some(_), None) = (edit.v, edit.saved, &edit.error) else { continue };
+        let raw = stored[&edit.paper].get(&edit.id).map(Vec::as_slice);
+        if let Err(e) = judge(edit.kind, &edit.id, &edit.data, v, NODE_IDS[edit.node], raw, horizons[&edit.paper]) {
+            violations.push(format!("{} at the end: {e}", describe(edit)));
         }
     }
     violations
@@ -1690,65 +1865,122 @@ fn horizon_in_redis(store: &Store, paper: &str) -> u64 {
     horizon.and_then(|h| h.parse().ok()).unwrap_or(0)
 }
 
-/// The greatest version every edit sent (saved or not) gave each note whole
-/// (upsert, delete) and each field by a patch: what may have replaced an
-/// acknowledged change since.
-struct Later<'a> {
-    whole: HashMap<(usize, &'a str), u64>,
-    deleted: HashMap<(usize, &'a str), u64>,
-    fields: HashMap<(usize, &'a str, &'a str), u64>,
+/// Notes that some client may delete: the shared pool and the hostile client's
+/// short-lived ones. A note created once and never touched again, a churned or
+/// wide note, or the probe's note, must never be missing from Redis.
+fn may_be_deleted(id: &str) -> bool {
+    !(id.starts_with("once-") || id.starts_with("churn") || id.starts_with("wide") || id == "probe")
 }
 
-impl<'a> Later<'a> {
-    fn of(edits: &[&'a Edit]) -> Later<'a> {
-        let mut later = Later { whole: HashMap::new(), deleted: HashMap::new(), fields: HashMap::new() };
-        let raise = |v: &mut u64, to: u64| *v = (*v).max(to);
-        for e in edits {
-            let Some(v) = e.v else { continue };
-            let note = (e.paper, e.id.as_str());
-            match e.kind {
-                Kind::Upsert => raise(later.whole.entry(note).or_default(), v),
-                Kind::Delete => {
-                    raise(later.whole.entry(note).or_default(), v);
-                    raise(later.deleted.entry(note).or_default(), v);
+/// A version as the write script orders them: `(v, node)`, ties to the greater node id.
+type Version = (u64, String);
+
+/// `[v,"node"]` as stored in a note's field versions.
+fn stored_version(pair: &Value) -> Option<Version> {
+    Some((version_of(&pair[0])?, pair[1].as_str()?.to_string()))
+}
+
+/// Whether what Redis holds for a note (`raw`, or nothing; `horizon` read after
+/// it) is allowed for an edit its sender saw `saved` at `(v, node)`: saved means
+/// Redis applied the edit or holds a later version of the note, or of each field
+/// (PROTOCOL.md 3.1). Judged with the versions Redis keeps itself (the note's
+/// `v`, the version of its last upsert, each field's version), so that a later
+/// edit of one field never passes for a later version of another:
+/// - upsert: a later upsert or delete; else this upsert is the note's last
+///   (same version), and each of its fields holds its value unless that field
+///   changed later, and no other field is there unless added later;
+/// - patch: each field it names is at a later version, or at this one with the
+///   patch's value (null: absent); or the note is deleted (a delete is weighed
+///   against the upsert before the patch, so its version may be lower);
+/// - delete: its tombstone or a later one, or a note upserted again later;
+/// - any: absent only while the horizon is at or above `v` and the note is one
+///   that some client deletes (its tombstone was dropped).
+fn judge(
+    kind: Kind,
+    id: &str,
+    data: &Value,
+    v: u64,
+    node: &str,
+    raw: Option<&[u8]>,
+    horizon: u64,
+) -> Result<(), String> {
+    let ours: Version = (v, node.to_string());
+    let Some(raw) = raw else {
+        if may_be_deleted(id) && horizon >= v {
+            return Ok(());
+        }
+        return Err(format!("lost: Redis does not hold the note (horizon {horizon})"));
+    };
+    let text = String::from_utf8_lossy(raw);
+    let stored: Value = serde_json::from_slice(raw).map_err(|_| format!("Redis holds an unreadable value {text}"))?;
+    let Some(stored_v) = version_of(&stored["v"]) else {
+        return Err(format!("Redis holds a value without a version {text}"));
+    };
+    let stored_at: Version = (stored_v, stored["node"].as_str().unwrap_or_default().to_string());
+    if stored.get("deleted").is_some() {
+        let fine = match kind {
+            Kind::Patch | Kind::Complete => true,
+            Kind::Upsert => stored_at > ours,
+            Kind::Delete => stored_at >= ours,
+        };
+        return if fine { Ok(()) } else { Err(format!("lost: Redis holds an older tombstone {text}")) };
+    }
+    let (Some(held), true) = (stored["data"].as_object(), stored["author"].is_string()) else {
+        return Err(format!("Redis holds a value that is no note {text}"));
+    };
+    let fv = &stored["fv"];
+    let base = if fv.is_object() {
+        stored_version(&fv["base"]).ok_or_else(|| format!("Redis holds unreadable field versions {text}"))?
+    } else {
+        stored_at.clone()
+    };
+    let floor = stored_version(&fv["floor"]).filter(|floor| *floor > base);
+    // A field's version: its own if it changed after the last upsert; a field
+    // absent and not listed was removed at or below the floor, or never set.
+    let field_version = |field: &str| -> Version {
+        if let Some(changed) = stored_version(&fv["changed"][field]) {
+            return changed;
+        }
+        match (&floor, held.contains_key(field)) {
+            (Some(floor), false) => floor.clone(),
+            _ => base.clone(),
+        }
+    };
+    match kind {
+        Kind::Delete if base > ours => Ok(()),
+        Kind::Delete => Err(format!("lost: Redis holds a live note whose last upsert is {base:?}: {text}")),
+        Kind::Upsert if base > ours => Ok(()),
+        Kind::Upsert if base < ours => Err(format!(
+            "lost: the note's last upsert in Redis is the older {base:?}, later versions only of some fields: {text}"
+        )),
+        Kind::Upsert => {
+            for (field, value) in data.as_object().into_iter().flatten() {
+                if field_version(field) <= ours && held.get(field) != Some(value) {
+                    return Err(format!("lost: its field {field} is not as it left it, nor changed later: {text}"));
                 }
-                Kind::Patch => {
-                    for field in e.data.as_object().into_iter().flat_map(|d| d.keys()) {
-                        raise(later.fields.entry((e.paper, e.id.as_str(), field.as_str())).or_default(), v);
-                    }
-                }
-                Kind::Complete => {}
             }
+            for field in held.keys() {
+                if data.get(field).is_none() && field_version(field) <= ours {
+                    return Err(format!("lost: Redis holds the field {field} it did not have: {text}"));
+                }
+            }
+            Ok(())
         }
-        later
-    }
-
-    fn deleted(&self, paper: usize, id: &str) -> u64 {
-        self.deleted.get(&(paper, id)).copied().unwrap_or(0)
-    }
-}
-
-/// A hostile patch its sender saw saved: the note is at its version or later,
-/// and each field it named is as the patch left it (removed, or its value),
-/// unless a later change of the note or of that field followed.
-fn check_hostile_patch(edit: &Edit, what: &str, v: u64, stored_v: u64, data: &Value, later: &Later) -> Vec<String> {
-    if stored_v < v {
-        return vec![format!("{what} is lost: Redis holds the older v {stored_v}")];
-    }
-    if later.whole.get(&(edit.paper, edit.id.as_str())).is_some_and(|&w| w > v) {
-        return Vec::new();
-    }
-    for (field, value) in edit.data.as_object().into_iter().flatten() {
-        if later.fields.get(&(edit.paper, edit.id.as_str(), field.as_str())).is_some_and(|&f| f > v) {
-            continue;
+        Kind::Patch => {
+            for (field, value) in data.as_object().into_iter().flatten() {
+                let at = field_version(field);
+                if at < ours {
+                    return Err(format!("lost: Redis holds its field {field} at the older {at:?}: {text}"));
+                }
+                let kept = if value.is_null() { held.get(field).is_none() } else { held.get(field) == Some(value) };
+                if at == ours && !kept {
+                    return Err(format!("lost: its field {field} is at its version with another value: {text}"));
+                }
+            }
+            Ok(())
         }
-        let now = data.get(field);
-        let kept = if value.is_null() { now.is_none() } else { now == Some(value) };
-        if !kept {
-            return vec![format!("{what} is lost: Redis holds its field {field} as {now:?}, not as it left it")];
-        }
+        Kind::Complete => Ok(()),
     }
-    Vec::new()
 }
 
 /// Every sealed paper has one stream entry whose notes are the hash's live notes
@@ -1805,41 +2037,59 @@ fn check_sealed(store: &Store, logs: &[&ClientLog]) -> (Vec<String>, usize) {
     (violations, repeated)
 }
 
-/// The check of the hostile client's patches, on made-up edits: a removed field
-/// must stay removed and a set one keep its value, unless a later change of the
-/// note or of that field came after.
+/// The judgement of a saved edit, on made-up stored values: what a lost write
+/// leaves must fail it, what later edits leave must pass.
 #[test]
-fn hostile_patches_are_checked_field_by_field() {
-    let edit = |kind: Kind, v: u64, data: Value| Edit {
-        client: HOSTILE,
-        r: format!("h-{v}"),
-        paper: PAPERS,
-        id: "churn1".into(),
-        kind,
-        data,
-        node: 0,
-        conn: 1,
-        v: Some(v),
-        saved: Some(v),
-        error: None,
-        lost: false,
-    };
-    let removed = edit(Kind::Patch, 10, json!({"gone": null}));
-    let set = edit(Kind::Patch, 11, json!({"a": 1, "b": 2}));
-    let later_b = edit(Kind::Patch, 12, json!({"b": 3}));
-    let edits = [&removed, &set, &later_b];
-    let later = Later::of(&edits);
-    let check =
-        |e: &Edit, stored_v: u64, data: Value| check_hostile_patch(e, "edit", e.v.unwrap(), stored_v, &data, &later);
+fn saved_edits_are_judged_by_the_versions_redis_keeps() {
+    let upsert = json!({"text": "hi", "x": 1});
+    let judge_upsert = |raw: &str, horizon| judge(Kind::Upsert, "n1", &upsert, 10, "a", Some(raw.as_bytes()), horizon);
+    assert!(judge_upsert(r#"{"author":"u","data":{"text":"hi","x":1},"node":"a","v":10}"#, 0).is_ok());
+    assert!(judge_upsert(r#"{"author":"u","data":{"other":1},"node":"a","v":12}"#, 0).is_ok(), "a later upsert");
+    assert!(judge_upsert(r#"{"author":"u","data":{"other":1},"node":"b","v":10}"#, 0).is_ok(), "a tie to b");
+    assert!(judge_upsert(r#"{"deleted":true,"node":"a","v":11}"#, 0).is_ok(), "a later delete");
+    assert!(judge_upsert(r#"{"author":"u","data":{"text":"old"},"node":"a","v":9}"#, 0).is_err(), "older");
+    assert!(judge_upsert(r#"{"author":"u","data":{"text":"other","x":1},"node":"a","v":10}"#, 0).is_err());
+    assert!(judge_upsert(r#"{"deleted":true,"node":"a","v":9}"#, 0).is_err(), "an older tombstone");
+    // Superseded only by a patch of x: the upsert before it is what Redis holds.
+    let patched_only = r#"{"author":"u","data":{"text":"old","x":5},"fv":{"base":[8,"a"],"changed":{"x":[12,"b"]}},"node":"b","v":12}"#;
+    assert!(judge_upsert(patched_only, 0).is_err(), "the upsert's other fields were lost");
+    let kept = r#"{"author":"u","data":{"text":"hi","x":5},"fv":{"base":[10,"a"],"changed":{"x":[12,"b"]}},"node":"b","v":12}"#;
+    assert!(judge_upsert(kept, 0).is_ok(), "x changed later, text kept");
+    let extra = r#"{"author":"u","data":{"text":"hi","x":1,"y":2},"node":"a","v":10}"#;
+    assert!(judge_upsert(extra, 0).is_err(), "a field the upsert did not have");
+    // Absent: only past the horizon, and only for a note some client deletes.
+    assert!(judge(Kind::Upsert, "n1", &upsert, 10, "a", None, 10).is_ok());
+    assert!(judge(Kind::Upsert, "n1", &upsert, 10, "a", None, 9).is_err());
+    assert!(judge(Kind::Upsert, "once-c1-7", &upsert, 10, "a", None, 50).is_err());
 
-    assert!(check(&removed, 12, json!({"text": "hi", "a": 1, "b": 3})).is_empty());
-    assert_eq!(check(&removed, 12, json!({"gone": 1, "a": 1, "b": 3})).len(), 1, "a removed field came back");
-    assert!(check(&set, 12, json!({"a": 1, "b": 3})).is_empty(), "b was changed later");
-    assert_eq!(check(&set, 12, json!({"a": 5, "b": 3})).len(), 1, "a lost its value");
-    assert_eq!(check(&later_b, 11, json!({"a": 1, "b": 2})).len(), 1, "Redis holds an older version");
-    // An upsert after the patch replaces the whole note: nothing to say about its fields.
-    let upsert = edit(Kind::Upsert, 13, json!({"text": "new"}));
-    let edits = [&removed, &set, &later_b, &upsert];
-    let later = Later::of(&edits);
-    assert!(check_hostile_patch(&set, "edit", 11, 13, &json!({"text": "new"}), &later).is_empty());
+    let patch = json!({"x": 7, "gone": null});
+    let judge_patch = |raw: &str| judge(Kind::Patch, "n1", &patch, 20, "a", Some(raw.as_bytes()), 0);
+    assert!(judge_patch(r#"{"author":"u","data":{"x":7},"fv":{"base":[5,"a"],"changed":{"gone":[20,"a"],"x":[20,"a"]}},"node":"a","v":20}"#).is_ok());
+    assert!(
+        judge_patch(
+            r#"{"author":"u","data":{"x":3},"fv":{"base":[5,"a"],"changed":{"x":[19,"a"]}},"node":"a","v":19}"#
+        )
+        .is_err(),
+        "x older"
+    );
+    assert!(
+        judge_patch(r#"{"author":"u","data":{"x":3},"fv":{"base":[21,"a"],"changed":{}},"node":"a","v":21}"#).is_ok(),
+        "a later upsert"
+    );
+    assert!(judge_patch(r#"{"author":"u","data":{"x":7,"gone":1},"fv":{"base":[5,"a"],"changed":{"gone":[20,"a"],"x":[20,"a"]}},"node":"a","v":20}"#).is_err(), "a removed field back");
+    // A removed field folded into the floor: absent, at or above the patch.
+    assert!(judge_patch(r#"{"author":"u","data":{"x":7},"fv":{"base":[5,"a"],"changed":{"x":[20,"a"]},"floor":[20,"a"]},"node":"a","v":20}"#).is_ok());
+    assert!(judge_patch(r#"{"deleted":true,"node":"b","v":15}"#).is_ok(), "a delete weighed against the upsert");
+
+    let judge_delete =
+        |raw: Option<&str>, horizon| judge(Kind::Delete, "n1", &Value::Null, 30, "b", raw.map(str::as_bytes), horizon);
+    assert!(judge_delete(Some(r#"{"deleted":true,"node":"b","v":30}"#), 0).is_ok());
+    assert!(judge_delete(Some(r#"{"author":"u","data":{},"node":"a","v":31}"#), 0).is_ok(), "upserted again");
+    assert!(judge_delete(
+        Some(r#"{"author":"u","data":{},"fv":{"base":[29,"a"],"changed":{"x":[31,"a"]}},"node":"a","v":31}"#),
+        0
+    )
+    .is_err());
+    assert!(judge_delete(None, 30).is_ok());
+    assert!(judge_delete(None, 29).is_err());
 }
