@@ -2,18 +2,36 @@
 //! two clustered nodes on one Redis (append-only, fsync always), clients editing
 //! six papers through them, and a fault thread killing nodes, killing and pausing
 //! Redis, dropping Redis connections, breaking one paper's key, planting
-//! corrupt values, and setting a hostile client loose on a paper of its own for
-//! a few seconds (PROTOCOL.md 1.2: within every limit, no client may make Redis
-//! busy for the others). At the end, every edit its sender saw `saved` must be
-//! in Redis (the hostile client's too), sealed papers must match their stream
-//! entry, and every node and every connected client must show what Redis holds.
+//! corrupt values, setting a hostile client loose on a paper of its own for a
+//! few seconds (PROTOCOL.md 1.2: within every limit, no client may make Redis
+//! busy for the others), and, through a fault proxy between each node and
+//! Redis, cutting one node from Redis while the other works (a paper sealed
+//! meanwhile), slowing its link, or leaving it half open. On a Redis Cluster
+//! (three masters, a replica each, nodes waiting for one replica) a fault hits
+//! one shard, and masters are failed over (`CLUSTER FAILOVER`, and `kill -9`
+//! of a master whose replica takes over before it comes back as a replica).
+//! Some runs give the nodes a tiny `--max-tombstones` or `--tombstone-retention`.
+//!
+//! What must hold:
+//! - each edit its sender saw `saved` is read back from Redis at once, by a
+//!   connection of the checker's own, and again at the end, and judged by the
+//!   versions Redis keeps (`judge`): only a later version may stand in for it,
+//!   and an upsert superseded only by patches keeps its other fields; some
+//!   notes are created once and never touched again;
+//! - sealed papers equal their stream entry, and so does every `completed` a
+//!   client received and what every node serves for them;
+//! - every node and every connected client shows what Redis holds;
+//! - no bystander is refused `unavailable` (`check_bystanders`);
+//! - Redis answers, every paper takes a fresh edit, and no node exits by itself.
 //!
 //! `RP_CHAOS_SEED` replays a run's random choices (timing still varies);
 //! `RP_CHAOS_SECONDS` sets how long faults go on (45 by default, so that
 //! `cargo test` stays short; `scripts/chaos.sh` runs it for longer);
 //! `RP_CHAOS_FAULTS` (say `0,2,5`) limits the faults to some kinds of `FAULTS`;
-//! `RP_CHAOS_REDIS=cluster` runs it on a Redis Cluster of three masters instead
-//! of one Redis (`single`, the default): each Redis fault then hits one master.
+//! `RP_CHAOS_REDIS=cluster` runs it on a Redis Cluster instead of one Redis
+//! (`single`, the default). With the `fault-lose-writes` feature,
+//! `RP_FAULT_LOSE_ONE_IN=N` makes the nodes lose one note write in N on
+//! purpose, and `the_checker_catches_lost_writes` proves the checker sees it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -29,6 +47,7 @@ use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
 use crate::common::cluster::RedisCluster;
+use crate::common::proxy::{Direction, Mode, Proxy};
 use crate::common::{free_port, Redis};
 
 const PAPERS: usize = 6;
@@ -177,7 +196,17 @@ enum Store {
     Cluster {
         cluster: RedisCluster,
         holds: Vec<String>,
+        /// Each server's shard: the port of the master that held its slots at the
+        /// start (a failover swaps master and replica within a shard, never slots).
+        shard_of: Vec<u16>,
+        /// Each paper's shard.
+        paper_shard: Vec<u16>,
     },
+}
+
+/// Whether `INFO replication` says a master has its replica online.
+fn has_replica_online(info: &str) -> bool {
+    info.contains("role:master") && info.lines().any(|l| l.starts_with("slave0:") && l.contains("state=online"))
 }
 
 impl Store {
@@ -186,7 +215,22 @@ impl Store {
         match kind {
             "single" => Store::Single(Redis::start_with(&extra)),
             "cluster" => {
-                let cluster = RedisCluster::start_with(0, &extra);
+                // One replica per master, and the healthy shards serve while one
+                // is down: a failover of one shard is a fault of that shard only.
+                let extra = [&extra[..], &["--cluster-require-full-coverage", "no"]].concat();
+                let cluster = RedisCluster::start_with(1, &extra);
+                let shard_of: Vec<u16> = cluster
+                    .nodes
+                    .iter()
+                    .map(|node| {
+                        let info = node.info("replication");
+                        let master = info.lines().find_map(|l| l.strip_prefix("master_port:"));
+                        master.and_then(|p| p.trim().parse().ok()).unwrap_or(node.port)
+                    })
+                    .collect();
+                let paper_shard: Vec<u16> = (0..ALL_PAPERS)
+                    .map(|p| cluster.nodes[cluster.master_of(&notes_key(&paper_name(p)))].port)
+                    .collect();
                 let mut holds = vec![Vec::new(); cluster.nodes.len()];
                 for p in 0..ALL_PAPERS {
                     holds[cluster.master_of(&notes_key(&paper_name(p)))].push(paper_name(p));
@@ -196,9 +240,13 @@ impl Store {
                 let holds = holds
                     .into_iter()
                     .zip(&cluster.nodes)
-                    .map(|(held, node)| format!("127.0.0.1:{} ({})", node.port, held.join(", ")))
+                    .zip(&shard_of)
+                    .map(|((held, node), shard)| match *shard == node.port {
+                        true => format!("127.0.0.1:{} (master at the start: {})", node.port, held.join(", ")),
+                        false => format!("127.0.0.1:{} (replica of {shard} at the start)", node.port),
+                    })
                     .collect();
-                Store::Cluster { cluster, holds }
+                Store::Cluster { cluster, holds, shard_of, paper_shard }
             }
             other => panic!("RP_CHAOS_REDIS must be single or cluster, not {other:?}"),
         }
@@ -252,7 +300,7 @@ impl Store {
     fn which(&self, server: usize) -> String {
         match self {
             Store::Single(_) => String::new(),
-            Store::Cluster { holds, .. } => format!(" on the master {}", holds[server]),
+            Store::Cluster { holds, .. } => format!(" on {}", holds[server]),
         }
     }
 
@@ -284,6 +332,90 @@ impl Store {
         if let Store::Cluster { cluster, .. } = self {
             cluster.wait_ok();
         }
+    }
+
+    /// What a fault of `server` may hold up: everything on one Redis, one shard
+    /// of a Cluster.
+    fn scope(&self, server: usize) -> Scope {
+        match self {
+            Store::Single(_) => Scope::Everything,
+            Store::Cluster { shard_of, .. } => Scope::Shard(shard_of[server]),
+        }
+    }
+
+    /// A paper's shard (0 on one Redis).
+    fn shard_of_paper(&self, paper: usize) -> u16 {
+        match self {
+            Store::Single(_) => 0,
+            Store::Cluster { paper_shard, .. } => paper_shard[paper],
+        }
+    }
+
+    /// After a Cluster fault: every live node says ok and every master has its
+    /// replica online again (within a minute), so that the next fault never
+    /// meets a shard still failing over or resyncing. Says how long it took,
+    /// or that it did not happen.
+    fn steady(&self) -> String {
+        let Store::Cluster { cluster, .. } = self else { return String::new() };
+        let started = Instant::now();
+        let until = started + Duration::from_secs(60);
+        loop {
+            let live = cluster.nodes.iter().filter(|n| n.is_running());
+            let ok = live.clone().all(|n| n.cluster_info().contains("cluster_state:ok"));
+            let masters: Vec<String> =
+                live.map(|n| n.info("replication")).filter(|i| i.contains("role:master")).collect();
+            if ok && masters.len() == 3 && masters.iter().all(|i| has_replica_online(i)) {
+                return format!(", steady {:?} later", started.elapsed());
+            }
+            if Instant::now() >= until {
+                return ", NOT steady a minute later".into();
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A Cluster failover of one shard: `CLUSTER FAILOVER` on its replica, or
+    /// (`kill`) SIGKILL of its master, its replica promoted by the others, and
+    /// the old master started again from its files, to rejoin as a replica.
+    fn fail_over(&mut self, rng: &mut Rng, kill: bool) -> (String, Scope) {
+        let Store::Cluster { cluster, shard_of, .. } = self else {
+            return (": not a Cluster".into(), Scope::Everything);
+        };
+        let shard = shard_of[rng.below(shard_of.len() as u64) as usize];
+        let role = |i: usize, cluster: &RedisCluster| cluster.nodes[i].info("replication");
+        let in_shard: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| shard_of[i] == shard).collect();
+        let master = in_shard.iter().copied().find(|&i| role(i, cluster).contains("role:master"));
+        let replica = in_shard.iter().copied().find(|&i| role(i, cluster).contains("role:slave"));
+        let (Some(master), Some(replica)) = (master, replica) else {
+            return (format!(": shard {shard} has no master and replica to swap"), Scope::Shard(shard));
+        };
+        let (old, new) = (cluster.nodes[master].port, cluster.nodes[replica].port);
+        let started = Instant::now();
+        if kill {
+            cluster.nodes[master].kill();
+        } else {
+            let asked = cluster.nodes[replica]
+                .conn()
+                .and_then(|mut c| redis::cmd("CLUSTER").arg("FAILOVER").query::<String>(&mut c));
+            if let Err(e) = asked {
+                return (format!(" of shard {shard}: refused ({e})"), Scope::Shard(shard));
+            }
+        }
+        let until = started + Duration::from_secs(30);
+        let promoted = loop {
+            if role(replica, cluster).contains("role:master") {
+                break Some(started.elapsed());
+            }
+            if Instant::now() >= until {
+                break None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        if kill {
+            cluster.nodes[master].restart();
+        }
+        let how = if kill { "killed" } else { "handed over" };
+        (format!(" of shard {shard}: master {old} {how}, {new} promoted after {promoted:?}"), Scope::Shard(shard))
     }
 }
 
@@ -501,13 +633,15 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// The paper as a node serves it on `GET /papers/{paper}`.
-fn node_view(port: u16, paper: &str) -> Option<Notes> {
+/// The paper as a node serves it on `GET /papers/{paper}`: whether it is
+/// sealed, and its notes.
+fn node_view(port: u16, paper: &str) -> Option<(bool, Notes)> {
     let (status, body) = http_get(port, &format!("/papers/{paper}"))?;
     if status != 200 {
         return None;
     }
-    notes_of(&serde_json::from_str::<Value>(&body).ok()?["notes"])
+    let body = serde_json::from_str::<Value>(&body).ok()?;
+    Some((body["completed"] == true, notes_of(&body["notes"])?))
 }
 
 // ---- what clients record -----------------------------------------------------------
@@ -899,6 +1033,8 @@ struct Shared {
     stop: AtomicBool,
     /// Where saved edits are read back from.
     target: Target,
+    /// When each sealed paper is sealed.
+    seals: Arc<Mutex<HashMap<usize, Instant>>>,
 }
 
 struct ClientPlan {
@@ -906,8 +1042,8 @@ struct ClientPlan {
     paper: usize,
     home: usize,
     seed: u64,
-    /// When this client seals its paper, if it is the one that does.
-    seal_at: Option<Instant>,
+    /// Whether this client seals its paper (when `Shared::seals` says).
+    sealer: bool,
     /// The hostile client: it edits only in the bursts the fault thread sets.
     hostile: Option<Arc<HostileSwitch>>,
 }
@@ -989,7 +1125,7 @@ fn run_client(plan: ClientPlan, shared: Arc<Shared>) -> ClientEnd {
                 }
                 None => {
                     next_action = Instant::now() + rng.between_ms(10, 60);
-                    act(s, &plan, &mut rng, &mut log, &mut seal_tries)
+                    act(s, &plan, &shared.seals, &mut rng, &mut log, &mut seal_tries)
                 }
             };
             if let Err(e) = acted {
@@ -1010,6 +1146,7 @@ fn run_client(plan: ClientPlan, shared: Arc<Shared>) -> ClientEnd {
 fn act(
     s: &mut Session,
     plan: &ClientPlan,
+    seals: &Mutex<HashMap<usize, Instant>>,
     rng: &mut Rng,
     log: &mut ClientLog,
     seal_tries: &mut u32,
@@ -1020,7 +1157,8 @@ fn act(
     let sealed = log.completed.iter().any(|(p, _)| *p == plan.paper)
         || log.edits.iter().any(|e| e.kind == Kind::Complete && e.error.as_deref() == Some("paper_completed"));
     let waiting = log.edits.iter().any(|e| e.kind == Kind::Complete && e.error.is_none() && e.conn == s.conn);
-    let sealing = plan.seal_at.is_some_and(|at| Instant::now() >= at) && *seal_tries < 3 && !sealed && !waiting;
+    let seal_at = if plan.sealer { seals.lock().unwrap().get(&plan.paper).copied() } else { None };
+    let sealing = seal_at.is_some_and(|at| Instant::now() >= at) && *seal_tries < 3 && !sealed && !waiting;
     let (kind, id, data) = if sealing {
         *seal_tries += 1;
         (Kind::Complete, String::new(), Value::Null)
@@ -1210,7 +1348,7 @@ fn act_hostile(
 
 // ---- faults --------------------------------------------------------------------------
 
-const FAULTS: [&str; 9] = [
+const FAULTS: [&str; 14] = [
     "kill -9 a node",
     "kill -9 Redis, restart from its AOF",
     "CLIENT KILL TYPE normal",
@@ -1220,7 +1358,48 @@ const FAULTS: [&str; 9] = [
     "one paper's notes key of the wrong type",
     "a corrupt stored value",
     "a hostile client's burst on its own paper",
+    "one node cut from Redis (a partition; a paper sealed meanwhile)",
+    "a slow link between one node and Redis",
+    "a half-open link between one node and Redis (one direction black-holed, then reset)",
+    "CLUSTER FAILOVER on a replica",
+    "kill -9 a master: its replica promoted, the old master back as a replica",
 ];
+
+/// The faults that need a proxy between each node and one Redis (a Cluster
+/// client learns the masters' own addresses from the Cluster, past any proxy).
+const PROXY_FAULTS: [usize; 3] = [9, 10, 11];
+/// The faults that need a Cluster with replicas.
+const FAILOVER_FAULTS: [usize; 2] = [12, 13];
+
+/// What a fault may hold up, for the bystander check: an edit is a bystander of
+/// a fault when its paper, the node it was sent through, and its paper's shard
+/// are all outside the fault's scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// One Redis killed, paused or its connections dropped: every paper.
+    Everything,
+    /// A node killed, or its link to Redis cut, slowed or half open: the edits
+    /// sent through it.
+    Node(usize),
+    /// One paper's key broken, a corrupt value planted in it, or the hostile
+    /// client's burst on its own paper: that paper.
+    Paper(usize),
+    /// A Cluster master or replica killed, paused, its connections dropped, or
+    /// failed over: the papers of its shard (by the master's port at the start).
+    Shard(u16),
+}
+
+/// One fault, from its start to its end.
+struct Window {
+    from: Instant,
+    to: Instant,
+    scope: Scope,
+}
+
+/// How long after a fault's end an edit may still be refused `unavailable`
+/// because of it: a paper that failed a write stays unavailable until a probe
+/// proves it writable, a shard until a probe finds its master (and replica).
+const GRACE: Duration = Duration::from_secs(10);
 
 struct FaultLog {
     counts: [u64; FAULTS.len()],
@@ -1229,20 +1408,37 @@ struct FaultLog {
     broken_papers: Vec<usize>,
     /// Nodes that exited on their own (each was started again, as a supervisor would).
     crashes: Vec<String>,
+    /// Each fault's window and scope.
+    windows: Vec<Window>,
+    /// Set by `inject`: the scope of the fault it just made, and its end when it
+    /// goes on after `inject` returns (the hostile burst).
+    scope: Scope,
+    ends_at: Option<Instant>,
 }
 
 struct World {
     store: Store,
     nodes: [Node; 2],
     hostile: Arc<HostileSwitch>,
+    /// Each node's fault proxy to Redis (one Redis only).
+    proxies: Vec<Proxy>,
+    /// When each sealed paper is sealed: a partition brings one forward.
+    seals: Arc<Mutex<HashMap<usize, Instant>>>,
 }
 
 /// Runs faults until `until`, one at a time; leaves everything running and
 /// every injected key restored.
 fn run_faults(world: &mut World, seed: u64, kinds: Vec<usize>, until: Instant, started: Instant) -> FaultLog {
     let mut rng = Rng::new(seed, 1);
-    let mut log =
-        FaultLog { counts: [0; FAULTS.len()], timeline: Vec::new(), broken_papers: Vec::new(), crashes: Vec::new() };
+    let mut log = FaultLog {
+        counts: [0; FAULTS.len()],
+        timeline: Vec::new(),
+        broken_papers: Vec::new(),
+        crashes: Vec::new(),
+        windows: Vec::new(),
+        scope: Scope::Everything,
+        ends_at: None,
+    };
     let mut round: Vec<usize> = Vec::new();
     let mut corrupt = 0;
     while Instant::now() < until {
@@ -1260,9 +1456,16 @@ fn run_faults(world: &mut World, seed: u64, kinds: Vec<usize>, until: Instant, s
         restart_crashed(world, &mut log, started);
         let kind = round.pop().unwrap();
         let at = started.elapsed().as_millis();
-        let what = inject(world, kind, &mut rng, &mut log, &mut corrupt);
+        let from = Instant::now();
+        (log.scope, log.ends_at) = (Scope::Everything, None);
+        let mut what = inject(world, kind, &mut rng, &mut log, &mut corrupt);
+        if world.store.is_cluster() && kind != 8 {
+            what.push_str(&world.store.steady());
+        }
+        let to = log.ends_at.unwrap_or_else(Instant::now);
+        log.windows.push(Window { from, to, scope: log.scope });
         log.counts[kind] += 1;
-        log.timeline.push(format!("{at} ms: {}{what}", FAULTS[kind]));
+        log.timeline.push(format!("{at} ms: {}{what} [{:?}]", FAULTS[kind], log.scope));
     }
     world.store.settle();
     restart_crashed(world, &mut log, started);
@@ -1282,6 +1485,8 @@ fn restart_crashed(world: &mut World, log: &mut FaultLog, started: Instant) {
                 .rposition(|l| l.contains("panicked at"))
                 .map_or(String::new(), |i| format!(": {}", tail[i..(i + 2).min(tail.len())].join(" ").trim()));
             log.crashes.push(format!("node {} exited by itself ({status}) before {at} ms{why}", node.id));
+            let k = NODE_IDS.iter().position(|id| *id == node.id).unwrap_or(0);
+            log.windows.push(Window { from: started, to: Instant::now(), scope: Scope::Node(k) });
             log.timeline.push(format!("{at} ms: node {} found exited ({status}), started again", node.id));
             node.child = None;
             node.spawn();
@@ -1295,6 +1500,7 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
     match kind {
         0 => {
             let k = rng.below(2) as usize;
+            log.scope = Scope::Node(k);
             world.nodes[k].kill();
             thread::sleep(rng.between_ms(200, 2000));
             world.nodes[k].spawn();
@@ -1302,12 +1508,14 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
         }
         1 => {
             let server = world.store.pick(rng);
+            log.scope = world.store.scope(server);
             let down = rng.between_ms(100, 1500);
             let restarted = world.store.kill_and_restart(server, down);
             format!("{}{restarted}", world.store.which(server))
         }
         2 | 3 => {
             let server = world.store.pick(rng);
+            log.scope = world.store.scope(server);
             let (port, on) = (world.store.port(server), world.store.which(server));
             let kind = if kind == 2 { "normal" } else { "pubsub" };
             let mut cmd = redis::cmd("CLIENT");
@@ -1324,6 +1532,7 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
             let name = ["rp-writer", "rp-loader", "rp-relay"][rng.below(3) as usize];
             // On a Cluster, the loader's connections (the cluster client's) carry no name.
             let server = world.store.pick(rng);
+            log.scope = world.store.scope(server);
             let on = world.store.which(server);
             match kill_named(world.store.port(server), name) {
                 Ok(0) => format!(": none named {name}{on} (the server does not name them)"),
@@ -1333,6 +1542,7 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
         }
         5 => {
             let server = world.store.pick(rng);
+            log.scope = world.store.scope(server);
             let on = world.store.which(server);
             match redis_pid(world.store.port(server)) {
                 Ok(pid) if pid > 0 => {
@@ -1347,6 +1557,7 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
         }
         6 => {
             let p = rng.below(PAPERS as u64) as usize;
+            log.scope = Scope::Paper(p);
             let key = notes_key(&paper_name(p));
             // The paper's tag keeps the key aside on its master (a script's keys share a slot).
             let aside = format!("{key}:aside");
@@ -1384,13 +1595,51 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
             // Not waited for: other faults may come while the hostile client goes on.
             let burst = BURSTS[rng.below(BURSTS.len() as u64) as usize];
             let lasts = rng.between_ms(2000, 6000);
+            log.scope = Scope::Paper(PAPERS);
+            log.ends_at = Some(Instant::now() + lasts);
             let mut switch = world.hostile.burst.lock().unwrap();
             let serial = switch.map_or(1, |(_, _, serial)| serial + 1);
             *switch = Some((burst, Instant::now() + lasts, serial));
             format!(" ({burst:?} for {lasts:?})")
         }
+        9..=11 => {
+            let k = rng.below(2) as usize;
+            log.scope = Scope::Node(k);
+            let Some(proxy) = world.proxies.get(k) else { return ": no proxy (a Cluster)".into() };
+            let held = rng.between_ms(1000, 4000);
+            let what = match kind {
+                9 => {
+                    proxy.set(Mode::Cut);
+                    format!(" (node {}) for {held:?}{}", NODE_IDS[k], seal_now(&world.seals))
+                }
+                10 => {
+                    let delay = rng.between_ms(20, 200);
+                    proxy.set(Mode::Delay(delay));
+                    format!(" (node {}, {delay:?} a read) for {held:?}", NODE_IDS[k])
+                }
+                _ => {
+                    let direction = if rng.chance(50) { Direction::Up } else { Direction::Down };
+                    proxy.set_direction(direction, Mode::BlackHole);
+                    format!(" (node {}, {direction:?}) for {held:?}{}", NODE_IDS[k], seal_now(&world.seals))
+                }
+            };
+            thread::sleep(held);
+            // A half-open link ends as TCP ends it: the connection resets. Passing
+            // bytes again on it would be a link that loses bytes mid-stream.
+            if kind == 11 {
+                proxy.set(Mode::Cut);
+            }
+            proxy.set(Mode::Pass);
+            what
+        }
+        12 | 13 => {
+            let (what, scope) = world.store.fail_over(rng, kind == 13);
+            log.scope = scope;
+            what
+        }
         _ => {
             let p = rng.below(PAPERS as u64) as usize;
+            log.scope = Scope::Paper(p);
             *corrupt += 1;
             let id = format!("x-corrupt-{corrupt}");
             let value: Vec<u8> = match *corrupt % 3 {
@@ -1406,6 +1655,22 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
                 Err(e) => format!(": failed ({e})"),
             }
         }
+    }
+}
+
+/// Brings the seal of one planned paper forward to now (a seal during a
+/// partition), if one is still to come.
+fn seal_now(seals: &Mutex<HashMap<usize, Instant>>) -> String {
+    let now = Instant::now();
+    let mut seals = seals.lock().unwrap();
+    let mut planned: Vec<(&usize, &mut Instant)> = seals.iter_mut().filter(|(_, at)| **at > now).collect();
+    planned.sort_by_key(|(p, _)| **p);
+    match planned.into_iter().next() {
+        Some((p, at)) => {
+            *at = now;
+            format!(", {} sealed meanwhile", paper_name(*p))
+        }
+        None => String::new(),
     }
 }
 
@@ -1453,7 +1718,13 @@ fn kinds_from_env() -> Vec<usize> {
             .collect(),
         Err(_) => (0..FAULTS.len()).collect(),
     };
-    assert!(!kinds.is_empty(), "RP_CHAOS_FAULTS names no fault");
+    // The proxy faults need one Redis; failovers need a Cluster with replicas.
+    let cluster = redis_from_env() == "cluster";
+    let kinds: Vec<usize> = kinds
+        .into_iter()
+        .filter(|k| if cluster { !PROXY_FAULTS.contains(k) } else { !FAILOVER_FAULTS.contains(k) })
+        .collect();
+    assert!(!kinds.is_empty(), "RP_CHAOS_FAULTS names no fault that applies to this Redis");
     kinds
 }
 
@@ -1525,12 +1796,33 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
     let started = Instant::now();
     let store = Store::start(&kind);
     if let Store::Cluster { holds, .. } = &store {
-        eprintln!("chaos: the Cluster's masters: {}", holds.join("; "));
+        eprintln!("chaos: the Cluster's servers: {}", holds.join("; "));
     }
     let kinds = kinds_from_env();
     let url = store.url();
-    let args: Vec<String> = Vec::new();
-    let nodes = [Node::start(NODE_IDS[0], &url, &args, &env), Node::start(NODE_IDS[1], &url, &args, &env)];
+    // Tiny tombstone limits for some runs, so that the horizon races the edits.
+    let mut rng = Rng::new(seed, 2);
+    let mut args: Vec<String> = match rng.below(3) {
+        0 => vec!["--max-tombstones".into(), (1 + rng.below(3)).to_string()],
+        1 => vec!["--tombstone-retention".into(), (1 + rng.below(3)).to_string()],
+        _ => Vec::new(),
+    };
+    if store.is_cluster() {
+        // A batch counts as written once the shard's replica has it: what keeps
+        // `saved` through a master killed and replaced by its replica.
+        args.extend(["--redis-wait-replicas".to_string(), "1".to_string()]);
+    }
+    eprintln!("chaos: nodes started with {args:?}");
+    // On one Redis each node reaches it through a fault proxy of its own.
+    let proxies: Vec<Proxy> = match &store {
+        Store::Single(redis) => (0..2).map(|_| Proxy::start(redis.port)).collect(),
+        Store::Cluster { .. } => Vec::new(),
+    };
+    let urls: Vec<String> = match proxies.is_empty() {
+        true => vec![url.clone(), url.clone()],
+        false => proxies.iter().map(Proxy::redis_url).collect(),
+    };
+    let nodes = [Node::start(NODE_IDS[0], &urls[0], &args, &env), Node::start(NODE_IDS[1], &urls[1], &args, &env)];
     let ports = [nodes[0].port, nodes[1].port];
     for port in ports {
         let until = Instant::now() + Duration::from_secs(20);
@@ -1540,7 +1832,8 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
         }
     }
     let hostile = Arc::new(HostileSwitch::default());
-    let mut world = World { store, nodes, hostile: hostile.clone() };
+    let seals: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
+    let mut world = World { store, nodes, hostile: hostile.clone(), proxies, seals: seals.clone() };
 
     // Which papers are sealed, and when.
     let mut rng = Rng::new(seed, 0);
@@ -1551,13 +1844,14 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
         sealers.entry(rng.below(PAPERS as u64) as usize).or_insert(Instant::now() + at);
     }
     let target = world.store.target();
-    let shared = Arc::new(Shared { ports, stop: AtomicBool::new(false), target: target.clone() });
+    *seals.lock().unwrap() = sealers.clone();
+    let shared = Arc::new(Shared { ports, stop: AtomicBool::new(false), target: target.clone(), seals });
     let clients: Vec<_> = (0..CLIENTS)
         .map(|index| {
             let paper = index % PAPERS;
             // The first client of a paper seals it; a paper's clients sit on both nodes.
-            let seal_at = (index < PAPERS).then(|| sealers.get(&paper).copied()).flatten();
-            let plan = ClientPlan { index, paper, home: (index / PAPERS + index) % 2, seed, seal_at, hostile: None };
+            let sealer = index < PAPERS && sealers.contains_key(&paper);
+            let plan = ClientPlan { index, paper, home: (index / PAPERS + index) % 2, seed, sealer, hostile: None };
             let shared = shared.clone();
             thread::spawn(move || run_client(plan, shared))
         })
@@ -1567,7 +1861,7 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
                 paper: PAPERS + h,
                 home: h % 2,
                 seed,
-                seal_at: None,
+                sealer: false,
                 hostile: Some(hostile.clone()),
             };
             let shared = shared.clone();
@@ -1619,11 +1913,18 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
             for p in 0..ALL_PAPERS {
                 let paper = paper_name(p);
                 let stored = live_in_redis(&world.store, &paper);
+                // A sealed paper's hash is its stream entry (check_sealed): a node
+                // serving the hash and the seal serves the paper exactly as sealed.
+                let sealed = seal_in_redis(&world.store, &paper).0;
                 for (k, port) in ports.iter().enumerate() {
-                    let view = node_view(*port, &paper);
-                    if view.as_ref() != Some(&stored) {
-                        let shown = view.map_or("no answer".to_string(), |v| diff(&v, &stored));
-                        differ.push(format!("node {} serves {paper} unlike Redis: {shown}", NODE_IDS[k]));
+                    match node_view(*port, &paper) {
+                        Some((completed, view)) if view == stored && completed == sealed => {}
+                        Some((completed, view)) => differ.push(format!(
+                            "node {} serves {paper} unlike Redis (completed {completed}, in Redis {sealed}): {}",
+                            NODE_IDS[k],
+                            diff(&view, &stored)
+                        )),
+                        None => differ.push(format!("node {} serves {paper} unlike Redis: no answer", NODE_IDS[k])),
                     }
                 }
             }
@@ -1695,6 +1996,8 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
     }
     let edits: Vec<&Edit> = logs.iter().flat_map(|l| l.edits.iter()).collect();
     let mut repeated = 0;
+    let (bystanders, unavailable) = check_bystanders(&world.store, &edits, &faults.windows, started);
+    violations.extend(bystanders);
     if redis_ok {
         violations.extend(check_acknowledged(&world.store, &edits));
         let (sealed_violations, again) = check_sealed(&world.store, &logs);
@@ -1753,9 +2056,13 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
         logs.iter().map(|l| l.unchecked_at_ack).sum::<u64>(),
         count(&|e| e.id.starts_with("once-") && e.saved.is_some()),
     );
+    eprintln!(
+        "chaos: refused unavailable {}, of them with no fault on their paper, node or shard (bystanders) {}",
+        unavailable.0, unavailable.1
+    );
     eprintln!("chaos: violations {} ({at_ack} found at an edit's saved)", violations.len());
+    eprintln!("chaos: fault timeline:\n  {}", faults.timeline.join("\n  "));
     if !violations.is_empty() {
-        eprintln!("chaos: fault timeline:\n  {}", faults.timeline.join("\n  "));
         for node in &world.nodes {
             eprintln!("chaos: node {} log tail:\n  {}", node.id, node.log_tail(20).join("\n  "));
         }
@@ -1856,6 +2163,47 @@ fn check_acknowledged(store: &Store, edits: &[&Edit]) -> Vec<String> {
         }
     }
     violations
+}
+
+/// Bystanders are never refused `unavailable` (PROTOCOL.md 3.3: the backlog is
+/// full or the paper cannot be written; one paper's refused writes never hold up
+/// another's, and a Cluster shard's failover never the other shards'). An edit
+/// refused `unavailable` is a bystander when no fault that could hold it up
+/// overlapped the time from its sending to its refusal, each fault counted from
+/// its start to `GRACE` after its end: not one Redis's (`Scope::Everything`),
+/// nor one of its paper, of the node it was sent through, or of its paper's
+/// shard. Returns the violations, with how many edits were refused
+/// `unavailable` and how many of them were bystanders.
+fn check_bystanders(
+    store: &Store,
+    edits: &[&Edit],
+    windows: &[Window],
+    started: Instant,
+) -> (Vec<String>, (usize, usize)) {
+    let mut violations = Vec::new();
+    let mut refused = 0;
+    for edit in edits {
+        let (Some("unavailable"), Some(at)) = (edit.error.as_deref(), edit.refused_at) else { continue };
+        refused += 1;
+        let holds = |scope: Scope| match scope {
+            Scope::Everything => true,
+            Scope::Node(k) => k == edit.node,
+            Scope::Paper(p) => p == edit.paper,
+            Scope::Shard(shard) => shard == store.shard_of_paper(edit.paper),
+        };
+        let faulted = windows.iter().any(|w| w.from <= at && edit.sent <= w.to + GRACE && holds(w.scope));
+        if !faulted {
+            violations.push(format!(
+                "{} was refused unavailable {} ms into the run, {:?} after it was sent, with no fault on its paper, \
+                 its node or its shard (a bystander)",
+                describe(edit),
+                at.duration_since(started).as_millis(),
+                at.duration_since(edit.sent)
+            ));
+        }
+    }
+    let bystanders = violations.len();
+    (violations, (refused, bystanders))
 }
 
 /// A paper's tombstone horizon in Redis (0 when it has none).
