@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -507,6 +507,8 @@ struct Node {
     child: Option<Child>,
     /// Its last log lines, for the report when a check fails.
     log: Arc<Mutex<VecDeque<String>>>,
+    /// Note writes it lost on purpose (a `fault-lose-writes` build), by its log.
+    lost_on_purpose: Arc<AtomicU64>,
 }
 
 impl Node {
@@ -519,6 +521,7 @@ impl Node {
             env: env.to_vec(),
             child: None,
             log: Default::default(),
+            lost_on_purpose: Default::default(),
         };
         node.spawn();
         node
@@ -550,6 +553,7 @@ impl Node {
         let (tx, listening) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         let log = self.log.clone();
+        let lost = self.lost_on_purpose.clone();
         let id = self.id;
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -558,6 +562,9 @@ impl Node {
                 }
                 if line.contains("listening on http://") {
                     let _ = tx.send(());
+                }
+                if line.contains("fault injection: lost ") {
+                    lost.fetch_add(1, Ordering::Relaxed);
                 }
                 let mut log = log.lock().unwrap();
                 if log.len() == 200 {
@@ -2060,6 +2067,10 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
         "chaos: refused unavailable {}, of them with no fault on their paper, node or shard (bystanders) {}",
         unavailable.0, unavailable.1
     );
+    if lose_one_in.is_some() {
+        let lost: u64 = world.nodes.iter().map(|n| n.lost_on_purpose.load(Ordering::Relaxed)).sum();
+        eprintln!("chaos: note writes the nodes lost on purpose and reported applied: {lost}");
+    }
     eprintln!("chaos: violations {} ({at_ack} found at an edit's saved)", violations.len());
     eprintln!("chaos: fault timeline:\n  {}", faults.timeline.join("\n  "));
     if !violations.is_empty() {

@@ -906,6 +906,7 @@ mod lose_on_purpose {
                 if COUNT.fetch_add(1, Ordering::Relaxed) % n != n - 1 {
                     return true;
                 }
+                log::warn!("fault injection: lost {}/{} v {} ({} ops)", writes.paper, note.id, note.v, note.ops.len());
                 for &i in &note.ops {
                     outcomes[i] = Some(Reported::Op(Outcome::Saved));
                 }
