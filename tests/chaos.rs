@@ -2193,6 +2193,7 @@ fn check_bystanders(
 ) -> (Vec<String>, (usize, usize)) {
     let mut violations = Vec::new();
     let mut refused = 0;
+    let mut excuses: BTreeMap<&str, usize> = BTreeMap::new();
     for edit in edits {
         let (Some("unavailable"), Some(at)) = (edit.error.as_deref(), edit.refused_at) else { continue };
         refused += 1;
@@ -2202,8 +2203,22 @@ fn check_bystanders(
             Scope::Paper(p) => p == edit.paper,
             Scope::Shard(shard) => shard == store.shard_of_paper(edit.paper),
         };
-        let faulted = windows.iter().any(|w| w.from <= at && edit.sent <= w.to + GRACE && holds(w.scope));
-        if !faulted {
+        let excused: Vec<Scope> = windows
+            .iter()
+            .filter(|w| w.from <= at && edit.sent <= w.to + GRACE && holds(w.scope))
+            .map(|w| w.scope)
+            .collect();
+        // What excused it, for the report: one Redis's fault excuses every paper,
+        // so that on one Redis few refusals are left to judge.
+        let by = match excused.iter().find(|s| **s != Scope::Everything) {
+            Some(Scope::Node(_)) => "its node",
+            Some(Scope::Paper(_)) => "its paper",
+            Some(_) => "its shard",
+            None if excused.is_empty() => "nothing",
+            None => "only a fault of one Redis",
+        };
+        *excuses.entry(by).or_default() += 1;
+        if excused.is_empty() {
             violations.push(format!(
                 "{} was refused unavailable {} ms into the run, {:?} after it was sent, with no fault on its paper, \
                  its node or its shard (a bystander)",
@@ -2214,6 +2229,7 @@ fn check_bystanders(
         }
     }
     let bystanders = violations.len();
+    eprintln!("chaos: refused unavailable during a fault of: {excuses:?}");
     (violations, (refused, bystanders))
 }
 
