@@ -2193,10 +2193,14 @@ fn check_bystanders(
 ) -> (Vec<String>, (usize, usize)) {
     let mut violations = Vec::new();
     let mut refused = 0;
-    let mut excuses: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut excuses: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     for edit in edits {
-        let (Some("unavailable"), Some(at)) = (edit.error.as_deref(), edit.refused_at) else { continue };
-        refused += 1;
+        // `write_failed` is only reported (what excused it), never judged here.
+        let (Some(code @ ("unavailable" | "write_failed")), Some(at)) = (edit.error.as_deref(), edit.refused_at) else {
+            continue;
+        };
+        let judged = code == "unavailable";
+        refused += usize::from(judged);
         let holds = |scope: Scope| match scope {
             Scope::Everything => true,
             Scope::Node(k) => k == edit.node,
@@ -2217,8 +2221,8 @@ fn check_bystanders(
             None if excused.is_empty() => "nothing",
             None => "only a fault of one Redis",
         };
-        *excuses.entry(by).or_default() += 1;
-        if excused.is_empty() {
+        *excuses.entry((code, by)).or_default() += 1;
+        if judged && excused.is_empty() {
             violations.push(format!(
                 "{} was refused unavailable {} ms into the run, {:?} after it was sent, with no fault on its paper, \
                  its node or its shard (a bystander)",
@@ -2229,7 +2233,7 @@ fn check_bystanders(
         }
     }
     let bystanders = violations.len();
-    eprintln!("chaos: refused unavailable during a fault of: {excuses:?}");
+    eprintln!("chaos: refused (code, during a fault of): {excuses:?}");
     (violations, (refused, bystanders))
 }
 
