@@ -509,6 +509,8 @@ struct Node {
     log: Arc<Mutex<VecDeque<String>>>,
     /// Note writes it lost on purpose (a `fault-lose-writes` build), by its log.
     lost_on_purpose: Arc<AtomicU64>,
+    /// Its first `ERROR` lines (a paper's writes failed, ...), for the report.
+    errors: Arc<Mutex<Vec<String>>>,
 }
 
 impl Node {
@@ -522,6 +524,7 @@ impl Node {
             child: None,
             log: Default::default(),
             lost_on_purpose: Default::default(),
+            errors: Default::default(),
         };
         node.spawn();
         node
@@ -554,6 +557,7 @@ impl Node {
         let stderr = child.stderr.take().unwrap();
         let log = self.log.clone();
         let lost = self.lost_on_purpose.clone();
+        let errors = self.errors.clone();
         let id = self.id;
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -565,6 +569,12 @@ impl Node {
                 }
                 if line.contains("fault injection: lost ") {
                     lost.fetch_add(1, Ordering::Relaxed);
+                }
+                if line.contains(" ERROR ") {
+                    let mut errors = errors.lock().unwrap();
+                    if errors.len() < 40 {
+                        errors.push(line.clone());
+                    }
                 }
                 let mut log = log.lock().unwrap();
                 if log.len() == 200 {
@@ -2073,6 +2083,12 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
     }
     eprintln!("chaos: violations {} ({at_ack} found at an edit's saved)", violations.len());
     eprintln!("chaos: fault timeline:\n  {}", faults.timeline.join("\n  "));
+    for node in &world.nodes {
+        let errors = node.errors.lock().unwrap();
+        if !errors.is_empty() {
+            eprintln!("chaos: node {} logged errors (the first 40):\n  {}", node.id, errors.join("\n  "));
+        }
+    }
     if !violations.is_empty() {
         for node in &world.nodes {
             eprintln!("chaos: node {} log tail:\n  {}", node.id, node.log_tail(20).join("\n  "));
@@ -2222,6 +2238,13 @@ fn check_bystanders(
             None => "only a fault of one Redis",
         };
         *excuses.entry((code, by)).or_default() += 1;
+        if !judged {
+            eprintln!(
+                "chaos: write_failed: {} {} ms into the run, during {excused:?}",
+                describe(edit),
+                at.duration_since(started).as_millis()
+            );
+        }
         if judged && excused.is_empty() {
             violations.push(format!(
                 "{} was refused unavailable {} ms into the run, {:?} after it was sent, with no fault on its paper, \
