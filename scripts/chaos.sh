@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Runs the chaos test (tests/chaos.rs) for longer than `cargo test` does: two
-# clustered nodes and one Redis under random faults (nodes and Redis killed,
-# Redis paused, its connections dropped, a paper's key broken, corrupt values),
-# then checks that every edit confirmed as saved is in Redis and that nodes,
-# clients and Redis agree. A failure prints its seed: run again with --seed to
-# replay the same choices (timing still varies).
+# clustered nodes under random faults (nodes and Redis killed, Redis paused, its
+# connections dropped, a paper's key broken, corrupt values, a hostile client;
+# on one Redis, a node cut from Redis, a slow or half-open link through a fault
+# proxy; on a Redis Cluster with replicas, masters failed over), then checks
+# that every edit confirmed as saved is in Redis (read back at its saved and at
+# the end), that no bystander paper was refused `unavailable`, and that nodes,
+# clients, stream entries and Redis agree. A failure prints its seed: run again
+# with --seed to replay the same choices (timing still varies).
 #
 #   scripts/chaos.sh [--seed N] [--duration SECONDS] [--faults 0,2,5] [--redis single|cluster]
 #
 # --duration defaults to 600 seconds of faults; --faults limits the fault kinds
 # to those numbered (see FAULTS in tests/chaos.rs). --redis cluster runs it on a
-# Redis Cluster of three masters instead of one Redis (RP_CHAOS_REDIS=cluster):
-# each Redis fault hits one master. Needs redis-server (and redis-cli for a Cluster).
+# Redis Cluster of three masters with a replica each (RP_CHAOS_REDIS=cluster):
+# each Redis fault hits one shard. Needs redis-server (and redis-cli for a Cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -27,7 +30,7 @@ while (($#)); do
         --duration) duration="$2"; shift 2 ;;
         --faults) faults="$2"; shift 2 ;;
         --redis) redis="$2"; shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "chaos.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done

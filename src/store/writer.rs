@@ -552,6 +552,8 @@ impl Writer {
     /// of it counts as written.
     fn try_write(&mut self, batch: &[Queued], outcomes: &mut [Option<Reported>]) -> redis::RedisResult<()> {
         let Plan { papers, relays } = Plan::of(batch, |i| outcomes[i].is_some());
+        #[cfg(feature = "fault-lose-writes")]
+        let papers = lose_on_purpose::some_notes(papers, outcomes);
         let now = now_ms();
         let mut pipe = redis::pipe();
         let mut commands = 0;
@@ -865,4 +867,52 @@ pub(super) fn unexpected(reply: Option<redis::RedisResult<Value>>) -> redis::Red
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Test builds only (`--features fault-lose-writes`, never in the shipped
+/// binary): with `RP_FAULT_LOSE_ONE_IN=N`, one note write in N is left out of
+/// its script call and reported applied all the same, so that the chaos checker
+/// can prove it sees a `saved` edit that Redis never got.
+#[cfg(feature = "fault-lose-writes")]
+mod lose_on_purpose {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    use super::{Outcome, Reported};
+    use crate::store::batch::PaperWrites;
+
+    fn one_in() -> u64 {
+        static ONE_IN: OnceLock<u64> = OnceLock::new();
+        *ONE_IN.get_or_init(|| {
+            let n = std::env::var("RP_FAULT_LOSE_ONE_IN").ok().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+            if n > 0 {
+                log::warn!("fault injection: one note write in {n} is lost and reported applied");
+            }
+            n
+        })
+    }
+
+    pub(super) fn some_notes<'a>(
+        mut papers: Vec<PaperWrites<'a>>,
+        outcomes: &mut [Option<Reported>],
+    ) -> Vec<PaperWrites<'a>> {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let n = one_in();
+        if n == 0 {
+            return papers;
+        }
+        for writes in &mut papers {
+            writes.notes.retain(|note| {
+                if COUNT.fetch_add(1, Ordering::Relaxed) % n != n - 1 {
+                    return true;
+                }
+                log::warn!("fault injection: lost {}/{} v {} ({} ops)", writes.paper, note.id, note.v, note.ops.len());
+                for &i in &note.ops {
+                    outcomes[i] = Some(Reported::Op(Outcome::Saved));
+                }
+                false
+            });
+        }
+        papers
+    }
 }
