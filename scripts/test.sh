@@ -41,6 +41,12 @@ step "cargo test" cargo test --all-targets --features load
 # cargo test ran 45 s of the chaos test on one Redis; the same checks on a Cluster.
 step "30 s of the chaos test on a Redis Cluster of three masters" \
     env RP_CHAOS_REDIS=cluster RP_CHAOS_SECONDS=30 cargo test --features load --test main chaos:: -- --nocapture
+# The checker must be able to fail: a build that loses 1 in 100 saved writes on
+# purpose (the fault-lose-writes feature, in a target directory of its own so
+# that no other step runs that binary) has to be caught.
+step "the chaos checker catches a server that loses 1 in 100 saved writes" \
+    env CARGO_TARGET_DIR=target/fault-lose-writes \
+    cargo test --features load,fault-lose-writes --test main chaos::the_checker_catches_lost_writes -- --nocapture
 step "the systemd unit's hardening" bash scripts/unit-test.sh
 step "a 30-second soak run (memory, descriptors, papers and Redis stay flat)" bash scripts/soak.sh --duration 30
 step "third-party clients (Python websockets, Node ws)" bash scripts/interop.sh

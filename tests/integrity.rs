@@ -513,6 +513,28 @@ fn write_fails_for_one_paper(server: &Server, redis: &Redis, broken: &str, key: 
     (a, b)
 }
 
+/// Sends the upsert again (every 100 ms, a retry as a client would) while the
+/// paper answers `unavailable`, until it is accepted; waits for its `saved` and
+/// returns its version.
+fn saved_once_writable(a: &mut Member, id: &str, data: Value) -> u64 {
+    let until = deadline();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let r = format!("again{attempt}");
+        a.upsert(id, data.clone(), &r);
+        let reply = a.reply_to(&r);
+        if reply["type"] != "error" {
+            let v = version(&reply);
+            a.saved(v, &r);
+            return v;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        assert!(Instant::now() < until && attempt < 200, "the paper never accepted an edit again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_key_of_the_wrong_type_fails_one_paper_and_it_recovers() {
     let redis = Redis::start();
@@ -531,21 +553,7 @@ fn a_key_of_the_wrong_type_fails_one_paper_and_it_recovers() {
     });
 
     run(&redis, &["DEL", &notes_key("pa")]);
-    let until = deadline();
-    let mut attempt = 0;
-    let v = loop {
-        attempt += 1;
-        let r = format!("again{attempt}");
-        a.upsert("n3", json!({"t": 4}), &r);
-        let reply = a.reply_to(&r);
-        if reply["type"] != "error" {
-            break version(&reply);
-        }
-        assert_eq!(reply["code"], "unavailable", "{reply}");
-        assert!(Instant::now() < until && attempt < 200, "pa never accepted an edit again");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    a.saved(v, &format!("again{attempt}"));
+    let v = saved_once_writable(&mut a, "n3", json!({"t": 4}));
     assert_eq!(redis.note("pa", "n3"), Some(json!({"author": "a", "data": {"t": 4}, "v": v})));
 
     // The correction: a full snapshot replaced what the member held, so its view
@@ -583,21 +591,7 @@ fn a_paper_that_can_be_read_but_not_written_stays_unavailable_until_it_can_be_wr
     assert!(!a.seen.iter().any(|m| m["type"] == "snapshot"), "taken back while unwritable: {:?}", a.seen);
 
     run(&redis, &["DEL", tombstones]);
-    let until = deadline();
-    let mut attempt = 0;
-    let v = loop {
-        attempt += 1;
-        let r = format!("again{attempt}");
-        a.upsert("n5", json!({"t": 6}), &r);
-        let reply = a.reply_to(&r);
-        if reply["type"] != "error" {
-            break version(&reply);
-        }
-        assert_eq!(reply["code"], "unavailable", "{reply}");
-        assert!(Instant::now() < until && attempt < 200, "pt never accepted an edit again");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    a.saved(v, &format!("again{attempt}"));
+    saved_once_writable(&mut a, "n5", json!({"t": 6}));
     assert!(!a.seen.iter().any(|m| m["type"] == "error" && m["code"] == "write_failed" && m["ref"] != "r1"));
     stops_cleanly(server);
 }

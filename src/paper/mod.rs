@@ -496,6 +496,29 @@ impl Paper {
         true
     }
 
+    /// Takes a live note out, keeping no tombstone: Redis does not hold it
+    /// (another node deleted it), and what Redis holds of it comes back by the
+    /// relay or a read, at its own versions. Returns the version it had.
+    pub fn forget_live(&mut self, id: &Arc<str>) -> Option<u64> {
+        let v = self.notes.get(id).filter(|n| n.data.is_some())?.v;
+        self.notes.remove(id);
+        self.live -= 1;
+        Some(v)
+    }
+
+    /// As `apply`, for a note Redis holds live (read from it, or relayed by the
+    /// write script that applied it): one this paper does not have is taken
+    /// whatever its version. This node's horizon is its own (its own tombstones
+    /// dropped), and may be past a note another node wrote while this one was
+    /// away; Redis, where every write is judged, took it.
+    pub fn apply_held(&mut self, edit: Edit) -> bool {
+        if edit.note.data.is_some() && !self.notes.contains_key(&edit.id) {
+            self.store_note(edit.id, edit.note);
+            return true;
+        }
+        self.apply(edit)
+    }
+
     /// Puts a note in place, keeping the counts, tombstones and floor right.
     fn store_note(&mut self, id: Arc<str>, note: Note) {
         let edit = Edit { id, note };

@@ -57,7 +57,8 @@ impl EventLoop {
                 let id: Arc<str> = Arc::from(id);
                 let note =
                     Note { author: Arc::from(author), data: Some(Arc::from(data.as_str())), v, node, fields: None };
-                if !paper.apply(Edit { id: id.clone(), note }) {
+                // Relayed only once Redis applied it: it is there.
+                if !paper.apply_held(Edit { id: id.clone(), note }) {
                     return;
                 }
                 // Fields patched after this upsert kept their values here: members
@@ -157,7 +158,7 @@ impl EventLoop {
             let edit = Edit { id: Arc::from(id), note };
             let (v, data, author) = (edit.note.v, edit.note.data.clone(), edit.note.author.clone());
             let id = edit.id.clone();
-            if !paper.apply(edit) {
+            if !paper.apply_held(edit) {
                 continue;
             }
             let (kind, bytes) = match &data {

@@ -207,7 +207,7 @@ impl EventLoop {
             if let Some(paper) = self.papers.paper_mut(&w.paper) {
                 paper.unwritten = paper.unwritten.saturating_sub(1);
             }
-            if let (Outcome::Gone, Some(note)) = (w.outcome, &w.note) {
+            if let (Outcome::Gone | Outcome::BelowHorizon, Some(note)) = (w.outcome, &w.note) {
                 self.on_gone(&w.paper, note);
             }
             let (key, serial) = (w.origin.conn, w.origin.serial);
@@ -232,6 +232,7 @@ impl EventLoop {
                 Outcome::Sealed => self.refuse(key, &Refusal::from(ErrorCode::PaperCompleted).with_ref(reference)),
                 Outcome::Failed => self.refuse(key, &Refusal::from(ErrorCode::WriteFailed).with_ref(reference)),
                 Outcome::Gone => self.refuse(key, &Refusal::from(ErrorCode::NotFound).with_ref(reference)),
+                Outcome::BelowHorizon => self.refuse(key, &Refusal::from(ErrorCode::WriteFailed).with_ref(reference)),
             }
         }
         for key in touched {
@@ -255,13 +256,12 @@ impl EventLoop {
     /// note goes here too, above every version it had, and the members are told.
     fn on_gone(&mut self, paper_id: &Arc<str>, id: &Arc<str>) {
         let Some(paper) = self.papers.paper_mut(paper_id) else { return };
-        let Some(note) = paper.note(id).filter(|n| n.data.is_some()) else { return };
-        let v = note.v + 1;
-        let tombstone = Note { author: note.author.clone(), data: None, v, node: Arc::from(""), fields: None };
-        if paper.apply(Edit { id: id.clone(), note: tombstone }) {
-            let bytes = self.frame.delete(id, v, "", None);
-            self.conns.fanout(paper.members(), None, bytes, Out::Delete, &self.node.loop_metrics[self.index]);
-        }
+        // No tombstone of a made-up version is kept: it could hide the note
+        // written again elsewhere at a lower one. Members are told with the
+        // version just above the one they last saw of it.
+        let Some(v) = paper.forget_live(id) else { return };
+        let bytes = self.frame.delete(id, v + 1, "", None);
+        self.conns.fanout(paper.members(), None, bytes, Out::Delete, &self.node.loop_metrics[self.index]);
     }
 
     /// Redis sealed a paper: every member's view is replaced by the sealed notes.

@@ -224,6 +224,12 @@ pub enum Outcome {
     /// A patch of a note Redis holds deleted: a delete made on another node got
     /// there first, and its relayed message corrects the members. `not_found`.
     Gone,
+    /// An upsert of a note Redis does not hold, at or below the paper's horizon
+    /// (PROTOCOL.md 4, 1.1: never applied, as it could bring back a note deleted
+    /// and dropped; a write made on a node cut from Redis while another node's
+    /// deletes raised the horizon). `write_failed`, and the members are
+    /// corrected; the paper itself is writable, so it goes on.
+    BelowHorizon,
 }
 
 /// An op's outcome, reported back to the loop that made it.

@@ -33,6 +33,9 @@ pub enum RelayCmd {
 /// Nodes remembered as declared gone, to notice one coming back; past it the
 /// oldest memory is dropped (a node back after that long is not mended).
 const MAX_GONE_REMEMBERED: usize = 1024;
+/// How long the papers held are tried to be read again after the subscription
+/// came back.
+const MERGE_PATIENCE: Duration = Duration::from_secs(30);
 
 pub struct Relay {
     endpoint: Endpoint,
@@ -199,9 +202,14 @@ impl Relay {
         if self.sessions > 1 {
             // Whatever was published while the subscription was down is in Redis:
             // every paper held is read again and merged (PROTOCOL.md 2: by version).
+            // Tried until MERGE_PATIENCE: the loader's connection may have gone
+            // with the subscription's (a half-open link costs a read its I/O
+            // timeout), and a paper not read again would miss those changes for
+            // good. A longer outage ends this subscription too, and the next one
+            // reads everything again.
             for paper in &self.papers {
                 let owner = self.loops.owner_of(paper);
-                let deadline = Instant::now() + IO_TIMEOUT;
+                let deadline = Instant::now() + MERGE_PATIENCE;
                 let request =
                     LoadRequest { paper: paper.clone(), purpose: LoadPurpose::Merge, loop_index: owner, deadline };
                 let _ = self.loads.send(request);

@@ -58,7 +58,8 @@ const READABLE: &str = include_str!("scripts/readable.lua");
 /// note's version as its node held it, 0 for a whole write). Returns one code
 /// per write: 1 applied, 2 superseded (Redis holds a later version, or this
 /// one), 3 refused because the paper is sealed, 4 refused because it is at or
-/// below the horizon and the note is not there, 5 a patch of a note Redis holds
+/// below the horizon and the note is not there (a delete of it is 2: the note is
+/// gone either way), 5 a patch of a note Redis holds
 /// deleted (or does not hold, while the version its node held is at or below
 /// the horizon: its delete may have been dropped), 6 a patch of a note that is
 /// not there or cannot be read.
@@ -663,7 +664,9 @@ impl Writer {
                             relayed += u64::from(code == Value::Int(1) && !relay.is_empty());
                             let reported = match code {
                                 Value::Int(3) => Reported::Op(Outcome::Sealed),
-                                Value::Int(4) => Reported::Failed("at or below the tombstone horizon".into()),
+                                // Not applied, and nothing is wrong with the paper: its
+                                // sender is told, its members corrected.
+                                Value::Int(4) => Reported::Op(Outcome::BelowHorizon),
                                 // Deleted meanwhile (another node's delete got there first).
                                 Value::Int(5) => Reported::Op(Outcome::Gone),
                                 Value::Int(6) => {

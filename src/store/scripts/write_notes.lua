@@ -307,8 +307,9 @@ for i = 5, #ARGV, 7 do
     end
   elseif v <= horizon then
     -- Below the horizon, a note that is not there may have been dropped: a
-    -- write could bring it back.
-    code = 4
+    -- write could bring it back. A delete of it changes nothing: the note is
+    -- gone either way (2).
+    if is_tombstone(value) then code = 2 else code = 4 end
   end
   if code == 1 then
     if merged then
