@@ -146,6 +146,9 @@ pub struct Paper {
     /// Edits handed to the store and not yet confirmed written. While any are,
     /// the paper stays in memory: reading it back from storage would miss them.
     pub unwritten: usize,
+    /// Notes with such edits of this node, and how many: this node's view of
+    /// them may be ahead of Redis's (a delete whose tombstone it dropped already).
+    unwritten_notes: HashMap<Arc<str>, u32>,
     /// When the last member left; the registry drops the paper some time after.
     pub empty_since: Option<Instant>,
     /// Where the paper stands with Redis.
@@ -209,6 +212,7 @@ impl Paper {
             members: Vec::new(),
             remote: stored.remote_members,
             unwritten: 0,
+            unwritten_notes: HashMap::new(),
             empty_since: Some(Instant::now()),
             health: Health::Writable,
         }
@@ -496,6 +500,24 @@ impl Paper {
         true
     }
 
+    /// An edit of this note was handed to the store.
+    pub fn awaits_write(&mut self, id: &Arc<str>) {
+        self.unwritten += 1;
+        *self.unwritten_notes.entry(id.clone()).or_default() += 1;
+    }
+
+    /// The store reported an edit of this paper (of `note`, if of a note).
+    pub fn written(&mut self, note: Option<&Arc<str>>) {
+        self.unwritten = self.unwritten.saturating_sub(1);
+        let Some(id) = note else { return };
+        if let Some(count) = self.unwritten_notes.get_mut(id) {
+            *count -= 1;
+            if *count == 0 {
+                self.unwritten_notes.remove(id);
+            }
+        }
+    }
+
     /// Takes a live note out, keeping no tombstone: Redis does not hold it
     /// (another node deleted it), and what Redis holds of it comes back by the
     /// relay or a read, at its own versions. Returns the version it had.
@@ -511,8 +533,13 @@ impl Paper {
     /// whatever its version. This node's horizon is its own (its own tombstones
     /// dropped), and may be past a note another node wrote while this one was
     /// away; Redis, where every write is judged, took it.
+    ///
+    /// Not for a note with an edit of this node not yet written: it may be a
+    /// delete whose tombstone this node dropped, and Redis, not having it yet,
+    /// still holds the note; that note waits for the delete, as `apply` judges.
     pub fn apply_held(&mut self, edit: Edit) -> bool {
-        if edit.note.data.is_some() && !self.notes.contains_key(&edit.id) {
+        let away = !self.notes.contains_key(&edit.id) && !self.unwritten_notes.contains_key(&edit.id);
+        if edit.note.data.is_some() && away {
             self.store_note(edit.id, edit.note);
             return true;
         }

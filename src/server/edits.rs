@@ -12,7 +12,7 @@ use super::event_loop::EventLoop;
 use super::session::Relaying;
 use crate::conn::Phase;
 use crate::metrics::{In, LoopMetrics, Out};
-use crate::paper::{clock, Edit, Health, Note, StoredPaper};
+use crate::paper::{clock, Edit, Health, Note, Paper, StoredPaper};
 use crate::protocol::{self, ClientMsg, ErrorCode, Frame, Refusal};
 use crate::store::{LoadPurpose, LoadRequest, NoteValue, Op, Origin, Outcome, StoreHandle, Submitted, Written};
 
@@ -84,7 +84,7 @@ impl EventLoop {
                     reference: reference.clone(),
                     relay,
                 };
-                let submitted = hand_over(&self.store, &mut self.conns, key, &mut paper.unwritten, v, op);
+                let submitted = hand_over(&self.store, &mut self.conns, key, paper, v, op);
                 if submitted == Submitted::Full {
                     let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
                     return self.refuse(key, &refusal);
@@ -114,7 +114,7 @@ impl EventLoop {
                 let reference = reference.map(String::into_boxed_str);
                 let op =
                     Op::Cover { paper: paper_id.clone(), cover: stored, origin, reference: reference.clone(), relay };
-                let submitted = hand_over(&self.store, &mut self.conns, key, &mut paper.unwritten, v, op);
+                let submitted = hand_over(&self.store, &mut self.conns, key, paper, v, op);
                 if submitted == Submitted::Full {
                     let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
                     return self.refuse(key, &refusal);
@@ -182,7 +182,7 @@ impl EventLoop {
         let note = note_to_store(&edit.note);
         let op_ref = reference.as_deref().map(Box::from);
         let op = Op::Note { paper: paper_id, id: edit.id.clone(), note, origin, reference: op_ref, relay };
-        let submitted = hand_over(&self.store, &mut self.conns, key, &mut paper.unwritten, v, op);
+        let submitted = hand_over(&self.store, &mut self.conns, key, paper, v, op);
         if submitted == Submitted::Full {
             return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference));
         }
@@ -205,7 +205,7 @@ impl EventLoop {
         let mut touched = Vec::new();
         for w in written {
             if let Some(paper) = self.papers.paper_mut(&w.paper) {
-                paper.unwritten = paper.unwritten.saturating_sub(1);
+                paper.written(w.note.as_ref());
             }
             if let (Outcome::Gone | Outcome::BelowHorizon, Some(note)) = (w.outcome, &w.note) {
                 self.on_gone(&w.paper, note);
@@ -365,10 +365,17 @@ const PROBE_MAX: Duration = Duration::from_secs(30);
 
 /// Hands an edit's op to the store; when it waits in the backlog, the paper
 /// counts it unwritten and the member's `saved` waits for it.
-fn hand_over(store: &StoreHandle, conns: &mut Conns, key: usize, unwritten: &mut usize, v: u64, op: Op) -> Submitted {
+fn hand_over(store: &StoreHandle, conns: &mut Conns, key: usize, paper: &mut Paper, v: u64, op: Op) -> Submitted {
+    let note = match &op {
+        Op::Note { id, .. } | Op::Patch { id, .. } => Some(id.clone()),
+        _ => None,
+    };
     let submitted = store.submit(op);
     if submitted == Submitted::Queued {
-        *unwritten += 1;
+        match &note {
+            Some(id) => paper.awaits_write(id),
+            None => paper.unwritten += 1,
+        }
         if let Some(Phase::Open { membership, .. }) = conns.slab.get_mut(key).map(|c| &mut c.phase) {
             membership.unresolved.push_back(v);
         }
