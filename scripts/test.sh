@@ -38,8 +38,8 @@ step "cargo fmt --check" cargo fmt --all -- --check
 # tests/operators.rs run; the server itself never links its dependencies.
 step "cargo clippy" cargo clippy --all-targets --features load --quiet -- -D warnings
 step "cargo test" cargo test --all-targets --features load
-# cargo test ran 45 s of the chaos test on one Redis; the same checks on a Cluster.
-step "30 s of the chaos test on a Redis Cluster of three masters" \
+# cargo test ran 45 s of the chaos test on one Redis; the same checks on a Cluster with replicas.
+step "30 s of the chaos test on a Redis Cluster of three masters with a replica each" \
     env RP_CHAOS_REDIS=cluster RP_CHAOS_SECONDS=30 cargo test --features load --test main chaos:: -- --nocapture
 # The checker must be able to fail: a build that loses 1 in 100 saved writes on
 # purpose (the fault-lose-writes feature, in a target directory of its own so
