@@ -21,18 +21,6 @@ fn open_descriptors(server: &Server) -> usize {
     std::fs::read_dir(format!("/proc/{}/fd", server.pid())).map_or(0, |dir| dir.count())
 }
 
-/// A gauge or counter of `/metrics` without labels.
-fn metric(server: &Server, name: &str) -> u64 {
-    let (_, _, body) = server.get("/metrics");
-    let prefix = format!("rollingpaper_{name} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no metric {name} in /metrics"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn connect_raw(server: &Server, bytes: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(server.addr).unwrap();
     stream.write_all(bytes).unwrap();
@@ -130,7 +118,7 @@ fn ping_frames_count_toward_the_rate_limit() {
     assert_eq!(code, Some(1008), "a ping flood is sustained abuse");
     // The burst, and what the rate refilled while the flood was read.
     assert!(pongs <= 10, "{pongs} pongs answered past the allowance");
-    assert!(metric(&server, "ping_frames_refused_total") > 0);
+    assert!(server.metric("ping_frames_refused_total") > 0);
 }
 
 #[test]
@@ -284,7 +272,7 @@ fn token_expiries_of_ended_sessions_are_not_kept() {
         let t = token(&format!("u{i}"), "p-exp", "writer", exp);
         server.join("p-exp", &format!("token={t}")).close();
     }
-    let entries = metric(&server, "timer_entries");
+    let entries = server.metric("timer_entries");
     assert!(entries < 150, "{entries} timer entries kept for 200 sessions that ended");
 }
 
@@ -307,7 +295,7 @@ fn reads_of_papers_nobody_holds_keep_nothing() {
         assert_eq!(status, 200);
         assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["notes"], json!([]));
     }
-    assert_eq!(metric(&server, "papers"), 0, "papers kept in memory for reads");
+    assert_eq!(server.metric("papers"), 0, "papers kept in memory for reads");
     let channels: Vec<String> =
         redis::cmd("PUBSUB").arg("CHANNELS").arg("rp:paper:*").query(&mut redis.conn()).unwrap();
     assert!(channels.is_empty(), "subscribed for reads: {channels:?}");
@@ -550,7 +538,7 @@ fn soak() {
         samples.push(Sample {
             rss_kb: rss_kb(&server),
             descriptors: open_descriptors(&server) as f64,
-            papers: metric(&server, "papers") as f64,
+            papers: server.metric("papers") as f64,
             redis_bytes: redis_used_memory(&redis),
         });
         if samples.len() % 10 == 0 {

@@ -35,18 +35,6 @@ fn rss(server: &Server) -> u64 {
     kib * 1024
 }
 
-/// A gauge or counter of `/metrics`, with its labels if any.
-fn metric(server: &Server, name: &str) -> u64 {
-    let (_, _, body) = server.get("/metrics");
-    let prefix = format!("rollingpaper_{name} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no metric {name} in /metrics"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn open_descriptors(server: &Server) -> usize {
     std::fs::read_dir(format!("/proc/{}/fd", server.pid())).map_or(0, |dir| dir.count())
 }
@@ -142,8 +130,8 @@ fn a_slow_consumers_queue_is_released_when_it_is_closed() {
         let grown = rss(&server).saturating_sub(before);
         (grown < 32 * MIB).then_some(())
     });
-    assert!(metric(&server, "output_buffer_bytes") < 4 * MIB, "output buffers kept after the close");
-    assert!(metric(&server, "snapshot_bytes_in_flight") < 8 * MIB, "more than one snapshot kept");
+    assert!(server.metric("output_buffer_bytes") < 4 * MIB, "output buffers kept after the close");
+    assert!(server.metric("snapshot_bytes_in_flight") < 8 * MIB, "more than one snapshot kept");
 }
 
 #[test]
@@ -231,7 +219,7 @@ fn never_reading_joiners_share_one_snapshot() {
     let grown = rss(&server).saturating_sub(before);
     assert!(grown <= 64 * MIB, "100 joiners that never read added {} MiB", grown / MIB);
     // One copy of the paper, whatever the number of joiners.
-    let in_flight = metric(&server, "snapshot_bytes_in_flight");
+    let in_flight = server.metric("snapshot_bytes_in_flight");
     assert!(in_flight < 12 * MIB, "{in_flight} snapshot bytes in flight");
 }
 
@@ -241,16 +229,16 @@ fn unread_paper_replies_share_one_body() {
     let server = server(&redis, &["--handshake-timeout", "60"]);
     let _writer = large_paper(&server, "p-read", MANY_NOTES);
     let before = rss(&server);
-    let answered = metric(&server, "http_responses_total{status=\"200\"}");
+    let answered = server.metric("http_responses_total{status=\"200\"}");
     let _readers: Vec<TcpStream> =
         (0..100).map(|_| connect_raw(&server, b"GET /papers/p-read HTTP/1.1\r\nHost: t\r\n\r\n")).collect();
     // Every reply is queued (the /metrics requests themselves count too).
     eventually("the 100 replies to be queued", || {
-        (metric(&server, "http_responses_total{status=\"200\"}") >= answered + 100).then_some(())
+        (server.metric("http_responses_total{status=\"200\"}") >= answered + 100).then_some(())
     });
     let grown = rss(&server).saturating_sub(before);
     assert!(grown <= 64 * MIB, "100 unread replies added {} MiB", grown / MIB);
-    let in_flight = metric(&server, "snapshot_bytes_in_flight");
+    let in_flight = server.metric("snapshot_bytes_in_flight");
     assert!(in_flight < 12 * MIB, "{in_flight} snapshot bytes in flight");
 }
 
@@ -270,11 +258,11 @@ fn snapshot_bytes_in_flight_are_bounded() {
     let (status, head, _) = server.get("/papers/p-bound");
     assert_eq!(status, 503, "{head}");
     assert!(head.contains("Retry-After"), "{head}");
-    assert!(metric(&server, "snapshot_bytes_in_flight") <= 10_000_000);
-    assert_eq!(metric(&server, "snapshots_refused_total"), 2);
+    assert!(server.metric("snapshot_bytes_in_flight") <= 10_000_000);
+    assert_eq!(server.metric("snapshots_refused_total"), 2);
     // Once the snapshot in flight is gone, joiners and readers are served again.
     drop(held);
-    eventually("the held snapshot to be released", || (metric(&server, "snapshot_bytes_in_flight") == 0).then_some(()));
+    eventually("the held snapshot to be released", || (server.metric("snapshot_bytes_in_flight") == 0).then_some(()));
     let late = server.join("p-bound", "");
     assert_eq!(late.snapshot["notes"].as_array().unwrap().len(), NOTES);
     let (status, _, body) = server.get("/papers/p-bound");
@@ -301,6 +289,6 @@ fn a_large_broadcast_is_shared_by_its_recipients() {
     writer.next_of("completed");
     let grown = rss(&server).saturating_sub(before);
     assert!(grown <= 32 * MIB, "one completed message to 20 members added {} MiB", grown / MIB);
-    let in_flight = metric(&server, "snapshot_bytes_in_flight");
+    let in_flight = server.metric("snapshot_bytes_in_flight");
     assert!(in_flight < 12 * MIB, "{in_flight} bytes in flight: the message was copied");
 }

@@ -303,6 +303,19 @@ impl Server {
         self.http(&format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n"))
     }
 
+    /// A gauge or counter of its `/metrics`, named as the text writes it (labels
+    /// included: `http_responses_total{status="200"}`).
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, _, body) = self.get("/metrics");
+        let prefix = format!("rollingpaper_{name} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no metric {name} in /metrics"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
