@@ -1,6 +1,7 @@
 //! rollingpaper: the real-time server of a rolling paper (a shared greeting card).
 //! The wire contract is PROTOCOL.md; this crate is organised as a map of it.
 
+pub mod api; // the backend API: routes, callers, bodies and answers (PROTOCOL.md 7)
 pub mod auth; // tokens and roles
 pub mod config; // every knob, its default, its flag and environment variable
 pub mod conn; // one TCP connection: HTTP request, reply or WebSocket, and its output

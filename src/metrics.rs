@@ -171,11 +171,14 @@ const CODES: [ErrorCode; 10] = [
 ];
 
 /// The close codes of PROTOCOL.md 3.3.
-const CLOSE_CODES: [u16; 8] = [1000, 1001, 1002, 1007, 1008, 1009, 1011, 1013];
+const CLOSE_CODES: [u16; 10] = [1000, 1001, 1002, 1007, 1008, 1009, 1011, 1013, 4403, 4410];
 
-/// The statuses the HTTP surface answers with (PROTOCOL.md 1, and 431 for an
-/// oversized request head).
-const STATUSES: [u16; 9] = [101, 200, 400, 401, 403, 404, 426, 431, 503];
+/// The statuses the HTTP surface answers with (PROTOCOL.md 1 and 7, and 431 for
+/// an oversized request head).
+const STATUSES: [u16; 15] = [101, 200, 204, 400, 401, 403, 404, 409, 410, 413, 426, 431, 500, 503, 504];
+
+/// The statuses a backend API call is answered with (PROTOCOL.md 7), by route.
+const API_STATUSES: [u16; 10] = [200, 204, 400, 404, 409, 410, 413, 500, 503, 504];
 
 /// One event loop's counters.
 #[derive(Default)]
@@ -201,6 +204,10 @@ pub struct LoopMetrics {
     pub closes: [AtomicU64; CLOSE_CODES.len()],
     /// HTTP answers, by status (`STATUSES`).
     pub http_responses: [AtomicU64; STATUSES.len()],
+    /// Backend API calls answered, by route (`api::Kind::ALL`) and status (`API_STATUSES`).
+    pub api_calls: [[AtomicU64; API_STATUSES.len()]; crate::api::Kind::ALL.len()],
+    /// How long API calls took, from their request to their answer.
+    pub api_latency: Histogram,
     /// Connections closed at accept: their address held its cap of unfinished heads.
     pub heads_refused: AtomicU64,
     /// Joiners (1013 `server_busy`) and reads (503) refused at the snapshot bound.
@@ -239,6 +246,13 @@ impl LoopMetrics {
     }
 
     /// Counts an HTTP answer; a status outside `STATUSES` is not counted.
+    pub fn api_call(&self, kind: crate::api::Kind, status: u16, took: Duration) {
+        if let Some(i) = API_STATUSES.iter().position(|s| *s == status) {
+            bump(&self.api_calls[kind as usize][i], 1);
+        }
+        self.api_latency.observe(took);
+    }
+
     pub fn http_response(&self, status: u16) {
         if let Some(i) = STATUSES.iter().position(|s| *s == status) {
             bump(&self.http_responses[i], 1);
@@ -383,6 +397,24 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
         "rollingpaper_load_wait_seconds",
         "Time a joiner waited for its paper to be read (until its snapshot, or its 1013 close).",
         &per_loop(&|l| &l.load_wait),
+    );
+    let mut rows = Vec::new();
+    for kind in crate::api::Kind::ALL {
+        for (i, status) in API_STATUSES.iter().enumerate() {
+            let count = sum(&|l| get(&l.api_calls[kind as usize][i]));
+            rows.push((format!("{{route=\"{}\",status=\"{status}\"}}", kind.name()), count));
+        }
+    }
+    x.rows(
+        "rollingpaper_api_requests_total",
+        "counter",
+        "Backend API calls answered (PROTOCOL.md 7), by route and status.",
+        &rows,
+    );
+    x.histogram(
+        "rollingpaper_api_request_seconds",
+        "Time from reading a backend API call to its answer (a write: until Redis holds it).",
+        &per_loop(&|l| &l.api_latency),
     );
     x.histogram(
         "rollingpaper_loop_turn_seconds",

@@ -6,7 +6,7 @@
 mod validate;
 mod values;
 
-pub use values::parse_cidr;
+pub use values::{parse_cidr, ApiKey};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -17,7 +17,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use crate::auth;
 use crate::logging::{self, Format};
 use validate::SetByUser;
-use values::{parse_jwt_secret, parse_listen, EnvBool};
+use values::{parse_api_key, parse_jwt_secret, parse_listen, EnvBool};
 
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 const DEFAULT_MAX_NOTE_BYTES: usize = 16 * 1024;
@@ -227,6 +227,35 @@ pub struct Config {
     #[arg(long, env = "RP_MAX_SNAPSHOT_BYTES_IN_FLIGHT", default_value_t = DEFAULT_MAX_SNAPSHOT_BYTES_IN_FLIGHT)]
     pub max_snapshot_bytes_in_flight: usize,
 
+    /// The backend API's key (PROTOCOL.md 7), at least 32 bytes; unset, every
+    /// `/api` route answers 404. Prefer --api-key-file, which keeps it out of `ps`.
+    #[arg(long, env = "RP_API_KEY", hide_env_values = true, value_parser = parse_api_key)]
+    pub api_key: Option<ApiKey>,
+
+    /// A file holding the backend API's key (one line; a trailing newline is
+    /// dropped), in place of --api-key.
+    #[arg(long, env = "RP_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+
+    /// Seconds an API call waits for Redis before it is answered 504 (its change
+    /// may still be written; every API write can be retried).
+    #[arg(long, env = "RP_API_TIMEOUT", default_value_t = 10.0)]
+    pub api_timeout: f64,
+
+    /// Seconds a revocation lasts when the API call names no `until`.
+    #[arg(long, env = "RP_REVOKE_RETENTION", default_value_t = 24 * 3600)]
+    pub revoke_retention: u64,
+
+    /// Seconds an erased paper's id answers 410 and takes no write (default:
+    /// --completed-retention).
+    #[arg(long, env = "RP_ERASE_RETENTION")]
+    pub erase_retention: Option<u64>,
+
+    /// An address for operators only (e.g. 127.0.0.1:9090): `/api`, `/metrics`
+    /// and `/readyz` are served there and no longer on --listen.
+    #[arg(long, env = "RP_INTERNAL_LISTEN", value_parser = parse_listen)]
+    pub internal_listen: Option<std::net::SocketAddr>,
+
     /// Adds `/echo`, a WebSocket echo endpoint on the same I/O path, for
     /// conformance tests. Never on in production.
     #[arg(long, env = "RP_ECHO", value_parser = EnvBool("RP_ECHO"))]
@@ -292,6 +321,15 @@ impl Config {
 
     pub fn load_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.load_timeout)
+    }
+
+    pub fn api_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.api_timeout)
+    }
+
+    /// How long an erase lasts (`--erase-retention`, else `--completed-retention`).
+    pub fn erase_retention(&self) -> Duration {
+        Duration::from_secs(self.erase_retention.unwrap_or(self.completed_retention))
     }
 
     pub fn paper_linger(&self) -> Duration {

@@ -64,6 +64,35 @@ impl Config {
     ///
     /// # Errors
     /// A message naming the flag and a value that works.
+    /// The API key from --api-key or --api-key-file (one of them), checked.
+    fn read_api_key(&mut self) -> Result<(), ConfigError> {
+        let err = |msg: String| Err(ConfigError(msg));
+        if self.api_key.as_ref().is_some_and(|key| key.0.is_empty()) {
+            self.api_key = None;
+        }
+        if let Some(path) = &self.api_key_file {
+            if self.api_key.is_some() {
+                return err("--api-key and --api-key-file are both set; keep one (the file keeps the key out of ps)"
+                    .to_string());
+            }
+            let text = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(e) => return err(format!(
+                    "--api-key-file (RP_API_KEY_FILE) {}: cannot read it ({e}); it must hold the API key on one line",
+                    path.display()
+                )),
+            };
+            let key = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+            self.api_key = Some(super::ApiKey(key.to_string()));
+        }
+        if self.api_key.as_ref().is_some_and(|key| key.0.len() < 32) {
+            return err("the API key (--api-key, RP_API_KEY, or --api-key-file) is shorter than 32 bytes; use a long \
+                 random key, for example the output of: openssl rand -hex 32"
+                .to_string());
+        }
+        Ok(())
+    }
+
     pub fn validate(mut self) -> Result<Self, ConfigError> {
         let err = |msg: String| Err(ConfigError(msg));
         self.derive_limits();
@@ -144,6 +173,18 @@ impl Config {
         if self.jwt_secret.as_deref().is_some_and(|key| key.secret.len() < 16) {
             return err("--jwt-secret (RP_JWT_SECRET) is shorter than 16 bytes; use a long random secret, \
                  for example the output of: openssl rand -hex 32"
+                .to_string());
+        }
+        self.read_api_key()?;
+        if !(self.api_timeout.is_finite() && self.api_timeout > 0.0) {
+            return err(format!(
+                "--api-timeout (RP_API_TIMEOUT) must be a positive number of seconds, not {}",
+                self.api_timeout
+            ));
+        }
+        if self.internal_listen.is_some_and(|internal| internal == self.listen) {
+            return err("--internal-listen (RP_INTERNAL_LISTEN) must differ from --listen: the internal listener \
+                 keeps /api, /metrics and /readyz off the public port"
                 .to_string());
         }
         self.jwt_audience = self.jwt_audience.take().map(|a| a.trim().to_string()).filter(|a| !a.is_empty());
@@ -283,6 +324,23 @@ mod tests {
         assert_eq!(c.jwt_secret.as_deref().unwrap().audience.as_deref(), Some("rollingpaper"));
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
         assert!(parse(&["--jwt-audience", "rollingpaper"]).unwrap_err().to_string().contains("--jwt-secret"));
+    }
+
+    #[test]
+    fn the_api_key_is_long_comes_from_one_place_and_is_never_shown() {
+        let key = "k".repeat(32);
+        let c = parse(&["--api-key", &key]).unwrap();
+        assert_eq!(c.api_key.as_ref().unwrap().0, key);
+        assert!(!format!("{c:?}").contains(&key));
+        assert!(parse(&["--api-key", "short"]).unwrap_err().to_string().contains("32 bytes"));
+        let dir = std::env::temp_dir().join(format!("rp-api-key-{}", std::process::id()));
+        std::fs::write(&dir, format!("{key}\n")).unwrap();
+        let file = dir.to_str().unwrap();
+        assert_eq!(parse(&["--api-key-file", file]).unwrap().api_key.unwrap().0, key);
+        assert!(parse(&["--api-key-file", file, "--api-key", &key]).unwrap_err().to_string().contains("both"));
+        std::fs::remove_file(&dir).unwrap();
+        assert!(parse(&["--api-key-file", file]).unwrap_err().to_string().contains("cannot read"));
+        assert!(parse(&["--api-timeout", "0"]).unwrap_err().to_string().contains("--api-timeout"));
     }
 
     #[test]

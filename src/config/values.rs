@@ -67,6 +67,20 @@ pub(super) fn parse_listen(text: &str) -> Result<SocketAddr, String> {
 }
 
 /// An empty secret (`RP_JWT_SECRET=` in an environment file) is no secret: auth off.
+/// The backend API's key; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(..)")
+    }
+}
+
+pub(super) fn parse_api_key(text: &str) -> Result<ApiKey, String> {
+    Ok(ApiKey(text.to_string()))
+}
+
 pub(super) fn parse_jwt_secret(text: &str) -> Result<Box<auth::Key>, String> {
     Ok(Box::new(auth::Key { secret: text.to_string(), audience: None }))
 }

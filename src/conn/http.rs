@@ -28,6 +28,13 @@ pub struct Policy {
     pub allowed_origins: Vec<String>,
     /// Serve `/echo` (`--echo`).
     pub echo: bool,
+    /// The backend API's key (`--api-key`, 1.2); without one, `/api` is 404.
+    pub api_key: Option<String>,
+    /// The largest API request body (`--max-message-bytes`).
+    pub max_body: usize,
+    /// `--internal-listen` is set: `/api`, `/metrics` and `/readyz` are served
+    /// on that listener only (PROTOCOL.md 7).
+    pub internal_listener: bool,
 }
 
 /// What a request asks for, once its head is complete.
@@ -44,6 +51,8 @@ pub enum Route {
     /// `GET /echo` with `--echo`: a WebSocket that sends back what it receives;
     /// carries the `Sec-WebSocket-Key`.
     Echo(String),
+    /// 1.2: a backend API call (PROTOCOL.md 7), authorized; its body follows.
+    Api(crate::api::Head),
     /// Everything answered right away, from the request alone.
     Reply(Reply),
 }
@@ -116,15 +125,34 @@ pub enum Parsed {
     Complete { len: usize, route: Route },
 }
 
+/// Where a request came in: the main port, or the internal listener
+/// (`--internal-listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Public,
+    Internal,
+}
+
 /// Reads a request head.
 ///
 /// # Errors
 /// The reply for a request that cannot be read (400) or is too large (431).
-pub fn parse(buf: &[u8], policy: &Policy) -> Result<Parsed, Reply> {
+pub fn parse(buf: &[u8], policy: &Policy, listener: Listener) -> Result<Parsed, Reply> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => Ok(Parsed::Complete { len, route: route(&req, policy) }),
+        Ok(httparse::Status::Complete(len)) => {
+            let mut route = route(&req, policy, listener);
+            // A HEAD is answered as its GET, but never upgrades: what a GET that
+            // passed every check gets short of 101 is the upgrade's own refusal.
+            if req.method == Some("HEAD") && matches!(route, Route::Upgrade(_) | Route::Echo(_)) {
+                route = Route::Reply(Reply {
+                    extra_headers: "Upgrade: websocket\r\n",
+                    ..Reply::text(426, "a HEAD request cannot upgrade; send GET with Upgrade: websocket")
+                });
+            }
+            Ok(Parsed::Complete { len, route })
+        }
         Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_BYTES => {
             Err(Reply::text(431, "request head too large"))
         }
@@ -134,10 +162,33 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Result<Parsed, Reply> {
     }
 }
 
-fn route(req: &httparse::Request, policy: &Policy) -> Route {
+/// Whether a request is a `HEAD`: answered as its `GET`, without the body
+/// (PROTOCOL.md 1, 1.2).
+pub fn is_head(buf: &[u8]) -> bool {
+    buf.starts_with(b"HEAD ")
+}
+
+fn route(req: &httparse::Request, policy: &Policy, listener: Listener) -> Route {
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let get = req.method == Some("GET");
+    let method = match req.method {
+        Some("HEAD") => "GET",
+        method => method.unwrap_or(""),
+    };
+    let get = method == "GET";
+    // With an internal listener, what is for operators is served there only,
+    // and the internal listener serves nothing else.
+    let internal_only = path.starts_with("/api/") || path == "/metrics" || path == "/readyz";
+    let here = match listener {
+        Listener::Internal => internal_only || path == "/healthz",
+        Listener::Public => !(policy.internal_listener && internal_only),
+    };
+    if !here {
+        return Route::Reply(Reply::text(404, "not found"));
+    }
+    if let Some(rest) = path.strip_prefix("/api/") {
+        return api(req, method, rest, policy);
+    }
     match path {
         // The body is exactly `ok` (PROTOCOL.md 1), for probes that compare it.
         "/healthz" if get => Route::Reply(Reply { body: "ok".to_string(), ..Reply::text(200, "") }),
@@ -154,6 +205,44 @@ fn route(req: &httparse::Request, policy: &Policy) -> Route {
         _ if get && path.starts_with("/papers/") && !path[8..].contains('/') => read_paper(req, &path[8..], policy),
         _ => Route::Reply(Reply::text(404, "not found")),
     }
+}
+
+/// `/api/...` (PROTOCOL.md 7): 404 until a key is configured, then the route,
+/// the ids, the caller, the body's size.
+fn api(req: &httparse::Request, method: &str, rest: &str, policy: &Policy) -> Route {
+    let Some(api_key) = &policy.api_key else { return Route::Reply(Reply::text(404, "not found")) };
+    if rest == "openapi.json" && method == "GET" {
+        return Route::Reply(page(crate::api::OPENAPI, "application/json"));
+    }
+    let Some((kind, paper, note)) = rest.strip_prefix("papers/").and_then(|rest| crate::api::route(method, rest))
+    else {
+        return Route::Reply(crate::api::error(404, "not_found", "no such route; see GET /api/openapi.json"));
+    };
+    let keys = crate::api::Keys { api_key, verifier: policy.verifier.as_ref() };
+    if let Err(reply) = crate::api::admit(paper, note, header(req, "authorization"), &keys) {
+        return Route::Reply(reply);
+    }
+    if header(req, "transfer-encoding").is_some() {
+        let message = "send the body with a Content-Length, not chunked";
+        return Route::Reply(crate::api::error(400, "invalid_message", message));
+    }
+    let body_len = match header(req, "content-length").map(|v| v.trim().parse::<usize>()) {
+        None => 0,
+        Some(Ok(len)) => len,
+        Some(Err(_)) => return Route::Reply(crate::api::error(400, "invalid_message", "bad Content-Length")),
+    };
+    if body_len > policy.max_body {
+        let message = format!("the body is {body_len} bytes; the limit is {}", policy.max_body);
+        return Route::Reply(crate::api::error(413, "too_large", &message));
+    }
+    let expects_continue = header(req, "expect").is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+    Route::Api(crate::api::Head {
+        kind,
+        paper: paper.to_string(),
+        note: note.map(str::to_string),
+        body_len,
+        expects_continue,
+    })
 }
 
 /// A static file of the page, `200` (never cached, as every reply: `Reply::to_bytes`).
@@ -291,11 +380,17 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        204 => "No Content",
         403 => "Forbidden",
         404 => "Not Found",
+        409 => "Conflict",
+        410 => "Gone",
+        413 => "Content Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Unknown",
     }
 }
@@ -307,7 +402,11 @@ mod tests {
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
     fn get(path: &str, headers: &str) -> Result<Parsed, Reply> {
-        parse(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes(), &Policy::default())
+        parse(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes(),
+            &Policy::default(),
+            Listener::Public,
+        )
     }
 
     fn ws(path: &str) -> Result<Parsed, Reply> {
@@ -363,7 +462,7 @@ mod tests {
             status(get("/ws/p1", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n")),
             400
         );
-        assert_eq!(status(parse(b"POST /healthz HTTP/1.1\r\n\r\n", &Policy::default())), 404);
+        assert_eq!(status(parse(b"POST /healthz HTTP/1.1\r\n\r\n", &Policy::default(), Listener::Public)), 404);
     }
 
     #[test]
@@ -389,10 +488,11 @@ mod tests {
     #[test]
     fn partial_and_oversized_heads() {
         let open = Policy::default();
-        assert_eq!(parse(b"GET /healthz HTTP/1.1\r\nHost", &open), Ok(Parsed::Partial));
+        let public = Listener::Public;
+        assert_eq!(parse(b"GET /healthz HTTP/1.1\r\nHost", &open, public), Ok(Parsed::Partial));
         let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_REQUEST_BYTES));
-        assert_eq!(status(parse(huge.as_bytes(), &open)), 431);
-        assert_eq!(status(parse(b"\x00\x01garbage\r\n\r\n", &open)), 400);
+        assert_eq!(status(parse(huge.as_bytes(), &open, public)), 431);
+        assert_eq!(status(parse(b"\x00\x01garbage\r\n\r\n", &open, public)), 400);
     }
 
     #[test]
@@ -401,7 +501,7 @@ mod tests {
         let policy = Policy {
             verifier: Some(Verifier::new("0123456789abcdef")),
             allowed_origins: vec!["https://paper.example".into()],
-            echo: false,
+            ..Policy::default()
         };
         let exp = crate::auth::tests::now() + 60;
         let claims = serde_json::json!({"sub": "u9", "paper": "p1", "role": "viewer", "exp": exp, "name": "Vi"});
@@ -411,7 +511,7 @@ mod tests {
         );
         let request = |path: &str, extra: &str| {
             let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
-            match parse(head.as_bytes(), &policy) {
+            match parse(head.as_bytes(), &policy, Listener::Public) {
                 Ok(Parsed::Complete { route, .. }) => route,
                 other => panic!("{other:?}"),
             }

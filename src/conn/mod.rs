@@ -42,6 +42,11 @@ fn server_websocket(mut io: Io, head: &[u8], already_read: Vec<u8>, config: WebS
     WebSocket::from_partially_read(io, already_read, WsRole::Server, Some(config))
 }
 
+/// Where the head of an HTTP answer ends (its blank line included).
+fn head_end(bytes: &[u8]) -> usize {
+    bytes.windows(4).position(|w| w == b"\r\n\r\n").map_or(bytes.len(), |at| at + 4)
+}
+
 /// What the event loop does with a connection after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -92,14 +97,29 @@ pub enum AfterClose {
     Discard,
 }
 
+/// A backend API call (PROTOCOL.md 7) on the loop that owns its paper.
+pub struct ApiCall {
+    pub paper: Arc<str>,
+    pub action: crate::api::Action,
+    /// When its request was read (the latency histogram).
+    pub started: Instant,
+}
+
 /// Where a connection is in its life. Each phase owns what it needs.
 pub enum Phase {
-    /// Reading the HTTP request head.
-    Request { io: Io, buf: Vec<u8> },
+    /// Reading the HTTP request head (and an API call's body); `continued`:
+    /// `100 Continue` was sent.
+    Request { io: Io, buf: Vec<u8>, continued: bool },
     /// Writing a plain HTTP reply; dropped once written.
     Reply { io: Io },
     /// `GET /papers/{paper}` waiting for the paper to be read.
     Reading { io: Io, paper: Arc<str> },
+    /// An upgrade request waiting for its paper, not answered yet: an erased
+    /// paper (410) or a revoked user (403) is refused before the upgrade
+    /// (PROTOCOL.md 7). `buf` holds the head (`head_len` bytes) and what followed.
+    Admitting { io: Io, buf: Vec<u8>, head_len: usize, upgrade: Box<http::Upgrade>, since: Instant },
+    /// A backend API call waiting for its paper, or for Redis.
+    Api { io: Io, call: Box<ApiCall> },
     /// Upgraded, waiting for its paper to be read; no snapshot yet, and what the
     /// client sends waits in the socket.
     /// `since`: the upgrade, from which the joiner waits.
@@ -118,7 +138,11 @@ pub enum Phase {
 impl Phase {
     pub fn io(&mut self) -> Option<&mut Io> {
         match self {
-            Phase::Request { io, .. } | Phase::Reply { io } | Phase::Reading { io, .. } => Some(io),
+            Phase::Request { io, .. }
+            | Phase::Reply { io }
+            | Phase::Reading { io, .. }
+            | Phase::Admitting { io, .. }
+            | Phase::Api { io, .. } => Some(io),
             Phase::Joining { ws, .. } | Phase::Open { ws, .. } | Phase::Echo { ws } | Phase::Closing { ws, .. } => {
                 Some(ws.get_mut())
             }
@@ -140,6 +164,9 @@ pub enum RequestStep {
     Drop,
     /// The head is read: answer it (a reply) or route it.
     Parsed(Result<http::Parsed, http::Reply>),
+    /// An API call's body is not all here, and the client was just told to send
+    /// it (`100 Continue`): flush.
+    Continue,
 }
 
 /// The next thing an open session read.
@@ -169,6 +196,10 @@ pub struct Conn {
     pub counted: bool,
     /// Holds one of its address's request-head slots (`Node::take_head`).
     pub head: bool,
+    /// Where it was accepted.
+    pub listener: http::Listener,
+    /// A `HEAD` request: its answer goes without the body.
+    pub head_only: bool,
     /// What its output buffers held when last flushed (the loop's gauge).
     pub held_out: usize,
     /// Output allowed beyond `--max-outbound-bytes` until the queue first empties:
@@ -184,7 +215,9 @@ pub struct Conn {
 impl Conn {
     pub fn new(io: Io, serial: u64, peer: std::net::SocketAddr, deadline: Instant) -> Self {
         Conn {
-            phase: Phase::Request { io, buf: Vec::new() },
+            phase: Phase::Request { io, buf: Vec::new(), continued: false },
+            listener: http::Listener::Public,
+            head_only: false,
             serial,
             peer,
             deadline: Some(deadline),
@@ -207,7 +240,8 @@ impl Conn {
         out
     }
 
-    /// The socket, for a hand-over to another loop; only while reading the request.
+    /// The socket and where it was accepted, for a hand-over to another loop;
+    /// only while reading the request.
     pub fn into_io(self) -> Option<Io> {
         match self.phase {
             Phase::Request { io, .. } => Some(io),
@@ -215,28 +249,60 @@ impl Conn {
         }
     }
 
-    /// Reads the request head (at most `http::MAX_REQUEST_BYTES` of it) and
-    /// parses it.
+    /// Reads the request head (at most `http::MAX_REQUEST_BYTES` of it), and
+    /// an API call's body (at most `policy.max_body`), and parses the head.
     pub fn read_request(&mut self, policy: &http::Policy, bytes_in: &mut u64) -> RequestStep {
-        let Phase::Request { io, buf } = &mut self.phase else { return RequestStep::Wait };
-        let budget = http::MAX_REQUEST_BYTES.saturating_sub(buf.len()).max(1);
-        match io::read_dry(&mut io.stream, budget, |chunk| {
+        let Phase::Request { io, buf, continued } = &mut self.phase else { return RequestStep::Wait };
+        let budget = (http::MAX_REQUEST_BYTES + policy.max_body).saturating_sub(buf.len()).max(1);
+        let drained = io::read_dry(&mut io.stream, budget, |chunk| {
             *bytes_in += chunk.len() as u64;
             buf.extend_from_slice(chunk);
-        }) {
-            Drained::Eof | Drained::Failed => RequestStep::Drop,
-            Drained::Dry | Drained::Budget => match http::parse(buf, policy) {
-                Ok(http::Parsed::Partial) => RequestStep::Wait,
-                parsed => RequestStep::Parsed(parsed),
-            },
+        });
+        if matches!(drained, Drained::Failed) {
+            return RequestStep::Drop;
+        }
+        let parsed = http::parse(buf, policy, self.listener);
+        if let Ok(http::Parsed::Complete { len, route: http::Route::Api(head) }) = &parsed {
+            if buf.len() < len + head.body_len {
+                if matches!(drained, Drained::Eof) {
+                    return RequestStep::Drop;
+                }
+                if head.expects_continue && !*continued {
+                    *continued = true;
+                    io.out.queue(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    return RequestStep::Continue;
+                }
+                return RequestStep::Wait;
+            }
+        }
+        match parsed {
+            Ok(http::Parsed::Partial) if matches!(drained, Drained::Eof) => RequestStep::Drop,
+            Ok(http::Parsed::Partial) => RequestStep::Wait,
+            parsed => {
+                self.head_only = http::is_head(buf);
+                RequestStep::Parsed(parsed)
+            }
         }
     }
 
-    /// Request or Reading -> Reply: queues the whole answer. The deadline stays:
-    /// a reply must be read within the time a request may take.
+    /// An API call's body, once `read_request` found it all there.
+    pub fn request_body(&self, head_len: usize, body_len: usize) -> &[u8] {
+        match &self.phase {
+            Phase::Request { buf, .. } => buf.get(head_len..head_len + body_len).unwrap_or_default(),
+            _ => &[],
+        }
+    }
+
+    /// A request not answered yet -> Reply: queues the whole answer (its head
+    /// alone for a `HEAD`). The deadline stays: a reply must be read within the
+    /// time a request may take.
     pub fn reply(&mut self, bytes: &[u8]) -> bool {
+        let bytes = if self.head_only { &bytes[..head_end(bytes)] } else { bytes };
         self.morph(|phase| match phase {
-            Phase::Request { mut io, .. } | Phase::Reading { mut io, .. } => {
+            Phase::Request { mut io, .. }
+            | Phase::Reading { mut io, .. }
+            | Phase::Admitting { mut io, .. }
+            | Phase::Api { mut io, .. } => {
                 io.out.queue(bytes);
                 (Phase::Reply { io }, true)
             }
@@ -244,14 +310,41 @@ impl Conn {
         })
     }
 
-    /// Request or Reading -> Reply, from parts: a body shared with other replies
-    /// is queued by reference.
+    /// The same, from parts: a body shared with other replies is queued by
+    /// reference. The first part holds the head.
     pub fn reply_parts(&mut self, parts: &[Part]) -> bool {
+        if self.head_only {
+            let Some(Part::Bytes(first)) = parts.first() else { return false };
+            let head = &first[..head_end(first)];
+            return self.reply(head);
+        }
         self.morph(|phase| match phase {
-            Phase::Request { mut io, .. } | Phase::Reading { mut io, .. } => {
+            Phase::Request { mut io, .. }
+            | Phase::Reading { mut io, .. }
+            | Phase::Admitting { mut io, .. }
+            | Phase::Api { mut io, .. } => {
                 io.out.queue_parts(parts);
                 (Phase::Reply { io }, true)
             }
+            other => (other, false),
+        })
+    }
+
+    /// Request -> Admitting: an upgrade waits for its paper before it is answered.
+    pub fn admit(&mut self, upgrade: http::Upgrade, buf: Vec<u8>, head_len: usize) -> bool {
+        self.morph(|phase| match phase {
+            Phase::Request { io, .. } => {
+                let upgrade = Box::new(upgrade);
+                (Phase::Admitting { io, buf, head_len, upgrade, since: Instant::now() }, true)
+            }
+            other => (other, false),
+        })
+    }
+
+    /// Request -> Api: a call waits for its paper or for Redis.
+    pub fn start_call(&mut self, call: ApiCall) -> bool {
+        self.morph(|phase| match phase {
+            Phase::Request { io, .. } => (Phase::Api { io, call: Box::new(call) }, true),
             other => (other, false),
         })
     }
@@ -264,14 +357,14 @@ impl Conn {
         })
     }
 
-    /// Request -> Joining: answers 101; the head took `head_len` bytes, and what
-    /// followed it belongs to the session.
-    pub fn upgrade(&mut self, head_len: usize, ws_key: &str, config: WebSocketConfig, visitor: Visitor) -> bool {
+    /// Admitting -> Joining: answers 101; the head took `head_len` bytes, and
+    /// what followed it belongs to the session.
+    pub fn upgrade(&mut self, ws_key: &str, config: WebSocketConfig, visitor: Visitor) -> bool {
         let upgraded = self.morph(|phase| match phase {
-            Phase::Request { io, mut buf } => {
+            Phase::Admitting { io, mut buf, head_len, since, .. } => {
                 let rest = buf.split_off(head_len.min(buf.len()));
                 let ws = server_websocket(io, &http::switching_protocols(ws_key), rest, config);
-                (Phase::Joining { ws, visitor, since: Instant::now() }, true)
+                (Phase::Joining { ws, visitor, since }, true)
             }
             other => (other, false),
         });
@@ -286,7 +379,7 @@ impl Conn {
     /// Request -> Echo (`--echo`).
     pub fn open_echo(&mut self, head_len: usize, ws_key: &str, config: WebSocketConfig) -> bool {
         let opened = self.morph(|phase| match phase {
-            Phase::Request { io, mut buf } => {
+            Phase::Request { io, mut buf, .. } => {
                 let rest = buf.split_off(head_len.min(buf.len()));
                 (Phase::Echo { ws: server_websocket(io, &http::switching_protocols(ws_key), rest, config) }, true)
             }
@@ -400,7 +493,7 @@ impl Conn {
     /// reply, while a read waits, or while closing.
     pub fn read_leftovers(&mut self) -> Next {
         match &mut self.phase {
-            Phase::Reply { io } | Phase::Reading { io, .. } => {
+            Phase::Reply { io } | Phase::Reading { io, .. } | Phase::Api { io, .. } => {
                 match io::read_dry(&mut io.stream, DISCARD_BUDGET, |_| {}) {
                     Drained::Dry | Drained::Eof => Next::Continue,
                     Drained::Budget => Next::ReadAgain,

@@ -92,6 +92,8 @@ pub struct StoredPaper {
     pub horizon: u64,
     /// A `since` at or below this gets a full snapshot (PROTOCOL.md 3.1, 1.1).
     pub resume_floor: u64,
+    /// Users revoked (1.2, PROTOCOL.md 7) and the unix second each may join again.
+    pub revoked: Vec<(String, u64)>,
 }
 
 /// The paper's cover (PROTOCOL.md 3.2, 1.1: `meta`): an object, last writer
@@ -167,6 +169,8 @@ pub struct Paper {
     /// The encoded body of this version (`protocol::frame::paper_body`), while
     /// some connection still writes it; any change forgets it.
     body: WeakShared,
+    /// Users revoked (PROTOCOL.md 7, 1.2): the unix second each may join again.
+    revoked: HashMap<Arc<str>, u64>,
 }
 
 /// Whether a paper takes edits, as far as Redis is concerned.
@@ -205,6 +209,7 @@ impl Paper {
             floor_raised: false,
             cover: stored.cover,
             body: WeakShared::default(),
+            revoked: stored.revoked.into_iter().map(|(user, until)| (Arc::from(user), until)).collect(),
             id,
             notes,
             live,
@@ -701,6 +706,26 @@ impl Paper {
             std::mem::take(&mut self.remote).into_iter().partition(|m| &*m.node == node);
         self.remote = kept;
         gone.into_iter().map(|m| m.id).collect()
+    }
+
+    /// Whether `user` may not join at `now` (unix seconds); a revocation past is
+    /// forgotten.
+    pub fn is_revoked(&mut self, user: &str, now: u64) -> bool {
+        match self.revoked.get(user) {
+            Some(&until) if until > now => true,
+            Some(_) => {
+                self.revoked.remove(user);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Revokes `user` until `until` (unix seconds); returns the keys of its
+    /// members here, whose sessions end.
+    pub fn revoke(&mut self, user: &Arc<str>, until: u64) -> Vec<usize> {
+        self.revoked.insert(user.clone(), until);
+        self.members.iter().filter(|m| m.user == *user).map(|m| m.key).collect()
     }
 
     pub fn is_full_of_members(&self, limits: &PaperLimits) -> bool {

@@ -142,6 +142,15 @@ impl Registry {
         }
     }
 
+    /// Drops a paper, in memory or being read (it was erased); returns the
+    /// connections that waited for it.
+    pub fn remove(&mut self, id: &str) -> Vec<usize> {
+        match self.slots.remove(id) {
+            Some(Slot::Loading { waiters, .. }) => waiters,
+            _ => Vec::new(),
+        }
+    }
+
     /// Gives up the reads past their deadline; returns those papers and their waiters.
     pub fn expire_loads(&mut self, now: Instant) -> (Vec<Arc<str>>, Vec<usize>) {
         let mut papers = Vec::new();

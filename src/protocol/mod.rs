@@ -9,7 +9,9 @@ pub use frame::{
     document_start, notes_json, paper_body, paper_document, snapshot_end, Frame, MemberView, NoteView, PaperView,
     DOCUMENT_END,
 };
-pub use relayed::{parse_notes, parse_relayed, resume_floor_message, Relayed, SealedNote};
+pub use relayed::{
+    erased_message, parse_notes, parse_relayed, resume_floor_message, revoked_message, Relayed, SealedNote,
+};
 
 use std::borrow::Cow;
 
@@ -177,6 +179,10 @@ pub enum CloseReason {
     /// 1013 with the reason `server_busy`: the node writes as many snapshot bytes
     /// as it may (`--max-snapshot-bytes-in-flight`); a joiner retries later.
     Busy,
+    /// 4403 (1.2): the main backend revoked this user's access to the paper.
+    Revoked,
+    /// 4410 (1.2): the main backend erased the paper.
+    Erased,
 }
 
 impl CloseReason {
@@ -192,6 +198,8 @@ impl CloseReason {
             CloseReason::PaperUnavailable | CloseReason::PaperFull | CloseReason::SlowConsumer | CloseReason::Busy => {
                 CloseCode::Again
             }
+            CloseReason::Revoked => CloseCode::Library(4403),
+            CloseReason::Erased => CloseCode::Library(4410),
         }
     }
 
@@ -211,6 +219,8 @@ impl CloseReason {
             CloseReason::PaperFull => "paper_full",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Busy => "server_busy",
+            CloseReason::Revoked => "revoked",
+            CloseReason::Erased => "erased",
         }
     }
 }

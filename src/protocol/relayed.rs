@@ -52,6 +52,13 @@ pub enum Relayed {
         data: String,
         v: u64,
     },
+    /// 1.2: the main backend erased the paper (between nodes only).
+    Erased,
+    /// 1.2: the main backend revoked a user until a unix second (between nodes only).
+    Revoked {
+        user: String,
+        until: u64,
+    },
 }
 
 #[derive(Deserialize)]
@@ -72,6 +79,10 @@ struct RelayedEnvelope<'a> {
     notes: Option<&'a RawValue>,
     #[serde(default, borrow)]
     member: Option<&'a RawValue>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    until: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +125,8 @@ pub fn parse_relayed(message: &str) -> Option<Relayed> {
             v: v?,
         },
         "meta" => Relayed::Meta { data: e.data.filter(|d| d.get().starts_with('{'))?.get().to_string(), v: v? },
+        "erased" => Relayed::Erased,
+        "revoked" => Relayed::Revoked { user: e.user?, until: e.until? },
         _ => return None,
     })
 }
@@ -122,6 +135,16 @@ pub fn parse_relayed(message: &str) -> Option<Relayed> {
 /// sent to clients).
 pub fn resume_floor_message(v: u64) -> String {
     format!(r#"{{"type":"resume_floor","v":{v}}}"#)
+}
+
+/// The message that tells the other nodes a paper was erased (never sent to clients).
+pub fn erased_message() -> &'static str {
+    r#"{"type":"erased"}"#
+}
+
+/// The message that tells the other nodes a user was revoked (never sent to clients).
+pub fn revoked_message(user: &str, until: u64) -> String {
+    serde_json::json!({"type": "revoked", "user": user, "until": until}).to_string()
 }
 
 /// A note of a sealed paper, as `completed` lists it.

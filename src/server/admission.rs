@@ -13,8 +13,8 @@ use mio::{Interest, Token};
 
 use super::event_loop::EventLoop;
 use super::inbox::{Adopted, Handoff, InboxMsg};
-use crate::conn::http::{Parsed, Reply, Route};
-use crate::conn::{Conn, Io, Next, Phase, RequestStep};
+use crate::conn::http::{Listener, Parsed, Reply, Route};
+use crate::conn::{ApiCall, Conn, Io, Next, Phase, RequestStep};
 use crate::metrics::bump;
 
 impl EventLoop {
@@ -23,8 +23,21 @@ impl EventLoop {
     /// next turn: the listener is edge-triggered, so no new event would come for
     /// connections already queued.
     pub(super) fn accept(&mut self) {
+        self.accept_from(Listener::Public);
+    }
+
+    /// The same on the internal listener (`--internal-listen`).
+    pub(super) fn accept_internal(&mut self) {
+        self.accept_from(Listener::Internal);
+    }
+
+    fn accept_from(&mut self, which: Listener) {
         loop {
-            let Some(listener) = &self.listener else { return };
+            let listener = match which {
+                Listener::Public => &self.listener,
+                Listener::Internal => &self.internal,
+            };
+            let Some(listener) = listener else { return };
             if !self.node.take_socket() {
                 self.accept_retry = true;
                 return;
@@ -44,7 +57,10 @@ impl EventLoop {
                     let serial = self.node.serials.fetch_add(1, Ordering::Relaxed);
                     let deadline = Instant::now() + self.node.settings.handshake_timeout;
                     match self.register(stream, peer, serial, deadline) {
-                        Some(key) => self.conns.slab[key].head = head,
+                        Some(key) => {
+                            self.conns.slab[key].head = head;
+                            self.conns.slab[key].listener = which;
+                        }
                         None => {
                             self.node.release_socket();
                             if head {
@@ -105,6 +121,7 @@ impl EventLoop {
         bump(&self.node.loop_metrics[self.index].bytes_in, bytes_in);
         let parsed = match step {
             RequestStep::Wait => return,
+            RequestStep::Continue => return self.conns.queue_flush(key),
             RequestStep::Drop => return self.conns.doom(key),
             RequestStep::Parsed(parsed) => parsed,
         };
@@ -140,6 +157,16 @@ impl EventLoop {
             Ok(Parsed::Complete { route: Route::ReadPaper(paper), .. }) => {
                 self.route(key, Handoff::ReadPaper { paper: Arc::from(paper) })
             }
+            Ok(Parsed::Complete { len, route: Route::Api(head) }) => {
+                let body = conn.request_body(len, head.body_len);
+                match crate::api::action(&head, body, self.node.settings.max_note_bytes) {
+                    Err(reply) => self.reply(key, &reply),
+                    Ok(action) => {
+                        let call = ApiCall { paper: Arc::from(head.paper), action, started: Instant::now() };
+                        self.route(key, Handoff::Api(Box::new(call)));
+                    }
+                }
+            }
             Ok(Parsed::Complete { len, route: Route::Upgrade(upgrade) }) => {
                 // Behind a trusted proxy, the client is who the proxy says it is.
                 let peer = self.node.client_address(conn.peer.ip(), upgrade.forwarded_for.as_deref());
@@ -152,7 +179,7 @@ impl EventLoop {
                 let Phase::Request { buf, .. } = &mut conn.phase else { return };
                 // The head and what followed it go with the request to its loop.
                 let buf = std::mem::take(buf);
-                self.route(key, Handoff::Upgrade { upgrade, buf, head_len: len });
+                self.route(key, Handoff::Upgrade { upgrade: Box::new(upgrade), buf, head_len: len });
             }
         }
     }
@@ -176,8 +203,8 @@ impl EventLoop {
         }
         let conn = self.conns.slab.remove(key);
         self.output_held -= conn.held_out;
-        let (peer, serial, counted, deadline) =
-            (conn.peer, conn.serial, conn.counted, conn.deadline.unwrap_or_else(Instant::now));
+        let (peer, serial, counted, head_only, deadline) =
+            (conn.peer, conn.serial, conn.counted, conn.head_only, conn.deadline.unwrap_or_else(Instant::now));
         let Some(mut io) = conn.into_io() else { return };
         if let Err(e) = self.poll.registry().deregister(&mut io.stream) {
             log::warn!("cannot hand over a connection from {peer}: {e}");
@@ -187,16 +214,17 @@ impl EventLoop {
             }
             return;
         }
-        let adopted = Adopted { stream: io.stream, peer, serial, counted, deadline, handoff };
+        let adopted = Adopted { stream: io.stream, peer, serial, counted, head_only, deadline, handoff };
         self.loops[owner].send(InboxMsg::Adopt(adopted));
     }
 
     /// A connection handed over by another loop: it keeps its deadline.
     pub(super) fn adopt(&mut self, adopted: Adopted) {
-        let Adopted { stream, peer, serial, counted, deadline, handoff } = adopted;
+        let Adopted { stream, peer, serial, counted, head_only, deadline, handoff } = adopted;
         match self.register(stream, peer, serial, deadline) {
             Some(key) => {
                 self.conns.slab[key].counted = counted;
+                self.conns.slab[key].head_only = head_only;
                 self.start(key, handoff);
             }
             None => {
@@ -212,14 +240,18 @@ impl EventLoop {
     /// stopping, a session is closed with 1001 at once and a read told to retry.
     fn start(&mut self, key: usize, handoff: Handoff) {
         match handoff {
-            Handoff::Upgrade { upgrade, buf, head_len } => {
-                if let Some(Phase::Request { buf: conn_buf, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase) {
-                    *conn_buf = buf;
-                }
-                self.start_session(key, upgrade, head_len)
+            Handoff::Upgrade { upgrade, buf, head_len } => self.admit_session(key, *upgrade, buf, head_len),
+            Handoff::Api(call) if self.stopping.is_some() => {
+                let reply = crate::api::error(503, "unavailable", "this node is shutting down; retry");
+                self.start_call(key, *call);
+                self.answer_call(key, &reply);
             }
+            Handoff::Api(call) => self.start_call(key, *call),
             Handoff::ReadPaper { .. } if self.stopping.is_some() => {
                 self.reply(key, &Reply::text(503, "shutting down; retry"))
+            }
+            Handoff::ReadPaper { paper } if self.is_erased(&paper) => {
+                self.reply(key, &Reply::text(410, "this paper was erased"))
             }
             Handoff::ReadPaper { paper } => {
                 let Some(conn) = self.conns.slab.get_mut(key) else { return };

@@ -115,6 +115,16 @@ impl EventLoop {
                 paper.raise_floor(v);
                 return;
             }
+            // 1.2: the main backend erased the paper or revoked a user on
+            // another node (PROTOCOL.md 7): carried out here too.
+            Relayed::Erased => {
+                let _ = paper;
+                return self.erase_here(paper_id, self.node.settings.erase_retention);
+            }
+            Relayed::Revoked { user, until } => {
+                let _ = paper;
+                return self.revoke_here(paper_id, &Arc::from(user), until);
+            }
         };
         if let Some(floor) = paper.take_raised_floor() {
             self.relay_floor(paper_id, floor);

@@ -10,9 +10,10 @@ use super::cluster::relay_of;
 use super::conns::Conns;
 use super::event_loop::EventLoop;
 use super::session::Relaying;
+use crate::auth::Role;
 use crate::conn::Phase;
 use crate::metrics::{In, LoopMetrics, Out};
-use crate::paper::{clock, Edit, Health, Note, Paper, StoredPaper};
+use crate::paper::{clock, Health, Note, Paper, StoredPaper};
 use crate::protocol::{self, ClientMsg, ErrorCode, Frame, Refusal};
 use crate::store::{LoadPurpose, LoadRequest, NoteValue, Op, Origin, Outcome, StoreHandle, Submitted, Written};
 
@@ -39,70 +40,94 @@ impl EventLoop {
     fn on_message(&mut self, key: usize, msg: ClientMsg) {
         let Some(conn) = self.conns.slab.get(key) else { return };
         let Phase::Open { membership, .. } = &conn.phase else { return };
-        let (paper_id, member_id, user, role) =
-            (membership.paper.clone(), membership.member.clone(), membership.user.clone(), membership.role);
-        let origin = Origin { loop_index: self.index, conn: key, serial: conn.serial };
-        let Some(paper) = self.papers.paper_mut(&paper_id) else { return };
-        let limits = self.node.settings.limits;
+        let editor = Editor {
+            paper: membership.paper.clone(),
+            from: membership.member.clone(),
+            user: membership.user.clone(),
+            role: membership.role,
+            origin: Origin { loop_index: self.index, conn: key, serial: conn.serial },
+        };
         let metrics = &self.node.loop_metrics[self.index];
         metrics.message_in(In::of(&msg));
-
-        let (edit, reference) = match msg {
+        let (change, reference) = match msg {
             ClientMsg::Ping => {
                 metrics.message_out(Out::Pong, 1);
                 let pong = self.frame.pong();
                 return self.conns.send(key, pong);
             }
             ClientMsg::Cursor { data } => {
-                let cursor = self.frame.cursor(&member_id, &data);
+                let Some(paper) = self.papers.paper(&editor.paper) else { return };
+                let cursor = self.frame.cursor(&editor.from, &data);
                 self.conns.fanout(paper.members(), Some(key), cursor, Out::Cursor, metrics);
-                return self.relay_frame(&paper_id, None, Relaying::Transient);
+                return self.relay_frame(&editor.paper, None, Relaying::Transient);
             }
-            ClientMsg::Patch { id, data, reference } => {
+            ClientMsg::Complete { reference } => return self.member_completes(key, &editor, reference),
+            ClientMsg::Upsert { id, data, reference } => (Change::Upsert { id, data }, reference),
+            ClientMsg::Delete { id, reference } => (Change::Delete { id }, reference),
+            ClientMsg::Patch { id, data, reference } => (Change::Patch { id, data }, reference),
+            ClientMsg::Meta { data, reference } => (Change::Meta { data }, reference),
+        };
+        match self.edit(&editor, change, reference.clone()) {
+            Err(code) => self.refuse(key, &Refusal::from(code).with_ref(reference)),
+            Ok(Edited::Queued(v)) => {
+                if let Some(Phase::Open { membership, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase) {
+                    membership.unresolved.push_back(v);
+                }
+            }
+            Ok(Edited::Written(v)) => {
+                let metrics = &self.node.loop_metrics[self.index];
+                saved_now(&mut self.frame, &mut self.conns, metrics, key, v);
+            }
+        }
+    }
+
+    /// One change to a paper, by a member or the backend API (PROTOCOL.md 3.2
+    /// and 7): the paper decides (rights, limits, version), the frame is
+    /// encoded once (and relayed with `--cluster`), the op goes to the store's
+    /// backlog (refused `unavailable` when it is full), then the change is
+    /// applied and fanned out to every member, the sender included.
+    pub(super) fn edit(
+        &mut self,
+        editor: &Editor,
+        change: Change,
+        reference: Option<String>,
+    ) -> Result<Edited, ErrorCode> {
+        let Some(paper) = self.papers.paper_mut(&editor.paper) else { return Err(ErrorCode::Unavailable) };
+        let limits = self.node.settings.limits;
+        let metrics = &self.node.loop_metrics[self.index];
+        let (author, role, from, origin) = ((&editor.user, editor.role), editor.role, &*editor.from, editor.origin);
+        let paper_id = editor.paper.clone();
+        let reference_box = reference.as_deref().map(Box::from);
+        match change {
+            Change::Patch { id, data } => {
                 let held = paper.note(&id).map_or(0, |n| n.v);
-                let patch = match paper.prepare_patch(&id, &data, (&user, role), &mut self.clock, &limits) {
-                    Ok(patch) => patch,
-                    Err(code) => return self.refuse(key, &Refusal::from(code).with_ref(reference)),
-                };
+                let patch = paper.prepare_patch(&id, &data, author, &mut self.clock, &limits)?;
                 let v = patch.v;
                 // Only the fields it advances are applied and sent (all of them, for
                 // a version from this clock: it is above every field's).
-                let Some(advanced) = paper.patch_result(&patch) else {
-                    return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference));
-                };
-                self.frame.patch(&patch.id, &advanced, v, &member_id, reference.as_deref());
+                let advanced = paper.patch_result(&patch).ok_or(ErrorCode::Unavailable)?;
+                self.frame.patch(&patch.id, &advanced, v, from, reference.as_deref());
                 let relay = relay_of(&self.node, &self.frame);
-                let reference = reference.map(String::into_boxed_str);
                 let op = Op::Patch {
-                    paper: paper_id.clone(),
+                    paper: paper_id,
                     id: patch.id.clone(),
                     patch: advanced.into_boxed_str(),
                     v,
                     node: patch.node.clone(),
                     held,
                     origin,
-                    reference: reference.clone(),
+                    reference: reference_box,
                     relay,
                 };
-                let submitted = hand_over(&self.store, &mut self.conns, key, paper, v, op);
-                if submitted == Submitted::Full {
-                    let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
-                    return self.refuse(key, &refusal);
-                }
+                let submitted = hand_over(&self.store, paper, op)?;
                 paper.apply_patch(&patch);
                 self.conns.fanout(paper.members(), None, self.frame.bytes(), Out::Patch, metrics);
-                if submitted == Submitted::Written {
-                    saved_now(&mut self.frame, &mut self.conns, metrics, key, v);
-                }
-                return;
+                Ok(submitted.edited(v))
             }
-            ClientMsg::Meta { data, reference } => {
-                let cover = match paper.prepare_cover(data, role, &mut self.clock) {
-                    Ok(cover) => cover,
-                    Err(code) => return self.refuse(key, &Refusal::from(code).with_ref(reference)),
-                };
+            Change::Meta { data } => {
+                let cover = paper.prepare_cover(data, role, &mut self.clock)?;
                 let v = cover.v;
-                self.frame.meta(&cover.data, v, &member_id, reference.as_deref());
+                self.frame.meta(&cover.data, v, from, reference.as_deref());
                 let relay = relay_of(&self.node, &self.frame);
                 let stored = NoteValue {
                     author: Arc::from(""),
@@ -111,90 +136,85 @@ impl EventLoop {
                     node: cover.node.clone(),
                     fields: None,
                 };
-                let reference = reference.map(String::into_boxed_str);
-                let op =
-                    Op::Cover { paper: paper_id.clone(), cover: stored, origin, reference: reference.clone(), relay };
-                let submitted = hand_over(&self.store, &mut self.conns, key, paper, v, op);
-                if submitted == Submitted::Full {
-                    let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
-                    return self.refuse(key, &refusal);
-                }
+                let op = Op::Cover { paper: paper_id, cover: stored, origin, reference: reference_box, relay };
+                let submitted = hand_over(&self.store, paper, op)?;
                 paper.apply_cover(cover);
                 self.conns.fanout(paper.members(), None, self.frame.bytes(), Out::Meta, metrics);
-                if submitted == Submitted::Written {
-                    saved_now(&mut self.frame, &mut self.conns, metrics, key, v);
-                }
-                return;
+                Ok(submitted.edited(v))
             }
-            ClientMsg::Complete { reference } => {
-                if let Err(code) = paper.check_complete(role) {
-                    return self.refuse(key, &Refusal::from(code).with_ref(reference));
+            Change::Upsert { .. } | Change::Delete { .. } => {
+                let edit = match change {
+                    Change::Upsert { id, data } => paper.prepare_upsert(&id, data, author, &mut self.clock, &limits)?,
+                    Change::Delete { id } => paper.prepare_delete(&id, author, &mut self.clock)?,
+                    _ => unreachable!(),
+                };
+                // What `apply` would not take is neither sent to the store nor broadcast.
+                if !paper.can_apply(&edit) {
+                    return Err(ErrorCode::Unavailable);
                 }
-                let reference = reference.map(String::into_boxed_str);
+                // Encoded before it is queued: with `--cluster` the same JSON is relayed.
+                let v = edit.note.v;
+                let kind = match &edit.note.data {
+                    Some(data) => {
+                        self.frame.upsert(&edit.id, &edit.note.author, data, v, from, reference.as_deref());
+                        Out::Upsert
+                    }
+                    None => {
+                        self.frame.delete(&edit.id, v, from, reference.as_deref());
+                        Out::Delete
+                    }
+                };
+                let relay = relay_of(&self.node, &self.frame);
+                let note = note_to_store(&edit.note);
                 let op =
-                    Op::Complete { paper: paper_id.clone(), by: user.clone(), origin, reference: reference.clone() };
-                match self.store.submit(op) {
-                    Submitted::Full => {
-                        let refusal = Refusal::from(ErrorCode::Unavailable).with_ref(reference.map(String::from));
-                        return self.refuse(key, &refusal);
-                    }
-                    // Sealed once Redis has sealed it: edits from now on would lose the race.
-                    Submitted::Queued => {
-                        paper.unwritten += 1;
-                        paper.health = Health::Sealing;
-                    }
-                    Submitted::Written => {
-                        let notes = protocol::notes_json(paper.live_notes());
-                        paper.complete(&user).expect("checked above");
-                        log::info!("paper {paper_id} completed by {user}");
-                        let completed = self.frame.completed(&user, &notes);
-                        self.conns.fanout(paper.members(), None, completed, Out::Completed, metrics);
-                    }
+                    Op::Note { paper: paper_id, id: edit.id.clone(), note, origin, reference: reference_box, relay };
+                let submitted = hand_over(&self.store, paper, op)?;
+                paper.apply(edit);
+                if kind == Out::Delete {
+                    paper.prune(clock::now_ms(), &limits);
                 }
-                return;
+                self.conns.fanout(paper.members(), None, self.frame.bytes(), kind, metrics);
+                metrics.edit_broadcast.observe(self.read_at.elapsed());
+                Ok(submitted.edited(v))
             }
-            ClientMsg::Upsert { id, data, reference } => {
-                (paper.prepare_upsert(&id, data, (&user, role), &mut self.clock, &limits), reference)
-            }
-            ClientMsg::Delete { id, reference } => {
-                (paper.prepare_delete(&id, (&user, role), &mut self.clock), reference)
-            }
-        };
-        let edit: Edit = match edit {
-            // What `apply` would not take is neither sent to the store nor broadcast.
-            Ok(edit) if paper.can_apply(&edit) => edit,
-            Ok(_) => return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference)),
-            Err(code) => return self.refuse(key, &Refusal::from(code).with_ref(reference)),
-        };
-        // Encoded before it is queued: with `--cluster` the same JSON is relayed.
-        let v = edit.note.v;
-        let kind = match &edit.note.data {
-            Some(data) => {
-                self.frame.upsert(&edit.id, &edit.note.author, data, v, &member_id, reference.as_deref());
-                Out::Upsert
-            }
-            None => {
-                self.frame.delete(&edit.id, v, &member_id, reference.as_deref());
-                Out::Delete
-            }
-        };
-        let relay = relay_of(&self.node, &self.frame);
-        let note = note_to_store(&edit.note);
-        let op_ref = reference.as_deref().map(Box::from);
-        let op = Op::Note { paper: paper_id, id: edit.id.clone(), note, origin, reference: op_ref, relay };
-        let submitted = hand_over(&self.store, &mut self.conns, key, paper, v, op);
-        if submitted == Submitted::Full {
-            return self.refuse(key, &Refusal::from(ErrorCode::Unavailable).with_ref(reference));
         }
-        paper.apply(edit);
-        if kind == Out::Delete {
-            paper.prune(clock::now_ms(), &limits);
+    }
+
+    /// A member's `complete`: sealed once Redis has sealed it.
+    fn member_completes(&mut self, key: usize, editor: &Editor, reference: Option<String>) {
+        let Some(paper) = self.papers.paper_mut(&editor.paper) else { return };
+        if let Err(code) = paper.check_complete(editor.role) {
+            return self.refuse(key, &Refusal::from(code).with_ref(reference));
         }
-        self.conns.fanout(paper.members(), None, self.frame.bytes(), kind, metrics);
-        metrics.edit_broadcast.observe(self.read_at.elapsed());
-        if submitted == Submitted::Written {
-            saved_now(&mut self.frame, &mut self.conns, metrics, key, v);
+        if let Err(code) = self.complete(editor, reference.as_deref().map(Box::from)) {
+            self.refuse(key, &Refusal::from(code).with_ref(reference));
         }
+    }
+
+    /// Hands a completion to the store: the paper is sealed once Redis has sealed
+    /// it (edits from now on would lose the race), at once with the memory store.
+    pub(super) fn complete(&mut self, editor: &Editor, reference: Option<Box<str>>) -> Result<Submitted, ErrorCode> {
+        let Some(paper) = self.papers.paper_mut(&editor.paper) else { return Err(ErrorCode::Unavailable) };
+        let op =
+            Op::Complete { paper: editor.paper.clone(), by: editor.user.clone(), origin: editor.origin, reference };
+        let submitted = self.store.submit(op);
+        match submitted {
+            Submitted::Full => return Err(ErrorCode::Unavailable),
+            Submitted::Queued => {
+                paper.unwritten += 1;
+                paper.health = Health::Sealing;
+            }
+            Submitted::Written => {
+                let notes = protocol::notes_json(paper.live_notes());
+                if paper.complete(&editor.user).is_ok() {
+                    log::info!("paper {} completed by {}", editor.paper, editor.user);
+                    let completed = self.frame.completed(&editor.user, &notes);
+                    let metrics = &self.node.loop_metrics[self.index];
+                    self.conns.fanout(paper.members(), None, completed, Out::Completed, metrics);
+                }
+            }
+        }
+        Ok(submitted)
     }
 
     /// What became of ops, in the order they were made: `saved` for what Redis
@@ -211,6 +231,16 @@ impl EventLoop {
                 self.on_gone(&w.paper, note);
             }
             let (key, serial) = (w.origin.conn, w.origin.serial);
+            let is_call = self.conns.live(key, serial).is_some_and(|c| matches!(c.phase, Phase::Api { .. }));
+            if w.outcome == Outcome::Erased && !(is_call && w.v == 0) {
+                // Erased by another node, whose relayed erase this node missed:
+                // what Redis says is what this node does.
+                self.erase_here(&w.paper, ERASED_HEARD.min(self.node.settings.erase_retention));
+            }
+            if is_call {
+                self.call_written(key, &w);
+                continue;
+            }
             let Some(conn) = self.conns.slab.get_mut(key).filter(|c| c.serial == serial && !c.doomed) else {
                 continue;
             };
@@ -232,7 +262,9 @@ impl EventLoop {
                 Outcome::Sealed => self.refuse(key, &Refusal::from(ErrorCode::PaperCompleted).with_ref(reference)),
                 Outcome::Failed => self.refuse(key, &Refusal::from(ErrorCode::WriteFailed).with_ref(reference)),
                 Outcome::Gone => self.refuse(key, &Refusal::from(ErrorCode::NotFound).with_ref(reference)),
-                Outcome::BelowHorizon => self.refuse(key, &Refusal::from(ErrorCode::WriteFailed).with_ref(reference)),
+                Outcome::BelowHorizon | Outcome::Erased => {
+                    self.refuse(key, &Refusal::from(ErrorCode::WriteFailed).with_ref(reference))
+                }
             }
         }
         for key in touched {
@@ -359,28 +391,73 @@ impl EventLoop {
     }
 }
 
+/// How long a node that learnt of an erase from a write's outcome (not from
+/// the eraser) takes the paper as erased before it reads Redis again: the
+/// marker's own expiry is not known here.
+const ERASED_HEARD: Duration = Duration::from_secs(60);
+
 /// The first wait before a failed paper is read again, and the longest.
 const PROBE_FIRST: Duration = Duration::from_millis(500);
 const PROBE_MAX: Duration = Duration::from_secs(30);
 
+/// Who makes a change: a member, or the backend API (`from` is `api`).
+pub(super) struct Editor {
+    pub paper: Arc<str>,
+    /// The `from` of what is broadcast.
+    pub from: Arc<str>,
+    /// The author of a note it creates; who completes.
+    pub user: Arc<str>,
+    pub role: Role,
+    /// Where the store reports the op's outcome.
+    pub origin: Origin,
+}
+
+/// A change to a paper's notes or cover (PROTOCOL.md 3.2, 7).
+pub(super) enum Change {
+    Upsert { id: String, data: String },
+    Delete { id: String },
+    Patch { id: String, data: String },
+    Meta { data: String },
+}
+
+/// A change made and broadcast, at this version: written later (`saved` waits
+/// for the store's report), or already (the memory store).
+pub(super) enum Edited {
+    Queued(u64),
+    Written(u64),
+}
+
+trait SubmittedExt {
+    fn edited(self, v: u64) -> Edited;
+}
+
+impl SubmittedExt for Submitted {
+    fn edited(self, v: u64) -> Edited {
+        if self == Submitted::Written {
+            Edited::Written(v)
+        } else {
+            Edited::Queued(v)
+        }
+    }
+}
+
 /// Hands an edit's op to the store; when it waits in the backlog, the paper
-/// counts it unwritten and the member's `saved` waits for it.
-fn hand_over(store: &StoreHandle, conns: &mut Conns, key: usize, paper: &mut Paper, v: u64, op: Op) -> Submitted {
+/// counts it unwritten. A full backlog refuses it (`unavailable`).
+fn hand_over(store: &StoreHandle, paper: &mut Paper, op: Op) -> Result<Submitted, ErrorCode> {
     let note = match &op {
         Op::Note { id, .. } | Op::Patch { id, .. } => Some(id.clone()),
         _ => None,
     };
     let submitted = store.submit(op);
-    if submitted == Submitted::Queued {
-        match &note {
+    match submitted {
+        Submitted::Full => return Err(ErrorCode::Unavailable),
+        Submitted::Queued => match &note {
             Some(id) => paper.awaits_write(id),
             None => paper.unwritten += 1,
-        }
-        if let Some(Phase::Open { membership, .. }) = conns.slab.get_mut(key).map(|c| &mut c.phase) {
-            membership.unresolved.push_back(v);
-        }
+        },
+        Submitted::Written => {}
     }
-    submitted
+    Ok(submitted)
 }
 
 /// `saved` at once, for a store that holds an edit as soon as it is made.

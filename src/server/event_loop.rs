@@ -34,6 +34,7 @@ use crate::protocol::Frame;
 use crate::store::{StoreEvent, StoreHandle};
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
+pub const INTERNAL_LISTENER: Token = Token(usize::MAX - 2);
 pub const WAKER: Token = Token(usize::MAX);
 
 /// The longest sleep of a loop with nothing to do; timers run at this resolution.
@@ -44,6 +45,9 @@ pub struct EventLoop {
     pub(super) poll: Poll,
     /// `None` once stopping.
     pub(super) listener: Option<TcpListener>,
+    /// `--internal-listen` (PROTOCOL.md 7): the backend API, `/metrics` and
+    /// `/readyz`; `None` without one, and once stopping.
+    pub(super) internal: Option<TcpListener>,
     /// The last accept stopped at the socket cap or the descriptor limit, with
     /// connections possibly left in the queue: accept again next turn.
     pub(super) accept_retry: bool,
@@ -81,24 +85,30 @@ pub struct EventLoop {
     pub(super) next_ping: Instant,
     /// Papers Redis refused to write: when to read each again, and the wait after.
     pub(super) probes: Vec<(Instant, Duration, Arc<str>)>,
+    /// Papers erased (PROTOCOL.md 7), until when: they answer 410 and take no write.
+    pub(super) erased: HashMap<Arc<str>, Instant>,
 }
 
 impl EventLoop {
     pub fn new(
         index: usize,
         poll: Poll,
-        mut listener: TcpListener,
+        (mut listener, mut internal): (TcpListener, Option<TcpListener>),
         inbox: Receiver<InboxMsg>,
         loops: Arc<[LoopHandle]>,
         store: StoreHandle,
         node: Arc<Node>,
     ) -> io::Result<Self> {
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        if let Some(internal) = &mut internal {
+            poll.registry().register(internal, INTERNAL_LISTENER, Interest::READABLE)?;
+        }
         let now = Instant::now();
         Ok(EventLoop {
             index,
             poll,
             listener: Some(listener),
+            internal,
             accept_retry: false,
             conns: Conns::new(node.in_flight.clone()),
             papers: Registry::new(),
@@ -120,6 +130,7 @@ impl EventLoop {
             next_eviction: now + super::timers::EVICT_EVERY,
             next_ping: now + node.settings.ping_interval,
             probes: Vec::new(),
+            erased: HashMap::new(),
             node,
         })
     }
@@ -141,6 +152,7 @@ impl EventLoop {
             self.reap();
             if self.accept_retry {
                 self.accept();
+                self.accept_internal();
             }
             self.metrics().loop_turn.observe(turn.elapsed());
             if self.finished() {
@@ -163,6 +175,7 @@ impl EventLoop {
         for event in events.iter() {
             match event.token() {
                 LISTENER => self.accept(),
+                INTERNAL_LISTENER => self.accept_internal(),
                 WAKER => {} // the inbox is drained below, woken or not
                 Token(key) => {
                     if event.is_writable() {
@@ -186,7 +199,7 @@ impl EventLoop {
         let next = match conn.phase {
             Phase::Request { .. } => return self.read_request(key),
             Phase::Open { .. } => return self.read_messages(key),
-            Phase::Joining { .. } => {
+            Phase::Joining { .. } | Phase::Admitting { .. } => {
                 // Read once the session is open: its messages need the paper.
                 conn.read_pending = true;
                 return;
@@ -202,7 +215,7 @@ impl EventLoop {
                 self.conns.queue_flush(key);
                 next
             }
-            Phase::Reply { .. } | Phase::Reading { .. } => conn.read_leftovers(),
+            Phase::Reply { .. } | Phase::Reading { .. } | Phase::Api { .. } => conn.read_leftovers(),
             Phase::Detached => Next::Continue,
         };
         self.act(key, next);
@@ -232,7 +245,10 @@ impl EventLoop {
                     self.on_loaded(&paper, purpose, stored)
                 }
                 InboxMsg::Store(StoreEvent::Sealed { paper, by, notes, origin }) => {
-                    self.on_sealed(&paper, &by, &notes, origin.is_some())
+                    self.on_sealed(&paper, &by, &notes, origin.is_some());
+                    if let Some(origin) = origin {
+                        self.call_sealed(origin, &paper);
+                    }
                 }
                 InboxMsg::Store(StoreEvent::Failed { paper, error }) => self.on_failed(&paper, error),
                 InboxMsg::Store(StoreEvent::Relayed { paper, node, message }) => self.on_relayed(&paper, node, message),

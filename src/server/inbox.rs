@@ -10,19 +10,22 @@ use mio::net::TcpStream;
 use mio::Waker;
 
 use crate::conn::http::Upgrade;
+use crate::conn::ApiCall;
 use crate::store::{Loops, StoreEvent};
 
 /// A request read by one loop about a paper another loop owns.
 pub enum Handoff {
     /// The head took `head_len` bytes of `buf`; what follows belongs to the session.
     Upgrade {
-        upgrade: Upgrade,
+        upgrade: Box<Upgrade>,
         buf: Vec<u8>,
         head_len: usize,
     },
     ReadPaper {
         paper: Arc<str>,
     },
+    /// A backend API call (PROTOCOL.md 7).
+    Api(Box<ApiCall>),
 }
 
 impl Handoff {
@@ -30,6 +33,7 @@ impl Handoff {
         match self {
             Handoff::Upgrade { upgrade, .. } => &upgrade.paper,
             Handoff::ReadPaper { paper } => paper,
+            Handoff::Api(call) => &call.paper,
         }
     }
 }
@@ -41,6 +45,8 @@ pub struct Adopted {
     pub peer: SocketAddr,
     pub serial: u64,
     pub counted: bool,
+    /// A `HEAD` request: answered without the body.
+    pub head_only: bool,
     pub deadline: Instant,
     pub handoff: Handoff,
 }

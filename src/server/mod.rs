@@ -3,6 +3,7 @@
 //! the writer flushes the backlog, the process exits.
 
 mod admission;
+mod api;
 mod cluster;
 mod conns;
 mod edits;
@@ -76,6 +77,18 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
     })?;
     listener.set_nonblocking(true).map_err(|e| fail("cannot make the listener non-blocking", &e))?;
     let local: SocketAddr = listener.local_addr().map_err(|e| fail("cannot read the listening address", &e))?;
+    let internal = match config.internal_listen {
+        None => None,
+        Some(addr) => {
+            let internal = std::net::TcpListener::bind(addr).map_err(|e| {
+                StartError(format!(
+                    "cannot listen on {addr} ({e}); choose another address with --internal-listen or RP_INTERNAL_LISTEN"
+                ))
+            })?;
+            internal.set_nonblocking(true).map_err(|e| fail("cannot make the listener non-blocking", &e))?;
+            Some(internal)
+        }
+    };
 
     // Polls and wakers first: the writer and loader need every loop's handle.
     let mut polls = Vec::with_capacity(config.threads);
@@ -173,10 +186,14 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
     let mut loop_threads = Vec::with_capacity(config.threads);
     for (index, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
         let listener = listener.try_clone().map_err(|e| fail("cannot share the listener", &e))?;
+        let internal = match &internal {
+            Some(internal) => Some(internal.try_clone().map_err(|e| fail("cannot share the internal listener", &e))?),
+            None => None,
+        };
         let event_loop = EventLoop::new(
             index,
             poll,
-            mio::net::TcpListener::from_std(listener),
+            (mio::net::TcpListener::from_std(listener), internal.map(mio::net::TcpListener::from_std)),
             inbox,
             loops.clone(),
             store.clone(),
@@ -188,6 +205,10 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
         loop_threads.push(thread);
     }
     drop(listener);
+    if let Some(internal) = internal {
+        let addr = internal.local_addr().map_err(|e| fail("cannot read the internal address", &e))?;
+        log::info!("backend API, /metrics and /readyz on http://{addr} only (--internal-listen)");
+    }
     // Only the loops hold the store from here on: when they return, the writer's
     // and loader's channels close behind the last op.
     drop(store);

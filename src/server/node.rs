@@ -36,6 +36,12 @@ pub struct Settings {
     pub drain: Duration,
     /// How long a presence hash lives unless refreshed (`--presence-ttl`).
     pub presence_ttl: Duration,
+    /// How long an API call waits for Redis (`--api-timeout`).
+    pub api_timeout: Duration,
+    /// A revocation's length when the call names no `until` (`--revoke-retention`).
+    pub revoke_retention: Duration,
+    /// How long an erased paper stays erased (`--erase-retention`).
+    pub erase_retention: Duration,
 }
 
 impl Settings {
@@ -60,6 +66,9 @@ impl Settings {
             idle_timeout: config.idle_timeout(),
             drain: config.drain(),
             presence_ttl: Duration::from_secs(config.presence_ttl.max(1)),
+            api_timeout: config.api_timeout(),
+            revoke_retention: Duration::from_secs(config.revoke_retention),
+            erase_retention: config.erase_retention(),
         }
     }
 }
@@ -113,6 +122,9 @@ impl Node {
                 verifier: config.jwt_secret.as_deref().map(Verifier::new),
                 allowed_origins: config.allowed_origins.clone(),
                 echo: config.echo,
+                api_key: config.api_key.as_ref().map(|key| key.0.clone()),
+                max_body: config.max_message_bytes,
+                internal_listener: config.internal_listen.is_some(),
             },
             serials: AtomicU64::new(1),
             loop_metrics: (0..config.threads).map(|_| LoopMetrics::default()).collect(),

@@ -28,34 +28,54 @@ const READ_BYTES_PER_TURN: usize = 32 * 1024;
 const JOIN_GRACE: Duration = Duration::from_secs(1);
 
 impl EventLoop {
-    /// Answers 101 and joins the paper, or waits for it to be read.
-    pub(super) fn start_session(&mut self, key: usize, upgrade: Upgrade, head_len: usize) {
-        let Some(conn) = self.conns.slab.get(key) else { return };
-        let (serial, peer) = (conn.serial, conn.peer);
-        let member_id = self.member_id(serial);
-        let user: Arc<str> = upgrade.user.map_or_else(|| Arc::from(member_id.as_str()), Arc::from);
-        let name: Arc<str> = upgrade.name.map_or_else(|| user.clone(), Arc::from);
-        let paper: Arc<str> = Arc::from(upgrade.paper);
-        log::debug!("session {member_id} from {peer} opens paper {paper} as {user}");
-        let visitor = Visitor { paper: paper.clone(), user, name, role: upgrade.role, since: upgrade.since };
-        let settings = &self.node.settings;
-        let (ws_config, deadline) = (settings.ws_config, Instant::now() + settings.load_timeout + JOIN_GRACE);
+    /// Holds an upgrade request until its paper is in memory: the checks that
+    /// need the paper (erased: 410, revoked: 403; PROTOCOL.md 7) come before
+    /// the 101.
+    pub(super) fn admit_session(&mut self, key: usize, upgrade: Upgrade, buf: Vec<u8>, head_len: usize) {
+        let paper: Arc<str> = Arc::from(upgrade.paper.as_str());
         let Some(conn) = self.conns.slab.get_mut(key) else { return };
-        if !conn.upgrade(head_len, &upgrade.key, ws_config, visitor) {
+        if !conn.admit(upgrade, buf, head_len) {
             return;
         }
+        let settings = &self.node.settings;
+        self.set_deadline(key, Instant::now() + settings.load_timeout + JOIN_GRACE);
+        if self.stopping.is_some() {
+            if self.open_session(key) {
+                self.end_session(key, CloseReason::ShuttingDown);
+            }
+            return;
+        }
+        if self.is_erased(&paper) {
+            return self.reply(key, &Reply::text(410, "this paper was erased"));
+        }
+        self.find_paper(key, paper);
+    }
+
+    /// Admitting -> Joining: answers 101. Returns whether it did.
+    pub(super) fn open_session(&mut self, key: usize) -> bool {
+        let Some(conn) = self.conns.slab.get(key) else { return false };
+        let Phase::Admitting { upgrade, .. } = &conn.phase else { return false };
+        let (serial, peer) = (conn.serial, conn.peer);
+        let member_id = self.member_id(serial);
+        let user: Arc<str> = upgrade.user.as_deref().map_or_else(|| Arc::from(member_id.as_str()), Arc::from);
+        let name: Arc<str> = upgrade.name.as_deref().map_or_else(|| user.clone(), Arc::from);
+        let paper: Arc<str> = Arc::from(upgrade.paper.as_str());
+        let (ws_key, expires, since) = (upgrade.key.clone(), upgrade.expires, upgrade.since);
+        log::debug!("session {member_id} from {peer} opens paper {paper} as {user}");
+        let visitor = Visitor { paper, user, name, role: upgrade.role, since };
+        let ws_config = self.node.settings.ws_config;
+        let Some(conn) = self.conns.slab.get_mut(key) else { return false };
+        if !conn.upgrade(&ws_key, ws_config, visitor) {
+            return false;
+        }
         self.metrics().http_response(101);
-        self.set_deadline(key, deadline);
-        if let Some(exp) = upgrade.expires {
+        if let Some(exp) = expires {
             self.expiries.push(Reverse((exp, key, serial)));
         }
         self.session_count += 1;
         self.publish_gauges();
         self.conns.queue_flush(key);
-        if self.stopping.is_some() {
-            return self.end_session(key, CloseReason::ShuttingDown);
-        }
-        self.find_paper(key, paper);
+        true
     }
 
     /// Finds a paper for a joiner or a reader: at once if it is in memory, else
@@ -109,22 +129,36 @@ impl EventLoop {
         }
     }
 
-    /// A paper read for one `GET /papers`: answered, then forgotten.
+    /// A paper read for one `GET /papers` (or one API call): answered, then forgotten.
     fn answer_read(&mut self, paper: &Arc<str>, read: u64, stored: store::StoredPaper) {
         let Some((key, serial)) = self.reads.remove(&read) else { return };
-        if !self.conns.live(key, serial).is_some_and(|c| matches!(c.phase, Phase::Reading { .. })) {
-            return;
+        match self.conns.live(key, serial).map(|c| &c.phase) {
+            Some(Phase::Api { .. }) => self.answer_read_call(key, paper, &stored),
+            Some(Phase::Reading { .. }) if stored.erased_for.is_some() => self.refuse_erased(key),
+            Some(Phase::Reading { .. }) => {
+                let read = crate::paper::Paper::new(paper.clone(), paper_from_store(stored), &mut self.clock);
+                self.reply_read(key, &read);
+            }
+            _ => {}
         }
-        let read = crate::paper::Paper::new(paper.clone(), paper_from_store(stored), &mut self.clock);
-        self.reply_read(key, &read);
     }
 
     /// A paper read from storage: the joiners it was read for join, a read that
     /// keeps nothing is answered, what another node changed while the relay was
-    /// away is merged, or a paper Redis refused to write is taken back.
+    /// away is merged, or a paper Redis refused to write is taken back. An
+    /// erased paper (PROTOCOL.md 7) is erased here too.
     pub(super) fn on_loaded(&mut self, paper: &Arc<str>, purpose: LoadPurpose, stored: store::StoredPaper) {
         if let LoadPurpose::Read(read) = purpose {
             return self.answer_read(paper, read, stored);
+        }
+        // Erased in Redis, or here while it was read (the read may have come
+        // first): nothing of it is kept.
+        if let Some(left) = stored.erased_for {
+            return self.erase_here(paper, left.min(self.node.settings.erase_retention));
+        }
+        if self.is_erased(paper) {
+            let until = self.erased.get(paper).copied().unwrap_or_else(Instant::now);
+            return self.erase_here(paper, until.saturating_duration_since(Instant::now()));
         }
         let stored = paper_from_store(stored);
         let attempt = match purpose {
@@ -151,9 +185,26 @@ impl EventLoop {
     }
 
     /// The paper a connection waited for is in memory.
-    fn paper_ready(&mut self, key: usize) {
+    pub(super) fn paper_ready(&mut self, key: usize) {
         match self.conns.slab.get(key).map(|c| &c.phase) {
+            Some(Phase::Admitting { upgrade, .. }) => {
+                let paper = upgrade.paper.as_str();
+                let user = upgrade.user.clone();
+                let now = super::api::unix_now();
+                let revoked = match (user, self.papers.paper_mut(paper)) {
+                    (Some(user), Some(paper)) => paper.is_revoked(&user, now),
+                    _ => false,
+                };
+                if revoked {
+                    return self.reply(key, &Reply::text(403, "your access to this paper was revoked"));
+                }
+                if self.open_session(key) {
+                    self.load_waited(key);
+                    self.join(key);
+                }
+            }
             Some(Phase::Joining { .. }) => self.join(key),
+            Some(Phase::Api { .. }) => self.serve_call(key),
             Some(Phase::Reading { paper, .. }) => {
                 let paper = paper.clone();
                 self.reply_paper(key, &paper);
@@ -166,6 +217,16 @@ impl EventLoop {
     pub(super) fn paper_unavailable(&mut self, key: usize) {
         self.load_waited(key);
         match self.conns.slab.get(key).map(|c| &c.phase) {
+            // Answered as before 1.2: upgraded, then closed with 1013.
+            Some(Phase::Admitting { .. }) => {
+                if self.open_session(key) {
+                    self.end_session(key, CloseReason::PaperUnavailable);
+                }
+            }
+            Some(Phase::Api { .. }) => {
+                let reply = crate::api::error(503, "unavailable", "the paper cannot be read from Redis now; retry");
+                self.answer_call(key, &reply);
+            }
             Some(Phase::Joining { .. }) => self.end_session(key, CloseReason::PaperUnavailable),
             Some(Phase::Reading { .. }) => {
                 self.reply(key, &Reply::text(503, "the paper cannot be read from Redis now; retry later"))
@@ -339,6 +400,11 @@ impl EventLoop {
         let Some(conn) = self.conns.slab.get(key) else { return };
         match &conn.phase {
             Phase::Joining { visitor, .. } => self.papers.forget_waiter(&visitor.paper, key),
+            Phase::Admitting { upgrade, .. } => self.papers.forget_waiter(&upgrade.paper, key),
+            Phase::Api { call, .. } => {
+                self.papers.forget_waiter(&call.paper, key);
+                self.reads.retain(|_, (k, _)| *k != key);
+            }
             Phase::Reading { paper, .. } => {
                 self.papers.forget_waiter(paper, key);
                 self.reads.retain(|_, (k, _)| *k != key);
@@ -407,6 +473,7 @@ pub(super) fn paper_from_store(stored: store::StoredPaper) -> StoredPaper {
         completed_by: stored.completed_by,
         horizon: stored.horizon,
         resume_floor: stored.resume_floor,
+        revoked: stored.revoked,
         cover: stored.cover.map(|c| crate::paper::Cover {
             data: c.data.unwrap_or_else(|| std::sync::Arc::from("{}")),
             v: c.v,

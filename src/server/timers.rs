@@ -44,6 +44,7 @@ impl EventLoop {
         if now >= self.next_eviction {
             self.next_eviction = now + EVICT_EVERY;
             self.evict_idle_papers(now);
+            self.expire_erasures(now);
             self.prune_tombstones();
             self.publish_gauges();
             // Joins dropped while the backlog was full are mended once it drains.
@@ -68,6 +69,11 @@ impl EventLoop {
             }
             match conn.phase {
                 Phase::Joining { .. } => self.end_session(key, CloseReason::PaperUnavailable),
+                Phase::Admitting { .. } => {
+                    self.leave_paper(key);
+                    self.paper_unavailable(key);
+                }
+                Phase::Api { .. } => self.call_timed_out(key),
                 // Its snapshot is not written yet: it does not read.
                 Phase::Open { .. } => self.end_session(key, CloseReason::SlowConsumer),
                 Phase::Reading { .. } => {
@@ -182,11 +188,16 @@ impl EventLoop {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
+        if let Some(mut internal) = self.internal.take() {
+            let _ = self.poll.registry().deregister(&mut internal);
+        }
         let mut draining = VecDeque::new();
         let mut not_begun = Vec::new();
+        let mut waiting = Vec::new();
         for (key, conn) in &self.conns.slab {
             match conn.phase {
                 Phase::Request { .. } | Phase::Reply { .. } | Phase::Reading { .. } => not_begun.push(key),
+                Phase::Admitting { .. } | Phase::Api { .. } => waiting.push(key),
                 Phase::Joining { .. } | Phase::Open { .. } | Phase::Echo { .. } => {
                     draining.push_back((key, conn.serial))
                 }
@@ -195,6 +206,17 @@ impl EventLoop {
         }
         for key in not_begun {
             self.conns.doom(key);
+        }
+        // Answered as they would be a moment later: an upgrade is closed with
+        // 1001 as every session, a call is told to retry (its change, if handed
+        // to the store, is still written).
+        for key in waiting {
+            self.leave_paper(key);
+            if matches!(self.conns.slab.get(key).map(|c| &c.phase), Some(Phase::Api { .. })) {
+                self.answer_call(key, &crate::api::error(503, "unavailable", "this node is shutting down; retry"));
+            } else if self.open_session(key) {
+                draining.push_back((key, self.conns.slab[key].serial));
+            }
         }
         let total = draining.len();
         self.stopping = Some(Stopping { since: Instant::now(), draining, total });

@@ -52,7 +52,9 @@ impl Budget {
             // The seal reads the whole paper: it goes alone.
             Op::Complete { .. } => CALL_BYTES,
             Op::Prune { .. } => 1024,
-            Op::Relay { .. } => op.bytes(),
+            // An erase deletes the paper's keys: as much work as a seal.
+            Op::Erase { .. } => CALL_BYTES,
+            Op::Relay { .. } | Op::Revoke { .. } => op.bytes(),
         }
     }
 }
@@ -140,6 +142,14 @@ impl<'a> Selection<'a> {
             Op::Note { id, .. } | Op::Patch { id, .. } => Some(&**id),
             _ => None,
         };
+        // An erase or a revocation goes in a call of its own: what the paper's
+        // ops before it did is written first, what came after it goes next,
+        // so that each is reported as what Redis made of it.
+        let alone = matches!(queued.op, Op::Erase { .. } | Op::Revoke { .. });
+        if alone && call.ops > 0 {
+            call.closed = true;
+            return;
+        }
         let first_touch = note.is_none_or(|id| !call.notes.contains(id));
         let cost = budget.cost(&queued.op, first_touch);
         let fits_call = call.ops == 0 || (call.ops < CALL_OPS && call.bytes + cost <= CALL_BYTES);
@@ -150,6 +160,7 @@ impl<'a> Selection<'a> {
         }
         call.ops += 1;
         call.bytes += cost;
+        call.closed = alone;
         if let Some(id) = note {
             call.notes.insert(id);
         }
@@ -167,6 +178,8 @@ pub struct PaperWrites<'a> {
     /// The last cover of the batch (value, v, node, relay) and every op of it.
     pub cover: Option<(String, u64, &'a str, &'a str, Vec<usize>)>,
     pub complete: Option<(usize, &'a str)>,
+    /// An erase or a revocation: alone in its paper's call (`select`).
+    pub alone: Option<usize>,
     /// Ops that only ask for the tombstones past retention to go: the note
     /// script prunes at every call, with notes to write or without.
     pub prune: Vec<usize>,
@@ -176,7 +189,8 @@ impl PaperWrites<'_> {
     pub fn ops(&self) -> Vec<usize> {
         let notes = self.notes.iter().flat_map(|n| n.ops.iter().copied());
         let cover = self.cover.iter().flat_map(|c| c.4.iter().copied());
-        notes.chain(cover).chain(self.complete.map(|(i, _)| i)).chain(self.prune.iter().copied()).collect()
+        let complete = self.complete.map(|(i, _)| i);
+        notes.chain(cover).chain(complete).chain(self.alone).chain(self.prune.iter().copied()).collect()
     }
 
     /// Whether the note script runs for the paper: notes to write, or tombstones to drop.
@@ -208,6 +222,7 @@ impl<'a> Plan<'a> {
                     notes: Vec::new(),
                     cover: None,
                     complete: None,
+                    alone: None,
                     prune: Vec::new(),
                 });
                 papers.len() - 1
@@ -250,6 +265,7 @@ impl<'a> Plan<'a> {
                 }
                 Op::Complete { by, .. } => writes.complete = Some((i, by)),
                 Op::Prune { .. } => writes.prune.push(i),
+                Op::Erase { .. } | Op::Revoke { .. } => writes.alone = Some(i),
                 Op::Relay { .. } => relays.push(i),
             }
         }

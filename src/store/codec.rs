@@ -163,6 +163,19 @@ pub fn parse_paper(paper: &str, notes: Hash, meta: Hash) -> (StoredPaper, u64) {
     (stored, skipped)
 }
 
+/// The revocations of a paper (PROTOCOL.md 7): user -> unix seconds; an entry
+/// that is not a number is skipped.
+pub fn parse_revoked(revoked: Hash) -> Vec<(String, u64)> {
+    revoked
+        .into_iter()
+        .filter_map(|(user, until)| {
+            let user = String::from_utf8(user).ok()?;
+            let until = std::str::from_utf8(&until).ok()?.trim().parse::<u64>().ok()?;
+            Some((user, until))
+        })
+        .collect()
+}
+
 /// A stored note value, if it is one this server can read.
 pub fn read_note(value: &[u8]) -> Option<NoteValue> {
     let value = std::str::from_utf8(value).ok()?;

@@ -23,6 +23,18 @@ pub fn members(paper: &str) -> String {
     format!("rp:paper:{{{paper}}}:members")
 }
 
+/// Hash (1.2): user -> unix seconds until which the user may not join
+/// (PROTOCOL.md 7); the key expires with the last of them.
+pub fn revoked(paper: &str) -> String {
+    format!("rp:paper:{{{paper}}}:revoked")
+}
+
+/// String (1.2), with an expiry of `erase_retention`: present while the paper
+/// is erased; no write of the paper is applied while it is.
+pub fn erased(paper: &str) -> String {
+    format!("rp:paper:{{{paper}}}:erased")
+}
+
 /// Pub/sub channel of one paper's relayed messages.
 pub fn channel(paper: &str) -> String {
     format!("rp:paper:{{{paper}}}")

@@ -95,7 +95,7 @@ impl Loader {
         let script = self.write_notes.clone();
         let conn = self.connection()?;
         let mut call = script.key(keys::notes(paper));
-        call.key(keys::meta(paper)).key(keys::tombstones(paper));
+        call.key(keys::meta(paper)).key(keys::tombstones(paper)).key(keys::erased(paper));
         // now 0 and retention 0: no tombstone is past retention; no cap is reached.
         call.arg(0).arg("").arg(0).arg(crate::protocol::MAX_VERSION);
         call.invoke::<redis::Value>(conn).map(drop).inspect_err(|e| {
@@ -119,9 +119,18 @@ impl Loader {
     fn read(&mut self, paper: &str) -> redis::RedisResult<StoredPaper> {
         self.connection()?;
         let conn = self.conn.as_mut().expect("connected");
-        let (notes, meta): (Hash, Hash) =
-            redis::pipe().cmd("HGETALL").arg(keys::notes(paper)).cmd("HGETALL").arg(keys::meta(paper)).query(conn)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(keys::notes(paper)).cmd("HGETALL").arg(keys::meta(paper));
+        pipe.cmd("PTTL").arg(keys::erased(paper)).cmd("HGETALL").arg(keys::revoked(paper));
+        let (notes, meta, erased_ms, revoked): (Hash, Hash, i64, Hash) = pipe.query(conn)?;
         let (mut stored, skipped) = parse_paper(paper, notes, meta);
+        // -2: no marker; -1: a marker without expiry (set by hand): erased for good.
+        stored.erased_for = match erased_ms {
+            -2 => None,
+            ms if ms < 0 => Some(Duration::MAX),
+            ms => Some(Duration::from_millis(ms as u64)),
+        };
+        stored.revoked = super::codec::parse_revoked(revoked);
         self.metrics.corrupt_values.fetch_add(skipped, Ordering::Relaxed);
         if let Some(own) = &self.presence_of_others {
             let entries: Hash = redis::cmd("HGETALL").arg(keys::members(paper)).query(conn)?;

@@ -52,6 +52,10 @@ pub struct StoredPaper {
     /// The meta hash's `horizon` and `resume_floor` (PROTOCOL.md 4, 1.1).
     pub horizon: u64,
     pub resume_floor: u64,
+    /// 1.2: the paper is erased, for this long yet (PROTOCOL.md 7).
+    pub erased_for: Option<std::time::Duration>,
+    /// 1.2: revoked users and the unix second until which each may not join.
+    pub revoked: Vec<(String, u64)>,
 }
 
 /// Whether retrying can cure a failed write: the connection, a server loading
@@ -167,6 +171,12 @@ pub enum Op {
     /// did in memory (PROTOCOL.md 4, 1.1), when no write of the paper would.
     /// Never acknowledged.
     Prune { paper: Arc<str> },
+    /// 1.2: erase the paper (PROTOCOL.md 7): delete its keys, set its `erased`
+    /// marker for `retention_ms`, and tell the other nodes (`relay`).
+    Erase { paper: Arc<str>, retention_ms: u64, origin: Origin, relay: Option<Box<str>> },
+    /// 1.2: revoke a user's access to the paper until `until` (unix seconds),
+    /// and tell the other nodes (`relay`).
+    Revoke { paper: Arc<str>, user: Arc<str>, until: u64, origin: Origin, relay: Option<Box<str>> },
 }
 
 /// A member in the paper's presence hash, so that nodes loading the paper later
@@ -186,14 +196,17 @@ impl Op {
             | Op::Cover { paper, .. }
             | Op::Complete { paper, .. }
             | Op::Relay { paper, .. }
-            | Op::Prune { paper } => paper,
+            | Op::Prune { paper }
+            | Op::Erase { paper, .. }
+            | Op::Revoke { paper, .. } => paper,
         }
     }
 
     pub fn relay(&self) -> Option<&str> {
         match self {
             Op::Note { relay, .. } | Op::Patch { relay, .. } | Op::Cover { relay, .. } => relay.as_deref(),
-            Op::Complete { .. } | Op::Prune { .. } => None,
+            // Published by their scripts, once applied.
+            Op::Complete { .. } | Op::Prune { .. } | Op::Erase { .. } | Op::Revoke { .. } => None,
             Op::Relay { relay, .. } => Some(relay),
         }
     }
@@ -205,6 +218,7 @@ impl Op {
             Op::Cover { paper, origin, cover, reference, .. } => (paper, origin, cover.v, reference, None),
             Op::Patch { paper, origin, v, reference, id, .. } => (paper, origin, *v, reference, Some(id)),
             Op::Complete { paper, origin, reference, .. } => (paper, origin, 0, reference, None),
+            Op::Erase { paper, origin, .. } | Op::Revoke { paper, origin, .. } => (paper, origin, 0, &None, None),
             Op::Relay { .. } | Op::Prune { .. } => return None,
         };
         let note = note.cloned();
@@ -230,6 +244,8 @@ pub enum Outcome {
     /// deletes raised the horizon). `write_failed`, and the members are
     /// corrected; the paper itself is writable, so it goes on.
     BelowHorizon,
+    /// 1.2: the paper is erased (PROTOCOL.md 7): nothing of it is written.
+    Erased,
 }
 
 /// An op's outcome, reported back to the loop that made it.
@@ -279,6 +295,8 @@ impl Op {
                         + presence.as_ref().map_or(0, |p| p.member.len() + p.entry.as_ref().map_or(0, String::len))
                 }
                 Op::Prune { .. } => 0,
+                Op::Erase { relay, .. } => text(relay),
+                Op::Revoke { user, relay, .. } => user.len() + text(relay),
             }
     }
 }

@@ -87,6 +87,20 @@ const WRITE_COVER: &str = include_str!("scripts/write_cover.lua");
 /// least once: a writer that dies between leaves the marker for the next sweep).
 const COMPLETE: &str = include_str!("scripts/complete.lua");
 
+/// Erases a paper (PROTOCOL.md 7, 1.2): sets its `erased` marker for the
+/// retention, deletes its keys, and publishes the erase to the other nodes. The
+/// marker makes every other script a no-op for the paper (they answer 7). Run
+/// again, it ends in the same state. KEYS: notes, meta, tombstones, members,
+/// revoked, erased. ARGV: retention ms, channel (or empty), relay. Returns 1.
+const ERASE: &str = include_str!("scripts/erase.lua");
+
+/// Revokes a user (PROTOCOL.md 7, 1.2): sets `user -> until` in the paper's
+/// revoked hash, drops the revocations past, keeps the key until the last one
+/// ends, and publishes it to the other nodes. KEYS: revoked, erased. ARGV: user,
+/// until (unix seconds), now (unix seconds), channel (or empty), relay. Returns
+/// 1, or 7 for an erased paper.
+const REVOKE: &str = include_str!("scripts/revoke.lua");
+
 /// The note script as the loader runs it, to prove a paper writable: with no
 /// note, nothing is published, so the plain script serves every kind of Redis.
 pub(super) fn write_notes_script() -> Script {
@@ -115,6 +129,8 @@ pub struct Writer {
     write_notes: Script,
     write_cover: Script,
     complete: Script,
+    erase: Script,
+    revoke: Script,
     outage: Option<Outage>,
     /// With `--cluster`: this node's id, which prefixes what it relays.
     node: Option<String>,
@@ -155,7 +171,9 @@ impl Writer {
         let write_notes = Script::new(&publish(format!("{READABLE}{WRITE_NOTES}")));
         let write_cover = Script::new(&publish(WRITE_COVER.to_string()));
         let complete = Script::new(&publish(format!("{READABLE}{COMPLETE}")));
-        let scripts = vec![write_notes.clone(), write_cover.clone(), complete.clone()];
+        let erase = Script::new(&publish(ERASE.to_string()));
+        let revoke = Script::new(&publish(REVOKE.to_string()));
+        let scripts = vec![write_notes.clone(), write_cover.clone(), complete.clone(), erase.clone(), revoke.clone()];
         let shards = endpoint.seed().filter(|_| cluster).map(|seed| Shards::new(seed, scripts, metrics.clone()));
         Writer {
             endpoint,
@@ -173,6 +191,8 @@ impl Writer {
             write_notes,
             write_cover,
             complete,
+            erase,
+            revoke,
             outage: None,
             node: None,
             history: History { retention: 3_600_000 << 10, max_tombstones: 1000 },
@@ -517,6 +537,8 @@ impl Writer {
             self.write_notes.load(&mut conn)?;
             self.write_cover.load(&mut conn)?;
             self.complete.load(&mut conn)?;
+            self.erase.load(&mut conn)?;
+            self.revoke.load(&mut conn)?;
             bump(&self.metrics.reconnects, 1);
             self.conn = Some(conn);
         }
@@ -567,8 +589,9 @@ impl Writer {
                 commands += 1;
                 owners.push(writes.paper);
                 let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
-                let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(3);
+                let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(4);
                 cmd.arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper)).arg(keys::tombstones(writes.paper));
+                cmd.arg(keys::erased(writes.paper));
                 cmd.arg(now).arg(channel).arg(self.history.retention).arg(self.history.max_tombstones);
                 for note in &writes.notes {
                     cmd.arg(note.kind).arg(note.id).arg(&note.value).arg(note.v).arg(note.node).arg(note.relay);
@@ -579,7 +602,8 @@ impl Writer {
                 commands += 1;
                 owners.push(writes.paper);
                 let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
-                pipe.cmd("EVALSHA").arg(self.write_cover.get_hash()).arg(1).arg(keys::meta(writes.paper));
+                pipe.cmd("EVALSHA").arg(self.write_cover.get_hash()).arg(2).arg(keys::meta(writes.paper));
+                pipe.arg(keys::erased(writes.paper));
                 pipe.arg(value).arg(*v).arg(*node).arg(channel).arg(*relay).arg(now);
             }
             if let Some((_, by)) = writes.complete {
@@ -590,12 +614,33 @@ impl Writer {
                     None => (String::new(), String::new()),
                 };
                 let cmd = pipe.cmd("EVALSHA").arg(self.complete.get_hash());
-                cmd.arg(if self.cluster { 3 } else { 4 }).arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper));
-                cmd.arg(keys::tombstones(writes.paper));
+                cmd.arg(if self.cluster { 4 } else { 5 }).arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper));
+                cmd.arg(keys::tombstones(writes.paper)).arg(keys::erased(writes.paper));
                 if !self.cluster {
                     cmd.arg(keys::COMPLETED_STREAM);
                 }
                 cmd.arg(writes.paper).arg(by).arg(now).arg(self.retention_secs).arg(channel).arg(prefix);
+            }
+            if let Some(i) = writes.alone {
+                commands += 1;
+                owners.push(writes.paper);
+                let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
+                let paper = writes.paper;
+                match &batch[i].op {
+                    Op::Erase { retention_ms, relay, .. } => {
+                        let cmd = pipe.cmd("EVALSHA").arg(self.erase.get_hash()).arg(6);
+                        cmd.arg(keys::notes(paper)).arg(keys::meta(paper)).arg(keys::tombstones(paper));
+                        cmd.arg(keys::members(paper)).arg(keys::revoked(paper)).arg(keys::erased(paper));
+                        cmd.arg(*retention_ms).arg(channel).arg(relay.as_deref().unwrap_or_default());
+                    }
+                    Op::Revoke { user, until, relay, .. } => {
+                        let cmd = pipe.cmd("EVALSHA").arg(self.revoke.get_hash()).arg(2);
+                        cmd.arg(keys::revoked(paper)).arg(keys::erased(paper));
+                        cmd.arg(&**user).arg(*until).arg(now / 1000).arg(channel);
+                        cmd.arg(relay.as_deref().unwrap_or_default());
+                    }
+                    _ => unreachable!("only erases and revocations go alone"),
+                }
             }
         }
         for &i in &relays {
@@ -672,6 +717,7 @@ impl Writer {
                                 Value::Int(6) => {
                                     Reported::Failed("a patch of a note Redis does not hold or cannot read".into())
                                 }
+                                Value::Int(7) => Reported::Op(Outcome::Erased),
                                 _ => Reported::Op(Outcome::Saved),
                             };
                             for &i in ops {
@@ -686,7 +732,11 @@ impl Writer {
             if let Some((.., ops)) = &writes.cover {
                 match replies.next() {
                     Some(Ok(Value::Int(code))) => {
-                        let outcome = if code == 3 { Outcome::Sealed } else { Outcome::Saved };
+                        let outcome = match code {
+                            3 => Outcome::Sealed,
+                            7 => Outcome::Erased,
+                            _ => Outcome::Saved,
+                        };
                         for &i in ops {
                             outcomes[i] = Some(Reported::Op(outcome));
                         }
@@ -697,6 +747,9 @@ impl Writer {
             }
             if let Some((i, _)) = writes.complete {
                 match replies.next() {
+                    Some(Ok(Value::Array(reply))) if reply.get(3).is_some() => {
+                        outcomes[i] = Some(Reported::Op(Outcome::Erased));
+                    }
                     Some(Ok(Value::Array(reply))) => match (reply.first(), reply.get(1)) {
                         (Some(Value::BulkString(notes)), Some(Value::BulkString(by))) => {
                             let notes = String::from_utf8_lossy(notes).into_owned();
@@ -711,6 +764,17 @@ impl Writer {
                         }
                         _ => failure = failure.or(Some(unexpected(Some(Ok(Value::Array(reply)))))),
                     },
+                    Some(Err(e)) => failure = failure.or(Some(e)),
+                    other => failure = failure.or(Some(unexpected(other))),
+                }
+            }
+            if let Some(i) = writes.alone {
+                match replies.next() {
+                    Some(Ok(Value::Int(code))) => {
+                        relayed += u64::from(code == 1 && self.node.is_some());
+                        let outcome = if code == 7 { Outcome::Erased } else { Outcome::Saved };
+                        outcomes[i] = Some(Reported::Op(outcome));
+                    }
                     Some(Err(e)) => failure = failure.or(Some(e)),
                     other => failure = failure.or(Some(unexpected(other))),
                 }

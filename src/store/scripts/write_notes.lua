@@ -239,6 +239,12 @@ local function parsed(s)
 end
 
 local out = {}
+-- An erased paper is written no more (PROTOCOL.md 7): not by a late write, nor
+-- by a backlog replayed after an outage, nor by a tombstone prune.
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  for i = 5, #ARGV, 7 do out[#out + 1] = 7 end
+  return out
+end
 -- A sealed paper's notes are what its stream entry says: late writes stay out.
 if redis.call('HGET', meta, 'completed') == '1' then
   for i = 5, #ARGV, 7 do out[#out + 1] = 3 end
