@@ -33,6 +33,8 @@ step() {
     fi
 }
 
+# The backend API's OpenAPI document (served at /api/openapi.json): valid 3.1, and PROTOCOL.md 7's routes.
+step "the OpenAPI document (openapi-spec-validator)" bash scripts/openapi-test.sh
 step "cargo fmt --check" cargo fmt --all -- --check
 # `--features load` builds the load generator, which tests/load.rs and
 # tests/operators.rs run; the server itself never links its dependencies.

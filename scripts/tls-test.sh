@@ -4,10 +4,11 @@
 # and real wss:// clients (Node's ws) on the same paper seeing each
 # other's edits; the load generator through it over wss:// (every delivery
 # arrives with --ca-file; without it, the certificate is refused at once); then
-# what the file promises operators: /metrics, /readyz and /papers refused
-# publicly and served internally, http redirected to https, HSTS, no token in
-# the access log, and a node killed and restarted on its address being used
-# again at once. Everything runs on free loopback ports and is stopped on exit.
+# what the file promises operators: /papers refused publicly and served
+# internally, /api, /metrics and /readyz refused by nginx itself on both (each
+# node serves them on its own address), http redirected to https, HSTS, no
+# token in the access log, and a node killed and restarted on its address
+# being used again at once. Everything runs on free loopback ports and is stopped on exit.
 # Installs nginx, openssl, Node and the system's CA roots if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -162,12 +163,24 @@ health=$(curl -s --cacert "$work/cert.pem" "https://127.0.0.1:$https_port/health
 [ "$health" = "ok" ] || { echo "tls-test.sh: /healthz over https said: $health" >&2; status=1; }
 
 code() { curl -s -o /dev/null -w '%{http_code}' --cacert "$work/cert.pem" "$@" || true; }
-# Internal endpoints are refused publicly and served on the internal listener.
-for path in /metrics /readyz /papers/p1; do
-    check "public $path" 404 "$(code "https://127.0.0.1:$https_port$path")"
+# nginx's own 404 (its page names nginx), not a node's (`not found`): the
+# request never reached a node.
+nginx_404() {
+    local body
+    body=$(curl -s -w ' %{http_code}' --cacert "$work/cert.pem" "$1" | tr '\r\n' '  ' || true)
+    case "$body" in *"<center>nginx"*" 404") echo "404 from nginx" ;; *) echo "${body: -3}: ${body:0:60}" ;; esac
+}
+# /papers is refused publicly and served on the internal listener; /api,
+# /metrics and /readyz are refused on both: each node serves them on its own
+# --internal-listen address (here, without it, on its main port).
+for path in /metrics /readyz /papers/p1 /api/papers/p1/presence /api/openapi.json; do
+    check "public $path" "404 from nginx" "$(nginx_404 "https://127.0.0.1:$https_port$path")"
 done
-check "internal /metrics" 200 "$(code "http://127.0.0.1:$internal_port/metrics")"
+for path in /metrics /readyz /api/papers/p1/presence /api/openapi.json; do
+    check "internal $path" "404 from nginx" "$(nginx_404 "http://127.0.0.1:$internal_port$path")"
+done
 check "internal /papers/p1" 200 "$(code "http://127.0.0.1:$internal_port/papers/p1")"
+check "/metrics of node b at its own address" 200 "$(code "http://$node_b/metrics")"
 # Plain http only redirects, to https.
 check "http redirect" 301 "$(code "http://127.0.0.1:$http_port/ws/p1")"
 location=$(curl -s -o /dev/null -w '%{redirect_url}' "http://127.0.0.1:$http_port/ws/p1?x=1" || true)
