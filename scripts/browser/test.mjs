@@ -5,9 +5,12 @@
 // changes (field patches); signatures stay after their author leaves; sealing
 // shows the final card; a phone-sized page fits; a server with auth on is
 // answered "not authorised", not "offline"; after a server restart the pages
-// come back by themselves with every note. axe-core checks the main views for
-// serious or critical accessibility violations. The servers are started and
-// restarted here (scripts/browser-test.sh starts Redis and passes its URL).
+// come back by themselves with every note. Last, 1.2: when the main backend
+// revokes a person (4403) or erases the card (4410) through its API, the page
+// shows an end state of its own, without the card, and does not reconnect.
+// axe-core checks the main views for serious or critical accessibility
+// violations. The servers are started and restarted here
+// (scripts/browser-test.sh starts Redis and passes its URL).
 //
 // Every wait is a condition with a deadline; nothing sleeps to synchronise.
 //
@@ -19,6 +22,7 @@
 import { spawn } from 'node:child_process';
 import { openSync, readFileSync, writeFileSync, mkdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -27,6 +31,8 @@ const STEP_TIMEOUT_MS = 15_000;
 // Pages back off up to 10 s between attempts while the server is away.
 const RECONNECT_TIMEOUT_MS = 30_000;
 const SERVER_EXIT_TIMEOUT_MS = 20_000;
+// PROTOCOL.md 7: at least 32 bytes.
+const API_KEY = 'browser-test-api-key-0123456789abcdef';
 const CHROMIUM_ARGS = [
   '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   // Without these Chromium keeps calling home, which a closed network punishes.
@@ -99,6 +105,26 @@ async function waitForHealthy(exited, origin) {
     await new Promise((r) => setTimeout(r, 50)); // poll interval of a condition with a deadline
   }
   throw new Error(`the server did not answer /healthz within ${STEP_TIMEOUT_MS} ms`);
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer().listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
+}
+
+/** A request to the backend API (PROTOCOL.md 7) with the API key: `{status, text}`. */
+async function backendApi(server, method, path, body) {
+  const headers = { Authorization: `Bearer ${API_KEY}` };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const res = await fetch(`http://127.0.0.1:${server.port}${path}`, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return { status: res.status, text: await res.text() };
 }
 
 function withDeadline(promise, ms, what) {
@@ -512,6 +538,59 @@ async function notAuthorisedIsNotOffline({ browser, problems, shots, authServer 
   await eve.context().close();
 }
 
+/** Waits for the page's end state: `title` focused, no card, no control to use, no offline notice. */
+async function waitEnded(page, title) {
+  await waitUntil(page, `the end state "${title}"`, (title) => {
+    const view = document.querySelector('[data-testid=ended]');
+    const heading = document.querySelector('[data-testid=ended-title]');
+    const shown = (e) => e.getClientRects().length > 0;
+    return view !== null && shown(view) && heading.textContent === title && document.activeElement === heading
+      && !shown(document.getElementById('card')) && !shown(document.querySelector('[data-testid=connection]'))
+      && !shown(document.querySelector('[data-testid=offline-banner]'))
+      && ![...document.querySelectorAll('button, input, textarea, select')].some(shown);
+  }, title);
+}
+
+async function theBackendEndsTheCard({ browser, problems, shots }) {
+  const api = await runningApiServer();
+  const apiBase = `http://127.0.0.1:${api.port}`;
+  const paper = `e2e-end-${Date.now().toString(36)}`;
+  const ann = await openPage(browser, 'Ann', problems, {}, apiBase);
+  const ben = await openPage(browser, 'Ben', problems, {}, apiBase);
+  let annSockets = 0;
+  ann.on('websocket', () => { annSockets += 1; });
+  await openPaperAs(ann, `${apiBase}/?paper=${paper}`, 'Ann');
+  await openPaperAs(ben, `${apiBase}/?paper=${paper}`, 'Ben');
+  const id = await addNote(ann, 'See you on Friday!');
+  await waitNoteText(ben, id, 'See you on Friday!');
+  await waitSaved(ann);
+  await waitMember(ben, 'Ann');
+
+  // The main backend removes Ann's access: her page ends, Ben's stays.
+  const user = await ann.evaluate(() => window.rollingpaper.client.state.user);
+  const opened = annSockets;
+  const revoked = await backendApi(api, 'POST', `/api/papers/${paper}/revoke`, { user });
+  if (revoked.status !== 204) throw new Error(`revoke answered ${revoked.status} ${revoked.text}`);
+  await waitEnded(ann, 'Your access to this card was removed.');
+  await waitUntil(ben, 'Ann to leave', () =>
+    ![...document.querySelectorAll('[data-testid=member-name]')].some((m) => m.textContent === 'Ann'));
+  await waitOnline(ben);
+  await checkAccessibility(ann, 'the "access removed" view');
+  shots.push(await screenshot(ann, '8-access-removed'));
+
+  // The main backend erases the card: Ben's page ends too.
+  const erased = await backendApi(api, 'DELETE', `/api/papers/${paper}`);
+  if (erased.status !== 204) throw new Error(`erase answered ${erased.status} ${erased.text}`);
+  await waitEnded(ben, 'This card was deleted.');
+  await checkAccessibility(ben, 'the "card deleted" view');
+  shots.push(await screenshot(ben, '9-card-deleted'));
+  if (annSockets !== opened) throw new Error(`Ann's page opened ${annSockets - opened} WebSocket(s) after her access was removed`);
+  const status = await ann.evaluate(() => window.rollingpaper.client.state.status);
+  if (status !== 'revoked') throw new Error(`Ann's client is ${status}, not revoked`);
+  await ann.context().close();
+  await ben.context().close();
+}
+
 // ---- Runner ------------------------------------------------------------------------
 
 /** What every page looked like when a scenario failed; then closes them for the next one. */
@@ -527,9 +606,26 @@ const server = new Server();
 const authServer = new Server({
   port: Number(env('RP_AUTH_PORT')), name: 'auth-server', args: ['--store', 'memory', '--jwt-secret', 'browser-test-secret-0123456789'],
 });
+// 1.2's backend API on: started by the scenario that needs it.
+let apiServer = null;
 let browser;
 // Set once the run is being cut short; what fails after that is its echo, not news.
 let aborting = false;
+
+async function runningApiServer() {
+  apiServer ??= new Server({
+    port: await freePort(), name: 'api-server', args: ['--store', 'redis', '--redis', config.redis, '--api-key', API_KEY],
+  });
+  if (!apiServer.child) {
+    try {
+      await apiServer.start();
+    } catch (err) {
+      const log = readFileSync(join(config.work, 'api-server.log'), 'utf8').trimEnd().split('\n').slice(-5);
+      throw new Error(`${err.message}\n  api-server.log: ${log.join('\n  ')}`);
+    }
+  }
+  return apiServer;
+}
 
 /** The first lines of an error: Playwright appends the browser's whole log. */
 function summary(err) {
@@ -557,6 +653,7 @@ async function main() {
       ['sealing shows the final card to everyone', completingSealsThePaper],
       ['the card on a phone (390x844)', onAPhone],
       ['401 is shown as "not authorised", not offline', notAuthorisedIsNotOffline],
+      ['1.2: access removed (4403) and card deleted (4410) show an end state, without reconnecting', theBackendEndsTheCard],
     ];
     for (const [name, run] of scenarios) {
       const started = Date.now();
@@ -581,6 +678,7 @@ async function main() {
     await browser?.close().catch(() => {});
     await server.stop().catch(() => server.kill());
     await authServer.stop().catch(() => authServer.kill());
+    await apiServer?.stop().catch(() => apiServer.kill());
   }
   if (aborting) return 1;
   if (failed > 0) printServerLog();
@@ -607,6 +705,7 @@ async function abort(why, { signalled = false } = {}) {
   console.error(`browser test: FAIL ${why}`);
   server.kill();
   authServer.kill();
+  apiServer?.kill();
   await withDeadline(browser?.close() ?? Promise.resolve(), 5000, 'the browser to close').catch(() => {});
   if (!signalled) {
     printServerLog();

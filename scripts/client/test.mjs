@@ -2,7 +2,9 @@
 // Node, with the `ws` package as its WebSocket: against the real server (one
 // with Redis, restarted in the middle, and one with auth on), and against a
 // scripted server for the messages a healthy server rarely sends (a snapshot
-// in mid-session, write_failed, a snapshot with `since`).
+// in mid-session, write_failed, a snapshot with `since`). Last, 1.2's ends of
+// a session for good: 4403 and 4410 from a scripted server, then from a real
+// one through its backend API (PROTOCOL.md 7), started with an API key.
 //
 // Every wait is a condition with a deadline; nothing sleeps to synchronise.
 //
@@ -12,6 +14,7 @@
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { openSync, writeFileSync } from 'node:fs';
+import { get as httpGet } from 'node:http';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import WebSocket, { WebSocketServer } from 'ws';
@@ -20,6 +23,11 @@ import { RollingPaper } from '../../src/web/rollingpaper-client.js';
 const STEP_TIMEOUT_MS = 10_000;
 const GLOBAL_TIMEOUT_MS = 110_000;
 const SECRET = 'client-test-secret-0123456789';
+// PROTOCOL.md 7: at least 32 bytes.
+const API_KEY = 'client-test-api-key-0123456789abcdef';
+// A reconnection that must not happen can only be watched for: this long is
+// several backoff periods of the test clients (100 ms to 800 ms).
+const NO_RECONNECT_WINDOW_MS = 1500;
 
 const config = { bin: need('RP_BIN'), redis: need('RP_REDIS'), work: need('RP_WORK') };
 
@@ -73,7 +81,7 @@ function client(url, paper, options = {}) {
   });
   rp.urls = urls;
   rp.events = [];
-  for (const type of ['status', 'refused', 'saved', 'applied', 'write_failed', 'unconfirmed', 'denied', 'completed', 'snapshot', 'join', 'leave']) {
+  for (const type of ['status', 'refused', 'saved', 'applied', 'write_failed', 'unconfirmed', 'denied', 'completed', 'snapshot', 'join', 'leave', 'close', 'ended']) {
     rp.on(type, (detail) => rp.events.push({ type, detail }));
   }
   rp.eventsOf = (type) => rp.events.filter((e) => e.type === type).map((e) => e.detail);
@@ -144,6 +152,68 @@ async function speaks11(url) {
   await until('the probes to settle', () => settled(cover) && settled(patch));
   rp.close();
   return { meta: rp.eventsOf('applied').some((e) => e.ref === cover), patch: !rp.patchless };
+}
+
+/** Starts `server` unless it runs. */
+async function running(server) {
+  if (!server.child || server.child.exitCode !== null) await server.start();
+  return server;
+}
+
+/** A request to the backend API (PROTOCOL.md 7) with the API key: `{status, text}`. */
+async function api(server, method, path, body) {
+  const headers = { Authorization: `Bearer ${API_KEY}` };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const res = await fetch(`${server.url}${path}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  return { status: res.status, text: await res.text() };
+}
+
+/** The server's count of TCP connections accepted, read over a connection of its own (which it counts). */
+function connectionsAccepted(server) {
+  return new Promise((resolve, reject) => {
+    httpGet(`${server.url}/metrics`, { agent: false }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk) => { body += chunk; });
+      res.on('end', () => {
+        const found = /^rollingpaper_connections_accepted_total (\d+)$/m.exec(body);
+        if (found) resolve(Number(found[1]));
+        else reject(new Error(`no rollingpaper_connections_accepted_total in /metrics (${res.statusCode})`));
+      });
+    }).on('error', reject);
+  });
+}
+
+/**
+ * Checks that clients ended by the server stay ended: over a window of
+ * several backoff periods, even when told the network is back, none opens a
+ * WebSocket, and the server accepts no connection but the one that reads
+ * its count.
+ */
+async function staysEnded(server, rps, status) {
+  const opened = rps.map((rp) => rp.urls.length);
+  const before = await connectionsAccepted(server);
+  for (const rp of rps) rp.reconnectNow();
+  await new Promise((r) => setTimeout(r, NO_RECONNECT_WINDOW_MS)); // the window watched, not a synchronisation
+  const after = await connectionsAccepted(server);
+  check(after - before === 1, `the server accepted ${after - before - 1} connection(s) after the sessions ended`);
+  for (const [i, rp] of rps.entries()) {
+    const who = rp.options.name || rp.options.user;
+    check(rp.urls.length === opened[i], `${who} reconnected: ${rp.urls.slice(opened[i]).join(' ')}`);
+    check(rp.state.status === status && !rp.isOpen, `${who} is ${rp.state.status}, not ${status}`);
+  }
+}
+
+/** Checks the `ended` event of a client ended with `code`: once, after `close`, and its status. */
+function checkEnded(rp, code, status) {
+  const who = rp.options.name || rp.options.user;
+  const ended = rp.eventsOf('ended');
+  check(ended.length === 1 && ended[0].code === code && ended[0].status === status, `${who}: ended ${JSON.stringify(ended)}`);
+  const closeAt = rp.events.findIndex((e) => e.type === 'close' && e.detail.code === code);
+  const endedAt = rp.events.findIndex((e) => e.type === 'ended');
+  check(closeAt !== -1 && closeAt < endedAt, `${who}: no close ${code} before ended`);
+  check(!rp.events.slice(endedAt).some((e) => e.type === 'unconfirmed'), `${who}: an edit reported after ended`);
+  check(rp.state.status === status && rp.state.pending === 0, `${who}: status ${rp.state.status}, ${rp.state.pending} pending`);
 }
 
 // ---- Scenarios against the real server ----------------------------------------------------
@@ -487,11 +557,145 @@ async function savedDoesNotCarryOverToAnotherNode() {
   }
 }
 
+// ---- 1.2: the main backend ends sessions for good (4403, 4410) ------------------------------
+
+/**
+ * 4403 and 4410 from a scripted server: no reconnection, an `ended` event,
+ * and each edit still held reported `unconfirmed`: applied (with its `v`),
+ * sent without an answer, and held back by the edit interval (`v` 0).
+ */
+async function endingsFromAScriptedServer() {
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  await new Promise((r) => wss.once('listening', r));
+  const url = `http://127.0.0.1:${wss.address().port}`;
+  const sessions = [];
+  wss.on('connection', (ws) => {
+    const session = { ws, received: [] };
+    ws.on('message', (data) => session.received.push(JSON.parse(String(data))));
+    sessions.push(session);
+  });
+  const send = (session, msg) => session.ws.send(JSON.stringify(msg));
+  try {
+    for (const [code, status] of [[4403, 'revoked'], [4410, 'erased']]) {
+      const first = sessions.length;
+      // Edits wait a minute between sends unless flushed: the last one stays queued.
+      const rp = client(url, 'scripted-end', { user: 'ann', name: 'Ann', editIntervalMs: 60_000 });
+      await until('a session', () => sessions.length === first + 1);
+      const s = sessions[first];
+      send(s, {
+        type: 'snapshot', paper: 'scripted-end', you: 'c1', completed: false,
+        notes: [{ id: 'n1', author: 'ann', data: { text: 'one' }, v: 10 }], members: [{ id: 'c1', user: 'ann', name: 'Ann' }],
+      });
+      await online(rp);
+      const applied = rp.patch('n1', { text: 'ONE' });
+      rp.flush();
+      const sent = rp.create({ text: 'two' }, { id: 'n2' });
+      rp.flush();
+      await until('two edits sent', () => s.received.length === 2);
+      send(s, { type: 'patch', id: 'n1', data: { text: 'ONE' }, v: 20, from: 'c1', ref: applied });
+      await until('the patch applied', () => rp.eventsOf('applied').some((e) => e.ref === applied));
+      const held = rp.create({ text: 'three' }, { id: 'n3' });
+      check(rp.state.pending === 3 && rp.state.notes.n3?.pending, `pending ${rp.state.pending}, not 3`);
+
+      s.ws.close(code, 'ended by the main backend');
+      await until(`status ${status}`, () => rp.eventsOf('ended').length === 1);
+      checkEnded(rp, code, status);
+      check(rp.eventsOf('ended')[0].reason === 'ended by the main backend', 'the close frame\'s text is not the reason');
+      const reported = rp.eventsOf('unconfirmed').map((e) => `${e.ref}:${e.v}:${e.status}`).sort();
+      const expected = [`${applied}:20:unconfirmed`, `${sent.ref}:0:unconfirmed`, `${held.ref}:0:unconfirmed`].sort();
+      check(reported.join() === expected.join(), `unconfirmed ${reported.join()}, not ${expected.join()}`);
+      // The view is the server's state as last received: the applied patch, not the unanswered notes.
+      check(Object.keys(rp.state.notes).join() === 'n1' && rp.state.notes.n1.data.text === 'ONE' && !rp.state.notes.n1.pending,
+        `the view after the end: ${JSON.stringify(rp.state.notes)}`);
+      const opened = rp.urls.length;
+      rp.reconnectNow();
+      await new Promise((r) => setTimeout(r, NO_RECONNECT_WINDOW_MS)); // the window watched, not a synchronisation
+      check(sessions.length === first + 1 && rp.urls.length === opened, `${code}: the client reconnected`);
+      check(rp.state.status === status, `${code}: the status became ${rp.state.status}`);
+      check(s.received.length === 2, `${code}: sent after the end: ${JSON.stringify(s.received.slice(2))}`);
+      rp.close();
+    }
+  } finally {
+    for (const s of sessions) s.ws.terminate();
+    await new Promise((r) => wss.close(r));
+  }
+}
+
+/**
+ * The main backend revokes a user (`POST /api/papers/{paper}/revoke`): that
+ * user's session is closed with 4403 and does not come back; the edit it had
+ * not sent is reported `unconfirmed`; another user of the paper stays.
+ */
+async function revokedUserDoesNotReconnect({ apiServer }) {
+  await running(apiServer);
+  const paper = paperId('revoked');
+  // Edits wait a minute between sends unless flushed: the second one stays queued.
+  const eve = client(apiServer.url, paper, { user: 'eve', name: 'Eve', editIntervalMs: 60_000 });
+  const ben = client(apiServer.url, paper, { user: 'ben', name: 'Ben' });
+  await online(eve);
+  await online(ben);
+  await until('Ben to see Eve', () => Object.values(ben.state.members).some((m) => m.user === 'eve'));
+  const kept = eve.create({ kind: 'text', text: 'Written before', author_name: 'Eve' });
+  eve.flush();
+  await until('the first note saved', () => eve.eventsOf('saved').some((e) => e.ref === kept.ref));
+  const held = eve.create({ kind: 'text', text: 'Never sent', author_name: 'Eve' });
+  check(eve.state.notes[held.id]?.pending && eve.state.pending === 1, 'the second note is not shown as pending');
+
+  const answer = await api(apiServer, 'POST', `/api/papers/${paper}/revoke`, { user: 'eve' });
+  check(answer.status === 204, `revoke answered ${answer.status} ${answer.text}`);
+  await until('Eve\'s session to end', () => eve.eventsOf('ended').length === 1);
+  checkEnded(eve, 4403, 'revoked');
+  const reported = eve.eventsOf('unconfirmed');
+  check(reported.length === 1 && reported[0].ref === held.ref && reported[0].v === 0, `unconfirmed ${JSON.stringify(reported)}`);
+  check(!eve.state.notes[held.id] && eve.state.notes[kept.id]?.v > 0, 'the view after the end is not the server\'s state');
+  // Only Eve's sessions end.
+  await until('Ben to see Eve leave', () => !Object.values(ben.state.members).some((m) => m.user === 'eve'));
+  check(ben.isOpen && ben.eventsOf('ended').length === 0 && ben.eventsOf('close').length === 0, 'Ben\'s session ended too');
+  await staysEnded(apiServer, [eve], 'revoked');
+  check(ben.isOpen && ben.state.notes[kept.id]?.v > 0, 'Ben lost the session or the note');
+  for (const rp of [eve, ben]) rp.close();
+}
+
+/**
+ * The main backend erases a paper (`DELETE /api/papers/{paper}`): every
+ * session of it is closed with 4410 and none comes back; an edit not sent
+ * yet is reported `unconfirmed`.
+ */
+async function erasedPaperEndsEverySession({ apiServer }) {
+  await running(apiServer);
+  const paper = paperId('erased');
+  const ann = client(apiServer.url, paper, { user: 'ann', name: 'Ann', editIntervalMs: 60_000 });
+  const ben = client(apiServer.url, paper, { user: 'ben', name: 'Ben' });
+  await online(ann);
+  await online(ben);
+  const note = ann.create({ kind: 'text', text: 'Happy birthday!', author_name: 'Ann' });
+  ann.flush();
+  await until('the note saved', () => ann.eventsOf('saved').some((e) => e.ref === note.ref));
+  await until('Ben to see the note', () => ben.state.notes[note.id]?.v > 0);
+  const held = ann.patch(note.id, { text: 'Happy birthday, Kim!' });
+  check(ann.state.notes[note.id].pending && ann.state.pending === 1, 'the patch is not shown as pending');
+
+  const answer = await api(apiServer, 'DELETE', `/api/papers/${paper}`);
+  check(answer.status === 204, `erase answered ${answer.status} ${answer.text}`);
+  for (const rp of [ann, ben]) {
+    await until(`${rp.options.name}'s session to end`, () => rp.eventsOf('ended').length === 1);
+    checkEnded(rp, 4410, 'erased');
+  }
+  const reported = ann.eventsOf('unconfirmed');
+  check(reported.length === 1 && reported[0].ref === held && reported[0].v === 0, `unconfirmed ${JSON.stringify(reported)}`);
+  check(ann.state.notes[note.id]?.data.text === 'Happy birthday!', 'the unsent patch is still shown');
+  check(ben.eventsOf('unconfirmed').length === 0, 'Ben had nothing to report');
+  await staysEnded(apiServer, [ann, ben], 'erased');
+  for (const rp of [ann, ben]) rp.close();
+}
+
 // ---- Runner ------------------------------------------------------------------------------
 
 async function main() {
   const redisServer = new Server('server', ['--store', 'redis', '--redis', config.redis, '--threads', '2']);
   const authServer = new Server('auth-server', ['--store', 'memory', '--threads', '1', '--jwt-secret', SECRET]);
+  // 1.2's backend API on: started by the first scenario that needs it.
+  const apiServer = new Server('api-server', ['--store', 'redis', '--redis', config.redis, '--threads', '1', '--api-key', API_KEY]);
   let passed = 0;
   let failed = 0;
   let skipped = 0;
@@ -508,6 +712,9 @@ async function main() {
       ['edge cases from a scripted server: saved, write_failed, field versions, mid-session snapshot, since, seal', scriptedEdgeCases],
       ['reconnects across a server restart, resumes with since, sends edits made offline', reconnectsAcrossARestartAndResumes],
       ['a saved of one node never confirms an edit made on another', savedDoesNotCarryOverToAnotherNode],
+      ['1.2: 4403 and 4410 from a scripted server end the session for good, reporting every edit held', endingsFromAScriptedServer],
+      ['1.2: a user revoked through the backend API is closed with 4403 and does not reconnect', revokedUserDoesNotReconnect],
+      ['1.2: a paper erased through the backend API closes every session with 4410, none reconnects', erasedPaperEndsEverySession],
     ];
     for (const [name, run, needs11] of scenarios) {
       if (needs11 && !v11[needs11] && process.env.RP_ALLOW_10) {
@@ -517,7 +724,7 @@ async function main() {
       }
       const started = Date.now();
       try {
-        await run({ redisServer, authServer });
+        await run({ redisServer, authServer, apiServer });
         passed += 1;
         console.log(`client test: ok   ${name} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
       } catch (err) {
@@ -530,7 +737,8 @@ async function main() {
       }
     }
   } finally {
-    await Promise.all([redisServer.stop(), authServer.stop()]).catch(() => { redisServer.kill(); authServer.kill(); });
+    await Promise.all([redisServer.stop(), authServer.stop(), apiServer.stop()])
+      .catch(() => { redisServer.kill(); authServer.kill(); apiServer.kill(); });
   }
   console.log(`client test: ${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}`);
   return failed === 0 ? 0 : 1;

@@ -1,7 +1,7 @@
 // Types of the rollingpaper client (/client.js) and of every message of
-// PROTOCOL.md 1.1.
+// PROTOCOL.md 1.2.
 
-export const PROTOCOL_VERSION: '1.1';
+export const PROTOCOL_VERSION: '1.2';
 
 // ---- PROTOCOL.md section 2: notes and versions --------------------------------
 
@@ -109,7 +109,13 @@ export type ErrorCode =
   | 'invalid_json' | 'invalid_message' | 'too_large' | 'forbidden' | 'paper_completed'
   | 'not_found' | 'paper_full' | 'rate_limited' | 'unavailable' | 'write_failed';
 
-export type CloseCode = 1000 | 1001 | 1002 | 1006 | 1007 | 1008 | 1009 | 1011 | 1013;
+export type CloseCode = 1000 | 1001 | 1002 | 1006 | 1007 | 1008 | 1009 | 1011 | 1013 | EndingCode;
+
+/**
+ * 1.2: the main backend ended the session (PROTOCOL.md 7): 4403 revoked this
+ * user's access to the paper, 4410 erased the paper. No reconnection follows.
+ */
+export type EndingCode = 4403 | 4410;
 
 export type Role = 'viewer' | 'writer' | 'owner' | 'service';
 
@@ -151,7 +157,13 @@ export interface RollingPaperOptions {
   resume?: boolean;
 }
 
-export type Status = 'idle' | 'connecting' | 'online' | 'offline' | 'unauthorised' | 'forbidden' | 'closed';
+/**
+ * `unauthorised` and `forbidden` (a refused upgrade), `revoked` (4403),
+ * `erased` (4410) and `closed` (`close()`) are final: the client does not
+ * reconnect by itself; only a new `connect()` tries again.
+ */
+export type Status =
+  | 'idle' | 'connecting' | 'online' | 'offline' | 'unauthorised' | 'forbidden' | 'revoked' | 'erased' | 'closed';
 
 /** A note as shown: the server's state with this client's pending edits on top. */
 export interface ShownNote extends Note {
@@ -222,6 +234,13 @@ export interface RollingPaperEvents {
   /** 401 or 403: the client stops trying. */
   denied: { status: 401 | 403; reason: string };
   close: { code: number; reason: string; joined: boolean };
+  /**
+   * 1.2: the main backend ended the session for good: 4403 revoked this user's
+   * access (`revoked`), 4410 erased the paper (`erased`). `status` is the
+   * client's status from now on; `reason` is the close frame's text. It comes
+   * after `close`, once every edit still held is reported `unconfirmed`.
+   */
+  ended: { status: 'revoked' | 'erased'; code: EndingCode; reason: string };
   join: Member;
   leave: { id: string; member: Member | null };
   cursor: { from: string; data: Record<string, unknown>; member: Member | null };
@@ -233,7 +252,11 @@ export interface RollingPaperEvents {
   saved: Edit;
   /** Applied and broadcast, but Redis refused it for good. */
   write_failed: Edit;
-  /** Applied, but its session closed before `saved`: it may or may not be stored. */
+  /**
+   * Applied, but its session closed before `saved`: it may or may not be
+   * stored. At a final close (`ended`) also every edit not applied yet, with
+   * `v` 0: no echo of it came, and it will not be sent again.
+   */
   unconfirmed: Edit;
   refused: Refusal;
   pong: PongMessage;

@@ -1,4 +1,4 @@
-// rollingpaper client: one paper, one WebSocket, PROTOCOL.md 1.1.
+// rollingpaper client: one paper, one WebSocket, PROTOCOL.md 1.2.
 //
 // A dependency-free ES module for browsers and Node (pass a WebSocket
 // implementation, such as the `ws` package, where there is no global one).
@@ -6,6 +6,14 @@
 // server's messages in the order received, shows this client's own edits at
 // once (optimistically) and reconciles them by `ref` and `v`, reconnects with
 // backoff and jitter, and resumes with `since`.
+//
+// It stops for good, without reconnecting, on `close()`, on a refused upgrade
+// (401, 403: event `denied`), and when the main backend ends the session
+// (1.2): the close codes 4403 (this user's access to the paper was revoked)
+// and 4410 (the paper was erased) set the final status `revoked` or `erased`
+// and emit one `ended` event, `{status, code, reason}`. The edits it still held
+// are each reported `unconfirmed` (with `v` 0 when no echo of them came, so
+// they were most likely never applied), never dropped silently.
 //
 //   import { RollingPaper } from '/client.js';
 //   const rp = new RollingPaper({ paper: 'birthday-kim', name: 'Ann' });
@@ -16,12 +24,15 @@
 //
 // Types: /client.d.ts.
 
-export const PROTOCOL_VERSION = '1.1';
+export const PROTOCOL_VERSION = '1.2';
 
 const ID_PATTERN = /^[A-Za-z0-9_-]{1,64}$/;
 // Codes after which the same edit may succeed a little later.
 const RETRYABLE = new Set(['rate_limited', 'unavailable']);
 const OPEN = 1;
+// 1.2: close codes after which the client does not reconnect, and the final
+// status each one sets.
+const ENDINGS = { 4403: 'revoked', 4410: 'erased' };
 
 const DEFAULTS = {
   backoffMinMs: 500,
@@ -252,11 +263,24 @@ export class RollingPaper {
       this.state.members = {};
       this.emit('change', { what: 'members' });
     }
-    this.settleAtClose();
+    // 1.2: the main backend revoked this user's access, or erased the paper:
+    // no session will follow, so nothing is sent again.
+    const ended = ENDINGS[code];
+    if (ended) {
+      this.stopped = true;
+      clearTimeout(this.timers.reconnect);
+      this.timers.reconnect = null;
+    }
+    this.settleAtClose({ final: Boolean(ended) });
     // The next session may be on another node, whose versions can be lower:
     // a `saved` of this one must never confirm an edit of the next.
     this.state.savedV = 0;
     this.emit('close', { code, reason, joined: wasJoined });
+    if (ended) {
+      this.setStatus(ended, { code, reason });
+      this.emit('ended', { status: ended, code, reason });
+      return;
+    }
     if (this.stopped) return;
     // A refused upgrade (401, 403) reaches a WebSocket only as a close
     // without a code; an expired token closes the session with 1008.
@@ -761,12 +785,18 @@ export class RollingPaper {
   /**
    * A closed session's `saved` can never come: its applied edits are reported
    * `unconfirmed`. Sent ones with no answer are sent again after the next snapshot.
+   * After a `final` close (4403, 4410) no snapshot will come: every edit still
+   * held is reported `unconfirmed` (`v` 0: no echo came), and the view drops
+   * the ones it showed on top of the server's state.
    */
-  settleAtClose() {
-    const unconfirmed = this.edits.filter((e) => e.status === 'applied');
-    this.edits = this.edits.filter((e) => e.status !== 'applied');
+  settleAtClose({ final = false } = {}) {
+    const unconfirmed = this.edits.filter((e) => final || e.status === 'applied');
+    this.edits = this.edits.filter((e) => !unconfirmed.includes(e));
     for (const edit of unconfirmed) this.emit('unconfirmed', publicEdit(edit, 'unconfirmed'));
     this.updatePending();
+    if (!final || !unconfirmed.length) return;
+    this.refresh(new Set(unconfirmed.filter((e) => e.kind !== 'meta').map((e) => e.id)));
+    if (unconfirmed.some((e) => e.kind === 'meta')) this.refreshCover();
   }
 }
 
