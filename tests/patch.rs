@@ -399,6 +399,7 @@ fn the_write_script_merges_and_folds_exactly_as_the_nodes_do() {
         while ops < 1500 {
             let mut call = script.key(format!("rp:paper:{{{paper_id}}}:notes"));
             call.key(format!("rp:paper:{{{paper_id}}}:meta")).key(format!("rp:paper:{{{paper_id}}}:tombstones"));
+            call.key(format!("rp:paper:{{{paper_id}}}:erased"));
             call.arg(1).arg("").arg(1_000_000_000).arg(1_000_000);
             let mut expected = Vec::new();
             for _ in 0..=dice.below(16) {

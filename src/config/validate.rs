@@ -77,10 +77,12 @@ impl Config {
             }
             let text = match std::fs::read_to_string(path) {
                 Ok(text) => text,
-                Err(e) => return err(format!(
+                Err(e) => {
+                    return err(format!(
                     "--api-key-file (RP_API_KEY_FILE) {}: cannot read it ({e}); it must hold the API key on one line",
                     path.display()
-                )),
+                ))
+                }
             };
             let key = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
             self.api_key = Some(super::ApiKey(key.to_string()));

@@ -172,6 +172,7 @@ impl EventLoop {
     }
 
     fn call_edit(&mut self, key: usize, editor: &Editor, change: Change) {
+        self.read_at = Instant::now();
         match self.edit(editor, change, None) {
             Err(code) => self.answer_call(key, &api::refusal(code)),
             Ok(Edited::Written(v)) => self.answer_call(key, &api::written(v)),

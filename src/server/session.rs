@@ -40,15 +40,20 @@ impl EventLoop {
         let settings = &self.node.settings;
         self.set_deadline(key, Instant::now() + settings.load_timeout + JOIN_GRACE);
         if self.stopping.is_some() {
-            if self.open_session(key) {
-                self.end_session(key, CloseReason::ShuttingDown);
-            }
-            return;
+            return self.open_and_close(key, CloseReason::ShuttingDown);
         }
         if self.is_erased(&paper) {
             return self.reply(key, &Reply::text(410, "this paper was erased"));
         }
         self.find_paper(key, paper);
+    }
+
+    /// Answers 101, then closes the session at once (PROTOCOL.md 3.1: a joiner
+    /// whose paper cannot be read is closed with 1013).
+    pub(super) fn open_and_close(&mut self, key: usize, reason: CloseReason) {
+        if self.open_session(key) {
+            self.end_session(key, reason);
+        }
     }
 
     /// Admitting -> Joining: answers 101. Returns whether it did.
@@ -218,11 +223,7 @@ impl EventLoop {
         self.load_waited(key);
         match self.conns.slab.get(key).map(|c| &c.phase) {
             // Answered as before 1.2: upgraded, then closed with 1013.
-            Some(Phase::Admitting { .. }) => {
-                if self.open_session(key) {
-                    self.end_session(key, CloseReason::PaperUnavailable);
-                }
-            }
+            Some(Phase::Admitting { .. }) => self.open_and_close(key, CloseReason::PaperUnavailable),
             Some(Phase::Api { .. }) => {
                 let reply = crate::api::error(503, "unavailable", "the paper cannot be read from Redis now; retry");
                 self.answer_call(key, &reply);
