@@ -231,7 +231,15 @@ fn a_redis_that_is_down_is_waited_for() {
 fn one_limit_alone_moves_the_ones_that_depend_on_it() {
     let mut small = Running::start(&["--store", "memory", "--max-message-bytes", "4096"], &[]);
     let line = small.wait_log("starting:");
-    assert!(line.contains("max_message_bytes=4096 max_note_bytes=1024"), "{line}");
+    // The note limit leaves room for the message's envelope: a 3,000-byte note fits.
+    assert!(line.contains("max_message_bytes=4096 max_note_bytes=3840"), "{line}");
+    let (mut ws, _) = tungstenite::connect(format!("ws://{}/ws/p1?user=ann", small.addr)).unwrap();
+    let note = serde_json::json!({"type": "upsert", "id": "n1", "data": {"text": "x".repeat(3000)}});
+    ws.send(tungstenite::Message::text(note.to_string())).unwrap();
+    let answer = (0..3)
+        .map(|_| ws.read().unwrap().into_text().unwrap().to_string())
+        .find(|m| m.contains(r#""type":"upsert""#) || m.contains(r#""type":"error""#));
+    assert!(answer.as_deref().is_some_and(|m| m.contains(r#""type":"upsert""#)), "{answer:?}");
     let mut big = Running::start(&["--store", "memory"], &[("RP_MAX_MESSAGE_BYTES", "20000000")]);
     let line = big.wait_log("starting:");
     assert!(line.contains("max_outbound_bytes=80000000"), "{line}");
@@ -239,9 +247,30 @@ fn one_limit_alone_moves_the_ones_that_depend_on_it() {
     assert_refused(
         &["--store", "memory", "--max-message-bytes", "4096"],
         &[("RP_MAX_NOTE_BYTES", "8192")],
-        &["--max-note-bytes 8192", "--max-message-bytes (4096)"],
+        &["--max-note-bytes (RP_MAX_NOTE_BYTES) 8192", "(4096)"],
         &[],
     );
+}
+
+#[test]
+fn a_count_out_of_range_is_refused_naming_its_variable_and_what_is_allowed() {
+    assert_refused(&["--max-notes", "-3"], &[], &["--max-notes (RP_MAX_NOTES)", "whole number"], &["unexpected"]);
+    assert_refused(
+        &["--store", "memory"],
+        &[("RP_MAX_NOTES", "0")],
+        &["--max-notes (RP_MAX_NOTES)", "at least 1"],
+        &[],
+    );
+}
+
+#[test]
+fn the_memory_store_says_nothing_of_redis_or_written_edits() {
+    let mut server = Running::start(&["--store", "memory"], &[]);
+    let line = server.wait_log("starting:");
+    assert!(line.contains("store=Memory") && line.contains("redis=unused"), "{line}");
+    let _ = std::process::Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status();
+    let line = server.wait_log("stopped;");
+    assert!(line.contains("memory only") && !line.contains("every edit is written"), "{line}");
 }
 
 #[test]

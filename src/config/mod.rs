@@ -22,6 +22,11 @@ use values::{parse_api_key, parse_jwt_secret, parse_listen, EnvBool};
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 const DEFAULT_MAX_NOTE_BYTES: usize = 16 * 1024;
 const DEFAULT_MAX_OUTBOUND_BYTES: usize = 4 * 1024 * 1024;
+/// What a message needs around a note's `data`: `{"type":"upsert","id":"…",
+/// "data":…,"ref":"…"}` with a 64-character id and a ref of 128 characters,
+/// JSON quoting included. A note limit derived from the message limit leaves
+/// this much room.
+const MESSAGE_ENVELOPE_BYTES: usize = 256;
 const DEFAULT_MAX_SNAPSHOT_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 
 /// The longest `--completed-retention`: 100 years, in seconds.
@@ -41,7 +46,9 @@ pub enum StoreKind {
 #[command(
     name = "rollingpaper",
     version,
-    about = "Real-time server for rolling papers: shared greeting cards edited live over WebSocket."
+    about = "Real-time server for rolling papers: shared greeting cards edited live over WebSocket.",
+    // `--max-notes -3` is a value out of range (and says so), not an unknown flag.
+    allow_negative_numbers = true
 )]
 pub struct Config {
     /// Address to listen on (HTTP/1.1 and WebSocket on one port): 127.0.0.1:8080,
@@ -304,7 +311,7 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let matches = Config::command().try_get_matches_from(args)?;
+        let matches = Config::command().try_get_matches_from(args).map_err(name_the_variable)?;
         let mut config = Config::from_arg_matches(&matches)?;
         config.set_by_user = SetByUser::from_matches(&matches);
         Ok(config)
@@ -357,6 +364,34 @@ impl Config {
     }
 }
 
+/// clap's refusal of a value, said with the setting's variable (a value may
+/// come from either) and, for a negative count, what is allowed.
+fn name_the_variable(e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::ValueValidation {
+        return e;
+    }
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let (Some(arg), Some(value)) = (context(ContextKind::InvalidArg), context(ContextKind::InvalidValue)) else {
+        return e;
+    };
+    let flag = arg.split_whitespace().next().unwrap_or(&arg).to_string();
+    let Some(name) = flag.strip_prefix("--") else { return e };
+    let variable = format!("RP_{}", name.replace('-', "_").to_ascii_uppercase());
+    let why = match std::error::Error::source(&e) {
+        Some(source) if source.to_string().contains("invalid digit") => {
+            "it must be a whole number (digits only, 0 or more)".to_string()
+        }
+        Some(source) => source.to_string(),
+        None => "not a value it takes".to_string(),
+    };
+    Config::command()
+        .error(ErrorKind::ValueValidation, format!("invalid value {value:?} for {flag} ({variable}): {why}"))
+}
+
 impl fmt::Display for Config {
     /// The one-line summary logged at start.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -372,7 +407,7 @@ impl fmt::Display for Config {
             self.store,
             self.cluster,
             self.node_id.as_deref().unwrap_or(""),
-            redact(&self.redis),
+            if self.store == StoreKind::Memory { "unused".to_string() } else { redact(&self.redis) },
             self.redis_wait_replicas,
             self.max_message_bytes,
             self.max_note_bytes,

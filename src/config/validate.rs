@@ -7,7 +7,7 @@ use clap::ArgMatches;
 use super::values::{is_origin, parse_cidr};
 use super::{
     redact, Config, ConfigError, StoreKind, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_NOTE_BYTES,
-    DEFAULT_MAX_OUTBOUND_BYTES, MAX_RETENTION_SECS,
+    DEFAULT_MAX_OUTBOUND_BYTES, MAX_RETENTION_SECS, MESSAGE_ENVELOPE_BYTES,
 };
 
 /// The limits whose defaults depend on each other, and whether the user set each.
@@ -32,10 +32,35 @@ impl SetByUser {
     }
 }
 
+/// Names the variable of each flag a message names (`--max-notes
+/// (RP_MAX_NOTES)`), once, unless it does already: a setting may come from
+/// either, and the operator must find it.
+fn with_variables(message: &str) -> String {
+    let mut out = String::with_capacity(message.len() + 32);
+    let mut named: Vec<String> = Vec::new();
+    let mut rest = message;
+    while let Some(at) = rest.find("--") {
+        let (before, flag_on) = rest.split_at(at);
+        out.push_str(before);
+        let len = flag_on[2..].find(|c: char| !(c.is_ascii_lowercase() || c == '-')).map_or(flag_on.len() - 2, |l| l);
+        let (flag, after) = flag_on.split_at(2 + len);
+        out.push_str(flag);
+        let variable = format!("RP_{}", flag[2..].trim_end_matches('-').replace('-', "_").to_ascii_uppercase());
+        if len > 0 && !message.contains(&variable) && !named.contains(&variable) {
+            out.push_str(&format!(" ({variable})"));
+            named.push(variable);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
 impl Config {
     /// A limit the user did not set follows the ones they did: the defaults keep
-    /// their ratios (a note a quarter of a message, output four messages) within
-    /// what was set, so one flag alone never contradicts a default.
+    /// their ratios (a message four notes, output four messages) within what was
+    /// set, and a note fits a message with its envelope, so one flag alone never
+    /// contradicts a default.
     fn derive_limits(&mut self) {
         let set = self.set_by_user;
         if !set.max_message_bytes {
@@ -52,7 +77,8 @@ impl Config {
             self.max_message_bytes = message;
         }
         if !set.max_note_bytes {
-            self.max_note_bytes = DEFAULT_MAX_NOTE_BYTES.min(self.max_message_bytes / 4).max(1);
+            let room = self.max_message_bytes.saturating_sub(MESSAGE_ENVELOPE_BYTES);
+            self.max_note_bytes = DEFAULT_MAX_NOTE_BYTES.min(room).max(1);
         }
         if !set.max_outbound_bytes {
             self.max_outbound_bytes = DEFAULT_MAX_OUTBOUND_BYTES.max(self.max_message_bytes.saturating_mul(4));
@@ -66,7 +92,7 @@ impl Config {
     /// A message naming the flag and a value that works.
     /// The API key from --api-key or --api-key-file (one of them), checked.
     fn read_api_key(&mut self) -> Result<(), ConfigError> {
-        let err = |msg: String| Err(ConfigError(msg));
+        let err = |msg: String| Err(ConfigError(with_variables(&msg)));
         if self.api_key.as_ref().is_some_and(|key| key.0.is_empty()) {
             self.api_key = None;
         }
@@ -96,7 +122,7 @@ impl Config {
     }
 
     pub fn validate(mut self) -> Result<Self, ConfigError> {
-        let err = |msg: String| Err(ConfigError(msg));
+        let err = |msg: String| Err(ConfigError(with_variables(&msg)));
         self.derive_limits();
         // Where a derived --max-message-bytes came from, for the errors below.
         let derived = match (self.set_by_user.max_message_bytes, self.set_by_user.max_note_bytes) {
@@ -129,7 +155,7 @@ impl Config {
             ("--backlog-bytes", self.backlog_bytes),
         ] {
             if value == 0 {
-                return err(format!("{flag} must be at least 1"));
+                return err(format!("{flag} must be at least 1 (a whole number from 1 up), not 0"));
             }
         }
         for (flag, value) in [
@@ -257,6 +283,18 @@ mod tests {
     use clap::Parser;
 
     #[test]
+    fn errors_name_the_flag_its_variable_and_what_is_allowed() {
+        let e = parse(&["--max-notes", "0"]).unwrap_err().to_string();
+        assert!(e.contains("--max-notes (RP_MAX_NOTES) must be at least 1"), "{e}");
+        let e = Config::from_args(["rollingpaper", "--max-notes", "-3"]).unwrap_err().to_string();
+        assert!(e.contains(r#"invalid value "-3" for --max-notes (RP_MAX_NOTES): it must be a whole number (digits only, 0 or more)"#), "{e}");
+        assert_eq!(
+            super::with_variables("--idle-timeout 1 must be longer than --ping-interval 2 and --idle-timeout"),
+            "--idle-timeout (RP_IDLE_TIMEOUT) 1 must be longer than --ping-interval (RP_PING_INTERVAL) 2 and --idle-timeout"
+        );
+    }
+
+    #[test]
     fn errors_name_the_flag() {
         let e = parse(&["--max-note-bytes", "100000", "--max-message-bytes", "65536"]).unwrap_err().to_string();
         assert!(e.contains("--max-note-bytes"), "{e}");
@@ -274,11 +312,12 @@ mod tests {
     #[test]
     fn limits_not_set_follow_the_ones_set() {
         assert_eq!(limits(&[]), (65536, 16384, 4 << 20));
-        assert_eq!(limits(&["--max-message-bytes", "4096"]), (4096, 1024, 4 << 20));
+        // A 3,000-byte note fits a 4,096-byte message with its envelope.
+        assert_eq!(limits(&["--max-message-bytes", "4096"]), (4096, 3840, 4 << 20));
         assert_eq!(limits(&["--max-message-bytes", "20000000"]), (20_000_000, 16384, 80_000_000));
         assert_eq!(limits(&["--max-note-bytes", "100000"]), (400_000, 100_000, 4 << 20));
         assert_eq!(limits(&["--max-note-bytes", "2000000"]), (8_000_000, 2_000_000, 32_000_000));
-        assert_eq!(limits(&["--max-outbound-bytes", "10000"]), (10_000, 2500, 10_000));
+        assert_eq!(limits(&["--max-outbound-bytes", "10000"]), (10_000, 9744, 10_000));
         assert_eq!(limits(&["--max-note-bytes", "5000", "--max-outbound-bytes", "10000"]), (10_000, 5000, 10_000));
         assert_eq!(limits(&["--max-message-bytes", "4096", "--max-note-bytes", "4096"]), (4096, 4096, 4 << 20));
     }
@@ -286,13 +325,17 @@ mod tests {
     #[test]
     fn only_two_limits_set_can_contradict() {
         let e = parse(&["--max-message-bytes", "4096", "--max-note-bytes", "8192"]).unwrap_err().to_string();
-        assert!(e.contains("--max-note-bytes 8192") && e.contains("--max-message-bytes (4096)"), "{e}");
+        assert!(e.contains("--max-note-bytes (RP_MAX_NOTE_BYTES) 8192") && e.contains("(4096)"), "{e}");
         let e = parse(&["--max-message-bytes", "20000000", "--max-outbound-bytes", "4194304"]).unwrap_err().to_string();
-        assert!(e.contains("--max-outbound-bytes 4194304"), "{e}");
+        assert!(e.contains("--max-outbound-bytes (RP_MAX_OUTBOUND_BYTES) 4194304"), "{e}");
         let e = parse(&["--max-note-bytes", "50000", "--max-outbound-bytes", "10000"]).unwrap_err().to_string();
-        assert!(e.contains("--max-outbound-bytes 10000") && e.contains("following --max-note-bytes 50000"), "{e}");
+        assert!(e.contains("--max-outbound-bytes (RP_MAX_OUTBOUND_BYTES) 10000"), "{e}");
+        assert!(e.contains("following --max-note-bytes (RP_MAX_NOTE_BYTES) 50000"), "{e}");
         let e = parse(&["--max-outbound-bytes", "500"]).unwrap_err().to_string();
-        assert!(e.contains("--max-message-bytes 500, following --max-outbound-bytes 500"), "{e}");
+        assert!(
+            e.contains("(RP_MAX_MESSAGE_BYTES) 500, following --max-outbound-bytes (RP_MAX_OUTBOUND_BYTES) 500"),
+            "{e}"
+        );
         // Through the derive API (origin unknown) every value counts as set.
         let strict = Config::try_parse_from(["rollingpaper", "--max-message-bytes", "4096"]).unwrap().validate();
         assert!(strict.is_err());

@@ -246,7 +246,11 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
     if lost > 0 {
         return Ok(Outcome::Lost(lost));
     }
-    log::info!("stopped; every edit is written");
+    if config.store == StoreKind::Memory {
+        log::info!("stopped; the papers lived in this process's memory only (--store memory) and are gone");
+    } else {
+        log::info!("stopped; every edit is written");
+    }
     Ok(Outcome::Clean)
 }
 
