@@ -25,7 +25,29 @@ for arg in "$@"; do
         --listen) listen="$arg" ;;
     esac
     case "$arg" in
-        --help|-h|--version|-V)
+        --help|-h)
+            cat <<'HELP'
+scripts/run.sh: runs rollingpaper on this machine.
+
+  scripts/run.sh [SERVER FLAGS...]
+
+With a Redis URL on this machine (--redis, --redis=, or RP_REDIS; default
+redis://127.0.0.1:6379) and nothing answering there, it installs redis-server
+if missing and starts one, append-only, with its data under ./data (it stays
+up after the server stops; the script says how to stop it). A Redis elsewhere
+is used as it is. Then it builds the server in release mode and runs it with
+every flag given; RP_* variables work too. It says the server listens only
+once its own server process answers /healthz on the --listen port.
+
+  RUN_BIN=PATH        run that binary instead of building one
+  RUN_DATA_DIR=DIR    where a redis-server started here keeps its data (default ./data)
+
+The server's own flags follow.
+
+HELP
+            if [ -n "${RUN_BIN:-}" ]; then exec "$RUN_BIN" "$@"; fi
+            exec cargo run --quiet --release --bin rollingpaper -- "$@" ;;
+        --version|-V)
             if [ -n "${RUN_BIN:-}" ]; then exec "$RUN_BIN" "$@"; fi
             exec cargo run --quiet --release --bin rollingpaper -- "$@" ;;
         --redis=*) redis_url="${arg#--redis=}" ;;
@@ -116,6 +138,20 @@ healthy() {
     [[ "$line" == *" 200 "* ]]
 }
 
+# Whether the listening socket of the port is this script's server's (by pid,
+# from /proc): a server already running there answers /healthz too, and this
+# one is about to fail with "address in use".
+listens_itself() {
+    local port_hex inode
+    port_hex=$(printf '%04X' "$health_port")
+    for inode in $(awk -v port=":$port_hex" '$4 == "0A" && substr($2, length($2) - 4) == port { print $10 }'         /proc/net/tcp /proc/net/tcp6 2>/dev/null); do
+        if find "/proc/$server_pid/fd" -lname "socket:\[$inode\]" 2>/dev/null | grep -q .; then
+            return 0
+        fi
+    done
+    return 1
+}
+
 # The server gets a process group of its own (set -m), so that a Ctrl-C or a
 # signal to this script's group reaches it exactly once, forwarded below: a
 # second signal would make it exit without writing its backlog.
@@ -129,7 +165,7 @@ if [ "$health_port" = 0 ]; then
     echo "run.sh: rollingpaper picks its own port; the server's log says which"
 fi
 while [ -z "$announced" ] && kill -0 "$server_pid" 2>/dev/null; do
-    if healthy; then
+    if healthy && listens_itself; then
         announced=1
         echo "run.sh: rollingpaper listens on http://$listen  (WebSocket: ws://$listen/ws/{paper}; health: http://$listen/healthz)"
     else

@@ -503,3 +503,27 @@ fn loadtest_sh_help_lists_scenarios_and_knobs() {
         assert!(help.contains(word), "no {word} in:\n{help}");
     }
 }
+
+#[test]
+fn run_sh_never_claims_a_server_it_did_not_start() {
+    // A server of someone else's holds the port and answers /healthz.
+    let other = Running::start(&["--store", "memory"], &[]);
+    let listen = other.addr.to_string();
+    let (code, output) = run_sh(&["--store", "memory", "--listen", &listen], &[], "listens on");
+    assert!(!output.contains("listens on"), "{output}");
+    assert!(output.contains("Address already in use"), "{output}");
+    assert_eq!(code, Some(2), "{output}");
+    // A bad flag while that server is up: the error, and no claim either.
+    let (code, output) = run_sh(&["--store", "memory", "--listen", &listen, "--max-notes", "0"], &[], "listens on");
+    assert!(!output.contains("listens on") && output.contains("--max-notes"), "{output}");
+    assert_eq!(code, Some(2), "{output}");
+}
+
+#[test]
+fn run_sh_help_says_what_the_script_does_then_the_servers_flags() {
+    let (code, output) = run_sh(&["--help"], &[], "--max-notes");
+    assert_eq!(code, Some(0), "{output}");
+    for word in ["RUN_BIN", "RUN_DATA_DIR", "redis-server", "--api-key", "--max-notes"] {
+        assert!(output.contains(word), "no {word:?} in:\n{output}");
+    }
+}
