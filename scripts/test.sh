@@ -36,6 +36,7 @@ step() {
 # The backend API's OpenAPI document (served at /api/openapi.json): valid 3.1, and PROTOCOL.md 7's routes.
 step "the OpenAPI document (openapi-spec-validator)" bash scripts/openapi-test.sh
 step "cargo fmt --check" cargo fmt --all -- --check
+step "the docs' links resolve, and docs/PROTOCOL.md is the shared contract" bash scripts/doc-check.sh
 # `--features load` builds the load generator, which tests/load.rs and
 # tests/operators.rs run; the server itself never links its dependencies.
 step "cargo clippy" cargo clippy --all-targets --features load --quiet -- -D warnings
