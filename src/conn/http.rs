@@ -466,6 +466,46 @@ mod tests {
     }
 
     #[test]
+    fn head_is_answered_as_get_and_never_upgrades() {
+        let head = |path: &str, headers: &str| {
+            let request = format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+            assert!(is_head(request.as_bytes()));
+            status(parse(request.as_bytes(), &Policy::default(), Listener::Public))
+        };
+        assert_eq!(head("/", ""), 200);
+        assert_eq!(head("/healthz", ""), 200);
+        assert_eq!(head("/client.js", ""), 200);
+        assert_eq!(head("/nope", ""), 404);
+        assert_eq!(head("/ws/p1", ""), 426);
+        let upgrade = format!(
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n"
+        );
+        assert_eq!(head("/ws/p1", &upgrade), 426, "a HEAD never upgrades");
+        assert_eq!(head("/ws/p%31", &upgrade), 400);
+        assert!(!is_head(b"GET / HTTP/1.1\r\n\r\n"));
+    }
+
+    #[test]
+    fn an_internal_listener_takes_the_operators_routes_off_the_public_port() {
+        let policy = Policy { api_key: Some("k".repeat(32)), internal_listener: true, ..Policy::default() };
+        let on = |listener, path: &str| {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            status(parse(request.as_bytes(), &policy, listener))
+        };
+        for path in ["/metrics", "/readyz", "/api/openapi.json"] {
+            assert_eq!(on(Listener::Public, path), 404, "{path} on the main port");
+            assert_eq!(on(Listener::Internal, path), 200, "{path} on the internal listener");
+        }
+        assert_eq!(on(Listener::Internal, "/healthz"), 200);
+        assert_eq!(on(Listener::Internal, "/"), 404);
+        assert_eq!(on(Listener::Public, "/"), 200);
+        // Without an internal listener, the main port serves them all; /api needs a key.
+        let open = Policy::default();
+        let request = b"GET /api/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(status(parse(request, &open, Listener::Public)), 404, "no key, no API");
+    }
+
+    #[test]
     fn the_426_says_how_to_upgrade() {
         let Ok(Parsed::Complete { route: Route::Reply(reply), .. }) = get("/ws/p1", "") else { panic!() };
         let text = String::from_utf8(reply.to_bytes()).unwrap();
