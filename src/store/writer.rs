@@ -101,6 +101,12 @@ const ERASE: &str = include_str!("scripts/erase.lua");
 /// 1, or 7 for an erased paper.
 const REVOKE: &str = include_str!("scripts/revoke.lua");
 
+/// Sets (or, with an empty entry, removes) a member's presence entry and the
+/// hash's expiry, unless the paper is erased: a node that missed the erase
+/// must not bring a key of the paper back. KEYS: members, erased. ARGV:
+/// member, entry (or empty), ttl ms. Returns 1, or 0 for an erased paper.
+const PRESENCE: &str = include_str!("scripts/presence.lua");
+
 /// The note script as the loader runs it, to prove a paper writable: with no
 /// note, nothing is published, so the plain script serves every kind of Redis.
 pub(super) fn write_notes_script() -> Script {
@@ -131,6 +137,7 @@ pub struct Writer {
     complete: Script,
     erase: Script,
     revoke: Script,
+    presence: Script,
     outage: Option<Outage>,
     /// With `--cluster`: this node's id, which prefixes what it relays.
     node: Option<String>,
@@ -173,7 +180,15 @@ impl Writer {
         let complete = Script::new(&publish(format!("{READABLE}{COMPLETE}")));
         let erase = Script::new(&publish(ERASE.to_string()));
         let revoke = Script::new(&publish(REVOKE.to_string()));
-        let scripts = vec![write_notes.clone(), write_cover.clone(), complete.clone(), erase.clone(), revoke.clone()];
+        let presence = Script::new(PRESENCE);
+        let scripts = vec![
+            write_notes.clone(),
+            write_cover.clone(),
+            complete.clone(),
+            erase.clone(),
+            revoke.clone(),
+            presence.clone(),
+        ];
         let shards = endpoint.seed().filter(|_| cluster).map(|seed| Shards::new(seed, scripts, metrics.clone()));
         Writer {
             endpoint,
@@ -193,6 +208,7 @@ impl Writer {
             complete,
             erase,
             revoke,
+            presence,
             outage: None,
             node: None,
             history: History { retention: 3_600_000 << 10, max_tombstones: 1000 },
@@ -539,6 +555,7 @@ impl Writer {
             self.complete.load(&mut conn)?;
             self.erase.load(&mut conn)?;
             self.revoke.load(&mut conn)?;
+            self.presence.load(&mut conn)?;
             bump(&self.metrics.reconnects, 1);
             self.conn = Some(conn);
         }
@@ -648,14 +665,9 @@ impl Writer {
             if let Op::Relay { paper, presence: Some(presence), .. } = op {
                 commands += 1;
                 owners.push(paper);
-                match &presence.entry {
-                    Some(entry) => pipe.cmd("HSET").arg(keys::members(paper)).arg(&*presence.member).arg(entry),
-                    None => pipe.cmd("HDEL").arg(keys::members(paper)).arg(&*presence.member),
-                };
-                // A node killed holding the paper never removes its entries.
-                commands += 1;
-                owners.push(paper);
-                pipe.cmd("PEXPIRE").arg(keys::members(paper)).arg(self.presence_ttl_ms);
+                let cmd = pipe.cmd("EVALSHA").arg(self.presence.get_hash()).arg(2);
+                cmd.arg(keys::members(paper)).arg(keys::erased(paper)).arg(&*presence.member);
+                cmd.arg(presence.entry.as_deref().unwrap_or_default()).arg(self.presence_ttl_ms);
             }
             if let Some(relay) = op.relay() {
                 commands += 1;
@@ -802,12 +814,9 @@ impl Writer {
         }
         for &i in &relays {
             let op = &batch[i].op;
-            // One reply per command sent for it: the presence entry and its expiry,
-            // then the message.
-            let sent = match op {
-                Op::Relay { presence: Some(_), .. } => 2,
-                _ => 0,
-            } + usize::from(op.relay().is_some());
+            // One reply per command sent for it: the presence entry, then the message.
+            let sent =
+                usize::from(matches!(op, Op::Relay { presence: Some(_), .. })) + usize::from(op.relay().is_some());
             let mut failure = None;
             for _ in 0..sent {
                 match replies.next() {
