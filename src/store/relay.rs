@@ -1,6 +1,7 @@
-//! The relay thread (`--cluster`, PROTOCOL.md 6): one subscriber connection to
-//! Redis, subscribed to the channels of exactly the papers this node holds, plus
-//! `rp:nodes`. Changes published by other nodes go to the loop that owns their
+//! The relay thread (`--cluster`, PROTOCOL.md 6): a subscriber connection to
+//! Redis (on a Redis Cluster, one per master that owns a paper held here, with
+//! sharded pub/sub), subscribed to the channels of exactly the papers this node
+//! holds, plus `rp:nodes`. Changes published by other nodes go to the loop that owns their
 //! paper; nodes that stop announcing themselves are reported gone; this node's own
 //! announcement coming back is the canary that proves the subscription works.
 
