@@ -6,7 +6,8 @@
 // a session for good: 4403 and 4410 from a scripted server, then from a real
 // one through its backend API (PROTOCOL.md 7), started with an API key.
 // Also: what the edit methods return (`{ref}`, and `id` for a note) and
-// refuse (data that is not a plain object).
+// refuse (data that is not a plain object), and examples/node.mjs run as a
+// person would, against the real server.
 //
 // Every wait is a condition with a deadline; nothing sleeps to synchronise.
 //
@@ -19,6 +20,7 @@ import { openSync, writeFileSync } from 'node:fs';
 import { get as httpGet } from 'node:http';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import WebSocket, { WebSocketServer } from 'ws';
 import { RollingPaper } from '../../src/web/rollingpaper-client.js';
 
@@ -493,6 +495,46 @@ async function reconnectsAcrossARestartAndResumes({ redisServer }) {
   for (const rp of [ann, ben]) rp.close();
 }
 
+/** Runs a command to its end (killed after STEP_TIMEOUT_MS): `{code, stdout, stderr}`. */
+function run(command, args, env = {}) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk) => { stdout += chunk; });
+    child.stderr.on('data', (chunk) => { stderr += chunk; });
+    const timer = setTimeout(() => child.kill('SIGKILL'), STEP_TIMEOUT_MS);
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code: code ?? signal, stdout, stderr });
+    });
+  });
+}
+
+/**
+ * examples/node.mjs, run as its header says, against the server: it writes a
+ * note, waits for its `saved`, prints the paper and exits 0; the server holds
+ * the note. The server's address comes from the command line, then from RP_URL.
+ */
+async function theNodeExampleRuns({ redisServer }) {
+  const paper = paperId('example');
+  const script = fileURLToPath(new URL('../../examples/node.mjs', import.meta.url));
+  const runs = [
+    await run(process.execPath, [script, redisServer.url.replace(/^http/, 'ws'), paper]),
+    await run(process.execPath, [script], { RP_URL: redisServer.url, RP_PAPER: paper }),
+  ];
+  const stored = await (await fetch(`${redisServer.url}/papers/${paper}`)).json();
+  for (const [i, { code, stdout, stderr }] of runs.entries()) {
+    check(code === 0, `examples/node.mjs exited with ${code}: ${stderr}${stdout}`);
+    const saved = /^saved note (\S+) \(v (\d+)\)$/m.exec(stdout);
+    check(saved, `no "saved note" line: ${stdout}`);
+    check(stdout.includes(`paper ${paper}: ${i + 1} note(s)`) && stdout.includes(`  ${saved[1]}  Node example: Hello from Node, `),
+      `the paper is not printed: ${stdout}`);
+    check(stored.notes.some((n) => n.id === saved[1] && n.v === Number(saved[2])), `the server does not hold ${saved[1]}: ${JSON.stringify(stored)}`);
+  }
+}
+
 // ---- A scripted server, for messages a healthy server rarely sends ----------------------------
 
 async function scriptedEdgeCases() {
@@ -809,6 +851,7 @@ async function main() {
       ['the state follows the server: optimistic edits, saved one by one, signatures after leaving', optimisticEditsAreSavedOneByOne],
       ['refusals are typed events and undo optimistic edits', refusalsAreTypedAndRolledBack],
       ['edits return {ref} (and the note\'s id), refuse data that is not an object, and complete\'s outcome carries its ref', editsReturnRefsAndRefuseNonObjects],
+      ['examples/node.mjs writes a note, waits for its saved, prints the paper and exits 0', theNodeExampleRuns],
       ['sealing replaces the view with the sealed notes', completingWithoutCover],
       ['1.1: drag and type of one note at once keep both (patch)', dragAndTypeAtOnceKeepBoth, 'patch'],
       ['1.1: the cover is shared, and sealing replaces the view', coverIsSharedAndSealingReplacesTheView, 'meta'],
