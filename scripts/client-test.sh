@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Tests the page's protocol client, src/web/rollingpaper-client.js, under Node
 # (scripts/client/test.mjs) against the real server: one with Redis, restarted
-# in the middle, one with auth on, and a scripted server for rare messages.
+# in the middle, one with auth on, and a scripted server for rare messages;
+# runs examples/node.mjs against the real server too. First, type-checks its
+# declarations (rollingpaper-client.d.ts) with `tsc --noEmit --strict`: Node's
+# side through examples/node.ts (the `ws` package's WebSocket), a page's
+# through scripts/client/types.ts (the DOM's).
 #
-# Installs the `ws` package from the lock file when missing, builds the server,
-# starts its own redis-server (in a temporary directory, on a free loopback
-# port); test.mjs starts the servers. Everything started here is stopped on exit.
+# Installs the `ws` package (scripts/client) and the examples' packages (`ws`,
+# TypeScript and the types of `ws` and Node, in examples/) from their lock
+# files when missing or when a lock file changed, builds the server, starts its
+# own redis-server (in a temporary directory, on a free loopback port);
+# test.mjs starts the servers. Everything started here is stopped on exit.
 # RP_ALLOW_10=1 skips, rather than fails, the cases of PROTOCOL.md 1.1's
 # `meta` and `patch` on a server without them (to test the client against an
 # older server).
@@ -20,6 +26,16 @@ if [ ! -f scripts/client/node_modules/ws/package.json ] \
     echo "client-test: installing ws (npm ci)"
     npm ci --prefix scripts/client --no-audit --no-fund --silent || die "npm ci failed in scripts/client"
 fi
+if [ ! -f examples/node_modules/ws/package.json ] || [ ! -f examples/node_modules/typescript/package.json ] \
+    || [ examples/package-lock.json -nt examples/node_modules/.package-lock.json ]; then
+    echo "client-test: installing the examples' packages (npm ci in examples)"
+    npm ci --prefix examples --no-audit --no-fund --silent || die "npm ci failed in examples"
+fi
+tsc=examples/node_modules/.bin/tsc
+"$tsc" -p examples --noEmit --strict || die "examples/node.ts does not type-check (tsc --strict)"
+"$tsc" --noEmit --strict --target es2022 --module esnext --lib es2022,dom scripts/client/types.ts \
+    || die "scripts/client/types.ts does not type-check (tsc --strict)"
+echo "client-test: the client's types check under tsc --strict (examples/node.ts, scripts/client/types.ts)"
 cargo build --quiet --bin rollingpaper || die "cargo build failed"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/rp-client.XXXXXX")

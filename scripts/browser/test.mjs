@@ -8,6 +8,8 @@
 // come back by themselves with every note. Last, 1.2: when the main backend
 // revokes a person (4403) or erases the card (4410) through its API, the page
 // shows an end state of its own, without the card, and does not reconnect.
+// And examples/browser.html, served as its header says (a static server on
+// another origin), writes a note and sees it saved.
 // axe-core checks the main views for serious or critical accessibility
 // violations. The servers are started and restarted here
 // (scripts/browser-test.sh starts Redis and passes its URL).
@@ -21,9 +23,12 @@
 
 import { spawn } from 'node:child_process';
 import { openSync, readFileSync, writeFileSync, mkdirSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { createServer as createHttpServer } from 'node:http';
 import { createRequire } from 'node:module';
 import { createServer } from 'node:net';
-import { join } from 'node:path';
+import { extname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
 const GLOBAL_TIMEOUT_MS = 240_000;
@@ -183,10 +188,11 @@ async function screenshot(page, name) {
   return path;
 }
 
-/** Opens a page that records uncaught errors and any request leaving the server under test. */
+/** Opens a page that records uncaught errors and any request leaving the server(s) under test. */
 const openPages = new Set();
 
 async function openPage(browser, label, problems, contextOptions = {}, origin = base) {
+  const origins = [origin].flat();
   const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, ...contextOptions });
   const page = await context.newPage();
   openPages.add(page);
@@ -195,7 +201,7 @@ async function openPage(browser, label, problems, contextOptions = {}, origin = 
   page.on('pageerror', (err) => problems.push(`${label}: uncaught error in the page: ${err.message}`));
   page.on('request', (req) => {
     const url = req.url();
-    if (!url.startsWith(origin) && !url.startsWith(origin.replace(/^http/, 'ws')) && !url.startsWith('data:')) {
+    if (!origins.some((o) => url.startsWith(o) || url.startsWith(o.replace(/^http/, 'ws'))) && !url.startsWith('data:')) {
       problems.push(`${label}: the page requested ${url}, outside the server`);
     }
   });
@@ -591,6 +597,48 @@ async function theBackendEndsTheCard({ browser, problems, shots }) {
   await ben.context().close();
 }
 
+/**
+ * The repository's examples/ and src/web/ over HTTP on a port of their own,
+ * as examples/browser.html says to open it (a page the server under test does
+ * not serve: another origin).
+ */
+async function serveExamples() {
+  const root = fileURLToPath(new URL('../../', import.meta.url));
+  const types = { '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8' };
+  const files = createHttpServer((req, res) => {
+    const path = new URL(req.url, 'http://localhost').pathname;
+    if (!/^\/(examples|src\/web)\/[\w.-]+$/.test(path) || !types[extname(path)]) return res.writeHead(404).end();
+    readFile(join(root, path)).then(
+      (body) => res.writeHead(200, { 'Content-Type': types[extname(path)], 'Cache-Control': 'no-store' }).end(body),
+      () => res.writeHead(404).end(),
+    );
+  });
+  await new Promise((resolve, reject) => files.listen(0, '127.0.0.1', resolve).once('error', reject));
+  return files;
+}
+
+async function theBrowserExampleWorks({ browser, problems }) {
+  const files = await serveExamples();
+  try {
+    const origin = `http://127.0.0.1:${files.address().port}`;
+    const paper = `e2e-example-${Date.now().toString(36)}`;
+    const text = 'Hello from the browser example';
+    const page = await openPage(browser, 'Example', problems, {}, [origin, base]);
+    await page.goto(`${origin}/examples/browser.html?server=${encodeURIComponent(base)}&paper=${paper}`);
+    await waitUntil(page, 'the example online', () => document.querySelector('[data-testid=status]').value === 'online');
+    await page.getByTestId('text').fill(text);
+    await page.getByTestId('add').click();
+    await waitUntil(page, 'the note saved', (text) => [...document.querySelectorAll('[data-testid=note]')]
+      .some((n) => n.dataset.state === 'saved' && n.textContent.includes(text)), text);
+    const stored = await (await fetch(`${base}/papers/${paper}`)).json();
+    if (!stored.notes.some((n) => n.data.text === text)) throw new Error(`the server does not hold the note: ${JSON.stringify(stored)}`);
+    await page.context().close();
+  } finally {
+    files.closeAllConnections();
+    await new Promise((resolve) => files.close(resolve));
+  }
+}
+
 // ---- Runner ------------------------------------------------------------------------
 
 /** What every page looked like when a scenario failed; then closes them for the next one. */
@@ -654,6 +702,7 @@ async function main() {
       ['the card on a phone (390x844)', onAPhone],
       ['401 is shown as "not authorised", not offline', notAuthorisedIsNotOffline],
       ['1.2: access removed (4403) and card deleted (4410) show an end state, without reconnecting', theBackendEndsTheCard],
+      ['examples/browser.html, from another origin, writes a note and sees it saved', theBrowserExampleWorks],
     ];
     for (const [name, run] of scenarios) {
       const started = Date.now();

@@ -5,6 +5,9 @@
 // in mid-session, write_failed, a snapshot with `since`). Last, 1.2's ends of
 // a session for good: 4403 and 4410 from a scripted server, then from a real
 // one through its backend API (PROTOCOL.md 7), started with an API key.
+// Also: what the edit methods return (`{ref}`, and `id` for a note) and
+// refuse (data that is not a plain object), and examples/node.mjs run as a
+// person would, against the real server.
 //
 // Every wait is a condition with a deadline; nothing sleeps to synchronise.
 //
@@ -17,6 +20,7 @@ import { openSync, writeFileSync } from 'node:fs';
 import { get as httpGet } from 'node:http';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import WebSocket, { WebSocketServer } from 'ws';
 import { RollingPaper } from '../../src/web/rollingpaper-client.js';
 
@@ -61,12 +65,17 @@ function freePort() {
   });
 }
 
-/** A WebSocket class that records the addresses it opens. */
-function recordingWebSocket(urls) {
+/** A WebSocket class that records the addresses it opens and the messages it sends. */
+function recordingWebSocket(urls, frames = []) {
   return class extends WebSocket {
     constructor(url) {
       urls.push(url);
       super(url);
+    }
+
+    send(data, ...rest) {
+      frames.push(JSON.parse(String(data)));
+      return super.send(data, ...rest);
     }
   };
 }
@@ -76,12 +85,14 @@ const clients = new Set();
 /** A client with short backoffs, recording its events in `.events`. */
 function client(url, paper, options = {}) {
   const urls = [];
+  const frames = [];
   const rp = new RollingPaper({
-    url, paper, WebSocket: recordingWebSocket(urls), backoffMinMs: 100, backoffMaxMs: 800, retryRefusedMs: 200, ...options,
+    url, paper, WebSocket: recordingWebSocket(urls, frames), backoffMinMs: 100, backoffMaxMs: 800, retryRefusedMs: 200, ...options,
   });
   rp.urls = urls;
+  rp.frames = frames;
   rp.events = [];
-  for (const type of ['status', 'refused', 'saved', 'applied', 'write_failed', 'unconfirmed', 'denied', 'completed', 'snapshot', 'join', 'leave', 'close', 'ended']) {
+  for (const type of ['status', 'refused', 'saved', 'applied', 'write_failed', 'unconfirmed', 'denied', 'completed', 'snapshot', 'join', 'leave', 'close', 'ended', 'pong']) {
     rp.on(type, (detail) => rp.events.push({ type, detail }));
   }
   rp.eventsOf = (type) => rp.events.filter((e) => e.type === type).map((e) => e.detail);
@@ -144,10 +155,10 @@ class Server {
 async function speaks11(url) {
   const rp = client(url, `probe-${Date.now().toString(36)}`, { user: 'probe' });
   await online(rp);
-  const cover = rp.setCover({ title: 'probe' });
+  const { ref: cover } = rp.setCover({ title: 'probe' });
   const { id } = rp.create({ text: 'probe' });
   rp.flush();
-  const patch = rp.patch(id, { text: 'probed' });
+  const { ref: patch } = rp.patch(id, { text: 'probed' });
   const settled = (ref) => rp.eventsOf('applied').some((e) => e.ref === ref) || rp.eventsOf('refused').some((e) => e.ref === ref && !e.retrying);
   await until('the probes to settle', () => settled(cover) && settled(patch));
   rp.close();
@@ -250,7 +261,7 @@ async function refusalsAreTypedAndRolledBack({ redisServer }) {
   const paper = paperId('refusals');
   const rp = client(redisServer.url, paper, { user: 'ann' });
   await online(rp);
-  const missing = rp.remove('no-such-note');
+  const { ref: missing } = rp.remove('no-such-note');
   await until('not_found', () => rp.eventsOf('refused').some((e) => e.ref === missing));
   const refusal = rp.eventsOf('refused').find((e) => e.ref === missing);
   check(refusal.code === 'not_found' && refusal.edit?.kind === 'delete', `not the refusal expected: ${JSON.stringify(refusal)}`);
@@ -315,13 +326,14 @@ async function coverIsSharedAndSealingReplacesTheView({ redisServer }) {
   await until('Ben to see the cover', () => ben.state.cover.data.title === cover.title && ben.state.cover.v > 0);
   const { id } = ann.create({ kind: 'text', text: 'Congratulations!', author_name: 'Ann' });
   await until('Ben to see the note', () => ben.state.notes[id]?.v > 0);
-  ben.complete();
+  const seal = ben.complete();
   for (const rp of [ann, ben]) {
     await until(`${rp.options.name} to see the seal`, () => rp.state.completed && rp.eventsOf('completed').length === 1);
     check(rp.state.notes[id]?.data.text === 'Congratulations!', 'the sealed notes lack the note');
     check(rp.state.cover.data.title === cover.title, 'the cover was lost at the seal');
   }
-  const late = ann.patch(id, { text: 'too late' });
+  check(ben.eventsOf('completed')[0].ref === seal.ref && ann.eventsOf('completed')[0].ref === null, 'the seal does not carry Ben\'s ref');
+  const { ref: late } = ann.patch(id, { text: 'too late' });
   await until('a local paper_completed refusal', () => ann.eventsOf('refused').some((e) => e.ref === late && e.code === 'paper_completed'));
   check(ann.state.notes[id].data.text === 'Congratulations!', 'an edit after the seal shows');
   // A later joiner gets a sealed paper with its cover.
@@ -345,6 +357,83 @@ async function completingWithoutCover({ redisServer }) {
     check(rp.state.notes[id]?.data.text === 'Well done!', 'the sealed notes lack the note');
   }
   for (const rp of [ann, ben]) rp.close();
+}
+
+/**
+ * Every edit method returns `{ref}` (and the note's `id` where it names one),
+ * refuses data that is not a plain object with a TypeError before anything
+ * is queued or sent, and each outcome carries the ref: a `saved`, a refusal,
+ * and for `complete()` a refusal or the `completed` event. Auth is on, so
+ * that a writer's cover and seal are refused (owner only).
+ */
+async function editsReturnRefsAndRefuseNonObjects({ authServer }) {
+  const paper = paperId('refs');
+  const ann = client(authServer.url, paper, { token: jwt({ sub: 'ann', paper, role: 'owner', name: 'Ann' }) });
+  const ben = client(authServer.url, paper, { token: jwt({ sub: 'ben', paper, role: 'writer', name: 'Ben' }) });
+  await online(ann);
+  await online(ben);
+  const note = ben.create({ kind: 'text', text: 'Mine' });
+  check(Object.keys(note).sort().join() === 'id,ref' && typeof note.ref === 'string', `create returned ${JSON.stringify(note)}`);
+  await until('the note saved', () => ben.eventsOf('saved').some((e) => e.ref === note.ref));
+
+  // Nonsense: a TypeError at once, nothing queued, nothing sent.
+  const sentBefore = ben.frames.length;
+  const nonsense = { 'a string': 'oops', null: null, 'an array': ['a'], 'a number': 42, undefined, 'a Date': new Date() };
+  for (const [label, bad] of Object.entries(nonsense)) {
+    const calls = {
+      create: () => ben.create(bad), replace: () => ben.replace(note.id, bad), patch: () => ben.patch(note.id, bad), setCover: () => ben.setCover(bad),
+    };
+    for (const [method, call] of Object.entries(calls)) {
+      let thrown = null;
+      try {
+        call();
+      } catch (err) {
+        thrown = err;
+      }
+      check(thrown instanceof TypeError, `${method} with ${label}: ${thrown ? `threw ${thrown}` : 'no TypeError'}`);
+    }
+  }
+  ben.flush();
+  check(ben.frames.length === sentBefore && ben.state.pending === 0, `nonsense was sent or queued: ${JSON.stringify(ben.frames.slice(sentBefore))}`);
+  check(Object.keys(ben.state.cover.data).length === 0 && ben.state.notes[note.id].data.text === 'Mine', 'nonsense changed the view');
+
+  // Each edit's outcome follows its ref (flushed one by one: edits of one note made together share one).
+  const replaced = ben.replace(note.id, { kind: 'text', text: 'Mine, again' });
+  ben.flush();
+  const patched = ben.patch(note.id, { x: 5 });
+  ben.flush();
+  const removed = ben.remove(note.id);
+  const cover = ben.setCover({ title: 'Not for a writer' });
+  for (const [method, result, keys] of [['replace', replaced, 'id,ref'], ['patch', patched, 'id,ref'], ['remove', removed, 'id,ref'], ['setCover', cover, 'ref']]) {
+    check(Object.keys(result).sort().join() === keys && typeof result.ref === 'string' && (result.id ?? note.id) === note.id,
+      `${method} returned ${JSON.stringify(result)}`);
+  }
+  check(new Set([replaced.ref, patched.ref, removed.ref, cover.ref]).size === 4, 'two edits share a ref');
+  await until('the edits saved', () => [replaced, patched, removed].every((r) => ben.eventsOf('saved').some((e) => e.ref === r.ref)));
+  await until('the cover refused', () => ben.eventsOf('refused').some((e) => e.ref === cover.ref));
+  const coverRefusal = ben.eventsOf('refused').find((e) => e.ref === cover.ref);
+  check(coverRefusal.code === 'forbidden' && coverRefusal.edit?.kind === 'meta', `the cover's refusal: ${JSON.stringify(coverRefusal)}`);
+
+  // complete(): refused for a writer, sealed for the owner, refused here once sealed.
+  const denied = ben.complete();
+  check(typeof denied.ref === 'string' && ben.frames.some((m) => m.type === 'complete' && m.ref === denied.ref), `complete sent no ref: ${JSON.stringify(denied)}`);
+  await until('the writer\'s seal refused', () => ben.eventsOf('refused').some((e) => e.ref === denied.ref));
+  const refusal = ben.eventsOf('refused').find((e) => e.ref === denied.ref);
+  check(refusal.code === 'forbidden' && refusal.edit?.kind === 'complete' && !ben.state.completed, `the writer's seal: ${JSON.stringify(refusal)}`);
+  const sealed = ann.complete();
+  for (const [who, rp] of [['Ann', ann], ['Ben', ben]]) await until(`${who} to see the seal`, () => rp.eventsOf('completed').length === 1);
+  const { ref, by } = ann.eventsOf('completed')[0];
+  check(ref === sealed.ref && by === 'ann', `the owner's seal answered ${JSON.stringify({ ref, by })}, not ${sealed.ref}`);
+  check(ben.eventsOf('completed')[0].ref === null, 'another member\'s seal carries a ref');
+  const late = ben.complete();
+  await until('a late seal refused here', () => ben.eventsOf('refused').some((e) => e.ref === late.ref));
+  const lateRefusal = ben.eventsOf('refused').find((e) => e.ref === late.ref);
+  check(lateRefusal.code === 'paper_completed' && lateRefusal.local && !ben.frames.some((m) => m.ref === late.ref), `the late seal: ${JSON.stringify(lateRefusal)}`);
+  for (const rp of [ann, ben]) rp.close();
+
+  // Not connected: nothing sent, no ref to follow.
+  const idle = new RollingPaper({ url: authServer.url, paper, WebSocket });
+  check(idle.complete().ref === null, 'complete() without a session returned a ref');
 }
 
 async function notAuthorisedIsNotOffline({ authServer }) {
@@ -406,6 +495,46 @@ async function reconnectsAcrossARestartAndResumes({ redisServer }) {
   for (const rp of [ann, ben]) rp.close();
 }
 
+/** Runs a command to its end (killed after STEP_TIMEOUT_MS): `{code, stdout, stderr}`. */
+function run(command, args, env = {}) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk) => { stdout += chunk; });
+    child.stderr.on('data', (chunk) => { stderr += chunk; });
+    const timer = setTimeout(() => child.kill('SIGKILL'), STEP_TIMEOUT_MS);
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code: code ?? signal, stdout, stderr });
+    });
+  });
+}
+
+/**
+ * examples/node.mjs, run as its header says, against the server: it writes a
+ * note, waits for its `saved`, prints the paper and exits 0; the server holds
+ * the note. The server's address comes from the command line, then from RP_URL.
+ */
+async function theNodeExampleRuns({ redisServer }) {
+  const paper = paperId('example');
+  const script = fileURLToPath(new URL('../../examples/node.mjs', import.meta.url));
+  const runs = [
+    await run(process.execPath, [script, redisServer.url.replace(/^http/, 'ws'), paper]),
+    await run(process.execPath, [script], { RP_URL: redisServer.url, RP_PAPER: paper }),
+  ];
+  const stored = await (await fetch(`${redisServer.url}/papers/${paper}`)).json();
+  for (const [i, { code, stdout, stderr }] of runs.entries()) {
+    check(code === 0, `examples/node.mjs exited with ${code}: ${stderr}${stdout}`);
+    const saved = /^saved note (\S+) \(v (\d+)\)$/m.exec(stdout);
+    check(saved, `no "saved note" line: ${stdout}`);
+    check(stdout.includes(`paper ${paper}: ${i + 1} note(s)`) && stdout.includes(`  ${saved[1]}  Node example: Hello from Node, `),
+      `the paper is not printed: ${stdout}`);
+    check(stored.notes.some((n) => n.id === saved[1] && n.v === Number(saved[2])), `the server does not hold ${saved[1]}: ${JSON.stringify(stored)}`);
+  }
+}
+
 // ---- A scripted server, for messages a healthy server rarely sends ----------------------------
 
 async function scriptedEdgeCases() {
@@ -435,11 +564,11 @@ async function scriptedEdgeCases() {
     // Two edits, confirmed by one `saved`; a third fails for good.
     const a = rp.create({ text: 'three' }, { id: 'n3' });
     rp.flush();
-    const b = rp.patch('n1', { x: 5 });
+    const { ref: b } = rp.patch('n1', { x: 5 });
     rp.flush();
     await until('three... edits sent', () => s1.received.length === 2);
     check(s1.received[1].type === 'patch' && s1.received[1].data.x === 5, 'the patch was not sent as one');
-    const c = rp.patch('n2', { text: 'TWO' });
+    const { ref: c } = rp.patch('n2', { text: 'TWO' });
     rp.flush();
     await until('the third edit sent', () => s1.received.length === 3);
     send(s1, { type: 'upsert', id: 'n3', author: 'ann', data: { text: 'three' }, v: 20, from: 'c1', ref: a.ref });
@@ -463,12 +592,18 @@ async function scriptedEdgeCases() {
     await until('the view replaced', () => Object.keys(rp.state.notes).join() === 'n1' && rp.state.notes.n1.data.text === 'only');
     check(rp.state.cover.v === 0, 'a snapshot without meta kept the old cover');
 
+    // A seal with no answer when its session drops: `unconfirmed`, never sent again.
+    const unanswered = rp.complete();
+    await until('the complete sent with its ref', () => s1.received.some((m) => m.type === 'complete' && m.ref === unanswered.ref));
+
     // The connection drops: the next session resumes with `since`, and merges.
     s1.ws.close(1001);
+    await until('the unanswered seal reported', () => rp.eventsOf('unconfirmed').some((e) => e.ref === unanswered.ref));
+    check(rp.eventsOf('unconfirmed').find((e) => e.ref === unanswered.ref).kind === 'complete', 'the unconfirmed seal is not a complete');
     await until('a second session', () => sessions.length === 2);
     const s2 = sessions[1];
     check(new URLSearchParams(s2.url.split('?')[1]).get('since') === '41', `resumed with ${s2.url}`);
-    const offline = rp.patch('n1', { color: '#fff' });
+    const { ref: offline } = rp.patch('n1', { color: '#fff' });
     send(s2, {
       type: 'snapshot', paper: 'scripted', you: 'c9', completed: false, since: 41, meta: { data: { title: 'U' }, v: 50 },
       notes: [{ id: 'n5', deleted: true, v: 51 }, note('n4', 52, { text: 'four' })], members: [member],
@@ -477,10 +612,20 @@ async function scriptedEdgeCases() {
     check(rp.state.cover.data.title === 'U' && rp.state.you === 'c9', 'the resumed snapshot did not apply');
     await until('the edit made offline sent', () => s2.received.some((m) => m.ref === offline));
 
-    // The seal's notes replace the view.
+    check(!s2.received.some((m) => m.type === 'complete'), 'a complete was sent again');
+
+    // The seal's notes replace the view; the seal answers this client's complete.
+    const seal = rp.complete();
+    await until('the complete sent', () => s2.received.some((m) => m.type === 'complete' && m.ref === seal.ref));
     send(s2, { type: 'completed', by: 'ann', notes: [note('n4', 60, { text: 'sealed four' })] });
     await until('sealed', () => rp.state.completed && Object.keys(rp.state.notes).join() === 'n4');
     check(rp.state.notes.n4.data.text === 'sealed four', 'the sealed notes did not replace the view');
+    check(rp.eventsOf('completed')[0].ref === seal.ref, `the seal carries ${rp.eventsOf('completed')[0].ref}, not ${seal.ref}`);
+    // The same answer again (the complete reached the server after the seal) is no news.
+    send(s2, { type: 'error', code: 'paper_completed', message: 'the paper is completed', ref: seal.ref });
+    send(s2, { type: 'pong' });
+    await until('the pong after it', () => rp.eventsOf('pong').length === 1);
+    check(!rp.eventsOf('refused').some((e) => e.ref === seal.ref), 'an answered seal was also refused');
     rp.close();
   } finally {
     for (const s of sessions) s.ws.terminate();
@@ -587,7 +732,7 @@ async function endingsFromAScriptedServer() {
         notes: [{ id: 'n1', author: 'ann', data: { text: 'one' }, v: 10 }], members: [{ id: 'c1', user: 'ann', name: 'Ann' }],
       });
       await online(rp);
-      const applied = rp.patch('n1', { text: 'ONE' });
+      const { ref: applied } = rp.patch('n1', { text: 'ONE' });
       rp.flush();
       const sent = rp.create({ text: 'two' }, { id: 'n2' });
       rp.flush();
@@ -672,7 +817,7 @@ async function erasedPaperEndsEverySession({ apiServer }) {
   ann.flush();
   await until('the note saved', () => ann.eventsOf('saved').some((e) => e.ref === note.ref));
   await until('Ben to see the note', () => ben.state.notes[note.id]?.v > 0);
-  const held = ann.patch(note.id, { text: 'Happy birthday, Kim!' });
+  const { ref: held } = ann.patch(note.id, { text: 'Happy birthday, Kim!' });
   check(ann.state.notes[note.id].pending && ann.state.pending === 1, 'the patch is not shown as pending');
 
   const answer = await api(apiServer, 'DELETE', `/api/papers/${paper}`);
@@ -705,6 +850,8 @@ async function main() {
     const scenarios = [
       ['the state follows the server: optimistic edits, saved one by one, signatures after leaving', optimisticEditsAreSavedOneByOne],
       ['refusals are typed events and undo optimistic edits', refusalsAreTypedAndRolledBack],
+      ['edits return {ref} (and the note\'s id), refuse data that is not an object, and complete\'s outcome carries its ref', editsReturnRefsAndRefuseNonObjects],
+      ['examples/node.mjs writes a note, waits for its saved, prints the paper and exits 0', theNodeExampleRuns],
       ['sealing replaces the view with the sealed notes', completingWithoutCover],
       ['1.1: drag and type of one note at once keep both (patch)', dragAndTypeAtOnceKeepBoth, 'patch'],
       ['1.1: the cover is shared, and sealing replaces the view', coverIsSharedAndSealingReplacesTheView, 'meta'],

@@ -100,7 +100,7 @@ export type ClientMessage =
   | { type: 'cursor'; data: Record<string, unknown> }
   | { type: 'patch'; id: Id; data: Record<string, unknown>; ref?: string }
   | { type: 'meta'; data: CoverData; ref?: string }
-  | { type: 'complete' }
+  | { type: 'complete'; ref?: string }
   | { type: 'ping' };
 
 // ---- PROTOCOL.md 3.3: refusals and close codes ----------------------------------
@@ -121,16 +121,26 @@ export type Role = 'viewer' | 'writer' | 'owner' | 'service';
 
 // ---- The client ------------------------------------------------------------------
 
-/** The constructor of a WebSocket: the browser's, or the `ws` package's under Node. */
+/**
+ * A handler the client sets on its socket. Written as a method's type so that
+ * its event is compared both ways (as TypeScript compares the DOM's own
+ * handlers): a socket whose events carry more than the client reads (the
+ * browser's `MessageEvent`, the `ws` package's) is accepted under `strict`, one
+ * whose events lack or mistype it is not.
+ */
+export type SocketHandler<E> = { handle(event: E): void }['handle'];
+
+/** What the client uses of a WebSocket: the browser's, or the `ws` package's under Node. */
 export interface WebSocketLike {
   readonly readyState: number;
-  onopen: ((event: unknown) => void) | null;
-  onmessage: ((event: { data: unknown }) => void) | null;
-  onclose: ((event: { code: number; reason: string }) => void) | null;
-  onerror: ((event: unknown) => void) | null;
+  onopen: SocketHandler<unknown> | null;
+  onmessage: SocketHandler<{ data: unknown }> | null;
+  onclose: SocketHandler<{ code: number; reason: string }> | null;
+  onerror: SocketHandler<unknown> | null;
   send(data: string): void;
   close(code?: number, reason?: string): void;
 }
+/** The constructor of a WebSocket: the browser's `WebSocket`, or `import WebSocket from 'ws'`. */
 export type WebSocketConstructor = new (url: string) => WebSocketLike;
 
 export interface RollingPaperOptions {
@@ -142,7 +152,7 @@ export interface RollingPaperOptions {
   /** Who the client says it is while auth is off. */
   user?: string;
   name?: string;
-  /** Default: the global WebSocket. */
+  /** Default: the global WebSocket; under Node, pass one (`import WebSocket from 'ws'`). */
   WebSocket?: WebSocketConstructor;
   /** Default: the global fetch; used to tell "not authorised" from "offline". */
   fetch?: typeof fetch;
@@ -192,18 +202,29 @@ export interface PaperState {
   pending: number;
 }
 
-export type EditKind = 'upsert' | 'patch' | 'delete' | 'meta';
+/** `complete`: a `complete()`, which is only ever `sent`, `refused` or `unconfirmed` (its success is the `completed` event). */
+export type EditKind = 'upsert' | 'patch' | 'delete' | 'meta' | 'complete';
 export type EditStatus = 'queued' | 'sent' | 'waiting' | 'applied' | 'saved' | 'refused' | 'write_failed' | 'unconfirmed';
 
 export interface Edit {
   ref: string;
   kind: EditKind;
-  /** null for `meta`. */
+  /** null for `meta` and `complete`. */
   id: Id | null;
   data: Record<string, unknown> | null;
   status: EditStatus;
   /** The version the server gave it (0 until applied). */
   v: Version | 0;
+}
+
+/** What an edit method returns: the ref its outcome carries. */
+export interface EditRef {
+  ref: string;
+}
+
+/** What an edit of a note returns: also the note's id (chosen here for `create`). */
+export interface NoteEditRef extends EditRef {
+  id: Id;
 }
 
 export interface Refusal {
@@ -244,7 +265,12 @@ export interface RollingPaperEvents {
   join: Member;
   leave: { id: string; member: Member | null };
   cursor: { from: string; data: Record<string, unknown>; member: Member | null };
-  completed: { by: string | null; notes: ShownNote[] };
+  /**
+   * The paper was sealed, by `by`. `ref` is the ref of this client's
+   * `complete()` waiting for an answer (else null): this is its answer, even
+   * when another member's seal came first (`by` says whose).
+   */
+  completed: { by: string | null; notes: ShownNote[]; ref: string | null };
   sent: Edit;
   /** The server applied this client's edit (its echo arrived) with version `v`. */
   applied: Edit;
@@ -255,7 +281,9 @@ export interface RollingPaperEvents {
   /**
    * Applied, but its session closed before `saved`: it may or may not be
    * stored. At a final close (`ended`) also every edit not applied yet, with
-   * `v` 0: no echo of it came, and it will not be sent again.
+   * `v` 0: no echo of it came, and it will not be sent again. Also a
+   * `complete()` with no answer when its session closed (or at `close()`):
+   * the next snapshot (`state.completed`) says whether the paper was sealed.
    */
   unconfirmed: Edit;
   refused: Refusal;
@@ -273,16 +301,32 @@ export class RollingPaper {
   connect(): void;
   close(): void;
   reconnectNow(): void;
-  /** Creates a note, shown at once; returns its id and the edit's ref. */
-  create(data: NoteData, options?: { id?: Id }): { id: Id; ref: string };
-  /** Replaces a note's data (upsert); returns the edit's ref. */
-  replace(id: Id, data: NoteData): string;
-  /** Sets the named fields (1.1 `patch`; `null` removes one); returns the edit's ref. Throws a TypeError when `fields` names none. */
-  patch(id: Id, fields: Record<string, unknown>): string;
-  remove(id: Id): string;
-  /** Replaces the cover (1.1 `meta`); returns the edit's ref. */
-  setCover(data: CoverData): string;
-  complete(): boolean;
+  // Edits. Each returns the ref that its outcome carries (events `sent`,
+  // `applied`, `saved`, `write_failed`, `refused`, `unconfirmed`), and the
+  // note's id where it names one. Edits of one note merged into one message
+  // (made within `editIntervalMs`) share a ref. Once the paper is sealed, each
+  // is refused at once (a `refused` event, `local`, with its ref).
+  // `data` and `fields` must be plain objects: null, an array, a string or a
+  // number throws a TypeError at once, and nothing is sent; so does a bad id.
+
+  /** Creates a note, shown at once. */
+  create(data: NoteData, options?: { id?: Id }): NoteEditRef;
+  /** Replaces a note's data (upsert). */
+  replace(id: Id, data: NoteData): NoteEditRef;
+  /** Sets the named fields (1.1 `patch`; `null` removes one). Throws a TypeError when `fields` names none. */
+  patch(id: Id, fields: Record<string, unknown>): NoteEditRef;
+  /** Deletes a note. */
+  remove(id: Id): NoteEditRef;
+  /** Replaces the cover (1.1 `meta`). */
+  setCover(data: CoverData): EditRef;
+  /**
+   * Seals the paper (owner only while auth is on), after the edits still
+   * queued; sent once, never again by itself. Its ref comes back in the
+   * `completed` event, in a `refused` one (`forbidden`, `paper_completed`,
+   * ...), or in an `unconfirmed` one when the session closed first. `ref` is
+   * null when not connected: nothing was sent.
+   */
+  complete(): { ref: string | null };
   cursor(data: Record<string, unknown>): boolean;
   ping(): boolean;
   sendRaw(message: ClientMessage): boolean;

@@ -15,14 +15,30 @@
 // are each reported `unconfirmed` (with `v` 0 when no echo of them came, so
 // they were most likely never applied), never dropped silently.
 //
+// Every edit method returns an object holding the `ref` that its outcome
+// carries (events `sent`, `applied`, `saved`, `write_failed`, `refused`,
+// `unconfirmed`, and `completed` for `complete()`), and the note's `id` where
+// it names a note:
+//
+//   create(data, {id?}) -> {id, ref}     remove(id)     -> {id, ref}
+//   replace(id, data)   -> {id, ref}     setCover(data) -> {ref}
+//   patch(id, fields)   -> {id, ref}     complete()     -> {ref}, {ref: null} when not connected
+//
+// Edits of one note made within `editIntervalMs` are merged into one message
+// and share its ref. A note's or the cover's `data` (and a patch's `fields`)
+// must be a plain object: anything else (null, an array, a string, a number)
+// throws a TypeError at once, and nothing is sent.
+//
 //   import { RollingPaper } from '/client.js';
 //   const rp = new RollingPaper({ paper: 'birthday-kim', name: 'Ann' });
 //   rp.on('change', (change) => render(rp.state, change));
+//   rp.on('saved', ({ ref }) => markSaved(ref));
 //   rp.connect();
-//   const { id } = rp.create({ kind: 'text', text: 'Happy birthday!' });
+//   const { id, ref } = rp.create({ kind: 'text', text: 'Happy birthday!' });
 //   rp.patch(id, { x: 40, y: 80 });
 //
-// Types: /client.d.ts.
+// Under Node, pass `url` and a WebSocket (`import WebSocket from 'ws'`):
+// examples/node.mjs. Types: /client.d.ts.
 
 export const PROTOCOL_VERSION = '1.2';
 
@@ -79,6 +95,25 @@ export function tokenClaims(token) {
 
 function isObject(value) {
   return value !== null && typeof value === 'object' && !Array.isArray(value);
+}
+
+/** True for a plain object (`{}`, `JSON.parse`'s, `Object.create(null)`), as `data` must be. */
+function isPlainObject(value) {
+  if (!isObject(value)) return false;
+  const proto = Object.getPrototypeOf(value);
+  // The last case: a plain object of another realm (an iframe's).
+  return proto === null || proto === Object.prototype || Object.getPrototypeOf(proto) === null;
+}
+
+/** A copy of `value`, which must be a plain object; else a TypeError naming `what`. */
+function plainData(value, what) {
+  if (!isPlainObject(value)) {
+    const got = value === null || value === undefined ? String(value)
+      : Array.isArray(value) ? 'an array'
+        : typeof value === 'object' ? 'an object that is not plain' : `a ${typeof value}`;
+    throw new TypeError(`${what} must be a plain object (not null, an array, a string or a number); got ${got}`);
+  }
+  return { ...value };
 }
 
 function isVersion(v) {
@@ -142,6 +177,12 @@ export class RollingPaper {
     this.cover = { data: {}, v: 0 };
     // This client's edits not settled yet, in the order made.
     this.edits = [];
+    // This client's `complete` messages not answered yet, by ref (sent at
+    // once, never queued nor sent again).
+    this.completes = new Map();
+    // Refs of completes answered by `completed`: a `paper_completed` with one
+    // of them (it reached the server just after the seal) is that answer again.
+    this.answeredCompletes = new Set();
   }
 
   // ---- Events -----------------------------------------------------------------
@@ -216,6 +257,7 @@ export class RollingPaper {
       try { ws.close(1000); } catch { /* already closing */ }
     }
     this.state.you = null;
+    this.settleCompletes();
     this.setStatus('closed');
   }
 
@@ -531,9 +573,14 @@ export class RollingPaper {
       }
     }
     this.dropEdits('paper_completed', 'the paper is sealed', { keepSent: true });
+    // The answer to this client's `complete`, if one was waiting (`by` says
+    // who sealed: another member's seal may have come first).
+    const answered = [...this.completes.keys()];
+    this.completes.clear();
+    for (const ref of answered) this.answeredCompletes.add(ref);
     this.refresh(ids);
     this.refreshCover();
-    this.emit('completed', { by: this.state.completedBy, notes: this.visibleNotes() });
+    this.emit('completed', { by: this.state.completedBy, notes: this.visibleNotes(), ref: answered[0] ?? null });
     this.emit('change', { what: 'completed', ids: [...ids] });
   }
 
@@ -554,6 +601,15 @@ export class RollingPaper {
   }
 
   onError(msg) {
+    const completing = typeof msg.ref === 'string' ? this.completes.get(msg.ref) : undefined;
+    if (completing) {
+      // A seal is refused for good (forbidden, paper_completed, ...); it is not
+      // sent again by itself.
+      this.completes.delete(msg.ref);
+      this.emit('refused', { code: msg.code, message: msg.message || '', ref: msg.ref, edit: publicEdit(completing, 'refused') });
+      return;
+    }
+    if (msg.code === 'paper_completed' && this.answeredCompletes.has(msg.ref)) return;
     const edit = typeof msg.ref === 'string' ? this.edits.find((e) => e.ref === msg.ref) : undefined;
     const refusal = { code: msg.code, message: msg.message || '', ref: msg.ref ?? null, edit: edit ? publicEdit(edit) : null };
     if (edit && msg.code === 'write_failed') {
@@ -663,39 +719,63 @@ export class RollingPaper {
 
   // ---- Edits ------------------------------------------------------------------------
 
-  /** Creates a note (shown at once); returns its id and the edit's ref. */
+  /** Creates a note (shown at once); returns `{id, ref}`. */
   create(data, { id = newId() } = {}) {
-    if (!isValidId(id)) throw new TypeError('a note id must match ^[A-Za-z0-9_-]{1,64}$');
-    return { id, ref: this.edit('upsert', id, { ...data }) };
+    const copy = plainData(data, 'a note\'s data');
+    return { id, ref: this.edit('upsert', id, copy) };
   }
 
-  /** Replaces a note's data (an upsert). */
+  /** Replaces a note's data (an upsert); returns `{id, ref}`. */
   replace(id, data) {
-    return this.edit('upsert', id, { ...data });
+    const copy = plainData(data, 'a note\'s data');
+    return { id, ref: this.edit('upsert', id, copy) };
   }
 
-  /** Sets the named fields of a note (`null` removes one); other fields, changed by others meanwhile, stay. */
+  /**
+   * Sets the named fields of a note (`null` removes one); other fields,
+   * changed by others meanwhile, stay. Returns `{id, ref}`.
+   */
   patch(id, fields) {
+    const copy = plainData(fields, 'a patch\'s fields');
     // The server refuses a patch that names no field (invalid_message), which
     // must not be taken for a server that knows no patch.
-    if (Object.keys(fields ?? {}).length === 0) throw new TypeError('a patch names at least one field');
-    return this.edit('patch', id, { ...fields });
+    if (Object.keys(copy).length === 0) throw new TypeError('a patch names at least one field');
+    return { id, ref: this.edit('patch', id, copy) };
   }
 
-  /** Deletes a note. */
+  /** Deletes a note; returns `{id, ref}`. */
   remove(id) {
-    return this.edit('delete', id, null);
+    return { id, ref: this.edit('delete', id, null) };
   }
 
-  /** Replaces the paper's cover (`title`, `to`, `occasion`, `theme` by convention). */
+  /** Replaces the paper's cover (`title`, `to`, `occasion`, `theme` by convention); returns `{ref}`. */
   setCover(data) {
-    return this.edit('meta', null, { ...data });
+    const copy = plainData(data, 'the cover\'s data');
+    return { ref: this.edit('meta', null, copy) };
   }
 
-  /** Seals the paper (owner only while auth is on). False when not connected. */
+  /**
+   * Seals the paper (owner only while auth is on), after sending the edits
+   * still queued. Returns `{ref}`: the `completed` event carries it when the
+   * paper is sealed, a `refused` event when the seal is refused (`forbidden`,
+   * `paper_completed`, ...), an `unconfirmed` one when the session closed
+   * first. It is sent once, never again by itself. `{ref: null}` when not
+   * connected: nothing was sent.
+   */
   complete() {
+    if (this.state.completed) {
+      const ref = 'r' + (++this.refSeq);
+      const edit = { ref, kind: 'complete', id: null, data: null, status: 'refused', tries: 0 };
+      queueMicrotask(() => this.emit('refused', { code: 'paper_completed', message: 'the paper is sealed', ref, edit: publicEdit(edit), local: true }));
+      return { ref };
+    }
     this.flush();
-    return this.sendRaw({ type: 'complete' });
+    if (!this.isOpen) return { ref: null };
+    const edit = { ref: 'r' + (++this.refSeq), kind: 'complete', id: null, data: null, status: 'sent', tries: 1, v: 0 };
+    this.completes.set(edit.ref, edit);
+    this.ws.send(JSON.stringify({ type: 'complete', ref: edit.ref }));
+    this.emit('sent', publicEdit(edit));
+    return { ref: edit.ref };
   }
 
   /** Transient state (pointer, typing) for the others; dropped while offline. */
@@ -793,10 +873,21 @@ export class RollingPaper {
     const unconfirmed = this.edits.filter((e) => final || e.status === 'applied');
     this.edits = this.edits.filter((e) => !unconfirmed.includes(e));
     for (const edit of unconfirmed) this.emit('unconfirmed', publicEdit(edit, 'unconfirmed'));
+    this.settleCompletes();
     this.updatePending();
     if (!final || !unconfirmed.length) return;
     this.refresh(new Set(unconfirmed.filter((e) => e.kind !== 'meta').map((e) => e.id)));
     if (unconfirmed.some((e) => e.kind === 'meta')) this.refreshCover();
+  }
+
+  /**
+   * A `complete` with no answer when its session closed may or may not have
+   * sealed the paper (the next snapshot says): each is reported `unconfirmed`.
+   */
+  settleCompletes() {
+    const unanswered = [...this.completes.values()];
+    this.completes.clear();
+    for (const edit of unanswered) this.emit('unconfirmed', publicEdit(edit, 'unconfirmed'));
   }
 }
 
