@@ -598,16 +598,16 @@ async function theBackendEndsTheCard({ browser, problems, shots }) {
 }
 
 /**
- * The repository's examples/ and src/web/ over HTTP on a port of their own,
- * as examples/browser.html says to open it (a page the server under test does
- * not serve: another origin).
+ * The repository's examples/ over HTTP on a port of their own, as
+ * examples/browser.html says to open it (a page the server under test does
+ * not serve: another origin, which imports /client.js from the server).
  */
 async function serveExamples() {
   const root = fileURLToPath(new URL('../../', import.meta.url));
   const types = { '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8' };
   const files = createHttpServer((req, res) => {
     const path = new URL(req.url, 'http://localhost').pathname;
-    if (!/^\/(examples|src\/web)\/[\w.-]+$/.test(path) || !types[extname(path)]) return res.writeHead(404).end();
+    if (!/^\/examples\/[\w.-]+$/.test(path) || !types[extname(path)]) return res.writeHead(404).end();
     readFile(join(root, path)).then(
       (body) => res.writeHead(200, { 'Content-Type': types[extname(path)], 'Cache-Control': 'no-store' }).end(body),
       () => res.writeHead(404).end(),

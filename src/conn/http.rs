@@ -14,6 +14,8 @@ const PAGE: &str = include_str!("../web/index.html");
 /// The page's protocol client, an ES module front ends may use too, and its types.
 const CLIENT: &str = include_str!("../web/rollingpaper-client.js");
 const CLIENT_TYPES: &str = include_str!("../web/rollingpaper-client.d.ts");
+/// Lets pages of any origin read a public file (CORS).
+const ANY_ORIGIN: &str = "Access-Control-Allow-Origin: *\r\n";
 /// Headers a request may carry.
 const MAX_HEADERS: usize = 48;
 /// Longest `user` or `name` kept from the query; longer ones are cut.
@@ -199,8 +201,13 @@ fn route(req: &httparse::Request, policy: &Policy, listener: Listener) -> Route 
             Err(reply) => Route::Reply(reply),
         },
         "/" if get => Route::Reply(page(PAGE, "text/html; charset=utf-8")),
-        "/client.js" if get => Route::Reply(page(CLIENT, "text/javascript; charset=utf-8")),
-        "/client.d.ts" if get => Route::Reply(page(CLIENT_TYPES, "text/plain; charset=utf-8")),
+        // Front ends on other origins import the module from here: it is public.
+        "/client.js" if get => {
+            Route::Reply(Reply { extra_headers: ANY_ORIGIN, ..page(CLIENT, "text/javascript; charset=utf-8") })
+        }
+        "/client.d.ts" if get => {
+            Route::Reply(Reply { extra_headers: ANY_ORIGIN, ..page(CLIENT_TYPES, "text/plain; charset=utf-8") })
+        }
         _ if get && path.starts_with("/ws/") && !path[4..].contains('/') => upgrade(req, &path[4..], query, policy),
         _ if get && path.starts_with("/papers/") && !path[8..].contains('/') => read_paper(req, &path[8..], policy),
         _ => Route::Reply(Reply::text(404, "not found")),
@@ -438,7 +445,10 @@ mod tests {
             };
             assert_eq!((reply.status, reply.content_type), (200, content_type), "{path}");
             assert!(reply.body.starts_with(starts), "{path}");
-            assert!(String::from_utf8_lossy(&reply.to_bytes()).contains("Cache-Control: no-store\r\n"), "{path}");
+            let text = String::from_utf8_lossy(&reply.to_bytes()).into_owned();
+            assert!(text.contains("Cache-Control: no-store\r\n"), "{path}");
+            // The module may be imported by pages of other origins; the page itself not.
+            assert_eq!(text.contains("Access-Control-Allow-Origin: *\r\n"), path != "/", "{path}");
         }
         assert_eq!(status(get("/client.mjs", "")), 404);
     }
