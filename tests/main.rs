@@ -3,6 +3,7 @@
 
 mod common;
 
+mod api; // 7 (1.2): the backend API
 mod auth; // 5. tokens and roles
 mod bounds; // every buffer, table and wait bounded under hostile clients
 mod chaos; // faults at random: acknowledged edits survive
