@@ -18,6 +18,9 @@ pub const OPENAPI: &str = include_str!("web/openapi.json");
 pub const DEFAULT_AUTHOR: &str = "service";
 /// `from` of what an API write broadcasts.
 pub const FROM: &str = "api";
+/// The latest `until` a revocation may name: the last second of the year 9999
+/// (Redis keeps expiries as 64-bit milliseconds; a later time is a mistake).
+const MAX_UNTIL: u64 = 253_402_300_799;
 /// Longest `author` or revoked `user`, in characters (as `user` from a query).
 const MAX_USER_CHARS: usize = 128;
 
@@ -256,9 +259,13 @@ pub fn action(head: &Head, body: &[u8], max_note_bytes: usize) -> Result<Action,
             let user = user(body.user, "user")?.ok_or_else(|| invalid("user is missing"))?;
             let until = match body.until {
                 None => None,
+                // `null` is as absent: the default.
+                Some(raw) if raw.get() == "null" => None,
                 Some(raw) => Some(
                     serde_json::from_str::<u64>(raw.get())
-                        .map_err(|_| invalid("until must be unix seconds (a non-negative integer)"))?,
+                        .ok()
+                        .filter(|until| *until <= MAX_UNTIL)
+                        .ok_or_else(|| invalid("until must be unix seconds, a whole number up to 253402300799"))?,
                 ),
             };
             Action::Revoke { user, until }
@@ -357,6 +364,12 @@ mod tests {
         assert_eq!(action(&head(Kind::PutNote), b"", 100).unwrap_err().status, 400);
         assert_eq!(action(&head(Kind::PatchNote), br#"{"data":{}}"#, 100).unwrap_err().status, 400);
         assert_eq!(action(&head(Kind::Revoke), br#"{"user":"u1","until":-1}"#, 100).unwrap_err().status, 400);
+        let huge = br#"{"user":"u1","until":18446744073709551615}"#;
+        assert_eq!(action(&head(Kind::Revoke), huge, 100).unwrap_err().status, 400);
+        assert_eq!(
+            action(&head(Kind::Revoke), br#"{"user":"u1","until":null}"#, 100).unwrap(),
+            Action::Revoke { user: "u1".into(), until: None }
+        );
         assert_eq!(
             action(&head(Kind::Revoke), br#"{"user":"u1","until":5}"#, 100).unwrap(),
             Action::Revoke { user: "u1".into(), until: Some(5) }

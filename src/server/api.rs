@@ -146,10 +146,6 @@ impl EventLoop {
             }
             Action::Revoke { user, until } => {
                 let until = until.unwrap_or_else(|| unix_now() + self.node.settings.revoke_retention.as_secs());
-                // The answer carries out what was written: this `until`.
-                if let Some(Phase::Api { call, .. }) = self.conns.slab.get_mut(key).map(|c| &mut c.phase) {
-                    call.action = Action::Revoke { user: user.clone(), until: Some(until) };
-                }
                 let relay = self.node_message(&protocol::revoked_message(&user, until));
                 let op = Op::Revoke { paper: paper_id.clone(), user: user.clone(), until, origin, relay };
                 return match self.store.submit(op) {
@@ -211,20 +207,9 @@ impl EventLoop {
     pub(super) fn call_written(&mut self, key: usize, w: &Written) {
         let Some(action) = self.call_of(key).map(|c| c.action.kind()) else { return };
         let reply = match w.outcome {
-            Outcome::Saved => match action {
-                api::Kind::Erase => {
-                    self.erase_here(&w.paper, self.node.settings.erase_retention);
-                    api::done()
-                }
-                api::Kind::Revoke => {
-                    let Some(Action::Revoke { user, until }) = self.call_of(key).map(|c| c.action.clone()) else {
-                        return;
-                    };
-                    self.revoke_here(&w.paper, &user, until.unwrap_or_default());
-                    api::done()
-                }
-                _ => api::written(w.v),
-            },
+            // Carried out by `on_written` already.
+            Outcome::Saved if matches!(action, api::Kind::Erase | api::Kind::Revoke) => api::done(),
+            Outcome::Saved => api::written(w.v),
             Outcome::Sealed => api::refusal(ErrorCode::PaperCompleted),
             Outcome::Failed | Outcome::BelowHorizon => api::refusal(ErrorCode::WriteFailed),
             Outcome::Gone => api::refusal(ErrorCode::NotFound),

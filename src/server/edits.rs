@@ -15,7 +15,7 @@ use crate::conn::Phase;
 use crate::metrics::{In, LoopMetrics, Out};
 use crate::paper::{clock, Health, Note, Paper, StoredPaper};
 use crate::protocol::{self, ClientMsg, ErrorCode, Frame, Refusal};
-use crate::store::{LoadPurpose, LoadRequest, NoteValue, Op, Origin, Outcome, StoreHandle, Submitted, Written};
+use crate::store::{Effect, LoadPurpose, LoadRequest, NoteValue, Op, Origin, Outcome, StoreHandle, Submitted, Written};
 
 impl EventLoop {
     pub(super) fn on_text(&mut self, key: usize, text: &str) {
@@ -232,7 +232,16 @@ impl EventLoop {
             }
             let (key, serial) = (w.origin.conn, w.origin.serial);
             let is_call = self.conns.live(key, serial).is_some_and(|c| matches!(c.phase, Phase::Api { .. }));
-            if w.outcome == Outcome::Erased && !(is_call && w.v == 0) {
+            // An erase or a revocation Redis holds is carried out here, whether
+            // or not its call is still waiting for its answer.
+            match (&w.effect, w.outcome) {
+                (Some(Effect::Erased { for_ms }), Outcome::Saved) => {
+                    self.erase_here(&w.paper, Duration::from_millis(*for_ms));
+                }
+                (Some(Effect::Revoked { user, until }), Outcome::Saved) => self.revoke_here(&w.paper, user, *until),
+                _ => {}
+            }
+            if w.outcome == Outcome::Erased {
                 // Erased by another node, whose relayed erase this node missed:
                 // what Redis says is what this node does.
                 self.erase_here(&w.paper, ERASED_HEARD.min(self.node.settings.erase_retention));

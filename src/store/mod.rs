@@ -222,7 +222,12 @@ impl Op {
             Op::Relay { .. } | Op::Prune { .. } => return None,
         };
         let note = note.cloned();
-        Some(Written { paper: paper.clone(), origin: *origin, v, reference: reference.clone(), outcome, note })
+        let effect = match self {
+            Op::Erase { retention_ms, .. } => Some(Effect::Erased { for_ms: *retention_ms }),
+            Op::Revoke { user, until, .. } => Some(Effect::Revoked { user: user.clone(), until: *until }),
+            _ => None,
+        };
+        Some(Written { paper: paper.clone(), origin: *origin, v, reference: reference.clone(), outcome, note, effect })
     }
 }
 
@@ -260,6 +265,16 @@ pub struct Written {
     pub outcome: Outcome,
     /// The note the edit was of (none for a cover or a completion).
     pub note: Option<Arc<str>>,
+    /// What an erase or a revocation does once written, wherever its caller is.
+    pub effect: Option<Effect>,
+}
+
+/// What a written erase or revocation makes this node do (PROTOCOL.md 7): it
+/// is done even when its API call was already answered (504).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Erased { for_ms: u64 },
+    Revoked { user: Arc<str>, until: u64 },
 }
 
 /// An op in the backlog, with when it was accepted (for the write-behind latency)
