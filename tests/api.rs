@@ -1090,3 +1090,18 @@ fn api_calls_are_counted_by_route_and_status_and_timed() {
     let count = server.metric("api_request_seconds_count");
     assert!(count >= 7, "every call is timed: {count}");
 }
+
+// ---- a node keeps no paper for the API alone -----------------------------------------
+
+#[test]
+fn a_paper_written_through_the_api_leaves_memory_after_the_linger() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--api-key", KEY, "--paper-linger", "1"]);
+    api(server.addr, "PUT", "/api/papers/p-linger/notes/n1", Some(json!({"data": {"text": "hi"}}))).v();
+    api(server.addr, "PUT", "/api/papers/p-linger/meta", Some(json!({"data": {"title": "T"}}))).v();
+    assert_eq!(server.metric("papers"), 1, "held while it is written");
+    eventually_eq("papers in memory once the linger is over", 0, || server.metric("papers"));
+    // Presence of a paper nobody holds is read, not loaded.
+    assert_eq!(api(server.addr, "GET", "/api/papers/p-other/presence", None).status, 200);
+    assert_eq!(server.metric("papers"), 0);
+}
