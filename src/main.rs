@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use rollingpaper::config::{self, Config, StoreKind};
 use rollingpaper::logging::Logger;
 use rollingpaper::server::{self, Outcome};
-use rollingpaper::store::endpoint::{Target, Unusable};
+use rollingpaper::store::target::{Target, Unusable};
 
 fn main() -> ExitCode {
     let config = match Config::from_args(std::env::args_os()) {

@@ -258,7 +258,7 @@ impl Config {
             ));
         }
         if self.store == StoreKind::Redis {
-            if let Err(e) = crate::store::endpoint::Target::configured(&self.redis, self.redis_ca_file.as_deref()) {
+            if let Err(e) = crate::store::target::Target::configured(&self.redis, self.redis_ca_file.as_deref()) {
                 return err(format!("--redis {:?}: {e}", redact(&self.redis)));
             }
         }

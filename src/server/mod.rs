@@ -27,9 +27,9 @@ use signal_hook::iterator::Signals;
 
 use crate::config::{Config, StoreKind};
 use crate::metrics::WriterMetrics;
-use crate::store::endpoint::Target;
 use crate::store::loader::Loader;
 use crate::store::relay::Relay;
+use crate::store::target::Target;
 use crate::store::writer::{History, Writer};
 use crate::store::{Backlog, BacklogLimits, Loads, Loops, StoreHandle};
 use event_loop::{EventLoop, WAKER};

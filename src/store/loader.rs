@@ -9,7 +9,7 @@ use crossbeam_channel::Receiver;
 use serde::Deserialize;
 
 use super::codec::{parse_paper, Hash};
-use super::endpoint::{Conn, Endpoint};
+use super::endpoint::{Endpoint, RedisConn};
 use super::{keys, LoadPurpose, LoadRequest, Loops, PresenceMember, StoreEvent, StoredPaper};
 use crate::metrics::WriterMetrics;
 
@@ -18,7 +18,7 @@ pub struct Loader {
     /// With `--cluster`: this node, whose own entries in presence hashes are stale.
     presence_of_others: Option<String>,
     endpoint: Endpoint,
-    conn: Option<Conn>,
+    conn: Option<RedisConn>,
     requests: Receiver<LoadRequest>,
     loops: Arc<dyn Loops>,
     /// The note script, run with no note and nothing to drop: a write that
@@ -105,7 +105,7 @@ impl Loader {
         })
     }
 
-    fn connection(&mut self) -> redis::RedisResult<&mut Conn> {
+    fn connection(&mut self) -> redis::RedisResult<&mut RedisConn> {
         if self.conn.is_none() {
             let mut conn = self.endpoint.connect()?;
             if !conn.is_cluster() {
@@ -149,7 +149,7 @@ struct PresenceEntry {
 
 /// The presence entries of nodes that are alive (their `rp:node:{id}` key exists)
 /// and not this one.
-fn live_members(conn: &mut Conn, own: &str, entries: Hash) -> redis::RedisResult<Vec<PresenceMember>> {
+fn live_members(conn: &mut RedisConn, own: &str, entries: Hash) -> redis::RedisResult<Vec<PresenceMember>> {
     let parsed: Vec<(String, PresenceEntry)> = entries
         .into_iter()
         .filter_map(|(id, json)| {

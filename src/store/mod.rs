@@ -10,6 +10,8 @@ pub mod loader;
 mod parking;
 pub mod relay;
 mod shards;
+pub mod slots;
+pub mod target;
 pub mod writer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use redis::{Connection, Value};
 
-use super::endpoint::{connect_node, slot, Conn, Endpoint, IO_TIMEOUT};
+use super::endpoint::{connect_node, Endpoint, RedisConn, IO_TIMEOUT};
+use super::slots::SlotMap;
 use super::{keys, LoadPurpose, LoadRequest, Loops, StoreEvent};
 use crate::metrics::{bump, WriterMetrics};
 
@@ -54,7 +55,7 @@ pub struct Relay {
     healthy: Arc<AtomicBool>,
     /// A plain connection for the heartbeat: announced from this thread, not the
     /// writer's, so that a writer retrying a batch does not make the node look dead.
-    announcer: Option<Conn>,
+    announcer: Option<RedisConn>,
     next_heartbeat: Instant,
     /// Subscriptions made so far; after the first, a reconnection re-reads the papers.
     sessions: u64,
@@ -147,8 +148,8 @@ impl Relay {
                 ShardedSubscriber::new(&self.endpoint).map(|shards| Subscriber::Sharded(Box::new(shards)))
             } else {
                 self.endpoint.connect().map(|conn| match conn {
-                    Conn::Single(conn) => Subscriber::Plain(conn),
-                    Conn::Cluster(_) => unreachable!("not a cluster endpoint"),
+                    RedisConn::Single(conn) => Subscriber::Plain(conn),
+                    RedisConn::Cluster(_) => unreachable!("not a cluster endpoint"),
                 })
             };
             match subscriber {
@@ -426,8 +427,8 @@ impl Listening<'_> {
 struct ShardedSubscriber {
     /// How to reach a node (TLS, password).
     seed: redis::ConnectionInfo,
-    /// `(first slot, last slot, "host:port")` of each master.
-    masters: Vec<(u16, u16, String)>,
+    /// Which master serves which slots.
+    masters: SlotMap,
     /// Each master's subscriber, and whether a `PING` awaits its `pong`.
     conns: Vec<(String, Connection, bool)>,
     /// Channel -> index in `conns`.
@@ -439,7 +440,7 @@ struct ShardedSubscriber {
 
 impl ShardedSubscriber {
     fn new(endpoint: &Endpoint) -> redis::RedisResult<ShardedSubscriber> {
-        let masters = endpoint.masters()?;
+        let masters = endpoint.slot_map()?;
         if masters.is_empty() {
             return Err(redis::RedisError::from((redis::ErrorKind::Io, "the cluster has no slots assigned yet")));
         }
@@ -455,12 +456,10 @@ impl ShardedSubscriber {
     }
 
     fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
-        let slot = slot(channel);
         let addr = self
             .masters
-            .iter()
-            .find(|(from, to, _)| (*from..=*to).contains(&slot))
-            .map(|(_, _, addr)| addr.clone())
+            .master_of(channel)
+            .map(str::to_string)
             .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "a slot without a master")))?;
         let index = match self.conns.iter().position(|(a, ..)| *a == addr) {
             Some(index) => index,

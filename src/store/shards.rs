@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, Connection, Pipeline, RedisError, RedisResult, Script, Value};
 
-use super::endpoint::{connect_node, query_pipeline, slot, slot_map, Endpoint, IO_TIMEOUT};
+use super::endpoint::{connect_node, query_pipeline, Endpoint, IO_TIMEOUT};
 use super::keys;
 use super::parking::{Parking, Retry};
+use super::slots::{slot, SlotMap};
 use super::writer::{unexpected, WAIT_TIMEOUT};
 use crate::metrics::{bump, WriterMetrics};
 
@@ -31,8 +32,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 pub(super) struct Shards {
     /// How to reach a node (TLS, password): the first seed node's settings.
     seed: redis::ConnectionInfo,
-    /// Which master serves which slots, `(first, last, "host:port")`.
-    map: Vec<(u16, u16, String)>,
+    /// Which master serves which slots.
+    map: SlotMap,
     /// The map must be read again (a `MOVED`, a master lost).
     stale: bool,
     last_refresh: Option<Instant>,
@@ -56,7 +57,7 @@ impl Shards {
     pub fn new(seed: redis::ConnectionInfo, scripts: Vec<Script>, metrics: Arc<WriterMetrics>) -> Shards {
         Shards {
             seed,
-            map: Vec::new(),
+            map: SlotMap::default(),
             stale: true,
             last_refresh: None,
             conns: HashMap::new(),
@@ -172,7 +173,7 @@ impl Shards {
         let mut silent = Vec::new();
         for (addr, conn) in &mut self.conns {
             conn.set_read_timeout(Some(MAP_TIMEOUT))?;
-            let found = slot_map(conn);
+            let found = SlotMap::read(conn);
             conn.set_read_timeout(Some(IO_TIMEOUT))?;
             match found {
                 Ok(found) => {
@@ -188,17 +189,18 @@ impl Shards {
         }
         let map = match map {
             Some(map) => map,
-            None => endpoint.masters()?,
+            None => endpoint.slot_map()?,
         };
-        let serves = |addr: &str| map.iter().any(|(_, _, master)| master == addr);
+        let serves = |addr: &str| map.serves(addr);
         self.conns.retain(|addr, _| serves(addr));
         self.probes.retain(|addr, _| serves(addr));
         parking.keep_shards(serves);
         if self.map.is_empty() {
-            self.to_sweep = map.iter().map(|(_, _, addr)| addr.clone()).collect();
+            self.to_sweep = map.masters().into_iter().map(str::to_string).collect();
         } else if self.to_sweep.iter().any(|addr| !serves(addr)) {
             // A master was replaced before it was looked over: its replacement holds its keys.
-            self.to_sweep = map.iter().map(|(_, _, addr)| addr.clone()).filter(|a| !self.swept.contains(a)).collect();
+            self.to_sweep =
+                map.masters().into_iter().filter(|a| !self.swept.contains(*a)).map(str::to_string).collect();
         }
         self.map = map;
         self.stale = false;
@@ -325,7 +327,7 @@ impl Shards {
         if self.map.is_empty() {
             return Err(RedisError::from((redis::ErrorKind::Io, "cluster", "no slot map read yet".to_string())));
         }
-        let masters: Vec<String> = self.map.iter().map(|(_, _, addr)| addr.clone()).collect();
+        let masters: Vec<String> = self.map.masters().into_iter().map(str::to_string).collect();
         let mut result = Ok(());
         for addr in masters {
             if parking.shard_is_failing(&addr) {
@@ -452,11 +454,10 @@ fn replicas_online(info: &str) -> usize {
 }
 
 /// The shard serving a key by `map`, or `slot N` for a slot it does not cover.
-fn shard_of_key<'a>(map: &'a [(u16, u16, String)], key: &str) -> Cow<'a, str> {
-    let slot = slot(key);
-    match map.iter().find(|(from, to, _)| (*from..=*to).contains(&slot)) {
-        Some((_, _, addr)) => Cow::Borrowed(addr),
-        None => Cow::Owned(format!("slot {slot}")),
+fn shard_of_key<'a>(map: &'a SlotMap, key: &str) -> Cow<'a, str> {
+    match map.master_of(key) {
+        Some(addr) => Cow::Borrowed(addr),
+        None => Cow::Owned(format!("slot {}", slot(key))),
     }
 }
 

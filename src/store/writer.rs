@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::{Script, Value};
 
 use super::batch::{select, Budget, NoteWrite, Plan};
-use super::endpoint::{query_pipeline, Conn, Endpoint};
+use super::endpoint::{query_pipeline, Endpoint, RedisConn};
 use super::parking::{Parking, Retry};
 use super::shards::Shards;
 use super::{is_transient, keys, BacklogLevel, Loops, Op, Outcome, Queued, StoreEvent, Written};
@@ -116,7 +116,7 @@ pub(super) fn write_notes_script() -> Script {
 pub struct Writer {
     endpoint: Endpoint,
     /// The connection to a single Redis (or Sentinel-named master).
-    conn: Option<Conn>,
+    conn: Option<RedisConn>,
     /// A Redis Cluster: a connection to each master, per-shard pipelines,
     /// `SPUBLISH`, the hand-off in two steps.
     cluster: bool,
@@ -479,14 +479,14 @@ impl Writer {
         }
         let busy = |e: &redis::RedisError| e.code() == Some("BUSY");
         match self.endpoint.connect() {
-            Ok(Conn::Single(mut conn)) => {
+            Ok(RedisConn::Single(mut conn)) => {
                 let _ = conn.set_read_timeout(Some(ANSWER_CHECK));
                 match redis::cmd("PING").query::<String>(&mut conn) {
                     Ok(_) => true,
                     Err(e) => busy(&e),
                 }
             }
-            Ok(Conn::Cluster(_)) => true,
+            Ok(RedisConn::Cluster(_)) => true,
             Err(e) => busy(&e),
         }
     }
@@ -546,7 +546,7 @@ impl Writer {
     }
 
     /// The connection to a single Redis, opened (with the scripts loaded) if there is none.
-    fn connection(&mut self) -> redis::RedisResult<&mut Conn> {
+    fn connection(&mut self) -> redis::RedisResult<&mut RedisConn> {
         if self.conn.is_none() {
             let mut conn = self.endpoint.connect()?;
             redis::cmd("CLIENT").arg("SETNAME").arg("rp-writer").exec(&mut conn)?;
@@ -686,7 +686,7 @@ impl Writer {
             // no map at all makes every paper's shard wait ("slot N") until one is read.
             Some(shards) => shards.send(&pipe, &owners, self.wait_replicas, &mut self.parking).into_iter(),
             None => match self.connection()? {
-                Conn::Single(conn) => query_pipeline(conn, &pipe)?.into_iter(),
+                RedisConn::Single(conn) => query_pipeline(conn, &pipe)?.into_iter(),
                 conn => pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter(),
             },
         };
