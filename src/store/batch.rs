@@ -175,8 +175,9 @@ pub struct PaperWrites<'a> {
     /// Note id -> index in `notes`.
     index: HashMap<&'a str, usize>,
     pub notes: Vec<NoteWrite<'a>>,
-    /// The last cover of the batch (value, v, node, relay) and every op of it.
-    pub cover: Option<(String, u64, &'a str, &'a str, Vec<usize>)>,
+    /// The last cover of the batch, and every op of it.
+    pub cover: Option<CoverWrite<'a>>,
+    /// A completion: its op, and who completes.
     pub complete: Option<(usize, &'a str)>,
     /// An erase or a revocation: alone in its paper's call (`select`).
     pub alone: Option<usize>,
@@ -188,7 +189,7 @@ impl PaperWrites<'_> {
     /// Every op of the paper in this batch.
     pub fn ops(&self) -> Vec<usize> {
         let notes = self.notes.iter().flat_map(|n| n.ops.iter().copied());
-        let cover = self.cover.iter().flat_map(|c| c.4.iter().copied());
+        let cover = self.cover.iter().flat_map(|c| c.ops.iter().copied());
         let complete = self.complete.map(|(i, _)| i);
         notes.chain(cover).chain(complete).chain(self.alone).chain(self.prune.iter().copied()).collect()
     }
@@ -259,9 +260,9 @@ impl<'a> Plan<'a> {
                 Op::Cover { cover, relay, .. } => {
                     let value = encode_cover(cover.data.as_deref().unwrap_or("{}"), &cover.node, cover.v);
                     let relay = relay.as_deref().unwrap_or_default();
-                    let mut ops = writes.cover.take().map_or_else(Vec::new, |c| c.4);
+                    let mut ops = writes.cover.take().map_or_else(Vec::new, |c| c.ops);
                     ops.push(i);
-                    writes.cover = Some((value, cover.v, &cover.node, relay, ops));
+                    writes.cover = Some(CoverWrite { value, v: cover.v, node: &cover.node, relay, ops });
                 }
                 Op::Complete { by, .. } => writes.complete = Some((i, by)),
                 Op::Prune { .. } => writes.prune.push(i),
@@ -286,6 +287,17 @@ pub struct NoteWrite<'a> {
     pub relay: &'a str,
     /// A patch's note version as its node held it (0 for a whole write).
     pub held: u64,
+    pub ops: Vec<usize>,
+}
+
+/// The last cover of a paper in a batch (the earlier ones are older versions
+/// of it), and every op of it.
+pub struct CoverWrite<'a> {
+    pub value: String,
+    pub v: u64,
+    pub node: &'a str,
+    /// The message relayed to the other nodes if Redis applies it ("" without).
+    pub relay: &'a str,
     pub ops: Vec<usize>,
 }
 

@@ -3,6 +3,7 @@
 //! papers; nothing here ever runs on a loop thread, and no loop ever waits on it.
 
 mod batch;
+mod calls;
 pub mod codec;
 pub mod endpoint;
 pub mod keys;

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, Connection, Pipeline, RedisError, RedisResult, Script, Value};
 
+use super::calls::unexpected;
 use super::endpoint::{connect_node, query_pipeline, Endpoint, IO_TIMEOUT};
 use super::keys;
 use super::parking::{Parking, Retry};
 use super::slots::{slot, SlotMap};
-use super::writer::{unexpected, WAIT_TIMEOUT};
+use super::writer::WAIT_TIMEOUT;
 use crate::metrics::{bump, WriterMetrics};
 
 /// How long a master may take to give its slot map while the map is read again
@@ -210,21 +211,21 @@ impl Shards {
     /// Sends `pipe` as one pipeline per shard, each ending with `WAIT` when
     /// replicas must have it; a command redirected by `ASK` (its slot is being
     /// moved) is sent to the node named. Replies come back in the order of `pipe`
-    /// (`owners`: the paper of each command): a shard that fails gives every
+    /// (`papers`: the paper of each command): a shard that fails gives every
     /// command of it that error, and waits.
     pub fn send(
         &mut self,
         pipe: &Pipeline,
-        owners: &[&str],
+        papers: &[&str],
         wait_replicas: usize,
         parking: &mut Parking,
     ) -> Vec<RedisResult<Value>> {
         let cmds: Vec<&Cmd> = pipe.cmd_iter().collect();
         let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
         let mut group_of_paper: HashMap<&str, usize> = HashMap::new();
-        for (i, owner) in owners.iter().enumerate() {
-            let at = *group_of_paper.entry(owner).or_insert_with(|| {
-                let shard = self.shard_of(owner);
+        for (i, paper) in papers.iter().enumerate() {
+            let at = *group_of_paper.entry(paper).or_insert_with(|| {
+                let shard = self.shard_of(paper);
                 groups.iter().position(|(s, _)| *s == shard).unwrap_or_else(|| {
                     groups.push((shard.into_owned(), Vec::new()));
                     groups.len() - 1
@@ -235,7 +236,7 @@ impl Shards {
         let mut replies: Vec<RedisResult<Value>> = vec![Err(unexpected(None)); cmds.len()];
         for (shard, indices) in &groups {
             let group: Vec<&Cmd> = indices.iter().map(|&i| cmds[i]).collect();
-            let got = self.send_to(shard, &group, false, wait_replicas, parking);
+            let got = self.send_to(shard, &group, Route::Owner, wait_replicas, parking);
             for (&i, reply) in indices.iter().zip(got) {
                 replies[i] = reply;
             }
@@ -244,18 +245,18 @@ impl Shards {
         replies
     }
 
-    /// One shard's commands (each after `ASKING` when `asking`), with `WAIT`
+    /// One shard's commands (each after `ASKING` for `Route::Asking`), with `WAIT`
     /// when replicas must have them: one reply per command.
     fn send_to(
         &mut self,
         shard: &str,
         cmds: &[&Cmd],
-        asking: bool,
+        route: Route,
         wait_replicas: usize,
         parking: &mut Parking,
     ) -> Vec<RedisResult<Value>> {
         let every = |e: RedisError| cmds.iter().map(|_| Err(e.clone())).collect();
-        let (replies, acked) = match self.on_shard(shard, parking, |conn| pipeline(conn, cmds, asking, wait_replicas)) {
+        let (replies, acked) = match self.on_shard(shard, parking, |conn| pipeline(conn, cmds, route, wait_replicas)) {
             Ok(got) => got,
             Err(e) => return every(e),
         };
@@ -299,7 +300,7 @@ impl Shards {
         }
         for (target, indices) in targets {
             let group: Vec<&Cmd> = indices.iter().map(|&i| cmds[i]).collect();
-            let got = self.send_to(&target, &group, true, wait_replicas, parking);
+            let got = self.send_to(&target, &group, Route::Asking, wait_replicas, parking);
             for (i, reply) in indices.into_iter().zip(got) {
                 if reply.is_ok() || reply.as_ref().is_err_and(|e| e.code().is_some()) {
                     replies[i] = reply;
@@ -467,19 +468,27 @@ fn at_node(node: &str, e: &RedisError) -> RedisError {
     RedisError::from((redis::ErrorKind::Io, "cluster node", format!("{node}: {e}")))
 }
 
-/// One pipeline of commands for one node (each after `ASKING` when `asking`),
+/// How commands reach a node: the master of their slot, or the node an `ASK`
+/// redirection named (a slot being moved), each command after `ASKING`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Owner,
+    Asking,
+}
+
+/// One pipeline of commands for one node (each after `ASKING` for `Route::Asking`),
 /// ending with `WAIT` when replicas must have it: one reply per command, and
 /// how many replicas have them.
 fn pipeline(
     conn: &mut Connection,
     cmds: &[&Cmd],
-    asking: bool,
+    route: Route,
     wait_replicas: usize,
 ) -> RedisResult<(Vec<RedisResult<Value>>, usize)> {
     let mut sub = redis::pipe();
     sub.ignore_errors();
     for cmd in cmds {
-        if asking {
+        if route == Route::Asking {
             sub.cmd("ASKING");
         }
         sub.add_command((*cmd).clone());
@@ -496,7 +505,8 @@ fn pipeline(
     } else {
         0
     };
-    let replies: Vec<RedisResult<Value>> = if asking { got.into_iter().skip(1).step_by(2).collect() } else { got };
+    let replies: Vec<RedisResult<Value>> =
+        if route == Route::Asking { got.into_iter().skip(1).step_by(2).collect() } else { got };
     if replies.len() != cmds.len() {
         return Err(unexpected(None));
     }

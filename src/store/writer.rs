@@ -9,13 +9,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use redis::{Script, Value};
+use redis::{RedisError, Value};
 
-use super::batch::{select, Budget, NoteWrite, Plan};
+use super::batch::{select, Budget, PaperWrites, Plan};
+pub(super) use super::calls::write_notes_script;
+pub use super::calls::History;
+use super::calls::{unexpected, Call, Context, Reported, Scripts};
 use super::endpoint::{query_pipeline, Endpoint, RedisConn};
 use super::parking::{Parking, Retry};
 use super::shards::Shards;
-use super::{is_transient, keys, BacklogLevel, Loops, Op, Outcome, Queued, StoreEvent, Written};
+use super::{is_transient, BacklogLevel, Loops, Op, Outcome, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
 
 /// A paper whose call took part in a pipeline that timed out, or that Redis
@@ -33,85 +36,6 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 const PROBE_POLL: Duration = Duration::from_millis(20);
 /// How often a Redis outage is reported while it lasts.
 const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// Lua shared by the scripts: whether a stored value is one the loader reads
-/// (`codec::read_note`: UTF-8, a JSON note, `v` in [1, 2^53), `data` an object),
-/// and its version and node. A value the loader skips counts as absent, so that
-/// a new write replaces it instead of being swallowed by it.
-const READABLE: &str = include_str!("scripts/readable.lua");
-
-/// Writes notes of one paper, each only if it advances the stored version (ties
-/// to the greater node id), so that a resent batch or a late write from another
-/// node never goes back in time; what it applies it publishes to the other
-/// nodes (so that they never show an edit Redis refused). Keeps the tombstone
-/// horizon (PROTOCOL.md 4, 1.1: a sorted set of tombstones by version, pruned
-/// past retention or the cap, `horizon` raised) and the resume floor (a change
-/// applied more than the resume window below the greatest version raises it).
-/// Patches are merged field by field (PROTOCOL.md 2, 1.1), and a note keeps at
-/// most 64 removed fields' versions, older ones folded into its floor (1.2).
-/// Each note a call touches is read and parsed once, and written once at the
-/// end: a call costs its ops plus the notes it touches, never ops times notes.
-/// KEYS: notes, meta, tombstones. ARGV: now_ms, the channel (empty without
-/// `--cluster`), retention (versions), max tombstones, then (kind, id, value,
-/// v, node, relay, held) septuples, kind `w` (a whole note or tombstone) or `p`
-/// (a patch: value is the object of fields, `null` removing one; held is the
-/// note's version as its node held it, 0 for a whole write). Returns one code
-/// per write: 1 applied, 2 superseded (Redis holds a later version, or this
-/// one), 3 refused because the paper is sealed, 4 refused because it is at or
-/// below the horizon and the note is not there (a delete of it is 2: the note is
-/// gone either way), 5 a patch of a note Redis holds
-/// deleted (or does not hold, while the version its node held is at or below
-/// the horizon: its delete may have been dropped), 6 a patch of a note that is
-/// not there or cannot be read.
-const WRITE_NOTES: &str = include_str!("scripts/write_notes.lua");
-
-/// Sets a paper's cover (1.1, `meta`) if it advances the stored one's version
-/// (ties to the greater node id), and publishes it to the other nodes when it
-/// does; an applied cover counts as a write of the paper (`created_ms`,
-/// `updated_ms`). KEYS: meta. ARGV: value, v, node, channel (or empty), relay,
-/// now_ms. Returns 1 applied, 2 superseded, 3 refused because the paper is sealed.
-const WRITE_COVER: &str = include_str!("scripts/write_cover.lua");
-
-/// Seals a paper once, as Redis holds it: the snapshot is built here from the
-/// notes hash, so that the stream entry and the hash never disagree. Marks it
-/// completed, adds its one stream entry, publishes `completed` with the notes
-/// to the other nodes (when a channel is given), and starts the retention of its
-/// keys. Run again (a resent batch, or a paper sealed by another node), it adds
-/// nothing. ARGV: paper, by, now_ms, retention seconds, channel (or empty), relay
-/// prefix. Returns the notes JSON array, who completed the paper, and the snapshot
-/// still to append to the stream (or empty).
-///
-/// On a Redis Cluster the stream lives in another slot, which a script may not
-/// touch: called without KEYS[4] (notes, meta, tombstones, stream), it leaves the snapshot in the meta hash as
-/// `handoff_pending`; the writer appends it to the stream, then removes it (at
-/// least once: a writer that dies between leaves the marker for the next sweep).
-const COMPLETE: &str = include_str!("scripts/complete.lua");
-
-/// Erases a paper (PROTOCOL.md 7, 1.2): sets its `erased` marker for the
-/// retention, deletes its keys, and publishes the erase to the other nodes. The
-/// marker makes every other script a no-op for the paper (they answer 7). Run
-/// again, it ends in the same state. KEYS: notes, meta, tombstones, members,
-/// revoked, erased. ARGV: retention ms, channel (or empty), relay. Returns 1.
-const ERASE: &str = include_str!("scripts/erase.lua");
-
-/// Revokes a user (PROTOCOL.md 7, 1.2): sets `user -> until` in the paper's
-/// revoked hash, drops the revocations past, keeps the key until the last one
-/// ends, and publishes it to the other nodes. KEYS: revoked, erased. ARGV: user,
-/// until (unix seconds), now (unix seconds), channel (or empty), relay. Returns
-/// 1, or 7 for an erased paper.
-const REVOKE: &str = include_str!("scripts/revoke.lua");
-
-/// Sets (or, with an empty entry, removes) a member's presence entry and the
-/// hash's expiry, unless the paper is erased: a node that missed the erase
-/// must not bring a key of the paper back. KEYS: members, erased. ARGV:
-/// member, entry (or empty), ttl ms. Returns 1, or 0 for an erased paper.
-const PRESENCE: &str = include_str!("scripts/presence.lua");
-
-/// The note script as the loader runs it, to prove a paper writable: with no
-/// note, nothing is published, so the plain script serves every kind of Redis.
-pub(super) fn write_notes_script() -> Script {
-    Script::new(&format!("{READABLE}{WRITE_NOTES}"))
-}
 
 pub struct Writer {
     endpoint: Endpoint,
@@ -132,15 +56,10 @@ pub struct Writer {
     retention_secs: u64,
     /// Set when the server stops: past it, an unwritable backlog is given up.
     give_up_at: Arc<OnceLock<Instant>>,
-    write_notes: Script,
-    write_cover: Script,
-    complete: Script,
-    erase: Script,
-    revoke: Script,
-    presence: Script,
+    scripts: Arc<Scripts>,
     outage: Option<Outage>,
     /// With `--cluster`: this node's id, which prefixes what it relays.
-    node: Option<String>,
+    node: Option<Arc<str>>,
     history: History,
     /// TTL set on a presence hash at each change (its holders' relays refresh it).
     presence_ttl_ms: u64,
@@ -172,24 +91,8 @@ impl Writer {
         give_up_at: Arc<OnceLock<Instant>>,
     ) -> Self {
         let cluster = endpoint.is_cluster();
-        // On a Cluster, relayed messages go by sharded pub/sub, which a script may
-        // use for a channel of its own slot.
-        let publish = |script: String| if cluster { script.replace("'PUBLISH'", "'SPUBLISH'") } else { script };
-        let write_notes = Script::new(&publish(format!("{READABLE}{WRITE_NOTES}")));
-        let write_cover = Script::new(&publish(WRITE_COVER.to_string()));
-        let complete = Script::new(&publish(format!("{READABLE}{COMPLETE}")));
-        let erase = Script::new(&publish(ERASE.to_string()));
-        let revoke = Script::new(&publish(REVOKE.to_string()));
-        let presence = Script::new(PRESENCE);
-        let scripts = vec![
-            write_notes.clone(),
-            write_cover.clone(),
-            complete.clone(),
-            erase.clone(),
-            revoke.clone(),
-            presence.clone(),
-        ];
-        let shards = endpoint.seed().filter(|_| cluster).map(|seed| Shards::new(seed, scripts, metrics.clone()));
+        let scripts = Arc::new(Scripts::new(cluster));
+        let shards = endpoint.seed().filter(|_| cluster).map(|seed| Shards::new(seed, scripts.all(), metrics.clone()));
         Writer {
             endpoint,
             conn: None,
@@ -203,12 +106,7 @@ impl Writer {
             loops,
             retention_secs,
             give_up_at,
-            write_notes,
-            write_cover,
-            complete,
-            erase,
-            revoke,
-            presence,
+            scripts,
             outage: None,
             node: None,
             history: History { retention: 3_600_000 << 10, max_tombstones: 1000 },
@@ -228,7 +126,7 @@ impl Writer {
 
     /// With `--cluster`: what the writer applies, it publishes to the other nodes.
     pub fn relaying_as(mut self, node: &str) -> Self {
-        self.node = Some(node.to_string());
+        self.node = Some(Arc::from(node));
         self
     }
 
@@ -550,12 +448,7 @@ impl Writer {
         if self.conn.is_none() {
             let mut conn = self.endpoint.connect()?;
             redis::cmd("CLIENT").arg("SETNAME").arg("rp-writer").exec(&mut conn)?;
-            self.write_notes.load(&mut conn)?;
-            self.write_cover.load(&mut conn)?;
-            self.complete.load(&mut conn)?;
-            self.erase.load(&mut conn)?;
-            self.revoke.load(&mut conn)?;
-            self.presence.load(&mut conn)?;
+            self.scripts.load(&mut conn)?;
             bump(&self.metrics.reconnects, 1);
             self.conn = Some(conn);
         }
@@ -581,123 +474,58 @@ impl Writer {
         }
     }
 
-    /// One pipeline for the ops of `batch` still without an outcome: per paper,
-    /// one script call with its notes (the last write of each note only: the
-    /// earlier ones are older versions of it), then its completion if there is
-    /// one; then presence and relayed messages, in the order they were accepted,
-    /// so that a node reading the paper on receipt finds the writes there.
+    /// One pipeline for the ops of `batch` still without an outcome (`Call::of`
+    /// says in which order), its replies read into their ops' outcomes. A
+    /// paper's calls stand or fall together: a failure retrying can cure leaves
+    /// all its ops without an outcome (they go again), any other fails them.
     ///
     /// # Errors
     /// The connection failed, or the replicas did not take the batch: nothing
     /// of it counts as written.
     fn try_write(&mut self, batch: &[Queued], outcomes: &mut [Option<Reported>]) -> redis::RedisResult<()> {
-        let Plan { papers, relays } = Plan::of(batch, |i| outcomes[i].is_some());
+        let plan = Plan::of(batch, |i| outcomes[i].is_some());
         #[cfg(feature = "fault-lose-writes")]
-        let papers = lose_on_purpose::some_notes(papers, outcomes);
-        let now = now_ms();
+        let plan = Plan { papers: lose_on_purpose::some_notes(plan.papers, outcomes), relays: plan.relays };
+        let calls = Call::of(&plan, batch);
+        // The context holds its own handles: the connection below needs all of `self`.
+        let (scripts, node) = (self.scripts.clone(), self.node.clone());
+        let ctx = Context {
+            scripts: &scripts,
+            cluster: self.cluster,
+            node: node.as_deref(),
+            now_ms: now_ms(),
+            history: self.history,
+            retention_secs: self.retention_secs,
+            presence_ttl_ms: self.presence_ttl_ms,
+        };
         let mut pipe = redis::pipe();
-        let mut commands = 0;
-        // The paper of each command: on a Cluster, its slot says its shard.
-        let mut owners: Vec<&str> = Vec::new();
-        let publish = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
         pipe.ignore_errors();
-        for writes in &papers {
-            if writes.runs_note_script() {
-                commands += 1;
-                owners.push(writes.paper);
-                let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
-                let cmd = pipe.cmd("EVALSHA").arg(self.write_notes.get_hash()).arg(4);
-                cmd.arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper)).arg(keys::tombstones(writes.paper));
-                cmd.arg(keys::erased(writes.paper));
-                cmd.arg(now).arg(channel).arg(self.history.retention).arg(self.history.max_tombstones);
-                for note in &writes.notes {
-                    cmd.arg(note.kind).arg(note.id).arg(&note.value).arg(note.v).arg(note.node).arg(note.relay);
-                    cmd.arg(note.held);
-                }
-            }
-            if let Some((value, v, node, relay, _)) = &writes.cover {
-                commands += 1;
-                owners.push(writes.paper);
-                let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
-                pipe.cmd("EVALSHA").arg(self.write_cover.get_hash()).arg(2).arg(keys::meta(writes.paper));
-                pipe.arg(keys::erased(writes.paper));
-                pipe.arg(value).arg(*v).arg(*node).arg(channel).arg(*relay).arg(now);
-            }
-            if let Some((_, by)) = writes.complete {
-                commands += 1;
-                owners.push(writes.paper);
-                let (channel, prefix) = match &self.node {
-                    Some(node) => (keys::channel(writes.paper), format!("{node}\n")),
-                    None => (String::new(), String::new()),
-                };
-                let cmd = pipe.cmd("EVALSHA").arg(self.complete.get_hash());
-                cmd.arg(if self.cluster { 4 } else { 5 }).arg(keys::notes(writes.paper)).arg(keys::meta(writes.paper));
-                cmd.arg(keys::tombstones(writes.paper)).arg(keys::erased(writes.paper));
-                if !self.cluster {
-                    cmd.arg(keys::COMPLETED_STREAM);
-                }
-                cmd.arg(writes.paper).arg(by).arg(now).arg(self.retention_secs).arg(channel).arg(prefix);
-            }
-            if let Some(i) = writes.alone {
-                commands += 1;
-                owners.push(writes.paper);
-                let channel = if self.node.is_some() { keys::channel(writes.paper) } else { String::new() };
-                let paper = writes.paper;
-                match &batch[i].op {
-                    Op::Erase { retention_ms, relay, .. } => {
-                        let cmd = pipe.cmd("EVALSHA").arg(self.erase.get_hash()).arg(6);
-                        cmd.arg(keys::notes(paper)).arg(keys::meta(paper)).arg(keys::tombstones(paper));
-                        cmd.arg(keys::members(paper)).arg(keys::revoked(paper)).arg(keys::erased(paper));
-                        cmd.arg(*retention_ms).arg(channel).arg(relay.as_deref().unwrap_or_default());
-                    }
-                    Op::Revoke { user, until, relay, .. } => {
-                        let cmd = pipe.cmd("EVALSHA").arg(self.revoke.get_hash()).arg(2);
-                        cmd.arg(keys::revoked(paper)).arg(keys::erased(paper));
-                        cmd.arg(&**user).arg(*until).arg(now / 1000).arg(channel);
-                        cmd.arg(relay.as_deref().unwrap_or_default());
-                    }
-                    _ => unreachable!("only erases and revocations go alone"),
-                }
-            }
+        for call in &calls {
+            call.encode(&mut pipe, batch, &ctx);
         }
-        for &i in &relays {
-            let op = &batch[i].op;
-            if let Op::Relay { paper, presence: Some(presence), .. } = op {
-                commands += 1;
-                owners.push(paper);
-                let cmd = pipe.cmd("EVALSHA").arg(self.presence.get_hash()).arg(2);
-                cmd.arg(keys::members(paper)).arg(keys::erased(paper)).arg(&*presence.member);
-                cmd.arg(presence.entry.as_deref().unwrap_or_default()).arg(self.presence_ttl_ms);
-            }
-            if let Some(relay) = op.relay() {
-                commands += 1;
-                owners.push(op.paper());
-                pipe.cmd(publish).arg(keys::channel(op.paper())).arg(relay);
-            }
-        }
-        if self.wait_replicas > 0 && !self.cluster {
-            commands += 1;
+        let waits = self.wait_replicas > 0 && !self.cluster;
+        if waits {
             pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
         }
 
         let sent = Instant::now();
-        let mut replies: std::vec::IntoIter<redis::RedisResult<Value>> = match &mut self.shards {
+        let replies: Vec<redis::RedisResult<Value>> = match &mut self.shards {
             // Routed by the slot map `tend` keeps: an old map only costs a MOVED, and
             // no map at all makes every paper's shard wait ("slot N") until one is read.
-            Some(shards) => shards.send(&pipe, &owners, self.wait_replicas, &mut self.parking).into_iter(),
+            Some(shards) => {
+                let papers: Vec<&str> = calls.iter().map(|call| call.paper(batch)).collect();
+                shards.send(&pipe, &papers, self.wait_replicas, &mut self.parking)
+            }
             None => match self.connection()? {
-                RedisConn::Single(conn) => query_pipeline(conn, &pipe)?.into_iter(),
-                conn => pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?.into_iter(),
+                RedisConn::Single(conn) => query_pipeline(conn, &pipe)?,
+                conn => pipe.query::<Vec<redis::RedisResult<Value>>>(conn)?,
             },
         };
         self.metrics.redis_round_trip.observe(sent.elapsed());
-        bump(&self.metrics.commands, commands);
-        // Messages Redis published for the other nodes: applied notes with a relay
-        // message, seals (with `--cluster`), relayed ops.
-        let mut relayed = 0;
-        if self.wait_replicas > 0 && !self.cluster {
+        bump(&self.metrics.commands, pipe.len() as u64);
+        if waits {
             // The pipeline ends with WAIT: the batch is written once enough replicas have it.
-            let acked = match replies.as_slice().last() {
+            let acked = match replies.last() {
                 Some(Ok(Value::Int(n))) => *n,
                 _ => 0,
             };
@@ -706,92 +534,38 @@ impl Writer {
                 return Err(redis::RedisError::from((redis::ErrorKind::Io, "replication", detail)));
             }
         }
-        let mut transient = None;
+
+        // Messages Redis published for the other nodes: applied notes with a relay
+        // message, seals and erases (with `--cluster`), relayed ops.
+        let mut relayed = 0;
         // On a Cluster: sealed papers whose stream entry is still to append.
-        let mut handoffs: Vec<(usize, &str, Vec<u8>)> = Vec::new();
-        for writes in &papers {
-            let mut failure = None;
-            if writes.runs_note_script() {
-                match replies.next() {
-                    Some(Ok(Value::Array(codes))) if codes.len() == writes.notes.len() => {
-                        for &i in &writes.prune {
-                            outcomes[i] = Some(Reported::Op(Outcome::Saved));
-                        }
-                        for (NoteWrite { ops, relay, .. }, code) in writes.notes.iter().zip(codes) {
-                            relayed += u64::from(code == Value::Int(1) && !relay.is_empty());
-                            let reported = match code {
-                                Value::Int(3) => Reported::Op(Outcome::Sealed),
-                                // Not applied, and nothing is wrong with the paper: its
-                                // sender is told, its members corrected.
-                                Value::Int(4) => Reported::Op(Outcome::BelowHorizon),
-                                // Deleted meanwhile (another node's delete got there first).
-                                Value::Int(5) => Reported::Op(Outcome::Gone),
-                                Value::Int(6) => {
-                                    Reported::Failed("a patch of a note Redis does not hold or cannot read".into())
-                                }
-                                Value::Int(7) => Reported::Op(Outcome::Erased),
-                                _ => Reported::Op(Outcome::Saved),
-                            };
-                            for &i in ops {
-                                outcomes[i] = Some(reported.clone());
-                            }
+        let mut handoffs: Vec<(usize, Vec<u8>)> = Vec::new();
+        // The first failure of each paper's calls, and of each relayed op's.
+        let mut failed_papers: Vec<(&PaperWrites, RedisError)> = Vec::new();
+        let mut failed_relays: HashMap<usize, RedisError> = HashMap::new();
+        let mut replies = replies.into_iter();
+        for call in &calls {
+            let reply = replies.next().unwrap_or_else(|| Err(unexpected(None)));
+            match call.read(reply, outcomes, &ctx) {
+                Ok(read) => {
+                    relayed += read.relayed;
+                    handoffs.extend(read.handoff);
+                }
+                Err(e) => match (call.writes(), call.relayed_op()) {
+                    (Some(writes), _) => {
+                        if !failed_papers.iter().any(|(w, _)| std::ptr::eq(*w, writes)) {
+                            failed_papers.push((writes, e));
                         }
                     }
-                    Some(Err(e)) => failure = Some(e),
-                    other => failure = Some(unexpected(other)),
-                }
-            }
-            if let Some((.., ops)) = &writes.cover {
-                match replies.next() {
-                    Some(Ok(Value::Int(code))) => {
-                        let outcome = match code {
-                            3 => Outcome::Sealed,
-                            7 => Outcome::Erased,
-                            _ => Outcome::Saved,
-                        };
-                        for &i in ops {
-                            outcomes[i] = Some(Reported::Op(outcome));
-                        }
+                    (None, Some(i)) => {
+                        failed_relays.entry(i).or_insert(e);
                     }
-                    Some(Err(e)) => failure = failure.or(Some(e)),
-                    other => failure = failure.or(Some(unexpected(other))),
-                }
+                    (None, None) => {}
+                },
             }
-            if let Some((i, _)) = writes.complete {
-                match replies.next() {
-                    Some(Ok(Value::Array(reply))) if reply.get(3).is_some() => {
-                        outcomes[i] = Some(Reported::Op(Outcome::Erased));
-                    }
-                    Some(Ok(Value::Array(reply))) => match (reply.first(), reply.get(1)) {
-                        (Some(Value::BulkString(notes)), Some(Value::BulkString(by))) => {
-                            let notes = String::from_utf8_lossy(notes).into_owned();
-                            let by = String::from_utf8_lossy(by).into_owned();
-                            outcomes[i] = Some(Reported::Sealed { notes, by });
-                            if let Some(Value::BulkString(snapshot)) = reply.get(2).filter(|_| self.cluster) {
-                                if !snapshot.is_empty() {
-                                    handoffs.push((i, writes.paper, snapshot.clone()));
-                                }
-                            }
-                            relayed += u64::from(self.node.is_some());
-                        }
-                        _ => failure = failure.or(Some(unexpected(Some(Ok(Value::Array(reply)))))),
-                    },
-                    Some(Err(e)) => failure = failure.or(Some(e)),
-                    other => failure = failure.or(Some(unexpected(other))),
-                }
-            }
-            if let Some(i) = writes.alone {
-                match replies.next() {
-                    Some(Ok(Value::Int(code))) => {
-                        relayed += u64::from(code == 1 && self.node.is_some());
-                        let outcome = if code == 7 { Outcome::Erased } else { Outcome::Saved };
-                        outcomes[i] = Some(Reported::Op(outcome));
-                    }
-                    Some(Err(e)) => failure = failure.or(Some(e)),
-                    other => failure = failure.or(Some(unexpected(other))),
-                }
-            }
-            let Some(e) = failure else { continue };
+        }
+        let mut transient = None;
+        for (writes, e) in failed_papers {
             if e.is_timeout() || e.code() == Some("BUSY") {
                 self.slow.push(Arc::from(writes.paper));
             }
@@ -812,20 +586,9 @@ impl Writer {
                 outcomes[slot] = Some(Reported::Failed(e.to_string()));
             }
         }
-        for &i in &relays {
+        for &i in &plan.relays {
             let op = &batch[i].op;
-            // One reply per command sent for it: the presence entry, then the message.
-            let sent =
-                usize::from(matches!(op, Op::Relay { presence: Some(_), .. })) + usize::from(op.relay().is_some());
-            let mut failure = None;
-            for _ in 0..sent {
-                match replies.next() {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => failure = failure.or(Some(e)),
-                    None => failure = failure.or(Some(unexpected(None))),
-                }
-            }
-            match failure {
+            match failed_relays.remove(&i) {
                 // Sent again with the next try (presence is idempotent).
                 Some(e) if is_transient(&e) => {
                     transient.get_or_insert(e);
@@ -840,13 +603,13 @@ impl Writer {
                 }
             }
         }
-        let shards = &mut self.shards;
-        for (i, paper, snapshot) in handoffs {
-            let Some(shards) = shards.as_mut() else { break };
-            if let Err(e) = shards.hand_off(paper, &snapshot, &mut self.parking) {
-                // The seal stands; the completion is sent again and appends the entry then.
-                outcomes[i] = None;
-                transient.get_or_insert(e);
+        if let Some(shards) = self.shards.as_mut() {
+            for (i, snapshot) in handoffs {
+                if let Err(e) = shards.hand_off(batch[i].op.paper(), &snapshot, &mut self.parking) {
+                    // The seal stands; the completion is sent again and appends the entry then.
+                    outcomes[i] = None;
+                    transient.get_or_insert(e);
+                }
             }
         }
         bump(&self.metrics.relayed_out, relayed);
@@ -913,33 +676,8 @@ impl Writer {
     }
 }
 
-/// How many tombstones a paper keeps, and for how long (in versions).
-#[derive(Debug, Clone, Copy)]
-pub struct History {
-    pub retention: u64,
-    pub max_tombstones: usize,
-}
-
 /// Why the ops of a paper found to make Redis slow fail.
 const SLOW_WRITE: &str = "a write of this paper keeps Redis busy past the I/O timeout";
-
-/// What the writer learnt of one op.
-#[derive(Debug, Clone)]
-enum Reported {
-    Op(Outcome),
-    /// A completion: the paper as sealed.
-    Sealed {
-        notes: String,
-        by: String,
-    },
-    /// Refused for good, with Redis's error.
-    Failed(String),
-}
-
-pub(super) fn unexpected(reply: Option<redis::RedisResult<Value>>) -> redis::RedisError {
-    let detail = format!("unexpected reply {reply:?}");
-    redis::RedisError::from((redis::ErrorKind::Io, "unexpected reply", detail))
-}
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
