@@ -87,7 +87,7 @@ pub struct Config {
     pub max_message_bytes: usize,
 
     /// Largest note `data`, serialized compactly (bytes); over it, `too_large`. Unset, it
-    /// follows --max-message-bytes (a quarter of it, at most 16384).
+    /// follows --max-message-bytes (less 256 for a message's envelope, at most 16384).
     #[arg(long, env = "RP_MAX_NOTE_BYTES", default_value_t = DEFAULT_MAX_NOTE_BYTES)]
     pub max_note_bytes: usize,
 

@@ -1,4 +1,4 @@
-//! The loader thread: reads papers from Redis for the loops that asked, retrying
+//! A loader thread (the server runs four): reads papers from Redis for the loops that asked, retrying
 //! until the joiners' deadline, so that a loop never waits on Redis.
 
 use std::sync::atomic::Ordering;

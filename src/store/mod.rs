@@ -1,5 +1,5 @@
 //! Persistence behind the event loops (PROTOCOL.md section 4). Loops hand ops to
-//! the writer thread through a bounded backlog and ask the loader thread for
+//! the writer thread through a bounded backlog and ask the loader threads for
 //! papers; nothing here ever runs on a loop thread, and no loop ever waits on it.
 
 mod batch;
@@ -463,7 +463,7 @@ impl Loads {
             Loads::Subscribed(relay) => relay.send(relay::RelayCmd::Subscribe(request)).is_ok(),
         };
         if !sent {
-            log::error!("the loader thread is gone");
+            log::error!("the loader threads are gone");
         }
     }
 
@@ -474,7 +474,7 @@ impl Loads {
             Loads::Subscribed(relay) => relay.send(relay::RelayCmd::Read(request)).is_ok(),
         };
         if !sent {
-            log::error!("the loader thread is gone");
+            log::error!("the loader threads are gone");
         }
     }
 
