@@ -117,13 +117,13 @@ pub enum Phase {
     /// An upgrade request waiting for its paper, not answered yet: an erased
     /// paper (410) or a revoked user (403) is refused before the upgrade
     /// (PROTOCOL.md 7). `buf` holds the head (`head_len` bytes) and what followed.
-    Admitting { io: Io, buf: Vec<u8>, head_len: usize, upgrade: Box<http::Upgrade>, since: Instant },
+    Admitting { io: Io, buf: Vec<u8>, head_len: usize, upgrade: Box<http::Upgrade>, asked: Instant },
     /// A backend API call waiting for its paper, or for Redis.
     Api { io: Io, call: Box<ApiCall> },
     /// Upgraded, waiting for its paper to be read; no snapshot yet, and what the
     /// client sends waits in the socket.
-    /// `since`: the upgrade, from which the joiner waits.
-    Joining { ws: WebSocket<Io>, visitor: Visitor, since: Instant },
+    /// `asked`: when the upgrade was asked for, from which the joiner waits.
+    Joining { ws: WebSocket<Io>, visitor: Visitor, asked: Instant },
     /// A member: the session of PROTOCOL.md section 3.
     Open { ws: WebSocket<Io>, membership: Membership },
     /// `/echo` (`--echo`): every message comes back as it was sent.
@@ -335,7 +335,7 @@ impl Conn {
         self.morph(|phase| match phase {
             Phase::Request { io, .. } => {
                 let upgrade = Box::new(upgrade);
-                (Phase::Admitting { io, buf, head_len, upgrade, since: Instant::now() }, true)
+                (Phase::Admitting { io, buf, head_len, upgrade, asked: Instant::now() }, true)
             }
             other => (other, false),
         })
@@ -361,10 +361,10 @@ impl Conn {
     /// what followed it belongs to the session.
     pub fn upgrade(&mut self, ws_key: &str, config: WebSocketConfig, visitor: Visitor) -> bool {
         let upgraded = self.morph(|phase| match phase {
-            Phase::Admitting { io, mut buf, head_len, since, .. } => {
+            Phase::Admitting { io, mut buf, head_len, asked, .. } => {
                 let rest = buf.split_off(head_len.min(buf.len()));
                 let ws = server_websocket(io, &http::switching_protocols(ws_key), rest, config);
-                (Phase::Joining { ws, visitor, since }, true)
+                (Phase::Joining { ws, visitor, asked }, true)
             }
             other => (other, false),
         });

@@ -12,7 +12,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Token};
 
 use super::event_loop::EventLoop;
-use super::inbox::{Adopted, Handoff, InboxMsg};
+use super::inbox::{Adopted, InboxMsg, Transfer};
 use crate::conn::http::{Listener, Parsed, Reply, Route};
 use crate::conn::{ApiCall, Conn, Io, Next, Phase, RequestStep};
 use crate::metrics::bump;
@@ -155,7 +155,7 @@ impl EventLoop {
                 self.conns.queue_flush(key);
             }
             Ok(Parsed::Complete { route: Route::ReadPaper(paper), .. }) => {
-                self.route(key, Handoff::ReadPaper { paper: Arc::from(paper) })
+                self.route(key, Transfer::ReadPaper { paper: Arc::from(paper) })
             }
             Ok(Parsed::Complete { len, route: Route::Api(head) }) => {
                 let body = conn.request_body(len, head.body_len);
@@ -163,7 +163,7 @@ impl EventLoop {
                     Err(reply) => self.reply(key, &reply),
                     Ok(action) => {
                         let call = ApiCall { paper: Arc::from(head.paper), action, started: Instant::now() };
-                        self.route(key, Handoff::Api(Box::new(call)));
+                        self.route(key, Transfer::Api(Box::new(call)));
                     }
                 }
             }
@@ -179,7 +179,7 @@ impl EventLoop {
                 let Phase::Request { buf, .. } = &mut conn.phase else { return };
                 // The head and what followed it go with the request to its loop.
                 let buf = std::mem::take(buf);
-                self.route(key, Handoff::Upgrade { upgrade: Box::new(upgrade), buf, head_len: len });
+                self.route(key, Transfer::Upgrade { upgrade: Box::new(upgrade), buf, head_len: len });
             }
         }
     }
@@ -195,11 +195,11 @@ impl EventLoop {
     }
 
     /// Sends a request about a paper to the loop that owns the paper, or serves it here.
-    fn route(&mut self, key: usize, handoff: Handoff) {
-        let owner = self.owner_of(handoff.paper());
+    fn route(&mut self, key: usize, transfer: Transfer) {
+        let owner = self.owner_of(transfer.paper());
         // While stopping, nothing is handed to a loop that may have stopped already.
         if owner == self.index || self.stopping.is_some() {
-            return self.start(key, handoff);
+            return self.start(key, transfer);
         }
         let conn = self.conns.slab.remove(key);
         self.output_held -= conn.held_out;
@@ -214,18 +214,18 @@ impl EventLoop {
             }
             return;
         }
-        let adopted = Adopted { stream: io.stream, peer, serial, counted, head_only, deadline, handoff };
+        let adopted = Adopted { stream: io.stream, peer, serial, counted, head_only, deadline, transfer };
         self.loops[owner].send(InboxMsg::Adopt(adopted));
     }
 
     /// A connection handed over by another loop: it keeps its deadline.
     pub(super) fn adopt(&mut self, adopted: Adopted) {
-        let Adopted { stream, peer, serial, counted, head_only, deadline, handoff } = adopted;
+        let Adopted { stream, peer, serial, counted, head_only, deadline, transfer } = adopted;
         match self.register(stream, peer, serial, deadline) {
             Some(key) => {
                 self.conns.slab[key].counted = counted;
                 self.conns.slab[key].head_only = head_only;
-                self.start(key, handoff);
+                self.start(key, transfer);
             }
             None => {
                 self.node.release_socket();
@@ -238,22 +238,22 @@ impl EventLoop {
 
     /// Starts what a request asked for, on the loop that owns its paper. While
     /// stopping, a session is closed with 1001 at once and a read told to retry.
-    fn start(&mut self, key: usize, handoff: Handoff) {
-        match handoff {
-            Handoff::Upgrade { upgrade, buf, head_len } => self.admit_session(key, *upgrade, buf, head_len),
-            Handoff::Api(call) if self.stopping.is_some() => {
+    fn start(&mut self, key: usize, transfer: Transfer) {
+        match transfer {
+            Transfer::Upgrade { upgrade, buf, head_len } => self.admit_session(key, *upgrade, buf, head_len),
+            Transfer::Api(call) if self.stopping.is_some() => {
                 let reply = crate::api::error(503, "unavailable", "this node is shutting down; retry");
                 self.start_call(key, *call);
                 self.answer_call(key, &reply);
             }
-            Handoff::Api(call) => self.start_call(key, *call),
-            Handoff::ReadPaper { .. } if self.stopping.is_some() => {
+            Transfer::Api(call) => self.start_call(key, *call),
+            Transfer::ReadPaper { .. } if self.stopping.is_some() => {
                 self.reply(key, &Reply::text(503, "shutting down; retry"))
             }
-            Handoff::ReadPaper { paper } if self.is_erased(&paper) => {
+            Transfer::ReadPaper { paper } if self.is_erased(&paper) => {
                 self.reply(key, &Reply::text(410, "this paper was erased"))
             }
-            Handoff::ReadPaper { paper } => {
+            Transfer::ReadPaper { paper } => {
                 let Some(conn) = self.conns.slab.get_mut(key) else { return };
                 if conn.wait_for_paper(paper.clone()) {
                     let settings = &self.node.settings;

@@ -119,7 +119,7 @@ impl EventLoop {
                     reference: reference_box,
                     relay,
                 };
-                let submitted = hand_over(&self.store, paper, op)?;
+                let submitted = submit_edit(&self.store, paper, op)?;
                 paper.apply_patch(&patch);
                 self.conns.fanout(paper.members(), None, self.frame.bytes(), Out::Patch, metrics);
                 Ok(submitted.edited(v))
@@ -137,7 +137,7 @@ impl EventLoop {
                     fields: None,
                 };
                 let op = Op::Cover { paper: paper_id, cover: stored, origin, reference: reference_box, relay };
-                let submitted = hand_over(&self.store, paper, op)?;
+                let submitted = submit_edit(&self.store, paper, op)?;
                 paper.apply_cover(cover);
                 self.conns.fanout(paper.members(), None, self.frame.bytes(), Out::Meta, metrics);
                 Ok(submitted.edited(v))
@@ -168,7 +168,7 @@ impl EventLoop {
                 let note = note_to_store(&edit.note);
                 let op =
                     Op::Note { paper: paper_id, id: edit.id.clone(), note, origin, reference: reference_box, relay };
-                let submitted = hand_over(&self.store, paper, op)?;
+                let submitted = submit_edit(&self.store, paper, op)?;
                 paper.apply(edit);
                 if kind == Out::Delete {
                     paper.prune(clock::now_ms(), &limits);
@@ -452,7 +452,7 @@ impl SubmittedExt for Submitted {
 
 /// Hands an edit's op to the store; when it waits in the backlog, the paper
 /// counts it unwritten. A full backlog refuses it (`unavailable`).
-fn hand_over(store: &StoreHandle, paper: &mut Paper, op: Op) -> Result<Submitted, ErrorCode> {
+fn submit_edit(store: &StoreHandle, paper: &mut Paper, op: Op) -> Result<Submitted, ErrorCode> {
     let note = match &op {
         Op::Note { id, .. } | Op::Patch { id, .. } => Some(id.clone()),
         _ => None,

@@ -339,8 +339,8 @@ impl EventLoop {
 
     /// A joiner stops waiting for its paper to be read (it joins, or is closed).
     pub(super) fn load_waited(&self, key: usize) {
-        if let Some(Phase::Joining { since, .. }) = self.conns.slab.get(key).map(|c| &c.phase) {
-            self.metrics().load_wait.observe(since.elapsed());
+        if let Some(Phase::Joining { asked, .. }) = self.conns.slab.get(key).map(|c| &c.phase) {
+            self.metrics().load_wait.observe(asked.elapsed());
         }
     }
 

@@ -14,7 +14,7 @@ use crate::conn::ApiCall;
 use crate::store::{Loops, StoreEvent};
 
 /// A request read by one loop about a paper another loop owns.
-pub enum Handoff {
+pub enum Transfer {
     /// The head took `head_len` bytes of `buf`; what follows belongs to the session.
     Upgrade {
         upgrade: Box<Upgrade>,
@@ -28,12 +28,12 @@ pub enum Handoff {
     Api(Box<ApiCall>),
 }
 
-impl Handoff {
+impl Transfer {
     pub fn paper(&self) -> &str {
         match self {
-            Handoff::Upgrade { upgrade, .. } => &upgrade.paper,
-            Handoff::ReadPaper { paper } => paper,
-            Handoff::Api(call) => &call.paper,
+            Transfer::Upgrade { upgrade, .. } => &upgrade.paper,
+            Transfer::ReadPaper { paper } => paper,
+            Transfer::Api(call) => &call.paper,
         }
     }
 }
@@ -48,7 +48,7 @@ pub struct Adopted {
     /// A `HEAD` request: answered without the body.
     pub head_only: bool,
     pub deadline: Instant,
-    pub handoff: Handoff,
+    pub transfer: Transfer,
 }
 
 pub enum InboxMsg {

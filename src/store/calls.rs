@@ -97,8 +97,8 @@ pub(super) struct Scripts {
 impl Scripts {
     /// On a Redis Cluster, relayed messages go by sharded pub/sub, which a
     /// script may use for a channel of its own slot.
-    pub fn new(cluster: bool) -> Scripts {
-        let publish = |script: String| if cluster { script.replace("'PUBLISH'", "'SPUBLISH'") } else { script };
+    pub fn new(redis_cluster: bool) -> Scripts {
+        let publish = |script: String| if redis_cluster { script.replace("'PUBLISH'", "'SPUBLISH'") } else { script };
         Scripts {
             write_notes: Script::new(&publish(format!("{READABLE}{WRITE_NOTES}"))),
             write_cover: Script::new(&publish(WRITE_COVER.to_string())),
@@ -155,7 +155,7 @@ pub(super) enum Reported {
 pub(super) struct Context<'s> {
     pub scripts: &'s Scripts,
     /// A Redis Cluster: the stream is appended apart, messages go by `SPUBLISH`.
-    pub cluster: bool,
+    pub redis_cluster: bool,
     /// With `--cluster`: this node's id, which prefixes what it relays.
     pub node: Option<&'s str>,
     pub now_ms: u64,
@@ -285,9 +285,9 @@ impl<'p, 'a> Call<'p, 'a> {
                 let paper = writes.paper;
                 let prefix = ctx.node.map_or_else(String::new, |node| format!("{node}\n"));
                 let cmd = pipe.cmd("EVALSHA").arg(scripts.complete.get_hash());
-                cmd.arg(if ctx.cluster { 4 } else { 5 }).arg(keys::notes(paper)).arg(keys::meta(paper));
+                cmd.arg(if ctx.redis_cluster { 4 } else { 5 }).arg(keys::notes(paper)).arg(keys::meta(paper));
                 cmd.arg(keys::tombstones(paper)).arg(keys::erased(paper));
-                if !ctx.cluster {
+                if !ctx.redis_cluster {
                     cmd.arg(keys::COMPLETED_STREAM);
                 }
                 cmd.arg(paper).arg(*by).arg(ctx.now_ms).arg(ctx.retention_secs).arg(ctx.channel(paper)).arg(prefix);
@@ -318,7 +318,7 @@ impl<'p, 'a> Call<'p, 'a> {
             }
             Call::Publish(i) => {
                 let op = &batch[*i].op;
-                let publish = if ctx.cluster { "SPUBLISH" } else { "PUBLISH" };
+                let publish = if ctx.redis_cluster { "SPUBLISH" } else { "PUBLISH" };
                 pipe.cmd(publish).arg(keys::channel(op.paper())).arg(op.relay().unwrap_or_default());
             }
         }
@@ -379,7 +379,7 @@ impl<'p, 'a> Call<'p, 'a> {
                     let notes = String::from_utf8_lossy(notes).into_owned();
                     let by = String::from_utf8_lossy(by).into_owned();
                     outcomes[*i] = Some(Reported::Sealed { notes, by });
-                    if let Some(Value::BulkString(snapshot)) = reply.get(2).filter(|_| ctx.cluster) {
+                    if let Some(Value::BulkString(snapshot)) = reply.get(2).filter(|_| ctx.redis_cluster) {
                         if !snapshot.is_empty() {
                             read.handoff = Some((*i, snapshot.clone()));
                         }

@@ -43,7 +43,7 @@ pub struct Writer {
     conn: Option<RedisConn>,
     /// A Redis Cluster: a connection to each master, per-shard pipelines,
     /// `SPUBLISH`, the hand-off in two steps.
-    cluster: bool,
+    redis_cluster: bool,
     shards: Option<Shards>,
     /// The shards and papers whose writes failed, held back until their next try.
     parking: Parking,
@@ -90,13 +90,14 @@ impl Writer {
         retention_secs: u64,
         give_up_at: Arc<OnceLock<Instant>>,
     ) -> Self {
-        let cluster = endpoint.is_cluster();
-        let scripts = Arc::new(Scripts::new(cluster));
-        let shards = endpoint.seed().filter(|_| cluster).map(|seed| Shards::new(seed, scripts.all(), metrics.clone()));
+        let redis_cluster = endpoint.is_cluster();
+        let scripts = Arc::new(Scripts::new(redis_cluster));
+        let shards =
+            endpoint.seed().filter(|_| redis_cluster).map(|seed| Shards::new(seed, scripts.all(), metrics.clone()));
         Writer {
             endpoint,
             conn: None,
-            cluster,
+            redis_cluster,
             shards,
             parking: Parking::default(),
             wait_replicas: 0,
@@ -491,7 +492,7 @@ impl Writer {
         let (scripts, node) = (self.scripts.clone(), self.node.clone());
         let ctx = Context {
             scripts: &scripts,
-            cluster: self.cluster,
+            redis_cluster: self.redis_cluster,
             node: node.as_deref(),
             now_ms: now_ms(),
             history: self.history,
@@ -503,7 +504,7 @@ impl Writer {
         for call in &calls {
             call.encode(&mut pipe, batch, &ctx);
         }
-        let waits = self.wait_replicas > 0 && !self.cluster;
+        let waits = self.wait_replicas > 0 && !self.redis_cluster;
         if waits {
             pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
         }
