@@ -299,10 +299,15 @@ pub struct StoreView<'a> {
 }
 
 /// The Prometheus text exposition of every metric.
-pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usize, sockets: usize) -> String {
+pub fn render(
+    loops: &[std::sync::Arc<LoopMetrics>],
+    store: Option<StoreView>,
+    connections: usize,
+    sockets: usize,
+) -> String {
     let mut x = Exposition(String::with_capacity(16 * 1024));
-    let sum = |f: &dyn Fn(&LoopMetrics) -> u64| loops.iter().map(f).sum::<u64>();
-    let per_loop = |f: &dyn Fn(&LoopMetrics) -> &Histogram| loops.iter().map(f).collect::<Vec<_>>();
+    let sum = |f: &dyn Fn(&LoopMetrics) -> u64| loops.iter().map(|l| f(l)).sum::<u64>();
+    let per_loop = |f: &dyn Fn(&LoopMetrics) -> &Histogram| loops.iter().map(|l| f(l)).collect::<Vec<_>>();
 
     x.family("rollingpaper_build_info", "gauge", "The running version (the value is always 1).");
     x.sample("rollingpaper_build_info", &format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1);
@@ -531,7 +536,7 @@ pub fn render(loops: &[LoopMetrics], store: Option<StoreView>, connections: usiz
 
 /// The text being written, one family at a time: its HELP and TYPE, then its samples.
 /// The memory families, after `render`'s: output buffers and shared snapshot bytes.
-pub fn render_memory(text: &mut String, loops: &[LoopMetrics], in_flight: &crate::shared::InFlight) {
+pub fn render_memory(text: &mut String, loops: &[std::sync::Arc<LoopMetrics>], in_flight: &crate::shared::InFlight) {
     let mut x = Exposition(std::mem::take(text));
     let buffers = loops.iter().map(|l| get(&l.output_buffer_bytes)).sum::<u64>();
     x.one(
@@ -615,7 +620,7 @@ mod tests {
 
     #[test]
     fn renders_the_text_format_with_sums_over_loops() {
-        let loops = [LoopMetrics::default(), LoopMetrics::default()];
+        let loops = [std::sync::Arc::new(LoopMetrics::default()), std::sync::Arc::new(LoopMetrics::default())];
         loops[0].message_in(In::Upsert);
         loops[1].message_in(In::Upsert);
         loops[1].refusal(ErrorCode::RateLimited);

@@ -45,13 +45,13 @@ impl EventLoop {
             match listener.accept() {
                 Ok((stream, peer)) => {
                     self.accept_retry = false;
-                    bump(&self.metrics().connections_accepted, 1);
+                    bump(&self.metrics.connections_accepted, 1);
                     // An address holding its cap of unfinished request heads gets no
                     // more: closed at once, its socket slot goes to other addresses.
                     let Some(head) = self.node.take_head(peer.ip()) else {
                         drop(stream);
                         self.node.release_socket();
-                        bump(&self.metrics().heads_refused, 1);
+                        bump(&self.metrics.heads_refused, 1);
                         continue;
                     };
                     let serial = self.node.serials.fetch_add(1, Ordering::Relaxed);
@@ -118,7 +118,7 @@ impl EventLoop {
         let Some(conn) = self.conns.slab.get_mut(key) else { return };
         let mut bytes_in = 0;
         let step = conn.read_request(&self.node.policy, &mut bytes_in);
-        bump(&self.node.loop_metrics[self.index].bytes_in, bytes_in);
+        bump(&self.metrics.bytes_in, bytes_in);
         let parsed = match step {
             RequestStep::Wait => return,
             RequestStep::Continue => return self.conns.queue_flush(key),
@@ -150,7 +150,7 @@ impl EventLoop {
             }
             Ok(Parsed::Complete { len, route: Route::Echo(ws_key) }) => {
                 conn.open_echo(len, &ws_key, self.node.settings.ws_config);
-                self.node.loop_metrics[self.index].http_response(101);
+                self.metrics.http_response(101);
                 self.act(key, Next::ReadAgain);
                 self.conns.queue_flush(key);
             }
@@ -188,7 +188,7 @@ impl EventLoop {
     pub(super) fn reply(&mut self, key: usize, reply: &Reply) {
         if let Some(conn) = self.conns.slab.get_mut(key) {
             if conn.reply(&reply.to_bytes()) {
-                self.node.loop_metrics[self.index].http_response(reply.status);
+                self.metrics.http_response(reply.status);
                 self.conns.queue_flush(key);
             }
         }

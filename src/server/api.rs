@@ -226,7 +226,7 @@ impl EventLoop {
 
     fn observe_call(&self, key: usize, status: u16) {
         if let Some(call) = self.call_of(key) {
-            self.metrics().api_call(call.action.kind(), status, call.started.elapsed());
+            self.metrics.api_call(call.action.kind(), status, call.started.elapsed());
         }
     }
 

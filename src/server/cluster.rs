@@ -44,7 +44,7 @@ impl EventLoop {
         let Some(paper) = self.papers.paper_mut(paper_id) else { return };
         let Some(relayed) = protocol::parse_relayed(message) else {
             log::warn!("skipping a relayed message from node {node} that this server cannot read: {message:.200}");
-            bump(&self.node.loop_metrics[self.index].corrupt_relayed, 1);
+            bump(&self.metrics.corrupt_relayed, 1);
             return;
         };
         let sealed = paper.is_completed();
@@ -65,7 +65,7 @@ impl EventLoop {
                 // are sent the note as it now is, not the upsert as sent.
                 let Some(now) = paper.note(&id).filter(|n| n.data.as_deref() != Some(data.as_str())) else {
                     let bytes = self.frame.raw(message);
-                    let metrics = &self.node.loop_metrics[self.index];
+                    let metrics = &self.metrics;
                     self.conns.fanout(paper.members(), None, bytes, Out::Upsert, metrics);
                     return;
                 };
@@ -73,7 +73,7 @@ impl EventLoop {
                 let (author, data, v) =
                     (now.author.clone(), now.data.clone().unwrap_or_else(|| Arc::from("{}")), now.v);
                 let bytes = self.frame.upsert(&id, &author, &data, v, from_of(message), None);
-                self.conns.fanout(paper.members(), None, bytes, Out::Upsert, &self.node.loop_metrics[self.index]);
+                self.conns.fanout(paper.members(), None, bytes, Out::Upsert, &self.metrics);
                 return;
             }
             Relayed::Delete { id, v } => {
@@ -104,7 +104,7 @@ impl EventLoop {
                 // Members are sent only the fields this node advanced.
                 let Some(advanced) = paper.apply_patch(&patch) else { return };
                 let bytes = self.frame.patch(&patch.id, &advanced, v, from_of(message), None);
-                self.conns.fanout(paper.members(), None, bytes, Out::Patch, &self.node.loop_metrics[self.index]);
+                self.conns.fanout(paper.members(), None, bytes, Out::Patch, &self.metrics);
                 return;
             }
             Relayed::Meta { data, v } => {
@@ -132,7 +132,7 @@ impl EventLoop {
         let Some(paper) = self.papers.paper(paper_id) else { return };
         if pass_on {
             let bytes = self.frame.raw(message);
-            self.conns.fanout(paper.members(), None, bytes, kind, &self.node.loop_metrics[self.index]);
+            self.conns.fanout(paper.members(), None, bytes, kind, &self.metrics);
         }
     }
 
@@ -155,7 +155,7 @@ impl EventLoop {
                 return self.on_sealed(paper_id, by, &notes, false);
             }
         }
-        let metrics = &self.node.loop_metrics[self.index];
+        let metrics = &self.metrics;
         // Notes deleted while this node was away, whose tombstones the horizon
         // has dropped since: Redis holds nothing of them, so they go here too.
         let held: HashSet<&str> = stored.notes.iter().map(|(id, _)| id.as_str()).collect();
@@ -213,7 +213,7 @@ impl EventLoop {
 
     /// Another node stopped: its members leave every paper here.
     pub(super) fn node_gone(&mut self, node: &str) {
-        let metrics = &self.node.loop_metrics[self.index];
+        let metrics = &self.metrics;
         for paper in self.papers.papers_mut() {
             for id in paper.remove_node(node) {
                 let leave = self.frame.leave(&id);

@@ -23,14 +23,14 @@ impl EventLoop {
         match protocol::parse_client_msg(text, self.node.settings.max_note_bytes) {
             Ok(msg) => self.on_message(key, msg),
             Err(refusal) => {
-                self.metrics().message_in(In::Invalid);
+                self.metrics.message_in(In::Invalid);
                 self.refuse(key, &refusal);
             }
         }
     }
 
     pub(super) fn refuse(&mut self, key: usize, refusal: &Refusal) {
-        let metrics = &self.node.loop_metrics[self.index];
+        let metrics = &self.metrics;
         metrics.refusal(refusal.code);
         metrics.message_out(Out::Error, 1);
         let bytes = self.frame.error(refusal);
@@ -47,7 +47,7 @@ impl EventLoop {
             role: membership.role,
             origin: Origin { loop_index: self.index, conn: key, serial: conn.serial },
         };
-        let metrics = &self.node.loop_metrics[self.index];
+        let metrics = &self.metrics;
         metrics.message_in(In::of(&msg));
         let (change, reference) = match msg {
             ClientMsg::Ping => {
@@ -75,7 +75,7 @@ impl EventLoop {
                 }
             }
             Ok(Edited::Written(v)) => {
-                let metrics = &self.node.loop_metrics[self.index];
+                let metrics = &self.metrics;
                 saved_now(&mut self.frame, &mut self.conns, metrics, key, v);
             }
         }
@@ -94,7 +94,7 @@ impl EventLoop {
     ) -> Result<Edited, ErrorCode> {
         let Some(paper) = self.papers.paper_mut(&editor.paper) else { return Err(ErrorCode::Unavailable) };
         let limits = self.node.settings.limits;
-        let metrics = &self.node.loop_metrics[self.index];
+        let metrics = &self.metrics;
         let (author, role, from, origin) = ((&editor.user, editor.role), editor.role, &*editor.from, editor.origin);
         let paper_id = editor.paper.clone();
         let reference_box = reference.as_deref().map(Box::from);
@@ -209,7 +209,7 @@ impl EventLoop {
                 if paper.complete(&editor.user).is_ok() {
                     log::info!("paper {} completed by {}", editor.paper, editor.user);
                     let completed = self.frame.completed(&editor.user, &notes);
-                    let metrics = &self.node.loop_metrics[self.index];
+                    let metrics = &self.metrics;
                     self.conns.fanout(paper.members(), None, completed, Out::Completed, metrics);
                 }
             }
@@ -285,7 +285,7 @@ impl EventLoop {
                 continue; // an earlier-made edit below it is not written yet
             }
             membership.confirmable = 0;
-            self.metrics().message_out(Out::Saved, 1);
+            self.metrics.message_out(Out::Saved, 1);
             let saved = self.frame.saved(v);
             self.conns.send(key, saved);
         }
@@ -302,7 +302,7 @@ impl EventLoop {
         // version just above the one they last saw of it.
         let Some(v) = paper.forget_live(id) else { return };
         let bytes = self.frame.delete(id, v + 1, "", None);
-        self.conns.fanout(paper.members(), None, bytes, Out::Delete, &self.node.loop_metrics[self.index]);
+        self.conns.fanout(paper.members(), None, bytes, Out::Delete, &self.metrics);
     }
 
     /// Redis sealed a paper: every member's view is replaced by the sealed notes.
@@ -334,7 +334,7 @@ impl EventLoop {
         }
         log::info!("paper {paper_id} completed by {by}");
         let completed = self.frame.completed(&by, notes);
-        self.conns.fanout(paper.members(), None, completed, Out::Completed, &self.node.loop_metrics[self.index]);
+        self.conns.fanout(paper.members(), None, completed, Out::Completed, &self.metrics);
     }
 
     /// Redis refused a paper's writes for good: it takes no edits until it can
@@ -364,7 +364,7 @@ impl EventLoop {
         let Some(body) = self.paper_body(paper_id, false) else { return };
         for (key, you) in members {
             self.send_full_snapshot(key, paper_id, &you, &body);
-            self.metrics().message_out(Out::Snapshot, 1);
+            self.metrics.message_out(Out::Snapshot, 1);
         }
     }
 

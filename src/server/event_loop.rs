@@ -42,6 +42,8 @@ const TICK: Duration = Duration::from_millis(100);
 
 pub struct EventLoop {
     pub(super) index: usize,
+    /// This loop's counters (the node renders every loop's).
+    pub(super) metrics: Arc<LoopMetrics>,
     pub(super) poll: Poll,
     /// `None` once stopping.
     pub(super) listener: Option<TcpListener>,
@@ -106,6 +108,7 @@ impl EventLoop {
         let now = Instant::now();
         Ok(EventLoop {
             index,
+            metrics: node.loop_metrics[index].clone(),
             poll,
             listener: Some(listener),
             internal,
@@ -154,7 +157,7 @@ impl EventLoop {
                 self.accept();
                 self.accept_internal();
             }
-            self.metrics().loop_turn.observe(turn.elapsed());
+            self.metrics.loop_turn.observe(turn.elapsed());
             if self.finished() {
                 return;
             }
@@ -297,8 +300,8 @@ impl EventLoop {
             // same pass: its key is back on the flush list.
             self.act(key, next);
         }
-        bump(&self.metrics().bytes_out, written);
-        self.metrics().output_buffer_bytes.store(self.output_held as u64, Ordering::Relaxed);
+        bump(&self.metrics.bytes_out, written);
+        self.metrics.output_buffer_bytes.store(self.output_held as u64, Ordering::Relaxed);
     }
 
     /// Drops the connections marked this turn (Redis's `beforeSleep` order: after
@@ -333,20 +336,16 @@ impl EventLoop {
         }
     }
 
-    pub(super) fn metrics(&self) -> &LoopMetrics {
-        &self.node.loop_metrics[self.index]
-    }
-
     /// A joiner stops waiting for its paper to be read (it joins, or is closed).
     pub(super) fn load_waited(&self, key: usize) {
         if let Some(Phase::Joining { asked, .. }) = self.conns.slab.get(key).map(|c| &c.phase) {
-            self.metrics().load_wait.observe(asked.elapsed());
+            self.metrics.load_wait.observe(asked.elapsed());
         }
     }
 
     /// Publishes this loop's gauges; cheap enough to call at every change.
     pub(super) fn publish_gauges(&self) {
-        let metrics = self.metrics();
+        let metrics = &self.metrics;
         metrics.papers.store(self.papers.len() as u64, Ordering::Relaxed);
         metrics.sessions.store(self.session_count, Ordering::Relaxed);
         metrics.timer_entries.store((self.deadlines.len() + self.expiries.len()) as u64, Ordering::Relaxed);

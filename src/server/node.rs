@@ -92,7 +92,7 @@ pub struct Node {
     /// Connection serials: unique for the process, also the member ids.
     pub serials: AtomicU64,
     /// Per loop, indexed by the loop's index.
-    pub loop_metrics: Box<[LoopMetrics]>,
+    pub loop_metrics: Box<[Arc<LoopMetrics>]>,
     /// `None` with the memory store.
     pub store: Option<StoreStatus>,
     sessions: AtomicUsize,
@@ -127,7 +127,7 @@ impl Node {
                 internal_listener: config.internal_listen.is_some(),
             },
             serials: AtomicU64::new(1),
-            loop_metrics: (0..config.threads).map(|_| LoopMetrics::default()).collect(),
+            loop_metrics: (0..config.threads).map(|_| Arc::new(LoopMetrics::default())).collect(),
             store,
             sessions: AtomicUsize::new(0),
             max_sessions: config.max_connections,

@@ -73,7 +73,7 @@ impl EventLoop {
         if !conn.upgrade(&ws_key, ws_config, visitor) {
             return false;
         }
-        self.metrics().http_response(101);
+        self.metrics.http_response(101);
         if let Some(exp) = expires {
             self.expiries.push(Reverse((exp, key, serial)));
         }
@@ -261,7 +261,7 @@ impl EventLoop {
         let read_pending = conn.read_pending;
         let member = Member { id: member_id.clone(), user: visitor.user, name: visitor.name, key };
 
-        let metrics = &self.node.loop_metrics[self.index];
+        let metrics = &self.metrics;
         let Some(paper) = self.papers.paper_mut(&visitor.paper) else { return };
         let join = self.frame.join(&member.view());
         self.conns.fanout(paper.members(), None, join, Out::Join, metrics);
@@ -280,7 +280,7 @@ impl EventLoop {
         // A member that never reads must not pin its snapshot (the whole paper)
         // until the idle timeout: unwritten by then, it is a slow consumer.
         self.set_deadline(key, Instant::now() + self.node.settings.handshake_timeout);
-        self.metrics().message_out(Out::Snapshot, 1);
+        self.metrics.message_out(Out::Snapshot, 1);
         if read_pending {
             self.read_list.push(key);
         }
@@ -291,7 +291,7 @@ impl EventLoop {
         let next = self.read_budget(key);
         let Some(conn) = self.conns.slab.get_mut(key) else { return };
         if let Phase::Open { ws, .. } = &mut conn.phase {
-            bump(&self.node.loop_metrics[self.index].bytes_in, std::mem::take(&mut ws.get_mut().bytes_in));
+            bump(&self.metrics.bytes_in, std::mem::take(&mut ws.get_mut().bytes_in));
             // Pongs that tungstenite queued while reading move to the output now.
             let _ = ws.flush();
             if ws.get_ref().out.pending() > 0 {
@@ -333,7 +333,7 @@ impl EventLoop {
                     Verdict::Refuse if matches!(message, Message::Ping(_)) => {
                         // Refused without an answer: an error per ping would be output too.
                         conn.drop_pong();
-                        bump(&self.metrics().ping_frames_refused, 1);
+                        bump(&self.metrics.ping_frames_refused, 1);
                         continue;
                     }
                     Verdict::Refuse => {
@@ -350,7 +350,7 @@ impl EventLoop {
             match message {
                 Message::Text(text) => self.on_text(key, &text),
                 Message::Binary(_) => {
-                    self.metrics().message_in(In::Invalid);
+                    self.metrics.message_in(In::Invalid);
                     let refusal =
                         Refusal::new(ErrorCode::InvalidMessage, "binary frames are not accepted; send JSON text");
                     self.refuse(key, &refusal);
@@ -387,9 +387,9 @@ impl EventLoop {
             CLOSE_TIMEOUT
         };
         if reason == CloseReason::SlowConsumer {
-            bump(&self.metrics().slow_consumers, 1);
+            bump(&self.metrics.slow_consumers, 1);
         }
-        self.metrics().close(reason);
+        self.metrics.close(reason);
         log::debug!("session {} closes with {} {}", self.member_id(serial), u16::from(reason.code()), reason.text());
         self.set_deadline(key, Instant::now() + wait);
         self.conns.queue_flush(key);
@@ -415,7 +415,7 @@ impl EventLoop {
                 let Some(member) = paper.remove_member(key) else { return };
                 log::debug!("session {} left paper {}", member.id, paper.id);
                 let leave = self.frame.leave(&member.id);
-                self.conns.fanout(paper.members(), None, leave, Out::Leave, &self.node.loop_metrics[self.index]);
+                self.conns.fanout(paper.members(), None, leave, Out::Leave, &self.metrics);
                 let paper_id = paper.id.clone();
                 let presence = self.node.cluster.then(|| Presence { member: member.id.clone(), entry: None });
                 self.relay_frame(&paper_id, presence, Relaying::Leave);

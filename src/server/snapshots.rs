@@ -109,7 +109,7 @@ impl EventLoop {
 
     /// A read past the node's bound: retry shortly.
     fn refuse_read(&mut self, key: usize) {
-        bump(&self.metrics().snapshots_refused, 1);
+        bump(&self.metrics.snapshots_refused, 1);
         let mut reply = Reply::text(503, "this node is writing as many snapshots as it may; retry shortly");
         reply.extra_headers = "Retry-After: 1\r\n";
         self.reply(key, &reply);
@@ -117,7 +117,7 @@ impl EventLoop {
 
     /// A joiner past the node's bound: closed with 1013 `server_busy`, to retry.
     pub(super) fn refuse_joiner(&mut self, key: usize) {
-        bump(&self.metrics().snapshots_refused, 1);
+        bump(&self.metrics.snapshots_refused, 1);
         self.end_session(key, CloseReason::Busy);
     }
 
@@ -128,7 +128,7 @@ impl EventLoop {
         own.extend_from_slice(&start);
         let Some(conn) = self.conns.slab.get_mut(key) else { return };
         if conn.reply_parts(&[Part::Bytes(&own), Part::Shared(body), Part::Bytes(DOCUMENT_END)]) {
-            self.metrics().http_response(200);
+            self.metrics.http_response(200);
             self.conns.queue_flush(key);
         }
     }
