@@ -5,6 +5,7 @@
 //! a late relay and a paper being read; revoke across a restart; the key's
 //! configuration; the API's metrics.
 
+use rollingpaper::store::keys;
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,8 +16,8 @@ use serde_json::{json, Value};
 
 use crate::common::proxy::{Direction, Mode, Proxy};
 use crate::common::{
-    eventually, free_port, project_root, token, unix_now, upgrade_request, Client, Redis, Server, TempDir, PATIENCE,
-    SECRET,
+    eventually, free_port, project_root, token, unix_now, upgrade_request, Client, Paused, Redis, Server, TempDir,
+    PATIENCE, SECRET,
 };
 
 /// The API key the nodes run with: 32 bytes, the shortest allowed.
@@ -154,7 +155,7 @@ fn keys_of(redis: &Redis, paper: &str) -> BTreeSet<String> {
 
 /// Redis holds nothing of the paper but its `erased` marker, with a TTL.
 fn assert_erased_in_redis(redis: &Redis, paper: &str) {
-    let marker = format!("rp:paper:{{{paper}}}:erased");
+    let marker = keys::erased(paper);
     assert_eq!(keys_of(redis, paper), BTreeSet::from([marker.clone()]), "only the erased marker of {paper}");
     let ttl: i64 = redis::cmd("PTTL").arg(&marker).query(&mut redis.conn()).unwrap();
     assert!(ttl > 0, "the erased marker has a TTL: {ttl}");
@@ -176,32 +177,6 @@ fn stored_note(redis: &Redis, paper: &str, id: &str) -> Option<Value> {
     let mut note = redis.note(paper, id)?;
     note.as_object_mut().unwrap().remove("node");
     Some(note)
-}
-
-/// Redis's process id, from `INFO server`.
-fn redis_pid(redis: &Redis) -> u32 {
-    let info: String = redis::cmd("INFO").arg("server").query(&mut redis.conn()).unwrap();
-    info.lines().find_map(|l| l.strip_prefix("process_id:")).unwrap().trim().parse().unwrap()
-}
-
-fn kill(signal: &str, pid: u32) {
-    assert!(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap().success());
-}
-
-/// Redis stopped with SIGSTOP: it keeps every connection and answers nothing
-/// until this is dropped (SIGCONT), a test that fails included.
-struct Frozen(u32);
-
-fn freeze(redis: &Redis) -> Frozen {
-    let pid = redis_pid(redis);
-    kill("STOP", pid);
-    Frozen(pid)
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        kill("CONT", self.0);
-    }
 }
 
 /// Polls `check` until it returns `expected`; at the deadline, panics with
@@ -292,8 +267,7 @@ fn every_route(api_at: SocketAddr, near: &Server, far: &Server, redis: &Redis, p
     // PUT the cover.
     let cover = json!({"title": "Happy birthday, Kim", "to": "Kim"});
     let v4 = api(api_at, "PUT", &path("/meta"), Some(json!({"data": cover}))).v();
-    let stored: Value =
-        serde_json::from_str(&redis.hget(&format!("rp:paper:{{{paper}}}:meta"), "cover").unwrap()).unwrap();
+    let stored: Value = serde_json::from_str(&redis.hget(&keys::meta(paper), "cover").unwrap()).unwrap();
     assert_eq!((&stored["data"], &stored["v"]), (&cover, &json!(v4)), "{stored}");
     assert_eq!(bob.next_of("meta"), json!({"type": "meta", "data": cover, "v": v4, "from": "api"}));
 
@@ -322,8 +296,7 @@ fn every_route(api_at: SocketAddr, near: &Server, far: &Server, redis: &Redis, p
     // Revoke a user: stored when the 204 comes, its session on the far node closed with 4403.
     let revoked = api(api_at, "POST", &path("/revoke"), Some(json!({"user": "eve"})));
     assert_eq!((revoked.status, revoked.body.as_str()), (204, ""), "{revoked:?}");
-    let until: u64 =
-        redis.hget(&format!("rp:paper:{{{paper}}}:revoked"), "eve").expect("the revocation in Redis").parse().unwrap();
+    let until: u64 = redis.hget(&keys::revoked(paper), "eve").expect("the revocation in Redis").parse().unwrap();
     let day = unix_now() + 86_400;
     assert!((day - 10..=day + 1).contains(&until), "until defaults to now + --revoke-retention: {until}");
     assert_eq!(eve.closed().0, 4403);
@@ -343,7 +316,7 @@ fn every_route(api_at: SocketAddr, near: &Server, far: &Server, redis: &Redis, p
         json!([{"id": "n1", "author": "team", "data": {"text": "hi", "color": "yellow"}, "v": v3}]),
         "{sealed}"
     );
-    assert_eq!(redis.hget(&format!("rp:paper:{{{paper}}}:meta"), "completed").as_deref(), Some("1"));
+    assert_eq!(redis.hget(&keys::meta(paper), "completed").as_deref(), Some("1"));
     let entry = stream_entry(redis, paper).expect("the stream entry when the 200 comes");
     assert_eq!(entry["notes"], sealed["notes"]);
     let completed = bob.next_of("completed");
@@ -356,7 +329,7 @@ fn every_route(api_at: SocketAddr, near: &Server, far: &Server, redis: &Redis, p
     let erased = api(api_at, "DELETE", &path(""), None);
     assert_eq!((erased.status, erased.body.as_str()), (204, ""), "{erased:?}");
     assert_erased_in_redis(redis, paper);
-    let ttl: i64 = redis::cmd("PTTL").arg(format!("rp:paper:{{{paper}}}:erased")).query(&mut redis.conn()).unwrap();
+    let ttl: i64 = redis::cmd("PTTL").arg(keys::erased(paper)).query(&mut redis.conn()).unwrap();
     assert!(ttl > 7 * 86_400_000 - 60_000 && ttl <= 7 * 86_400_000, "erase_retention defaults to 7 days: {ttl}");
     assert_eq!(bob.closed().0, 4410);
     assert_eq!(ann.closed().0, 4410);
@@ -618,7 +591,7 @@ fn a_write_redis_does_not_answer_in_time_is_504_then_written_and_a_retry_ends_th
     let path = "/api/papers/p-slow/notes/n1";
     let body = json!({"data": {"text": "late"}});
 
-    let frozen = freeze(&redis);
+    let frozen = Paused::redis(&redis);
     let started = Instant::now();
     assert_refused(&api(server.addr, "PUT", path, Some(body.clone())), 504, "timeout");
     let took = started.elapsed();
@@ -635,7 +608,7 @@ fn a_write_redis_does_not_answer_in_time_is_504_then_written_and_a_retry_ends_th
     assert_eq!(redis.note("p-slow", "n1"), Some(json!({"author": "service", "data": {"text": "late"}, "v": v})));
 
     // A note's DELETE: 504, deleted once Redis answers, and the retry finds it gone.
-    let frozen = freeze(&redis);
+    let frozen = Paused::redis(&redis);
     assert_refused(&api(server.addr, "DELETE", path, None), 504, "timeout");
     drop(frozen);
     eventually("the timed-out delete in Redis", || {
@@ -652,7 +625,7 @@ fn an_erase_answered_504_is_carried_out_once_redis_holds_it() {
     let server = Server::redis(&redis, &["--api-key", KEY, "--api-timeout", "1"]);
     let mut member = server.join("p-slow-erase", "user=ann");
     api(server.addr, "PUT", "/api/papers/p-slow-erase/notes/n1", Some(json!({"data": {}}))).v();
-    let frozen = freeze(&redis);
+    let frozen = Paused::redis(&redis);
     assert_refused(&api(server.addr, "DELETE", "/api/papers/p-slow-erase", None), 504, "timeout");
     drop(frozen);
     eventually("the erase in Redis", || (keys_of(&redis, "p-slow-erase").len() == 1).then_some(()));
@@ -671,11 +644,11 @@ fn a_revocation_answered_504_is_carried_out_once_redis_holds_it() {
     let server = Server::redis(&redis, &["--api-key", KEY, "--api-timeout", "1"]);
     let mut eve = server.join("p-slow-revoke", "user=eve");
     let _bob = server.join("p-slow-revoke", "user=bob");
-    let frozen = freeze(&redis);
+    let frozen = Paused::redis(&redis);
     let answer = api(server.addr, "POST", "/api/papers/p-slow-revoke/revoke", Some(json!({"user": "eve"})));
     assert_refused(&answer, 504, "timeout");
     drop(frozen);
-    eventually("the revocation in Redis", || redis.hget("rp:paper:{p-slow-revoke}:revoked", "eve"));
+    eventually("the revocation in Redis", || redis.hget(&keys::revoked("p-slow-revoke"), "eve"));
     eventually_eq("a new session of eve", 403, || ws_status(&server, "p-slow-revoke?user=eve"));
     assert_eq!(eve.closed().0, 4403);
 }
@@ -692,9 +665,9 @@ fn an_until_redis_cannot_hold_is_refused_and_leaves_the_paper_revocable() {
     match answer.status {
         400 => {
             assert_refused(&answer, 400, "invalid_message");
-            assert_eq!(redis.hget("rp:paper:{p-until}:revoked", "eve"), None, "a refused revocation is not stored");
+            assert_eq!(redis.hget(&keys::revoked("p-until"), "eve"), None, "a refused revocation is not stored");
         }
-        204 => assert!(redis.hget("rp:paper:{p-until}:revoked", "eve").is_some()),
+        204 => assert!(redis.hget(&keys::revoked("p-until"), "eve").is_some()),
         _ => panic!("until = 2^64 - 1: 400 or 204, not {answer:?}"),
     }
     // Another revocation of the paper goes through, and is carried out.
@@ -822,7 +795,7 @@ fn an_erase_during_an_outage_stores_nothing_of_the_backlog_replayed_after_it() {
     let c = node(&c_proxy.redis_url(), "c", &[]);
     c_proxy.set_direction(Direction::Up, Mode::Delay(Duration::from_millis(500)));
     let joiner = join_in_thread(&c, &format!("/ws/{paper}?user=cat"));
-    let channel = format!("rp:paper:{{{paper}}}");
+    let channel = keys::channel(paper);
     let mut conn = redis.conn();
     eventually("c to subscribe to the paper", || {
         let numsub: (String, i64) = redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel).query(&mut conn).unwrap();
@@ -879,7 +852,7 @@ fn an_erase_while_a_node_reads_the_paper_leaves_nothing() {
     assert_eq!(b.metric("papers"), 0);
 
     // b reads the paper for a joiner while Redis is stopped; the erase goes through a meanwhile.
-    let frozen = freeze(&redis);
+    let frozen = Paused::redis(&redis);
     let joiner = join_in_thread(&b, &format!("/ws/{paper}?user=cat"));
     eventually("b to read the paper for its joiner", || (b.metric("papers") == 1).then_some(()));
     let a_addr = a.addr;
@@ -936,7 +909,7 @@ fn a_revocation_closes_the_user_on_every_node_and_survives_a_restart_until_it_en
 
     // A revocation that ended lets eve in again, on both nodes.
     revoke(&a, json!({"user": "eve", "until": unix_now() - 10}));
-    assert_eq!(redis.hget(&format!("rp:paper:{{{paper}}}:revoked"), "eve"), None, "an expired one is removed");
+    assert_eq!(redis.hget(&keys::revoked(paper), "eve"), None, "an expired one is removed");
     eventually("eve to join again on both nodes", || {
         [&a, &b].iter().all(|node| ws_status(node, &format!("{paper}?user=eve")) == 101).then_some(())
     });
@@ -966,11 +939,11 @@ fn the_retention_flags_bound_revocations_and_erasures() {
     // A revocation without `until` lasts --revoke-retention.
     let before = unix_now();
     assert_eq!(api(server.addr, "POST", "/api/papers/p-retention/revoke", Some(json!({"user": "eve"}))).status, 204);
-    let until: u64 = redis.hget("rp:paper:{p-retention}:revoked", "eve").unwrap().parse().unwrap();
+    let until: u64 = redis.hget(&keys::revoked("p-retention"), "eve").unwrap().parse().unwrap();
     assert!((before + 5..=unix_now() + 5).contains(&until), "until {until}, asked at {before}");
     // An erasure lasts --erase-retention: the marker's TTL, then the id is free again.
     assert_eq!(api(server.addr, "DELETE", "/api/papers/p-retention", None).status, 204);
-    let ttl: i64 = redis::cmd("PTTL").arg("rp:paper:{p-retention}:erased").query(&mut redis.conn()).unwrap();
+    let ttl: i64 = redis::cmd("PTTL").arg(keys::erased("p-retention")).query(&mut redis.conn()).unwrap();
     assert!(ttl > 1_000 && ttl <= 2_000, "PTTL {ttl}");
     assert_eq!(server.get("/papers/p-retention").0, 410);
     let erased_at = Instant::now();

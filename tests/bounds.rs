@@ -4,6 +4,7 @@
 //! and what the other clients receive. `soak` runs them all at once for minutes
 //! and checks that memory, descriptors, papers and Redis stay flat.
 
+use rollingpaper::store::keys;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ fn fill(writer: &mut Client, count: usize, size: usize) {
 /// Members listed in a paper's presence hash, by member id, with their node.
 fn presence(redis: &Redis, paper: &str) -> Vec<(String, String)> {
     redis
-        .hgetall(&format!("rp:paper:{{{paper}}}:members"))
+        .hgetall(&keys::members(paper))
         .into_iter()
         .map(|(id, entry)| {
             let entry: Value = serde_json::from_str(&entry).unwrap();
@@ -171,7 +172,7 @@ fn a_killed_nodes_presence_leaves_redis() {
     let mut on_b = b.join("p-ghost", "");
     let _on_a = a.join("p-ghost", "");
     on_b.next_of("join");
-    let key = "rp:paper:{p-ghost}:members";
+    let key = &keys::members("p-ghost");
     eventually("both members in the presence hash", || (presence(&redis, "p-ghost").len() == 2).then_some(()));
     assert!(pttl(&redis, key) > 0, "the presence hash never expires");
     drop(a); // SIGKILL: the node says nothing
@@ -190,7 +191,7 @@ fn a_presence_hash_nobody_refreshes_expires() {
     let redis = Redis::start();
     let node = Server::redis(&redis, &["--cluster", "--presence-ttl", "3"]);
     let _member = node.join("p-expire", "");
-    let key = "rp:paper:{p-expire}:members";
+    let key = &keys::members("p-expire");
     eventually("the member in the presence hash", || (presence(&redis, "p-expire").len() == 1).then_some(()));
     // Refreshed while the node holds the paper (heartbeats every 2 s)...
     let until = Instant::now() + Duration::from_secs(5);
@@ -281,7 +282,7 @@ fn reads_of_papers_nobody_holds_keep_nothing() {
     let redis = Redis::start();
     let server = Server::redis(&redis, &["--cluster"]);
     let _: () = redis::cmd("HSET")
-        .arg("rp:paper:{p-stored}:notes")
+        .arg(keys::notes("p-stored"))
         .arg("n1")
         .arg(r#"{"author":"u1","data":{"t":"hi"},"v":5}"#)
         .query(&mut redis.conn())

@@ -1,5 +1,6 @@
 //! PROTOCOL.md section 6: several nodes on one Redis, relaying through pub/sub.
 
+use rollingpaper::store::keys;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
@@ -22,7 +23,7 @@ fn notes_of(snapshot: &Value) -> BTreeMap<String, (u64, Value)> {
 
 fn notes_in_redis(redis: &Redis, paper: &str) -> BTreeMap<String, (u64, Value)> {
     redis
-        .hgetall(&format!("rp:paper:{{{paper}}}:notes"))
+        .hgetall(&keys::notes(paper))
         .into_iter()
         .filter_map(|(id, value)| {
             let value: Value = serde_json::from_str(&value).unwrap();
@@ -63,7 +64,7 @@ fn presence_spans_the_nodes() {
     let redis = Redis::start();
     let (a_node, b_node) = (node(&redis, "a"), node(&redis, "b"));
     let mut a = a_node.join("p-presence", "user=ann");
-    eventually("ann's presence in Redis", || redis.hget("rp:paper:{p-presence}:members", &a.you).map(|_| ()));
+    eventually("ann's presence in Redis", || redis.hget(&keys::members("p-presence"), &a.you).map(|_| ()));
     let b = b_node.join("p-presence", "user=bob&name=Bob");
     assert_eq!(members_of(&b), {
         let mut both = vec![a.you.clone(), b.you.clone()];

@@ -2,6 +2,7 @@
 //! Redis busy for anyone else: each write call is bounded, a note's stored form
 //! is bounded whatever patches it receives, and other papers keep being saved.
 
+use rollingpaper::store::keys;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +84,7 @@ fn null_field_churn_within_the_limits_leaves_redis_free_for_other_papers() {
     assert!(answers > 0);
 
     // The note's stored form stays within max_note_bytes and a fixed overhead.
-    let stored = redis.hget("rp:paper:{p-churn}:notes", "n").unwrap();
+    let stored = redis.hget(&keys::notes("p-churn"), "n").unwrap();
     assert!(stored.len() <= 16 * 1024 + 8 * 1024, "stored note is {} bytes", stored.len());
     let note: Value = serde_json::from_str(&stored).unwrap();
     assert_eq!(note["data"], json!({"text": "hi"}));

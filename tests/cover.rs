@@ -1,11 +1,12 @@
 //! PROTOCOL.md 3.1 and 3.2 (1.1): the paper's cover, `meta`.
 
+use rollingpaper::store::keys;
 use serde_json::{json, Value};
 
 use crate::common::{token, unix_now, Redis, Server, SECRET};
 
 fn cover_in_redis(redis: &Redis, paper: &str) -> Option<Value> {
-    redis.hget(&format!("rp:paper:{{{paper}}}:meta"), "cover").map(|c| serde_json::from_str(&c).unwrap())
+    redis.hget(&keys::meta(paper), "cover").map(|c| serde_json::from_str(&c).unwrap())
 }
 
 #[test]
@@ -119,7 +120,7 @@ fn a_cover_counts_as_a_write_of_the_paper_in_its_meta_hash() {
     let server = Server::redis(&redis, &[]);
     let mut a = server.join("p-cover-first", "user=ann");
     let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let meta = |field: &str| redis.hget("rp:paper:{p-cover-first}:meta", field);
+    let meta = |field: &str| redis.hget(&keys::meta("p-cover-first"), field);
     let mut set_cover = |title: &str| {
         a.send(json!({"type": "meta", "data": {"title": title}}));
         let v = a.next_of("meta")["v"].as_u64().unwrap();

@@ -1,6 +1,7 @@
 //! PROTOCOL.md 3.1 and 4 (1.1): the tombstone horizon bounds a paper, and a
 //! client that reconnects with `?since=V` gets what it missed, never less.
 
+use rollingpaper::store::keys;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
@@ -77,11 +78,11 @@ fn a_paper_never_grows_past_its_live_notes_plus_max_tombstones() {
         edit_saved(&mut a, json!({"type": "upsert", "id": id, "data": {}}));
         edit_saved(&mut a, json!({"type": "delete", "id": id}));
     }
-    let notes = redis.hgetall("rp:paper:{p-churn}:notes");
+    let notes = redis.hgetall(&keys::notes("p-churn"));
     assert!(notes.len() <= 1 + 5, "Redis holds {} notes", notes.len());
-    let tombstones: usize = redis::cmd("ZCARD").arg("rp:paper:{p-churn}:tombstones").query(&mut redis.conn()).unwrap();
+    let tombstones: usize = redis::cmd("ZCARD").arg(keys::tombstones("p-churn")).query(&mut redis.conn()).unwrap();
     assert!(tombstones <= 5);
-    let horizon: u64 = redis.hget("rp:paper:{p-churn}:meta", "horizon").unwrap().parse().unwrap();
+    let horizon: u64 = redis.hget(&keys::meta("p-churn"), "horizon").unwrap().parse().unwrap();
     assert!(horizon > 0, "the horizon rose");
     // A stale write below the horizon to a dropped note brings nothing back:
     // a fresh joiner on a fresh node sees only the live note.
@@ -170,7 +171,7 @@ fn a_large_papers_load_does_not_hold_up_another_papers() {
         for i in 0..10_000 {
             let n = chunk * 10_000 + i;
             pipe.cmd("HSET")
-                .arg("rp:paper:{p-huge}:notes")
+                .arg(keys::notes("p-huge"))
                 .arg(format!("n{n}"))
                 .arg(format!(r#"{{"deleted":true,"v":{}}}"#, n + 1))
                 .ignore();
@@ -210,7 +211,7 @@ fn a_change_arriving_late_makes_resuming_from_before_it_a_full_snapshot() {
     let old = seen - (120_000 << 10);
     let late =
         format!(r#"zz{}{{"type":"upsert","id":"n-late","author":"x","data":{{}},"v":{old},"from":"c1-zz"}}"#, "\n");
-    let _: i64 = redis::cmd("PUBLISH").arg("rp:paper:{p-late}").arg(late).query(&mut redis.conn()).unwrap();
+    let _: i64 = redis::cmd("PUBLISH").arg(keys::channel("p-late")).arg(late).query(&mut redis.conn()).unwrap();
     assert_eq!(a.next_of("upsert")["id"], "n-late");
     let again = server.join("p-late", &format!("since={seen}"));
     assert!(again.snapshot.get("since").is_none(), "a since snapshot would miss n-late: {}", again.snapshot);
@@ -229,16 +230,16 @@ fn tombstones_past_retention_leave_redis_without_another_write() {
     edit_saved(&mut a, json!({"type": "upsert", "id": "keep", "data": {}}));
     edit_saved(&mut a, json!({"type": "upsert", "id": "gone", "data": {}}));
     let deleted = edit_saved(&mut a, json!({"type": "delete", "id": "gone"}));
-    let notes = || redis.hgetall("rp:paper:{p-quiet}:notes");
+    let notes = || redis.hgetall(&keys::notes("p-quiet"));
     assert!(notes().iter().any(|(id, _)| id == "gone"), "the tombstone is in Redis first");
-    let updated = redis.hget("rp:paper:{p-quiet}:meta", "updated_ms");
+    let updated = redis.hget(&keys::meta("p-quiet"), "updated_ms");
     crate::common::eventually("the tombstone to leave Redis", || {
         notes().iter().all(|(id, _)| id != "gone").then_some(())
     });
-    let horizon: u64 = redis.hget("rp:paper:{p-quiet}:meta", "horizon").unwrap().parse().unwrap();
+    let horizon: u64 = redis.hget(&keys::meta("p-quiet"), "horizon").unwrap().parse().unwrap();
     assert_eq!(horizon, deleted, "the horizon is the dropped tombstone's version");
     assert_eq!(notes().len(), 1, "the live note stays");
-    assert_eq!(redis.hget("rp:paper:{p-quiet}:meta", "updated_ms"), updated, "dropping is no write of the paper");
+    assert_eq!(redis.hget(&keys::meta("p-quiet"), "updated_ms"), updated, "dropping is no write of the paper");
 }
 
 #[test]
@@ -269,7 +270,7 @@ fn the_horizon_holds_across_two_nodes() {
     crate::common::eventually("a to see the last delete", || {
         a.drain().iter().any(|m| m["type"] == "delete" && m["id"] == "first").then_some(())
     });
-    let stored = redis.hgetall("rp:paper:{p-two-horizon}:notes");
+    let stored = redis.hgetall(&keys::notes("p-two-horizon"));
     assert!(stored.len() <= 1 + 3, "Redis holds {} notes", stored.len());
     for server in [&a_node, &b_node] {
         let fresh = server.join("p-two-horizon", "");

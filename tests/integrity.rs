@@ -4,13 +4,14 @@
 //! misbehaves. Each test is one reproduction or one rule, checked the way a user
 //! would check it: by the messages received and by what Redis holds.
 
+use rollingpaper::store::keys;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{deadline, eventually, Client, Redis, Server, PATIENCE};
+use crate::common::{deadline, eventually, Client, Paused, Redis, Server, PATIENCE};
 
 /// 2^53: versions are integers in [1, 2^53).
 const V_LIMIT: u64 = 1 << 53;
@@ -180,14 +181,6 @@ fn ids(notes: &Notes) -> Vec<&str> {
 
 // ---- Redis as a user reads it --------------------------------------------------------
 
-fn notes_key(paper: &str) -> String {
-    format!("rp:paper:{{{paper}}}:notes")
-}
-
-fn meta_key(paper: &str) -> String {
-    format!("rp:paper:{{{paper}}}:meta")
-}
-
 fn hset(redis: &Redis, key: &str, field: &str, value: impl redis::ToRedisArgs) {
     let _: i64 = redis::cmd("HSET").arg(key).arg(field).arg(value).query(&mut redis.conn()).unwrap();
 }
@@ -203,7 +196,7 @@ fn run(redis: &Redis, args: &[&str]) {
 /// The live notes of a paper in Redis (tombstones left out).
 fn live_in_redis(redis: &Redis, paper: &str) -> Notes {
     redis
-        .hgetall(&notes_key(paper))
+        .hgetall(&keys::notes(paper))
         .into_iter()
         .filter_map(|(id, value)| {
             let value: Value = serde_json::from_str(&value).unwrap();
@@ -236,34 +229,6 @@ fn sealed_entry(redis: &Redis, paper: &str) -> Value {
     let entry = entries.remove(0);
     assert_eq!((&entry["paper"], &entry["completed"]), (&json!(paper), &json!(true)), "{entry}");
     entry
-}
-
-/// The pid of a running redis-server, as it reports it.
-fn redis_pid(redis: &Redis) -> u32 {
-    let info: String = redis::cmd("INFO").arg("server").query(&mut redis.conn()).unwrap();
-    info.lines().find_map(|l| l.strip_prefix("process_id:")).unwrap().trim().parse().unwrap()
-}
-
-fn kill(pid: u32, signal: &str) {
-    let status = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
-/// Redis stopped with SIGSTOP until dropped (SIGCONT even when the test fails).
-struct Paused(u32);
-
-impl Paused {
-    fn pause(redis: &Redis) -> Paused {
-        let pid = redis_pid(redis);
-        kill(pid, "STOP");
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
-    }
 }
 
 // ---- the server's own pages -------------------------------------------------------
@@ -331,7 +296,7 @@ fn paper_works(server: &Server, redis: &Redis, paper: &str) {
 #[test]
 fn a_stored_version_at_the_limit_limits_only_its_own_note() {
     let redis = Redis::start();
-    hset(&redis, &notes_key("poison"), "n0", format!(r#"{{"author":"x","data":{{}},"v":{}}}"#, V_LIMIT - 1));
+    hset(&redis, &keys::notes("poison"), "n0", format!(r#"{{"author":"x","data":{{}},"v":{}}}"#, V_LIMIT - 1));
     let server = Server::redis(&redis, &["--threads", "1"]);
     let mut a = Member::join(&server, "poison", "a");
     assert_eq!(
@@ -362,7 +327,7 @@ fn a_stored_version_at_the_limit_limits_only_its_own_note() {
 #[test]
 fn stored_versions_out_of_range_are_skipped_and_counted() {
     let redis = Redis::start();
-    let key = notes_key("odd");
+    let key = keys::notes("odd");
     let bad = ["18446744073709551615", "9007199254740992", "0", "-1", "1.5", r#""x""#];
     for (i, v) in bad.iter().enumerate() {
         hset(&redis, &key, &format!("bad{i}"), format!(r#"{{"author":"x","data":{{}},"v":{v}}}"#));
@@ -391,7 +356,7 @@ fn a_relayed_version_out_of_range_is_dropped() {
     let mut b = Member::join(&node_b, "relayed", "bob");
     a.expect("bob's join", |m| m["type"] == "join");
 
-    let channel = "rp:paper:{relayed}";
+    let channel = &keys::channel("relayed");
     let poison = r#"zz
 {"type":"upsert","id":"n0","author":"x","data":{},"v":18446744073709551615,"from":"c1-zz"}"#;
     // A valid message after it, on the same channel from the same publisher: once
@@ -418,7 +383,7 @@ fn a_relayed_version_out_of_range_is_dropped() {
 #[test]
 fn a_skipped_value_does_not_swallow_the_next_edit() {
     let redis = Redis::start();
-    hset(&redis, &notes_key("p4"), "n0", r#"{"author":"a","data":[1],"v":1839999999999999}"#);
+    hset(&redis, &keys::notes("p4"), "n0", r#"{"author":"a","data":[1],"v":1839999999999999}"#);
     let server = Server::redis(&redis, &[]);
     let mut a = Member::join(&server, "p4", "a");
     assert!(ids(&notes_of(&a.client.snapshot["notes"])).is_empty(), "{}", a.client.snapshot);
@@ -431,10 +396,10 @@ fn a_skipped_value_does_not_swallow_the_next_edit() {
 fn unreadable_bytes_are_skipped_and_the_paper_loads() {
     let redis = Redis::start();
     let raw: Vec<u8> = b"{\"author\":\"a\",\"data\":{\"t\":\"\xff\"},\"v\":5}".to_vec();
-    hset(&redis, &notes_key("bytes"), "broken", raw);
-    hset(&redis, &notes_key("bytes"), "good", r#"{"author":"a","data":{"t":"ok"},"v":1700000000000000}"#);
-    hset(&redis, &meta_key("bytes"), "completed", "0");
-    hset(&redis, &meta_key("bytes"), "completed_by", b"\xfe\xff".to_vec());
+    hset(&redis, &keys::notes("bytes"), "broken", raw);
+    hset(&redis, &keys::notes("bytes"), "good", r#"{"author":"a","data":{"t":"ok"},"v":1700000000000000}"#);
+    hset(&redis, &keys::meta("bytes"), "completed", "0");
+    hset(&redis, &keys::meta("bytes"), "completed_by", b"\xfe\xff".to_vec());
     let server = Server::redis(&redis, &[]);
     let before = metric(&server, "rollingpaper_corrupt_values_total");
 
@@ -539,7 +504,7 @@ fn saved_once_writable(a: &mut Member, id: &str, data: Value) -> u64 {
 fn a_key_of_the_wrong_type_fails_one_paper_and_it_recovers() {
     let redis = Redis::start();
     let server = Server::redis(&redis, &[]);
-    let (mut a, _b) = write_fails_for_one_paper(&server, &redis, "pa", &notes_key("pa"));
+    let (mut a, _b) = write_fails_for_one_paper(&server, &redis, "pa", &keys::notes("pa"));
 
     eventually("/readyz to name pa and Redis's error", || {
         let (status, _, body) = server.get("/readyz");
@@ -552,7 +517,7 @@ fn a_key_of_the_wrong_type_fails_one_paper_and_it_recovers() {
         failed.iter().any(|(labels, value)| labels.contains("reason=") && *value > 0.0).then_some(())
     });
 
-    run(&redis, &["DEL", &notes_key("pa")]);
+    run(&redis, &["DEL", &keys::notes("pa")]);
     let v = saved_once_writable(&mut a, "n3", json!({"t": 4}));
     assert_eq!(redis.note("pa", "n3"), Some(json!({"author": "a", "data": {"t": 4}, "v": v})));
 
@@ -568,7 +533,7 @@ fn a_key_of_the_wrong_type_fails_one_paper_and_it_recovers() {
 fn a_meta_key_of_the_wrong_type_fails_only_its_paper() {
     let redis = Redis::start();
     let server = Server::redis(&redis, &[]);
-    write_fails_for_one_paper(&server, &redis, "pm", &meta_key("pm"));
+    write_fails_for_one_paper(&server, &redis, "pm", &keys::meta("pm"));
     stops_cleanly(server);
 }
 
@@ -579,7 +544,7 @@ fn a_paper_that_can_be_read_but_not_written_stays_unavailable_until_it_can_be_wr
     // again, each time (PROTOCOL.md 3.3: `unavailable` until readable and writable).
     let redis = Redis::start();
     let mut server = Server::redis(&redis, &[]);
-    let tombstones = "rp:paper:{pt}:tombstones";
+    let tombstones = &keys::tombstones("pt");
     let (mut a, _b) = write_fails_for_one_paper(&server, &redis, "pt", tombstones);
     // Two probes read the paper and find it cannot be written.
     for _ in 0..2 {
@@ -603,7 +568,7 @@ fn saved_waits_while_redis_does_not_answer() {
     let mut a = Member::join(&server, "paused", "a");
     write_saved(&mut a, "warm", json!({}), "warm");
 
-    let paused = Paused::pause(&redis);
+    let paused = Paused::redis(&redis);
     a.upsert("n1", json!({"t": 1}), "r1");
     let v = a.accepted("r1");
     let early = a.wait_for(Duration::from_secs(1), |m| m["type"] == "saved" && m["v"].as_u64() >= Some(v));

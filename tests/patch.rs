@@ -1,6 +1,7 @@
 //! PROTOCOL.md 2, 3.1 and 3.2 (1.1): field patches, each field last-writer-wins
 //! on its own, on one node and across nodes.
 
+use rollingpaper::store::keys;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
@@ -209,7 +210,7 @@ fn lost_race(flags: &[&str]) {
         while bob.next_of("saved")["v"].as_u64() < Some(v) {}
     }
     if !flags.is_empty() {
-        assert_eq!(redis.hget("rp:paper:{p-lost-race}:notes", "n1"), None, "n1's tombstone is past the horizon");
+        assert_eq!(redis.hget(&keys::notes("p-lost-race"), "n1"), None, "n1's tombstone is past the horizon");
     }
     ann.send(json!({"type": "patch", "id": "n1", "data": {"x": 5}, "ref": "drag"}));
     assert_eq!(ann.next_of("patch")["ref"], "drag");
@@ -229,7 +230,7 @@ fn lost_race(flags: &[&str]) {
     let told = told.unwrap();
     assert_eq!((told["code"].as_str(), told["ref"].as_str()), (Some("not_found"), Some("drag")), "{told}");
     // Redis keeps the delete (or, past the horizon, nothing), and the paper takes the next edit.
-    let stored = redis.hget("rp:paper:{p-lost-race}:notes", "n1");
+    let stored = redis.hget(&keys::notes("p-lost-race"), "n1");
     assert!(stored.as_ref().is_none_or(|s| s.starts_with(r#"{"deleted":true"#)), "{stored:?}");
     ann.send(json!({"type": "upsert", "id": "n2", "data": {}, "ref": "next"}));
     let v2 = ann.next_of_any(&["upsert", "error"]);
@@ -282,7 +283,7 @@ fn removing_new_fields_over_and_over_keeps_the_stored_note_bounded() {
         }
     }
     saved(&mut a, last);
-    let stored = redis.hget("rp:paper:{p-churn}:notes", "n1").unwrap();
+    let stored = redis.hget(&keys::notes("p-churn"), "n1").unwrap();
     assert!(stored.len() < 16 * 1024 + FIXED_OVERHEAD, "stored note of {} bytes", stored.len());
     let expected = (json!({"text": "hi"}), last);
     assert_eq!(
@@ -397,9 +398,9 @@ fn the_write_script_merges_and_folds_exactly_as_the_nodes_do() {
         let mut now = 1_000u64;
         let mut ops = 0;
         while ops < 1500 {
-            let mut call = script.key(format!("rp:paper:{{{paper_id}}}:notes"));
-            call.key(format!("rp:paper:{{{paper_id}}}:meta")).key(format!("rp:paper:{{{paper_id}}}:tombstones"));
-            call.key(format!("rp:paper:{{{paper_id}}}:erased"));
+            let mut call = script.key(keys::notes(&paper_id));
+            call.key(keys::meta(&paper_id)).key(keys::tombstones(&paper_id));
+            call.key(keys::erased(&paper_id));
             call.arg(1).arg("").arg(1_000_000_000).arg(1_000_000);
             let mut expected = Vec::new();
             for _ in 0..=dice.below(16) {
@@ -457,7 +458,7 @@ fn the_write_script_merges_and_folds_exactly_as_the_nodes_do() {
             }
             let codes: Vec<i64> = call.invoke(&mut conn).unwrap();
             assert_eq!(codes, expected, "seed {seed}, op {ops}: codes");
-            let stored = redis.hget(&format!("rp:paper:{{{paper_id}}}:notes"), "n").unwrap();
+            let stored = redis.hget(&keys::notes(&paper_id), "n").unwrap();
             let held = read_note(stored.as_bytes()).unwrap_or_else(|| panic!("unreadable: {stored}"));
             let note = paper.note(&id).unwrap();
             // A tombstone is stored without its author.

@@ -1,5 +1,6 @@
 //! PROTOCOL.md section 4: what Redis holds, and what each failure loses (nothing).
 
+use rollingpaper::store::keys;
 use serde_json::{json, Value};
 
 use crate::common::{eventually, Client, Redis, Server};
@@ -41,7 +42,7 @@ fn edits_are_written_with_the_key_layout_and_confirmed_as_saved() {
 
     assert_eq!(redis.note("p1", "n1"), Some(json!({"author": "u1", "data": {"text": "hi"}, "v": v1})));
     assert_eq!(redis.note("p1", "n2"), Some(json!({"deleted": true, "v": v_delete})));
-    let meta: std::collections::HashMap<String, String> = redis.hgetall("rp:paper:{p1}:meta").into_iter().collect();
+    let meta: std::collections::HashMap<String, String> = redis.hgetall(&keys::meta("p1")).into_iter().collect();
     assert_eq!(meta.get("completed").map(String::as_str), Some("0"));
     let created: u64 = meta["created_ms"].parse().unwrap();
     let updated: u64 = meta["updated_ms"].parse().unwrap();
@@ -80,7 +81,7 @@ fn sigterm_right_after_a_burst_of_2000_edits_leaves_all_in_redis() {
     assert_eq!(a.closed().0, 1001, "sessions are closed with 1001");
     let mut server = server;
     assert!(server.wait().success());
-    let notes = redis.hgetall("rp:paper:{p-burst}:notes");
+    let notes = redis.hgetall(&keys::notes("p-burst"));
     assert_eq!(notes.len(), 2000);
     for (id, value) in notes {
         let value: Value = serde_json::from_str(&value).unwrap();
@@ -103,7 +104,7 @@ fn redis_stopped_and_restarted_mid_stream_loses_nothing() {
     assert_eq!(b.next_of("upsert")["id"], "n0");
     redis.restart();
     saved_up_to(&mut a, last);
-    let notes = redis.hgetall("rp:paper:{p-outage}:notes");
+    let notes = redis.hgetall(&keys::notes("p-outage"));
     assert_eq!(notes.len(), 200);
 }
 
@@ -142,7 +143,7 @@ fn a_full_backlog_refuses_edits_with_unavailable_and_loses_none() {
         last_v = a.next_of("saved")["v"].as_u64().unwrap();
     }
     eventually("the five accepted edits in Redis", || {
-        (redis.hgetall("rp:paper:{p-backlog}:notes").len() == 5).then_some(())
+        (redis.hgetall(&keys::notes("p-backlog")).len() == 5).then_some(())
     });
     a.upsert("n9", json!({}));
     assert_eq!(a.next_of("upsert")["id"], "n9");
@@ -193,10 +194,10 @@ fn a_backlog_full_in_bytes_refuses_edits_with_unavailable_and_loses_none() {
     redis.restart();
     let last = accepted.len() - 1;
     eventually("every accepted edit in Redis", || {
-        (redis.hgetall("rp:paper:{p-bytes}:notes").len() == accepted.len()).then_some(())
+        (redis.hgetall(&keys::notes("p-bytes")).len() == accepted.len()).then_some(())
     });
     assert!(redis.note("p-bytes", &format!("n{last}")).is_some());
-    eventually("the leave written", || redis.hget("rp:paper:{p-bytes}:members", &leaver).is_none().then_some(()));
+    eventually("the leave written", || redis.hget(&keys::members("p-bytes"), &leaver).is_none().then_some(()));
     eventually("the backlog empty", || {
         let (_, _, metrics) = server.get("/metrics");
         metrics.lines().any(|l| l == "rollingpaper_backlog_bytes 0").then_some(())
@@ -263,9 +264,9 @@ fn completion_writes_one_stream_entry_and_starts_retention() {
     assert_eq!(notes.len(), 2);
     assert!(notes.iter().any(|n| n["v"].as_u64() == Some(v) && n["author"] == "owner"));
 
-    assert_eq!(redis.hget("rp:paper:{p-sealed}:meta", "completed").as_deref(), Some("1"));
-    assert_eq!(redis.hget("rp:paper:{p-sealed}:meta", "completed_by").as_deref(), Some("owner"));
-    for key in ["rp:paper:{p-sealed}:notes", "rp:paper:{p-sealed}:meta"] {
+    assert_eq!(redis.hget(&keys::meta("p-sealed"), "completed").as_deref(), Some("1"));
+    assert_eq!(redis.hget(&keys::meta("p-sealed"), "completed_by").as_deref(), Some("owner"));
+    for key in [&keys::notes("p-sealed"), &keys::meta("p-sealed")] {
         let ttl: i64 = redis::cmd("TTL").arg(key).query(&mut redis.conn()).unwrap();
         assert!(ttl > 3500 && ttl <= 3600, "{key}: {ttl}");
     }

@@ -4,13 +4,14 @@
 //! through a node restart, a paper's slot resharded while it is written, and a
 //! master killed and replaced by its replica.
 
+use rollingpaper::store::keys;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use serde_json::{json, Value};
 
 use crate::common::cluster::{to_json, ClusterNode, RedisCluster};
-use crate::common::{eventually, free_port, Client, Server, TempDir};
+use crate::common::{eventually, free_port, Client, Paused, Server, TempDir};
 
 // ---- TLS ------------------------------------------------------------------------------
 
@@ -169,7 +170,7 @@ fn edits_are_saved_through_tls_with_a_private_ca() {
     let v = write(&mut a, 0, 5);
     saved(&mut a, v);
     let stored: Vec<(String, String)> =
-        redis::cmd("HGETALL").arg("rp:paper:{p-tls}:notes").query(&mut redis.conn(&certs).unwrap()).unwrap();
+        redis::cmd("HGETALL").arg(keys::notes("p-tls")).query(&mut redis.conn(&certs).unwrap()).unwrap();
     assert_eq!(stored.len(), 5);
 }
 
@@ -282,7 +283,7 @@ fn sentinel_over_tls_is_followed_through_a_failover() {
     let v = write(&mut a, 5, 10);
     saved(&mut a, v);
     let stored: Vec<(String, String)> =
-        redis::cmd("HGETALL").arg("rp:paper:{p-tls-sentinel}:notes").query(&mut replica.conn(&certs).unwrap()).unwrap();
+        redis::cmd("HGETALL").arg(keys::notes("p-tls-sentinel")).query(&mut replica.conn(&certs).unwrap()).unwrap();
     assert_eq!(stored.len(), 10, "every saved edit is on the promoted replica");
 }
 
@@ -312,13 +313,12 @@ fn two_nodes_on_a_redis_cluster_relay_save_and_complete() {
     });
     // Papers spread over the shards.
     let papers = ["p-one", "p-two", "p-three", "p-four"];
-    let owners: std::collections::HashSet<usize> =
-        papers.iter().map(|p| cluster.master_of(&format!("rp:paper:{{{p}}}:notes"))).collect();
+    let owners: std::collections::HashSet<usize> = papers.iter().map(|p| cluster.master_of(&keys::notes(p))).collect();
     assert!(owners.len() >= 2, "the papers sit on several shards");
     for paper in papers {
         let mut a = a_node.join(paper, "user=ann&role=owner");
         eventually("ann's presence in the cluster", || {
-            cluster.hgetall(&format!("rp:paper:{{{paper}}}:members")).iter().any(|(id, _)| *id == a.you).then_some(())
+            cluster.hgetall(&keys::members(paper)).iter().any(|(id, _)| *id == a.you).then_some(())
         });
         let mut b = b_node.join(paper, "user=bob");
         let ids: Vec<&str> =
@@ -343,7 +343,7 @@ fn two_nodes_on_a_redis_cluster_relay_save_and_complete() {
         (seen == want).then_some(())
     });
     for paper in papers {
-        let meta = cluster.hgetall(&format!("rp:paper:{{{paper}}}:meta"));
+        let meta = cluster.hgetall(&keys::meta(paper));
         assert!(!meta.iter().any(|(k, _)| k == "handoff_pending"), "the hand-off marker is cleared: {meta:?}");
     }
 
@@ -373,7 +373,7 @@ fn a_hand_off_left_pending_is_finished_at_start() {
     // As a writer that died between the seal and the stream entry leaves it.
     let snapshot = r#"{"paper":"p-left","completed":true,"notes":[]}"#;
     redis::cmd("HSET")
-        .arg("rp:paper:{p-left}:meta")
+        .arg(keys::meta("p-left"))
         .arg("completed")
         .arg("1")
         .arg("handoff_pending")
@@ -383,7 +383,7 @@ fn a_hand_off_left_pending_is_finished_at_start() {
     let _a = node(&cluster, "a");
     eventually("the pending entry appended", || (stream_papers(&cluster) == ["p-left"]).then_some(()));
     eventually("the marker cleared", || {
-        cluster.hgetall("rp:paper:{p-left}:meta").iter().all(|(k, _)| k != "handoff_pending").then_some(())
+        cluster.hgetall(&keys::meta("p-left")).iter().all(|(k, _)| k != "handoff_pending").then_some(())
     });
 }
 
@@ -403,15 +403,15 @@ fn a_master_killed_and_replaced_by_its_replica_loses_no_saved_edit() {
     let mut b = b_node.join("p-failover", "");
     let v = write(&mut a, 0, 50);
     saved(&mut a, v);
-    let victim = cluster.master_of("rp:paper:{p-failover}:notes");
+    let victim = cluster.master_of(&keys::notes("p-failover"));
     cluster.nodes[victim].kill();
     cluster.wait_ok();
     eventually("a replica promoted in the victim's place", || {
-        (cluster.master_of("rp:paper:{p-failover}:notes") != victim).then_some(())
+        (cluster.master_of(&keys::notes("p-failover")) != victim).then_some(())
     });
     let v = write(&mut a, 50, 100);
     saved(&mut a, v);
-    let stored = cluster.hgetall("rp:paper:{p-failover}:notes");
+    let stored = cluster.hgetall(&keys::notes("p-failover"));
     assert_eq!(stored.len(), 100, "every saved edit is on the promoted master");
     // The relay follows the new master too (what it missed meanwhile, it re-reads).
     a.upsert("probe", json!({}));
@@ -444,7 +444,7 @@ fn a_key_of_the_wrong_type_fails_only_its_paper_on_a_cluster() {
     eventually("the node ready", || (server.get("/readyz").0 == 200).then_some(()));
     let mut a = server.join("p-broken", "user=a");
     let mut b = server.join("p-fine", "user=b");
-    redis::cmd("SET").arg("rp:paper:{p-broken}:notes").arg("oops").exec(&mut cluster.client()).unwrap();
+    redis::cmd("SET").arg(keys::notes("p-broken")).arg("oops").exec(&mut cluster.client()).unwrap();
 
     a.send(json!({"type": "upsert", "id": "n1", "data": {"t": 1}, "ref": "r1"}));
     let v1 = a.next_of("upsert")["v"].as_u64().unwrap();
@@ -462,7 +462,7 @@ fn a_key_of_the_wrong_type_fails_only_its_paper_on_a_cluster() {
     });
 
     // Repaired, the paper takes edits again.
-    redis::cmd("DEL").arg("rp:paper:{p-broken}:notes").exec(&mut cluster.client()).unwrap();
+    redis::cmd("DEL").arg(keys::notes("p-broken")).exec(&mut cluster.client()).unwrap();
     let until = crate::common::deadline();
     for attempt in 0.. {
         let r = format!("again{attempt}");
@@ -476,7 +476,7 @@ fn a_key_of_the_wrong_type_fails_only_its_paper_on_a_cluster() {
         assert!(std::time::Instant::now() < until && attempt < 200, "p-broken never took an edit again");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert_eq!(cluster.hgetall("rp:paper:{p-broken}:notes").len(), 1);
+    assert_eq!(cluster.hgetall(&keys::notes("p-broken")).len(), 1);
     assert!(server.terminate().success());
 }
 
@@ -491,7 +491,7 @@ fn a_papers_slot_resharded_while_it_is_written_loses_nothing_and_relays_on() {
     let (a_node, b_node) = (node(&cluster, "a"), node(&cluster, "b"));
     eventually("both nodes ready", || (a_node.get("/readyz").0 == 200 && b_node.get("/readyz").0 == 200).then_some(()));
     let paper = "p-resharded";
-    let notes_key = format!("rp:paper:{{{paper}}}:notes");
+    let notes_key = keys::notes(paper);
     let mut a = a_node.join(paper, "");
     let mut b = b_node.join(paper, "");
     let v = write(&mut a, 0, 20);
@@ -608,8 +608,7 @@ fn a_redis_cluster_over_tls_saves_and_relays() {
     });
     // Papers on several shards: each writer pipeline and relay listener is a TLS connection.
     let papers = ["p-tls-one", "p-tls-two", "p-tls-three", "p-tls-four"];
-    let owners: std::collections::HashSet<usize> =
-        papers.iter().map(|p| cluster.master_of(&format!("rp:paper:{{{p}}}:notes"))).collect();
+    let owners: std::collections::HashSet<usize> = papers.iter().map(|p| cluster.master_of(&keys::notes(p))).collect();
     assert!(owners.len() >= 2, "the papers sit on several shards");
     for paper in papers {
         let mut a = a_node.join(paper, "");
@@ -621,7 +620,7 @@ fn a_redis_cluster_over_tls_saves_and_relays() {
         let v = b.next_of("upsert")["v"].as_u64().unwrap();
         while a.next_of("upsert")["id"] != "from-b" {}
         saved(&mut b, v);
-        assert_eq!(cluster.hgetall(&format!("rp:paper:{{{paper}}}:notes")).len(), 4);
+        assert_eq!(cluster.hgetall(&keys::notes(paper)).len(), 4);
     }
     // A certificate from another CA is refused at start, naming a node.
     let other = Certs::new("other-ca");
@@ -636,23 +635,6 @@ fn a_redis_cluster_over_tls_saves_and_relays() {
     assert!(stderr.contains("TLS") && stderr.contains("--redis-ca-file"), "says why: {stderr}");
 }
 
-/// A process stopped with SIGSTOP until dropped (SIGCONT even when the test fails).
-struct Paused(u32);
-
-impl Paused {
-    fn pause(pid: u32) -> Paused {
-        let status = Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap();
-        assert!(status.success());
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
-    }
-}
-
 #[test]
 fn a_master_that_hangs_and_is_replaced_is_left_by_the_relay() {
     let cluster = RedisCluster::start(1);
@@ -660,11 +642,8 @@ fn a_master_that_hangs_and_is_replaced_is_left_by_the_relay() {
     eventually("both nodes ready", || (a_node.get("/readyz").0 == 200 && b_node.get("/readyz").0 == 200).then_some(()));
     // A paper away from the shard of `rp:nodes`, whose silence the canary would tell.
     let canary = cluster.master_of("rp:nodes");
-    let paper = (0..64)
-        .map(|i| format!("p-hung-{i}"))
-        .find(|p| cluster.master_of(&format!("rp:paper:{{{p}}}:notes")) != canary)
-        .unwrap();
-    let key = &format!("rp:paper:{{{paper}}}:notes");
+    let paper = (0..64).map(|i| format!("p-hung-{i}")).find(|p| cluster.master_of(&keys::notes(p)) != canary).unwrap();
+    let key = &keys::notes(&paper);
     let mut a = a_node.join(&paper, "");
     let mut b = b_node.join(&paper, "");
     a.upsert("before", json!({}));
@@ -674,7 +653,7 @@ fn a_master_that_hangs_and_is_replaced_is_left_by_the_relay() {
     // silent) and the cluster promotes its replica.
     let victim = cluster.master_of(key);
     let witness = &cluster.nodes[cluster.nodes.iter().position(|n| n.port != cluster.nodes[victim].port).unwrap()];
-    let _paused = Paused::pause(cluster.nodes[victim].pid().unwrap());
+    let _paused = Paused::process(cluster.nodes[victim].pid().unwrap());
     eventually("the replica promoted", || {
         let mut conn = witness.conn().ok()?;
         let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut conn).ok()?;
@@ -701,7 +680,7 @@ fn readiness_follows_every_shard_not_only_the_canarys() {
     // A master away from the shard of `rp:nodes` (where the canary rides) hangs.
     let canary = cluster.master_of("rp:nodes");
     let victim = (0..cluster.nodes.len()).find(|&i| i != canary).unwrap();
-    let paused = Paused::pause(cluster.nodes[victim].pid().unwrap());
+    let paused = Paused::process(cluster.nodes[victim].pid().unwrap());
     eventually("/readyz to say 503", || {
         let (status, _, body) = server.get("/readyz");
         (status == 503).then_some(body)
@@ -720,7 +699,7 @@ fn a_master_down_or_hung_holds_up_only_its_own_papers() {
         RedisCluster::start_with(0, &["--cluster-require-full-coverage", "no", "--appendfsync", "always"]);
     let server = Server::start(&["--redis", &cluster.url(), "--rate", "100000", "--burst", "100000"]);
     eventually("the node ready", || (server.get("/readyz").0 == 200).then_some(()));
-    let notes = |paper: &str| format!("rp:paper:{{{paper}}}:notes");
+    let notes = |paper: &str| keys::notes(paper);
     let masters: Vec<usize> = (0..cluster.nodes.len()).collect();
     let papers: Vec<String> = masters
         .iter()
@@ -739,7 +718,7 @@ fn a_master_down_or_hung_holds_up_only_its_own_papers() {
                 cluster.nodes[victim].kill();
                 None
             }
-            _ => Some(Paused::pause(cluster.nodes[victim].pid().unwrap())),
+            _ => Some(Paused::process(cluster.nodes[victim].pid().unwrap())),
         };
         // The victim's paper takes the edit (its members see it) but cannot save it.
         let waiting = write(&mut clients[victim], next, next + 1);
@@ -794,7 +773,7 @@ fn a_failover_with_replicas_does_not_hold_up_the_other_masters_papers() {
     for node in [&a_node, &b_node] {
         eventually("the node ready", || (node.get("/readyz").0 == 200).then_some(()));
     }
-    let notes = |paper: &str| format!("rp:paper:{{{paper}}}:notes");
+    let notes = |paper: &str| keys::notes(paper);
     let masters: Vec<usize> =
         cluster.masters().iter().map(|m| cluster.nodes.iter().position(|n| n.port == m.port).unwrap()).collect();
     let victim = masters[0];

@@ -1,6 +1,7 @@
 //! PROTOCOL.md section 4, Redis master failing over under Sentinel: nothing the
 //! writer counted as written is lost, and clients see no error.
 
+use rollingpaper::store::keys;
 use serde_json::json;
 
 use crate::common::{eventually, Client, Redis, Sentinel, Server};
@@ -62,7 +63,7 @@ fn a_master_failover_loses_nothing_that_was_counted_written() {
     let new_master = replicas_up.iter().find(|r| r.port == promoted).expect("a replica was promoted");
     let v = write(&mut a, 50, 100);
     saved(&mut a, v);
-    let stored = new_master.hgetall("rp:paper:{p-failover}:notes");
+    let stored = new_master.hgetall(&keys::notes("p-failover"));
     assert_eq!(stored.len(), 100, "every edit counted as written is on the new master");
 }
 

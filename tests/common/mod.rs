@@ -72,7 +72,35 @@ pub struct Redis {
     extra: Vec<String>,
 }
 
+/// A process stopped with SIGSTOP: a Redis keeps every connection and answers
+/// nothing until this is dropped (SIGCONT), a test that fails included.
+pub struct Paused(u32);
+
+impl Paused {
+    pub fn process(pid: u32) -> Paused {
+        let status = Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap();
+        assert!(status.success(), "kill -STOP {pid}");
+        Paused(pid)
+    }
+
+    pub fn redis(redis: &Redis) -> Paused {
+        Paused::process(redis.pid())
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
 impl Redis {
+    /// The redis-server's process id, as it reports it (`INFO server`).
+    pub fn pid(&self) -> u32 {
+        let info: String = redis::cmd("INFO").arg("server").query(&mut self.conn()).unwrap();
+        info.lines().find_map(|l| l.strip_prefix("process_id:")).unwrap().trim().parse().unwrap()
+    }
+
     /// Starts `redis-server` with append-only persistence, as in production.
     pub fn start() -> Redis {
         Redis::start_with(&[])
