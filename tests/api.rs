@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 
 use crate::common::proxy::{Direction, Mode, Proxy};
 use crate::common::{
-    eventually, free_port, project_root, token, unix_now, upgrade_request, Client, Paused, Redis, Server, TempDir,
-    PATIENCE, SECRET,
+    eventually, eventually_eq, free_port, project_root, token, unix_now, upgrade_request, Client, Paused, Redis,
+    Server, TempDir, PATIENCE, SECRET,
 };
 
 /// The API key the nodes run with: 32 bytes, the shortest allowed.
@@ -177,20 +177,6 @@ fn stored_note(redis: &Redis, paper: &str, id: &str) -> Option<Value> {
     let mut note = redis.note(paper, id)?;
     note.as_object_mut().unwrap().remove("node");
     Some(note)
-}
-
-/// Polls `check` until it returns `expected`; at the deadline, panics with
-/// the last value it returned.
-fn eventually_eq<T: PartialEq + std::fmt::Debug>(what: &str, expected: T, mut check: impl FnMut() -> T) {
-    let until = Instant::now() + PATIENCE;
-    loop {
-        let got = check();
-        if got == expected {
-            return;
-        }
-        assert!(Instant::now() < until, "timed out waiting for {what}: expected {expected:?}, still {got:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Waits for a member's `saved` covering `v`.

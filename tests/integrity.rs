@@ -432,6 +432,7 @@ fn an_out_of_range_retention_is_refused_at_start() {
             break status;
         }
         if Instant::now() >= until {
+            // A server that started must not outlive the test.
             let _ = child.kill();
             let _ = child.wait();
             panic!("the server started with --completed-retention 10000000000000000");

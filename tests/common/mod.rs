@@ -63,6 +63,20 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Polls `check` until it returns `expected`; at the deadline, panics with
+/// the last value it returned.
+pub fn eventually_eq<T: PartialEq + std::fmt::Debug>(what: &str, expected: T, mut check: impl FnMut() -> T) {
+    let until = deadline();
+    loop {
+        let got = check();
+        if got == expected {
+            return;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}: expected {expected:?}, still {got:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 // ---- Redis -------------------------------------------------------------------------
 
 pub struct Redis {
