@@ -106,79 +106,14 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
     let reports: Arc<dyn Loops> = Arc::new(LoopHandles(loops.clone()));
 
     let give_up_at = Arc::new(OnceLock::new());
-    let node_id = config.node_id.clone().unwrap_or_default();
-    let mut relay_thread = None;
-    let (store, status, writer, loader) = match config.store {
+    let (store, status, threads) = match config.store {
         StoreKind::Memory => {
             log::warn!("--store memory: papers live in this process only and are lost when it exits; completed papers are not handed to any stream");
-            (StoreHandle::Memory, None, None, None)
+            (StoreHandle::Memory, None, None)
         }
         StoreKind::Redis => {
-            let target = Target::configured(&config.redis, config.redis_ca_file.as_deref())
-                .map_err(|e| fail("bad --redis URL", &e))?;
-            let limits = BacklogLimits { ops: config.backlog_limit, bytes: config.backlog_bytes };
-            let (backlog, ops, pending) = Backlog::new(limits);
-            let (loads_tx, loads_rx) = crossbeam_channel::unbounded();
-            let metrics = Arc::new(WriterMetrics::default());
-            let metrics_for_loader = metrics.clone();
-            let metrics_for_relay = metrics.clone();
-            let relay_healthy = config.cluster.then(|| Arc::new(AtomicBool::new(false)));
-            let status = StoreStatus {
-                writer: metrics.clone(),
-                backlog: pending.clone(),
-                backlog_limits: limits,
-                relay_healthy: relay_healthy.clone(),
-            };
-            let mut writer = Writer::new(
-                target.endpoint(),
-                ops,
-                pending,
-                metrics,
-                reports.clone(),
-                config.completed_retention,
-                give_up_at.clone(),
-            );
-            writer = writer
-                .waiting_for_replicas(config.redis_wait_replicas)
-                .sizing_calls_for(config.max_note_bytes)
-                .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)))
-                .keeping_tombstones(History {
-                    retention: (config.tombstone_retention * 1000) << 10,
-                    max_tombstones: config.max_tombstones,
-                });
-            // Several loaders, each with its connection, take requests from one
-            // queue: a large paper's read does not hold up every other paper's.
-            let loaders: Vec<Loader> = (0..LOADERS)
-                .map(|_| {
-                    let loader =
-                        Loader::new(target.endpoint(), loads_rx.clone(), reports.clone(), metrics_for_loader.clone());
-                    if config.cluster {
-                        loader.with_presence(&node_id)
-                    } else {
-                        loader
-                    }
-                })
-                .collect();
-            let loads = match relay_healthy {
-                Some(healthy) => {
-                    writer = writer.relaying_as(&node_id);
-                    let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
-                    let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, reports.clone(), healthy)
-                        .with_presence_ttl(Duration::from_secs(config.presence_ttl.max(1)))
-                        .counting_in(metrics_for_relay);
-                    relay_thread =
-                        Some(spawn("rp-relay", move || relay.run()).map_err(|e| fail("cannot start the relay", &e))?);
-                    Loads::Subscribed(relay_tx)
-                }
-                None => Loads::Direct(loads_tx),
-            };
-            let writer = spawn("rp-writer", move || writer.run()).map_err(|e| fail("cannot start the writer", &e))?;
-            let mut loader_threads = Vec::with_capacity(LOADERS);
-            for loader in loaders {
-                let thread = spawn("rp-loader", move || loader.run()).map_err(|e| fail("cannot start a loader", &e))?;
-                loader_threads.push(thread);
-            }
-            (StoreHandle::Redis { backlog, loads }, Some(status), Some(writer), Some(loader_threads))
+            let started = start_redis_store(&config, &reports, &give_up_at)?;
+            (started.handle, Some(started.status), Some(started.threads))
         }
     };
 
@@ -236,13 +171,7 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
     let _ = give_up_at.set(Instant::now() + config.shutdown_timeout());
     drop(loops);
     drop(reports);
-    let lost = writer.map_or(0, |w| w.join().unwrap_or(0));
-    if let Some(relay) = relay_thread {
-        let _ = relay.join();
-    }
-    for loader in loader.into_iter().flatten() {
-        let _ = loader.join();
-    }
+    let lost = threads.map_or(0, StoreThreads::join);
     if lost > 0 {
         return Ok(Outcome::Lost(lost));
     }
@@ -252,6 +181,112 @@ pub fn run(config: Config) -> Result<Outcome, StartError> {
         log::info!("stopped; every edit is written");
     }
     Ok(Outcome::Clean)
+}
+
+/// The threads behind a Redis store: the writer (which returns the ops it
+/// could not write), the loaders, and the relay with `--cluster`.
+struct StoreThreads {
+    writer: JoinHandle<usize>,
+    loaders: Vec<JoinHandle<()>>,
+    relay: Option<JoinHandle<()>>,
+}
+
+impl StoreThreads {
+    /// Waits for them all once the loops are gone; returns the ops lost.
+    fn join(self) -> usize {
+        let lost = self.writer.join().unwrap_or(0);
+        if let Some(relay) = self.relay {
+            let _ = relay.join();
+        }
+        for loader in self.loaders {
+            let _ = loader.join();
+        }
+        lost
+    }
+}
+
+/// A Redis store started: what the loops hold of it, what `/readyz` and
+/// `/metrics` see of it, and its threads.
+struct RedisStore {
+    handle: StoreHandle,
+    status: StoreStatus,
+    threads: StoreThreads,
+}
+
+/// Starts the writer, the loaders and (with `--cluster`) the relay.
+fn start_redis_store(
+    config: &Config,
+    reports: &Arc<dyn Loops>,
+    give_up_at: &Arc<OnceLock<Instant>>,
+) -> Result<RedisStore, StartError> {
+    let fail = |what: &str, e: &dyn fmt::Display| StartError(format!("{what}: {e}"));
+    let node_id = config.node_id.clone().unwrap_or_default();
+    let target =
+        Target::configured(&config.redis, config.redis_ca_file.as_deref()).map_err(|e| fail("bad --redis URL", &e))?;
+    let limits = BacklogLimits { ops: config.backlog_limit, bytes: config.backlog_bytes };
+    let (backlog, ops, pending) = Backlog::new(limits);
+    let (loads_tx, loads_rx) = crossbeam_channel::unbounded();
+    let metrics = Arc::new(WriterMetrics::default());
+    let relay_healthy = config.cluster.then(|| Arc::new(AtomicBool::new(false)));
+    let status = StoreStatus {
+        writer: metrics.clone(),
+        backlog: pending.clone(),
+        backlog_limits: limits,
+        relay_healthy: relay_healthy.clone(),
+    };
+    let presence_ttl = Duration::from_secs(config.presence_ttl.max(1));
+    let mut writer = Writer::new(
+        target.endpoint(),
+        ops,
+        pending,
+        metrics.clone(),
+        reports.clone(),
+        config.completed_retention,
+        give_up_at.clone(),
+    )
+    .waiting_for_replicas(config.redis_wait_replicas)
+    .sizing_calls_for(config.max_note_bytes)
+    .with_presence_ttl(presence_ttl)
+    .keeping_tombstones(History {
+        retention: (config.tombstone_retention * 1000) << 10,
+        max_tombstones: config.max_tombstones,
+    });
+    // Several loaders, each with its connection, take requests from one
+    // queue: a large paper's read does not hold up every other paper's.
+    let loaders: Vec<Loader> = (0..LOADERS)
+        .map(|_| {
+            let loader = Loader::new(target.endpoint(), loads_rx.clone(), reports.clone(), metrics.clone());
+            if config.cluster {
+                loader.with_presence(&node_id)
+            } else {
+                loader
+            }
+        })
+        .collect();
+    let mut relay_thread = None;
+    let loads = match relay_healthy {
+        Some(healthy) => {
+            writer = writer.relaying_as(&node_id);
+            let (relay_tx, relay_rx) = crossbeam_channel::unbounded();
+            let relay = Relay::new(target.endpoint(), &node_id, relay_rx, loads_tx, reports.clone(), healthy)
+                .with_presence_ttl(presence_ttl)
+                .counting_in(metrics);
+            relay_thread =
+                Some(spawn("rp-relay", move || relay.run()).map_err(|e| fail("cannot start the relay", &e))?);
+            Loads::Subscribed(relay_tx)
+        }
+        None => Loads::Direct(loads_tx),
+    };
+    let writer = spawn("rp-writer", move || writer.run()).map_err(|e| fail("cannot start the writer", &e))?;
+    let mut loader_threads = Vec::with_capacity(LOADERS);
+    for loader in loaders {
+        loader_threads.push(spawn("rp-loader", move || loader.run()).map_err(|e| fail("cannot start a loader", &e))?);
+    }
+    Ok(RedisStore {
+        handle: StoreHandle::Redis { backlog, loads },
+        status,
+        threads: StoreThreads { writer, loaders: loader_threads, relay: relay_thread },
+    })
 }
 
 fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<JoinHandle<T>> {
