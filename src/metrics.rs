@@ -306,6 +306,23 @@ pub fn render(
     sockets: usize,
 ) -> String {
     let mut x = Exposition(String::with_capacity(16 * 1024));
+    render_loops(&mut x, loops, store.as_ref(), connections, sockets);
+    if let Some(store) = store {
+        render_store(&mut x, &store);
+    }
+    render_process(&mut x);
+    x.0
+}
+
+/// The event loops' families: sessions, HTTP, messages, closes, latencies, the
+/// API, and unreadable values (the store's among them).
+fn render_loops(
+    x: &mut Exposition,
+    loops: &[std::sync::Arc<LoopMetrics>],
+    store: Option<&StoreView>,
+    connections: usize,
+    sockets: usize,
+) {
     let sum = |f: &dyn Fn(&LoopMetrics) -> u64| loops.iter().map(|l| f(l)).sum::<u64>();
     let per_loop = |f: &dyn Fn(&LoopMetrics) -> &Histogram| loops.iter().map(|l| f(l)).collect::<Vec<_>>();
 
@@ -427,7 +444,7 @@ pub fn render(
         &per_loop(&|l| &l.loop_turn),
     );
 
-    let stored = store.as_ref().map_or(0, |s| get(&s.writer.corrupt_values));
+    let stored = store.map_or(0, |s| get(&s.writer.corrupt_values));
     let rows = [
         ("{source=\"redis\"}".to_string(), stored),
         ("{source=\"relay\"}".to_string(), sum(&|l| get(&l.corrupt_relayed))),
@@ -438,87 +455,87 @@ pub fn render(
         "Notes skipped as unreadable (PROTOCOL.md 2), by where they came from.",
         &rows,
     );
+}
 
-    if let Some(store) = store {
-        let w = store.writer;
-        x.one(
-            "rollingpaper_backlog",
-            "gauge",
-            "Ops waiting for the Redis writer (edits, completions, presence, relayed messages).",
-            store.backlog,
-        );
-        x.one("rollingpaper_backlog_limit", "gauge", "Ops the backlog holds at most.", store.backlog_limit);
-        x.one("rollingpaper_backlog_bytes", "gauge", "Bytes held by ops waiting to be written.", store.backlog_bytes);
-        x.one(
-            "rollingpaper_backlog_bytes_limit",
-            "gauge",
-            "Bytes the backlog holds at most.",
-            store.backlog_bytes_limit,
-        );
-        x.one(
-            "rollingpaper_backlog_oldest_age_seconds",
-            "gauge",
-            "Age of the oldest edit not yet written.",
-            get(&w.oldest_age_ms) as f64 / 1000.0,
-        );
-        x.one(
-            "rollingpaper_redis_up",
-            "gauge",
-            "1 while the writer reaches Redis.",
-            u64::from(w.redis_up.load(Ordering::Relaxed)),
-        );
-        x.one("rollingpaper_redis_batches_total", "counter", "Pipelines written to Redis.", get(&w.batches));
-        x.one(
-            "rollingpaper_redis_commands_total",
-            "counter",
-            "Redis commands sent in written pipelines.",
-            get(&w.commands),
-        );
-        x.one("rollingpaper_redis_ops_written_total", "counter", "Ops written to Redis.", get(&w.ops_written));
-        x.one(
-            "rollingpaper_redis_errors_total",
-            "counter",
-            "Failed Redis writes (each batch is sent again).",
-            get(&w.errors),
-        );
-        x.one(
-            "rollingpaper_redis_reconnects_total",
-            "counter",
-            "Connections the writer opened to Redis.",
-            get(&w.reconnects),
-        );
-        x.rows(
-            "rollingpaper_failed_ops_total",
-            "counter",
-            "Ops Redis refused for good, by reason (their senders got write_failed).",
-            &[("{reason=\"refused\"}".to_string(), get(&w.failed_ops))],
-        );
-        let rows = [
-            ("{direction=\"in\"}".to_string(), get(&w.relayed_in)),
-            ("{direction=\"out\"}".to_string(), get(&w.relayed_out)),
-        ];
-        x.rows(
-            "rollingpaper_relayed_messages_total",
-            "counter",
-            "Messages between nodes (--cluster): in, received from other nodes; out, published by the writer.",
-            &rows,
-        );
-        x.histogram(
-            "rollingpaper_write_behind_seconds",
-            "Time from an op's acceptance to its write in Redis.",
-            &[&w.write_behind],
-        );
-        x.histogram(
-            "rollingpaper_backlog_wait_seconds",
-            "Time from an op's acceptance to the writer taking it from the backlog.",
-            &[&w.backlog_wait],
-        );
-        x.histogram(
-            "rollingpaper_redis_round_trip_seconds",
-            "Time from sending a pipeline to Redis to having its replies.",
-            &[&w.redis_round_trip],
-        );
-    }
+/// The Redis store's families: the backlog, the writer, its latencies.
+fn render_store(x: &mut Exposition, store: &StoreView) {
+    let w = store.writer;
+    x.one(
+        "rollingpaper_backlog",
+        "gauge",
+        "Ops waiting for the Redis writer (edits, completions, presence, relayed messages).",
+        store.backlog,
+    );
+    x.one("rollingpaper_backlog_limit", "gauge", "Ops the backlog holds at most.", store.backlog_limit);
+    x.one("rollingpaper_backlog_bytes", "gauge", "Bytes held by ops waiting to be written.", store.backlog_bytes);
+    x.one("rollingpaper_backlog_bytes_limit", "gauge", "Bytes the backlog holds at most.", store.backlog_bytes_limit);
+    x.one(
+        "rollingpaper_backlog_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest edit not yet written.",
+        get(&w.oldest_age_ms) as f64 / 1000.0,
+    );
+    x.one(
+        "rollingpaper_redis_up",
+        "gauge",
+        "1 while the writer reaches Redis.",
+        u64::from(w.redis_up.load(Ordering::Relaxed)),
+    );
+    x.one("rollingpaper_redis_batches_total", "counter", "Pipelines written to Redis.", get(&w.batches));
+    x.one(
+        "rollingpaper_redis_commands_total",
+        "counter",
+        "Redis commands sent in written pipelines.",
+        get(&w.commands),
+    );
+    x.one("rollingpaper_redis_ops_written_total", "counter", "Ops written to Redis.", get(&w.ops_written));
+    x.one(
+        "rollingpaper_redis_errors_total",
+        "counter",
+        "Failed Redis writes (each batch is sent again).",
+        get(&w.errors),
+    );
+    x.one(
+        "rollingpaper_redis_reconnects_total",
+        "counter",
+        "Connections the writer opened to Redis.",
+        get(&w.reconnects),
+    );
+    x.rows(
+        "rollingpaper_failed_ops_total",
+        "counter",
+        "Ops Redis refused for good, by reason (their senders got write_failed).",
+        &[("{reason=\"refused\"}".to_string(), get(&w.failed_ops))],
+    );
+    let rows = [
+        ("{direction=\"in\"}".to_string(), get(&w.relayed_in)),
+        ("{direction=\"out\"}".to_string(), get(&w.relayed_out)),
+    ];
+    x.rows(
+        "rollingpaper_relayed_messages_total",
+        "counter",
+        "Messages between nodes (--cluster): in, received from other nodes; out, published by the writer.",
+        &rows,
+    );
+    x.histogram(
+        "rollingpaper_write_behind_seconds",
+        "Time from an op's acceptance to its write in Redis.",
+        &[&w.write_behind],
+    );
+    x.histogram(
+        "rollingpaper_backlog_wait_seconds",
+        "Time from an op's acceptance to the writer taking it from the backlog.",
+        &[&w.backlog_wait],
+    );
+    x.histogram(
+        "rollingpaper_redis_round_trip_seconds",
+        "Time from sending a pipeline to Redis to having its replies.",
+        &[&w.redis_round_trip],
+    );
+}
+
+/// The process's own families, as Prometheus clients name them.
+fn render_process(x: &mut Exposition) {
     if let Some(p) = process::read() {
         x.one("process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.", p.cpu_seconds);
         x.one("process_resident_memory_bytes", "gauge", "Resident memory size, in bytes.", p.resident_bytes);
@@ -531,7 +548,6 @@ pub fn render(
             p.start_time_seconds,
         );
     }
-    x.0
 }
 
 /// The text being written, one family at a time: its HELP and TYPE, then its samples.
