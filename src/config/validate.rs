@@ -56,6 +56,11 @@ fn with_variables(message: &str) -> String {
     out
 }
 
+/// A configuration refused, with the message naming each flag's variable.
+fn refuse<T>(message: String) -> Result<T, ConfigError> {
+    Err(ConfigError(with_variables(&message)))
+}
+
 impl Config {
     /// A limit the user did not set follows the ones they did: the defaults keep
     /// their ratios (a message four notes, output four messages) within what was
@@ -92,7 +97,7 @@ impl Config {
     /// A message naming the flag and a value that works.
     /// The API key from --api-key or --api-key-file (one of them), checked.
     fn read_api_key(&mut self) -> Result<(), ConfigError> {
-        let err = |msg: String| Err(ConfigError(with_variables(&msg)));
+        let err = refuse;
         if self.api_key.as_ref().is_some_and(|key| key.0.is_empty()) {
             self.api_key = None;
         }
@@ -122,8 +127,18 @@ impl Config {
     }
 
     pub fn validate(mut self) -> Result<Self, ConfigError> {
-        let err = |msg: String| Err(ConfigError(with_variables(&msg)));
         self.derive_limits();
+        self.check_limits()?;
+        self.check_durations()?;
+        self.check_auth()?;
+        self.check_nodes_and_clients()?;
+        self.log_filter()?;
+        Ok(self)
+    }
+
+    /// The threads, and every limit in bytes or counts.
+    fn check_limits(&mut self) -> Result<(), ConfigError> {
+        let err = refuse;
         // Where a derived --max-message-bytes came from, for the errors below.
         let derived = match (self.set_by_user.max_message_bytes, self.set_by_user.max_note_bytes) {
             (true, _) => String::new(),
@@ -158,6 +173,18 @@ impl Config {
                 return err(format!("{flag} must be at least 1 (a whole number from 1 up), not 0"));
             }
         }
+        if self.max_outbound_bytes < self.max_message_bytes {
+            return err(format!(
+                "--max-outbound-bytes {} must be at least --max-message-bytes ({}{}), or no broadcast fits",
+                self.max_outbound_bytes, self.max_message_bytes, derived
+            ));
+        }
+        Ok(())
+    }
+
+    /// Timeouts, retentions and the rate, in seconds and per second.
+    fn check_durations(&self) -> Result<(), ConfigError> {
+        let err = refuse;
         for (flag, value) in [
             ("--load-timeout", self.load_timeout),
             ("--paper-linger", self.paper_linger),
@@ -195,6 +222,18 @@ impl Config {
                 self.idle_timeout, self.ping_interval
             ));
         }
+        if !(self.api_timeout.is_finite() && self.api_timeout > 0.0) {
+            return err(format!(
+                "--api-timeout (RP_API_TIMEOUT) must be a positive number of seconds, not {}",
+                self.api_timeout
+            ));
+        }
+        Ok(())
+    }
+
+    /// The token secret and audience, and the API key.
+    fn check_auth(&mut self) -> Result<(), ConfigError> {
+        let err = refuse;
         if self.jwt_secret.as_deref().is_some_and(|key| key.secret.is_empty()) {
             self.jwt_secret = None;
         }
@@ -204,17 +243,6 @@ impl Config {
                 .to_string());
         }
         self.read_api_key()?;
-        if !(self.api_timeout.is_finite() && self.api_timeout > 0.0) {
-            return err(format!(
-                "--api-timeout (RP_API_TIMEOUT) must be a positive number of seconds, not {}",
-                self.api_timeout
-            ));
-        }
-        if self.internal_listen.is_some_and(|internal| internal == self.listen) {
-            return err("--internal-listen (RP_INTERNAL_LISTEN) must differ from --listen: the internal listener \
-                 keeps /api, /metrics and /readyz off the public port"
-                .to_string());
-        }
         self.jwt_audience = self.jwt_audience.take().map(|a| a.trim().to_string()).filter(|a| !a.is_empty());
         match (&mut self.jwt_secret, &self.jwt_audience) {
             (Some(key), audience) => key.audience.clone_from(audience),
@@ -222,6 +250,17 @@ impl Config {
                 return err("--jwt-audience needs --jwt-secret: without a secret, auth is off".to_string());
             }
             (None, None) => {}
+        }
+        Ok(())
+    }
+
+    /// The node, Redis, the listeners, proxies and origins.
+    fn check_nodes_and_clients(&mut self) -> Result<(), ConfigError> {
+        let err = refuse;
+        if self.internal_listen.is_some_and(|internal| internal == self.listen) {
+            return err("--internal-listen (RP_INTERNAL_LISTEN) must differ from --listen: the internal listener \
+                 keeps /api, /metrics and /readyz off the public port"
+                .to_string());
         }
         match &self.node_id {
             Some(id) if !(id.len() <= 32 && crate::protocol::is_valid_id(id)) => {
@@ -251,19 +290,12 @@ impl Config {
                 ));
             }
         }
-        if self.max_outbound_bytes < self.max_message_bytes {
-            return err(format!(
-                "--max-outbound-bytes {} must be at least --max-message-bytes ({}{}), or no broadcast fits",
-                self.max_outbound_bytes, self.max_message_bytes, derived
-            ));
-        }
         if self.store == StoreKind::Redis {
             if let Err(e) = crate::store::target::Target::configured(&self.redis, self.redis_ca_file.as_deref()) {
                 return err(format!("--redis {:?}: {e}", redact(&self.redis)));
             }
         }
-        self.log_filter()?;
-        Ok(self)
+        Ok(())
     }
 }
 
