@@ -47,7 +47,8 @@ impl EventLoop {
                 if self.node.settings.paper_linger.is_none() {
                     return self.answer_call(key, &api::presence(&paper, std::iter::empty()));
                 }
-                self.read_for_call(key, paper);
+                let deadline = Instant::now() + self.node.settings.load_timeout;
+                self.read_once(key, paper, deadline);
             }
             Some(_) => {
                 debug_assert!(in_memory || !is_presence);
@@ -74,20 +75,6 @@ impl EventLoop {
         match self.conns.slab.get(key).map(|c| &c.phase) {
             Some(Phase::Api { call, .. }) => Some(call),
             _ => None,
-        }
-    }
-
-    /// Reads a paper for one call without keeping it (presence).
-    fn read_for_call(&mut self, key: usize, paper: Arc<str>) {
-        let Some(serial) = self.conns.slab.get(key).map(|c| c.serial) else { return };
-        self.reads_made += 1;
-        let read = self.reads_made;
-        self.reads.insert(read, (key, serial));
-        let deadline = Instant::now() + self.node.settings.load_timeout;
-        let purpose = LoadPurpose::Read(read);
-        let request = LoadRequest { paper: paper.clone(), purpose, loop_index: self.index, deadline };
-        if let Some(stored) = self.store.read_once(request) {
-            self.on_loaded(&paper, purpose, stored);
         }
     }
 
@@ -240,14 +227,7 @@ impl EventLoop {
 
     /// Whether a paper is erased, as far as this loop knows.
     pub(super) fn is_erased(&mut self, paper: &str) -> bool {
-        match self.erased.get(paper) {
-            Some(&until) if until > Instant::now() => true,
-            Some(_) => {
-                self.erased.remove(paper);
-                false
-            }
-            None => false,
-        }
+        self.erased.until(paper, Instant::now()).is_some()
     }
 
     /// The paper is erased (here, by another node, or found so in Redis) for
@@ -293,10 +273,5 @@ impl EventLoop {
         for key in keys {
             self.end_session(key, CloseReason::Revoked);
         }
-    }
-
-    /// Forgets erasures past their retention.
-    pub(super) fn expire_erasures(&mut self, now: Instant) {
-        self.erased.retain(|_, until| *until > now);
     }
 }

@@ -11,7 +11,7 @@
 
 use std::cell::Cell;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use mio::{Events, Interest, Poll, Token};
 use super::conns::Conns;
 use super::inbox::{owner_loop, InboxMsg, LoopHandle};
 use super::node::Node;
+use super::reads::{Erasures, Reads};
 use super::session::CLOSE_TIMEOUT;
 use super::timers::Stopping;
 use crate::conn::{Next, Phase};
@@ -72,9 +73,8 @@ pub struct EventLoop {
     /// Token expiries (seconds since the epoch), soonest first; entries of
     /// sessions gone are skipped, and compacted away when they pile up.
     pub(super) expiries: BinaryHeap<Reverse<(u64, usize, u64)>>,
-    /// `GET /papers` reads that keep nothing, by load attempt: the reader's key and serial.
-    pub(super) reads: HashMap<u64, (usize, u64)>,
-    pub(super) reads_made: u64,
+    /// Papers read for one request each, kept by nobody.
+    pub(super) reads: Reads,
     /// Bytes held by this loop's connections' own output buffers, as last flushed.
     pub(super) output_held: usize,
     /// A presence join was dropped (backlog full): announce the members again
@@ -87,8 +87,8 @@ pub struct EventLoop {
     pub(super) next_ping: Instant,
     /// Papers Redis refused to write: when to read each again, and the wait after.
     pub(super) probes: Vec<(Instant, Duration, Arc<str>)>,
-    /// Papers erased (PROTOCOL.md 7), until when: they answer 410 and take no write.
-    pub(super) erased: HashMap<Arc<str>, Instant>,
+    /// Papers erased (PROTOCOL.md 7): they answer 410 and take no write.
+    pub(super) erased: Erasures,
 }
 
 impl EventLoop {
@@ -124,8 +124,7 @@ impl EventLoop {
             read_list: Vec::new(),
             deadlines: BinaryHeap::new(),
             expiries: BinaryHeap::new(),
-            reads: HashMap::new(),
-            reads_made: 0,
+            reads: Reads::default(),
             output_held: 0,
             presence_dropped: Cell::new(false),
             session_count: 0,
@@ -133,7 +132,7 @@ impl EventLoop {
             next_eviction: now + super::timers::EVICT_EVERY,
             next_ping: now + node.settings.ping_interval,
             probes: Vec::new(),
-            erased: HashMap::new(),
+            erased: Erasures::default(),
             node,
         })
     }

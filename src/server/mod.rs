@@ -10,6 +10,7 @@ mod edits;
 pub mod event_loop;
 pub mod inbox;
 pub mod node;
+mod reads;
 mod session;
 mod snapshots;
 mod timers;

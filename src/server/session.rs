@@ -100,6 +100,8 @@ impl EventLoop {
         }
         let deadline = Instant::now() + self.node.settings.load_timeout;
         if reading && self.papers.paper(&paper).is_none() {
+            // Unanswered by then (Redis unreachable), the reader gets 503.
+            self.set_deadline(key, deadline + JOIN_GRACE);
             return self.read_once(key, paper, deadline);
         }
         let lookup = self.papers.lookup(&paper, key, deadline);
@@ -117,16 +119,12 @@ impl EventLoop {
         }
     }
 
-    /// `GET /papers` of a paper not in memory: read for this request only, neither
-    /// kept nor subscribed to, so that reads of many papers nobody holds cost nothing
-    /// once answered.
-    fn read_once(&mut self, key: usize, paper: Arc<str>, deadline: Instant) {
+    /// A paper not in memory read for one request only (`GET /papers`, an API
+    /// presence call), neither kept nor subscribed to, so that reads of many
+    /// papers nobody holds cost nothing once answered.
+    pub(super) fn read_once(&mut self, key: usize, paper: Arc<str>, deadline: Instant) {
         let Some(serial) = self.conns.slab.get(key).map(|c| c.serial) else { return };
-        self.reads_made += 1;
-        let read = self.reads_made;
-        self.reads.insert(read, (key, serial));
-        // Unanswered by then (Redis unreachable), the reader gets 503.
-        self.set_deadline(key, deadline + JOIN_GRACE);
+        let read = self.reads.start(key, serial);
         let purpose = LoadPurpose::Read(read);
         let request = LoadRequest { paper: paper.clone(), purpose, loop_index: self.index, deadline };
         if let Some(stored) = self.store.read_once(request) {
@@ -136,7 +134,7 @@ impl EventLoop {
 
     /// A paper read for one `GET /papers` (or one API call): answered, then forgotten.
     fn answer_read(&mut self, paper: &Arc<str>, read: u64, stored: store::StoredPaper) {
-        let Some((key, serial)) = self.reads.remove(&read) else { return };
+        let Some((key, serial)) = self.reads.finish(read) else { return };
         match self.conns.live(key, serial).map(|c| &c.phase) {
             Some(Phase::Api { .. }) => self.answer_read_call(key, paper, &stored),
             Some(Phase::Reading { .. }) if stored.erased_for.is_some() => self.refuse_erased(key),
@@ -161,8 +159,7 @@ impl EventLoop {
         if let Some(left) = stored.erased_for {
             return self.erase_here(paper, left.min(self.node.settings.erase_retention));
         }
-        if self.is_erased(paper) {
-            let until = self.erased.get(paper).copied().unwrap_or_else(Instant::now);
+        if let Some(until) = self.erased.until(paper, Instant::now()) {
             return self.erase_here(paper, until.saturating_duration_since(Instant::now()));
         }
         let stored = paper_from_store(stored);
@@ -404,11 +401,11 @@ impl EventLoop {
             Phase::Admitting { upgrade, .. } => self.papers.forget_waiter(&upgrade.paper, key),
             Phase::Api { call, .. } => {
                 self.papers.forget_waiter(&call.paper, key);
-                self.reads.retain(|_, (k, _)| *k != key);
+                self.reads.forget(key);
             }
             Phase::Reading { paper, .. } => {
                 self.papers.forget_waiter(paper, key);
-                self.reads.retain(|_, (k, _)| *k != key);
+                self.reads.forget(key);
             }
             Phase::Open { membership, .. } => {
                 let Some(paper) = self.papers.paper_mut(&membership.paper) else { return };

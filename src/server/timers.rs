@@ -44,7 +44,7 @@ impl EventLoop {
         if now >= self.next_eviction {
             self.next_eviction = now + EVICT_EVERY;
             self.evict_idle_papers(now);
-            self.expire_erasures(now);
+            self.erased.expire(now);
             self.prune_tombstones();
             self.publish_gauges();
             // Joins dropped while the backlog was full are mended once it drains.
