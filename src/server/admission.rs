@@ -2,7 +2,6 @@
 //! head (PROTOCOL.md section 1), the node's capacity check, plain replies, and
 //! the hand-over of a request to the loop that owns its paper.
 
-use std::cmp::Reverse;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -102,7 +101,7 @@ impl EventLoop {
         let _ = stream.set_nodelay(true);
         cap_send_buffer(&stream);
         entry.insert(Conn::new(Io::new(stream), serial, peer, deadline));
-        self.deadlines.push(Reverse((deadline, key, serial)));
+        self.timers.deadline(deadline, key, serial);
         Some(key)
     }
 
@@ -110,7 +109,7 @@ impl EventLoop {
     pub(super) fn set_deadline(&mut self, key: usize, at: Instant) {
         if let Some(conn) = self.conns.slab.get_mut(key) {
             conn.deadline = Some(at);
-            self.deadlines.push(Reverse((at, key, conn.serial)));
+            self.timers.deadline(at, key, conn.serial);
         }
     }
 

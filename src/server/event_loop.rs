@@ -10,8 +10,6 @@
 //! `timers` (deadlines, pings, eviction, shutdown).
 
 use std::cell::Cell;
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,7 +24,7 @@ use super::inbox::{owner_loop, InboxMsg, LoopHandle};
 use super::node::Node;
 use super::reads::{Erasures, Reads};
 use super::session::CLOSE_TIMEOUT;
-use super::timers::Stopping;
+use super::timers::{Stopping, Timers};
 use crate::conn::{Next, Phase};
 use crate::metrics::{bump, LoopMetrics};
 use crate::paper::registry::Registry;
@@ -67,12 +65,8 @@ pub struct EventLoop {
     pub(super) read_at: Instant,
     /// Connections whose read budget ran out last turn.
     pub(super) read_list: Vec<usize>,
-    /// Connection deadlines, soonest first, with the serial they were set for;
-    /// an entry whose connection moved on (another deadline, or none) is skipped.
-    pub(super) deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    /// Token expiries (seconds since the epoch), soonest first; entries of
-    /// sessions gone are skipped, and compacted away when they pile up.
-    pub(super) expiries: BinaryHeap<Reverse<(u64, usize, u64)>>,
+    /// Deadlines, token expiries, and when to ping and evict next.
+    pub(super) timers: Timers,
     /// Papers read for one request each, kept by nobody.
     pub(super) reads: Reads,
     /// Bytes held by this loop's connections' own output buffers, as last flushed.
@@ -83,8 +77,6 @@ pub struct EventLoop {
     /// WebSocket sessions on this loop, joining or joined.
     pub(super) session_count: u64,
     pub(super) stopping: Option<Stopping>,
-    pub(super) next_eviction: Instant,
-    pub(super) next_ping: Instant,
     /// Papers Redis refused to write: when to read each again, and the wait after.
     pub(super) probes: Vec<(Instant, Duration, Arc<str>)>,
     /// Papers erased (PROTOCOL.md 7): they answer 410 and take no write.
@@ -122,15 +114,12 @@ impl EventLoop {
             frame: Frame::new(),
             read_at: now,
             read_list: Vec::new(),
-            deadlines: BinaryHeap::new(),
-            expiries: BinaryHeap::new(),
+            timers: Timers::new(now, node.settings.ping_interval),
             reads: Reads::default(),
             output_held: 0,
             presence_dropped: Cell::new(false),
             session_count: 0,
             stopping: None,
-            next_eviction: now + super::timers::EVICT_EVERY,
-            next_ping: now + node.settings.ping_interval,
             probes: Vec::new(),
             erased: Erasures::default(),
             node,
@@ -347,7 +336,7 @@ impl EventLoop {
         let metrics = &self.metrics;
         metrics.papers.store(self.papers.len() as u64, Ordering::Relaxed);
         metrics.sessions.store(self.session_count, Ordering::Relaxed);
-        metrics.timer_entries.store((self.deadlines.len() + self.expiries.len()) as u64, Ordering::Relaxed);
+        metrics.timer_entries.store(self.timers.len() as u64, Ordering::Relaxed);
     }
 
     pub(super) fn owner_of(&self, paper: &str) -> usize {

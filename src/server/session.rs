@@ -2,7 +2,6 @@
 //! upgrade, waiting for the paper, joining (snapshot to the joiner, `join` to
 //! the others), reading messages under the rate limit, leaving and closing.
 
-use std::cmp::Reverse;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,7 +74,7 @@ impl EventLoop {
         }
         self.metrics.http_response(101);
         if let Some(exp) = expires {
-            self.expiries.push(Reverse((exp, key, serial)));
+            self.timers.expiry(exp, key, serial);
         }
         self.session_count += 1;
         self.publish_gauges();

@@ -3,7 +3,7 @@
 //! from memory, and the ordered stop (sessions closed over `--drain-seconds`).
 
 use std::cmp::Reverse;
-use std::collections::VecDeque;
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::event_loop::EventLoop;
@@ -13,7 +13,7 @@ use crate::protocol::CloseReason;
 use crate::store::Op;
 
 /// How often idle papers are looked for.
-pub const EVICT_EVERY: Duration = Duration::from_secs(1);
+const EVICT_EVERY: Duration = Duration::from_secs(1);
 /// A WebSocket ping frame without payload: the server's keep-alive.
 const PING_FRAME: [u8; 2] = [0x89, 0x00];
 
@@ -23,6 +23,78 @@ pub struct Stopping {
     since: Instant,
     draining: VecDeque<(usize, u64)>,
     total: usize,
+}
+
+/// A loop's clock, owned: connection deadlines and token expiries (each with
+/// the serial of the connection it was set for: a connection that moved on is
+/// skipped when its entry comes due), and when to ping and to evict next.
+pub struct Timers {
+    deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    expiries: BinaryHeap<Reverse<(u64, usize, u64)>>,
+    next_ping: Instant,
+    next_eviction: Instant,
+}
+
+impl Timers {
+    pub fn new(now: Instant, ping_interval: Duration) -> Timers {
+        Timers {
+            deadlines: BinaryHeap::new(),
+            expiries: BinaryHeap::new(),
+            next_ping: now + ping_interval,
+            next_eviction: now + EVICT_EVERY,
+        }
+    }
+
+    /// The connection `key` (with `serial`) must be past its phase at `at`.
+    pub fn deadline(&mut self, at: Instant, key: usize, serial: u64) {
+        self.deadlines.push(Reverse((at, key, serial)));
+    }
+
+    /// The session `key` (with `serial`) ends when its token expires (unix seconds).
+    pub fn expiry(&mut self, exp: u64, key: usize, serial: u64) {
+        self.expiries.push(Reverse((exp, key, serial)));
+    }
+
+    /// The next deadline due by `now`, taken.
+    fn due_deadline(&mut self, now: Instant) -> Option<(usize, u64)> {
+        let &Reverse((at, key, serial)) = self.deadlines.peek()?;
+        (at <= now).then(|| {
+            self.deadlines.pop();
+            (key, serial)
+        })
+    }
+
+    /// The next token expiry due by `now` (unix seconds), taken.
+    fn due_expiry(&mut self, now: u64) -> Option<(usize, u64)> {
+        let &Reverse((exp, key, serial)) = self.expiries.peek()?;
+        (exp <= now).then(|| {
+            self.expiries.pop();
+            (key, serial)
+        })
+    }
+
+    /// Whether it is time to ping (then not again for `interval`).
+    fn ping_due(&mut self, now: Instant, interval: Duration) -> bool {
+        let due = now >= self.next_ping;
+        if due {
+            self.next_ping = now + interval;
+        }
+        due
+    }
+
+    /// Whether it is time to look for idle papers (then not again for `EVICT_EVERY`).
+    fn eviction_due(&mut self, now: Instant) -> bool {
+        let due = now >= self.next_eviction;
+        if due {
+            self.next_eviction = now + EVICT_EVERY;
+        }
+        due
+    }
+
+    /// Entries held, due or not (the `timer_entries` gauge).
+    pub fn len(&self) -> usize {
+        self.deadlines.len() + self.expiries.len()
+    }
 }
 
 impl EventLoop {
@@ -37,12 +109,10 @@ impl EventLoop {
         if !self.probes.is_empty() {
             self.run_probes(now);
         }
-        if now >= self.next_ping {
-            self.next_ping = now + self.node.settings.ping_interval;
+        if self.timers.ping_due(now, self.node.settings.ping_interval) {
             self.ping_or_close_idle(now);
         }
-        if now >= self.next_eviction {
-            self.next_eviction = now + EVICT_EVERY;
+        if self.timers.eviction_due(now) {
             self.evict_idle_papers(now);
             self.erased.expire(now);
             self.prune_tombstones();
@@ -58,11 +128,7 @@ impl EventLoop {
     /// Connections whose phase outlived its deadline: a joiner is told the paper
     /// is unavailable, anything else is dropped.
     fn expire_deadlines(&mut self, now: Instant) {
-        while let Some(&Reverse((at, key, serial))) = self.deadlines.peek() {
-            if at > now {
-                break;
-            }
-            self.deadlines.pop();
+        while let Some((key, serial)) = self.timers.due_deadline(now) {
             let Some(conn) = self.conns.live(key, serial) else { continue };
             if conn.deadline.is_none_or(|d| d > now) {
                 continue; // moved on to a phase with another deadline, or none
@@ -92,15 +158,14 @@ impl EventLoop {
     /// valid for days, and thousands of short sessions would each leave one.
     pub(super) fn compact_timers(&mut self) {
         let bound = 2 * self.conns.slab.len() + 64;
-        if self.expiries.len() > bound {
-            let conns = &self.conns;
-            self.expiries.retain(|Reverse((_, key, serial))| {
+        let (timers, conns) = (&mut self.timers, &self.conns);
+        if timers.expiries.len() > bound {
+            timers.expiries.retain(|Reverse((_, key, serial))| {
                 conns.live(*key, *serial).is_some_and(|c| matches!(c.phase, Phase::Joining { .. } | Phase::Open { .. }))
             });
         }
-        if self.deadlines.len() > bound {
-            let conns = &self.conns;
-            self.deadlines.retain(|Reverse((at, key, serial))| {
+        if timers.deadlines.len() > bound {
+            timers.deadlines.retain(|Reverse((at, key, serial))| {
                 conns.live(*key, *serial).is_some_and(|c| c.deadline == Some(*at))
             });
         }
@@ -108,11 +173,7 @@ impl EventLoop {
 
     fn expire_tokens(&mut self) {
         let now_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        while let Some(&Reverse((exp, key, serial))) = self.expiries.peek() {
-            if exp > now_secs {
-                break;
-            }
-            self.expiries.pop();
+        while let Some((key, serial)) = self.timers.due_expiry(now_secs) {
             let is_session = self
                 .conns
                 .live(key, serial)
