@@ -2,7 +2,8 @@
 // playwright-core, as a group sending a card uses it. People open the same
 // card in separate browser contexts. Someone starts a card from the landing
 // page (an unguessable id) and sets its cover; everyone is asked their name
-// once, before their first note, and notes are signed with it; what one
+// once, before their first note (with a token, its name is used), and notes
+// are signed with it; what one
 // writes, drags, recolours or deletes appears at the others; a note dragged by
 // one while another types in it keeps both changes (field patches);
 // signatures stay after their author leaves; notes written or edited offline
@@ -34,6 +35,7 @@
 // (default /usr/bin/chromium).
 
 import { execFile, spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import { openSync, readFileSync, readdirSync, writeFileSync, mkdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { createServer as createHttpServer } from 'node:http';
@@ -50,6 +52,8 @@ const RECONNECT_TIMEOUT_MS = 30_000;
 const SERVER_EXIT_TIMEOUT_MS = 20_000;
 // PROTOCOL.md 7: at least 32 bytes.
 const API_KEY = 'browser-test-api-key-0123456789abcdef';
+// The secret of the server with auth on (PROTOCOL.md 5).
+const JWT_SECRET = 'browser-test-secret-0123456789';
 const CHROMIUM_ARGS = [
   '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   // Without these Chromium keeps calling home, which a closed network punishes.
@@ -588,10 +592,15 @@ async function signaturesOutliveTheirAuthors({ browser, problems }) {
   await waitNoteText(ben, id, 'Good luck in Lisbon!');
   await waitSaved(ann);
 
-  // The name is remembered on Ann's device: after a reload, no question, same signature.
+  // The name is remembered on Ann's device: after a reload, no question, same
+  // signature; this time she writes with the keyboard alone.
   await ann.reload();
   await waitOnline(ann);
-  const again = await addNote(ann, 'And bring back pastéis de nata.');
+  const before = await noteIds(ann);
+  await ann.getByTestId('add-note').focus();
+  await ann.keyboard.press('Enter');
+  const again = await focusNewNote(ann, before);
+  await ann.keyboard.type('And bring back pastéis de nata.');
   const signed = (id) => document.querySelector(`[data-note-id="${id}"] [data-testid=note-author]`)?.textContent === '— Ann';
   await waitUntil(ben, 'the second note signed by Ann', signed, again);
   if (await ann.evaluate(() => localStorage.getItem('rp.name')) !== 'Ann') throw new Error('the name is not remembered on the device');
@@ -741,6 +750,14 @@ async function twelvePeopleAndNothingWraps({ browser, problems, shots }) {
   await waitUntil(ann, 'the list of people', () => !document.querySelector('[data-testid=people-panel]').hidden
     && document.querySelectorAll('[data-testid=people-panel] [data-testid=member]').length === 12
     && document.querySelector('[data-testid=people-button]').getAttribute('aria-expanded') === 'true');
+  for (const size of [DESKTOP, PHONE]) {
+    await ann.setViewportSize(size);
+    const panel = await ann.getByTestId('people-panel').boundingBox();
+    if (panel.x < 0 || panel.x + panel.width > size.width || panel.y + panel.height > size.height) {
+      throw new Error(`the list of people leaves the ${size.width}x${size.height} window: ${JSON.stringify(panel)}`);
+    }
+  }
+  await ann.setViewportSize(DESKTOP);
   const listed = await ann.locator('[data-testid=member-name]').allTextContents();
   for (const name of ['Ann (you)', ...names]) if (!listed.includes(name)) throw new Error(`${name} is not in the list: ${listed.join(', ')}`);
   await captureView(ann, shots, '12-twelve-people', 'the list of twelve people');
@@ -766,7 +783,9 @@ async function koreanRendersWithRealGlyphs({ browser, problems, shots }) {
   await waitNoteText(ann, id, korean);
   await waitSaved(minji);
 
-  // The text is drawn with a font that has Hangul, not the empty boxes of a missing glyph.
+  // The text is drawn with a font that has Hangul, not the empty boxes of a
+  // missing glyph. (document.fonts.check also answers true for a font that is
+  // not installed, so the fonts Chromium actually used are asked over CDP.)
   const face = await ann.evaluate(() => document.fonts.check('16px "Noto Sans CJK KR"', '생일'));
   if (!face) throw new Error('document.fonts.check does not find "Noto Sans CJK KR" for Hangul');
   const cdp = await ann.context().newCDPSession(ann);
@@ -897,11 +916,19 @@ async function freeLayoutPlacesAndKeepsNotes({ browser, problems, shots }) {
     .filter((n) => ['none', 'matrix(1, 0, 0, 1, 0, 0)'].includes(getComputedStyle(n).transform)).length);
   if (flat) throw new Error(`${flat} note(s) are not tilted`);
 
-  // A note's colour changes after it was written (a patch of `color`), for everyone.
-  await ann.locator(`[data-note-id="${ids[1]}"] [data-testid=note-colour]`).click();
+  // A note's colour changes after it was written (a patch of `color`), for
+  // everyone; by keyboard: the colour button, arrows to a colour, Enter.
+  await ann.locator(`[data-note-id="${ids[1]}"] [data-testid=note-colour]`).focus();
+  await ann.keyboard.press('Enter');
   await waitUntil(ann, 'the palette', () => document.activeElement?.closest('[data-testid=note-palette]') != null);
   await captureView(ann, shots, '15-colour-palette', 'a note\'s colour palette');
-  await ann.locator(`[data-note-id="${ids[1]}"] [data-testid=colour-blue]`).click();
+  for (let steps = 0; await ann.evaluate(() => document.activeElement?.dataset.testid) !== 'colour-blue'; steps++) {
+    if (steps === 6) throw new Error('the arrow keys do not reach the colour Blue in the palette');
+    await ann.keyboard.press('ArrowRight');
+  }
+  await ann.keyboard.press('Enter');
+  await waitUntil(ann, 'the palette to close, focus back on its button', () =>
+    !document.querySelector('[data-testid=note-palette]') && document.activeElement?.dataset.testid === 'note-colour');
   await waitUntil(ben, 'the note turned blue', (id) =>
     getComputedStyle(document.querySelector(`[data-note-id="${id}"]`)).backgroundColor === 'rgb(205, 239, 253)', ids[1]);
   if (!annSent.some((m) => m.type === 'patch' && m.id === ids[1] && m.data.color === '#cdeffd' && Object.keys(m.data).length === 1)) {
@@ -1030,6 +1057,32 @@ async function notAuthorisedIsNotOffline({ browser, problems, shots, authServer 
   await eve.context().close();
 }
 
+/** An HS256 token as the main backend issues them (PROTOCOL.md 5). */
+function jwt(claims) {
+  const part = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const head = `${part({ alg: 'HS256', typ: 'JWT' })}.${part({ exp: Math.floor(Date.now() / 1000) + 600, ...claims })}`;
+  return `${head}.${createHmac('sha256', JWT_SECRET).update(head).digest('base64url')}`;
+}
+
+async function aTokensNameSignsNotes({ browser, problems, authServer }) {
+  const paper = `e2e-token-${Date.now().toString(36)}`;
+  const authBase = `http://127.0.0.1:${authServer.port}`;
+  const dana = await openPage(browser, 'Dana', problems, {}, authBase);
+  const token = jwt({ sub: 'dana-17', paper, role: 'owner', name: 'Dana' });
+  // No personName: a name prompt would fail the test.
+  await dana.goto(`${authBase}/?paper=${paper}&token=${token}`);
+  await waitOnline(dana);
+  const id = await addNote(dana, 'Welcome aboard!');
+  await waitUntil(dana, 'the note signed with the token\'s name', (id) =>
+    document.querySelector(`[data-note-id="${id}"] [data-testid=note-author]`).textContent === '— Dana', id);
+  await waitMember(dana, 'Dana (you)');
+  await dana.getByTestId('copy-link').click();
+  await waitUntil(dana, 'the link copied', () => document.querySelector('[data-testid=copy-link]').dataset.link);
+  const link = new URL(await dana.getByTestId('copy-link').getAttribute('data-link'));
+  if (link.searchParams.has('token') || link.searchParams.get('paper') !== paper) throw new Error(`the link to share is ${link}`);
+  await dana.context().close();
+}
+
 async function cardsThatCannotBeShown({ browser, problems, shots }) {
   const page = await openPage(browser, 'Kim', problems);
   // A link that names no card.
@@ -1136,7 +1189,7 @@ async function screenshotFailure(shots) {
 const server = new Server();
 // Auth on, for the "not authorised" case: no Redis needed.
 const authServer = new Server({
-  port: Number(env('RP_AUTH_PORT')), name: 'auth-server', args: ['--store', 'memory', '--jwt-secret', 'browser-test-secret-0123456789'],
+  port: Number(env('RP_AUTH_PORT')), name: 'auth-server', args: ['--store', 'memory', '--jwt-secret', JWT_SECRET],
 });
 // 1.2's backend API on: started by the scenario that needs it.
 let apiServer = null;
@@ -1190,6 +1243,7 @@ async function main() {
       ['free layout: new notes in free space, notes keep their size, tilt, colour after creation, large emoji', freeLayoutPlacesAndKeepsNotes],
       ['the keepsake: the cover then every note, no editing chrome, and a multi-page PDF', keepsakeForTheRecipient],
       ['401 is a page of its own ("not authorised"), not offline', notAuthorisedIsNotOffline],
+      ['with a token, notes are signed with its name, never asked', aTokensNameSignsNotes],
       ['a link to no card, and the keepsake of a card nobody wrote on, get pages of their own', cardsThatCannotBeShown],
       ['1.2: access removed (4403) and card deleted (4410) show an end state, without reconnecting', theBackendEndsTheCard],
       ['examples/browser.html, from another origin, writes a note and sees it saved', theBrowserExampleWorks],
