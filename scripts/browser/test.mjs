@@ -629,6 +629,10 @@ async function completingSealsThePaper({ browser, problems, shots }) {
   await waitNoteText(ben, id, 'Congratulations on the new job!');
 
   await ben.getByTestId('complete').click();
+  const preview = new URL(await ben.getByTestId('keepsake-preview').getAttribute('href'));
+  if (preview.searchParams.get('paper') !== paper || preview.searchParams.get('view') !== 'keepsake') {
+    throw new Error(`the preview before sealing links to ${preview}`);
+  }
   await captureView(ben, shots, '09-seal-confirm', 'the question before sealing');
   await ben.getByTestId('complete-yes').click();
   for (const page of [ann, ben]) {
