@@ -2,13 +2,15 @@
 # End-to-end test of the page served at / in a real browser: headless Chromium
 # (Debian's package) driven by playwright-core (scripts/browser/test.mjs).
 #
-# Installs what it needs when missing (chromium, node and npm, redis-server from
+# Installs what it needs when missing (chromium, node and npm, redis-server,
+# an emoji font and a CJK font, and poppler-utils for the keepsake's PDF, from
 # Debian; playwright-core from the npm lock file, never a downloaded browser),
 # builds the server, starts its own redis-server (append-only, in a temporary
 # directory, on a free loopback port), and lets test.mjs start and restart the
 # server on another free port. Everything started here is stopped on exit.
 #
-# Screenshots go to target/browser-screenshots/ (or $RP_SCREENSHOTS).
+# Screenshots (every view at 1280x800 and 390x844), the keepsake's PDF and its
+# pages go to target/browser-screenshots/ (or $RP_SCREENSHOTS).
 # Non-interactive; exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +19,7 @@ root=$(pwd)
 source scripts/lib.sh
 
 # Bounds the browser part; building and installing are bounded by their tools.
-RUN_TIMEOUT_SECONDS=${RP_BROWSER_TEST_TIMEOUT:-300}
+RUN_TIMEOUT_SECONDS=${RP_BROWSER_TEST_TIMEOUT:-480}
 screenshots=${RP_SCREENSHOTS:-$root/target/browser-screenshots}
 chromium_bin=${CHROMIUM:-/usr/bin/chromium}
 
@@ -42,6 +44,10 @@ install_system_packages() {
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
     # The page names emoji fonts; without one installed, screenshots show boxes.
     [ -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || missing+=(fonts-noto-color-emoji)
+    # Korean, Japanese and Chinese notes: without a CJK font they show as boxes.
+    [ -e /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc ] || missing+=(fonts-noto-cjk)
+    # The keepsake is printed to PDF; pdftoppm and pdftotext check its pages.
+    { command -v pdftoppm && command -v pdftotext; } >/dev/null 2>&1 || missing+=(poppler-utils)
     install_packages "${missing[@]}"
     [ -x "$chromium_bin" ] || die "chromium is still missing at $chromium_bin"
 }
@@ -110,7 +116,7 @@ start_redis "$redis_port"
 say "redis on 127.0.0.1:$redis_port, server on 127.0.0.1:$server_port"
 
 mkdir -p "$screenshots"
-rm -f "$screenshots"/*.png
+rm -f "$screenshots"/*.png "$screenshots"/*.pdf
 status=0
 RP_BIN="$root/target/debug/rollingpaper" \
     RP_REDIS="redis://127.0.0.1:$redis_port" \

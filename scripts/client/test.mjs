@@ -495,6 +495,41 @@ async function reconnectsAcrossARestartAndResumes({ redisServer }) {
   for (const rp of [ann, ben]) rp.close();
 }
 
+async function setNameReplacesTheSession({ redisServer }) {
+  const paper = paperId('name');
+  const ann = client(redisServer.url, paper, { user: 'ann' });
+  const ben = client(redisServer.url, paper, { user: 'ben', name: 'Ben' });
+  await online(ann);
+  await online(ben);
+  await until('Ben to see Ann', () => Object.values(ben.state.members).some((m) => m.user === 'ann'));
+  check(new URL(ann.urls[0]).searchParams.get('name') === null, `a name was sent before one was set: ${ann.urls[0]}`);
+
+  // Named right after writing: the note goes on the new session, and the
+  // others see the name at once, without an offline spell in between.
+  const note = ann.create({ kind: 'text', text: 'Written just before naming myself', author_name: 'Ann' });
+  ann.setName('Ann');
+  check(ann.state.status === 'connecting', `setName left the client ${ann.state.status}`);
+  await online(ann);
+  check(ann.urls.length === 2 && new URL(ann.urls[1]).searchParams.get('name') === 'Ann', `sessions opened: ${ann.urls.join(' ')}`);
+  check(!ann.eventsOf('status').some((s) => s.status === 'offline'), 'the client went offline while renaming');
+  await until('Ben to see Ann under her name', () => Object.values(ben.state.members).some((m) => m.user === 'ann' && m.name === 'Ann'));
+  await until('Ben to see the note', () => ben.state.notes[note.id]?.data.text === 'Written just before naming myself');
+  await until('the note saved', () => ann.state.pending === 0 && ann.state.notes[note.id]?.v > 0);
+  await until('one Ann among the members', () => Object.values(ben.state.members).filter((m) => m.user === 'ann').length === 1);
+
+  // Not connected: only the next session carries the name; a bad name throws.
+  ann.close();
+  ann.setName('Ann B');
+  check(ann.urls.length === 2, 'setName opened a session on a closed client');
+  let threw = false;
+  try { ann.setName(42); } catch (err) { threw = err instanceof TypeError; }
+  check(threw, 'setName(42) did not throw a TypeError');
+  ann.connect();
+  await online(ann);
+  check(new URL(ann.urls[2]).searchParams.get('name') === 'Ann B', `the next session: ${ann.urls[2]}`);
+  for (const rp of [ann, ben]) rp.close();
+}
+
 /** Runs a command to its end (killed after STEP_TIMEOUT_MS): `{code, stdout, stderr}`. */
 function run(command, args, env = {}) {
   return new Promise((resolve, reject) => {
@@ -858,6 +893,7 @@ async function main() {
       ['401 and 403 are told from offline', notAuthorisedIsNotOffline],
       ['edge cases from a scripted server: saved, write_failed, field versions, mid-session snapshot, since, seal', scriptedEdgeCases],
       ['reconnects across a server restart, resumes with since, sends edits made offline', reconnectsAcrossARestartAndResumes],
+      ['setName replaces the session with one under the new name; the edits held go on it', setNameReplacesTheSession],
       ['a saved of one node never confirms an edit made on another', savedDoesNotCarryOverToAnotherNode],
       ['1.2: 4403 and 4410 from a scripted server end the session for good, reporting every edit held', endingsFromAScriptedServer],
       ['1.2: a user revoked through the backend API is closed with 4403 and does not reconnect', revokedUserDoesNotReconnect],

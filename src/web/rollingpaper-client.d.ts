@@ -301,6 +301,12 @@ export class RollingPaper {
   connect(): void;
   close(): void;
   reconnectNow(): void;
+  /**
+   * Sets the name given to the server while auth is off (a token's `name`
+   * wins). An open or opening session is replaced at once by one under the
+   * new name, resuming with `since`; the edits held are sent on it.
+   */
+  setName(name: string | null | undefined): void;
   // Edits. Each returns the ref that its outcome carries (events `sent`,
   // `applied`, `saved`, `write_failed`, `refused`, `unconfirmed`), and the
   // note's id where it names one. Edits of one note merged into one message

@@ -169,6 +169,8 @@ export class RollingPaper {
     this.lastFlush = 0;
     this.refSeq = 0;
     this.stopped = true;
+    // Set by setName() while its session is replaced.
+    this.renaming = false;
     // Set when the server turns `patch` down (protocol 1.0).
     this.patchless = false;
     // The server's truth, as last received.
@@ -261,6 +263,25 @@ export class RollingPaper {
     this.setStatus('closed');
   }
 
+  /**
+   * Sets the name this client gives the server while auth is off (a token's
+   * `name` claim wins over it). A session that is open or opening is replaced
+   * at once by one under the new name, which resumes with `since`; the edits
+   * held are sent on it, as after any reconnection. Otherwise the next
+   * session carries it.
+   */
+  setName(name) {
+    if (name !== undefined && name !== null && typeof name !== 'string') throw new TypeError('name must be a string');
+    this.options.name = name || undefined;
+    if (this.options.token || this.stopped || !this.ws) return;
+    const ws = this.ws;
+    ws.onclose = null;
+    ws.onmessage = null;
+    try { ws.close(1000); } catch { /* already closing */ }
+    this.renaming = true;
+    this.onClosed({ code: 1000, reason: 'renamed', opened: true });
+  }
+
   /** Tries again now instead of waiting for the backoff (e.g. the network came back). */
   reconnectNow() {
     if (!this.stopped && !this.ws && this.state.status !== 'unauthorised' && this.state.status !== 'forbidden') {
@@ -337,6 +358,11 @@ export class RollingPaper {
         this.emit('denied', denied);
         return;
       }
+    }
+    if (this.renaming) {
+      this.renaming = false;
+      this.connect();
+      return;
     }
     this.scheduleReconnect(code, reason);
   }
