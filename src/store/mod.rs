@@ -12,6 +12,7 @@ mod parking;
 pub mod relay;
 mod shards;
 pub mod slots;
+mod suspects;
 pub mod target;
 pub mod writer;
 

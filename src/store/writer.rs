@@ -18,14 +18,10 @@ use super::calls::{unexpected, Call, Context, Reported, Scripts};
 use super::endpoint::{query_pipeline, Endpoint, RedisConn};
 use super::parking::{Parking, Retry};
 use super::shards::Shards;
+use super::suspects::{Suspects, SLOW_WRITE};
 use super::{is_transient, BacklogLevel, Loops, Op, Outcome, Queued, StoreEvent, Written};
 use crate::metrics::{bump, WriterMetrics};
 
-/// A paper whose call took part in a pipeline that timed out, or that Redis
-/// answered `BUSY`, is sent alone, one op at a time, until one such call is
-/// written; a lone op that times out this many times while Redis otherwise
-/// answers is what makes Redis slow, and its paper fails alone (`write_failed`).
-const STRIKES: u8 = 2;
 /// How long the check that Redis answers waits, after a lone op timed out.
 const ANSWER_CHECK: Duration = Duration::from_secs(1);
 /// The one shard of a single Redis (or Sentinel-named master), for parking.
@@ -64,12 +60,8 @@ pub struct Writer {
     /// TTL set on a presence hash at each change (its holders' relays refresh it).
     presence_ttl_ms: u64,
     budget: Budget,
-    /// Papers sent alone, one op at a time (`STRIKES`), with the lone timeouts so far.
-    suspects: HashMap<Arc<str>, u8>,
-    /// Papers whose call the last pipeline saw time out or answered `BUSY`.
-    slow: Vec<Arc<str>>,
-    /// Papers found to make Redis slow: their held ops fail.
-    blamed: Vec<Arc<str>>,
+    /// Papers sent alone, one op at a time, as they may make Redis slow.
+    suspects: Suspects,
 }
 
 /// How long `WAIT` may wait for replicas before the batch is sent again.
@@ -113,9 +105,7 @@ impl Writer {
             history: History { retention: 3_600_000 << 10, max_tombstones: 1000 },
             presence_ttl_ms: 60_000,
             budget: Budget::for_notes(16 * 1024),
-            suspects: HashMap::new(),
-            slow: Vec::new(),
-            blamed: Vec::new(),
+            suspects: Suspects::default(),
         }
     }
 
@@ -241,7 +231,7 @@ impl Writer {
         let mut ready_paper: HashMap<Arc<str>, bool> = HashMap::new();
         let ready =
             |paper: &Arc<str>| *ready_paper.entry(paper.clone()).or_insert_with(|| self.paper_ready(paper, now));
-        let take = select(held, &self.budget, ready, |paper| self.suspects.contains_key(paper));
+        let take = select(held, &self.budget, ready, |paper| self.suspects.contains(paper));
         if take.iter().all(|t| *t) {
             return std::mem::take(held);
         }
@@ -260,10 +250,10 @@ impl Writer {
     /// Fails every held op of a paper found to make Redis slow: its paper fails
     /// alone (`write_failed`, then `unavailable` until it can be written again).
     fn fail_blamed(&mut self, held: &mut Vec<Queued>) {
-        if self.blamed.is_empty() {
+        let blamed = self.suspects.take_blamed();
+        if blamed.is_empty() {
             return;
         }
-        let blamed = std::mem::take(&mut self.blamed);
         let (failed, rest): (Vec<Queued>, Vec<Queued>) =
             std::mem::take(held).into_iter().partition(|q| blamed.contains(q.op.paper()));
         *held = rest;
@@ -301,10 +291,18 @@ impl Writer {
         if let Err(e) = &result {
             if e.is_timeout() {
                 // Any call of the pipeline may be what kept Redis busy.
-                self.slow.extend(batch.iter().map(|q| q.op.paper().clone()));
+                for queued in batch {
+                    self.suspects.saw_slow(queued.op.paper().clone());
+                }
             }
         }
-        self.weigh_slow_calls(batch, &mut outcomes);
+        let (endpoint, sharded) = (&mut self.endpoint, self.shards.is_some());
+        if self
+            .suspects
+            .weigh(batch, outcomes.first().is_some_and(Option::is_some), || redis_answers(endpoint, sharded))
+        {
+            outcomes[0] = Some(Reported::Failed(SLOW_WRITE.into()));
+        }
         // Waits count from the failure's end: a timeout may have taken longer than one.
         let tried = Instant::now();
         match result {
@@ -335,59 +333,6 @@ impl Writer {
             }
         }
         outcomes
-    }
-
-    /// Papers whose call timed out or met `BUSY` are sent alone from now on; a
-    /// lone op that times out again while Redis answers others is blamed: its
-    /// paper fails alone, rather than every paper waiting on it for ever
-    /// (PROTOCOL.md 4, 1.2: a call that may have made Redis slow is never sent
-    /// again whole). A lone op that is written clears its paper.
-    fn weigh_slow_calls(&mut self, batch: &[Queued], outcomes: &mut [Option<Reported>]) {
-        let slow = std::mem::take(&mut self.slow);
-        let lone = batch.len() == 1;
-        if lone {
-            let paper = batch[0].op.paper();
-            if outcomes[0].is_some() {
-                self.suspects.remove(paper);
-            } else if slow.contains(paper) && self.suspects.contains_key(paper) && self.redis_answers() {
-                let strikes = self.suspects.get_mut(paper).expect("a suspect");
-                *strikes += 1;
-                if *strikes >= STRIKES {
-                    log::error!(
-                        "a write of paper {paper} keeps Redis busy past the I/O timeout while Redis answers \
-                         others: the paper's writes fail"
-                    );
-                    self.suspects.remove(paper);
-                    self.blamed.push(paper.clone());
-                    outcomes[0] = Some(Reported::Failed(SLOW_WRITE.into()));
-                }
-                return;
-            }
-        }
-        for paper in slow {
-            self.suspects.entry(paper).or_insert(0);
-        }
-    }
-
-    /// Whether Redis answers a new connection at once (`BUSY` counts: it is up,
-    /// running a script). On a Redis Cluster, a shard whose connection failed is
-    /// sent ops again only once a probe found it answering, so it does.
-    fn redis_answers(&mut self) -> bool {
-        if self.shards.is_some() {
-            return true;
-        }
-        let busy = |e: &redis::RedisError| e.code() == Some("BUSY");
-        match self.endpoint.connect() {
-            Ok(RedisConn::Single(mut conn)) => {
-                let _ = conn.set_read_timeout(Some(ANSWER_CHECK));
-                match redis::cmd("PING").query::<String>(&mut conn) {
-                    Ok(_) => true,
-                    Err(e) => busy(&e),
-                }
-            }
-            Ok(RedisConn::Cluster(_)) => true,
-            Err(e) => busy(&e),
-        }
     }
 
     /// The server stops and its time to flush is up: what is held is lost.
@@ -568,7 +513,7 @@ impl Writer {
         let mut transient = None;
         for (writes, e) in failed_papers {
             if e.is_timeout() || e.code() == Some("BUSY") {
-                self.slow.push(Arc::from(writes.paper));
+                self.suspects.saw_slow(Arc::from(writes.paper));
             }
             if is_transient(&e) {
                 if e.code() == Some("NOSCRIPT") {
@@ -677,8 +622,26 @@ impl Writer {
     }
 }
 
-/// Why the ops of a paper found to make Redis slow fail.
-const SLOW_WRITE: &str = "a write of this paper keeps Redis busy past the I/O timeout";
+/// Whether Redis answers a new connection at once (`BUSY` counts: it is up,
+/// running a script). On a Redis Cluster, a shard whose connection failed is
+/// sent ops again only once a probe found it answering, so it does.
+fn redis_answers(endpoint: &mut Endpoint, sharded: bool) -> bool {
+    if sharded {
+        return true;
+    }
+    let busy = |e: &redis::RedisError| e.code() == Some("BUSY");
+    match endpoint.connect() {
+        Ok(RedisConn::Single(mut conn)) => {
+            let _ = conn.set_read_timeout(Some(ANSWER_CHECK));
+            match redis::cmd("PING").query::<String>(&mut conn) {
+                Ok(_) => true,
+                Err(e) => busy(&e),
+            }
+        }
+        Ok(RedisConn::Cluster(_)) => true,
+        Err(e) => busy(&e),
+    }
+}
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
