@@ -42,14 +42,15 @@ while IFS= read -r -d '' file; do
 done < <(find . -name '*.md' -not -path './target/*' -not -path '*/node_modules/*' -not -path './.git/*' -print0)
 
 shared=../shared/PROTOCOL.md
+contract="docs/PROTOCOL.md is the shared contract"
 if [ -f "$shared" ]; then
     cmp -s docs/PROTOCOL.md "$shared" || fail "docs/PROTOCOL.md differs from $shared: copy the contract over, never edit the copy"
 else
-    echo "doc-check: no $shared beside the repository; docs/PROTOCOL.md is taken as it is"
+    contract="no $shared beside the repository to compare docs/PROTOCOL.md with"
 fi
 
 if ((failures)); then
     echo "doc-check: $failures problem(s) in $checked links" >&2
     exit 1
 fi
-echo "doc-check: $checked relative links resolve; docs/PROTOCOL.md is the shared contract"
+echo "doc-check: $checked relative links resolve; $contract"
