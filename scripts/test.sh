@@ -18,6 +18,10 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 install_packages "${missing[@]}"
+# The JavaScript steps need Node 20 or later; Debian 12's own nodejs is 18.
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' 2>/dev/null; then
+    echo "test.sh: node $(node --version 2>/dev/null) is older than 20: the JavaScript steps will fail; install Node 20 or later" >&2
+fi
 command -v cargo >/dev/null 2>&1 || { echo "test.sh: cargo is missing; install Rust from https://rustup.rs" >&2; exit 1; }
 
 # Every step runs, even after one failed, so that one red step does not hide
