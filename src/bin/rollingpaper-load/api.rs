@@ -3,7 +3,8 @@
 //!
 //! The members join first (papers x members, each on a thread of its own, as
 //! the abuse mode's honest members do); `--senders` of each paper send an
-//! `upsert` of their own note at `--rate` (open loop). Then `--writers` API
+//! `upsert` of their own note at `--rate` (open loop), their first sends spread
+//! evenly over one period (not all in the same instant). Then `--writers` API
 //! writers, each on a thread of its own, `PUT /api/papers/{paper}/notes/{id}`
 //! back to back (a closed loop: the next once the last is answered), each
 //! request on a connection of its own (the server keeps no connection alive),
@@ -163,6 +164,7 @@ pub fn main(args: &ApiArgs) -> Result<ExitCode, String> {
     let (ready_tx, ready) = mpsc::channel();
     let mut go = Vec::new();
     let mut threads = Vec::new();
+    let members = args.papers * args.members;
     for (p, paper) in papers.iter().enumerate() {
         for m in 0..args.members {
             let member = honest::Member {
@@ -176,6 +178,8 @@ pub fn main(args: &ApiArgs) -> Result<ExitCode, String> {
                 rate: (m < args.senders).then_some(args.rate),
                 note_bytes: args.note_bytes,
                 seed: run_id ^ ((p * 1000 + m) as u64) << 16,
+                // The senders spread evenly over one period, as people type.
+                offset: Duration::from_secs_f64((p * args.members + m) as f64 / members as f64 / args.rate),
             };
             let (tx, rx) = mpsc::channel();
             go.push(tx);
@@ -184,7 +188,6 @@ pub fn main(args: &ApiArgs) -> Result<ExitCode, String> {
         }
     }
     drop(ready_tx);
-    let members = args.papers * args.members;
     let mut joined = 0;
     for _ in 0..members {
         match ready.recv_timeout(Duration::from_secs(60)) {

@@ -262,6 +262,7 @@ pub fn main(args: &AbuseArgs) -> Result<ExitCode, String> {
                 rate: (m < args.honest_senders).then_some(args.honest_rate),
                 note_bytes: args.honest_note_bytes,
                 seed: run_id ^ ((p * 1000 + m) as u64) << 16,
+                offset: Duration::ZERO,
             };
             let (tx, rx) = mpsc::channel();
             go.push(tx);
