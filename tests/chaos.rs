@@ -3020,7 +3020,7 @@ fn check_bystanders(
         *excuses.entry((code, by)).or_default() += 1;
         if !judged {
             eprintln!(
-                "chaos: write_failed: {} {} ms into the run, during {excused:?}",
+                "chaos: {code}: {} {} ms into the run, during {excused:?}",
                 describe(edit),
                 at.duration_since(started).as_millis()
             );
