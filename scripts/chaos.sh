@@ -3,10 +3,13 @@
 # clustered nodes under random faults (nodes and Redis killed, Redis paused, its
 # connections dropped, a paper's key broken, corrupt values, a hostile client;
 # on one Redis, a node cut from Redis, a slow or half-open link through a fault
-# proxy; on a Redis Cluster with replicas, masters failed over), then checks
-# that every edit confirmed as saved is in Redis (read back at its saved and at
-# the end), that no bystander paper was refused `unavailable`, and that nodes,
-# clients, stream entries and Redis agree. A failure prints its seed: run again
+# proxy; on a Redis Cluster with replicas, masters failed over), with backend
+# API writes and erases (PROTOCOL.md 7) among the clients, then checks that
+# every edit confirmed as saved, and every API write answered 200, is in Redis
+# (read back at once and at the end), that no bystander paper was refused
+# `unavailable`, that an erased paper stays erased (no key but its marker, its
+# sessions closed with 4410, its joins answered 410), and that nodes, clients,
+# stream entries and Redis agree. A failure prints its seed: run again
 # with --seed to replay the same choices (timing still varies).
 #
 #   scripts/chaos.sh [--seed N] [--duration SECONDS] [--faults 0,2,5] [--redis single|cluster]
@@ -30,7 +33,7 @@ while (($#)); do
         --duration) duration="$2"; shift 2 ;;
         --faults) faults="$2"; shift 2 ;;
         --redis) redis="$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "chaos.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done

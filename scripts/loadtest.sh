@@ -6,7 +6,7 @@
 #   scripts/loadtest.sh compare              rollingpaper and the naive baseline
 #                                            (examples/baseline.rs) side by side
 #
-# Scenarios: classroom, hot-paper, fanout-max, idle, typing-writes, relay, reconnect, abuse, compare.
+# Scenarios: classroom, hot-paper, fanout-max, idle, typing-writes, relay, reconnect, abuse, api, compare.
 # Builds in release mode, starts its own redis-server (append-only, free port,
 # data in a temporary directory; for relay also a three-master Redis Cluster)
 # and a fresh server per scenario on a free port, pins the server (and Redis)
@@ -55,6 +55,11 @@ Scenarios (default: all but compare):
                  used_memory. Fails (exit 1, after the tables) unless Redis PING p99 < 50 ms,
                  saved p99 < 250 ms, and RSS and used_memory are flat over the second half
                  (the last quarter's max <= 1.10 x the third quarter's max + 16 MiB)
+  api            backend API writes against one node (PUT of notes, one connection per
+                 request, N writers back to back: 0, 1, 4, 16 and 64) while 20 papers x 10
+                 members edit the same papers over WebSocket (every member at 2 edits/s):
+                 API writes/s and their latency p50/p99/max beside the members'
+                 edit-to-saved p50/p99/max (rollingpaper-load api --help)
   compare        rollingpaper and the naive baseline (examples/baseline.rs) side by side
 
 Environment:
@@ -78,13 +83,13 @@ the generator directly: target/release/rollingpaper-load --help (--min-delivered
 USAGE
 }
 
-all=(classroom hot-paper fanout-max idle typing-writes relay reconnect abuse)
+all=(classroom hot-paper fanout-max idle typing-writes relay reconnect abuse api)
 case "${1:-}" in -h|--help|help) usage; exit 0 ;; esac
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${all[@]}")
 for s in "${scenarios[@]}"; do
     case "$s" in
-        classroom|hot-paper|fanout-max|idle|typing-writes|relay|reconnect|abuse|compare) ;;
+        classroom|hot-paper|fanout-max|idle|typing-writes|relay|reconnect|abuse|api|compare) ;;
         *) echo "loadtest.sh: unknown scenario $s (known: ${all[*]} compare; see --help)" >&2; exit 2 ;;
     esac
 done
@@ -626,6 +631,50 @@ compare() {
     done
 }
 
+# Backend API writes (PROTOCOL.md 7) against one node while members edit the
+# same papers: 20 papers x 10 members, every member sending an upsert of its
+# own note at 2 a second (400 edits/s), and 0, 1, 4, 16 then 64 API writers,
+# each sending its next PUT once the last is answered, on a connection of its
+# own (the server keeps none alive). One server for the five runs, each run on
+# papers of its own. The generator reports API writes per second and their
+# latency (connect to the whole answer), beside the members' edit-to-saved.
+api() {
+    local key writers name counts=(0 1 4 16 64)
+    [ "$quick" = 1 ] && counts=(0 4)
+    # A key for this run only, on loopback.
+    key="loadtest-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+    rollingpaper --api-key "$key"
+    for writers in "${counts[@]}"; do
+        name="api-$writers"
+        local args=(api --papers 20 --members 10 --senders 10 --rate 2 --note-bytes 200 --writers "$writers"
+            --warmup "$W" --duration "$D" --drain "$R")
+        echo "loadtest.sh: $name: rollingpaper-load ${args[*]}" | tee -a "$out/commands.txt"
+        LOAD_API_KEY="$key" "${pin_load[@]}" "$bin/rollingpaper-load" "${args[@]}" --target "$server_addr" \
+            --server-pid "$server_pid" --watch-pid "redis=$redis_pid" --json >"$out/$name.json" ||
+            echo "loadtest.sh: $name: the generator exited with status $? (see $out/$name.json)" >&2
+        jq -r --arg name "$name" '
+            def f(x; n): if x == null then "-" else (x * pow(10; n) | round / pow(10; n) | tostring) end;
+            [ $name, "\(.members_joined)/\(.papers * .members)", f(.edits.per_second; 0), "-", "-",
+              f(.edits.saved_ms.p50; 2), f(.edits.saved_ms.p99; 2), "-", f(.edits.saved_ms.max; 2),
+              f(.server.cpu_cores; 2), "-", f((.server.rss_kib // 0) / 1024; 1), "-", f(.tool_cpu_cores; 2),
+              "member edit-to-saved in the columns; \(.writers) API writers: \(f(.api.per_second; 0)) writes/s, p50 \(f(.api.latency_ms.p50; 2)) / p99 \(f(.api.latency_ms.p99; 2)) / max \(f(.api.latency_ms.max; 2)) ms" ] | @tsv' \
+            "$out/$name.json" >>"$rows"
+    done
+    stop_server
+    {
+        printf 'api (20 x 10 members at 2 edits/s)\tAPI writers\tAPI writes/s\tAPI p50 ms\tAPI p99 ms\tAPI max ms\tAPI not 200\tedits/s\tedit-to-saved p50 ms\tp99 ms\tmax ms\tunsaved\tserver cores\tRedis cores\tgenerator cores\n'
+        for writers in "${counts[@]}"; do
+            jq -r --arg name "api-$writers" '
+                def f(x; n): if x == null then "-" else (x * pow(10; n) | round / pow(10; n) | tostring) end;
+                [ $name, .writers, f(.api.per_second; 0), f(.api.latency_ms.p50; 2), f(.api.latency_ms.p99; 2),
+                  f(.api.latency_ms.max; 2), (.api.answered - .api.ok), f(.edits.per_second; 0),
+                  f(.edits.saved_ms.p50; 2), f(.edits.saved_ms.p99; 2), f(.edits.saved_ms.max; 2), .edits.unsaved,
+                  f(.server.cpu_cores; 2), f(.watched.redis.cpu_cores; 2), f(.tool_cpu_cores; 2) ] | @tsv' \
+                "$out/api-$writers.json"
+        done
+    } | column -t -s $'\t' | tee "$out/api.txt"
+}
+
 # Why the abuse scenario failed, if it did: reported after the tables, exit 1.
 abuse_failed=""
 
@@ -734,6 +783,7 @@ for s in "${scenarios[@]}"; do
         relay) relay ;;
         reconnect) reconnect ;;
         abuse) abuse ;;
+        api) api ;;
         compare) compare ;;
     esac
 done

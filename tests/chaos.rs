@@ -11,6 +11,12 @@
 //! one shard, and masters are failed over (`CLUSTER FAILOVER`, and `kill -9`
 //! of a master whose replica takes over before it comes back as a replica).
 //! Some runs give the nodes a tiny `--max-tombstones` or `--tombstone-retention`.
+//! Beside the clients, an API writer calls the backend API (PROTOCOL.md 7) of
+//! a node at random: `PUT`, `PATCH` and `DELETE` of notes of the same papers,
+//! each on a connection of its own, a write answered 503, 504 or nothing sent
+//! again until an answer settles it; and an eraser erases three more papers,
+//! each edited by two clients of its own, one after the other (a partition
+//! brings the next one forward: a node's backlog is replayed after it).
 //!
 //! What must hold:
 //! - each edit its sender saw `saved` is read back from Redis at once, by a
@@ -21,7 +27,14 @@
 //! - sealed papers equal their stream entry, and so does every `completed` a
 //!   client received and what every node serves for them;
 //! - every node and every connected client shows what Redis holds;
-//! - no bystander is refused `unavailable` (`check_bystanders`);
+//! - every API write answered `200 {"v":V}` is judged as a saved edit of
+//!   version V, at once and at the end;
+//! - no bystander is refused `unavailable` (an API write: 503)
+//!   (`check_bystanders`);
+//! - after an erase's `204`, Redis holds no key of the paper but its marker
+//!   (read every 50 ms, after every later fault and at the end), its
+//!   open sessions are closed with 4410, its joins are answered 410, and
+//!   nothing sent to it after the `204` is saved (`check_erases`);
 //! - Redis answers, every paper takes a fresh edit, and no node exits by itself.
 //!
 //! `RP_CHAOS_SEED` replays a run's random choices (timing still varies);
@@ -54,9 +67,38 @@ const PAPERS: usize = 6;
 const CLIENTS: usize = 8;
 /// The hostile client's papers, after the others (`chaos-hostile0`).
 const HOSTILE_PAPERS: usize = 1;
+/// The papers every final check reads (the papers to erase come after them).
 const ALL_PAPERS: usize = PAPERS + HOSTILE_PAPERS;
+/// Papers erased through the backend API during the run (`chaos-erase0`...),
+/// one after the other, so that the other checks keep their papers.
+const ERASE_PAPERS: usize = 3;
+/// Every paper, the ones to erase included.
+const EVERY_PAPER: usize = ALL_PAPERS + ERASE_PAPERS;
 /// The hostile client's index among clients (its edits' `client`).
 const HOSTILE: usize = CLIENTS;
+/// The first client of the papers to erase: two a paper, one on each node at first.
+const ERASE_CLIENT: usize = HOSTILE + HOSTILE_PAPERS;
+const ERASE_CLIENTS: usize = 2 * ERASE_PAPERS;
+/// The `client` of the API writer's writes.
+const API_CLIENT: usize = ERASE_CLIENT + ERASE_CLIENTS;
+/// The nodes' `--api-key` (at least 32 bytes).
+const API_KEY: &str = "chaos-checker-api-key-0123456789abcdef";
+/// The nodes' `--api-timeout`: short, so that Redis faults draw `504`s.
+const API_TIMEOUT_SECONDS: u64 = 2;
+/// How long the API writer waits for an answer (the API timeout and some).
+const API_WAIT: Duration = Duration::from_secs(API_TIMEOUT_SECONDS + 5);
+/// How long the API writer retries one write answered 503, 504 or nothing,
+/// and one erase.
+const API_RETRY_FOR: Duration = Duration::from_secs(30);
+/// The nodes' `--erase-retention`: longer than any run.
+const ERASE_RETENTION_SECONDS: u64 = 24 * 3600;
+/// After an erase's `204`: how long a session of the paper may stay open (its
+/// 4410 on its way), counted from the erase or from the end of a fault that
+/// could hold its node back.
+const ERASE_CLOSE: Duration = Duration::from_secs(10);
+/// After an erase's `204`: how long the node that did not erase may take to
+/// hear of it through the relay (and answer a join 410).
+const RELAY_LAG: Duration = Duration::from_secs(1);
 /// Note ids per paper: few, so that concurrent writes to one note happen.
 const POOL: u64 = 5;
 /// How many papers are sealed during a run (about one in three).
@@ -77,9 +119,16 @@ type Notes = BTreeMap<String, Value>;
 fn paper_name(p: usize) -> String {
     if p < PAPERS {
         format!("chaos{p}")
-    } else {
+    } else if p < ALL_PAPERS {
         format!("chaos-hostile{}", p - PAPERS)
+    } else {
+        format!("chaos-erase{}", p - ALL_PAPERS)
     }
+}
+
+/// Whether a paper is one of those erased during the run.
+fn is_erasable(p: usize) -> bool {
+    (ALL_PAPERS..EVERY_PAPER).contains(&p)
 }
 
 // ---- randomness ------------------------------------------------------------------
@@ -177,6 +226,11 @@ fn meta_key(paper: &str) -> String {
     format!("rp:paper:{{{paper}}}:meta")
 }
 
+/// Another key of a paper (PROTOCOL.md 4): `tombstones`, `members`, `revoked`, `erased`.
+fn paper_key(paper: &str, what: &str) -> String {
+    format!("rp:paper:{{{paper}}}:{what}")
+}
+
 const STREAM: &str = "rp:papers:completed";
 /// The channel of the nodes' heartbeats (their relay canary).
 const NODES_CHANNEL: &str = "rp:nodes";
@@ -228,11 +282,11 @@ impl Store {
                         master.and_then(|p| p.trim().parse().ok()).unwrap_or(node.port)
                     })
                     .collect();
-                let paper_shard: Vec<u16> = (0..ALL_PAPERS)
+                let paper_shard: Vec<u16> = (0..EVERY_PAPER)
                     .map(|p| cluster.nodes[cluster.master_of(&notes_key(&paper_name(p)))].port)
                     .collect();
                 let mut holds = vec![Vec::new(); cluster.nodes.len()];
-                for p in 0..ALL_PAPERS {
+                for p in 0..EVERY_PAPER {
                     holds[cluster.master_of(&notes_key(&paper_name(p)))].push(paper_name(p));
                 }
                 holds[cluster.master_of(STREAM)].push("the completion stream".into());
@@ -507,8 +561,10 @@ struct Node {
     child: Option<Child>,
     /// Its last log lines, for the report when a check fails.
     log: Arc<Mutex<VecDeque<String>>>,
-    /// Note writes it lost on purpose (a `fault-lose-writes` build), by its log.
+    /// Note writes it lost on purpose (a `fault-lose-writes` build), by its log,
+    /// and which: paper, note and version.
     lost_on_purpose: Arc<AtomicU64>,
+    lost_writes: Arc<Mutex<Vec<(String, String, u64)>>>,
     /// Its first `ERROR` lines (a paper's writes failed, ...), for the report.
     errors: Arc<Mutex<Vec<String>>>,
 }
@@ -524,6 +580,7 @@ impl Node {
             child: None,
             log: Default::default(),
             lost_on_purpose: Default::default(),
+            lost_writes: Default::default(),
             errors: Default::default(),
         };
         node.spawn();
@@ -557,6 +614,7 @@ impl Node {
         let stderr = child.stderr.take().unwrap();
         let log = self.log.clone();
         let lost = self.lost_on_purpose.clone();
+        let lost_writes = self.lost_writes.clone();
         let errors = self.errors.clone();
         let id = self.id;
         thread::spawn(move || {
@@ -567,8 +625,15 @@ impl Node {
                 if line.contains("listening on http://") {
                     let _ = tx.send(());
                 }
-                if line.contains("fault injection: lost ") {
+                if let Some((_, what)) = line.split_once("fault injection: lost ") {
                     lost.fetch_add(1, Ordering::Relaxed);
+                    // `{paper}/{id} v {v} ({n} ops)`
+                    let parsed = what.split_once('/').and_then(|(paper, rest)| {
+                        let (id, rest) = rest.split_once(" v ")?;
+                        let v = rest.split_whitespace().next()?.parse().ok()?;
+                        Some((paper.to_string(), id.to_string(), v))
+                    });
+                    lost_writes.lock().unwrap().extend(parsed);
                 }
                 if line.contains(" ERROR ") {
                     let mut errors = errors.lock().unwrap();
@@ -630,15 +695,49 @@ impl Drop for Node {
 
 /// A plain `GET` (the connection closes after the answer): status and body.
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_request(port, "GET", path, "", None, Duration::from_secs(5)).ok()
+}
+
+/// One HTTP/1.1 request on a connection of its own, closed after the answer
+/// (the server keeps no connection alive): status and body, or why there was
+/// none. Connecting takes 2 s at most, and the answer `wait`.
+fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: Option<&str>,
+    wait: Duration,
+) -> Result<(u16, String), String> {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect: {e}"))?;
+    stream.set_write_timeout(Some(wait)).map_err(|e| e.to_string())?;
+    let length = body.map_or(String::new(), |b| format!("Content-Length: {}\r\n", b.len()));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{headers}{length}\r\n{}",
+        body.unwrap_or_default()
+    );
+    stream.write_all(request.as_bytes()).map_err(|e| format!("send: {e}"))?;
+    let until = Instant::now() + wait;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no whole answer within {wait:?}"));
+        }
+        stream.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
     let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| format!("no answer head: {response:?}"))?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    let status = status.ok_or_else(|| format!("no status: {head:?}"))?;
     let length = head
         .lines()
         .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|n| n.trim().parse::<usize>()))
@@ -647,7 +746,18 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         Some(n) if n <= body.len() => body[..n].to_string(),
         _ => body.to_string(),
     };
-    Some((status, body))
+    Ok((status, body))
+}
+
+/// A call of the backend API (PROTOCOL.md 7) with the key, a JSON body if
+/// given: status and body, or why there was none (within `API_WAIT`).
+fn api_call(port: u16, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String), String> {
+    let json = if body.is_some() { "Content-Type: application/json\r\n" } else { "" };
+    let headers = format!("Authorization: Bearer {API_KEY}\r\n{json}");
+    let body = body.map(Value::to_string);
+    // A DELETE carries no body, but says so.
+    let body = body.as_deref().or((method != "GET").then_some(""));
+    http_request(port, method, path, &headers, body, API_WAIT)
 }
 
 /// The paper as a node serves it on `GET /papers/{paper}`: whether it is
@@ -697,9 +807,42 @@ struct Edit {
     refused_at: Option<Instant>,
 }
 
+/// A session of a client, from its snapshot to its end (for the erase checks).
+struct Span {
+    paper: usize,
+    node: usize,
+    conn: u64,
+    /// When it ended, the close code the server sent (if it sent one), and why.
+    ended: Option<(Instant, Option<u16>, String)>,
+}
+
+/// What a join got.
+#[derive(Debug, PartialEq, Eq)]
+enum JoinAnswer {
+    Snapshot,
+    /// `410 Gone`: the paper is erased (PROTOCOL.md 7).
+    Gone,
+    Refused(String),
+}
+
+/// One attempt to join a paper: when it was made and answered, and the answer.
+struct Join {
+    paper: usize,
+    node: usize,
+    at: Instant,
+    answered: Instant,
+    answer: JoinAnswer,
+}
+
+/// How `Session::open` says that a join was answered `410 Gone`.
+const GONE: &str = "HTTP 410";
+
 #[derive(Default)]
 struct ClientLog {
     edits: Vec<Edit>,
+    /// Every session it had, and every join it tried.
+    spans: Vec<Span>,
+    joins: Vec<Join>,
     /// Every frame received, in order, with a line per (re)connection.
     received: Vec<String>,
     /// Every `completed` received: its paper and its notes (`None`: it had none).
@@ -713,6 +856,8 @@ struct ClientLog {
     /// within `ACK_READ` (left to the final check).
     checked_at_ack: u64,
     unchecked_at_ack: u64,
+    /// Saved edits not read back because their paper was erased since.
+    erased_at_ack: u64,
 }
 
 impl ClientLog {
@@ -728,7 +873,9 @@ impl ClientLog {
             let Some(v) = edit.v else { continue };
             let paper = paper_name(edit.paper);
             match reader.note(&paper, &edit.id) {
-                Ok((raw, horizon)) => {
+                // Erased since (its marker is read after the note): nothing of it stays.
+                Ok((_, _, true)) => self.erased_at_ack += 1,
+                Ok((raw, horizon, false)) => {
                     self.checked_at_ack += 1;
                     if let Err(e) =
                         judge(edit.kind, &edit.id, &edit.data, v, NODE_IDS[edit.node], raw.as_deref(), horizon)
@@ -760,33 +907,41 @@ struct Reader {
     conn: Option<Box<dyn ConnectionLike + Send>>,
 }
 
+/// A connection of the checker's own to Redis.
+fn connect(target: &Target) -> redis::RedisResult<Box<dyn ConnectionLike + Send>> {
+    Ok(match target {
+        Target::Single(port) => Box::new(redis_conn(*port)?),
+        Target::Cluster(ports) => {
+            let urls: Vec<String> = ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect();
+            Box::new(
+                redis::cluster::ClusterClient::builder(urls)
+                    .connection_timeout(Duration::from_secs(1))
+                    .response_timeout(Duration::from_secs(2))
+                    .build()?
+                    .get_connection()?,
+            )
+        }
+    })
+}
+
 impl Reader {
     fn connect(&self) -> redis::RedisResult<Box<dyn ConnectionLike + Send>> {
-        Ok(match &self.target {
-            Target::Single(port) => Box::new(redis_conn(*port)?),
-            Target::Cluster(ports) => {
-                let urls: Vec<String> = ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect();
-                Box::new(
-                    redis::cluster::ClusterClient::builder(urls)
-                        .connection_timeout(Duration::from_secs(1))
-                        .response_timeout(Duration::from_secs(2))
-                        .build()?
-                        .get_connection()?,
-                )
-            }
-        })
+        connect(&self.target)
     }
 
-    /// A note's stored value (raw) and its paper's horizon, read in that order
-    /// (the horizon only rises: read after, it covers a tombstone dropped before).
-    fn note(&mut self, paper: &str, id: &str) -> Result<(Option<Vec<u8>>, u64), String> {
+    /// A note's stored value (raw), its paper's horizon, and whether the paper
+    /// is erased, read in that order (the horizon only rises: read after, it
+    /// covers a tombstone dropped before; an erase sets its marker as it deletes
+    /// the notes: read after, it covers a note erased before).
+    fn note(&mut self, paper: &str, id: &str) -> Result<(Option<Vec<u8>>, u64, bool), String> {
         let until = Instant::now() + ACK_READ;
         let mut last = String::new();
         for _ in 0..200 {
-            let read = |conn: &mut dyn ConnectionLike| -> redis::RedisResult<(Option<Vec<u8>>, u64)> {
+            let read = |conn: &mut dyn ConnectionLike| -> redis::RedisResult<(Option<Vec<u8>>, u64, bool)> {
                 let raw: Option<Vec<u8>> = redis::cmd("HGET").arg(notes_key(paper)).arg(id).query(conn)?;
                 let horizon: Option<String> = redis::cmd("HGET").arg(meta_key(paper)).arg("horizon").query(conn)?;
-                Ok((raw, horizon.and_then(|h| h.parse().ok()).unwrap_or(0)))
+                let erased: bool = redis::cmd("EXISTS").arg(paper_key(paper, "erased")).query(conn)?;
+                Ok((raw, horizon.and_then(|h| h.parse().ok()).unwrap_or(0), erased))
             };
             let result = match self.conn.as_mut() {
                 Some(conn) => read(&mut **conn),
@@ -814,6 +969,18 @@ impl Reader {
 
 /// An edit, for a violation's message.
 fn describe(edit: &Edit) -> String {
+    if edit.client == API_CLIENT {
+        return format!(
+            "API write {} ({:?} {}/{} v {:?}, answered {}, node {})",
+            edit.r,
+            edit.kind,
+            paper_name(edit.paper),
+            edit.id,
+            edit.v,
+            edit.error.as_deref().unwrap_or(if edit.saved.is_some() { "200" } else { "nothing" }),
+            NODE_IDS[edit.node],
+        );
+    }
     format!(
         "edit {} of client {} ({:?} {}/{} v {:?}, saved {:?}, node {}, connection {:x})",
         edit.r,
@@ -838,6 +1005,8 @@ struct Session {
     view: Notes,
     /// Edits sent on this connection and not resolved yet (indices into `edits`).
     pending: Vec<usize>,
+    /// The code of the close frame the server sent, once it did.
+    closed_with: Option<u16>,
 }
 
 fn would_block(e: &tungstenite::Error) -> bool {
@@ -854,7 +1023,12 @@ impl Session {
         stream.set_write_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         let url = format!("ws://127.0.0.1:{port}/ws/{}?user={user}", paper_name(paper));
-        let (mut ws, _) = tungstenite::client(url, stream).map_err(|e| e.to_string())?;
+        let (mut ws, _) = tungstenite::client(url, stream).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(tungstenite::Error::Http(answer)) => {
+                format!("HTTP {}", answer.status().as_u16())
+            }
+            e => e.to_string(),
+        })?;
         ws.get_ref().set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
         let until = Instant::now() + Duration::from_secs(20);
         let snapshot = loop {
@@ -875,7 +1049,7 @@ impl Session {
         let view = notes_of(&snapshot["notes"]).ok_or_else(|| format!("snapshot without notes: {snapshot}"))?;
         ws.get_ref().set_read_timeout(Some(Duration::from_millis(10))).map_err(|e| e.to_string())?;
         let you = snapshot["you"].as_str().unwrap_or_default().to_string();
-        Ok(Session { ws, paper, node, you, conn, view, pending: Vec::new() })
+        Ok(Session { ws, paper, node, you, conn, view, pending: Vec::new(), closed_with: None })
     }
 
     fn send(&mut self, msg: &Value) -> Result<(), String> {
@@ -898,7 +1072,10 @@ impl Session {
                         Err(e) => log.violations.push(format!("a frame that is not JSON ({e}): {text}")),
                     }
                 }
-                Ok(Message::Close(frame)) => return Err(format!("closed: {frame:?}")),
+                Ok(Message::Close(frame)) => {
+                    self.closed_with = Some(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
+                    return Err(format!("closed: {frame:?}"));
+                }
                 Ok(_) => {}
                 Err(e) if would_block(&e) => return Ok(()),
                 Err(e) => return Err(e.to_string()),
@@ -1034,8 +1211,11 @@ impl Session {
         Err("no pong within 5 s".into())
     }
 
-    /// The connection ended: what was not resolved stays unresolved.
-    fn lost(self, log: &mut ClientLog) {
+    /// The connection ended (`why`): what was not resolved stays unresolved.
+    fn lost(self, log: &mut ClientLog, why: &str) {
+        if let Some(span) = log.spans.iter_mut().rev().find(|s| s.conn == self.conn) {
+            span.ended = Some((Instant::now(), self.closed_with, why.to_string()));
+        }
         for i in self.pending {
             log.edits[i].lost = true;
         }
@@ -1082,6 +1262,10 @@ fn run_client(plan: ClientPlan, shared: Arc<Shared>) -> ClientEnd {
     let mut quiesce_until: Option<Instant> = None;
     let user = if plan.hostile.is_some() { "hostile".to_string() } else { format!("u{}", plan.index) };
     let mut hostile = HostileState::default();
+    // Once its paper is erased, the client asks to join it now and then (each
+    // node in turn), and is to be answered 410.
+    let mut gone_rounds = 0;
+    let mut next_join = Instant::now();
     loop {
         let stopping = shared.stop.load(Ordering::Relaxed);
         if stopping && quiesce_until.is_none() {
@@ -1091,23 +1275,44 @@ fn run_client(plan: ClientPlan, shared: Arc<Shared>) -> ClientEnd {
             if stopping {
                 break;
             }
+            let wait = next_join.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                thread::sleep(wait.min(Duration::from_millis(100)));
+                continue;
+            }
             let started = Instant::now();
             let mut attempt = 0;
-            while session.is_none() && started.elapsed() < RECONNECT && !shared.stop.load(Ordering::Relaxed) {
-                let node = (plan.home + attempt) % 2;
+            let mut gone = false;
+            while session.is_none() && !gone && started.elapsed() < RECONNECT && !shared.stop.load(Ordering::Relaxed) {
+                let node = (plan.home + attempt + gone_rounds) % 2;
                 serial += 1;
                 let conn = (plan.index as u64) << 32 | serial;
-                match Session::open(node, shared.ports[node], plan.paper, &user, conn) {
+                let at = Instant::now();
+                let answer = match Session::open(node, shared.ports[node], plan.paper, &user, conn) {
                     Ok(s) => {
                         log.received.push(format!("# connection {conn} to node {}", NODE_IDS[node]));
+                        log.spans.push(Span { paper: plan.paper, node, conn, ended: None });
                         session = Some(s);
+                        JoinAnswer::Snapshot
                     }
                     Err(e) => {
                         log.received.push(format!("# node {} refused: {e}", NODE_IDS[node]));
                         attempt += 1;
-                        thread::sleep(Duration::from_millis(100));
+                        gone = e == GONE;
+                        if gone {
+                            JoinAnswer::Gone
+                        } else {
+                            thread::sleep(Duration::from_millis(100));
+                            JoinAnswer::Refused(e)
+                        }
                     }
-                }
+                };
+                log.joins.push(Join { paper: plan.paper, node, at, answered: Instant::now(), answer });
+            }
+            if gone {
+                gone_rounds += 1;
+                next_join = Instant::now() + rng.between_ms(300, 1500);
+                continue;
             }
             log.connections += 1;
             if session.is_none() && !shared.stop.load(Ordering::Relaxed) {
@@ -1141,19 +1346,23 @@ fn run_client(plan: ClientPlan, shared: Arc<Shared>) -> ClientEnd {
                     acted
                 }
                 None => {
-                    next_action = Instant::now() + rng.between_ms(10, 60);
+                    // The clients of the papers to erase edit more slowly.
+                    let (lo, hi) = if is_erasable(plan.paper) { (40, 200) } else { (10, 60) };
+                    next_action = Instant::now() + rng.between_ms(lo, hi);
                     act(s, &plan, &shared.seals, &mut rng, &mut log, &mut seal_tries)
                 }
             };
             if let Err(e) = acted {
                 log.received.push(format!("# send failed: {e}"));
-                session.take().unwrap().lost(&mut log);
+                // A close frame the server sent before may still be there to read.
+                let _ = s.pump(&mut log);
+                session.take().unwrap().lost(&mut log, &format!("send failed: {e}"));
                 continue;
             }
         }
         if let Err(e) = s.pump(&mut log) {
             log.received.push(format!("# connection ended: {e}"));
-            session.take().unwrap().lost(&mut log);
+            session.take().unwrap().lost(&mut log, &e);
         }
     }
     ClientEnd { plan, log, session }
@@ -1363,6 +1572,336 @@ fn act_hostile(
     (s.send(&msg), now)
 }
 
+// ---- the backend API -----------------------------------------------------------------
+
+/// Writes the API writer makes at most (each also bounded in time).
+const API_WRITES: u64 = 100_000;
+/// Tries of one write or erase at most (and `API_RETRY_FOR`).
+const API_TRIES: usize = 50;
+
+/// The erases to come: each paper and when (a partition brings one forward).
+type ErasePlan = Vec<(usize, Instant)>;
+
+/// One erase of a paper through the backend API (PROTOCOL.md 7).
+struct Erase {
+    paper: usize,
+    /// When it was first asked, and each answer (a status, or why there was
+    /// none) with the node that gave it.
+    asked: Instant,
+    answers: Vec<String>,
+    /// When a `204` said it was done (or a `410` to a retry: an earlier try,
+    /// answered 504 or not at all, did it), and the node that said so.
+    done: Option<(Instant, usize)>,
+}
+
+/// What the API writer hands back.
+struct ApiEnd {
+    /// Its writes, as edits of `API_CLIENT`: a `200` sets `v` and `saved`, a
+    /// refusal `error` (its code), no answer `lost`.
+    log: ClientLog,
+    /// Answers by status (`no answer` when there was none), erases apart.
+    statuses: BTreeMap<String, u64>,
+    /// Writes sent again (after 503, 504 or no answer), and what the retries of
+    /// a write answered 504 or not at all finally got.
+    retries: u64,
+    after_uncertain: BTreeMap<String, u64>,
+}
+
+/// The answers a write may get besides `200` (PROTOCOL.md 7): status and code.
+fn expected_refusal(kind: Kind, status: u16, code: &str) -> bool {
+    match (status, code) {
+        // A note that does not exist (or is deleted) cannot be patched or deleted.
+        (404, "not_found") => kind != Kind::Upsert,
+        (409, "paper_completed" | "paper_full") | (410, "gone") | (500, "write_failed") => true,
+        (503, "unavailable") | (504, "timeout") => true,
+        _ => false,
+    }
+}
+
+/// The backend API's writer: PUT, PATCH and DELETE of notes on the papers the
+/// clients edit (and, one write in five, on the papers to erase), each sent to
+/// a node at random on a connection of its own; a write answered 503, 504 or
+/// nothing is sent again (to a node at random) until an answer says what
+/// became of it. A `200 {"v":V}` is a promise like `saved`: read back from
+/// Redis at once (`check_saved`), and again at the end (`check_acknowledged`).
+fn run_api(seed: u64, shared: Arc<Shared>) -> ApiEnd {
+    let mut rng = Rng::new(seed, 3);
+    let mut end = ApiEnd {
+        log: ClientLog::reading(&shared.target),
+        statuses: BTreeMap::new(),
+        retries: 0,
+        after_uncertain: BTreeMap::new(),
+    };
+    for n in 0..API_WRITES {
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        thread::sleep(rng.between_ms(5, 40));
+        api_write(n, &shared, &mut rng, &mut end);
+    }
+    end
+}
+
+/// Turns of the eraser at most (each `ERASER_TURN`, or an erase).
+const ERASER_TURNS: u64 = 1_000_000;
+const ERASER_TURN: Duration = Duration::from_millis(20);
+
+/// The eraser: each planned erase when due (a partition brings one forward),
+/// on a thread of its own so that no API write holds it back. Returns the
+/// violations it saw in the answers.
+fn run_eraser(
+    seed: u64,
+    plan: Arc<Mutex<ErasePlan>>,
+    shared: Arc<Shared>,
+    erases: Arc<Mutex<Vec<Erase>>>,
+) -> Vec<String> {
+    let mut rng = Rng::new(seed, 5);
+    let mut violations = Vec::new();
+    for _ in 0..ERASER_TURNS {
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let due = {
+            let mut plan = plan.lock().unwrap();
+            let now = Instant::now();
+            plan.iter().position(|(_, at)| now >= *at).map(|i| plan.remove(i).0)
+        };
+        match due {
+            Some(paper) => erase(paper, &shared, &mut rng, &erases, &mut violations),
+            None => thread::sleep(ERASER_TURN),
+        }
+    }
+    violations
+}
+
+/// One random write through the API, sent again while the answer leaves it open.
+fn api_write(n: u64, shared: &Shared, rng: &mut Rng, end: &mut ApiEnd) {
+    let paper = if rng.chance(20) {
+        ALL_PAPERS + rng.below(ERASE_PAPERS as u64) as usize
+    } else {
+        rng.below(PAPERS as u64) as usize
+    };
+    let (kind, id, data) = if rng.chance(3) {
+        // A note created once and never touched again: nothing can pass for it.
+        (Kind::Upsert, format!("once-api-{n}"), json!({"by": "api", "once": n}))
+    } else if rng.chance(25) {
+        (Kind::Patch, format!("n{}", rng.below(POOL)), json!({"x": rng.below(1000), "by_patch": "api"}))
+    } else if rng.chance(60) {
+        (Kind::Upsert, format!("n{}", rng.below(POOL)), json!({"by": "api", "n": n, "x": rng.below(1000)}))
+    } else {
+        (Kind::Delete, format!("n{}", rng.below(POOL)), Value::Null)
+    };
+    let (method, body) = match kind {
+        Kind::Upsert => ("PUT", Some(json!({"data": data, "author": "api"}))),
+        Kind::Patch => ("PATCH", Some(json!({"data": data}))),
+        _ => ("DELETE", None),
+    };
+    let path = format!("/api/papers/{}/notes/{id}", paper_name(paper));
+    let first = Instant::now();
+    // A 504 or no answer: the change may be written, or may not.
+    let mut uncertain = false;
+    for attempt in 0..API_TRIES {
+        let node = rng.below(2) as usize;
+        let i = end.log.edits.len();
+        let r = if attempt == 0 { format!("api-{n}") } else { format!("api-{n}-retry{attempt}") };
+        end.log.edits.push(Edit {
+            client: API_CLIENT,
+            r,
+            paper,
+            id: id.clone(),
+            kind,
+            data: data.clone(),
+            node,
+            conn: 0,
+            v: None,
+            saved: None,
+            error: None,
+            lost: false,
+            sent: Instant::now(),
+            refused_at: None,
+        });
+        let answer = api_call(shared.ports[node], method, &path, body.as_ref());
+        let status = answer.as_ref().map_or_else(|_| "no answer".to_string(), |(status, _)| status.to_string());
+        *end.statuses.entry(status.clone()).or_default() += 1;
+        let again = match answer {
+            Ok((200, text)) => {
+                match serde_json::from_str::<Value>(&text).ok().and_then(|b| version_of(&b["v"])) {
+                    Some(v) => {
+                        (end.log.edits[i].v, end.log.edits[i].saved) = (Some(v), Some(v));
+                        end.log.check_saved(&[i]);
+                    }
+                    None => {
+                        let what = describe(&end.log.edits[i]);
+                        end.log.violations.push(format!("{what} was answered 200 without a version: {text}"));
+                    }
+                }
+                false
+            }
+            Ok((status, text)) => {
+                let code =
+                    serde_json::from_str::<Value>(&text).ok().and_then(|b| Some(b["code"].as_str()?.to_string()));
+                let code = code.unwrap_or_else(|| format!("HTTP {status}"));
+                let edit = &mut end.log.edits[i];
+                (edit.error, edit.refused_at) = (Some(code.clone()), Some(Instant::now()));
+                if !expected_refusal(kind, status, &code) {
+                    let what = describe(edit);
+                    end.log.violations.push(format!("{what} was answered {status}: {text}"));
+                }
+                matches!(status, 503 | 504)
+            }
+            Err(e) => {
+                end.log.edits[i].lost = true;
+                end.log.received.push(format!("# api-{n} to node {}: {e}", NODE_IDS[node]));
+                true
+            }
+        };
+        let out_of_time = first.elapsed() >= API_RETRY_FOR;
+        if uncertain && (!again || out_of_time) {
+            let ended = if again { format!("still {status} after {:?}", first.elapsed()) } else { status.clone() };
+            *end.after_uncertain.entry(ended).or_default() += 1;
+        }
+        uncertain |= status == "504" || status == "no answer";
+        if !again || out_of_time {
+            break;
+        }
+        end.retries += 1;
+        thread::sleep(rng.between_ms(200, 1000));
+    }
+}
+
+/// Erases a paper through a node at random: tried again on 503, 504 or no
+/// answer (each try through a node at random) for `API_RETRY_FOR`.
+fn erase(paper: usize, shared: &Shared, rng: &mut Rng, erases: &Mutex<Vec<Erase>>, violations: &mut Vec<String>) {
+    let asked = Instant::now();
+    let index = {
+        let mut erases = erases.lock().unwrap();
+        erases.push(Erase { paper, asked, answers: Vec::new(), done: None });
+        erases.len() - 1
+    };
+    let path = format!("/api/papers/{}", paper_name(paper));
+    for attempt in 0..API_TRIES {
+        let node = rng.below(2) as usize;
+        let answer = api_call(shared.ports[node], "DELETE", &path, None);
+        let status = answer.as_ref().map_or_else(|e| format!("no answer ({e})"), |(status, _)| status.to_string());
+        let mut erases = erases.lock().unwrap();
+        let erase = &mut erases[index];
+        erase.answers.push(format!("{status} from node {}", NODE_IDS[node]));
+        let again = match &answer {
+            Ok((204, _)) => {
+                erase.done = Some((Instant::now(), node));
+                false
+            }
+            Ok((410, _)) if attempt > 0 => {
+                erase.done = Some((Instant::now(), node));
+                false
+            }
+            Ok((503 | 504, _)) | Err(_) => true,
+            Ok((status, text)) => {
+                let answers = &erase.answers;
+                let what = format!("the erase of {} was answered {status}: {text}", paper_name(paper));
+                violations.push(format!("{what} (its answers: {answers:?})"));
+                false
+            }
+        };
+        drop(erases);
+        if !again || asked.elapsed() >= API_RETRY_FOR {
+            break;
+        }
+        thread::sleep(rng.between_ms(200, 1000));
+    }
+}
+
+/// What Redis holds of an erased paper that it must not (PROTOCOL.md 7: its
+/// keys deleted, its marker set with a TTL of `--erase-retention`): each key
+/// still there (with what it holds), a missing marker or one without a TTL;
+/// each as what it is about (a key, or the marker) and a description.
+fn erase_leftovers(conn: &mut dyn ConnectionLike, paper: &str) -> redis::RedisResult<Vec<(String, String)>> {
+    let mut found = Vec::new();
+    let keys = [notes_key(paper), meta_key(paper), paper_key(paper, "tombstones"), paper_key(paper, "members")];
+    for key in keys.into_iter().chain([paper_key(paper, "revoked")]) {
+        let kind: String = redis::cmd("TYPE").arg(&key).query(conn)?;
+        let held: redis::Value = match kind.as_str() {
+            "none" => continue,
+            "hash" => redis::cmd("HGETALL").arg(&key).query(conn)?,
+            "zset" => redis::cmd("ZRANGE").arg(&key).arg(0).arg(-1).arg("WITHSCORES").query(conn)?,
+            _ => redis::Value::Nil,
+        };
+        let held: String = format!("{held:?}").chars().take(300).collect();
+        found.push((key.clone(), format!("{key} is there ({kind}: {held})")));
+    }
+    let ttl: i64 = redis::cmd("PTTL").arg(paper_key(paper, "erased")).query(conn)?;
+    let marker = match ttl {
+        -2 => "its erased marker is missing",
+        -1 => "its erased marker has no TTL",
+        _ => return Ok(found),
+    };
+    found.push(("marker".into(), marker.into()));
+    Ok(found)
+}
+
+/// How often the erase watcher reads the keys of the papers erased so far.
+const WATCH_EVERY: Duration = Duration::from_millis(50);
+
+/// What the erase watcher saw.
+#[derive(Default)]
+struct EraseWatch {
+    /// Papers read, and reads Redis did not answer.
+    reads: u64,
+    unreadable: u64,
+    violations: Vec<String>,
+}
+
+/// Reads the keys of the papers erased so far every `WATCH_EVERY` until `stop`
+/// (for `limit` at most), so that a key written again after an erase is seen
+/// even if it is deleted again soon after (say, a presence entry replayed by a
+/// node whose link to Redis came back, before the node heard of the erase):
+/// once per paper and key, with when it was first seen and how often.
+fn watch_erased(target: &Target, erases: &Mutex<Vec<Erase>>, stop: &AtomicBool, limit: Duration) -> EraseWatch {
+    let until = Instant::now() + limit;
+    let mut watch = EraseWatch::default();
+    // (paper, what) -> (times seen, the first sighting)
+    let mut seen: BTreeMap<(usize, String), (u64, String)> = BTreeMap::new();
+    let mut conn: Option<Box<dyn ConnectionLike + Send>> = None;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        thread::sleep(WATCH_EVERY);
+        let erased: Vec<(usize, Instant)> =
+            erases.lock().unwrap().iter().filter_map(|e| Some((e.paper, e.done?.0))).collect();
+        for (p, done) in erased {
+            if conn.is_none() {
+                conn = connect(target).ok();
+            }
+            let Some(c) = conn.as_mut() else {
+                watch.unreadable += 1;
+                continue;
+            };
+            match erase_leftovers(&mut **c, &paper_name(p)) {
+                Ok(found) => {
+                    watch.reads += 1;
+                    for (what, detail) in found {
+                        let first = || (0, format!("{detail}, first seen {:?} after the erase's 204", done.elapsed()));
+                        seen.entry((p, what)).or_insert_with(first).0 += 1;
+                    }
+                }
+                Err(_) => {
+                    watch.unreadable += 1;
+                    conn = None;
+                }
+            }
+        }
+    }
+    watch.violations = seen
+        .into_iter()
+        .map(|((p, _), (n, first))| format!("erased {}: {first} (in {n} reads, {WATCH_EVERY:?} apart)", paper_name(p)))
+        .collect();
+    watch
+}
+
+/// Whether Redis holds a paper's erased marker.
+fn erased_in_redis(store: &Store, paper: &str) -> bool {
+    let mut conn = store.conn().expect("Redis for the final checks");
+    redis::cmd("EXISTS").arg(paper_key(paper, "erased")).query(&mut *conn).unwrap()
+}
+
 // ---- faults --------------------------------------------------------------------------
 
 const FAULTS: [&str; 14] = [
@@ -1431,6 +1970,12 @@ struct FaultLog {
     /// goes on after `inject` returns (the hostile burst).
     scope: Scope,
     ends_at: Option<Instant>,
+    /// After each fault, the papers erased so far are read from Redis
+    /// (`erase_leftovers`): how many times, how many times Redis could not be
+    /// read, and what was found.
+    erase_checks: u64,
+    erase_unchecked: u64,
+    erase_violations: Vec<String>,
 }
 
 struct World {
@@ -1441,6 +1986,9 @@ struct World {
     proxies: Vec<Proxy>,
     /// When each sealed paper is sealed: a partition brings one forward.
     seals: Arc<Mutex<HashMap<usize, Instant>>>,
+    /// The erases made through the API so far, and those to come.
+    erases: Arc<Mutex<Vec<Erase>>>,
+    erase_plan: Arc<Mutex<ErasePlan>>,
 }
 
 /// Runs faults until `until`, one at a time; leaves everything running and
@@ -1455,6 +2003,9 @@ fn run_faults(world: &mut World, seed: u64, kinds: Vec<usize>, until: Instant, s
         windows: Vec::new(),
         scope: Scope::Everything,
         ends_at: None,
+        erase_checks: 0,
+        erase_unchecked: 0,
+        erase_violations: Vec::new(),
     };
     let mut round: Vec<usize> = Vec::new();
     let mut corrupt = 0;
@@ -1483,10 +2034,28 @@ fn run_faults(world: &mut World, seed: u64, kinds: Vec<usize>, until: Instant, s
         log.windows.push(Window { from, to, scope: log.scope });
         log.counts[kind] += 1;
         log.timeline.push(format!("{at} ms: {}{what} [{:?}]", FAULTS[kind], log.scope));
+        check_erased(world, &mut log, &format!("after the fault at {at} ms ({})", FAULTS[kind]));
     }
     world.store.settle();
     restart_crashed(world, &mut log, started);
     log
+}
+
+/// After a fault: Redis holds nothing of each paper erased so far but its
+/// marker (a paper whose Redis cannot be read now is left to the next check).
+fn check_erased(world: &World, log: &mut FaultLog, after: &str) {
+    let erased: Vec<usize> =
+        world.erases.lock().unwrap().iter().filter(|e| e.done.is_some()).map(|e| e.paper).collect();
+    for p in erased {
+        match world.store.conn().and_then(|mut conn| erase_leftovers(&mut *conn, &paper_name(p))) {
+            Ok(found) => {
+                log.erase_checks += 1;
+                let found = found.into_iter().map(|(_, f)| format!("erased {}: {f}, {after}", paper_name(p)));
+                log.erase_violations.extend(found);
+            }
+            Err(_) => log.erase_unchecked += 1,
+        }
+    }
 }
 
 /// A node that exited by itself is a finding; it is started again so that the
@@ -1627,7 +2196,8 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
             let what = match kind {
                 9 => {
                     proxy.set(Mode::Cut);
-                    format!(" (node {}) for {held:?}{}", NODE_IDS[k], seal_now(&world.seals))
+                    let (sealed, erased) = (seal_now(&world.seals), erase_now(&world.erase_plan));
+                    format!(" (node {}) for {held:?}{sealed}{erased}", NODE_IDS[k])
                 }
                 10 => {
                     let delay = rng.between_ms(20, 200);
@@ -1637,7 +2207,8 @@ fn inject(world: &mut World, kind: usize, rng: &mut Rng, log: &mut FaultLog, cor
                 _ => {
                     let direction = if rng.chance(50) { Direction::Up } else { Direction::Down };
                     proxy.set_direction(direction, Mode::BlackHole);
-                    format!(" (node {}, {direction:?}) for {held:?}{}", NODE_IDS[k], seal_now(&world.seals))
+                    let (sealed, erased) = (seal_now(&world.seals), erase_now(&world.erase_plan));
+                    format!(" (node {}, {direction:?}) for {held:?}{sealed}{erased}", NODE_IDS[k])
                 }
             };
             thread::sleep(held);
@@ -1686,6 +2257,20 @@ fn seal_now(seals: &Mutex<HashMap<usize, Instant>>) -> String {
         Some((p, at)) => {
             *at = now;
             format!(", {} sealed meanwhile", paper_name(*p))
+        }
+        None => String::new(),
+    }
+}
+
+/// Brings the next planned erase forward to now (an erase while a node is cut
+/// from Redis: its backlog is replayed after the erase), if one is still to come.
+fn erase_now(plan: &Mutex<ErasePlan>) -> String {
+    let now = Instant::now();
+    let mut plan = plan.lock().unwrap();
+    match plan.iter_mut().filter(|(_, at)| *at > now).min_by_key(|(_, at)| *at) {
+        Some((p, at)) => {
+            *at = now;
+            format!(", {} erased meanwhile", paper_name(*p))
         }
         None => String::new(),
     }
@@ -1759,8 +2344,16 @@ fn lose_one_in_from_env() -> Option<u64> {
 /// What a run found.
 struct Verdict {
     violations: Vec<String>,
-    /// Of them, those found by reading an edit back right after its `saved`.
+    /// Of them, those found by reading an edit back right after its `saved`,
+    /// and of those, API writes read back right after their `200`.
     at_ack: usize,
+    api_at_ack: usize,
+    /// API writes answered 200 whose write the nodes lost on purpose (by their
+    /// log): the write's ref, whether its note is a once-only one (which no
+    /// later write can stand for) of a paper never erased, and whether a
+    /// violation names it.
+    #[cfg_attr(not(feature = "fault-lose-writes"), allow(dead_code))]
+    lost_api: Vec<(String, bool, bool)>,
     seed: u64,
     kind: String,
     replay: String,
@@ -1769,12 +2362,12 @@ struct Verdict {
 #[test]
 fn acknowledged_edits_survive_faults() {
     let verdict = run_chaos(seconds_from_env(), lose_one_in_from_env());
-    let Verdict { violations, at_ack, seed, kind, replay } = verdict;
+    let Verdict { violations, at_ack, api_at_ack, seed, kind, replay, .. } = verdict;
     if !violations.is_empty() {
         let first: Vec<&String> = violations.iter().take(20).collect();
         panic!(
-            "chaos (seed {seed}, Redis {kind}; replay with {replay}): {} violations ({at_ack} at an edit's saved), \
-             the first:\n  {}",
+            "chaos (seed {seed}, Redis {kind}; replay with {replay}): {} violations ({at_ack} at an edit's saved, \
+             {api_at_ack} of them API writes at their 200), the first:\n  {}",
             violations.len(),
             first.iter().map(|v| v.as_str()).collect::<Vec<_>>().join("\n  ")
         );
@@ -1790,11 +2383,23 @@ fn the_checker_catches_lost_writes() {
     let seconds = std::env::var("RP_CHAOS_SECONDS").map_or(20, |s| s.trim().parse().expect("RP_CHAOS_SECONDS"));
     let verdict = run_chaos(seconds, Some(lose_one_in_from_env().unwrap_or(100)));
     eprintln!(
-        "chaos: the checker saw {} violations of a server that loses writes, {} at an edit's saved",
+        "chaos: the checker saw {} violations of a server that loses writes, {} at an edit's saved \
+         ({} of them API writes at their 200)",
         verdict.violations.len(),
-        verdict.at_ack
+        verdict.at_ack,
+        verdict.api_at_ack
     );
     assert!(verdict.at_ack > 0, "no lost write caught at its saved (seed {}, {})", verdict.seed, verdict.replay);
+    // The API writes through the same writer: its lost writes are caught at their 200.
+    let api: Vec<&String> = verdict.violations.iter().filter(|v| v.starts_with("API write")).take(5).collect();
+    eprintln!(
+        "chaos: the first violations of API writes:\n  {}",
+        api.iter().map(|v| v.as_str()).collect::<Vec<_>>().join("\n  ")
+    );
+    // A lost once-only note cannot be stood for by a later write: each is caught.
+    for (r, once, caught) in &verdict.lost_api {
+        assert!(*caught || !once, "the lost API write {r} of a once-only note was not caught ({})", verdict.replay);
+    }
 }
 
 /// One run: nodes, clients and faults for `seconds`, then every check; prints
@@ -1830,6 +2435,10 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
         args.extend(["--redis-wait-replicas".to_string(), "1".to_string()]);
     }
     eprintln!("chaos: nodes started with {args:?}");
+    // The backend API (PROTOCOL.md 7), its erases kept longer than any run.
+    args.extend(["--api-key", API_KEY].map(String::from));
+    args.extend(["--api-timeout".into(), API_TIMEOUT_SECONDS.to_string()]);
+    args.extend(["--erase-retention".into(), ERASE_RETENTION_SECONDS.to_string()]);
     // On one Redis each node reaches it through a fault proxy of its own.
     let proxies: Vec<Proxy> = match &store {
         Store::Single(redis) => (0..2).map(|_| Proxy::start(redis.port)).collect(),
@@ -1850,7 +2459,17 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
     }
     let hostile = Arc::new(HostileSwitch::default());
     let seals: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
-    let mut world = World { store, nodes, hostile: hostile.clone(), proxies, seals: seals.clone() };
+    let erases: Arc<Mutex<Vec<Erase>>> = Arc::default();
+    let erase_plan: Arc<Mutex<ErasePlan>> = Arc::default();
+    let mut world = World {
+        store,
+        nodes,
+        hostile: hostile.clone(),
+        proxies,
+        seals: seals.clone(),
+        erases: erases.clone(),
+        erase_plan: erase_plan.clone(),
+    };
 
     // Which papers are sealed, and when.
     let mut rng = Rng::new(seed, 0);
@@ -1860,6 +2479,14 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
         let at = Duration::from_millis(seconds * 1000 * (30 + rng.below(60)) / 100);
         sealers.entry(rng.below(PAPERS as u64) as usize).or_insert(Instant::now() + at);
     }
+    // The papers to erase, one after the other, over the middle of the run.
+    let mut rng = Rng::new(seed, 4);
+    *erase_plan.lock().unwrap() = (0..ERASE_PAPERS)
+        .map(|i| {
+            let percent = 15 + 60 * i as u64 / ERASE_PAPERS as u64 + rng.below(10);
+            (ALL_PAPERS + i, Instant::now() + Duration::from_millis(seconds * 10 * percent))
+        })
+        .collect();
     let target = world.store.target();
     *seals.lock().unwrap() = sealers.clone();
     let shared = Arc::new(Shared { ports, stop: AtomicBool::new(false), target: target.clone(), seals });
@@ -1884,7 +2511,28 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
             let shared = shared.clone();
             thread::spawn(move || run_client(plan, shared))
         }))
+        .chain((0..ERASE_CLIENTS).map(|i| {
+            let paper = ALL_PAPERS + i / 2;
+            let plan = ClientPlan { index: ERASE_CLIENT + i, paper, home: i % 2, seed, sealer: false, hostile: None };
+            let shared = shared.clone();
+            thread::spawn(move || run_client(plan, shared))
+        }))
         .collect();
+    let api = {
+        let shared = shared.clone();
+        thread::spawn(move || run_api(seed, shared))
+    };
+    let eraser = {
+        let (shared, erases) = (shared.clone(), erases.clone());
+        thread::spawn(move || run_eraser(seed, erase_plan, shared, erases))
+    };
+    // Watches the erased papers' keys until the final checks.
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (target, erases, watch_stop) = (target.clone(), erases.clone(), watch_stop.clone());
+        let limit = Duration::from_secs(seconds) + QUIESCE + Duration::from_secs(120);
+        thread::spawn(move || watch_erased(&target, &erases, &watch_stop, limit))
+    };
 
     let faults = run_faults(&mut world, seed, kinds, faults_end, started);
     let calm = Instant::now();
@@ -1910,6 +2558,12 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
     }
 
     let mut ends: Vec<ClientEnd> = clients.into_iter().map(|c| c.join().expect("a client thread panicked")).collect();
+    let api = api.join().expect("the API writer panicked");
+    violations.extend(eraser.join().expect("the eraser panicked"));
+    let stopped = Instant::now();
+    watch_stop.store(true, Ordering::Relaxed);
+    let watch = watcher.join().expect("the erase watcher panicked");
+    violations.extend(watch.violations.iter().cloned());
 
     // Redis answers every client again soon after the last fault: no client's
     // traffic may keep it busy for the others (PROTOCOL.md 4, 1.2). If it does
@@ -1927,8 +2581,18 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
     if redis_ok {
         loop {
             let mut differ = Vec::new();
-            for p in 0..ALL_PAPERS {
+            for p in 0..EVERY_PAPER {
                 let paper = paper_name(p);
+                // An erased paper answers 410 (PROTOCOL.md 7), on every node.
+                if is_erasable(p) && erased_in_redis(&world.store, &paper) {
+                    for (k, port) in ports.iter().enumerate() {
+                        match http_get(*port, &format!("/papers/{paper}")) {
+                            Some((410, _)) => {}
+                            other => differ.push(format!("node {} answers {other:?} for erased {paper}", NODE_IDS[k])),
+                        }
+                    }
+                    continue;
+                }
                 let stored = live_in_redis(&world.store, &paper);
                 // A sealed paper's hash is its stream entry (check_sealed): a node
                 // serving the hash and the seal serves the paper exactly as sealed.
@@ -1961,6 +2625,10 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
             return;
         }
         let paper = paper_name(session.paper);
+        // A session of an erased paper is judged by check_erases.
+        if is_erasable(session.paper) && erased_in_redis(&world.store, &paper) {
+            return;
+        }
         loop {
             if let Err(e) = session.settle(log) {
                 log.received.push(format!("# lost at the end: {e}"));
@@ -2007,25 +2675,38 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
         }
     }
 
-    let logs: Vec<&ClientLog> = ends.iter().map(|e| &e.log).chain(probe_logs.iter()).collect();
+    let logs: Vec<&ClientLog> = ends.iter().map(|e| &e.log).chain(probe_logs.iter()).chain([&api.log]).collect();
     for log in &logs {
         violations.extend(log.violations.iter().cloned());
     }
+    violations.extend(faults.erase_violations.iter().cloned());
     let edits: Vec<&Edit> = logs.iter().flat_map(|l| l.edits.iter()).collect();
+    let erases = std::mem::take(&mut *erases.lock().unwrap());
+    // An erase is a fault of its paper while it is under way.
+    let mut windows = faults.windows;
+    windows.extend(erases.iter().map(|e| Window {
+        from: e.asked,
+        to: e.done.map_or(stopped, |(done, _)| done),
+        scope: Scope::Paper(e.paper),
+    }));
     let mut repeated = 0;
-    let (bystanders, unavailable) = check_bystanders(&world.store, &edits, &faults.windows, started);
+    let mut erased = EraseTally::default();
+    let (bystanders, unavailable) = check_bystanders(&world.store, &edits, &windows, started);
     violations.extend(bystanders);
     if redis_ok {
         violations.extend(check_acknowledged(&world.store, &edits));
         let (sealed_violations, again) = check_sealed(&world.store, &logs);
         violations.extend(sealed_violations);
         repeated = again;
+        let (erase_violations, tally) = check_erases(&world.store, &erases, &logs, &windows, stopped);
+        violations.extend(erase_violations);
+        erased = tally;
     }
 
     // The report.
-    let count = |f: &dyn Fn(&Edit) -> bool| edits.iter().filter(|e| f(e)).count();
+    let count = |f: &dyn Fn(&Edit) -> bool| edits.iter().filter(|e| e.client != API_CLIENT && f(e)).count();
     let mut refused: BTreeMap<&str, usize> = BTreeMap::new();
-    for e in &edits {
+    for e in edits.iter().filter(|e| e.client != API_CLIENT) {
         if let Some(code) = &e.error {
             *refused.entry(code.as_str()).or_default() += 1;
         }
@@ -2034,7 +2715,7 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
     eprintln!(
         "chaos: edits sent {} (upserts {}, deletes {}, patches {}, completes {}); saved {}; refused {refused:?}; \
          unresolved at a lost connection {}",
-        edits.len(),
+        count(&|_| true),
         count(&|e| e.kind == Kind::Upsert),
         count(&|e| e.kind == Kind::Delete),
         count(&|e| e.kind == Kind::Patch),
@@ -2077,9 +2758,75 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
         "chaos: refused unavailable {}, of them with no fault on their paper, node or shard (bystanders) {}",
         unavailable.0, unavailable.1
     );
+    let writes = &api.log.edits;
+    let by_api = |f: &dyn Fn(&Edit) -> bool| writes.iter().filter(|e| f(e)).count();
+    eprintln!(
+        "chaos: API writes {} (PUT {}, PATCH {}, DELETE {}; tries after a 503, 504 or no answer {}); answered 200 {} \
+         (read back at once {}, their paper erased before that {}; once-only notes {}); answers {:?}; the writes \
+         answered 504 or nothing, tried again until answered: {:?}",
+        by_api(&|_| true),
+        by_api(&|e| e.kind == Kind::Upsert),
+        by_api(&|e| e.kind == Kind::Patch),
+        by_api(&|e| e.kind == Kind::Delete),
+        api.retries,
+        by_api(&|e| e.saved.is_some()),
+        api.log.checked_at_ack,
+        api.log.erased_at_ack,
+        by_api(&|e| e.id.starts_with("once-") && e.saved.is_some()),
+        api.statuses,
+        api.after_uncertain,
+    );
+    let asked_at = |e: &Erase| e.asked.duration_since(started).as_millis();
+    let erase_lines: Vec<String> = erases
+        .iter()
+        .map(|e| format!("{} asked at {} ms: {}", paper_name(e.paper), asked_at(e), e.answers.join(", ")))
+        .collect();
+    eprintln!(
+        "chaos: erases {} of {ERASE_PAPERS} done ({}); sessions closed with 4410 {}, ended by a fault {}; joins after \
+         an erase answered 410 {}, excused {:?}; edits and API writes sent after an erase \
+         {} (the API's answers {:?}); erased papers read back after the faults {} times (Redis unreadable {}), and every {WATCH_EVERY:?} {} times \
+         (unreadable {})",
+        erases.iter().filter(|e| e.done.is_some()).count(),
+        erase_lines.join("; "),
+        erased.closed_4410,
+        erased.ended_by_a_fault,
+        erased.joins_gone,
+        erased.joins_excused,
+        erased.sent_after,
+        erased.api_after,
+        faults.erase_checks,
+        faults.erase_unchecked,
+        watch.reads,
+        watch.unreadable,
+    );
+    if !erased.snapshots.is_empty() {
+        eprintln!(
+            "chaos: joins of an erased paper given a snapshot during a fault:\n  {}",
+            erased.snapshots.join("\n  ")
+        );
+    }
+    let api_at_ack = violations.iter().filter(|v| v.starts_with("API write") && v.contains(" at its saved: ")).count();
+    let mut lost_api = Vec::new();
     if lose_one_in.is_some() {
         let lost: u64 = world.nodes.iter().map(|n| n.lost_on_purpose.load(Ordering::Relaxed)).sum();
         eprintln!("chaos: note writes the nodes lost on purpose and reported applied: {lost}");
+        // Which of them were API writes answered 200 (by paper, note and version), and whether each was caught.
+        let lost: Vec<(String, String, u64)> =
+            world.nodes.iter().flat_map(|n| n.lost_writes.lock().unwrap().clone()).collect();
+        let lost_by_api: Vec<&Edit> = writes
+            .iter()
+            .filter(|e| e.saved.is_some())
+            .filter(|e| lost.iter().any(|(p, id, v)| *p == paper_name(e.paper) && *id == e.id && Some(*v) == e.v))
+            .collect();
+        let named = |e: &Edit| violations.iter().any(|v| v.starts_with(&format!("API write {} (", e.r)));
+        let caught = lost_by_api.iter().filter(|e| named(e)).count();
+        eprintln!(
+            "chaos: of them API writes answered 200: {} ({caught} caught; API violations at their 200: {api_at_ack})",
+            lost_by_api.len()
+        );
+        // (On a paper erased since, nothing is left to read back.)
+        let once = |e: &Edit| e.id.starts_with("once-") && !is_erasable(e.paper);
+        lost_api = lost_by_api.iter().map(|e| (e.r.clone(), once(e), named(e))).collect();
     }
     eprintln!("chaos: violations {} ({at_ack} found at an edit's saved)", violations.len());
     eprintln!("chaos: fault timeline:\n  {}", faults.timeline.join("\n  "));
@@ -2094,7 +2841,7 @@ fn run_chaos(seconds: u64, lose_one_in: Option<u64>) -> Verdict {
             eprintln!("chaos: node {} log tail:\n  {}", node.id, node.log_tail(20).join("\n  "));
         }
     }
-    Verdict { violations, at_ack, seed, kind, replay }
+    Verdict { violations, at_ack, api_at_ack, lost_api, seed, kind, replay }
 }
 
 /// A fresh session on a paper upserts a note and sees it saved (or is told the
@@ -2117,8 +2864,8 @@ fn fresh_edit(
             Ok(mut session) => match probe(&mut session, &mut log, until) {
                 Ok(()) => return Ok((session, log)),
                 Err(e) => {
+                    session.lost(&mut log, &e);
                     last = e;
-                    session.lost(&mut log);
                 }
             },
             Err(e) => last = e,
@@ -2172,19 +2919,24 @@ fn probe(session: &mut Session, log: &mut ClientLog, until: Instant) -> Result<(
     Err(last)
 }
 
-/// Every edit its sender saw `saved` (and not refused), judged again against
-/// what Redis holds once the nodes have stopped (`judge`).
+/// Every edit its sender saw `saved` (and not refused), and every API write
+/// answered 200, judged again against what Redis holds once the nodes have
+/// stopped (`judge`); those of an erased paper are gone with it (`check_erases`).
 fn check_acknowledged(store: &Store, edits: &[&Edit]) -> Vec<String> {
     let mut violations = Vec::new();
     let mut stored: HashMap<usize, HashMap<String, Vec<u8>>> = HashMap::new();
     let mut horizons: HashMap<usize, u64> = HashMap::new();
-    for p in 0..ALL_PAPERS {
+    for p in 0..EVERY_PAPER {
+        if is_erasable(p) && erased_in_redis(store, &paper_name(p)) {
+            continue;
+        }
         stored.insert(p, stored_raw(store, &paper_name(p)).into_iter().collect());
         horizons.insert(p, horizon_in_redis(store, &paper_name(p)));
     }
     for edit in edits {
         let (Some(v), Some(_), None) = (edit.v, edit.saved, &edit.error) else { continue };
-        let raw = stored[&edit.paper].get(&edit.id).map(Vec::as_slice);
+        let Some(held) = stored.get(&edit.paper) else { continue };
+        let raw = held.get(&edit.id).map(Vec::as_slice);
         if let Err(e) = judge(edit.kind, &edit.id, &edit.data, v, NODE_IDS[edit.node], raw, horizons[&edit.paper]) {
             violations.push(format!("{} at the end: {e}", describe(edit)));
         }
@@ -2211,23 +2963,17 @@ fn check_bystanders(
     let mut refused = 0;
     let mut excuses: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     for edit in edits {
-        // `write_failed` is only reported (what excused it), never judged here.
-        let (Some(code @ ("unavailable" | "write_failed")), Some(at)) = (edit.error.as_deref(), edit.refused_at) else {
+        // `write_failed`, and an API write's `timeout` (504: Redis was slow, not
+        // a refusal), are only reported (what excused them), never judged here;
+        // an API write's 503 is `unavailable`.
+        let (Some(code @ ("unavailable" | "timeout" | "write_failed")), Some(at)) =
+            (edit.error.as_deref(), edit.refused_at)
+        else {
             continue;
         };
         let judged = code == "unavailable";
         refused += usize::from(judged);
-        let holds = |scope: Scope| match scope {
-            Scope::Everything => true,
-            Scope::Node(k) => k == edit.node,
-            Scope::Paper(p) => p == edit.paper,
-            Scope::Shard(shard) => shard == store.shard_of_paper(edit.paper),
-        };
-        let excused: Vec<Scope> = windows
-            .iter()
-            .filter(|w| w.from <= at && edit.sent <= w.to + GRACE && holds(w.scope))
-            .map(|w| w.scope)
-            .collect();
+        let excused = faults_over(store, windows, edit.node, edit.paper, edit.sent, at);
         // What excused it, for the report: one Redis's fault excuses every paper,
         // so that on one Redis few refusals are left to judge.
         let by = match excused.iter().find(|s| **s != Scope::Everything) {
@@ -2240,14 +2986,14 @@ fn check_bystanders(
         *excuses.entry((code, by)).or_default() += 1;
         if !judged {
             eprintln!(
-                "chaos: write_failed: {} {} ms into the run, during {excused:?}",
+                "chaos: {code}: {} {} ms into the run, during {excused:?}",
                 describe(edit),
                 at.duration_since(started).as_millis()
             );
         }
         if judged && excused.is_empty() {
             violations.push(format!(
-                "{} was refused unavailable {} ms into the run, {:?} after it was sent, with no fault on its paper, \
+                "{} was refused {code} {} ms into the run, {:?} after it was sent, with no fault on its paper, \
                  its node or its shard (a bystander)",
                 describe(edit),
                 at.duration_since(started).as_millis(),
@@ -2258,6 +3004,179 @@ fn check_bystanders(
     let bystanders = violations.len();
     eprintln!("chaos: refused (code, during a fault of): {excuses:?}");
     (violations, (refused, bystanders))
+}
+
+/// The scopes of the faults that could hold up, between `from` and `to`, what
+/// goes through `node` for `paper`: one Redis's (`Scope::Everything`), or one
+/// of that paper, node, or the paper's shard, each counted from its start to
+/// `GRACE` after its end.
+fn faults_over(store: &Store, windows: &[Window], node: usize, paper: usize, from: Instant, to: Instant) -> Vec<Scope> {
+    windows_over(store, windows, node, paper, from, to).map(|w| w.scope).collect()
+}
+
+/// The faults of `faults_over` themselves.
+fn windows_over<'a>(
+    store: &'a Store,
+    windows: &'a [Window],
+    node: usize,
+    paper: usize,
+    from: Instant,
+    to: Instant,
+) -> impl Iterator<Item = &'a Window> + 'a {
+    let holds = move |scope: Scope| match scope {
+        Scope::Everything => true,
+        Scope::Node(k) => k == node,
+        Scope::Paper(p) => p == paper,
+        Scope::Shard(shard) => shard == store.shard_of_paper(paper),
+    };
+    windows.iter().filter(move |w| w.from <= to && from <= w.to + GRACE && holds(w.scope))
+}
+
+/// What the erases came to, for the report.
+#[derive(Default, Debug)]
+struct EraseTally {
+    /// Sessions of an erased paper closed with 4410, and ended by a fault.
+    closed_4410: usize,
+    ended_by_a_fault: usize,
+    /// Joins made after an erase's 204: answered 410, and the others (excused
+    /// by a fault or by the relay's lag), by what they got and why excused.
+    joins_gone: usize,
+    joins_excused: BTreeMap<String, usize>,
+    /// Each excused join that got a snapshot: what and when, and the faults.
+    snapshots: Vec<String>,
+    /// Edits and API writes sent after an erase's 204, none of them to be saved.
+    sent_after: usize,
+    /// What the API writes sent after an erase's 204 got.
+    api_after: BTreeMap<String, usize>,
+}
+
+/// What an erase promises (PROTOCOL.md 7), for each paper erased during the
+/// run, once the nodes have stopped:
+/// - Redis holds no key of the paper but its marker, which has a TTL
+///   (`erase_leftovers`; also read after each fault, `check_erased`);
+/// - no edit or API write sent after the erase's `204` is saved (one saved
+///   before the erase landed is fine; one sent before and saved after may have
+///   landed before: Redis's keys say whether anything landed after);
+/// - every session of the paper open when the erase was asked is closed with
+///   4410 within `ERASE_CLOSE` of the `204` (or of the end of a fault that
+///   could hold its node back), unless a fault of its node or Redis ended it;
+/// - every join of the paper made after the `204` is answered 410, with no
+///   upgrade, unless a fault could hold its node back or the node that did not
+///   erase it may not have heard of it yet (`RELAY_LAG`);
+/// - nothing (a join, an API write) is answered 410 before an erase of its
+///   paper was asked.
+fn check_erases(
+    store: &Store,
+    erases: &[Erase],
+    logs: &[&ClientLog],
+    windows: &[Window],
+    stopped: Instant,
+) -> (Vec<String>, EraseTally) {
+    let mut violations = Vec::new();
+    let mut tally = EraseTally::default();
+    let asked = |paper: usize, at: Instant| erases.iter().any(|e| e.paper == paper && e.asked <= at);
+    for log in logs {
+        for join in log.joins.iter().filter(|j| j.answer == JoinAnswer::Gone && !asked(j.paper, j.answered)) {
+            violations.push(format!(
+                "a join of {} on node {} was answered 410 before any erase of it was asked",
+                paper_name(join.paper),
+                NODE_IDS[join.node]
+            ));
+        }
+        for edit in &log.edits {
+            if let (Some("gone"), Some(at)) = (edit.error.as_deref(), edit.refused_at) {
+                if !asked(edit.paper, at) {
+                    violations
+                        .push(format!("{} was refused gone before any erase of its paper was asked", describe(edit)));
+                }
+            }
+        }
+    }
+    for erase in erases {
+        let (p, paper) = (erase.paper, paper_name(erase.paper));
+        let Some((done, by)) = erase.done else {
+            violations.push(format!("the erase of {paper} was not done within {API_RETRY_FOR:?}: {:?}", erase.answers));
+            continue;
+        };
+        match store.conn().and_then(|mut conn| erase_leftovers(&mut *conn, &paper)) {
+            Ok(found) => violations.extend(found.into_iter().map(|(_, f)| format!("erased {paper}: {f}, at the end"))),
+            Err(e) => violations.push(format!("erased {paper}: Redis could not be read at the end ({e})")),
+        }
+        for edit in logs.iter().flat_map(|l| l.edits.iter()).filter(|e| e.paper == p && e.sent > done) {
+            tally.sent_after += 1;
+            if edit.client == API_CLIENT {
+                let answer =
+                    edit.error.clone().unwrap_or_else(|| (if edit.saved.is_some() { "200" } else { "nothing" }).into());
+                *tally.api_after.entry(answer).or_default() += 1;
+            }
+            if edit.saved.is_some() {
+                violations.push(format!(
+                    "{} was saved though sent {:?} after the erase of its paper was answered 204",
+                    describe(edit),
+                    edit.sent.duration_since(done)
+                ));
+            }
+        }
+        for span in logs.iter().flat_map(|l| l.spans.iter()).filter(|s| s.paper == p) {
+            if span.ended.as_ref().is_some_and(|(at, _, _)| *at < erase.asked) {
+                continue;
+            }
+            let (at, code, why) = match &span.ended {
+                Some((at, code, why)) => (*at, *code, why.as_str()),
+                None => (stopped, None, "nothing: still open when the clients stopped"),
+            };
+            let held_back: Vec<&Window> = windows_over(store, windows, span.node, p, erase.asked, at).collect();
+            let deadline = held_back.iter().map(|w| w.to + GRACE).fold(done, Instant::max) + ERASE_CLOSE;
+            let session = format!("the session {:x} of {paper} on node {}", span.conn, NODE_IDS[span.node]);
+            let after = at.saturating_duration_since(done);
+            if code == Some(4410) {
+                tally.closed_4410 += 1;
+                if at > deadline {
+                    violations.push(format!("{session} was closed with 4410 only {after:?} after the erase's 204"));
+                }
+            } else if span.ended.is_some() && !held_back.is_empty() {
+                tally.ended_by_a_fault += 1;
+            } else {
+                violations.push(format!(
+                    "{session} ended with {why} (close code {code:?}), not 4410, {after:?} after the erase's 204, \
+                     with no fault on its node, paper or Redis"
+                ));
+            }
+        }
+        for join in logs.iter().flat_map(|l| l.joins.iter()).filter(|j| j.paper == p && j.at >= done) {
+            if join.answer == JoinAnswer::Gone {
+                tally.joins_gone += 1;
+                continue;
+            }
+            let faults = faults_over(store, windows, join.node, p, join.at, join.answered);
+            let lag = join.node != by && join.at < done + RELAY_LAG;
+            if !faults.is_empty() || lag {
+                let got = match &join.answer {
+                    JoinAnswer::Refused(e) => e.split(':').next().unwrap_or_default().to_string(),
+                    other => format!("{other:?}"),
+                };
+                let why = if faults.is_empty() { "the relay's lag" } else { "a fault" };
+                *tally.joins_excused.entry(format!("{got} ({why})")).or_default() += 1;
+                if join.answer == JoinAnswer::Snapshot {
+                    tally.snapshots.push(format!(
+                        "{paper} on node {}, {:?} after the 204 from node {} (faults {faults:?})",
+                        NODE_IDS[join.node],
+                        join.at.duration_since(done),
+                        NODE_IDS[by]
+                    ));
+                }
+                continue;
+            }
+            violations.push(format!(
+                "a join of {paper} on node {}, {:?} after the erase's 204 (from node {}), got {:?}, not 410",
+                NODE_IDS[join.node],
+                join.at.duration_since(done),
+                NODE_IDS[by],
+                join.answer
+            ));
+        }
+    }
+    (violations, tally)
 }
 
 /// A paper's tombstone horizon in Redis (0 when it has none).

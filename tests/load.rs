@@ -144,3 +144,55 @@ fn the_abuse_mode_reports_and_judges_its_thresholds() {
     assert_eq!(report["thresholds"]["passed"], false, "{report}");
     assert!(stderr.contains("threshold missed: Redis PING p99"), "{stderr}");
 }
+
+/// `rollingpaper-load api`, briefly: API writers PUT notes (one connection per
+/// request) while members edit the same papers. Every API write in the window
+/// is answered 200, every member edit is saved, and both latencies are
+/// reported side by side; a run without the key's length is refused.
+#[test]
+fn the_api_mode_measures_api_writes_beside_member_edits() {
+    const KEY: &str = "load-test-api-key-0123456789abcdef";
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--api-key", KEY]);
+    let target = server.addr.to_string();
+    let pid = server.pid().to_string();
+    let api = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rollingpaper-load"))
+            .args(["api", "--quiet", "--json", "--target", &target, "--server-pid", &pid])
+            .args(["--papers", "3", "--members", "4", "--senders", "2", "--rate", "5", "--writers", "2"])
+            .args(["--warmup", "1", "--duration", "2", "--drain", "2"])
+            .args(extra)
+            .output()
+            .expect("the load generator runs")
+    };
+    let output = api(&["--api-key", KEY]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "exit {:?}: {stderr}", output.status);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+
+    assert_eq!(report["members_joined"], 12, "{report}");
+    let writes = &report["api"];
+    let ok = writes["ok"].as_u64().unwrap();
+    assert!(ok > 0, "{writes}");
+    assert_eq!(writes["answered"].as_u64(), Some(ok), "every API write answered 200: {writes}");
+    assert_eq!(writes["statuses"], serde_json::json!({"200": ok}), "{writes}");
+    assert!(writes["per_second"].as_f64().unwrap() > 0.0, "{writes}");
+    let latency = &writes["latency_ms"];
+    assert!(latency["p50"].as_f64().unwrap() > 0.0, "{writes}");
+    assert!(latency["p99"].as_f64().unwrap() <= latency["max"].as_f64().unwrap(), "{writes}");
+    // 3 papers x 2 senders x 5/s over the 2 s window, give or take one each at its edges.
+    let edits = &report["edits"];
+    let sent = edits["sent"].as_u64().unwrap();
+    assert!((54..=66).contains(&sent), "{edits}");
+    assert_eq!(edits["unsaved"], 0, "{edits}");
+    assert_eq!(edits["saved_ms"]["n"].as_u64(), Some(sent), "{edits}");
+    assert!(report["server"]["cpu_cores"].as_f64().unwrap() > 0.0, "{report}");
+    // The API writes reached Redis: the notes api0.. of each paper.
+    let paper = format!("{}-0", report["paper_prefix"].as_str().unwrap());
+    let note = redis.note(&paper, "api0").expect("an API write in Redis");
+    assert!(note["data"]["text"].as_str().unwrap().starts_with("api write"), "{note}");
+
+    let output = api(&["--api-key", "short"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--api-key"));
+}

@@ -499,7 +499,8 @@ fn loadtest_sh_help_lists_scenarios_and_knobs() {
     let output = Command::new("bash").arg(project_root().join("scripts/loadtest.sh")).arg("--help").output().unwrap();
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
-    for word in ["classroom", "fanout-max", "compare", "LOADTEST_SECONDS", "LOADTEST_QUICK", "--min-delivered"] {
+    let words = ["classroom", "fanout-max", "compare", "rollingpaper-load api", "LOADTEST_SECONDS", "LOADTEST_QUICK"];
+    for word in words.into_iter().chain(["--min-delivered"]) {
         assert!(help.contains(word), "no {word} in:\n{help}");
     }
 }

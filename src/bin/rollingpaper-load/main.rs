@@ -6,6 +6,7 @@
 //! phase is bounded in time; targets outside loopback are refused.
 
 mod abuse;
+mod api;
 mod reconnect;
 mod report;
 mod stream;
@@ -150,6 +151,11 @@ enum Mode {
     /// RSS, backlog and Redis memory over time, with pass/fail thresholds
     /// (exit 3 when one is missed).
     Abuse(abuse::AbuseArgs),
+    /// Backend API writes (PUT of notes, one connection per request) against
+    /// one node while members edit the same papers over WebSocket: API writes
+    /// per second and their latency, side by side with the members'
+    /// edit-to-saved latency (rollingpaper-load api --help).
+    Api(api::ApiArgs),
 }
 
 /// Mints the members' tokens, as the main backend would.
@@ -199,6 +205,7 @@ fn main() -> ExitCode {
     let result = match &args.mode {
         Some(Mode::Reconnect(mode)) => reconnect::main(mode),
         Some(Mode::Abuse(mode)) => abuse::main(mode),
+        Some(Mode::Api(mode)) => api::main(mode),
         None => run(&args),
     };
     match result {

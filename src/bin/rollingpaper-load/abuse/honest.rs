@@ -43,6 +43,10 @@ pub struct Member {
     pub rate: Option<f64>,
     pub note_bytes: usize,
     pub seed: u64,
+    /// When its first edit goes, after the window's start (the api mode
+    /// spreads its members over a period, so that they do not all send in
+    /// the same instant; the abuse mode does not).
+    pub offset: Duration,
 }
 
 /// When the window starts, and when sending and reading stop.
@@ -70,7 +74,7 @@ pub fn member(m: Member, ready: mpsc::Sender<bool>, go: mpsc::Receiver<Window>, 
     let mut session = first;
     let mut pending: Vec<Pending> = Vec::new();
     let period = m.rate.map(|r| Duration::from_secs_f64(1.0 / r));
-    let mut next_send = window.start;
+    let mut next_send = window.start + m.offset;
     let mut seq = 0u64;
     let mut pad = String::new();
     while Instant::now() < window.drain_end {

@@ -37,10 +37,11 @@ use serde_json::{json, Value};
 use crate::report::round;
 use crate::target::Transport;
 
-mod honest;
+// The honest members and the WebSocket client serve the api mode too.
+pub(crate) mod honest;
 mod hostile;
 mod sample;
-mod ws;
+pub(crate) mod ws;
 
 use hostile::{Limits, Sender, Span, Tally, Unread};
 use ws::Dial;
@@ -261,6 +262,7 @@ pub fn main(args: &AbuseArgs) -> Result<ExitCode, String> {
                 rate: (m < args.honest_senders).then_some(args.honest_rate),
                 note_bytes: args.honest_note_bytes,
                 seed: run_id ^ ((p * 1000 + m) as u64) << 16,
+                offset: Duration::ZERO,
             };
             let (tx, rx) = mpsc::channel();
             go.push(tx);
@@ -439,7 +441,7 @@ fn quantile(values: &mut [f64], q: f64) -> Option<f64> {
     Some(values[rank - 1])
 }
 
-fn quantiles(mut values: Vec<f64>) -> Value {
+pub(crate) fn quantiles(mut values: Vec<f64>) -> Value {
     let n = values.len();
     let p50 = quantile(&mut values, 0.5);
     let p99 = quantile(&mut values, 0.99);
