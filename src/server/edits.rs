@@ -165,7 +165,7 @@ impl EventLoop {
                     }
                 };
                 let relay = relay_of(&self.node, &self.frame);
-                let note = note_to_store(&edit.note);
+                let note = super::stored::note_value(&edit.note);
                 let op =
                     Op::Note { paper: paper_id, id: edit.id.clone(), note, origin, reference: reference_box, relay };
                 let submitted = submit_edit(&self.store, paper, op)?;
@@ -392,7 +392,7 @@ impl EventLoop {
             let request =
                 LoadRequest { paper: paper_id.clone(), purpose: LoadPurpose::Probe, loop_index: self.index, deadline };
             if let Some(stored) = self.store.load(request) {
-                self.on_probed(&paper_id, super::session::paper_from_store(stored));
+                self.on_probed(&paper_id, super::stored::paper(stored));
             }
             let next = (backoff * 2).min(PROBE_MAX);
             self.probes.push((now + backoff, next, paper_id));
@@ -473,20 +473,4 @@ fn submit_edit(store: &StoreHandle, paper: &mut Paper, op: Op) -> Result<Submitt
 fn saved_now(frame: &mut Frame, conns: &mut Conns, metrics: &LoopMetrics, key: usize, v: u64) {
     metrics.message_out(Out::Saved, 1);
     conns.send(key, frame.saved(v));
-}
-
-/// A note as the store writes it.
-pub fn note_to_store(note: &Note) -> NoteValue {
-    NoteValue {
-        author: note.author.clone(),
-        data: note.data.clone(),
-        v: note.v,
-        node: note.node.clone(),
-        fields: note.fields.clone(),
-    }
-}
-
-/// A note the store read, in the paper's terms.
-pub fn note_from_store(note: NoteValue) -> Note {
-    Note { author: note.author, data: note.data, v: note.v, node: note.node, fields: note.fields }
 }

@@ -13,6 +13,7 @@ pub mod node;
 mod reads;
 mod session;
 mod snapshots;
+mod stored;
 mod timers;
 
 use std::fmt;

@@ -12,7 +12,7 @@ use crate::conn::http::{Reply, Upgrade};
 use crate::conn::{Incoming, Next, Phase, Visitor, MAX_MESSAGES_PER_READ};
 use crate::metrics::{bump, In, Out};
 use crate::paper::registry::Lookup;
-use crate::paper::{Member, Resume, StoredPaper};
+use crate::paper::{Member, Resume};
 use crate::protocol::{self, CloseReason, ErrorCode, PaperView, Refusal};
 use crate::rate::{TokenBucket, Verdict};
 use crate::store::{self, LoadPurpose, LoadRequest, Presence};
@@ -138,7 +138,7 @@ impl EventLoop {
             Some(Phase::Api { .. }) => self.answer_read_call(key, paper, &stored),
             Some(Phase::Reading { .. }) if stored.erased_for.is_some() => self.refuse_erased(key),
             Some(Phase::Reading { .. }) => {
-                let read = crate::paper::Paper::new(paper.clone(), paper_from_store(stored), &mut self.clock);
+                let read = crate::paper::Paper::new(paper.clone(), super::stored::paper(stored), &mut self.clock);
                 self.reply_read(key, &read);
             }
             _ => {}
@@ -161,7 +161,7 @@ impl EventLoop {
         if let Some(until) = self.erased.until(paper, Instant::now()) {
             return self.erase_here(paper, until.saturating_duration_since(Instant::now()));
         }
-        let stored = paper_from_store(stored);
+        let stored = super::stored::paper(stored);
         let attempt = match purpose {
             LoadPurpose::Join(attempt) => attempt,
             LoadPurpose::Merge => return self.merge_stored(paper, stored),
@@ -461,25 +461,4 @@ pub enum Relaying {
     Leave,
     /// A cursor: dropped first, while the backlog is half full.
     Transient,
-}
-
-/// A paper as the store read it, in the paper module's terms.
-pub(super) fn paper_from_store(stored: store::StoredPaper) -> StoredPaper {
-    StoredPaper {
-        notes: stored.notes.into_iter().map(|(id, n)| (id, super::edits::note_from_store(n))).collect(),
-        completed_by: stored.completed_by,
-        horizon: stored.horizon,
-        resume_floor: stored.resume_floor,
-        revoked: stored.revoked,
-        cover: stored.cover.map(|c| crate::paper::Cover {
-            data: c.data.unwrap_or_else(|| std::sync::Arc::from("{}")),
-            v: c.v,
-            node: c.node,
-        }),
-        remote_members: stored
-            .remote_members
-            .into_iter()
-            .map(|m| crate::paper::RemoteMember { id: m.id, user: m.user, name: m.name, node: m.node })
-            .collect(),
-    }
 }
