@@ -14,9 +14,8 @@ use crate::api::{self, Action};
 use crate::auth::Role;
 use crate::conn::http::Reply;
 use crate::conn::{ApiCall, Phase};
-use crate::paper::registry::Lookup;
 use crate::protocol::{self, CloseReason, ErrorCode, MemberView};
-use crate::store::{LoadPurpose, LoadRequest, Op, Origin, Outcome, Submitted, Written};
+use crate::store::{Op, Origin, Outcome, Submitted, Written};
 
 /// Seconds since the epoch.
 pub(super) fn unix_now() -> u64 {
@@ -27,7 +26,6 @@ impl EventLoop {
     /// A call handed to this loop: it waits for Redis at most `--api-timeout`.
     pub(super) fn start_call(&mut self, key: usize, call: ApiCall) {
         let paper = call.paper.clone();
-        let is_presence = matches!(call.action, Action::Presence);
         let Some(conn) = self.conns.slab.get_mut(key) else { return };
         if !conn.start_call(call) {
             return;
@@ -50,22 +48,10 @@ impl EventLoop {
                 let deadline = Instant::now() + self.node.settings.load_timeout;
                 self.read_once(key, paper, deadline);
             }
+            // A change, a seal, or presence of a paper held here: the paper in memory.
             Some(_) => {
-                debug_assert!(in_memory || !is_presence);
                 let deadline = Instant::now() + self.node.settings.load_timeout;
-                let lookup = self.papers.lookup(&paper, key, deadline);
-                self.publish_gauges();
-                match lookup {
-                    Lookup::Ready => self.serve_call(key),
-                    Lookup::Waiting => {}
-                    Lookup::StartLoad(attempt) => {
-                        let purpose = LoadPurpose::Join(attempt);
-                        let request = LoadRequest { paper: paper.clone(), purpose, loop_index: self.index, deadline };
-                        if let Some(stored) = self.store.load(request) {
-                            self.on_loaded(&paper, purpose, stored);
-                        }
-                    }
-                }
+                self.wait_for_paper(key, paper, deadline);
             }
             None => {}
         }

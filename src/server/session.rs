@@ -103,6 +103,12 @@ impl EventLoop {
             self.set_deadline(key, deadline + JOIN_GRACE);
             return self.read_once(key, paper, deadline);
         }
+        self.wait_for_paper(key, paper, deadline);
+    }
+
+    /// The connection `key` waits for a paper kept in memory: served at once if
+    /// it is there, else once it is read (the first waiter starts the read).
+    pub(super) fn wait_for_paper(&mut self, key: usize, paper: Arc<str>, deadline: Instant) {
         let lookup = self.papers.lookup(&paper, key, deadline);
         self.publish_gauges();
         match lookup {
