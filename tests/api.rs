@@ -1064,3 +1064,27 @@ fn a_paper_written_through_the_api_leaves_memory_after_the_linger() {
     assert_eq!(api(server.addr, "GET", "/api/papers/p-other/presence", None).status, 200);
     assert_eq!(server.metric("papers"), 0);
 }
+
+// ---- a body larger than a request head -------------------------------------------------
+
+#[test]
+fn a_body_larger_than_a_request_head_is_read_whole_at_once_or_in_parts() {
+    let redis = Redis::start();
+    let server = Server::redis(&redis, &["--api-key", KEY]);
+    // 15,000 bytes of text: the body is past the 8 KiB a request head may take.
+    let text = "x".repeat(15_000);
+    let body = json!({"data": {"text": text}}).to_string();
+    let at_once = request("PUT", "/api/papers/p-big/notes/n1", Some(&bearer(KEY)), Some(&body));
+    assert_eq!(exchange(server.addr, &at_once).status, 200);
+    assert_eq!(stored_note(&redis, "p-big", "n1").unwrap()["data"]["text"], json!(text));
+    // The head and some of the body, then the rest: the call waits for it.
+    let in_parts = request("PUT", "/api/papers/p-big/notes/n2", Some(&bearer(KEY)), Some(&body));
+    let (first, rest) = in_parts.split_at(in_parts.len() - 5_000);
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(first.as_bytes()).unwrap();
+    stream.flush().unwrap();
+    stream.write_all(rest.as_bytes()).unwrap();
+    assert_eq!(read_answer(&mut stream).status, 200);
+    assert_eq!(stored_note(&redis, "p-big", "n2").unwrap()["data"]["text"], json!(text));
+}

@@ -107,9 +107,10 @@ pub struct ApiCall {
 
 /// Where a connection is in its life. Each phase owns what it needs.
 pub enum Phase {
-    /// Reading the HTTP request head (and an API call's body); `continued`:
-    /// `100 Continue` was sent.
-    Request { io: Io, buf: Vec<u8>, continued: bool },
+    /// Reading the HTTP request head, then an API call's body. `body_end`: once
+    /// an API call's head is read, where its body ends in `buf` (only then may
+    /// more than a head's bytes be read); `continued`: `100 Continue` was sent.
+    Request { io: Io, buf: Vec<u8>, body_end: Option<usize>, continued: bool },
     /// Writing a plain HTTP reply; dropped once written.
     Reply { io: Io },
     /// `GET /papers/{paper}` waiting for the paper to be read.
@@ -215,7 +216,7 @@ pub struct Conn {
 impl Conn {
     pub fn new(io: Io, serial: u64, peer: std::net::SocketAddr, deadline: Instant) -> Self {
         Conn {
-            phase: Phase::Request { io, buf: Vec::new(), continued: false },
+            phase: Phase::Request { io, buf: Vec::new(), body_end: None, continued: false },
             listener: http::Listener::Public,
             head_only: false,
             serial,
@@ -250,38 +251,49 @@ impl Conn {
     }
 
     /// Reads the request head (at most `http::MAX_REQUEST_BYTES` of it), and
-    /// an API call's body (at most `policy.max_body`), and parses the head.
+    /// an authorized API call's body (at most `policy.max_body`, checked at its
+    /// head), and parses the head. Only a call whose head is read and allowed
+    /// may hold more than a head's bytes here.
     pub fn read_request(&mut self, policy: &http::Policy, bytes_in: &mut u64) -> RequestStep {
-        let Phase::Request { io, buf, continued } = &mut self.phase else { return RequestStep::Wait };
-        let budget = (http::MAX_REQUEST_BYTES + policy.max_body).saturating_sub(buf.len()).max(1);
-        let drained = io::read_dry(&mut io.stream, budget, |chunk| {
-            *bytes_in += chunk.len() as u64;
-            buf.extend_from_slice(chunk);
-        });
-        if matches!(drained, Drained::Failed) {
-            return RequestStep::Drop;
-        }
-        let parsed = http::parse(buf, policy, self.listener);
-        if let Ok(http::Parsed::Complete { len, route: http::Route::Api(head) }) = &parsed {
-            if buf.len() < len + head.body_len {
-                if matches!(drained, Drained::Eof) {
-                    return RequestStep::Drop;
-                }
-                if head.expects_continue && !*continued {
-                    *continued = true;
-                    io.out.queue(b"HTTP/1.1 100 Continue\r\n\r\n");
-                    return RequestStep::Continue;
-                }
-                return RequestStep::Wait;
+        let Phase::Request { io, buf, body_end, continued } = &mut self.phase else { return RequestStep::Wait };
+        loop {
+            let budget = body_end.unwrap_or(http::MAX_REQUEST_BYTES).saturating_sub(buf.len()).max(1);
+            let drained = io::read_dry(&mut io.stream, budget, |chunk| {
+                *bytes_in += chunk.len() as u64;
+                buf.extend_from_slice(chunk);
+            });
+            if matches!(drained, Drained::Failed) {
+                return RequestStep::Drop;
             }
-        }
-        match parsed {
-            Ok(http::Parsed::Partial) if matches!(drained, Drained::Eof) => RequestStep::Drop,
-            Ok(http::Parsed::Partial) => RequestStep::Wait,
-            parsed => {
-                self.head_only = http::is_head(buf);
-                RequestStep::Parsed(parsed)
+            let parsed = http::parse(buf, policy, self.listener);
+            if let Ok(http::Parsed::Complete { len, route: http::Route::Api(head) }) = &parsed {
+                let end = len + head.body_len;
+                if buf.len() < end {
+                    if matches!(drained, Drained::Eof) {
+                        return RequestStep::Drop;
+                    }
+                    let first = body_end.replace(end).is_none();
+                    // The head's budget ran out: the body's bytes may wait in the
+                    // socket, and no new event would say so (edge-triggered).
+                    if first && matches!(drained, Drained::Budget) {
+                        continue;
+                    }
+                    if head.expects_continue && !*continued {
+                        *continued = true;
+                        io.out.queue(b"HTTP/1.1 100 Continue\r\n\r\n");
+                        return RequestStep::Continue;
+                    }
+                    return RequestStep::Wait;
+                }
             }
+            return match parsed {
+                Ok(http::Parsed::Partial) if matches!(drained, Drained::Eof) => RequestStep::Drop,
+                Ok(http::Parsed::Partial) => RequestStep::Wait,
+                parsed => {
+                    self.head_only = http::is_head(buf);
+                    RequestStep::Parsed(parsed)
+                }
+            };
         }
     }
 
