@@ -816,13 +816,17 @@ fn join_in_thread(node: &Server, path: &str) -> std::thread::JoinHandle<Result<u
                 Err(response.status().as_u16())
             }
             Err(e) => panic!("handshake: {e}"),
-            Ok((mut ws, _)) => loop {
-                match ws.read() {
-                    Ok(tungstenite::Message::Close(frame)) => return Ok(frame.map_or(0, |f| u16::from(f.code))),
-                    Ok(_) => {}
-                    Err(e) => panic!("session without a close frame: {e}"),
+            Ok((mut ws, _)) => {
+                let until = Instant::now() + PATIENCE;
+                loop {
+                    assert!(Instant::now() < until, "the session was not closed in time");
+                    match ws.read() {
+                        Ok(tungstenite::Message::Close(frame)) => return Ok(frame.map_or(0, |f| u16::from(f.code))),
+                        Ok(_) => {}
+                        Err(e) => panic!("session without a close frame: {e}"),
+                    }
                 }
-            },
+            }
         }
     })
 }

@@ -1,4 +1,4 @@
--- complete: loaded by src/store/writer.rs (see the doc comment there).
+-- complete: loaded by src/store/calls.rs (see the doc comment there).
 local notes, meta, tombstones, erased, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local paper, by, now, retention, channel, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if redis.call('EXISTS', erased) == 1 then return {'', '', '', 'erased'} end

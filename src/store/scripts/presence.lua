@@ -1,4 +1,4 @@
--- presence: loaded by src/store/writer.rs (see the doc comment there).
+-- presence: loaded by src/store/calls.rs (see the doc comment there).
 local members, erased = KEYS[1], KEYS[2]
 local member, entry, ttl_ms = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', erased) == 1 then return 0 end

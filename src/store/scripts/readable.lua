@@ -1,4 +1,4 @@
--- readable: loaded by src/store/writer.rs (see the doc comment there).
+-- readable: loaded by src/store/calls.rs (see the doc comment there).
 local function valid_utf8(s)
   if not string.find(s, '[\128-\255]') then return true end
   local i, n = 1, #s

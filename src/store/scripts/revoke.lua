@@ -1,4 +1,4 @@
--- revoke: loaded by src/store/writer.rs (see the doc comment there).
+-- revoke: loaded by src/store/calls.rs (see the doc comment there).
 local revoked, erased = KEYS[1], KEYS[2]
 local user, ends, now, channel, relay = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
 if redis.call('EXISTS', erased) == 1 then return 7 end

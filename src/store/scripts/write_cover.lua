@@ -1,4 +1,4 @@
--- write_cover: loaded by src/store/writer.rs (see the doc comment there).
+-- write_cover: loaded by src/store/calls.rs (see the doc comment there).
 local meta = KEYS[1]
 local value, v, node, channel, relay, now = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if redis.call('EXISTS', KEYS[2]) == 1 then return 7 end

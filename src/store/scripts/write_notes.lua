@@ -1,4 +1,4 @@
--- write_notes: loaded by src/store/writer.rs (see the doc comment there).
+-- write_notes: loaded by src/store/calls.rs (see the doc comment there).
 local notes, meta, tombstones = KEYS[1], KEYS[2], KEYS[3]
 local now, channel, retention, max_tombstones = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local window = 61440000 -- the resume window: 60 s of versions
